@@ -1,0 +1,1 @@
+"""The toolkit's library: one module per concern (see DESIGN.md)."""

@@ -1,0 +1,130 @@
+"""Device choice, automatic batch size, mixed precision, and the process-group hooks.
+
+The distributed helpers (`is_main_process`, `reduce_sum`) are the single places that a
+torchrun/DistributedDataParallel run will use to restrict file output to rank 0 and to sum
+metrics across processes; in a single process they are trivial.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import nullcontext
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from utils.log import UserError
+
+LOGGER = logging.getLogger(__name__)
+
+
+def select_device(spec: str = "") -> torch.device:
+    """Pick the device from a pytorch-classifier --device value.
+
+    Args:
+        spec: "" (first GPU if any, else CPU), "cpu", "0", "cuda:1" ...
+
+    Returns:
+        The torch.device.
+    """
+    spec = str(spec).strip().lower().replace("cuda:", "")
+    if spec in ("", "cuda"):
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if "," in spec:
+        raise UserError(
+            f"--device {spec}: several GPUs in one process are not supported; pass one device "
+            "(multi-GPU training through torchrun is not available yet)"
+        )
+    if not spec.isdigit():
+        raise UserError(f"--device '{spec}' is not valid: use '', 'cpu', or a GPU index such as 0")
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {spec}: no CUDA GPU is available here (use --device cpu)")
+    if int(spec) >= torch.cuda.device_count():
+        raise UserError(f"--device {spec}: only {torch.cuda.device_count()} CUDA GPU(s) here (indices 0..{torch.cuda.device_count() - 1})")
+    return torch.device(f"cuda:{spec}")
+
+
+def amp_settings(device: torch.device, enabled: bool) -> tuple[torch.dtype | None, str]:
+    """The autocast dtype for --amp and a note for the console.
+
+    CUDA: float16 with a gradient scaler. CPU: bfloat16 autocast (no scaler needed).
+    """
+    if not enabled:
+        return None, "off"
+    if device.type == "cuda":
+        return torch.float16, "float16 autocast + GradScaler (CUDA)"
+    return torch.bfloat16, "bfloat16 autocast on CPU (fast only on CPUs with native bf16; drop --amp if it is slower)"
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    """An autocast context for dtype, or a no-op context."""
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def autobatch(model: nn.Module, image_size: int, channels: int, device: torch.device, fraction: float = 0.8,
+              step: Callable[[nn.Module, torch.Tensor], None] | None = None) -> int:
+    """Largest batch size that uses about `fraction` of the GPU memory in a training step.
+
+    Measures peak memory of a forward+backward pass at a few batch sizes, fits a line and solves
+    for the target (as pytorch-classifier did after YOLOv5). On CPU there is no memory to fill:
+    it returns 16, pytorch-classifier's choice.
+
+    Returns:
+        The batch size.
+    """
+    if device.type != "cuda":
+        return 16
+    total = torch.cuda.get_device_properties(device).total_memory
+    sizes, peaks = [], []
+    model.train()
+    for b in (1, 2, 4, 8, 16):
+        try:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            x = torch.randn(b, channels, image_size, image_size, device=device)
+            if step is not None:
+                step(model, x)
+            else:
+                model(x).float().sum().backward()
+            peaks.append(torch.cuda.max_memory_allocated(device))
+            sizes.append(b)
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            model.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    if len(sizes) < 2:
+        return max(1, sizes[-1] if sizes else 1)
+    # peak = intercept + slope * batch
+    n = len(sizes)
+    mx, my = sum(sizes) / n, sum(peaks) / n
+    slope = sum((s - mx) * (p - my) for s, p in zip(sizes, peaks)) / max(1e-9, sum((s - mx) ** 2 for s in sizes))
+    intercept = my - slope * mx
+    if slope <= 0:
+        return 16
+    return max(1, int((total * fraction - intercept) / slope))
+
+
+# ------------------------------------------------------------------------ distributed hooks
+def world_info() -> tuple[int, int]:
+    """(rank, world_size) of this process; (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), 1
+
+
+def is_main_process() -> bool:
+    """Whether this process writes files and prints summaries."""
+    return world_info()[0] == 0
+
+
+def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor of metric sums over all processes (identity in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor

@@ -1,0 +1,62 @@
+"""Logging set-up, the user-error type, and the entry-point wrapper every script uses.
+
+A mistake by the user (a missing folder, a bad flag value, a checkpoint from elsewhere) raises
+`UserError`; `run_cli` turns it into one line on stderr and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+LOGGER = logging.getLogger(__name__)
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2."""
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Route library logging to stderr with a short format.
+
+    Args:
+        verbose: log DEBUG messages too.
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    # Third-party chatter that says nothing a user acts on.
+    for name in ("PIL", "matplotlib", "urllib3", "huggingface_hub", "timm"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run_cli(
+    main: Callable[[argparse.Namespace], object],
+    parse: Callable[[Sequence[str] | None], argparse.Namespace],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Parse arguments, run `main`, and map user errors to one line and exit code 2.
+
+    Args:
+        main: the script's main(args).
+        parse: turns argv into the resolved Namespace (may raise UserError).
+        argv: command-line arguments (default: sys.argv[1:]).
+
+    Returns:
+        The process exit code.
+    """
+    setup_logging()
+    try:
+        args = parse(argv)
+        main(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
