@@ -30,7 +30,7 @@ from utils.config import ArgumentParser, args_to_dict, parse_with_config, DEFAUL
 from utils.data import (IMAGENET_MEAN, IMAGENET_STD, EpochSampler, ImageDataset, Normalize, build_loader,
                         compute_mean_std, eval_transform, preprocess_spec, report_skipped, scan_split,
                         train_transform)
-from utils.device import amp_settings, autobatch, select_device
+from utils.device import amp_settings, autobatch, autocast, select_device
 from utils.engine import NonFiniteLoss, evaluate, train_one_epoch
 from utils.log import UserError, run_cli
 from utils.losses import LOSSES, build_loss, class_balance_weights
@@ -251,7 +251,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.batch_size == -1:
         import copy
 
-        args.batch_size = autobatch(copy.deepcopy(model), args.image_size, args.image_channel, device)
+        def probe_step(net: torch.nn.Module, x: torch.Tensor) -> None:
+            with autocast(device, amp_dtype):
+                net(x).float().sum().backward()
+
+        args.batch_size = min(autobatch(copy.deepcopy(model), args.image_size, args.image_channel, device, step=probe_step),
+                              len(train_set.samples))
         LOGGER.info("--batch_size -1: %s -> batch size %d", "80% of GPU memory" if device.type == "cuda" else "no GPU", args.batch_size)
     optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
     schedule = EpochLR(optimizer, args.lr, args.epoch, args.warmup, args.warmup_ratios, args.warmup_minlr,
@@ -392,7 +397,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         test = evaluate(model, criterion, loader, device, num_classes, normalize, amp_dtype, desc="test")
         result["test"] = test
         print(f"test ({len(test_set.samples)} images, best.pt): acc {test['acc']:.4f}, mean_acc {test['mean_acc']:.4f}, "
-              f"loss {test['loss']:.4f}  (full report: python metrice.py --save_path {run.path} --task test)", flush=True)
+              f"loss {test['loss']:.4f}", flush=True)
     print(f"done: {run.path}", flush=True)
     return result
 

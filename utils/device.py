@@ -81,7 +81,7 @@ def autobatch(model: nn.Module, image_size: int, channels: int, device: torch.de
     total = torch.cuda.get_device_properties(device).total_memory
     sizes, peaks = [], []
     model.train()
-    for b in (1, 2, 4, 8, 16):
+    for b in (2, 4, 8, 16, 32):  # batch norm needs more than one image per batch in training
         try:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
