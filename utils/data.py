@@ -276,15 +276,24 @@ def report_skipped(skipped: Sequence[tuple[str, str]], what: str, limit: int = 2
 
 
 # ------------------------------------------------------------------------------- transforms
-def preprocess_spec(image_size: int, channels: int, mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
+RESIZE_MODES = ("crop", "letterbox", "squash")
+LETTERBOX_FILL = 114  # grey borders, as YOLO-style letterboxing uses
+
+
+def preprocess_spec(image_size: int, channels: int, mean: Sequence[float], std: Sequence[float],
+                    resize_mode: str = "crop") -> dict[str, Any]:
     """The test-time preprocessing, as plain data stored with the model.
 
-    Resize the short side to `resize`, center-crop `crop`, scale to [0, 1], normalise.
+    Geometry by resize_mode -- crop: short side to `resize`, center-crop `crop`; letterbox: long
+    side to `resize`, pad to a square, center-crop; squash: resize to resize x resize, ignoring the
+    aspect ratio, center-crop. Then scale to [0, 1] and normalise by mean/std.
     """
+    if resize_mode not in RESIZE_MODES:
+        raise UserError(f"unknown resize mode '{resize_mode}'; choose one of {', '.join(RESIZE_MODES)}")
     return {
         "resize": int(image_size),
         "crop": int(image_size),
-        "resize_mode": "crop",
+        "resize_mode": resize_mode,
         "interpolation": "bilinear",
         "channels": int(channels),
         "mean": [float(m) for m in mean],
@@ -292,22 +301,84 @@ def preprocess_spec(image_size: int, channels: int, mean: Sequence[float], std: 
     }
 
 
-def train_transform(image_size: int) -> v2.Compose:
-    """pytorch-classifier's training geometry: short side to size*1.1, random crop of size."""
+class Letterbox:
+    """Resize the long side to `size` and pad the short side to a centred square."""
+
+    def __init__(self, size: int, fill: int = LETTERBOX_FILL) -> None:
+        self.size = size
+        self.fill = fill
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        width, height = img.size
+        scale = self.size / max(width, height)
+        new = (max(1, round(width * scale)), max(1, round(height * scale)))
+        img = img.resize(new, Image.BILINEAR, reducing_gap=None)
+        fill = self.fill if img.mode == "L" else (self.fill,) * len(img.getbands())
+        canvas = Image.new(img.mode, (self.size, self.size), fill)
+        canvas.paste(img, ((self.size - new[0]) // 2, (self.size - new[1]) // 2))
+        return canvas
+
+    def __repr__(self) -> str:
+        return f"Letterbox(size={self.size}, fill={self.fill})"
+
+
+def resize_step(mode: str, size: int) -> Any:
+    """The resize of a resize mode (see preprocess_spec)."""
+    if mode == "crop":
+        return v2.Resize(size, antialias=True)
+    if mode == "squash":
+        return v2.Resize((size, size), antialias=True)
+    if mode == "letterbox":
+        return Letterbox(size)
+    raise UserError(f"unknown resize mode '{mode}'; choose one of {', '.join(RESIZE_MODES)}")
+
+
+def train_transform(image_size: int, resize_mode: str = "crop", augment: Sequence[Any] = ()) -> v2.Compose:
+    """pytorch-classifier's training geometry: resize to size*1.1 (by resize_mode), random crop of size,
+    then the augmentations, then a uint8 tensor."""
     return v2.Compose([
-        v2.Resize(int(image_size + image_size * 0.1), antialias=True),
+        resize_step(resize_mode, int(image_size + image_size * 0.1)),
         v2.RandomCrop(image_size),
+        *augment,
         v2.PILToTensor(),
     ])
 
 
 def eval_transform(spec: dict[str, Any]) -> v2.Compose:
-    """Deterministic test-time transform from a preprocessing spec (uint8 tensor out)."""
+    """Deterministic test-time transform from a preprocessing spec: PIL image -> uint8 (C, H, W)."""
     return v2.Compose([
-        v2.Resize(spec["resize"], antialias=True),
+        resize_step(spec.get("resize_mode", "crop"), spec["resize"]),
         v2.CenterCrop(spec["crop"]),
         v2.PILToTensor(),
     ])
+
+
+class _StackCrops:
+    def __call__(self, crops: Sequence[Image.Image]) -> torch.Tensor:
+        return torch.stack([v2.functional.pil_to_tensor(c) for c in crops])
+
+
+def tta_transform(spec: dict[str, Any]) -> v2.Compose:
+    """Test-time augmentation (pytorch-classifier's --test_tta): resize to crop*1.1, then TenCrop --
+    the four corners and the centre, and their mirror images: uint8 (10, C, H, W) per image.
+
+    Average the ten predictions with `average_tta`.
+    """
+    return v2.Compose([
+        resize_step(spec.get("resize_mode", "crop"), int(spec["crop"] + spec["crop"] * 0.1)),
+        v2.TenCrop(spec["crop"]),
+        _StackCrops(),
+    ])
+
+
+def run_with_tta(fn: Any, images: torch.Tensor) -> torch.Tensor:
+    """Apply fn (a batch -> logits or probabilities) to (N, C, H, W), or to TenCrop batches
+    (N, K, C, H, W) by flattening the crops and averaging fn's outputs over them."""
+    if images.ndim == 4:
+        return fn(images)
+    n, k = images.shape[:2]
+    out = fn(images.flatten(0, 1))
+    return out.view(n, k, *out.shape[1:]).mean(dim=1)
 
 
 class Normalize(torch.nn.Module):
