@@ -26,16 +26,19 @@ from prettytable import PrettyTable
 
 from utils.checkpoint import (FORMAT, TRAIN_LOG_FIELDS, Run, float_state_dict, half_state_dict, increment_path,
                               load_checkpoint, read_train_log, rng_state, set_rng_state, truncate_train_log)
-from utils.config import ArgumentParser, args_to_dict, parse_with_config, DEFAULT_CONFIG
-from utils.data import (IMAGENET_MEAN, IMAGENET_STD, EpochSampler, ImageDataset, Normalize, build_loader,
+from utils.augment import AUGMENT_CHOICES, MIXUP_CHOICES, BatchMix, train_augment
+from utils.config import CONFIG_ONLY_KEYS, DEFAULT_CONFIG, ArgumentParser, args_to_dict, parse_with_config
+from utils.data import (IMAGENET_MEAN, IMAGENET_STD, RESIZE_MODES, EpochSampler, ImageDataset, Normalize, build_loader,
                         compute_mean_std, eval_transform, preprocess_spec, report_skipped, scan_split,
-                        train_transform)
+                        train_transform, tta_transform)
+from utils.distill import KD_METHODS, Distiller, load_teacher
+from utils.ema import EMA, SWA
 from utils.device import amp_settings, autobatch, autocast, select_device
-from utils.engine import NonFiniteLoss, evaluate, train_one_epoch
+from utils.engine import NonFiniteLoss, evaluate, train_one_epoch, update_bn
 from utils.log import UserError, run_cli
-from utils.losses import LOSSES, build_loss, class_balance_weights
+from utils.losses import LOSSES, RDrop, Supervised, build_loss, class_balance_weights
 from utils.metrics import EpochSums
-from utils.optim import OPTIMIZERS, build_optimizer
+from utils.optim import OPTIMIZERS, HeadFreezer, build_optimizer
 from utils.plots import plot_batch, plot_curves
 from utils.registry import create_model, load_weights, model_table
 from utils.schedule import EpochLR
@@ -87,12 +90,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--metrice", default="acc", choices=["loss", "acc", "mean_acc"], help="validation metric that picks best.pt")
     p("--patience", type=int, default=30, help="stop after this many epochs without improvement (0 = never)")
     p("--imagenet_meanstd", action="store_true", help="normalise with ImageNet's mean/std, not the train set's")
+    # recipes
+    p("--Augment", default="none", choices=list(AUGMENT_CHOICES), help="torchvision augmentation policy (the config's custom_augment replaces it)")
+    p("--resize_mode", default="crop", choices=list(RESIZE_MODES), help="crop: short side + crop; letterbox: pad to square; squash: ignore aspect")
+    p("--mixup", default="none", choices=list(MIXUP_CHOICES), help="mix pairs of images in a batch, after the other augmentations")
+    p("--test_tta", action="store_true", help="validate with TenCrop test-time augmentation")
+    p("--ema", action="store_true", help="keep an exponential moving average of the weights; validate and save it")
+    p("--ema_decay", type=float, default=0.9998, help="EMA decay (warmed up from 0)")
+    p("--rdrop", action="store_true", help="R-Drop: two forward passes with a KL consistency term")
+    p("--rdrop_alpha", type=float, default=0.3, help="weight of R-Drop's KL term")
+    p("--accumulate", type=int, default=1, help="optimizer step every N batches (gradient accumulation)")
+    p("--freeze", type=int, default=0, help="train only the classifier head for the first N epochs (-1: always)")
+    p("--clip_grad", type=float, default=0.0, help="clip the gradient norm to this value (0 = off)")
+    p("--swa", action="store_true", help="stochastic weight averaging over the last epochs (saved as swa.pt)")
+    p("--swa_start", type=float, default=0.75, help="fraction of the epochs after which SWA averaging starts")
+    p("--kd", action="store_true", help="knowledge distillation from --teacher_path")
+    p("--teacher_path", default="", help="run folder (or best.pt) of the teacher")
+    p("--kd_method", default="SoftTarget", choices=list(KD_METHODS), help="distillation loss")
+    p("--kd_ratio", type=float, default=0.7, help="weight of the distillation loss")
+    p("--kd_temperature", type=float, default=4.0, help="SoftTarget temperature")
     return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and validate the options (config file, then command line)."""
-    args = parse_with_config(get_args_parser(), argv)
+    args = parse_with_config(get_args_parser(), argv, CONFIG_ONLY_KEYS | {"custom_augment": []})
     if args.list_models:
         return args
     for name in ("image_size", "epoch"):
@@ -108,7 +130,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--warmup_ratios must be in [0, 1), got {args.warmup_ratios}")
     if args.patience < 0:
         raise UserError(f"--patience must be 0 (off) or positive, got {args.patience}")
+    if args.accumulate < 1:
+        raise UserError(f"--accumulate must be 1 or more, got {args.accumulate}")
+    if args.freeze < -1:
+        raise UserError(f"--freeze must be -1 (always), 0 (off) or a number of epochs, got {args.freeze}")
+    if not 0 <= args.swa_start < 1:
+        raise UserError(f"--swa_start must be in [0, 1), got {args.swa_start}")
+    if not 0 < args.ema_decay < 1:
+        raise UserError(f"--ema_decay must be in (0, 1), got {args.ema_decay}")
+    check_combinations(args)
     return args
+
+
+def check_combinations(args: argparse.Namespace) -> None:
+    """Refuse at start the combinations that cannot work (not after an epoch)."""
+    if args.kd and args.rdrop:
+        raise UserError("--kd and --rdrop cannot be combined: both replace the training objective; choose one")
+    if args.swa and args.ema:
+        raise UserError("--swa and --ema both average the weights: choose one")
+    if args.teacher_path and not args.kd:
+        raise UserError("--teacher_path is only used with --kd: add --kd, or drop --teacher_path")
 
 
 def seed_everything(seed: int) -> None:
@@ -181,6 +222,30 @@ def metric_improved(name: str, value: float, best: float | None) -> bool:
     return value < best if name == "loss" else value > best
 
 
+def finish_swa(swa: SWA, run: Run, meta: dict[str, Any], train_loader: Any, train_sampler: EpochSampler, val_loader: Any,
+               criterion: torch.nn.Module, device: torch.device, num_classes: int, normalize: torch.nn.Module,
+               amp_dtype: torch.dtype | None, args: argparse.Namespace, best_value: float | None) -> float | None:
+    """Recompute the SWA model's batch-norm statistics, score it, save swa.pt, and make it best.pt
+    if it beats the best epoch. Returns the best value afterwards."""
+    if swa.count == 0:
+        print(f"--swa: training stopped before epoch {swa.start_epoch + 1}, where averaging starts; no swa.pt", flush=True)
+        return best_value
+    train_sampler.set_epoch(args.epoch)
+    update_bn(swa.module, train_loader, device, normalize)
+    val = evaluate(swa.module, criterion, val_loader, device, num_classes, normalize, amp_dtype) if val_loader else None
+    value = val[args.metrice] if val else None
+    ckpt = meta | {"kind": "swa", "model": half_state_dict(swa.module), "epoch": args.epoch, "metrics": {"val": val},
+                   "swa_epochs": swa.count, "best": {"metric": args.metrice, "value": value}}
+    run.save("swa.pt", ckpt)
+    text = f"swa.pt: average of the last {swa.count} epochs" + (f", val {args.metrice} {value:.4f}" if val else "")
+    if value is not None and metric_improved(args.metrice, value, best_value):
+        run.save("best.pt", ckpt | {"kind": "best"})
+        text += f" (better than the best epoch: now best.pt)"
+        best_value = value
+    print(text, flush=True)
+    return best_value
+
+
 # ------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train; returns the final metrics (best epoch, best value, test metrics if a test set exists)."""
@@ -230,7 +295,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     else:
         mean, std = compute_mean_std(train_set.samples, args.image_size, args.image_channel, workers=0, seed=args.random_seed)
         LOGGER.info("train set mean %s, std %s", [round(m, 4) for m in mean], [round(s, 4) for s in std])
-    spec = preprocess_spec(args.image_size, args.image_channel, mean, std)
+    spec = preprocess_spec(args.image_size, args.image_channel, mean, std, args.resize_mode)
+    augment, augment_note = train_augment(args.Augment, args.custom_augment)
+    print(f"augmentation: {augment_note}" + (f"; then --mixup {args.mixup}" if args.mixup != "none" else ""), flush=True)
 
     # ---- model
     model = create_model(args.model_name, num_classes, args.image_channel, pretrained=args.pretrained and ckpt is None)
@@ -259,6 +326,23 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                               len(train_set.samples))
         LOGGER.info("--batch_size -1: %s -> batch size %d", "80% of GPU memory" if device.type == "cuda" else "no GPU", args.batch_size)
     optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
+    ema = EMA(model, args.ema_decay) if args.ema else None  # before any hooks are placed on the model
+    swa = SWA(model, int(args.swa_start * args.epoch)) if args.swa else None
+    objective: Any = Supervised(criterion)
+    distiller = None
+    if args.rdrop:
+        objective = RDrop(criterion, args.rdrop_alpha)
+    if args.kd:
+        teacher, teacher_ckpt = load_teacher(args.teacher_path, class_names, args.image_channel, device)
+        distiller = Distiller(criterion, model, teacher, args.kd_method, args.kd_ratio, args.image_channel,
+                              (mean, std), (teacher_ckpt["mean"], teacher_ckpt["std"]), args.kd_temperature).to(device)
+        objective = distiller
+        learnable = [p for p in distiller.method.parameters() if p.requires_grad]
+        if learnable:  # MGD's generation layers train with the student
+            optimizer.add_param_group({"params": learnable, "weight_decay": args.weight_decay})
+        print(f"distillation: {args.kd_method} from {teacher_ckpt['model_name']} ({args.teacher_path}), kd_ratio {args.kd_ratio}", flush=True)
+    freezer = HeadFreezer(model, args.freeze) if args.freeze else None
+    batch_mix = BatchMix(args.mixup, num_classes) if args.mixup != "none" else None
     schedule = EpochLR(optimizer, args.lr, args.epoch, args.warmup, args.warmup_ratios, args.warmup_minlr,
                        args.lr_scheduler, args.lr_scheduler_params)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
@@ -271,6 +355,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
+        if swa is not None and ckpt.get("swa"):
+            swa.load_state_dict(ckpt["swa"])
+        if distiller is not None and ckpt.get("distill"):
+            distiller.method.load_state_dict(ckpt["distill"])
         start_epoch, start_step = int(ckpt["epoch"]), int(ckpt["step"])
         best_value, best_epoch, since_best = ckpt["best"]["value"], ckpt["best"]["epoch"], ckpt["best"]["since"]
         truncate_train_log(run / "train.log", start_epoch)
@@ -279,12 +369,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     normalize = Normalize(mean, std).to(device)
     pin = device.type == "cuda"
     train_sampler = EpochSampler(len(train_set.samples), shuffle=True, seed=args.random_seed)
-    train_loader = build_loader(ImageDataset(train_set.samples, train_transform(args.image_size), args.image_channel, seed=args.random_seed),
+    train_loader = build_loader(ImageDataset(train_set.samples, train_transform(args.image_size, args.resize_mode, augment),
+                                             args.image_channel, seed=args.random_seed),
                                 args.batch_size, train_sampler, args.workers, pin,
-                                drop_last=len(train_set.samples) % args.batch_size == 1)
+                                drop_last=len(train_set.samples) % args.batch_size == 1 or (batch_mix is not None and len(train_set.samples) > args.batch_size))
+    val_transform = tta_transform(spec) if args.test_tta else eval_transform(spec)
     val_loader = None
     if val_set is not None:
-        val_loader = build_loader(ImageDataset(val_set.samples, eval_transform(spec), args.image_channel),
+        val_loader = build_loader(ImageDataset(val_set.samples, val_transform, args.image_channel),
                                   args.batch_size, EpochSampler(len(val_set.samples), shuffle=False), args.workers, pin)
 
     # ---- what every checkpoint says about the model
@@ -298,10 +390,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     run.write_yaml("args.yaml", options | {"mean": list(mean), "std": list(std)})
     run.write_lines("label.txt", class_names)
 
-    def save_last(epoch: int, step: int, sums: EpochSums | None) -> None:
+    def save_last(epoch: int, step: int, sums: EpochSums | None, extra: dict[str, float] | None = None) -> None:
         run.save("last.pt", meta | {
             "kind": "last", "model": float_state_dict(model), "optimizer": optimizer.state_dict(),
-            "scheduler": schedule.state_dict(), "scaler": scaler.state_dict() if scaler else None, "ema": None,
+            "scheduler": schedule.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+            "ema": ema.state_dict() if ema else None, "swa": swa.state_dict() if swa else None,
+            "distill": {k: v.detach().cpu() for k, v in distiller.method.state_dict().items()} if distiller else None,
+            "train_extra": extra if extra else None,
             "rng": rng_state(), "epoch": epoch, "step": step, "train_sums": sums.state_dict() if sums else None,
             "best": {"metric": args.metrice, "value": best_value, "epoch": best_epoch, "since": since_best},
         })
@@ -310,39 +405,58 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     failed: list[tuple[str, str]] = []
     plot_count = int(args.plot_train_batch_count)
 
-    def draw_batch(step: int, batch: dict[str, Any]) -> None:
-        if step < plot_count:
-            labels = [class_names[t] for t in batch["targets"].tolist()]
-            run.savefig(plot_batch(batch["images"], labels, f"train batch {step}"), f"train_batch{step}.png")
+    def draw_batch(step: int, images: torch.Tensor, targets: torch.Tensor) -> None:
+        if step >= plot_count:
+            return
+        pixels = (images.detach().float().cpu() * normalize.std.cpu() + normalize.mean.cpu()).clamp(0, 255).to(torch.uint8)
+        if targets.ndim == 1:
+            labels = [class_names[t] for t in targets.tolist()]
+        else:  # mixed targets: the two classes with their shares
+            top = targets.detach().float().cpu().topk(min(2, num_classes), dim=1)
+            labels = [" ".join(f"{class_names[i]}:{v:.2f}" for v, i in zip(vals.tolist(), idx.tolist()) if v > 0.005)
+                      for vals, idx in zip(top.values, top.indices)]
+        run.savefig(plot_batch(pixels, labels, f"train batch {step}"), f"train_batch{step}.png")
 
     print(f"training {args.model_name} on {device} ({len(train_set.samples)} train images, {num_classes} classes, "
           f"batch {args.batch_size}, {args.epoch} epochs)", flush=True)
     last_val_loss = None
     result: dict[str, Any] = {}
+    log_fields = TRAIN_LOG_FIELDS + (["kd_loss"] if args.kd else [])
+
+    def scored_model() -> torch.nn.Module:
+        """What validation scores and best.pt holds: the EMA weights with --ema."""
+        return ema.module if ema is not None else model
+
     with StopFlag() as stop:
         for epoch in range(start_epoch, args.epoch):
             mid_epoch = epoch == start_epoch and start_step > 0
             lr = schedule.current() if mid_epoch else schedule.start_epoch(epoch, last_val_loss)
+            frozen = freezer.start_epoch(epoch) if freezer else False
             train_sampler.set_epoch(epoch, skip=start_step * args.batch_size if mid_epoch else 0)
-            sums = EpochSums(num_classes)
+            sums, extra = EpochSums(num_classes), {}
             if mid_epoch and ckpt.get("train_sums"):
                 sums.load_state_dict(ckpt["train_sums"])
+                extra = dict(ckpt.get("train_extra") or {})
             t0 = time.time()
             try:
-                train = train_one_epoch(model, criterion, optimizer, train_loader, device, epoch, normalize, sums,
+                train = train_one_epoch(model, objective, optimizer, train_loader, device, epoch, normalize, sums,
                                         scaler, amp_dtype, start_step=start_step if mid_epoch else 0, should_stop=stop,
-                                        on_batch=draw_batch if epoch == 0 else None, failed=failed)
+                                        on_batch=draw_batch if epoch == 0 else None, failed=failed,
+                                        batch_transform=batch_mix, accumulate=args.accumulate, clip_grad=args.clip_grad,
+                                        ema=ema, train_mode=freezer.train_mode if freezer else None, extra_sums=extra)
             except NonFiniteLoss as err:
                 raise UserError(f"training stopped: {err}; lower --lr (now {args.lr}) or drop --amp. "
                                 f"The checkpoints in {run.path} are from the last good epoch and were not touched") from None
             if train["interrupted"]:
-                save_last(epoch, int(train["steps"]), sums)
+                save_last(epoch, int(train["steps"]), sums, extra)
                 print(f"stopped at epoch {epoch + 1}, step {int(train['steps'])}: saved {run / 'last.pt'}; "
                       f"continue with: python main.py --save_path {run.path} --resume", flush=True)
                 raise KeyboardInterrupt
             report_skipped(failed, "images that failed to decode (left out of training)")
             failed.clear()
-            val = evaluate(model, criterion, val_loader, device, num_classes, normalize, amp_dtype, failed=failed) if val_loader else None
+            if swa is not None:
+                swa.end_epoch(model, epoch)
+            val = evaluate(scored_model(), criterion, val_loader, device, num_classes, normalize, amp_dtype, failed=failed) if val_loader else None
             report_skipped(failed, "val images that failed to decode")
             failed.clear()
             seconds = time.time() - t0
@@ -352,8 +466,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             improved = metric_improved(args.metrice, chosen, best_value)
             if improved:
                 best_value, best_epoch, since_best = chosen, epoch + 1, 0
-                run.save("best.pt", meta | {"kind": "best", "model": half_state_dict(model), "epoch": epoch + 1,
-                                            "metrics": {"train": train, "val": val},
+                run.save("best.pt", meta | {"kind": "best", "model": half_state_dict(scored_model()), "epoch": epoch + 1,
+                                            "metrics": {"train": train, "val": val}, "ema": ema is not None,
                                             "best": {"metric": args.metrice, "value": chosen}})
             else:
                 since_best += 1
@@ -361,18 +475,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
             row = {"epoch": epoch + 1, "lr": lr, "loss": train["loss"], "acc": train["acc"], "mean_acc": train["mean_acc"],
                    "test_loss": val["loss"] if val else None, "test_acc": val["acc"] if val else None,
-                   "test_mean_acc": val["mean_acc"] if val else None}
-            run.append_csv("train.log", row, TRAIN_LOG_FIELDS)
+                   "test_mean_acc": val["mean_acc"] if val else None, "kd_loss": train.get("kd_loss")}
+            run.append_csv("train.log", row, log_fields)
             if tb is not None:
                 for key, value in row.items():
                     if key != "epoch" and value is not None:
-                        tb.add_scalar(key if key.startswith("test_") or key == "lr" else f"train_{key}", value, epoch + 1)
+                        tb.add_scalar(key if key.startswith("test_") or key in ("lr", "kd_loss") else f"train_{key}", value, epoch + 1)
             for name, fig in plot_curves(read_train_log(run / "train.log")).items():
                 run.savefig(fig, name)
             rows = [["train", train["loss"], train["acc"], train["mean_acc"]]]
             if val:
-                rows.append(["val", val["loss"], val["acc"], val["mean_acc"]])
-            print_summary(f"epoch {epoch + 1}/{args.epoch}  lr {lr:.3g}  {seconds:.1f}s"
+                rows.append(["val" + (" (EMA)" if ema else ""), val["loss"], val["acc"], val["mean_acc"]])
+            notes = ("  head only" if frozen else "") + (f"  kd_loss {train['kd_loss']:.4f}" if "kd_loss" in train else "")
+            print_summary(f"epoch {epoch + 1}/{args.epoch}  lr {lr:.3g}  {seconds:.1f}s{notes}"
                           + ("  * best" if improved else ""), rows, ["split", "loss", "acc", "mean_acc"])
             if stop():
                 print(f"stopped after epoch {epoch + 1}: saved {run / 'last.pt'}; "
@@ -382,6 +497,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"early stop: no improvement of val {args.metrice} for {args.patience} epochs "
                       f"(best {best_value:.4f} at epoch {best_epoch})", flush=True)
                 break
+    if swa is not None:
+        best_value = finish_swa(swa, run, meta, train_loader, train_sampler, val_loader, criterion, device, num_classes,
+                                normalize, amp_dtype, args, best_value)
     run.close()
     result.update(best_epoch=best_epoch, best_metric=args.metrice, best_value=best_value)
     print(f"best.pt: epoch {best_epoch}, {'val' if val_set else 'train'} {args.metrice} {best_value:.4f}", flush=True)
@@ -392,7 +510,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         report_skipped(test_set.skipped, f"test set {args.test_path}")
         best = load_checkpoint(run / "best.pt")
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in best["model"].items()})
-        loader = build_loader(ImageDataset(test_set.samples, eval_transform(spec), args.image_channel), args.batch_size,
+        loader = build_loader(ImageDataset(test_set.samples, val_transform, args.image_channel), args.batch_size,
                               EpochSampler(len(test_set.samples), shuffle=False), 0, pin)
         test = evaluate(model, criterion, loader, device, num_classes, normalize, amp_dtype, desc="test")
         result["test"] = test

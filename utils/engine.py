@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from utils.data import run_with_tta
 from utils.device import autocast, is_main_process
 from utils.metrics import EpochSums
 
@@ -26,7 +27,7 @@ class NonFiniteLoss(RuntimeError):
 
 def train_one_epoch(
     model: nn.Module,
-    criterion: nn.Module,
+    objective: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]],
     optimizer: torch.optim.Optimizer,
     loader: Any,
     device: torch.device,
@@ -37,13 +38,20 @@ def train_one_epoch(
     amp_dtype: torch.dtype | None = None,
     start_step: int = 0,
     should_stop: Callable[[], bool] = lambda: False,
-    on_batch: Callable[[int, dict[str, Any]], None] | None = None,
+    on_batch: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     failed: list[tuple[str, str]] | None = None,
+    batch_transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    accumulate: int = 1,
+    clip_grad: float = 0.0,
+    ema: Any = None,
+    train_mode: Callable[[nn.Module], None] | None = None,
+    extra_sums: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Train for one epoch (or what is left of it after `start_step`).
 
     Args:
-        model, criterion, optimizer: what is trained and how.
+        model, optimizer: what is trained and how.
+        objective: (model, images, targets) -> (loss, logits, extra loss terms); see utils.losses.Supervised.
         loader: yields batches {"images": uint8 (N,C,H,W), "targets", "paths", "failed"}.
         device: where the model is.
         epoch: 0-based epoch, for messages.
@@ -52,51 +60,74 @@ def train_one_epoch(
         scaler: a GradScaler for float16 autocast, else None.
         amp_dtype: autocast dtype or None.
         start_step: batches of this epoch already done (mid-epoch resume).
-        should_stop: polled after each step; True ends the epoch early (a signal arrived).
-        on_batch: called with (step, batch) before the step (e.g. to draw training batches).
+        should_stop: polled after each optimizer step; True ends the epoch early (a signal arrived).
+        on_batch: called with (step, images, targets) as the model sees them (after batch_transform).
         failed: collects (path, reason) of images that could not be decoded.
+        batch_transform: (images, targets) -> (images, soft targets), e.g. mixup; metrics use the hard targets.
+        accumulate: optimizer step every `accumulate` batches (gradient accumulation).
+        clip_grad: clip the gradient norm to this value (0 = off).
+        ema: an EMA object updated after each optimizer step.
+        train_mode: sets the model's train/eval modes (default model.train()); freezing uses it.
+        extra_sums: running sums of the objective's extra terms (e.g. kd_loss), updated in place.
 
     Returns:
-        {"loss", "acc", "mean_acc"} over the epoch so far, "steps" done, "interrupted" (0 or 1).
+        {"loss", "acc", "mean_acc"} over the epoch so far, the mean of each extra term, "steps" done,
+        "interrupted" (0 or 1).
     """
-    model.train()
+    (train_mode or (lambda m: m.train()))(model)
     step = start_step
     total = start_step + len(loader)
+    extra_sums = {} if extra_sums is None else extra_sums
     bar = tqdm(loader, total=total, initial=start_step, desc=f"train {epoch + 1}", leave=False,
                disable=not is_main_process(), dynamic_ncols=True)
     interrupted = False
     for batch in bar:
         if failed is not None:
             failed.extend(batch["failed"])
+        last = step + 1 == total
         if len(batch["targets"]) == 0:
             step += 1
             continue
-        if on_batch is not None:
-            on_batch(step, batch)
         images = normalize(batch["images"].to(device, non_blocking=True))
-        targets = batch["targets"].to(device, non_blocking=True)
+        hard = batch["targets"].to(device, non_blocking=True)
+        targets = hard
+        if batch_transform is not None:
+            images, targets = batch_transform(images, hard)
+        if on_batch is not None:
+            on_batch(step, images, targets)
         with autocast(device, amp_dtype):
-            logits = model(images)
-            loss = criterion(logits, targets)
+            loss, logits, parts = objective(model, images, targets)
         value = loss.item()
         if not math.isfinite(value):
             raise NonFiniteLoss(epoch, step, value)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        sums.update(value, logits.detach(), targets)
+        scaled = loss / accumulate if accumulate > 1 else loss
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        stepped = (step + 1) % accumulate == 0 or last
+        if stepped:
+            if clip_grad > 0:
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model)
+        sums.update(value, logits.detach().float(), hard)
+        for key, term in parts.items():
+            extra_sums[key] = extra_sums.get(key, 0.0) + float(term) * len(hard)
         step += 1
         bar.set_postfix(loss=f"{sums.loss_sum / max(1, sums.count):.4f}", refresh=False)
-        if should_stop():
+        # stop only where no accumulated gradient would be lost
+        if stepped and should_stop():
             interrupted = step < total
             break
     bar.close()
     out = sums.metrics()
+    out.update({k: v / max(1, sums.count) for k, v in extra_sums.items()})
     out["steps"] = float(step)
     out["interrupted"] = float(interrupted)
     return out
@@ -116,6 +147,8 @@ def evaluate(
 ) -> dict[str, float]:
     """Loss, accuracy and mean per-class accuracy of `model` over `loader`.
 
+    Batches of TenCrop images (N, 10, C, H, W) are scored by the mean of the crops' probabilities.
+
     Returns:
         {"loss", "acc", "mean_acc"}.
     """
@@ -126,10 +159,35 @@ def evaluate(
             failed.extend(batch["failed"])
         if len(batch["targets"]) == 0:
             continue
-        images = normalize(batch["images"].to(device, non_blocking=True))
+        images = batch["images"].to(device, non_blocking=True)
         targets = batch["targets"].to(device, non_blocking=True)
         with autocast(device, amp_dtype):
-            logits = model(images)
-        loss = criterion(logits.float(), targets)
-        sums.update(loss.item(), logits.float(), targets)
+            if images.ndim == 5:  # TenCrop test-time augmentation: average the crops' probabilities
+                probs = run_with_tta(lambda x: model(normalize(x)).float().softmax(dim=1), images)
+                logits = probs.clamp_min(1e-12).log()  # log-probabilities: softmax(log p) == p for the loss
+            else:
+                logits = model(normalize(images)).float()
+        loss = criterion(logits, targets)
+        sums.update(loss.item(), logits, targets)
     return sums.metrics()
+
+
+@torch.no_grad()
+def update_bn(model: nn.Module, loader: Any, device: torch.device, normalize: nn.Module) -> None:
+    """Recompute batch-norm running statistics with one pass over `loader` (for averaged weights)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = {}
+    for m in norms:
+        m.reset_running_stats()
+        momenta[m] = m.momentum
+        m.momentum = None  # cumulative average over the pass
+    was_training = model.training
+    model.train()
+    for batch in tqdm(loader, desc="update bn", leave=False, disable=not is_main_process(), dynamic_ncols=True):
+        if len(batch["targets"]):
+            model(normalize(batch["images"].to(device, non_blocking=True)))
+    for m in norms:
+        m.momentum = momenta[m]
+    model.train(was_training)

@@ -114,3 +114,39 @@ def build_loss(name: str, label_smoothing: float = 0.0, weight: torch.Tensor | N
     if name not in LOSSES:
         raise UserError(f"unknown --loss '{name}'; choose one of {', '.join(LOSSES)}")
     return LOSSES[name](label_smoothing=label_smoothing, weight=weight)
+
+
+# ------------------------------------------------------------------------------- objectives
+# An objective runs the model on a batch and returns (loss, logits, extra loss terms). The training
+# loop is written once around it; R-Drop and distillation are objectives wrapping the criterion.
+class Supervised:
+    """The plain objective: criterion(model(images), targets)."""
+
+    def __init__(self, criterion: nn.Module) -> None:
+        self.criterion = criterion
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        logits = model(images)
+        return self.criterion(logits, targets), logits, {}
+
+
+class RDrop:
+    """R-Drop (Liang et al., 2021): two forward passes (different dropout masks), the mean of their
+    losses plus alpha times the symmetric KL divergence between their predictions.
+
+    Args:
+        criterion: the classification loss.
+        alpha: weight of the consistency term (--rdrop_alpha).
+    """
+
+    def __init__(self, criterion: nn.Module, alpha: float = 0.3) -> None:
+        self.criterion = criterion
+        self.alpha = alpha
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        first, second = model(images), model(images)
+        ce = (self.criterion(first, targets) + self.criterion(second, targets)) / 2
+        log_p, log_q = F.log_softmax(first.float(), dim=1), F.log_softmax(second.float(), dim=1)
+        kl = (F.kl_div(log_p, log_q, reduction="batchmean", log_target=True)
+              + F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)) / 2
+        return ce + self.alpha * kl, first, {"rdrop_kl": kl.detach()}

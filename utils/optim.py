@@ -40,3 +40,49 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     if name == "RMSProp":
         return torch.optim.RMSprop(groups, lr=lr, momentum=momentum)
     raise UserError(f"unknown --optimizer '{name}'; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def classifier_names(model: nn.Module) -> list[str]:
+    """Parameter names of the classifier head (timm's get_classifier(), else the last nn.Linear)."""
+    head = None
+    if hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+    if not isinstance(head, nn.Module) or not any(True for _ in head.parameters()):
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        head = linears[-1] if linears else None
+    if head is None:
+        raise UserError(f"cannot find the classifier head of {type(model).__name__} for --freeze")
+    ids = {id(p) for p in head.parameters()}
+    return [name for name, p in model.named_parameters() if id(p) in ids]
+
+
+class HeadFreezer:
+    """--freeze N: train only the classifier head for the first N epochs (-1: for all epochs).
+
+    While frozen, the other parameters take no gradient and their batch-norm statistics stay fixed
+    (those layers run in eval mode).
+    """
+
+    def __init__(self, model: nn.Module, epochs: int) -> None:
+        self.model = model
+        self.epochs = epochs
+        self.head = set(classifier_names(model))
+        self.frozen = False
+
+    def is_frozen(self, epoch: int) -> bool:
+        return self.epochs == -1 or epoch < self.epochs
+
+    def start_epoch(self, epoch: int) -> bool:
+        """Freeze or unfreeze for `epoch`; True if frozen."""
+        self.frozen = self.is_frozen(epoch)
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(not self.frozen or name in self.head)
+        return self.frozen
+
+    def train_mode(self, model: nn.Module) -> None:
+        model.train()
+        if self.frozen:
+            head_modules = {name.rsplit(".", 1)[0] for name in self.head}
+            for name, module in model.named_modules():
+                if isinstance(module, nn.modules.batchnorm._NormBase) and name not in head_modules:
+                    module.eval()
