@@ -130,7 +130,11 @@ class Distiller(nn.Module):
             self.method: nn.Module = SoftTarget(temperature)
             return
         s_taps, t_taps = feature_taps(student, in_chans), feature_taps(teacher, in_chans)
-        strides = [s for s in STRIDES if s in s_taps and s in t_taps]
+        common = [s for s in STRIDES if s in s_taps and s in t_taps]
+        s_shapes = self._shapes(student, in_chans, [s_taps[s] for s in common])
+        t_shapes = self._shapes(teacher, in_chans, [t_taps[s] for s in common])
+        # only real feature maps (N, C, H, W) of the same size in both models (transformer tokens are not)
+        strides = [s for s, a, b in zip(common, s_shapes, t_shapes) if len(a) == 4 and len(b) == 4 and a[2:] == b[2:]]
         if method == "MGD":
             strides = strides[-2:]
         if not strides:
@@ -140,19 +144,24 @@ class Distiller(nn.Module):
         self.student_rec = FeatureRecorder(student, [s_taps[s] for s in strides])
         self.teacher_rec = FeatureRecorder(teacher, [t_taps[s] for s in strides])
         if method == "MGD":
-            s_ch, t_ch = self._channels(student, in_chans, self.student_rec), self._channels(teacher, in_chans, self.teacher_rec)
-            self.method = MGD(s_ch, t_ch)
+            pick = [common.index(s) for s in strides]
+            self.method = MGD([s_shapes[i][1] for i in pick], [t_shapes[i][1] for i in pick])
         else:
             self.method = AT() if method == "AT" else SP()
 
     @staticmethod
     @torch.no_grad()
-    def _channels(model: nn.Module, in_chans: int, recorder: FeatureRecorder) -> list[int]:
+    def _shapes(model: nn.Module, in_chans: int, names: list[str]) -> list[tuple[int, ...]]:
+        """Output shapes of the named modules for a 64x64 input."""
+        recorder = FeatureRecorder(model, names)
         was_training = model.training
-        model.eval()
-        model(torch.zeros(1, in_chans, 64, 64, device=next(model.parameters()).device))
-        model.train(was_training)
-        return [f.shape[1] for f in recorder.features()]
+        try:
+            model.eval()
+            model(torch.zeros(1, in_chans, 64, 64, device=next(model.parameters()).device))
+            return [tuple(f.shape) for f in recorder.features()]
+        finally:
+            recorder.remove()
+            model.train(was_training)
 
     def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(images)
