@@ -1,0 +1,104 @@
+"""Export a trained run for deployment: TorchScript, ONNX (float32 / float16 / int8), OpenVINO, TensorRT.
+
+    python export.py --save_path runs/exp --export onnx                  # runs/exp/export/best.onnx (+ .json)
+    python export.py --save_path runs/exp --export torchscript onnx openvino --simplify
+    python export.py --save_path runs/exp --export onnx --int8           # also best_int8.onnx, calibrated on train images
+    python export.py --save_path runs/exp --export tensorrt --half --device 0   # on the GPU that will run it
+
+Image size, channels, classes and preprocessing come from the run's best.pt. Every exported file
+is compared with PyTorch on up to 64 images of the run's val split; a file past the tolerance is
+kept, flagged in its JSON, and the command exits non-zero. `python export.py --list_formats`
+prints the format table.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from utils.config import ArgumentParser
+from utils.export import DEFAULT_OPSET, EXPORT_FORMATS, ExportOptions, export_checkpoint, formats_table
+from utils.log import UserError, run_cli
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description="Export a trained run (its best.pt) to TorchScript, ONNX, OpenVINO or TensorRT.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser.add_argument
+    p("--save_path", default="runs/exp", help="run folder of main.py (its best.pt is exported), or a checkpoint file")
+    p("--export", nargs="+", default=["onnx"], choices=list(EXPORT_FORMATS), metavar="FORMAT",
+      help=f"one or more of: {', '.join(EXPORT_FORMATS)}")
+    p("--dynamic", action="store_true", help="any batch size (the default unless --batch_size is given)")
+    p("--batch_size", type=int, default=None, help="trace batch; without --dynamic the model takes only this batch")
+    p("--simplify", action="store_true", help="simplify the ONNX graph with onnxslim")
+    p("--half", action="store_true", help="float16 model (CUDA GPU only)")
+    p("--int8", action="store_true", help="also write an int8 ONNX model (onnxruntime static quantization)")
+    p("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
+    p("--workspace", type=float, default=4.0, help="TensorRT builder workspace (GiB)")
+    p("--device", default="", help="'' (GPU if any), cpu, or a GPU index such as 0")
+    p("--verbose", action="store_true", help="the exporters' own logs and warnings, full tracebacks on failure")
+    p("--val_path", default="", help="images for the parity check (default: the run's val, else test, else train split)")
+    p("--train_path", default="", help="calibration images for --int8 (default: the run's train split)")
+    p("--parity_images", type=int, default=64, help="images the parity check runs")
+    p("--calibration_images", type=int, default=300, help="training images that calibrate --int8")
+    p("--output_path", default="", help="where the files go (default: <run>/export)")
+    p("--image_size", type=int, default=None, help="pytorch-classifier's flag: the size comes from the run; must match if given")
+    p("--image_channel", type=int, default=None, help="pytorch-classifier's flag: the channels come from the run; must match if given")
+    p("--list_formats", action="store_true", help="print the export formats and exit")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and validate the options (no config file: an export's options are its own)."""
+    args = get_args_parser().parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch_size must be positive, got {args.batch_size}")
+    if args.parity_images < 1:
+        raise UserError(f"--parity_images must be positive, got {args.parity_images}")
+    if args.calibration_images < 1:
+        raise UserError(f"--calibration_images must be positive, got {args.calibration_images}")
+    if args.workspace <= 0:
+        raise UserError(f"--workspace must be positive, got {args.workspace}")
+    args.export = list(dict.fromkeys(args.export))  # each format once, in the order given
+    return args
+
+
+def checkpoint_path(save_path: str) -> Path:
+    """The checkpoint to export: <run>/best.pt, or the file itself."""
+    path = Path(save_path)
+    if path.is_dir():
+        if not (path / "best.pt").is_file():
+            raise UserError(f"no best.pt in {path}: pass the run folder main.py wrote (--save_path), or a checkpoint file")
+        return path / "best.pt"
+    if not path.exists():
+        raise UserError(f"--save_path {path} not found: pass a run folder of main.py (e.g. runs/exp)")
+    return path
+
+
+def main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Export; returns one export info dict per file written (see utils.export)."""
+    if args.list_formats:
+        print(formats_table())
+        return []
+    weights = checkpoint_path(args.save_path)
+    if args.image_size is not None or args.image_channel is not None:
+        from utils.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(weights)
+        for flag in ("image_size", "image_channel"):
+            given = getattr(args, flag)
+            if given is not None and given != ckpt[flag]:
+                raise UserError(f"--{flag} {given} differs from the run's ({ckpt[flag]}): the model is exported with the "
+                                f"{flag.replace('_', ' ')} it was trained with; drop --{flag}")
+    options = ExportOptions(
+        formats=args.export, device=args.device, batch_size=args.batch_size, dynamic=args.dynamic, half=args.half,
+        int8=args.int8, simplify=args.simplify, opset=args.opset, workspace=args.workspace, verbose=args.verbose,
+        val_path=args.val_path, train_path=args.train_path, parity_images=args.parity_images,
+        calibration_images=args.calibration_images, output_dir=args.output_path,
+    )
+    return export_checkpoint(weights, options)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, parse_args))
