@@ -362,7 +362,7 @@ def tta_transform(spec: dict[str, Any]) -> v2.Compose:
     """Test-time augmentation (pytorch-classifier's --test_tta): resize to crop*1.1, then TenCrop --
     the four corners and the centre, and their mirror images: uint8 (10, C, H, W) per image.
 
-    Average the ten predictions with `average_tta`.
+    Average the ten predictions with `run_with_tta`.
     """
     return v2.Compose([
         resize_step(spec.get("resize_mode", "crop"), int(spec["crop"] + spec["crop"] * 0.1)),

@@ -2,11 +2,15 @@
 
 Sums (loss, count, confusion matrix) are what a distributed run all-reduces, through
 utils.device.reduce_sum, before any metric is computed.
+
+The second half evaluates the predicted probabilities of a whole split (metrice.py): overall
+and per-class metrics, calibration, the most confused class pairs.
 """
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from utils.device import reduce_sum
@@ -59,3 +63,200 @@ class EpochSums:
         self.loss_sum = float(state["loss_sum"])
         self.count = int(state["count"])
         self.confusion = state["confusion"].clone()
+
+
+# ------------------------------------------------------------------ evaluation of predictions
+# What metrice.py reports: overall and per-class metrics from the predicted probabilities of a
+# whole split. Precision, recall, per-class accuracy and the F-scores come from pycm's confusion
+# matrix statistics; AUC and AUPR from the probabilities (scikit-learn), not from hard labels.
+
+METRIC_LABELS: dict[str, str] = {
+    "images": "images",
+    "acc": "accuracy",
+    "mean_acc": "mean per-class accuracy (balanced, MPA)",
+    "kappa": "Cohen's kappa",
+    "precision": "macro precision",
+    "recall": "macro recall",
+    "f1": "macro F1",
+    "top5_acc": "top-5 accuracy",
+    "auc": "macro AUC (one-vs-rest)",
+    "aupr": "macro AUPR (average precision)",
+    "ece": "expected calibration error (15 bins)",
+}
+PER_CLASS_FIELDS = ["class", "precision", "recall", "accuracy", "f0.5", "f1", "f2", "auc", "aupr", "support"]
+# pycm's names of the per-class statistics reported
+_PYCM_CLASS_STATS = {"precision": "PPV", "recall": "TPR", "accuracy": "ACC", "f0.5": "F0.5", "f1": "F1", "f2": "F2"}
+CALIBRATION_BINS = 15
+
+
+def confusion_matrix_from(targets: Any, preds: Any, num_classes: int) -> np.ndarray:
+    """Counts (num_classes, num_classes), rows: true class, columns: predicted class.
+
+    Args:
+        targets: true class indices (N,).
+        preds: predicted class indices (N,).
+        num_classes: the model's classes.
+
+    Returns:
+        An int64 array.
+    """
+    targets = np.asarray(targets, dtype=np.int64)
+    preds = np.asarray(preds, dtype=np.int64)
+    return np.bincount(targets * num_classes + preds, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def pycm_matrix(confusion: Any, class_names: list[str]) -> Any:
+    """A pycm ConfusionMatrix of the counts, classes in the model's order.
+
+    Args:
+        confusion: counts (C, C), rows true, columns predicted.
+        class_names: the class names.
+
+    Returns:
+        pycm.ConfusionMatrix (its .save_html writes the report).
+    """
+    import pycm
+
+    names = [str(n) for n in class_names]
+    table = {a: {b: int(confusion[i][j]) for j, b in enumerate(names)} for i, a in enumerate(names)}
+    return pycm.ConfusionMatrix(matrix=table, classes=names)
+
+
+def _number(value: Any, undefined: float) -> float:
+    """pycm writes undefined statistics as the string 'None'."""
+    return undefined if value is None or isinstance(value, str) else float(value)
+
+
+def calibration_bins(targets: Any, probs: Any, bins: int = CALIBRATION_BINS) -> dict[str, Any]:
+    """Reliability of the top-1 confidence: equal-width bins over [0, 1].
+
+    Args:
+        targets: true class indices (N,).
+        probs: probabilities (N, C).
+        bins: number of bins.
+
+    Returns:
+        {"edges": (bins+1,), "confidence": mean confidence per bin, "accuracy": accuracy per bin
+        (nan where empty), "count": images per bin, "ece": sum over bins of
+        count/N * |accuracy - confidence|}.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.int64)
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == targets).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    # bin b holds (edges[b], edges[b+1]]; a confidence of exactly 0 goes to the first bin
+    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(which, weights=confidence, minlength=bins) / count
+        accuracy = np.bincount(which, weights=correct, minlength=bins) / count
+    filled = count > 0
+    ece = float(np.sum(count[filled] / max(1, len(targets)) * np.abs(accuracy[filled] - mean_conf[filled])))
+    return {"edges": edges, "confidence": mean_conf, "accuracy": accuracy, "count": count, "ece": ece}
+
+
+def per_class_metrics(targets: Any, probs: Any, class_names: list[str], cm: Any = None) -> list[dict[str, Any]]:
+    """Per-class precision, recall, accuracy (one-vs-rest), F0.5, F1, F2, AUC, AUPR and support.
+
+    Precision, recall and F-scores that are undefined (a class never predicted, or absent from
+    the split) are 0, as scikit-learn's zero_division=0. AUC is one-vs-rest ROC-AUC of the class
+    probability (scikit-learn roc_auc_score); AUPR its average precision; both nan when the class
+    has no image in the split (AUC also when every image is of that class).
+
+    Args:
+        targets: true class indices (N,).
+        probs: probabilities (N, C).
+        class_names: the C class names.
+        cm: the pycm matrix of these predictions (built when None).
+
+    Returns:
+        One dict per class, keys PER_CLASS_FIELDS.
+    """
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    probs = np.asarray(probs, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.int64)
+    if cm is None:
+        cm = pycm_matrix(confusion_matrix_from(targets, probs.argmax(axis=1), len(class_names)), class_names)
+    rows = []
+    for c, name in enumerate(class_names):
+        key = str(name)
+        truth = targets == c
+        support = int(truth.sum())
+        row: dict[str, Any] = {"class": name}
+        for field, stat in _PYCM_CLASS_STATS.items():
+            row[field] = _number(cm.class_stat[stat][key], 0.0)
+        row["auc"] = float(roc_auc_score(truth, probs[:, c])) if 0 < support < len(targets) else float("nan")
+        row["aupr"] = float(average_precision_score(truth, probs[:, c])) if support > 0 else float("nan")
+        row["support"] = support
+        rows.append(row)
+    return rows
+
+
+def overall_metrics(targets: Any, probs: Any, class_names: list[str], cm: Any = None,
+                    per_class: list[dict[str, Any]] | None = None) -> dict[str, float]:
+    """The metrics of a whole split (keys of METRIC_LABELS; top5_acc only with more than 5 classes).
+
+    Macro averages are over the classes that have images in the split (as mean_acc of training).
+
+    Args:
+        targets: true class indices (N,).
+        probs: probabilities (N, C).
+        class_names: the C class names.
+        cm: the pycm matrix of these predictions (built when None).
+        per_class: per_class_metrics of these predictions (computed when None).
+
+    Returns:
+        {metric: value}; kappa is nan when undefined (a single class in truth and prediction).
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.int64)
+    if cm is None:
+        cm = pycm_matrix(confusion_matrix_from(targets, probs.argmax(axis=1), len(class_names)), class_names)
+    if per_class is None:
+        per_class = per_class_metrics(targets, probs, class_names, cm)
+    present = [row for row in per_class if row["support"] > 0]
+
+    def macro(field: str) -> float:
+        values = [row[field] for row in present if not np.isnan(row[field])]
+        return float(np.mean(values)) if values else float("nan")
+
+    out: dict[str, float] = {
+        "images": float(len(targets)),
+        "acc": float(np.mean(probs.argmax(axis=1) == targets)) if len(targets) else float("nan"),
+        "mean_acc": macro("recall"),
+        "kappa": _number(cm.overall_stat["Kappa"], float("nan")),
+        "precision": macro("precision"),
+        "recall": macro("recall"),
+        "f1": macro("f1"),
+    }
+    if len(class_names) > 5:
+        out["top5_acc"] = topk_accuracy(targets, probs, 5)
+    out["auc"] = macro("auc")
+    out["aupr"] = macro("aupr")
+    out["ece"] = calibration_bins(targets, probs)["ece"]
+    return out
+
+
+def topk_accuracy(targets: Any, probs: Any, k: int) -> float:
+    """Fraction of images whose true class is among the k most probable."""
+    probs = np.asarray(probs)
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return float(np.mean((top == np.asarray(targets)[:, None]).any(axis=1))) if len(probs) else float("nan")
+
+
+def most_confused_pairs(confusion: Any, class_names: list[str], k: int = 20) -> list[dict[str, Any]]:
+    """The k largest off-diagonal cells of the confusion matrix.
+
+    Returns:
+        Rows {"true", "predicted", "count", "fraction_of_true"} (fraction: of the true class's
+        images), largest count first; only cells with a count.
+    """
+    confusion = np.asarray(confusion)
+    totals = confusion.sum(axis=1)
+    cells = [(int(confusion[i, j]), i, j) for i in range(len(confusion)) for j in range(len(confusion))
+             if i != j and confusion[i, j] > 0]
+    cells.sort(key=lambda c: (-c[0], c[1], c[2]))
+    return [{"true": class_names[i], "predicted": class_names[j], "count": n, "fraction_of_true": n / max(1, int(totals[i]))}
+            for n, i, j in cells[:k]]

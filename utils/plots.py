@@ -1,4 +1,5 @@
-"""Figures of a run: training batches as the model sees them, and the training curves."""
+"""Figures of a run: training batches as the model sees them, the training curves, and the
+evaluation figures of metrice.py (confusion matrix, reliability diagram, mistakes, t-SNE)."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
@@ -69,3 +71,142 @@ def plot_curves(rows: Sequence[dict[str, str]]) -> dict[str, Any]:
         fig.tight_layout()
         figs[name] = fig
     return figs
+
+
+# ---------------------------------------------------------------------------- evaluation figures
+CELL_TEXT_MAX_CLASSES = 30  # past this many classes the cells carry no numbers (they would be unreadable)
+
+
+def plot_confusion_matrix(confusion: Any, class_names: Sequence[str], normalize: bool = False, title: str = "") -> Any:
+    """A confusion matrix as a heat map, rows true class, columns predicted class.
+
+    The figure grows with the number of classes (about 0.3 inch per class, up to 100 classes
+    readable), the tick labels shrink, and past CELL_TEXT_MAX_CLASSES classes the cells carry
+    no numbers.
+
+    Args:
+        confusion: counts (C, C).
+        class_names: the C class names.
+        normalize: divide each row by its total (rows without images stay 0).
+        title: figure title.
+
+    Returns:
+        The matplotlib figure (the caller saves and closes it).
+    """
+    counts = np.asarray(confusion, dtype=np.float64)
+    n = len(class_names)
+    if normalize:
+        totals = counts.sum(axis=1, keepdims=True)
+        values = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    else:
+        values = counts
+    side = min(40.0, max(5.0, 0.3 * n + 2.5))
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    image = ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalize else max(1.0, values.max()), interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    font = max(5.0, min(10.0, 300.0 / max(n, 1)))
+    labels = [str(c)[:24] for c in class_names]
+    ax.set_xticks(range(n), labels, rotation=90, fontsize=font)
+    ax.set_yticks(range(n), labels, fontsize=font)
+    ax.set_xlabel("predicted class", fontsize=max(10.0, side * 0.4))
+    ax.set_ylabel("true class", fontsize=max(10.0, side * 0.4))
+    if n <= CELL_TEXT_MAX_CLASSES:
+        threshold = (1.0 if normalize else max(1.0, values.max())) / 2
+        for i in range(n):
+            for j in range(n):
+                if counts[i, j] == 0 and i != j:
+                    continue
+                text = f"{values[i, j]:.2f}" if normalize else f"{int(counts[i, j])}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=max(5.0, font - 1),
+                        color="white" if values[i, j] > threshold else "black")
+    if title:
+        ax.set_title(title, fontsize=max(11.0, side * 0.45))
+    fig.tight_layout()
+    return fig
+
+
+def plot_reliability(calibration: dict[str, Any], title: str = "") -> Any:
+    """Reliability diagram: accuracy against top-1 confidence per bin, with the gap to the
+    diagonal, and the number of images per bin below.
+
+    Args:
+        calibration: utils.metrics.calibration_bins output.
+        title: figure title (the ECE is appended).
+
+    Returns:
+        The matplotlib figure.
+    """
+    edges = np.asarray(calibration["edges"])
+    centres = (edges[:-1] + edges[1:]) / 2
+    width = edges[1] - edges[0]
+    accuracy = np.nan_to_num(np.asarray(calibration["accuracy"], dtype=np.float64))
+    confidence = np.asarray(calibration["confidence"], dtype=np.float64)
+    filled = np.asarray(calibration["count"]) > 0
+    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.bar(centres[filled], accuracy[filled], width=width, edgecolor="black", color="tab:blue", label="accuracy")
+    ax.bar(centres[filled], confidence[filled] - accuracy[filled], bottom=accuracy[filled], width=width,
+           edgecolor="tab:red", color="tab:red", alpha=0.3, hatch="//", label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(f"{title + '  ' if title else ''}ECE {calibration['ece']:.4f}")
+    ax_count.bar(centres, np.asarray(calibration["count"]), width=width, edgecolor="black", color="grey")
+    ax_count.set_xlabel("confidence (top-1 probability)")
+    ax_count.set_ylabel("images")
+    fig.tight_layout()
+    return fig
+
+
+def plot_gallery(images: Sequence[torch.Tensor], titles: Sequence[str], title: str = "", cols: int = 8) -> Any:
+    """A grid of uint8 images (C, H, W) with multi-line titles (the mistakes of metrice.py --visual).
+
+    Returns:
+        The matplotlib figure.
+    """
+    n = max(1, len(images))
+    cols = min(cols, n)
+    rows = math.ceil(n / cols)
+    height = rows * 2.5 + (0.5 if title else 0.0)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.0, height), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= len(images):
+            continue
+        img = images[i].detach().cpu()
+        if img.shape[0] == 1:
+            ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=255)
+        else:
+            ax.imshow(img.permute(1, 2, 0).numpy())
+        ax.set_title(titles[i], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.5 / height if title else 0.0)))
+    return fig
+
+
+def plot_embedding(points: Any, targets: Sequence[int], class_names: Sequence[str], title: str = "") -> Any:
+    """2-D points (a t-SNE of features) coloured by class; a legend up to 30 classes.
+
+    Returns:
+        The matplotlib figure.
+    """
+    points = np.asarray(points)
+    targets = np.asarray(targets)
+    n = len(class_names)
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20" if n <= 20 else "turbo")
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    for c in range(n):
+        mask = targets == c
+        if mask.any():
+            colour = cmap(c if n <= 20 else c / max(1, n - 1))
+            ax.scatter(points[mask, 0], points[mask, 1], s=12, color=colour, label=str(class_names[c])[:24], alpha=0.8)
+    if n <= 30:
+        ax.legend(fontsize=7, markerscale=1.5, loc="best", ncol=1 if n <= 15 else 2)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
