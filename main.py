@@ -240,7 +240,7 @@ def finish_swa(swa: SWA, run: Run, meta: dict[str, Any], train_loader: Any, trai
     text = f"swa.pt: average of the last {swa.count} epochs" + (f", val {args.metrice} {value:.4f}" if val else "")
     if value is not None and metric_improved(args.metrice, value, best_value):
         run.save("best.pt", ckpt | {"kind": "best"})
-        text += f" (better than the best epoch: now best.pt)"
+        text += " (better than the best epoch: now best.pt)"
         best_value = value
     print(text, flush=True)
     return best_value
@@ -261,9 +261,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     ckpt: dict[str, Any] | None = None
     if args.resume:
         args, ckpt = resume_options(args)
-        save_dir = Path(args.save_path)
-    else:
-        save_dir = increment_path(args.save_path)
     seed_everything(args.random_seed)
     device = select_device(args.device)
 
@@ -283,7 +280,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if num_classes < 2:
         raise UserError(f"train set {args.train_path} has one class ({class_names[0]}): a classifier needs at least two")
 
-    run = Run(save_dir)
+    run = Run(Path(args.save_path) if ckpt is not None else increment_path(args.save_path))
     print(f"run folder: {run.path}", flush=True)
 
     if ckpt is not None:

@@ -15,7 +15,6 @@ import csv
 import logging
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -188,23 +187,6 @@ def split_path(args: argparse.Namespace, run_args: dict[str, Any]) -> Path:
         raise UserError(f"--task {args.task}: the {args.task} folder {path} ({origin}) does not exist or is not a folder; "
                         f"pass --{key} DIR")
     return path
-
-
-def claim_folder(path: Path) -> Path:
-    """increment_path's choice (path, path2 ...), created at once; a name that another call creates
-    at the same moment is skipped, so two evaluations never share a folder."""
-    candidate = increment_path(path)
-    if candidate.is_dir():  # an empty folder left by an earlier call: increment_path reuses it
-        return candidate
-    stem = re.sub(r"\d+$", "", path.name) or path.name
-    while True:
-        try:
-            candidate.mkdir(parents=True)
-            return candidate
-        except FileExistsError:
-            number = re.search(r"\d+$", candidate.name)
-            n = int(number.group()) if number and candidate != path else 1
-            candidate = path.with_name(f"{stem}{n + 1}")
 
 
 def geometry(spec: dict[str, Any]) -> tuple[Any, ...]:
@@ -512,7 +494,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         for flag in ("visual", "tsne"):
             if getattr(args, flag):
                 LOGGER.warning("--%s does nothing with --task fps", flag)
-        out = Run(claim_folder(first.path / "fps"))
+        out = Run(increment_path(first.path / "fps"))
         out.write_yaml("args.yaml", args_to_dict(args) | {"class_names": class_names})
         rows = run_speed(args, members, device, out)
         print(f"results: {out.path}", flush=True)
@@ -523,7 +505,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         batch_size = 32
     weights = ensemble_weights(members, args.ensemble_weights) if len(members) > 1 and args.ensemble == "weighted" else None
 
-    out = Run(claim_folder(first.path / args.task))
+    out = Run(increment_path(first.path / args.task))
     out.write_yaml("args.yaml", args_to_dict(args) | {"split": str(folder), "images": len(image_set.samples),
                                                       "class_names": class_names, "members": [m.label for m in members],
                                                       "ensemble_weights": weights})

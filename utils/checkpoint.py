@@ -31,16 +31,22 @@ TRAIN_LOG_FIELDS = ["epoch", "lr", "loss", "acc", "mean_acc", "test_loss", "test
 
 
 def increment_path(path: str | Path) -> Path:
-    """`path` if it is free (absent or an empty folder), else path2, path3 ... (the first free one)."""
+    """Claim a fresh run folder: `path` if it does not exist, else path2, path3 ...
+
+    The folder is created here (mkdir without exist_ok), so two runs started at once with the
+    same --save_path never get the same folder, and an existing folder is never written into.
+    """
     path = Path(path)
-    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
-        return path
     stem = re.sub(r"\d+$", "", path.name) or path.name
-    n = 2
+    n = 1
     while True:
-        candidate = path.with_name(f"{stem}{n}")
+        candidate = path if n == 1 else path.with_name(f"{stem}{n}")
         if not candidate.exists():
-            return candidate
+            try:
+                candidate.mkdir(parents=True)
+                return candidate
+            except FileExistsError:
+                pass  # another process claimed it first
         n += 1
 
 
