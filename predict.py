@@ -1,0 +1,298 @@
+"""Predict images with a trained run, and explain the predictions with Grad-CAM.
+
+    python predict.py --source img/ --save_path runs/exp                   # a folder (recursive)
+    python predict.py --source cat.jpg --save_path runs/exp --save_images  # one image, drawn with its label
+    python predict.py --source 'img/**/*.png' --save_path runs/exp runs/exp2 --ensemble vote
+    python predict.py --source img/ --save_path runs/exp --cam_visual --cam_type GradCAMPlusPlus
+
+Everything goes into a new folder runs/exp/predict/exp (then exp2 ...): predictions.csv (one row
+per image), skipped.csv (files that are not images or cannot be decoded, with the reason),
+images/ (with --save_images) and cam/ (with --cam_visual). Results are streamed to disk batch by
+batch, so a folder of any size runs in flat memory.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+import logging
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from prettytable import PrettyTable
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from utils.backends import MODEL_TYPES, load_backend, resolve_weights
+from utils.cam import CAM_TYPES
+from utils.checkpoint import increment_path, load_checkpoint
+from utils.config import ArgumentParser
+from utils.data import eval_transform, load_image
+from utils.device import select_device
+from utils.ensemble import ENSEMBLE_METHODS, check_same_classes
+from utils.log import UserError, run_cli
+from utils.predict import (InputPlan, PredictDataset, PredictionWriter, annotate, collate_predict, find_images,
+                           label_text, output_name, predict_inputs, prediction_rows, relative_name)
+
+LOGGER = logging.getLogger("predict")
+# Fast PNG compression: at the default level, encoding the pictures is slower than predicting them.
+SAVE_OPTIONS = {".png": {"compress_level": 1}, ".jpg": {"quality": 90}, ".jpeg": {"quality": 90}}
+
+
+def default_workers() -> int:
+    cpus = os.cpu_count() or 1
+    return max(0, min(4, cpus - 1))
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description="Predict images with a trained run; explain them with Grad-CAM.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser.add_argument
+    p("--source", required=True, help="an image, a folder of images (recursive), or a quoted glob such as 'img/*.jpg'")
+    p("--save_path", nargs="+", default=["runs/exp"],
+      help="run folder (its best.pt) or model file; several = an ensemble of models of the same classes")
+    p("--model_type", default="torch", choices=list(MODEL_TYPES), help="format of the model in --save_path")
+    p("--device", default="", help="'' (GPU if any), cpu, or a GPU index such as 0")
+    p("--half", action="store_true", help="float16 inference (CUDA only)")
+    p("--batch_size", type=int, default=64, help="images per batch")
+    p("--workers", type=int, default=default_workers(), help="image-loading processes (0 = main process)")
+    p("--test_tta", action="store_true", help="TenCrop test-time augmentation (the 10 crops' probabilities averaged)")
+    p("--conf_threshold", type=float, default=0.5, help="a top-1 probability below this marks the row uncertain")
+    p("--ensemble", default="mean", choices=list(ENSEMBLE_METHODS), help="how several --save_path models are combined: "
+      "mean of probabilities, vote (each model's top-1; ties broken by the mean), or weighted")
+    p("--ensemble_weights", type=float, nargs="+", default=None,
+      help="--ensemble weighted: one weight per --save_path; none given = each run's best validation accuracy")
+    p("--save_images", action="store_true", help="save a copy of each image with its label and probability drawn")
+    p("--cam_visual", action="store_true", help="save a class activation map per image (input | heatmap | label)")
+    p("--cam_type", default="GradCAM", choices=list(CAM_TYPES), help="CAM method (the grad-cam package)")
+    p("--cam_layer", default="", help="module to explain, a name from model.named_modules(); '' = the last feature stage")
+    p("--cam_class", default="", help="class to explain for every image; '' = the predicted class")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and validate the options."""
+    args = get_args_parser().parse_args(argv)
+    if args.batch_size <= 0:
+        raise UserError(f"--batch_size must be positive, got {args.batch_size}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {args.workers}")
+    if not 0.0 <= args.conf_threshold <= 1.0:
+        raise UserError(f"--conf_threshold must be in [0, 1], got {args.conf_threshold}")
+    if len(set(args.save_path)) != len(args.save_path):
+        raise UserError(f"--save_path names a model twice: {' '.join(args.save_path)}")
+    if args.ensemble_weights is not None:
+        if args.ensemble != "weighted":
+            raise UserError(f"--ensemble_weights go with --ensemble weighted, not --ensemble {args.ensemble}")
+        if len(args.ensemble_weights) != len(args.save_path):
+            raise UserError(f"--ensemble_weights: {len(args.ensemble_weights)} weight(s) for {len(args.save_path)} model(s); "
+                            "give one per --save_path")
+    if args.cam_visual and args.model_type != "torch":
+        raise UserError(f"--cam_visual needs gradients through the PyTorch model: use --model_type torch (got {args.model_type})")
+    if args.cam_visual and len(args.save_path) > 1:
+        raise UserError(f"--cam_visual explains one model; pass one --save_path (got {len(args.save_path)})")
+    for flag in ("cam_layer", "cam_class"):
+        if getattr(args, flag) and not args.cam_visual:
+            raise UserError(f"--{flag} only applies with --cam_visual")
+    return args
+
+
+class BoundedWriter:
+    """Runs image-saving jobs on a thread (PIL releases the GIL while encoding) with at most
+    `limit` pending, so the pipeline overlaps drawing with inference without piling up images."""
+
+    def __init__(self, limit: int = 256, threads: int = 1) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=threads)
+        self.pending: deque[Future] = deque()
+        self.limit = limit
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        while len(self.pending) >= self.limit:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(fn, *args))
+
+    def close(self) -> None:
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def ensemble_weights(args: argparse.Namespace) -> list[float] | None:
+    """--ensemble_weights, or for --ensemble weighted each run's best validation accuracy (as metrice.py)."""
+    if args.ensemble != "weighted" or len(args.save_path) < 2:
+        return None
+    if args.ensemble_weights is not None:
+        return [float(w) for w in args.ensemble_weights]
+    weights = []
+    for path in args.save_path:
+        metrics = {}
+        if args.model_type == "torch":
+            metrics = load_checkpoint(resolve_weights(path, "torch"), what="model").get("metrics") or {}
+        acc = (metrics.get("val") or metrics.get("train") or {}).get("acc")
+        if acc is None:
+            raise UserError(f"{path} stores no accuracy to weight it by: pass --ensemble_weights (one per --save_path)")
+        weights.append(float(acc))
+    return weights
+
+
+def save_annotated(path: str, text: str, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    annotate(load_image(path, 3), text).save(dest, **SAVE_OPTIONS.get(dest.suffix.lower(), {}))
+
+
+def save_panel(view: torch.Tensor, cam: Any, lines: list[str], size: int, dest: Path) -> None:
+    from utils.cam import cam_panel
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    cam_panel(view, cam, lines, size).save(dest, **SAVE_OPTIONS[".png"])
+
+
+def prepare_cam(args: argparse.Namespace, backend: Any, class_names: list[str]) -> dict[str, Any]:
+    """What --cam_visual needs: the model to explain, its layer, the class to explain, the view to draw."""
+    from utils.cam import find_cam_layer, import_grad_cam
+
+    import_grad_cam()  # before the clock starts, and a clear line if it is missing
+    spec = backend.meta["preprocess"]
+    # with --half the map is computed on a float32 copy (float16 gradients lose small maps)
+    model = copy.deepcopy(backend.model).float() if args.half else backend.model
+    layer = find_cam_layer(model, int(spec["crop"]), int(spec["channels"]), args.cam_layer or None)
+    explain = None
+    if args.cam_class:
+        if args.cam_class not in class_names:
+            close = difflib.get_close_matches(args.cam_class, class_names, n=3, cutoff=0.5)
+            raise UserError(f"--cam_class '{args.cam_class}' is not a class of the model"
+                            + (f"; did you mean {', '.join(close)}?" if close else "")
+                            + f" (classes: {', '.join(class_names[:20])}{' ...' if len(class_names) > 20 else ''})")
+        explain = class_names.index(args.cam_class)
+    return {
+        "backend": backend, "model": model, "layer": layer, "explain": explain,
+        "size": max(224, int(spec["crop"])), "channels": int(spec["channels"]),
+        # with TTA the model sees ten crops: the CAM explains the centre view
+        "view_transform": eval_transform(spec) if args.test_tta else None,
+    }
+
+
+def predict_folder(args: argparse.Namespace) -> Path:
+    """Run predict.py; returns the predict folder."""
+    source = find_images(args.source)
+    if not source.files:
+        reasons = "; ".join(f"{p}: {r}" for p, r in source.skipped[:3])
+        raise UserError(f"--source {args.source} holds no image files" + (f" ({reasons})" if reasons else ""))
+    device = select_device(args.device)
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # leave the loader processes their cores: on a 2-core machine, 2 compute threads next to a
+        # loader were 3-15x slower than 1 (OpenMP threads spin while they wait for a core)
+        torch.set_num_threads(min(torch.get_num_threads(), max(1, (os.cpu_count() or 1) - args.workers)))
+    backends = [load_backend(p, args.model_type, device, args.half) for p in args.save_path]
+    metas = [b.meta for b in backends]
+    class_names = check_same_classes(metas, args.save_path)
+    weights = ensemble_weights(args)
+    if len(backends) > 1:
+        print(f"ensemble of {len(backends)} models ({args.ensemble}"
+              + (f", weights {', '.join(f'{w:.4g}' for w in weights)}" if weights else "") + ")", flush=True)
+    plan = InputPlan(metas, args.test_tta)
+    cam_setup = prepare_cam(args, backends[0], class_names) if args.cam_visual else {}
+
+    first = Path(args.save_path[0])
+    folder = increment_path((first if first.is_dir() else first.parent) / "predict" / "exp")
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"predict folder: {folder}", flush=True)
+    if args.cam_visual:
+        print(f"{args.cam_type} on layer {cam_setup['layer'].describe()}", flush=True)
+
+    dataset = PredictDataset(source.files, plan, cam_setup.get("view_transform"), cam_setup.get("channels", 3))
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+                        collate_fn=collate_predict, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if args.workers > 0 else None)
+    files = dataset.files
+    writer = PredictionWriter(folder, class_names)
+    images_out = BoundedWriter(limit=4 * args.batch_size, threads=max(1, min(4, (os.cpu_count() or 1) // 2)))
+    first_skips: list[tuple[str, str]] = list(source.skipped[:20])
+    writer.skip(source.skipped)
+    t0 = time.perf_counter()
+    try:
+        for batch in tqdm(loader, desc="predict", unit="batch", disable=None, leave=False):
+            failed = [(files[i], reason) for i, reason in batch["failed"]]
+            writer.skip(failed)
+            first_skips += failed[: max(0, 20 - len(first_skips))]
+            if not batch["indices"]:
+                continue
+            paths = [files[i] for i in batch["indices"]]
+            probs = predict_inputs(backends, batch["inputs"], plan.group_of, args.ensemble, weights)
+            rows = prediction_rows(paths, probs, class_names, args.conf_threshold)
+            writer.write(rows)
+            rels = [relative_name(Path(p), source.root) for p in paths]
+            if args.save_images:
+                for row, rel in zip(rows, rels):
+                    images_out.submit(save_annotated, row["path"], label_text(row), folder / "images" / output_name(rel))
+            if args.cam_visual:
+                from utils.cam import cam_maps
+
+                backend = cam_setup["backend"]
+                views = batch["views"] if batch["views"] is not None else batch["inputs"][plan.group_of[0]]
+                targets = [cam_setup["explain"] if cam_setup["explain"] is not None else row["index"] for row in rows]
+                try:
+                    maps = cam_maps(cam_setup["model"], backend.normalize(views.to(device)), cam_setup["layer"], args.cam_type,
+                                    targets, batch_size=args.batch_size)
+                except RuntimeError as err:  # memory, autograd or shape trouble at this layer: say what to change
+                    hint = ("lower --batch_size" if isinstance(err, torch.cuda.OutOfMemoryError)
+                            else "try another --cam_layer or --cam_type")
+                    raise UserError(f"{args.cam_type} failed on layer {cam_setup['layer'].name} "
+                                    f"({str(err).splitlines()[0][:200]}); {hint}") from None
+                for n, (view, cam, row, target, rel) in enumerate(zip(views, maps, rows, targets, rels)):
+                    lines = [label_text(row), f"{args.cam_type} of {class_names[target]}"
+                             + ("" if target == row["index"] else f" ({float(probs[n, target]):.2f})"),
+                             f"layer {cam_setup['layer'].name}"]
+                    images_out.submit(save_panel, view, cam, lines, cam_setup["size"],
+                                      folder / "cam" / output_name(rel, keep_formats=(".png",)))
+    finally:
+        images_out.close()
+        writer.close()
+    seconds = time.perf_counter() - t0
+    print_summary(writer, folder, source.root, first_skips, seconds, args)
+    return folder
+
+
+def print_summary(writer: PredictionWriter, folder: Path, root: Path, first_skips: list[tuple[str, str]],
+                  seconds: float, args: argparse.Namespace) -> None:
+    if writer.first_rows:
+        table = PrettyTable(["path", "class", "prob", "2nd", "entropy", "uncertain"])
+        table.title = f"first {len(writer.first_rows)} of {writer.rows} predictions"
+        for row in writer.first_rows:
+            second = f"{row['top2_class']} {row['top2_prob']:.3f}" if "top2_class" in row else ""
+            table.add_row([str(relative_name(Path(row["path"]), root)), row["class"], f"{row['prob']:.3f}", second,
+                           f"{row['entropy']:.3f}", "yes" if row["uncertain"] else ""])
+        table.align["path"] = "l"
+        print(table, flush=True)
+        counts = PrettyTable(["class", "images", "share", f"uncertain (<{args.conf_threshold:g})"])
+        counts.title = "predicted classes"
+        for name in writer.class_names:
+            if writer.counts[name]:
+                counts.add_row([name, writer.counts[name], f"{100 * writer.counts[name] / writer.rows:.1f}%", writer.uncertain[name]])
+        print(counts, flush=True)
+    if writer.skipped:
+        LOGGER.warning("skipped %d file(s) (all listed in %s):", writer.skipped, writer.skipped_path)
+        for path, reason in first_skips:
+            LOGGER.warning("  %s: %s", path, reason)
+        if writer.skipped > len(first_skips):
+            LOGGER.warning("  ... and %d more", writer.skipped - len(first_skips))
+    rate = writer.rows / seconds if seconds > 0 else 0.0
+    print(f"{writer.rows} images predicted in {seconds:.1f}s ({rate:.1f} images/s), {writer.skipped} skipped", flush=True)
+    extras = [p for p, on in (("images/", args.save_images), ("cam/", args.cam_visual)) if on]
+    print(f"results: {writer.predictions_path}, {writer.skipped_path.name}" + "".join(f", {e}" for e in extras), flush=True)
+
+
+def main(args: argparse.Namespace) -> Path:
+    return predict_folder(args)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, parse_args))

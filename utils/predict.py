@@ -1,0 +1,340 @@
+"""Prediction as a function of (backends, images), and the streaming pieces predict.py is built from.
+
+    backend = load_backend("runs/exp")
+    probs = predict_pil([backend], [Image.open("cat.jpg")])       # (1, num_classes), rows sum to 1
+    rows = prediction_rows(["cat.jpg"], probs, backend.meta["class_names"])
+
+A server calls `predict_pil` (or `predict_inputs` on batches it prepared with `InputPlan`). For
+folders, `PredictDataset` loads files in DataLoader workers (any mode, EXIF orientation applied);
+a file that fails to decode comes back as a failure with its reason, never an exception, and
+`collate_predict` drops it from its batch. `PredictionWriter` streams rows into a CSV so memory
+stays flat however many images there are.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import logging
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+
+from utils.backends import image_transform, predict_probs
+from utils.data import IMG_EXTENSIONS, check_image_header, list_files, load_image, natural_key, to_mode
+from utils.ensemble import combine_probs, check_same_classes
+from utils.log import UserError
+
+LOGGER = logging.getLogger(__name__)
+
+TOPK = 5
+GLOB_CHARS = ("*", "?", "[")
+
+
+# ------------------------------------------------------------------------------- sources
+@dataclass
+class Source:
+    """What --source names: the image files to predict, what was skipped, and the folder that
+    output paths are made relative to."""
+
+    files: list[Path]
+    skipped: list[tuple[str, str]]
+    root: Path
+
+
+def find_images(source: str | Path) -> Source:
+    """The image files of one file, a folder (recursive, natural order) or a glob pattern.
+
+    Hidden files and non-image files are listed as skipped; unreadable images are found later,
+    when they are decoded.
+
+    Raises:
+        UserError: nothing exists at `source`, or a glob matches nothing.
+    """
+    text = str(source)
+    path = Path(text)
+    if path.is_dir():
+        files, skipped = list_files(path)
+        return Source(files, skipped, path)
+    if path.is_file():
+        if path.suffix.lower() not in IMG_EXTENSIONS:
+            return Source([], [(str(path), f"not an image file ({path.suffix or 'no extension'})")], path.parent)
+        return Source([path], [], path.parent)
+    if any(ch in text for ch in GLOB_CHARS):
+        matches = sorted(glob.glob(text, recursive=True), key=natural_key)
+        if not matches:
+            raise UserError(f"--source {text}: the pattern matches no file")
+        files: list[Path] = []
+        skipped: list[tuple[str, str]] = []
+        for match in map(Path, matches):
+            if match.is_dir():
+                more, skip = list_files(match)
+                files += more
+                skipped += skip
+            elif match.name.startswith("."):
+                skipped.append((str(match), "hidden file"))
+            elif match.suffix.lower() not in IMG_EXTENSIONS:
+                skipped.append((str(match), f"not an image file ({match.suffix or 'no extension'})"))
+            else:
+                files.append(match)
+        seen: set[Path] = set()
+        files = [f for f in files if not (f in seen or seen.add(f))]  # a folder and its files may both match
+        parents = [str(f.parent.resolve()) for f in files] or [os.getcwd()]
+        return Source(files, skipped, Path(os.path.commonpath(parents)))
+    raise UserError(f"--source {text}: no such file or folder (pass an image, a folder of images, or a quoted glob such as 'img/*.jpg')")
+
+
+def relative_name(path: Path, root: Path) -> Path:
+    """`path` relative to `root` (output files mirror the source tree), or its name when outside."""
+    try:
+        return path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return Path(path.name)
+
+
+# ------------------------------------------------------------------------------- inputs
+def _geometry(meta: dict[str, Any]) -> tuple[Any, ...]:
+    spec = meta["preprocess"]
+    return (spec["resize"], spec["crop"], spec.get("resize_mode", "crop"), spec.get("interpolation", "bilinear"),
+            int(spec["channels"]))
+
+
+class InputPlan:
+    """The distinct input geometries of one or more models: models that share resize, crop and
+    channels share one uint8 batch (each backend normalises with its own mean/std).
+
+    Args:
+        metas: each backend's meta.
+        tta: TenCrop test-time augmentation.
+    """
+
+    def __init__(self, metas: Sequence[dict[str, Any]], tta: bool = False) -> None:
+        geometries: list[tuple[Any, ...]] = []
+        self.group_of: list[int] = []
+        self.metas: list[dict[str, Any]] = []
+        for meta in metas:
+            geometry = _geometry(meta)
+            if geometry not in geometries:
+                geometries.append(geometry)
+                self.metas.append(meta)
+            self.group_of.append(geometries.index(geometry))
+        self.channels = [int(m["preprocess"]["channels"]) for m in self.metas]
+        self.transforms = [image_transform(m, tta) for m in self.metas]
+
+    def __len__(self) -> int:
+        return len(self.transforms)
+
+    def inputs(self, images: dict[int, Image.Image]) -> list[torch.Tensor]:
+        """Loaded images keyed by channel count -> one uint8 tensor per geometry."""
+        return [t(images[c]) for t, c in zip(self.transforms, self.channels)]
+
+
+def predict_inputs(backends: Sequence[Any], inputs: Sequence[torch.Tensor], group_of: Sequence[int],
+                   ensemble: str = "mean", weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Probabilities (N, num_classes) of uint8 batches, one per input geometry (see InputPlan).
+
+    Args:
+        backends: one or more backends of the same classes (utils.backends.load_backend).
+        inputs: uint8 (N, C, H, W) or TenCrop (N, 10, C, H, W) batches, one per geometry.
+        group_of: the geometry index of each backend.
+        ensemble: how several backends are combined: mean, vote or weighted (utils.ensemble.combine_probs).
+        weights: one weight per backend, for weighted.
+
+    Returns:
+        float32 rows that sum to 1.
+    """
+    probs = [predict_probs(b, inputs[g]) for b, g in zip(backends, group_of)]
+    return probs[0] if len(probs) == 1 else combine_probs(probs, ensemble, weights)
+
+
+def predict_pil(backends: Sequence[Any], images: Sequence[Image.Image], tta: bool = False,
+                ensemble: str = "mean", weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Probabilities of PIL images of any mode (EXIF orientation is the caller's: see
+    utils.data.load_image). The one call a server needs.
+
+    Returns:
+        float32 (N, num_classes), rows summing to 1.
+    """
+    check_same_classes([b.meta for b in backends], [str(i) for i in range(len(backends))])
+    plan = InputPlan([b.meta for b in backends], tta)
+    per_image = [plan.inputs({c: to_mode(img, c) for c in set(plan.channels)}) for img in images]
+    batches = [torch.stack([inp[g] for inp in per_image]) for g in range(len(plan))]
+    return predict_inputs(backends, batches, plan.group_of, ensemble, weights)
+
+
+# ------------------------------------------------------------------------------- dataset
+class PredictDataset(Dataset):
+    """Image files -> (inputs per geometry, view, index, failure reason).
+
+    Args:
+        files: image paths.
+        plan: the input geometries of the models.
+        view: a transform whose uint8 output is kept for drawing (the model's centre view for
+            Grad-CAM), or None.
+        view_channels: channels of the view.
+    """
+
+    def __init__(self, files: Sequence[str | Path], plan: InputPlan, view: Any = None, view_channels: int = 3) -> None:
+        self.files = [str(f) for f in files]
+        self.plan = plan
+        self.view = view
+        self.view_channels = view_channels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, int, str | None]:
+        path = self.files[index]
+        try:
+            channels = set(self.plan.channels) | ({self.view_channels} if self.view is not None else set())
+            images = {c: load_image(path, c) for c in sorted(channels)}
+            inputs = self.plan.inputs(images)
+            view = self.view(images[self.view_channels]) if self.view is not None else None
+        except Exception as err:  # noqa: BLE001 - any decoder failure means 'skip and report'
+            reason = check_image_header(Path(path)) or f"cannot decode ({type(err).__name__}: {err})"
+            return None, None, index, reason
+        return inputs, view, index, None
+
+
+def collate_predict(batch: Sequence[tuple[Any, Any, int, str | None]]) -> dict[str, Any]:
+    """Stack the decoded images (one batch per geometry); keep failures as (index, reason)."""
+    good = [b for b in batch if b[0] is not None]
+    groups = len(good[0][0]) if good else 0
+    return {
+        "inputs": [torch.stack([b[0][g] for b in good]) for g in range(groups)],
+        "views": torch.stack([b[1] for b in good]) if good and good[0][1] is not None else None,
+        "indices": [b[2] for b in good],
+        "failed": [(b[2], b[3]) for b in batch if b[0] is None],
+    }
+
+
+# ---------------------------------------------------------------------------------- rows
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy of each row, in nats (0 = certain; log(num_classes) = uniform)."""
+    p = probs.double().clamp_min(0)
+    return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(dim=1).float()
+
+
+def csv_fields(num_classes: int) -> list[str]:
+    """The columns of predictions.csv for a model of num_classes classes."""
+    k = min(TOPK, num_classes)
+    tops = [f"top{i}_{what}" for i in range(1, k + 1) for what in ("class", "prob")]
+    return ["path", "class", "prob", *tops, "entropy", "uncertain"]
+
+
+def prediction_rows(paths: Sequence[str], probs: torch.Tensor, class_names: Sequence[str],
+                    conf_threshold: float = 0.5) -> list[dict[str, Any]]:
+    """One row per image: the top-1 class and probability, the top-5 (or all, if fewer classes),
+    the entropy, and `uncertain` (1 when the top probability is below conf_threshold).
+
+    Returns:
+        Rows keyed by csv_fields(len(class_names)), plus `index` (top-1 class index).
+    """
+    k = min(TOPK, probs.shape[1])
+    top_p, top_i = probs.float().topk(k, dim=1)
+    ent = entropy(probs)
+    rows = []
+    for n, path in enumerate(paths):
+        row: dict[str, Any] = {"path": str(path), "index": int(top_i[n, 0]), "class": class_names[int(top_i[n, 0])],
+                               "prob": float(top_p[n, 0])}
+        for j in range(k):
+            row[f"top{j + 1}_class"] = class_names[int(top_i[n, j])]
+            row[f"top{j + 1}_prob"] = float(top_p[n, j])
+        row["entropy"] = float(ent[n])
+        row["uncertain"] = int(float(top_p[n, 0]) < conf_threshold)
+        rows.append(row)
+    return rows
+
+
+class PredictionWriter:
+    """Streams predictions.csv and skipped.csv, and keeps only what the summary needs
+    (the first rows and per-class counts), so memory does not grow with the number of images.
+
+    Args:
+        folder: the predict folder.
+        class_names: the model's classes.
+        keep_rows: how many first rows to keep for the console table.
+    """
+
+    def __init__(self, folder: Path, class_names: Sequence[str], keep_rows: int = 10) -> None:
+        self.class_names = list(class_names)
+        self.fields = csv_fields(len(class_names))
+        self.keep_rows = keep_rows
+        self.first_rows: list[dict[str, Any]] = []
+        self.counts: Counter[str] = Counter()
+        self.uncertain: Counter[str] = Counter()
+        self.rows = 0
+        self.skipped = 0
+        self.predictions_path = folder / "predictions.csv"
+        self.skipped_path = folder / "skipped.csv"
+        self._pred = self.predictions_path.open("w", newline="", encoding="utf-8")
+        self._skip = self.skipped_path.open("w", newline="", encoding="utf-8")
+        self._pred_csv = csv.DictWriter(self._pred, fieldnames=self.fields, extrasaction="ignore")
+        self._skip_csv = csv.writer(self._skip)
+        self._pred_csv.writeheader()
+        self._skip_csv.writerow(["path", "reason"])
+
+    def write(self, rows: Sequence[dict[str, Any]]) -> None:
+        for row in rows:
+            self._pred_csv.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+            self.counts[row["class"]] += 1
+            self.uncertain[row["class"]] += int(row["uncertain"])
+            if len(self.first_rows) < self.keep_rows:
+                self.first_rows.append(row)
+        self.rows += len(rows)
+        self._pred.flush()
+
+    def skip(self, items: Sequence[tuple[str, str]]) -> None:
+        for path, reason in items:
+            self._skip_csv.writerow([path, reason])
+        self.skipped += len(items)
+        self._skip.flush()
+
+    def close(self) -> None:
+        self._pred.close()
+        self._skip.close()
+
+    def __enter__(self) -> "PredictionWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------ drawing
+def label_text(row: dict[str, Any]) -> str:
+    """'class (probability)', with a mark when the prediction is uncertain."""
+    return f"{row['class']} ({row['prob']:.2f})" + (" uncertain" if row.get("uncertain") else "")
+
+
+def annotate(image: Image.Image, text: str, min_side: int = 128) -> Image.Image:
+    """A copy of `image` (RGB) with `text` on a banner at the top; images smaller than min_side
+    are enlarged (nearest neighbour) first so the text stays readable."""
+    from utils.cam import load_font
+
+    image = image.convert("RGB")
+    short = min(image.size)
+    if short < min_side:
+        scale = math.ceil(min_side / short)
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    else:
+        image = image.copy()
+    size = max(10, min(image.size) // 14)
+    font = load_font(size)
+    draw = ImageDraw.Draw(image)
+    box = draw.textbbox((0, 0), text, font=font)
+    pad = max(2, size // 4)
+    draw.rectangle((0, 0, min(image.width, box[2] + 2 * pad), box[3] + 2 * pad), fill=(0, 0, 0))
+    draw.text((pad, pad), text, fill=(255, 255, 255), font=font)
+    return image
+
+
+def output_name(rel: Path, keep_formats: Sequence[str] = (".jpg", ".jpeg", ".png")) -> Path:
+    """Where a drawn copy of `rel` goes: same name when its format is kept, else name + '.png'."""
+    return rel if rel.suffix.lower() in keep_formats else rel.with_name(rel.name + ".png")
