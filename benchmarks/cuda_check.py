@@ -3,8 +3,8 @@
     python benchmarks/cuda_check.py --out /tmp/cuda_check
 
 It writes the digits sample, then:
-  1. trains resnet18 on CUDA with --amp (float16 + GradScaler) and --batch_size -1 (autobatch),
-  2. resumes that run for more epochs on CUDA (--resume --epoch N),
+  1. --batch_size -1 (autobatch) on CUDA; trains resnet18 with --amp (float16 + GradScaler), --ema, cutmix, RandAugment,
+  2. resumes that run for more epochs on CUDA (--resume --epoch N), then metrice.py --half (test report, fps),
   3. runs best.pt in float32 and float16 on the test split and compares the predictions,
   4. measures inference images/second (CUDA-synchronised, after warm-up) at batch 1 and 256, fp32 and fp16,
   5. measures training images/second of one step (fp32 vs AMP) on in-memory tensors.
@@ -66,14 +66,18 @@ def main(args: argparse.Namespace) -> None:
     sh([sys.executable, "processing.py", "--sample", "digits", "--data_path", str(out / "digits"), "--output_path", str(data), "--force"])
     common = ["--train_path", f"{data}/train", "--val_path", f"{data}/val", "--test_path", f"{data}/test",
               "--label_path", f"{data}/label.txt", "--image_size", "32", "--workers", "4"]
+    sh([sys.executable, "main.py", "--model_name", "resnet18", "--amp", "--batch_size", "-1", "--epoch", "1",
+        "--save_path", str(out / "runs" / "autobatch"), *common])
+    print(f"CHECK autobatch: batch {load_checkpoint(out / 'runs' / 'autobatch' / 'last.pt')['args']['batch_size']}", flush=True)
     run = out / "runs" / "amp"
-    sh([sys.executable, "main.py", "--model_name", "resnet18", "--amp", "--batch_size", "-1", "--epoch", str(args.epoch // 2),
-        "--save_path", str(run), *common])
-    run = sorted((out / "runs").glob("amp*"), key=lambda p: p.stat().st_mtime)[-1]
+    sh([sys.executable, "main.py", "--model_name", "resnet18", "--amp", "--ema", "--mixup", "cutmix", "--Augment", "RandAugment",
+        "--batch_size", "128", "--epoch", str(args.epoch // 2), "--save_path", str(run), *common])
     sh([sys.executable, "main.py", "--save_path", str(run), "--resume", "--epoch", str(args.epoch)])
     last = load_checkpoint(run / "last.pt")
-    print(f"CHECK amp+autobatch+resume: last.pt epoch {last['epoch']} batch {last['args']['batch_size']} "
-          f"scaler state {'present' if last['scaler'] else 'MISSING'}", flush=True)
+    print(f"CHECK amp+ema+cutmix+resume: last.pt epoch {last['epoch']} batch {last['args']['batch_size']} "
+          f"scaler state {'present' if last['scaler'] else 'MISSING'}, ema updates {last['ema']['updates']}", flush=True)
+    sh([sys.executable, "metrice.py", "--save_path", str(run), "--task", "test", "--half", "--device", "0"])
+    sh([sys.executable, "metrice.py", "--save_path", str(run), "--task", "fps", "--half", "--device", "0"])
 
     # fp32 vs fp16 inference on the test split
     ckpt = load_checkpoint(run / "best.pt")
