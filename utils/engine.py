@@ -85,7 +85,8 @@ def train_one_epoch(
         if failed is not None:
             failed.extend(batch["failed"])
         last = step + 1 == total
-        if len(batch["targets"]) == 0:
+        # nothing decoded, or failed decodes left one image: batch norm cannot train on a batch of one
+        if len(batch["targets"]) == 0 or (len(batch["targets"]) == 1 and batch["failed"]):
             step += 1
             continue
         images = normalize(batch["images"].to(device, non_blocking=True))

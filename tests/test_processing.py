@@ -1,0 +1,222 @@
+"""processing.py: stratified, exact, seeded, disjoint splits that never change the source folder."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import processing
+from utils.log import run_cli
+from conftest import (add_junk_files, assert_ok, assert_user_error, class_image, files_under, make_class_folders,
+                      run_many, snapshot)
+
+# class folder -> images (dog has one more in a sub-folder); expected (train, val, test) at 6:2:2
+COUNTS = {"cat": 10, "dog": 7, "10": 5, "2": 3}
+EXPECTED = {"cat": (6, 2, 2), "dog": (4, 2, 2), "10": (3, 1, 1), "2": (1, 1, 1)}
+NATURAL_ORDER = ["2", "10", "cat", "dog"]
+SPLITS = ("train", "val", "test")
+
+
+def make_raw(root: Path) -> tuple[Path, dict[str, str]]:
+    """A raw dataset with the skip-worthy files in cat/ and a hidden folder; returns (root, junk)."""
+    make_class_folders(root, COUNTS)
+    (root / "dog" / "sub").mkdir()
+    class_image(1, np.random.default_rng(5)).save(root / "dog" / "sub" / "extra.png")
+    junk = add_junk_files(root / "cat")
+    (root / "cat" / ".thumbs").mkdir()
+    class_image(0, np.random.default_rng(6)).save(root / "cat" / ".thumbs" / "t.png")
+    return root, junk
+
+
+def images_in(split_root: Path) -> dict[str, list[str]]:
+    """{class folder: [paths relative to the class folder]} of one split folder."""
+    if not split_root.exists():
+        return {}
+    return {d.name: sorted(str(p.relative_to(d)) for p in files_under(d)) for d in split_root.iterdir() if d.is_dir()}
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def split_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("processing")
+    raw, junk = make_raw(root / "raw")
+    before = snapshot(raw)
+    jobs = {
+        "split": ["--data_path", raw, "--output_path", root / "out", "--seed", "0"],
+        "digits": ["--sample", "digits", "--data_path", root / "digits", "--output_path", root / "digits_split"],
+    }
+    procs = run_many([{"script": "processing.py", "args": args, "timeout": 300} for args in jobs.values()])
+    return {"root": root, "raw": raw, "junk": junk, "before": before, "after": snapshot(raw), "out": root / "out",
+            **dict(zip(jobs, procs))}
+
+
+def run_in_process(*argv: object) -> subprocess.CompletedProcess:
+    """processing.py's entry point (run_cli) in this process: exit code and captured output.
+
+    The refusals are checked this way to save a Python start-up each; the same run_cli wraps the script.
+    """
+    root_logger = logging.getLogger()
+    saved = (root_logger.handlers[:], root_logger.level)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = run_cli(processing.main, processing.parse_args, [str(a) for a in argv])
+    finally:
+        root_logger.handlers[:], root_logger.level = saved  # run_cli points logging at the captured stderr
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def test_split_counts_are_per_class_6_2_2(split_runs: dict) -> None:
+    assert_ok(split_runs["split"])
+    out = split_runs["out"]
+    for name, expected in EXPECTED.items():
+        got = tuple(len(images_in(out / s).get(name, [])) for s in SPLITS)
+        assert got == expected, f"class {name}: {got} != {expected}"
+
+
+def test_splits_are_disjoint_and_hold_every_readable_image(split_runs: dict) -> None:
+    raw, out = split_runs["raw"], split_runs["out"]
+    seen: dict[tuple[str, str], str] = {}
+    for split in SPLITS:
+        for name, rels in images_in(out / split).items():
+            for rel in rels:
+                assert (name, rel) not in seen, f"{name}/{rel} is in {seen[(name, rel)]} and {split}"
+                seen[(name, rel)] = split
+                assert digest(out / split / name / rel) == digest(raw / name / rel)  # a true copy
+                assert not (out / split / name / rel).is_symlink()
+    readable = {(name, rel) for name in COUNTS for rel in images_in(raw).get(name, [])
+                if not any(part.startswith(".") for part in Path(rel).parts) and rel not in split_runs["junk"]}
+    assert set(seen) == readable
+    assert ("dog", "sub/extra.png") in seen  # sub-folders of a class are kept
+
+
+def test_label_file_in_natural_order(split_runs: dict) -> None:
+    assert (split_runs["out"] / "label.txt").read_text(encoding="utf-8").splitlines() == NATURAL_ORDER
+
+
+def test_skipped_files_are_reported_with_reasons(split_runs: dict) -> None:
+    proc = split_runs["split"]
+    report = proc.stderr + proc.stdout
+    for name, reason in split_runs["junk"].items():
+        lines = [ln for ln in report.splitlines() if name in ln]
+        assert lines, f"{name} not reported"
+        assert reason in lines[0], lines[0]
+    assert any(".thumbs" in ln and "hidden folder" in ln for ln in report.splitlines())
+    assert "5 file(s) skipped" in proc.stdout
+
+
+def test_source_folder_untouched(split_runs: dict) -> None:
+    assert split_runs["after"] == split_runs["before"]
+
+
+def test_refuses_non_empty_output_without_force(tmp_path: Path) -> None:
+    raw = make_class_folders(tmp_path / "raw", {"a": 3, "b": 3})
+    busy = tmp_path / "busy"
+    (busy / "train").mkdir(parents=True)
+    (busy / "train" / "keep.txt").write_text("someone's data\n")
+    assert_user_error(run_in_process("--data_path", raw, "--output_path", busy), "--force")
+    assert [p.name for p in files_under(busy)] == ["keep.txt"]
+
+
+def test_refuses_output_inside_source(tmp_path: Path) -> None:
+    raw = make_class_folders(tmp_path / "raw", {"a": 3, "b": 3})
+    before = snapshot(raw)
+    assert_user_error(run_in_process("--data_path", raw, "--output_path", raw / "a" / "split"), "overlaps the source")
+    assert snapshot(raw) == before
+
+
+def test_empty_class_folder_is_an_error_naming_it(tmp_path: Path) -> None:
+    raw = make_class_folders(tmp_path / "raw", {"full": 3})
+    (raw / "hollow").mkdir()
+    assert_user_error(run_in_process("--data_path", raw, "--output_path", tmp_path / "out"), "hollow")
+    assert not (tmp_path / "out").exists()
+
+
+def test_sample_digits(split_runs: dict) -> None:
+    proc = split_runs["digits"]
+    assert_ok(proc)
+    digits = split_runs["root"] / "digits"
+    folders = sorted((p for p in digits.iterdir() if p.is_dir()), key=lambda p: int(p.name))
+    assert [p.name for p in folders] == [str(i) for i in range(10)]
+    pngs = list(digits.rglob("*.png"))
+    assert len(pngs) == 1797
+    with Image.open(pngs[0]) as img:
+        assert img.size == (8, 8) and img.mode == "L"
+    split = split_runs["root"] / "digits_split"
+    assert sum(len(files_under(split / s)) for s in SPLITS) == 1797
+    assert (split / "label.txt").read_text().splitlines() == [str(i) for i in range(10)]
+
+
+# ------------------------------------------------------------------------------ in-process
+def split_with(source: Path, output: Path, *extra: str) -> dict[str, dict[str, list[str]]]:
+    processing.main(processing.parse_args(["--data_path", str(source), "--output_path", str(output), *extra]))
+    return {s: images_in(output / s) for s in SPLITS}
+
+
+@pytest.fixture(scope="module")
+def raw_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_class_folders(tmp_path_factory.mktemp("raw2") / "raw", {"a": 12, "b": 9})
+
+
+def test_same_seed_same_split_other_seed_other_split(raw_copy: Path, tmp_path: Path) -> None:
+    first = split_with(raw_copy, tmp_path / "s0", "--seed", "3")
+    again = split_with(raw_copy, tmp_path / "s0b", "--seed", "3")
+    other = split_with(raw_copy, tmp_path / "s1", "--seed", "4")
+    assert first == again
+    assert first != other
+    for split in SPLITS:  # the counts do not depend on the seed
+        assert {k: len(v) for k, v in first[split].items()} == {k: len(v) for k, v in other[split].items()}
+
+
+def test_val_or_test_may_be_zero(raw_copy: Path, tmp_path: Path) -> None:
+    no_val = split_with(raw_copy, tmp_path / "nv", "--val_size", "0", "--test_size", "0.3")
+    assert no_val["val"] == {}
+    assert {k: len(v) for k, v in no_val["test"].items()} == {"a": 4, "b": 3}  # round(12*0.3), round(9*0.3)
+    train_only = split_with(raw_copy, tmp_path / "t", "--val_size", "0", "--test_size", "0")
+    assert {k: len(v) for k, v in train_only["train"].items()} == {"a": 12, "b": 9}
+    assert train_only["val"] == {} and train_only["test"] == {}
+
+
+def test_link_makes_symlinks_into_the_source(raw_copy: Path, tmp_path: Path) -> None:
+    before = snapshot(raw_copy)
+    split_with(raw_copy, tmp_path / "linked", "--link")
+    links = files_under(tmp_path / "linked")
+    images = [p for p in links if p.name != "label.txt"]
+    assert len(images) == 21
+    for path in images:
+        assert path.is_symlink()
+        target = Path(os.readlink(path))
+        assert target.is_absolute() and target.is_relative_to(raw_copy.resolve()) and target.is_file()
+        assert target.name == path.name and target.parent.name == path.parent.name
+    assert snapshot(raw_copy) == before
+
+
+def test_force_replaces_an_earlier_split(raw_copy: Path, tmp_path: Path) -> None:
+    split_with(raw_copy, tmp_path / "o", "--seed", "1")
+    (tmp_path / "o" / "train" / "a" / "stale.png").write_bytes(b"old")
+    from utils.log import UserError
+
+    with pytest.raises(UserError, match="--force"):
+        split_with(raw_copy, tmp_path / "o", "--seed", "2")
+    result = split_with(raw_copy, tmp_path / "o", "--seed", "2", "--force")
+    assert "stale.png" not in result["train"]["a"]
+    assert result == split_with(raw_copy, tmp_path / "o2", "--seed", "2")
+
+
+def test_split_counts_rule() -> None:
+    assert processing.split_counts(10, 0.2, 0.2) == (6, 2, 2)
+    assert processing.split_counts(7, 0.2, 0.2) == (5, 1, 1)
+    assert processing.split_counts(2, 0.2, 0.2) == (2, 0, 0)
+    assert processing.split_counts(1, 0.4, 0.4) == (1, 0, 0)  # always one training image
+    assert processing.split_counts(10, 0.0, 0.5) == (5, 0, 5)

@@ -1,0 +1,129 @@
+"""--resume continues as if never stopped: after whole epochs and after a SIGTERM mid-epoch.
+
+The config uses StepLR, so the learning rate of an epoch does not depend on --epoch: a run
+resumed with a larger --epoch must end bit-identical to a run that had that --epoch from the start.
+The interrupted run is started for 3 epochs, stopped early in epoch 2, and resumed with --epoch 4
+(resume to completion of a longer run), so one uninterrupted 4-epoch run is the reference of both.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import (REPO, SUBPROCESS_ENV, assert_ok, describe, load_ckpt, make_split_dataset, run_many, run_script,
+                      train_args)
+
+CONFIG = """\
+lr_scheduler: StepLR
+lr_scheduler_params: {step_size: 1, gamma: 0.8}
+random_seed: 0
+plot_train_batch_count: 1
+"""
+
+
+def interrupt_early_in_epoch_2(args: list[str], stderr_path: Path) -> subprocess.CompletedProcess:
+    """Start a run, wait for its epoch 1 summary, let epoch 2 take a step or two, then SIGTERM it.
+
+    Epoch 2 has 12 steps (>= 0.2 s even on a fast CPU), so the signal lands mid-epoch; on a very
+    loaded machine it may land just before epoch 2 starts, which stops the run at the epoch boundary
+    (also a valid stop; the tests accept both).
+    """
+    env = dict(os.environ) | SUBPROCESS_ENV
+    with stderr_path.open("w") as err:
+        proc = subprocess.Popen([sys.executable, str(REPO / "main.py"), *args], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+        lines = []
+        deadline = time.time() + 300
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the summary is printed (flushed) after epoch 1 is saved
+            lines.append(line)
+            if "epoch 1/3" in line or time.time() > deadline:
+                break
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines) + rest, stderr_path.read_text())
+
+
+@pytest.fixture(scope="module")
+def resume_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("resume")
+    config = root / "steplr.yaml"
+    config.write_text(CONFIG)
+    data = make_split_dataset(root / "data", ["blue", "green", "red"], train=8, val=1, test=0)
+    runs = root / "runs"
+
+    def args(name: str, epochs: int) -> list[str]:  # batch 2: 12 steps per epoch
+        return train_args(data, runs / name, "--config", config, "--batch_size", "2", "--epoch", epochs)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        reference = pool.submit(run_script, "main.py", *args("ref4", 4))
+        two = pool.submit(run_script, "main.py", *args("two", 2))
+        stopped = interrupt_early_in_epoch_2(args("stopped", 3), root / "stopped.err")
+        reference, two = reference.result(), two.result()
+    stopped_ckpt = load_ckpt(runs / "stopped" / "last.pt") if (runs / "stopped" / "last.pt").is_file() else None
+    stopped_log = (runs / "stopped" / "train.log").read_text() if (runs / "stopped" / "train.log").is_file() else ""
+    resumed_two, resumed_stopped = run_many([
+        {"script": "main.py", "args": ["--save_path", runs / "two", "--resume", "--epoch", "4"]},
+        {"script": "main.py", "args": ["--save_path", runs / "stopped", "--resume", "--epoch", "4"]},
+    ])
+    return {"runs": runs, "reference": reference, "two": two, "stopped": stopped, "stopped_ckpt": stopped_ckpt,
+            "stopped_log": stopped_log, "resumed_two": resumed_two, "resumed_stopped": resumed_stopped}
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_ckpt(a)["model"], load_ckpt(b)["model"]
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def test_reference_runs_finish(resume_runs: dict) -> None:
+    assert_ok(resume_runs["reference"])
+    assert_ok(resume_runs["two"])
+    ref = load_ckpt(resume_runs["runs"] / "ref4" / "last.pt")
+    assert ref["epoch"] == 4 and ref["step"] == 0
+    lrs = [float(line.split(",")[1]) for line in (resume_runs["runs"] / "ref4" / "train.log").read_text().splitlines()[1:]]
+    assert lrs == pytest.approx([1e-3, 8e-4, 6.4e-4, 5.12e-4])  # the config's StepLR, not the default cosine
+
+
+def test_resume_after_whole_epochs_equals_uninterrupted(resume_runs: dict) -> None:
+    proc = resume_runs["resumed_two"]
+    assert_ok(proc)
+    assert "resuming" in proc.stdout and "epoch 3" in proc.stdout
+    runs = resume_runs["runs"]
+    assert load_ckpt(runs / "two" / "last.pt")["epoch"] == 4
+    assert_same_weights(runs / "two" / "last.pt", runs / "ref4" / "last.pt")
+    assert (runs / "two" / "train.log").read_text() == (runs / "ref4" / "train.log").read_text()
+
+
+def test_sigterm_saves_last_checkpoint_mid_epoch(resume_runs: dict) -> None:
+    proc = resume_runs["stopped"]
+    assert proc.returncode != 0, describe(proc)
+    assert "Traceback" not in proc.stderr, describe(proc)
+    assert "--resume" in proc.stdout  # it says how to continue
+    ckpt = resume_runs["stopped_ckpt"]
+    assert ckpt is not None, "no last.pt after SIGTERM"
+    assert ckpt["epoch"] == 1, ckpt["epoch"]  # stopped in (or just before) epoch 2 of 3
+    if ckpt["step"] > 0:  # mid-epoch: the epoch's running sums are saved with it
+        assert ckpt["train_sums"] is not None and ckpt["train_sums"]["count"] == 2 * ckpt["step"]
+    assert len(resume_runs["stopped_log"].splitlines()) == 2  # header + epoch 1
+
+
+def test_resume_after_sigterm_equals_uninterrupted(resume_runs: dict) -> None:
+    proc = resume_runs["resumed_stopped"]
+    assert_ok(proc)
+    step = resume_runs["stopped_ckpt"]["step"]
+    assert f"at epoch 2, step {step}" in proc.stdout if step else "at epoch 2" in proc.stdout
+    runs = resume_runs["runs"]
+    assert_same_weights(runs / "stopped" / "last.pt", runs / "ref4" / "last.pt")
+    assert (runs / "stopped" / "train.log").read_text() == (runs / "ref4" / "train.log").read_text()
+    assert load_ckpt(runs / "stopped" / "best.pt")["epoch"] == load_ckpt(runs / "ref4" / "best.pt")["epoch"]

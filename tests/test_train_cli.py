@@ -1,0 +1,172 @@
+"""main.py end to end: every --loss and --optimizer, the run folder, checkpoints, --weight."""
+from __future__ import annotations
+
+import csv
+import pickle
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import (TINY_CLASSES, TINY_MODEL, TRAIN_LOG_HEADER, TrainedRun, assert_ok, assert_user_error, load_ckpt,
+                      make_split_dataset, run_many, run_script, train_args)
+
+LOSS_OPTIMIZER = [("CrossEntropyLoss", "SGD"), ("FocalLoss", "AdamW"), ("PolyLoss", "RMSProp")]
+
+
+def read_log(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames or []), list(reader)
+
+
+@pytest.mark.parametrize("loss,optimizer", LOSS_OPTIMIZER)
+def test_run_folder_artifacts(trained_runs: dict, loss: str, optimizer: str) -> None:
+    run: TrainedRun = trained_runs[loss]
+    assert_ok(run.proc)
+    for name in ("args.yaml", "label.txt", "train.log", "best.pt", "last.pt", "train_batch0.png",
+                 "loss.png", "acc.png", "lr.png"):
+        path = run.path / name
+        assert path.is_file() and path.stat().st_size > 0, f"{name} missing in {run.path}"
+    assert list(run.path.glob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert (run.path / "label.txt").read_text(encoding="utf-8").splitlines() == TINY_CLASSES
+
+    options = yaml.safe_load((run.path / "args.yaml").read_text(encoding="utf-8"))
+    assert options["loss"] == loss and options["optimizer"] == optimizer
+    assert options["model_name"] == TINY_MODEL and options["epoch"] == run.epochs
+    assert options["save_path"] == str(run.path)
+    for key in ("lr_scheduler", "lr_scheduler_params", "random_seed", "plot_train_batch_count"):  # from the config
+        assert key in options
+
+    header, rows = read_log(run.path / "train.log")
+    assert header == TRAIN_LOG_HEADER
+    assert [int(r["epoch"]) for r in rows] == list(range(1, run.epochs + 1))
+    for row in rows:
+        values = {k: float(v) for k, v in row.items()}  # every column filled (a val set exists)
+        assert 0.0 <= values["acc"] <= 1.0 and 0.0 <= values["test_acc"] <= 1.0
+        assert values["loss"] > 0 and values["lr"] > 0
+
+
+def test_run_prints_its_folder_and_evaluates_test_set(trained_run: TrainedRun) -> None:
+    out = trained_run.proc.stdout
+    assert f"run folder: {trained_run.path}" in out.splitlines()
+    assert "test (9 images, best.pt)" in out
+
+
+def test_tensorboard_has_the_curves(trained_run: TrainedRun) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = trained_run.path.glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"lr", "train_loss", "train_acc", "test_loss", "test_acc"} <= tags
+    assert [e.step for e in acc.Scalars("train_loss")] == [1, 2]
+
+
+def test_checkpoints_load_safely_with_documented_keys(trained_run: TrainedRun) -> None:
+    best = load_ckpt(trained_run.path / "best.pt")
+    last = load_ckpt(trained_run.path / "last.pt")
+
+    for key in ("model", "model_name", "num_classes", "class_names", "image_size", "image_channel", "mean", "std",
+                "preprocess", "args", "epoch", "metrics", "best"):
+        assert key in best, f"best.pt lacks {key}"
+    assert best["model_name"] == TINY_MODEL and best["num_classes"] == 3
+    assert best["class_names"] == TINY_CLASSES
+    assert best["image_size"] == 32 and best["image_channel"] == 3
+    assert len(best["mean"]) == 3 and len(best["std"]) == 3
+    assert best["preprocess"]["crop"] == 32 and best["preprocess"]["mean"] == best["mean"]
+    assert isinstance(best["args"], dict) and best["args"]["loss"] == "CrossEntropyLoss"
+    assert 1 <= best["epoch"] <= 2
+    assert best["metrics"]["val"] is not None and "acc" in best["metrics"]["val"]
+    floats = [v for v in best["model"].values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float16 for v in floats)
+
+    for key in ("model", "optimizer", "scheduler", "scaler", "ema", "rng", "epoch", "best", "args"):
+        assert key in last, f"last.pt lacks {key}"
+    assert last["epoch"] == 2
+    assert all(v.dtype == torch.float32 for v in last["model"].values() if v.is_floating_point())
+    assert last["optimizer"]["state"], "optimizer state is empty"
+    assert {"torch", "numpy", "python"} <= set(last["rng"])
+    assert last["best"]["epoch"] == best["epoch"]
+    # best.pt holds the weights of its epoch: when that is the last one, they match last.pt (to fp16)
+    if best["epoch"] == last["epoch"]:
+        for key, value in last["model"].items():
+            if value.is_floating_point():
+                torch.testing.assert_close(best["model"][key].float(), value, atol=1e-2, rtol=1e-2)
+
+
+def test_best_checkpoint_rebuilds_the_model(trained_run: TrainedRun) -> None:
+    from utils.checkpoint import load_checkpoint, model_from_checkpoint
+
+    model = model_from_checkpoint(load_checkpoint(trained_run.path / "best.pt"))
+    with torch.no_grad():
+        out = model(torch.zeros(2, 3, 32, 32))
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+
+
+def test_same_save_path_is_incremented_and_first_run_untouched(trained_runs: dict) -> None:
+    second: TrainedRun = trained_runs["FocalLoss"]
+    first: TrainedRun = trained_runs["CrossEntropyLoss"]
+    assert first.path.name == "exp" and second.path.name == "exp2"
+    assert f"run folder: {second.path}" in second.proc.stdout.splitlines()
+    assert (second.path / "last.pt").is_file()
+    assert trained_runs["first_after"] == trained_runs["first_before"], "the second run changed runs/exp"
+    assert yaml.safe_load((first.path / "args.yaml").read_text())["loss"] == "CrossEntropyLoss"
+
+
+# ------------------------------------------------------------------------------------ --weight
+@pytest.fixture(scope="module")
+def weight_cases(trained_run: TrainedRun, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """--weight from the 3-class run into a 4-class run (lr 1e-30, so the loaded weights stay), and
+    --weight of a pickled Python object (refused by the safe loader)."""
+    root = tmp_path_factory.mktemp("weight")
+    data4 = make_split_dataset(root / "data4", ["a", "b", "c", "d"], train=4, val=2, test=0)
+    pickled = root / "object.pt"
+    pickled.write_bytes(pickle.dumps(argparse.Namespace(lr=0.1)))  # a pickled object: refused by weights_only
+    best = trained_run.path / "best.pt"
+    jobs = [
+        {"script": "main.py", "args": train_args(data4, root / "runs" / "four", "--weight", best, "--lr", "1e-30",
+                                                 "--batch_size", "4")},
+        {"script": "main.py", "args": train_args(data4, root / "runs" / "pickle", "--weight", pickled)},
+    ]
+    four, pickle_proc = run_many(jobs)
+    return {"four": four, "four_path": root / "runs" / "four", "source": best, "pickle": pickle_proc}
+
+
+def test_weight_from_run_with_other_classes(weight_cases: dict) -> None:
+    proc = weight_cases["four"]
+    assert_ok(proc)
+    assert "skipped fc.weight" in proc.stderr and "skipped fc.bias" in proc.stderr, proc.stderr
+    source = load_ckpt(weight_cases["source"])["model"]
+    new = load_ckpt(weight_cases["four_path"] / "best.pt")
+    assert new["num_classes"] == 4 and new["model"]["fc.weight"].shape[0] == 4
+    convs = [k for k, v in source.items() if v.ndim == 4]
+    assert convs
+    for key in convs:  # lr 1e-30 moves no float32 weight: the convolutions still hold the loaded values exactly
+        assert torch.equal(new["model"][key], source[key]), key
+
+
+def test_weight_that_is_a_pickled_object_is_refused(weight_cases: dict) -> None:
+    assert_user_error(weight_cases["pickle"], "--weight", "object.pt")
+
+
+def test_load_weights_refuses_files_that_are_not_weights(tmp_path: Path) -> None:
+    from utils.log import UserError
+    from utils.registry import create_model, load_weights
+
+    model = create_model(TINY_MODEL, num_classes=3)
+    text = tmp_path / "notes.txt"
+    text.write_text("these are not weights\n")
+    with pytest.raises(UserError, match="--weight"):
+        load_weights(model, text)
+    other = tmp_path / "other.pt"
+    torch.save({"epoch": 3, "note": "no tensors"}, other)
+    with pytest.raises(UserError, match="no state_dict"):
+        load_weights(model, other)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"layer.weight": torch.zeros(2, 2)}, foreign)
+    with pytest.raises(UserError, match="none of its 1 tensors fit"):
+        load_weights(model, foreign)
