@@ -310,6 +310,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.amp:
         LOGGER.info("--amp: %s", amp_note)
 
+    if args.batch_size == 1 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise UserError(f"--batch_size 1 cannot train {args.model_name}: batch norm needs at least 2 images per batch")
     weight = class_balance_weights(train_set.targets, num_classes) if args.class_balance else None
     criterion = build_loss(args.loss, args.label_smoothing, weight).to(device)
     if args.batch_size == -1:

@@ -103,6 +103,7 @@ def _reachable(host: str, timeout: float = 3.0) -> bool:
 
 
 def _offline_env() -> bool:
+    """HF_HUB_OFFLINE=1 means: use the caches, never the network (for torchvision weights too)."""
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
@@ -211,7 +212,7 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, pretrained: boo
         model = torchvision.models.get_model(impl, weights=None)
         if pretrained:
             weights, path, where = _torchvision_weight_file(impl)
-            if path is None and not _reachable("download.pytorch.org"):
+            if path is None and (_offline_env() or not _reachable("download.pytorch.org")):
                 raise _missing_weights(name, where)
             state = torch.load(path, map_location="cpu", weights_only=True) if path else weights.get_state_dict(progress=True)
             model.load_state_dict(state)
