@@ -16,7 +16,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) processing.py --sample digits --data_path sample/digits --output_path sample --force
-	$(PY) main.py --model_name resnet18 --image_size 32 --batch_size 64 --epoch 12 --workers 1 \
+	$(PY) main.py --model_name resnet18 --image_size 32 --batch_size 64 --epoch 12 --workers 0 \
 		--train_path sample/train --val_path sample/val --test_path sample/test --label_path sample/label.txt \
 		--save_path runs/demo
 

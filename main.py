@@ -50,9 +50,21 @@ RESUME_OVERRIDES = ("epoch", "device", "workers", "patience")
 
 
 def default_workers() -> int:
-    """Loader processes: leave the compute threads a core of their own on small machines."""
+    """Loader processes. On 1-2 cores, none: decoding small images costs far less than the model
+    step, and a worker process competing with the compute threads slows both down."""
     cpus = os.cpu_count() or 1
-    return max(0, min(4, cpus - 1))
+    return 0 if cpus <= 2 else min(4, cpus - 2)
+
+
+def share_cpu(device: torch.device, workers: int) -> None:
+    """On CPU, give the compute threads the cores the loader processes leave free: oversubscribed
+    OpenMP threads spin against the workers and can make a step many times slower.
+    An explicit OMP_NUM_THREADS is respected."""
+    if device.type == "cpu" and workers > 0 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) - workers)
+        if threads < torch.get_num_threads():
+            torch.set_num_threads(threads)
+            LOGGER.info("--workers %d on %d CPUs: %d compute thread(s)", workers, os.cpu_count(), threads)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -263,6 +275,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         args, ckpt = resume_options(args)
     seed_everything(args.random_seed)
     device = select_device(args.device)
+    share_cpu(device, args.workers)
 
     # ---- data
     train_set = scan_split(args.train_path, label_path=args.label_path, what="train set")

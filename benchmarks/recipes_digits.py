@@ -28,7 +28,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--epoch", type=int, default=12)
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES, help="main.py flags per recipe ('none' = no extra flag)")
     parser.add_argument("--work", default=str(ROOT / "benchmarks" / ".cache" / "recipes"), help="work folder")
     return parser
