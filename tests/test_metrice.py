@@ -37,6 +37,8 @@ ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "M
        "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
 
 
+from conftest import assert_ok as check_ok, assert_user_error as check_user_error  # noqa: E402
+
 # ---------------------------------------------------------------------------------- helpers
 def run(script: str, *args: Any, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python <script> args` from the repository root, one compute thread, offline."""
@@ -47,25 +49,6 @@ def run(script: str, *args: Any, timeout: float = 300) -> subprocess.CompletedPr
 def run_parallel(calls: list[tuple[Any, ...]]) -> list[subprocess.CompletedProcess]:
     with ThreadPoolExecutor(max_workers=3) as pool:
         return list(pool.map(lambda call: run(*call), calls))
-
-
-def show(proc: subprocess.CompletedProcess) -> str:
-    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
-
-
-def check_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, show(proc)
-    assert "Traceback" not in proc.stderr, show(proc)
-
-
-def check_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    """Exit 2, one 'error:' line on stderr holding every needle, no traceback."""
-    assert proc.returncode == 2, show(proc)
-    assert "Traceback" not in proc.stderr, show(proc)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, show(proc)
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
