@@ -23,12 +23,19 @@ For each --sizes value (and each --workers value) it prints one PrettyTable row 
              were printed.
   (c)/(a)    how much of the bare model speed main.py reaches.
 
+Everything runs on the CPU (main.py gets --device cpu), with PyTorch's default thread count.
+
 The digits sample (scikit-learn's 1,797 8x8 images, 10 classes; 1,079 train images) is written
 into --cache_dir by processing.py the first time (`--sample digits --force`); runs of main.py go
 into a temporary folder there and are deleted afterwards. --cache_dir defaults to
 benchmarks/.cache (git-ignored).
 
-Timings are only meaningful on an otherwise idle machine: the load average is printed first.
+Timings are only meaningful on an otherwise idle machine. The "other load" column says how many
+cores other processes kept busy during the row's measurements (worst of (a), (b), (c); from
+/proc/stat, Linux only): above ~0.1 the row is unreliable, and a warning says so. On 2 cores a
+second busy process slows a 2-thread training step far more than 2x (the compute threads wait
+for each other at every parallel region). Even idle, a small VM's figures move by 10-15% from run
+to run (main.py prints epoch seconds to 0.1 s, too): compare worker counts over repeated runs.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -49,6 +57,35 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 EPOCH_TITLE = re.compile(r"epoch (\d+)/(\d+)\s+lr \S+\s+([0-9.]+)s")
+
+
+class OtherLoad:
+    """How many cores other processes kept busy while a measurement ran (Linux /proc/stat; else None).
+
+    Busy time of the whole machine minus the CPU time of this process and of its waited-for children
+    (main.py and its loader workers, the DataLoader workers of (b)), divided by the wall time.
+    """
+
+    def __init__(self) -> None:
+        self.start = self._snapshot()
+
+    @staticmethod
+    def _snapshot() -> tuple[float, float, float] | None:
+        try:
+            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        except OSError:
+            return None
+        ticks = [int(v) for v in fields]
+        busy = sum(ticks[:3]) + sum(ticks[5:8])  # user nice system (idle iowait) irq softirq steal
+        t = os.times()
+        return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system + t.children_user + t.children_system, time.perf_counter()
+
+    def cores(self) -> float | None:
+        end = self._snapshot()
+        if self.start is None or end is None:
+            return None
+        busy, own, wall = (e - s for e, s in zip(end, self.start))
+        return max(0.0, (busy - own) / wall) if wall > 0 else None
 
 
 def default_workers() -> int:
@@ -65,8 +102,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--sizes", type=int, nargs="+", default=[32, 64], help="image sizes (--image_size of main.py)")
     p("--model_name", default="resnet18", help="model (as main.py's --model_name)")
     p("--batch_size", type=int, default=64, help="images per step")
-    p("--workers", type=int, nargs="+", default=None,
-      help="data loader processes, one row per value (default: main.py's default on this machine)")
+    p("--workers", type=int, nargs="+", default=[default_workers()],
+      help="data loader processes, one row per value (the default is main.py's default on this machine)")
     p("--epochs", type=int, default=3, help="epochs of main.py (c) and of the loader (b); the first is not timed")
     p("--steps", type=int, default=10, help="timed training steps of (a)")
     p("--warmup_steps", type=int, default=3, help="untimed training steps of (a)")
@@ -147,26 +184,29 @@ def main_throughput(split: Path, size: int, args: argparse.Namespace, workers: i
            "--batch_size", str(args.batch_size), "--epoch", str(args.epochs), "--workers", str(workers),
            "--train_path", str(split / "train"), "--label_path", str(split / "label.txt"),
            "--val_path", str(runs / "no_val"), "--test_path", str(runs / "no_test"),
-           "--save_path", str(runs / "exp"), "--patience", "0"]
+           "--save_path", str(runs / "exp"), "--patience", "0", "--device", "cpu"]
     t_start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
     # stderr (tqdm bars, log lines) goes to a thread so the pipe never fills.
-    import threading
-
     err_chunks: list[str] = []
     reader = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)
     reader.start()
     seconds: dict[int, float] = {}
     printed_at: dict[int, float] = {}
     out_lines = []
-    for line in proc.stdout:
-        out_lines.append(line)
-        m = EPOCH_TITLE.search(line)
-        if m:
-            epoch = int(m.group(1))
-            seconds[epoch] = float(m.group(3))
-            printed_at[epoch] = time.perf_counter()
-    proc.wait()
+    try:
+        for line in proc.stdout:
+            out_lines.append(line)
+            m = EPOCH_TITLE.search(line)
+            if m:
+                epoch = int(m.group(1))
+                seconds[epoch] = float(m.group(3))
+                printed_at[epoch] = time.perf_counter()
+        proc.wait()
+    finally:
+        if proc.poll() is None:  # interrupted: do not leave main.py training on its own
+            proc.terminate()
+            proc.wait()
     reader.join()
     wall = time.perf_counter() - t_start
     if not args.keep_runs:
@@ -192,7 +232,12 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     if args.epochs < 2:
         sys.exit("error: --epochs must be at least 2 (the first epoch is not timed)")
-    workers_list = args.workers if args.workers is not None else [default_workers()]
+    for name in ("batch_size", "steps"):
+        if getattr(args, name) < 1:
+            sys.exit(f"error: --{name} must be at least 1, got {getattr(args, name)}")
+    if min(args.sizes) < 1 or min(args.workers) < 0 or args.warmup_steps < 0:
+        sys.exit("error: --sizes must be positive, --workers and --warmup_steps 0 or more")
+    workers_list = args.workers
     args.cache_dir = str(Path(args.cache_dir).resolve())
     split = ensure_digits(Path(args.cache_dir))
     train_set = scan_split(split / "train", label_path=split / "label.txt", what="train set")
@@ -200,45 +245,59 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     drop = n_train % args.batch_size == 1
     n_epoch_images = n_train - (n_train % args.batch_size if drop else 0)
 
-    load = os.getloadavg()[0]
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    probe = OtherLoad()
+    time.sleep(1.0)
+    idle = probe.cores()
     print(f"{args.model_name}, batch {args.batch_size}, {n_train} train images, {args.epochs} epochs; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} compute threads, {os.cpu_count()} CPUs; "
-          f"load average {load:.2f}", flush=True)
-    if load > 0.5:
-        print("warning: the machine is busy (load average > 0.5): the figures below are low and noisy", flush=True)
+          f"torch {torch.__version__}, {torch.get_num_threads()} compute threads, {cpus} CPUs"
+          + (f"; other processes busy on {idle:.2f} cores" if idle is not None else ""), flush=True)
 
     rows: list[dict[str, Any]] = []
     for size in args.sizes:
-        step = None
+        step = step_load = None
         if "step" not in args.skip:
+            probe = OtherLoad()
             step = step_throughput(args.model_name, size, args.batch_size, len(train_set.class_names), args.steps,
                                    args.warmup_steps)
+            step_load = probe.cores()
             print(f"{size} px  (a) step: {step:.1f} img/s", flush=True)
         for workers in workers_list:
             data = main_run = None
+            loads = [step_load]
             if "data" not in args.skip:
+                probe = OtherLoad()
                 data = data_throughput(train_set.samples, size, args.batch_size, workers, args.epochs)
+                loads.append(probe.cores())
                 print(f"{size} px, {workers} workers  (b) data: {data:.1f} img/s", flush=True)
             if "main" not in args.skip:
+                probe = OtherLoad()
                 main_run = main_throughput(split, size, args, workers, n_epoch_images)
+                loads.append(probe.cores())
                 print(f"{size} px, {workers} workers  (c) main.py: {main_run['loop']:.1f} img/s  (epoch seconds "
                       f"{main_run['epoch_seconds']}, wall {main_run['wall']:.1f}s)", flush=True)
+            known = [v for v in loads if v is not None]
             rows.append({"size": size, "workers": workers, "step": step, "data": data,
                          "main": main_run["loop"] if main_run else None,
                          "main_with_saves": main_run["with_saves"] if main_run else None,
-                         "ratio": main_run["loop"] / step if main_run and step else None})
+                         "ratio": main_run["loop"] / step if main_run and step else None,
+                         "other_load": max(known) if known else None})
 
     def fmt(value: float | None, spec: str = ".1f") -> str:
         return "-" if value is None else format(value, spec)
 
     table = PrettyTable(["image size", "workers", "(a) step img/s", "(b) data img/s", "(c) main.py img/s",
-                         "(c) incl. saves img/s", "(c)/(a)"])
+                         "(c) incl. saves img/s", "(c)/(a)", "other load"])
     table.title = f"{args.model_name} training throughput, batch {args.batch_size}, {torch.get_num_threads()} threads"
     for r in rows:
         table.add_row([f"{r['size']} px", r["workers"], fmt(r["step"]), fmt(r["data"]), fmt(r["main"]),
-                       fmt(r["main_with_saves"]), fmt(r["ratio"], ".0%")])
+                       fmt(r["main_with_saves"]), fmt(r["ratio"], ".0%"), fmt(r["other_load"], ".2f")])
     table.align = "r"
     print(table, flush=True)
+    busy = [r for r in rows if (r["other_load"] or 0) > 0.1]
+    if busy:
+        print(f"warning: other processes kept up to {max(r['other_load'] for r in busy):.2f} cores busy during "
+              f"{len(busy)} row(s) ('other load'): those figures are too low; rerun on an idle machine", flush=True)
     return rows
 
 
