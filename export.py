@@ -85,11 +85,11 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.image_size is not None or args.image_channel is not None:
         from utils.checkpoint import load_checkpoint
 
-        ckpt = load_checkpoint(weights)
+        meta = load_checkpoint(weights).meta
         for flag in ("image_size", "image_channel"):
             given = getattr(args, flag)
-            if given is not None and given != ckpt[flag]:
-                raise UserError(f"--{flag} {given} differs from the run's ({ckpt[flag]}): the model is exported with the "
+            if given is not None and given != getattr(meta, flag):
+                raise UserError(f"--{flag} {given} differs from the run's ({getattr(meta, flag)}): the model is exported with the "
                                 f"{flag.replace('_', ' ')} it was trained with; drop --{flag}")
     options = ExportOptions(
         formats=args.export, device=args.device, batch_size=args.batch_size, dynamic=args.dynamic, half=args.half,

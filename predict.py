@@ -26,28 +26,23 @@ from typing import Any, Callable, Sequence
 
 import torch
 from prettytable import PrettyTable
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils.backends import MODEL_TYPES, load_backend, resolve_weights
+from utils.backends import MODEL_TYPES
 from utils.cam import CAM_TYPES
-from utils.checkpoint import increment_path, load_checkpoint
+from utils.checkpoint import increment_path
 from utils.config import ArgumentParser
-from utils.data import eval_transform, load_image
-from utils.device import select_device
-from utils.ensemble import ENSEMBLE_METHODS, check_same_classes
+from utils.data import eval_transform
+from utils.device import default_workers, select_device, share_cpu
+from utils.ensemble import ENSEMBLE_METHODS, Ensemble, InputPlan, load_ensemble
+from utils.images import load_image
 from utils.log import UserError, run_cli
-from utils.predict import (InputPlan, PredictDataset, PredictionWriter, annotate, collate_predict, find_images,
-                           label_text, output_name, predict_inputs, prediction_rows, relative_name)
+from utils.predict import (PredictionWriter, Source, annotate, find_images, label_text, output_name, prediction_loader,
+                           prediction_rows, relative_name)
 
 LOGGER = logging.getLogger("predict")
 # Fast PNG compression: at the default level, encoding the pictures is slower than predicting them.
 SAVE_OPTIONS = {".png": {"compress_level": 1}, ".jpg": {"quality": 90}, ".jpeg": {"quality": 90}}
-
-
-def default_workers() -> int:
-    cpus = os.cpu_count() or 1
-    return max(0, min(4, cpus - 1))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -61,7 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--device", default="", help="'' (GPU if any), cpu, or a GPU index such as 0")
     p("--half", action="store_true", help="float16 inference (CUDA only)")
     p("--batch_size", type=int, default=64, help="images per batch")
-    p("--workers", type=int, default=default_workers(), help="image-loading processes (0 = main process)")
+    p("--workers", type=int, default=default_workers(), help="image-loading processes (0 = main process; none on 1-2 CPUs)")
     p("--test_tta", action="store_true", help="TenCrop test-time augmentation (the 10 crops' probabilities averaged)")
     p("--conf_threshold", type=float, default=0.5, help="a top-1 probability below this marks the row uncertain")
     p("--ensemble", default="mean", choices=list(ENSEMBLE_METHODS), help="how several --save_path models are combined: "
@@ -85,8 +80,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
     if not 0.0 <= args.conf_threshold <= 1.0:
         raise UserError(f"--conf_threshold must be in [0, 1], got {args.conf_threshold}")
-    if len(set(args.save_path)) != len(args.save_path):
-        raise UserError(f"--save_path names a model twice: {' '.join(args.save_path)}")
     if args.ensemble_weights is not None:
         if args.ensemble != "weighted":
             raise UserError(f"--ensemble_weights go with --ensemble weighted, not --ensemble {args.ensemble}")
@@ -125,24 +118,6 @@ class BoundedWriter:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def ensemble_weights(args: argparse.Namespace) -> list[float] | None:
-    """--ensemble_weights, or for --ensemble weighted each run's best validation accuracy (as metrice.py)."""
-    if args.ensemble != "weighted" or len(args.save_path) < 2:
-        return None
-    if args.ensemble_weights is not None:
-        return [float(w) for w in args.ensemble_weights]
-    weights = []
-    for path in args.save_path:
-        metrics = {}
-        if args.model_type == "torch":
-            metrics = load_checkpoint(resolve_weights(path, "torch"), what="model").get("metrics") or {}
-        acc = (metrics.get("val") or metrics.get("train") or {}).get("acc")
-        if acc is None:
-            raise UserError(f"{path} stores no accuracy to weight it by: pass --ensemble_weights (one per --save_path)")
-        weights.append(float(acc))
-    return weights
-
-
 def save_annotated(path: str, text: str, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     annotate(load_image(path, 3), text).save(dest, **SAVE_OPTIONS.get(dest.suffix.lower(), {}))
@@ -160,10 +135,10 @@ def prepare_cam(args: argparse.Namespace, backend: Any, class_names: list[str]) 
     from utils.cam import find_cam_layer, import_grad_cam
 
     import_grad_cam()  # before the clock starts, and a clear line if it is missing
-    spec = backend.meta["preprocess"]
+    spec = backend.meta.preprocess
     # with --half the map is computed on a float32 copy (float16 gradients lose small maps)
     model = copy.deepcopy(backend.model).float() if args.half else backend.model
-    layer = find_cam_layer(model, int(spec["crop"]), int(spec["channels"]), args.cam_layer or None)
+    layer = find_cam_layer(model, spec.crop, spec.channels, args.cam_layer or None)
     explain = None
     if args.cam_class:
         if args.cam_class not in class_names:
@@ -174,45 +149,47 @@ def prepare_cam(args: argparse.Namespace, backend: Any, class_names: list[str]) 
         explain = class_names.index(args.cam_class)
     return {
         "backend": backend, "model": model, "layer": layer, "explain": explain,
-        "size": max(224, int(spec["crop"])), "channels": int(spec["channels"]),
+        "size": max(224, spec.crop), "channels": spec.channels,
         # with TTA the model sees ten crops: the CAM explains the centre view
         "view_transform": eval_transform(spec) if args.test_tta else None,
     }
 
 
-def predict_folder(args: argparse.Namespace) -> Path:
-    """Run predict.py; returns the predict folder."""
-    source = find_images(args.source)
-    if not source.files:
-        reasons = "; ".join(f"{p}: {r}" for p, r in source.skipped[:3])
-        raise UserError(f"--source {args.source} holds no image files" + (f" ({reasons})" if reasons else ""))
-    device = select_device(args.device)
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # leave the loader processes their cores: on a 2-core machine, 2 compute threads next to a
-        # loader were 3-15x slower than 1 (OpenMP threads spin while they wait for a core)
-        torch.set_num_threads(min(torch.get_num_threads(), max(1, (os.cpu_count() or 1) - args.workers)))
-    backends = [load_backend(p, args.model_type, device, args.half) for p in args.save_path]
-    metas = [b.meta for b in backends]
-    class_names = check_same_classes(metas, args.save_path)
-    weights = ensemble_weights(args)
-    if len(backends) > 1:
-        print(f"ensemble of {len(backends)} models ({args.ensemble}"
-              + (f", weights {', '.join(f'{w:.4g}' for w in weights)}" if weights else "") + ")", flush=True)
-    plan = InputPlan(metas, args.test_tta)
-    cam_setup = prepare_cam(args, backends[0], class_names) if args.cam_visual else {}
+def explain_batch(args: argparse.Namespace, cam_setup: dict[str, Any], batch: dict[str, Any], plan: InputPlan,
+                  probs: torch.Tensor, rows: list[dict[str, Any]], rels: list[Path], class_names: list[str],
+                  folder: Path, images_out: "BoundedWriter") -> None:
+    """--cam_visual: the class activation map of each image of a batch, saved as a panel."""
+    from utils.cam import cam_maps
 
-    first = Path(args.save_path[0])
-    folder = increment_path((first if first.is_dir() else first.parent) / "predict" / "exp")
-    folder.mkdir(parents=True, exist_ok=True)
-    print(f"predict folder: {folder}", flush=True)
-    if args.cam_visual:
-        print(f"{args.cam_type} on layer {cam_setup['layer'].describe()}", flush=True)
+    backend = cam_setup["backend"]
+    views = batch["views"] if batch["views"] is not None else batch["inputs"][plan.group_of[0]]
+    targets = [cam_setup["explain"] if cam_setup["explain"] is not None else row["index"] for row in rows]
+    try:
+        maps = cam_maps(cam_setup["model"], backend.normalize(views.to(backend.device)), cam_setup["layer"], args.cam_type,
+                        targets, batch_size=args.batch_size)
+    except RuntimeError as err:  # memory, autograd or shape trouble at this layer: say what to change
+        hint = "lower --batch_size" if isinstance(err, torch.cuda.OutOfMemoryError) else "try another --cam_layer or --cam_type"
+        raise UserError(f"{args.cam_type} failed on layer {cam_setup['layer'].name} "
+                        f"({str(err).splitlines()[0][:200]}); {hint}") from None
+    for n, (view, cam, row, target, rel) in enumerate(zip(views, maps, rows, targets, rels)):
+        lines = [label_text(row), f"{args.cam_type} of {class_names[target]}"
+                 + ("" if target == row["index"] else f" ({float(probs[n, target]):.2f})"),
+                 f"layer {cam_setup['layer'].name}"]
+        images_out.submit(save_panel, view, cam, lines, cam_setup["size"], folder / "cam" / output_name(rel, keep_formats=(".png",)))
 
-    dataset = PredictDataset(source.files, plan, cam_setup.get("view_transform"), cam_setup.get("channels", 3))
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-                        collate_fn=collate_predict, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if args.workers > 0 else None)
-    files = dataset.files
+
+def predict_files(args: argparse.Namespace, source: Source, ensemble: Ensemble, cam_setup: dict[str, Any],
+                  folder: Path, device: torch.device) -> tuple[PredictionWriter, list[tuple[str, str]], float]:
+    """Predict every file of `source` in batches, streaming the rows and drawings into `folder`.
+
+    Returns:
+        (the closed writer, the first skipped files, seconds taken).
+    """
+    class_names = list(ensemble.class_names)
+    plan = ensemble.plan(args.test_tta)
+    loader = prediction_loader(source.files, plan, args.batch_size, args.workers, device.type == "cuda",
+                               cam_setup.get("view_transform"), cam_setup.get("channels", 3))
+    files = loader.dataset.files
     writer = PredictionWriter(folder, class_names)
     images_out = BoundedWriter(limit=4 * args.batch_size, threads=max(1, min(4, (os.cpu_count() or 1) // 2)))
     first_skips: list[tuple[str, str]] = list(source.skipped[:20])
@@ -226,7 +203,7 @@ def predict_folder(args: argparse.Namespace) -> Path:
             if not batch["indices"]:
                 continue
             paths = [files[i] for i in batch["indices"]]
-            probs = predict_inputs(backends, batch["inputs"], plan.group_of, args.ensemble, weights)
+            probs = ensemble.predict(batch["inputs"], plan)[0]
             rows = prediction_rows(paths, probs, class_names, args.conf_threshold)
             writer.write(rows)
             rels = [relative_name(Path(p), source.root) for p in paths]
@@ -234,29 +211,32 @@ def predict_folder(args: argparse.Namespace) -> Path:
                 for row, rel in zip(rows, rels):
                     images_out.submit(save_annotated, row["path"], label_text(row), folder / "images" / output_name(rel))
             if args.cam_visual:
-                from utils.cam import cam_maps
-
-                backend = cam_setup["backend"]
-                views = batch["views"] if batch["views"] is not None else batch["inputs"][plan.group_of[0]]
-                targets = [cam_setup["explain"] if cam_setup["explain"] is not None else row["index"] for row in rows]
-                try:
-                    maps = cam_maps(cam_setup["model"], backend.normalize(views.to(device)), cam_setup["layer"], args.cam_type,
-                                    targets, batch_size=args.batch_size)
-                except RuntimeError as err:  # memory, autograd or shape trouble at this layer: say what to change
-                    hint = ("lower --batch_size" if isinstance(err, torch.cuda.OutOfMemoryError)
-                            else "try another --cam_layer or --cam_type")
-                    raise UserError(f"{args.cam_type} failed on layer {cam_setup['layer'].name} "
-                                    f"({str(err).splitlines()[0][:200]}); {hint}") from None
-                for n, (view, cam, row, target, rel) in enumerate(zip(views, maps, rows, targets, rels)):
-                    lines = [label_text(row), f"{args.cam_type} of {class_names[target]}"
-                             + ("" if target == row["index"] else f" ({float(probs[n, target]):.2f})"),
-                             f"layer {cam_setup['layer'].name}"]
-                    images_out.submit(save_panel, view, cam, lines, cam_setup["size"],
-                                      folder / "cam" / output_name(rel, keep_formats=(".png",)))
+                explain_batch(args, cam_setup, batch, plan, probs, rows, rels, class_names, folder, images_out)
     finally:
         images_out.close()
         writer.close()
-    seconds = time.perf_counter() - t0
+    return writer, first_skips, time.perf_counter() - t0
+
+
+def predict_folder(args: argparse.Namespace) -> Path:
+    """Run predict.py; returns the predict folder."""
+    source = find_images(args.source)
+    if not source.files:
+        reasons = "; ".join(f"{p}: {r}" for p, r in source.skipped[:3])
+        raise UserError(f"--source {args.source} holds no image files" + (f" ({reasons})" if reasons else ""))
+    device = select_device(args.device)
+    share_cpu(device, args.workers)
+    ensemble = load_ensemble(args.save_path, args.model_type, device, args.half, args.ensemble, args.ensemble_weights)
+    if ensemble.describe():
+        print(ensemble.describe(), flush=True)
+    cam_setup = prepare_cam(args, ensemble.members[0].backend, list(ensemble.class_names)) if args.cam_visual else {}
+
+    first = Path(args.save_path[0])
+    folder = increment_path((first if first.is_dir() else first.parent) / "predict" / "exp")
+    print(f"predict folder: {folder}", flush=True)
+    if args.cam_visual:
+        print(f"{args.cam_type} on layer {cam_setup['layer'].describe()}", flush=True)
+    writer, first_skips, seconds = predict_files(args, source, ensemble, cam_setup, folder, device)
     print_summary(writer, folder, source.root, first_skips, seconds, args)
     return folder
 

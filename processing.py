@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from prettytable import PrettyTable
 
 from utils.config import ArgumentParser
-from utils.data import class_folders, list_files, check_image_header, natural_key, report_skipped, resolve_class_names
+from utils.images import class_folders, natural_key, report_skipped, resolve_class_names, scan_class_folder
 from utils.log import UserError, run_cli
 
 LOGGER = logging.getLogger("processing")
@@ -168,15 +168,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     images: dict[str, list[Path]] = {}
     skipped: list[tuple[str, str]] = []
     for folder in folders:
-        files, skip = list_files(source / folder)
+        good, skip = scan_class_folder(source / folder)
         skipped += skip
-        good = []
-        for path in files:
-            reason = check_image_header(path)
-            if reason:
-                skipped.append((str(path), reason))
-            else:
-                good.append(path)
         if not good:
             raise UserError(f"class folder {source / folder} holds no readable images: add images or remove it")
         images[folder] = good

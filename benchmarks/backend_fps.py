@@ -20,9 +20,8 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from utils.backends import load_backend, predict_probs  # noqa: E402
+from utils.speed import cpu_name, time_batches, warm_up  # noqa: E402
 
 BACKENDS = [("torch", "torch", None), ("torchscript", "torchscript", None), ("onnx", "onnx", None),
             ("onnx-int8", "onnx", "best_int8.onnx"), ("openvino", "openvino", None)]
@@ -71,25 +71,6 @@ def write_dataset(root: Path, size: int) -> None:
                 Image.fromarray(img.astype(np.uint8)).save(folder / f"{k}.png")
 
 
-def warm_up(fn: Callable[[], Any]) -> None:
-    """3 calls and at least 0.5 s."""
-    start = time.perf_counter()
-    for _ in range(3):
-        fn()
-    while time.perf_counter() - start < 0.5:
-        fn()
-
-
-def time_batches(fn: Callable[[], Any], min_seconds: float, min_iters: int = 5, max_seconds: float = 30.0) -> list[float]:
-    """Seconds per call, at least min_iters calls and min_seconds."""
-    times: list[float] = []
-    while (len(times) < min_iters or sum(times) < min_seconds) and sum(times) < max_seconds:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def main(args: argparse.Namespace) -> None:
     out = Path(args.out)
     data, run = out / "data", out / "run"
@@ -104,23 +85,23 @@ def main(args: argparse.Namespace) -> None:
     cases = []
     for label, model_type, file in BACKENDS:
         backend = load_backend(run / "export" / file if file else run, model_type, "cpu")
-        spec = backend.meta["preprocess"]
+        spec = backend.meta.preprocess
         for bs in args.batch_sizes:
-            x = torch.randint(0, 256, (bs, spec["channels"], spec["crop"], spec["crop"]), dtype=torch.uint8)
+            x = torch.randint(0, 256, (bs, spec.channels, spec.crop, spec.crop), dtype=torch.uint8)
             fn = (lambda b, inp: lambda: predict_probs(b, inp))(backend, x)
             warm_up(fn)
             cases.append((label, bs, fn, []))
     for r in range(args.rounds):
         for label, bs, fn, times in cases:
-            times.extend(time_batches(fn, args.min_seconds / args.rounds))
+            times.extend(time_batches(fn, min_iters=5, min_seconds=args.min_seconds / args.rounds, max_seconds=30.0,
+                                      warmup=False))
         print(f"round {r + 1}/{args.rounds}", flush=True)
     rows = []
     for label, bs, fn, times in cases:
         median = statistics.median(times)
         rows.append({"backend": label, "batch_size": bs, "images_per_s": bs / median, "ms_per_batch": median * 1000,
                      "iterations": len(times)})
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "CPU") if Path("/proc/cpuinfo").exists() else "CPU"
+    cpu = cpu_name()
     table = PrettyTable(["backend", *[f"batch {b} images/s" for b in args.batch_sizes]])
     table.title = f"{args.model_name} at {args.image_size} px on {cpu}, {os.cpu_count()} CPUs (torch threads {args.threads})"
     for label, *_ in BACKENDS:

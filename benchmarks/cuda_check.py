@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from utils.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from utils.data import EpochSampler, ImageDataset, Normalize, build_loader, eval_transform, scan_split  # noqa: E402
+from utils.data import EpochSampler, ImageDataset, Normalize, build_loader, eval_transform  # noqa: E402
+from utils.images import scan_split  # noqa: E402
 from utils.registry import create_model  # noqa: E402
 
 
@@ -74,8 +75,9 @@ def main(args: argparse.Namespace) -> None:
         "--batch_size", "128", "--epoch", str(args.epoch // 2), "--save_path", str(run), *common])
     sh([sys.executable, "main.py", "--save_path", str(run), "--resume", "--epoch", str(args.epoch)])
     last = load_checkpoint(run / "last.pt")
-    print(f"CHECK amp+ema+cutmix+resume: last.pt epoch {last['epoch']} batch {last['args']['batch_size']} "
-          f"scaler state {'present' if last['scaler'] else 'MISSING'}, ema updates {last['ema']['updates']}", flush=True)
+    state = last.train_state
+    print(f"CHECK amp+ema+cutmix+resume: last.pt epoch {last.epoch} batch {last.args['batch_size']} "
+          f"scaler state {'present' if state.get('scaler') else 'MISSING'}, ema updates {state['ema']['updates']}", flush=True)
     sh([sys.executable, "metrice.py", "--save_path", str(run), "--task", "test", "--half", "--device", "0"])
     sh([sys.executable, "metrice.py", "--save_path", str(run), "--task", "fps", "--half", "--device", "0"])
 
@@ -83,10 +85,10 @@ def main(args: argparse.Namespace) -> None:
     ckpt = load_checkpoint(run / "best.pt")
     device = torch.device("cuda:0")
     model = model_from_checkpoint(ckpt).to(device)
-    test = scan_split(f"{data}/test", class_names=ckpt["class_names"])
-    loader = build_loader(ImageDataset(test.samples, eval_transform(ckpt["preprocess"]), 3), 256,
+    test = scan_split(f"{data}/test", class_names=ckpt.meta.class_names)
+    loader = build_loader(ImageDataset(test.samples, eval_transform(ckpt.meta.preprocess), 3), 256,
                           EpochSampler(len(test.samples), shuffle=False), 2)
-    norm = Normalize(ckpt["mean"], ckpt["std"]).to(device)
+    norm = Normalize(ckpt.meta.preprocess.mean, ckpt.meta.preprocess.std).to(device)
     preds = {"fp32": [], "fp16": []}
     targets = []
     half = model_from_checkpoint(ckpt).to(device).half()

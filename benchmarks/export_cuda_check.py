@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from utils.backends import load_backend, predict_probs, preprocess_images  # noqa: E402
-from utils.data import load_image  # noqa: E402
+from utils.images import load_image  # noqa: E402
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220)]
 RESULTS: list[tuple[str, str]] = []

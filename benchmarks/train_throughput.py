@@ -56,6 +56,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from utils.device import default_workers  # noqa: E402  (main.py's --workers default)
+
 EPOCH_TITLE = re.compile(r"epoch (\d+)/(\d+)\s+lr \S+\s+([0-9.]+)s")
 
 
@@ -86,13 +88,6 @@ class OtherLoad:
             return None
         busy, own, wall = (e - s for e, s in zip(end, self.start))
         return max(0.0, (busy - own) / wall) if wall > 0 else None
-
-
-def default_workers() -> int:
-    """main.py's own --workers default (imported lazily: nothing runs at import)."""
-    from main import default_workers as main_default
-
-    return main_default()
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -228,7 +223,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
     from prettytable import PrettyTable
 
-    from utils.data import scan_split
+    from utils.images import scan_split
 
     if args.epochs < 2:
         sys.exit("error: --epochs must be at least 2 (the first epoch is not timed)")

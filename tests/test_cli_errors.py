@@ -103,5 +103,5 @@ def test_resume_of_a_finished_run_asks_for_more_epochs(trained_run) -> None:
     with pytest.raises(UserError, match=r"already trained all 2 epochs.*--epoch"):
         main.resume_options(main.parse_args(["--save_path", str(trained_run.path), "--resume"]))
     args, ckpt = main.resume_options(main.parse_args(["--save_path", str(trained_run.path), "--resume", "--epoch", "5"]))
-    assert args.epoch == 5 and ckpt["epoch"] == 2
+    assert args.epoch == 5 and ckpt.epoch == 2
     assert args.loss == "CrossEntropyLoss" and args.optimizer == "SGD"  # the run's own options come back

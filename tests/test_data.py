@@ -11,8 +11,8 @@ from PIL import Image
 
 from conftest import (add_junk_files, assert_ok, load_ckpt, make_class_folders, make_split_dataset,
                       make_truncated_jpeg, run_many, train_args)
-from utils.data import (ImageDataset, check_image_header, collate, load_image, natural_key, resolve_class_names,
-                        scan_split)
+from utils.data import ImageDataset, collate
+from utils.images import check_image_header, load_image, natural_key, resolve_class_names, scan_split
 from utils.log import UserError
 
 NAMED = ["cat", "dog", "10", "2", "défaut"]
@@ -215,7 +215,7 @@ def test_numbered_folders_with_label_file(data_runs: dict) -> None:
 def test_batch_left_with_one_image_by_failed_decodes_is_skipped() -> None:
     """A batch-norm model cannot train on one image: such a remnant is left out, not a crash."""
     from utils.data import Normalize
-    from utils.engine import train_one_epoch
+    from utils.engine import StepParts, train_one_epoch
     from utils.losses import CrossEntropyLoss, Supervised
     from utils.metrics import EpochSums
     from utils.registry import create_model
@@ -228,7 +228,7 @@ def test_batch_left_with_one_image_by_failed_decodes_is_skipped() -> None:
         {"images": images[2:], "targets": torch.tensor([2]), "paths": ["c.png"], "failed": [("d.jpg", "OSError: truncated")]},
     ]
     sums, failed = EpochSums(3), []
-    out = train_one_epoch(model, Supervised(CrossEntropyLoss()), torch.optim.SGD(model.parameters(), lr=0.01), loader,
-                          torch.device("cpu"), 0, Normalize([0.5] * 3, [0.25] * 3), sums, failed=failed)
+    parts = StepParts(Supervised(CrossEntropyLoss()), torch.optim.SGD(model.parameters(), lr=0.01))
+    out = train_one_epoch(model, parts, loader, torch.device("cpu"), 0, Normalize([0.5] * 3, [0.25] * 3), sums, failed=failed)
     assert sums.count == 2 and out["steps"] == 2
     assert failed == [("d.jpg", "OSError: truncated")]

@@ -46,12 +46,14 @@ def random_repvgg_checkpoint(resnet_run: Path, out: Path) -> Path:
     and batch-norm statistics measured on random inputs (so the 3x3, 1x1 and identity branches of
     every block differ and the outputs depend on the image), sharing the resnet run's classes,
     preprocessing and data paths. Faster than training, and less degenerate than one epoch."""
-    from utils.checkpoint import atomic_save, load_checkpoint
+    import dataclasses
+
+    from utils.checkpoint import Run, load_checkpoint
     from utils.registry import create_model
 
     ckpt = load_checkpoint(resnet_run / "best.pt")
     torch.manual_seed(0)
-    model = create_model("RepVGG-A0", len(ckpt["class_names"]), 3)
+    model = create_model("RepVGG-A0", ckpt.meta.num_classes, 3)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -61,7 +63,9 @@ def random_repvgg_checkpoint(resnet_run: Path, out: Path) -> Path:
                 module.reset_running_stats()
         model.train()(torch.randn(16, 3, 32, 32))
     out.mkdir(parents=True)
-    atomic_save(ckpt | {"model_name": "RepVGG-A0", "model": model.state_dict()}, out / "best.pt")
+    ckpt.meta = dataclasses.replace(ckpt.meta, model_name="RepVGG-A0")
+    ckpt.model = model.state_dict()
+    Run(out).save("best.pt", ckpt)
     return out
 
 
@@ -94,7 +98,7 @@ def exported(runs: dict[str, Path]) -> dict[str, Any]:
 def split_images(runs: dict[str, Path], split: str = "test") -> torch.Tensor:
     """The uint8 batch of a split, preprocessed as the run says."""
     from utils.backends import load_backend, preprocess_images
-    from utils.data import load_image
+    from utils.images import load_image
 
     meta = load_backend(runs["resnet"]).meta
     files = sorted((runs["data"] / split).rglob("*.png"))
@@ -136,7 +140,7 @@ def test_onnx_dynamic_batch_matches_torch_and_metadata_round_trips(runs: dict[st
     import onnx
     import onnxruntime as ort
 
-    from utils.backends import checkpoint_meta, load_backend
+    from utils.backends import load_backend
     from utils.checkpoint import load_checkpoint
     from utils.data import Normalize
 
@@ -145,13 +149,13 @@ def test_onnx_dynamic_batch_matches_torch_and_metadata_round_trips(runs: dict[st
     ckpt = load_checkpoint(runs["resnet"] / "best.pt")
     # metadata_props, as any ONNX tool reads them
     props = {p.key: p.value for p in onnx.load(str(file)).metadata_props}
-    spec = ckpt["preprocess"]
-    assert json.loads(props["class_names"]) == ckpt["class_names"]
-    assert json.loads(props["mean"]) == spec["mean"] and json.loads(props["std"]) == spec["std"]
-    assert props["image_size"] == "32" and props["image_channel"] == "3" and props["resize_mode"] == spec["resize_mode"]
-    assert props["model_name"] == "resnet10t" and json.loads(props["preprocess"]) == spec
+    spec = ckpt.meta.preprocess
+    assert json.loads(props["class_names"]) == list(ckpt.meta.class_names)
+    assert json.loads(props["mean"]) == list(spec.mean) and json.loads(props["std"]) == list(spec.std)
+    assert props["image_size"] == "32" and props["image_channel"] == "3" and props["resize_mode"] == spec.resize_mode
+    assert props["model_name"] == "resnet10t" and json.loads(props["preprocess"]) == spec.to_dict()
     backend = load_backend(file, "onnx")
-    assert backend.meta == checkpoint_meta(ckpt)
+    assert backend.meta == ckpt.meta
     assert load_backend(runs["resnet"], "onnx").file == file  # a run folder finds export/best.onnx
 
     # the raw model at batch 1 and 3 (normalised float input, as documented) against PyTorch
@@ -159,7 +163,7 @@ def test_onnx_dynamic_batch_matches_torch_and_metadata_round_trips(runs: dict[st
     torch_logits = load_backend(runs["resnet"])(images)
     session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].name == "images" and not isinstance(session.get_inputs()[0].shape[0], int)
-    x = Normalize(spec["mean"], spec["std"])(images).numpy()
+    x = Normalize(spec.mean, spec.std)(images).numpy()
     for n in (1, 3):
         out = torch.from_numpy(session.run(None, {"images": x[:n]})[0])
         assert out.shape == (n, 3)
@@ -173,20 +177,19 @@ from pathlib import Path
 sys.modules["timm"] = None  # a deployment machine: no timm, no model code
 sys.path.insert(0, sys.argv[1])
 from utils.backends import load_backend, predict_probs, preprocess_images
-from utils.data import load_image
+from utils.images import load_image
 run, data = Path(sys.argv[2]), Path(sys.argv[3])
 out = {}
 for model_type, path in (("torchscript", run), ("onnx", run), ("openvino", run), ("onnx_int8", run / "export" / "best_int8.onnx")):
     backend = load_backend(path, model_type.split("_")[0], "cpu")
     files = sorted(data.rglob("*.png"))
-    images = preprocess_images(backend.meta, [load_image(f, backend.meta["image_channel"]) for f in files])
-    out[model_type] = {"probs": predict_probs(backend, images).tolist(), "meta": backend.meta}
+    images = preprocess_images(backend.meta, [load_image(f, backend.meta.image_channel) for f in files])
+    out[model_type] = {"probs": predict_probs(backend, images).tolist(), "meta": backend.meta.to_dict()}
 print(json.dumps(out))
 """
 
 
 def test_exported_models_in_a_fresh_process_without_timm_agree_with_torch(runs: dict[str, Path], exported: dict[str, Any]) -> None:
-    from utils.backends import checkpoint_meta
     from utils.checkpoint import load_checkpoint
 
     assert_ok(exported["resnet"])
@@ -195,7 +198,7 @@ def test_exported_models_in_a_fresh_process_without_timm_agree_with_torch(runs: 
     assert_ok(proc)
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     reference = probs_of(runs["resnet"], "torch", split_images(runs))
-    meta = checkpoint_meta(load_checkpoint(runs["resnet"] / "best.pt"))
+    meta = load_checkpoint(runs["resnet"] / "best.pt").meta.to_dict()
     for model_type, result in results.items():
         probs = torch.tensor(result["probs"])
         assert result["meta"] == meta, model_type

@@ -72,21 +72,22 @@ def write_images(root: Path, classes: list[str], per_class: int, seed: int) -> N
 def independent_probs(run_dir: Path, folder: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(paths, targets, probabilities) of best.pt on a split, without metrice's code paths: the
     model rebuilt from the checkpoint, each image through the stored preprocessing, softmax here."""
-    from utils.checkpoint import model_from_checkpoint
-    from utils.data import eval_transform, load_image
+    from utils.checkpoint import load_checkpoint, model_from_checkpoint
+    from utils.data import eval_transform
+    from utils.images import load_image
 
-    ckpt = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(run_dir / "best.pt")
     model = model_from_checkpoint(ckpt)
-    spec = ckpt["preprocess"]
+    spec = ckpt.meta.preprocess
     transform = eval_transform(spec)
-    mean = torch.tensor(spec["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(spec["std"]).view(1, -1, 1, 1)
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
     paths, targets, images = [], [], []
-    for c, name in enumerate(ckpt["class_names"]):
+    for c, name in enumerate(ckpt.meta.class_names):
         for path in sorted((folder / name).glob("*.png")):
             paths.append(str(path))
             targets.append(c)
-            images.append(transform(load_image(path, spec["channels"])))
+            images.append(transform(load_image(path, spec.channels)))
     x = (torch.stack(images).float() / 255.0 - mean) / std
     with torch.no_grad():
         probs = model(x).softmax(dim=1).numpy()
@@ -262,7 +263,7 @@ def test_weighted_ensemble_side_by_side_in_a_new_folder(evaluations: dict, metri
     combined = (weights[0] * probs_a + weights[1] * probs_b) / sum(weights)
     assert float(table["acc"]["ensemble (weighted)"]) == pytest.approx(float(np.mean(combined.argmax(1) == targets)))
     assert float(table["acc"][str(tv_run)]) == pytest.approx(float(np.mean(probs_b.argmax(1) == targets)))
-    assert "ensemble weights:" in proc.stdout and "| ensemble (weighted)" in proc.stdout
+    assert "ensemble of 2 models (weighted, weights" in proc.stdout and "| ensemble (weighted)" in proc.stdout
 
 
 # ------------------------------------------------------------------------------------ speed

@@ -24,10 +24,11 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from utils.backends import load_backend  # noqa: E402
+from utils.ensemble import load_ensemble  # noqa: E402
 from utils.cam import CAM_TYPES, NHWCToNCHW, TokensToNCHW, cam_maps, cam_panel, find_cam_layer  # noqa: E402
 from utils.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from utils.data import Normalize, eval_transform, load_image  # noqa: E402
+from utils.data import Normalize, eval_transform  # noqa: E402
+from utils.images import load_image  # noqa: E402
 from utils.log import UserError  # noqa: E402
 from utils.predict import find_images, predict_pil, prediction_rows  # noqa: E402
 
@@ -156,12 +157,12 @@ def test_top1_matches_a_direct_forward_pass(cli_runs: dict[str, Any], run_dir: P
     rows = read_rows(predict_folder_of(cli_runs["folder"]))
     ckpt = load_checkpoint(run_dir / "best.pt")
     model = model_from_checkpoint(ckpt)
-    spec = ckpt["preprocess"]
-    x = torch.stack([eval_transform(spec)(load_image(r["path"], spec["channels"])) for r in rows])
+    spec = ckpt.meta.preprocess
+    x = torch.stack([eval_transform(spec)(load_image(r["path"], spec.channels)) for r in rows])
     with torch.no_grad():
-        probs = model(Normalize(spec["mean"], spec["std"])(x)).softmax(dim=1)
+        probs = model(Normalize(spec.mean, spec.std)(x)).softmax(dim=1)
     for row, p in zip(rows, probs):
-        assert row["class"] == ckpt["class_names"][int(p.argmax())]
+        assert row["class"] == ckpt.meta.class_names[int(p.argmax())]
         assert float(row["prob"]) == pytest.approx(float(p.max()), abs=1e-4)
 
 
@@ -242,17 +243,15 @@ def test_cam_class_explains_the_named_class(run_dir: Path, mixed_folder: Path) -
 
 def handmade_run(folder: Path, channels: int, size: int) -> Path:
     """A run folder whose best.pt holds an untrained resnet10t of the same classes (no training needed)."""
-    from utils.checkpoint import FORMAT
-    from utils.data import preprocess_spec
     from utils.registry import create_model
+    from utils.schema import Checkpoint, ModelMeta, PreprocessSpec
 
     torch.manual_seed(0)
     model = create_model("resnet10t", len(COLOURS), channels)
-    mean, std = [0.5] * channels, [0.25] * channels
+    spec = PreprocessSpec.create(size, channels, [0.5] * channels, [0.25] * channels)
+    meta = ModelMeta("resnet10t", tuple(sorted(COLOURS)), spec)  # main.py sorts the class folders
     folder.mkdir(parents=True)
-    torch.save({"format": FORMAT, "model_name": "resnet10t", "num_classes": len(COLOURS), "class_names": sorted(COLOURS),  # main.py sorts the class folders
-                "image_size": size, "image_channel": channels, "mean": mean, "std": std, "args": {}, "epoch": 1,
-                "preprocess": preprocess_spec(size, channels, mean, std), "model": model.state_dict()}, folder / "best.pt")
+    torch.save(Checkpoint("best", meta, model.state_dict(), epoch=1).to_dict(), folder / "best.pt")
     return folder
 
 
@@ -283,14 +282,14 @@ def test_ensemble_of_different_input_sizes_and_channels(run_dir: Path, mixed_fol
 
 # ---------------------------------------------------------------------- library level
 def test_full_distribution_sums_to_one(run_dir: Path, mixed_folder: Path) -> None:
-    backend = load_backend(run_dir, device="cpu")
+    ensemble = load_ensemble([run_dir], device="cpu")
     images = [Image.open(mixed_folder / name) for name in ("rgb.png", "gray.png", "palette.png", "rgba.png", "deep16.png")]
-    probs = predict_pil([backend], images)  # any PIL mode in, converted as the training side does
+    probs = predict_pil(ensemble, images)  # any PIL mode in, converted as the training side does
     assert probs.shape == (5, 3)
     assert torch.allclose(probs.sum(dim=1), torch.ones(5), atol=1e-5)
-    tta = predict_pil([backend], images, tta=True)
+    tta = predict_pil(ensemble, images, tta=True)
     assert torch.allclose(tta.sum(dim=1), torch.ones(5), atol=1e-5)
-    rows = prediction_rows(["a", "b", "c", "d", "e"], probs, backend.meta["class_names"], conf_threshold=1.0)
+    rows = prediction_rows(["a", "b", "c", "d", "e"], probs, ensemble.class_names, conf_threshold=1.0)
     assert all(r["uncertain"] == 1 for r in rows) and [r["index"] for r in rows] == probs.argmax(dim=1).tolist()
 
 

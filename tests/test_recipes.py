@@ -12,11 +12,13 @@ from PIL import Image
 from conftest import (TINY_CLASSES, assert_ok, assert_user_error, describe, load_ckpt, make_split_dataset, run_many,
                       run_script, train_args)
 from utils.augment import POLICIES, BatchMix, CutOut, build_custom_augment, train_augment
-from utils.data import preprocess_spec, train_transform, eval_transform, tta_transform
+from utils.data import eval_transform, train_transform, tta_transform
 from utils.distill import KD_METHODS, Distiller
+from utils.features import feature_taps
 from utils.log import UserError
 from utils.losses import LOSSES, build_loss
-from utils.registry import create_model, feature_taps
+from utils.registry import create_model
+from utils.schema import PreprocessSpec
 
 STEPLR = "lr_scheduler: StepLR\nlr_scheduler_params: {step_size: 1, gamma: 0.8}\nplot_train_batch_count: 1\n"
 TEACHER_MODEL = "test_resnet"  # a different architecture from the students (resnet10t)
@@ -70,10 +72,10 @@ def test_custom_augment_errors_name_the_entry(entry: dict, needle: str) -> None:
 def test_resize_modes_and_tta_shapes() -> None:
     img = photo((60, 20))
     for mode in ("crop", "letterbox", "squash"):
-        spec = preprocess_spec(32, 3, [0.5] * 3, [0.5] * 3, mode)
+        spec = PreprocessSpec.create(32, 3, [0.5] * 3, [0.5] * 3, mode)
         assert eval_transform(spec)(img).shape == (3, 32, 32)
         assert tta_transform(spec)(img).shape == (10, 3, 32, 32)
-    letterboxed = eval_transform(preprocess_spec(32, 3, [0.5] * 3, [0.5] * 3, "letterbox"))(img)
+    letterboxed = eval_transform(PreprocessSpec.create(32, 3, [0.5] * 3, [0.5] * 3, "letterbox"))(img)
     assert (letterboxed[:, 0, :] == 114).all()  # the short side is padded, nothing cut
 
 
@@ -160,7 +162,7 @@ def test_each_kd_method_trains_from_a_teacher_of_another_architecture(tiny_data:
         assert float(row.split(",")[-1]) > 0, row
     assert sha(teacher / "best.pt") == before
     mgd = load_ckpt(recipe_root / "kd_MGD" / "last.pt")
-    assert mgd["distill"] and any(k.startswith("generate") for k in mgd["distill"])
+    assert mgd["train_state"]["distill"] and any(k.startswith("generate") for k in mgd["train_state"]["distill"])
 
 
 def test_kd_refuses_bad_combinations_at_start(tiny_data: Path, recipe_root: Path, teacher: Path) -> None:
@@ -193,10 +195,10 @@ def test_recipes_each_run_one_epoch(tiny_data: Path, recipe_root: Path, tmp_path
     assert "RandomGridShuffle" in procs[1].stdout and "CutOut" in procs[1].stdout
 
     last, best = load_ckpt(recipe_root / "ema" / "last.pt"), load_ckpt(recipe_root / "ema" / "best.pt")
-    raw, ema = last["model"], last["ema"]["model"]
+    raw, ema = last["model"], last["train_state"]["ema"]["model"]
     floats = [k for k, v in raw.items() if v.is_floating_point()]
     assert any(not torch.equal(raw[k], ema[k]) for k in floats), "EMA weights equal the raw weights"
-    assert best["ema"] is True and best["epoch"] == 1
+    assert best["weights"] == "ema" and best["epoch"] == 1
     assert all(torch.equal(best["model"][k], ema[k].half()) for k in floats), "best.pt does not hold the EMA weights"
 
     swa_dir = recipe_root / "swa"
@@ -239,6 +241,7 @@ def test_resume_with_recipe_is_exact(recipe: list[str], tiny_data: Path, recipe_
     assert a["epoch"] == b["epoch"] == 3
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+    a, b = a["train_state"], b["train_state"]
     if "--ema" in recipe:
         assert a["ema"]["updates"] == b["ema"]["updates"] > 0
         for key in a["ema"]["model"]:

@@ -90,7 +90,7 @@ def test_reference_runs_finish(resume_runs: dict) -> None:
     assert_ok(resume_runs["reference"])
     assert_ok(resume_runs["two"])
     ref = load_ckpt(resume_runs["runs"] / "ref4" / "last.pt")
-    assert ref["epoch"] == 4 and ref["step"] == 0
+    assert ref["epoch"] == 4 and ref["train_state"]["step"] == 0
     lrs = [float(line.split(",")[1]) for line in (resume_runs["runs"] / "ref4" / "train.log").read_text().splitlines()[1:]]
     assert lrs == pytest.approx([1e-3, 8e-4, 6.4e-4, 5.12e-4])  # the config's StepLR, not the default cosine
 
@@ -112,16 +112,17 @@ def test_sigterm_saves_last_checkpoint_mid_epoch(resume_runs: dict) -> None:
     assert "--resume" in proc.stdout  # it says how to continue
     ckpt = resume_runs["stopped_ckpt"]
     assert ckpt is not None, "no last.pt after SIGTERM"
-    assert ckpt["epoch"] == 1, ckpt["epoch"]  # stopped in (or just before) epoch 2 of 3
-    if ckpt["step"] > 0:  # mid-epoch: the epoch's running sums are saved with it
-        assert ckpt["train_sums"] is not None and ckpt["train_sums"]["count"] == 2 * ckpt["step"]
+    state = ckpt["train_state"]
+    assert state["epoch"] == 1, state["epoch"]  # stopped in (or just before) epoch 2 of 3
+    if state["step"] > 0:  # mid-epoch: the epoch's running sums are saved with it
+        assert state["train_sums"] is not None and state["train_sums"]["count"] == 2 * state["step"]
     assert len(resume_runs["stopped_log"].splitlines()) == 2  # header + epoch 1
 
 
 def test_resume_after_sigterm_equals_uninterrupted(resume_runs: dict) -> None:
     proc = resume_runs["resumed_stopped"]
     assert_ok(proc)
-    step = resume_runs["stopped_ckpt"]["step"]
+    step = resume_runs["stopped_ckpt"]["train_state"]["step"]
     assert f"at epoch 2, step {step}" in proc.stdout if step else "at epoch 2" in proc.stdout
     runs = resume_runs["runs"]
     assert_same_weights(runs / "stopped" / "last.pt", runs / "ref4" / "last.pt")

@@ -70,8 +70,9 @@ def test_checkpoints_load_safely_with_documented_keys(trained_run: TrainedRun) -
     best = load_ckpt(trained_run.path / "best.pt")
     last = load_ckpt(trained_run.path / "last.pt")
 
+    assert best["format"] == "pytorch-classifier-ng" and best["version"] == 2 and best["kind"] == "best"
     for key in ("model", "model_name", "num_classes", "class_names", "image_size", "image_channel", "mean", "std",
-                "preprocess", "args", "epoch", "metrics", "best"):
+                "preprocess", "args", "epoch", "metrics", "best", "weights"):
         assert key in best, f"best.pt lacks {key}"
     assert best["model_name"] == TINY_MODEL and best["num_classes"] == 3
     assert best["class_names"] == TINY_CLASSES
@@ -84,13 +85,16 @@ def test_checkpoints_load_safely_with_documented_keys(trained_run: TrainedRun) -
     floats = [v for v in best["model"].values() if v.is_floating_point()]
     assert floats and all(v.dtype == torch.float16 for v in floats)
 
-    for key in ("model", "optimizer", "scheduler", "scaler", "ema", "rng", "epoch", "best", "args"):
-        assert key in last, f"last.pt lacks {key}"
-    assert last["epoch"] == 2
+    assert last["kind"] == "last" and last["epoch"] == 2
+    state = last["train_state"]
+    for key in ("model", "optimizer", "scheduler", "best", "rng", "epoch", "step"):
+        assert key in state, f"last.pt's train_state lacks {key}"
+    assert state["epoch"] == 2 and state["step"] == 0
     assert all(v.dtype == torch.float32 for v in last["model"].values() if v.is_floating_point())
-    assert last["optimizer"]["state"], "optimizer state is empty"
-    assert {"torch", "numpy", "python"} <= set(last["rng"])
-    assert last["best"]["epoch"] == best["epoch"]
+    assert all(torch.equal(last["model"][k], v) for k, v in state["model"].items())
+    assert state["optimizer"]["state"], "optimizer state is empty"
+    assert {"torch", "numpy", "python"} <= set(state["rng"])
+    assert state["best"]["epoch"] == best["epoch"] == last["best"]["epoch"]
     # best.pt holds the weights of its epoch: when that is the last one, they match last.pt (to fp16)
     if best["epoch"] == last["epoch"]:
         for key, value in last["model"].items():

@@ -1,1 +1,1 @@
-"""The toolkit's library: one module per concern (see DESIGN.md)."""
+"""The toolkit's library: one module per concern; docs/architecture.md lists them and shows the data flow."""

@@ -6,9 +6,10 @@
     probs = predict_probs(backend, images)              # uint8 (N, C, H, W) or TenCrop (N, 10, C, H, W)
 
 A backend takes uint8 image batches preprocessed by `preprocess_images` (or by the dataset
-transforms built from `backend.meta["preprocess"]`), normalises them itself, and returns float32
-logits on the CPU. `backend.meta` carries what the model needs: class names, preprocessing,
-image size and channels. Prediction is a function of (backend, images), so a server can call it.
+transforms built from `backend.meta.preprocess`), normalises them itself, and returns float32
+logits on the CPU. `backend.meta` is the model's utils.schema.ModelMeta: class names,
+preprocessing, image size and channels. Prediction is a function of (backend, images), so a
+server can call it.
 
 Formats (MODEL_TYPES): torch (a checkpoint of this toolkit), torchscript, onnx (onnxruntime),
 tensorrt (a serialized engine, CUDA) and openvino (IR .xml/.bin, CPU). Exported models take the
@@ -30,8 +31,9 @@ import torch
 from PIL import Image
 
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.data import Normalize, eval_transform, run_with_tta, tta_transform
+from utils.data import Normalize, image_transform, run_with_tta
 from utils.log import UserError
+from utils.schema import Checkpoint, ModelMeta
 
 LOGGER = logging.getLogger(__name__)
 
@@ -49,47 +51,35 @@ EXPORT_FILES: dict[str, tuple[str, ...]] = {
 # File suffixes that tell a model's format (for a clear error when --model_type does not fit).
 SUFFIX_TYPES = {".pt": "torch", ".pth": "torch", ".torchscript": "torchscript", ".onnx": "onnx", ".engine": "tensorrt",
                 ".plan": "tensorrt", ".trt": "tensorrt", ".xml": "openvino"}
-# Keys of the metadata every exported file carries (ONNX metadata_props / the JSON beside it).
+# Key of the metadata every exported file carries (ONNX metadata_props, OpenVINO rt_info).
 EXPORT_INFO_KEY = "pytorch_classifier_ng"
-META_KEYS = ("model_name", "num_classes", "class_names", "image_size", "image_channel", "preprocess")
 # Install hints for the runtimes (a deployment machine installs only the one it uses).
 RUNTIME_PACKAGES = {"onnxruntime": "onnxruntime (or onnxruntime-gpu)", "openvino": "openvino", "tensorrt": "tensorrt"}
-
-
-def checkpoint_meta(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """The model description every backend exposes as `.meta` (plain data)."""
-    return {
-        "model_name": ckpt["model_name"],
-        "num_classes": int(ckpt["num_classes"]),
-        "class_names": list(ckpt["class_names"]),
-        "image_size": int(ckpt["image_size"]),
-        "image_channel": int(ckpt["image_channel"]),
-        "preprocess": dict(ckpt["preprocess"]),
-    }
 
 
 class TorchBackend:
     """A checkpoint of this toolkit (best.pt / last.pt) run by PyTorch.
 
     Args:
-        ckpt: the loaded checkpoint dict.
+        ckpt: the loaded checkpoint.
         device: where to run.
         half: float16 weights and inputs (CUDA only).
     """
 
     model_type = "torch"
 
-    def __init__(self, ckpt: dict[str, Any], device: torch.device, half: bool = False) -> None:
+    def __init__(self, ckpt: Checkpoint, device: torch.device, half: bool = False) -> None:
         if half and device.type != "cuda":
             raise UserError("--half needs a CUDA device (float16 inference on a CPU is slow and inexact): drop --half or pass --device 0")
-        self.meta = checkpoint_meta(ckpt)
+        self.meta: ModelMeta = ckpt.meta
+        self.checkpoint = ckpt
         self.device = device
         self.half = half
         self.model = model_from_checkpoint(ckpt).to(device)
         if half:
             self.model.half()
-        spec = self.meta["preprocess"]
-        self.normalize = Normalize(spec["mean"], spec["std"]).to(device)
+        spec = self.meta.preprocess
+        self.normalize = Normalize(spec.mean, spec.std).to(device)
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -100,22 +90,6 @@ class TorchBackend:
 
 
 # ------------------------------------------------------------------------ exported models
-def meta_from_info(info: dict[str, Any], where: str) -> dict[str, Any]:
-    """The backend `.meta` (checkpoint_meta's keys) from an exported model's metadata.
-
-    Args:
-        info: the export metadata (the JSON export.py writes).
-        where: the file it came from, for messages.
-
-    Returns:
-        model_name, num_classes, class_names, image_size, image_channel, preprocess.
-    """
-    missing = [k for k in META_KEYS if k not in info]
-    if missing:
-        raise UserError(f"{where}: the model metadata lacks {', '.join(missing)}; export it again with export.py")
-    return checkpoint_meta(info)
-
-
 def export_info_path(file: str | Path) -> Path:
     """The JSON export.py writes beside an exported file: best.onnx -> best.onnx.json."""
     file = Path(file)
@@ -173,9 +147,9 @@ class ExportedBackend:
     def __init__(self, file: Path, info: dict[str, Any]) -> None:
         self.file = Path(file)
         self.info = info
-        self.meta = meta_from_info(info, str(file))
-        spec = self.meta["preprocess"]
-        self.normalize = Normalize(spec["mean"], spec["std"])
+        self.meta: ModelMeta = ModelMeta.from_dict(info, f"{file} (its metadata)")
+        spec = self.meta.preprocess
+        self.normalize = Normalize(spec.mean, spec.std)
         self.batch: int | None = None
         self.device = torch.device("cpu")  # where the input batch is best handed over
 
@@ -443,14 +417,9 @@ def load_backend(path: str | Path, model_type: str = "torch", device: torch.devi
     return TensorRTBackend(file, device)
 
 
-def image_transform(meta: dict[str, Any], tta: bool = False) -> Any:
-    """PIL image -> uint8 tensor as the model expects it ((10, C, H, W) with TenCrop TTA)."""
-    return tta_transform(meta["preprocess"]) if tta else eval_transform(meta["preprocess"])
-
-
-def preprocess_images(meta: dict[str, Any], images: Sequence[Image.Image], tta: bool = False) -> torch.Tensor:
-    """Loaded PIL images (already in the model's mode, see utils.data.load_image) -> a uint8 batch."""
-    transform = image_transform(meta, tta)
+def preprocess_images(meta: ModelMeta, images: Sequence[Image.Image], tta: bool = False) -> torch.Tensor:
+    """Loaded PIL images (already in the model's mode, see utils.images.load_image) -> a uint8 batch."""
+    transform = image_transform(meta.preprocess, tta)
     return torch.stack([transform(img) for img in images])
 
 

@@ -1,33 +1,30 @@
-"""The run folder and checkpoints.
+"""The run folder, and reading and writing checkpoints.
 
-A run never deletes another: an existing, non-empty save_path is incremented (runs/exp ->
-runs/exp2). Every file of a run is written through `Run`, which a distributed run restricts to
-rank 0. Checkpoints are plain dicts of tensors and JSON-able values, written atomically, and
-read back with torch.load(..., weights_only=True).
+A run never deletes another: an existing save_path is incremented (runs/exp -> runs/exp2). Every
+file of a run is written through `Run`, which a distributed run restricts to rank 0. Checkpoints
+are utils.schema.Checkpoint objects stored as plain dicts of tensors and JSON-able values, written
+atomically, and read back with torch.load(..., weights_only=True): no pickled code is ever run.
 """
 from __future__ import annotations
 
 import csv
 import logging
 import os
-import random
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-import numpy as np
 import torch
 import yaml
 from torch import nn
 
 from utils.device import is_main_process
 from utils.log import UserError
+from utils.schema import Checkpoint
 
 LOGGER = logging.getLogger(__name__)
 
-FORMAT = "pytorch-classifier-ng/1"
-TRAIN_LOG_FIELDS = ["epoch", "lr", "loss", "acc", "mean_acc", "test_loss", "test_acc", "test_mean_acc"]
 
 
 def increment_path(path: str | Path) -> Path:
@@ -88,6 +85,15 @@ class Run:
         if self.main:
             (self.path / name).write_text("".join(f"{ln}\n" for ln in lines), encoding="utf-8")
 
+    def write_csv(self, name: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Write a whole CSV file (header, then rows)."""
+        if not self.main:
+            return
+        with (self.path / name).open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header)
+            writer.writerows(rows)
+
     def append_csv(self, name: str, row: dict[str, Any], fields: list[str]) -> None:
         """Append a row, writing the header first when the file is new."""
         if not self.main:
@@ -100,9 +106,10 @@ class Run:
                 writer.writeheader()
             writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in fields})
 
-    def save(self, name: str, obj: dict[str, Any]) -> None:
+    def save(self, name: str, ckpt: Checkpoint) -> None:
+        """Write a checkpoint atomically (on the main process only)."""
         if self.main:
-            atomic_save(obj, self.path / name)
+            atomic_save(ckpt.to_dict(), self.path / name)
 
     def savefig(self, fig: Any, name: str) -> None:
         import matplotlib.pyplot as plt
@@ -125,83 +132,47 @@ class Run:
             self._tb = None
 
 
-def read_train_log(path: str | Path) -> list[dict[str, str]]:
-    """The rows of a train.log CSV."""
-    with Path(path).open(newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
-
-
-def truncate_train_log(path: str | Path, epochs_done: int) -> None:
-    """Keep the header and the first `epochs_done` rows (a resumed run rewrites the later ones)."""
-    path = Path(path)
-    if not path.exists():
-        return
-    rows = [r for r in read_train_log(path) if int(r["epoch"]) <= epochs_done]
-    fields = TRAIN_LOG_FIELDS + [k for k in (rows[0].keys() if rows else []) if k not in TRAIN_LOG_FIELDS]
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 # ------------------------------------------------------------------------------ checkpoints
 def half_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state_dict with floating tensors in float16 (half the file size)."""
     return {k: (v.detach().half() if v.is_floating_point() else v.detach()).cpu().clone() for k, v in model.state_dict().items()}
 
 
-def float_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-def rng_state() -> dict[str, Any]:
-    """Python, numpy and torch RNG states as tensors and plain values."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-
-
-def load_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
-    """Load a checkpoint of this toolkit safely (weights_only=True).
+def load_checkpoint(path: str | Path, what: str = "checkpoint") -> Checkpoint:
+    """Load a checkpoint of this toolkit safely (weights_only=True) and check its schema.
 
     Raises:
-        UserError: missing file, unreadable file, or a file that is not one of ours.
+        UserError: missing file, unreadable file, or a file that is not a complete checkpoint of ours.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - corrupt, truncated or pickled-object files all land here
         raise UserError(f"{what} {path} cannot be loaded safely ({str(err).splitlines()[0][:160]}); "
                         "is it a checkpoint written by this toolkit?") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise UserError(f"{what} {path} was not written by this toolkit (no '{FORMAT}' format tag); "
-                        "to start from foreign weights use main.py --weight FILE")
-    return ckpt
+    return Checkpoint.from_dict(data, f"{what} {path}")
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
-    """Rebuild the model a checkpoint describes and load its weights (float32, eval mode)."""
+def float_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state_dict with its floating tensors in float32 (best.pt stores float16)."""
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+
+
+def model_from_checkpoint(ckpt: Checkpoint) -> nn.Module:
+    """Rebuild the model a checkpoint describes and load its weights (float32, eval mode).
+
+    Raises:
+        UserError: the weights do not fit the architecture the checkpoint names.
+    """
     from utils.registry import create_model
 
-    model = create_model(ckpt["model_name"], ckpt["num_classes"], ckpt["image_channel"])
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in ckpt["model"].items()}
-    model.load_state_dict(state)
+    meta = ckpt.meta
+    model = create_model(meta.model_name, meta.num_classes, meta.image_channel)
+    try:
+        model.load_state_dict(float_weights(ckpt.model))
+    except RuntimeError as err:
+        raise UserError(f"the weights of this checkpoint do not fit {meta.model_name} with {meta.num_classes} classes "
+                        f"({str(err).splitlines()[0][:160]}): was the file edited or assembled by hand?") from None
     return model.eval()

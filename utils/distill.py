@@ -4,7 +4,7 @@
 
 The teacher is another run's best.pt (any architecture or size, the same classes), frozen and in
 eval mode. SoftTarget matches the logits; AT and SP match the feature maps at strides 4, 8, 16 and
-32, taken with forward hooks (utils.registry.feature_taps), so no model file needs editing; MGD
+32, taken with forward hooks (utils.features.feature_taps), so no model file needs editing; MGD
 regenerates the teacher's last two stages from masked student features through small learnable
 layers, which join the optimizer and the checkpoints.
 """
@@ -20,7 +20,8 @@ from torch import nn
 
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.log import UserError
-from utils.registry import FeatureRecorder, feature_taps
+from utils.schema import Checkpoint
+from utils.features import FeatureRecorder, feature_taps
 
 LOGGER = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ class Distiller(nn.Module):
         return self.criterion(logits, targets) + self.ratio * kd, logits, {"kd_loss": kd.detach()}
 
 
-def load_teacher(teacher_path: str | Path, class_names: list[str], image_channel: int, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+def load_teacher(teacher_path: str | Path, class_names: list[str], image_channel: int, device: torch.device) -> tuple[nn.Module, Checkpoint]:
     """The teacher model of another run (its best.pt), frozen and in eval mode.
 
     Returns:
@@ -183,11 +184,12 @@ def load_teacher(teacher_path: str | Path, class_names: list[str], image_channel
         raise UserError("--kd needs --teacher_path RUN_FOLDER (a run of main.py whose best.pt is the teacher)")
     path = Path(teacher_path)
     ckpt = load_checkpoint(path / "best.pt" if path.is_dir() else path, what="--teacher_path")
-    if list(ckpt["class_names"]) != list(class_names):
-        raise UserError(f"--teacher_path {teacher_path} was trained on other classes ({len(ckpt['class_names'])}) than this "
+    meta = ckpt.meta
+    if list(meta.class_names) != list(class_names):
+        raise UserError(f"--teacher_path {teacher_path} was trained on other classes ({meta.num_classes}) than this "
                         f"train set ({len(class_names)}), or in another order: the teacher must know the same classes")
-    if int(ckpt["image_channel"]) != image_channel:
-        raise UserError(f"--teacher_path {teacher_path} takes {ckpt['image_channel']}-channel images, the student "
+    if meta.image_channel != image_channel:
+        raise UserError(f"--teacher_path {teacher_path} takes {meta.image_channel}-channel images, the student "
                         f"{image_channel}: train both with the same --image_channel")
     teacher = model_from_checkpoint(ckpt).to(device).eval()
     for p in teacher.parameters():

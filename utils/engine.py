@@ -6,6 +6,7 @@ samplers and optimizer, and decides what to save.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -25,58 +26,85 @@ class NonFiniteLoss(RuntimeError):
         self.epoch, self.step, self.value = epoch, step, value
 
 
-def train_one_epoch(
-    model: nn.Module,
-    objective: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]],
-    optimizer: torch.optim.Optimizer,
-    loader: Any,
-    device: torch.device,
-    epoch: int,
-    normalize: nn.Module,
-    sums: EpochSums,
-    scaler: torch.amp.GradScaler | None = None,
-    amp_dtype: torch.dtype | None = None,
-    start_step: int = 0,
-    should_stop: Callable[[], bool] = lambda: False,
-    on_batch: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-    failed: list[tuple[str, str]] | None = None,
-    batch_transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-    accumulate: int = 1,
-    clip_grad: float = 0.0,
-    ema: Any = None,
-    train_mode: Callable[[nn.Module], None] | None = None,
-    extra_sums: dict[str, float] | None = None,
-) -> dict[str, float]:
-    """Train for one epoch (or what is left of it after `start_step`).
+@dataclass
+class StepParts:
+    """How a batch trains: everything around the model's forward and backward pass.
 
     Args:
-        model, optimizer: what is trained and how.
         objective: (model, images, targets) -> (loss, logits, extra loss terms); see utils.losses.Supervised.
-        loader: yields batches {"images": uint8 (N,C,H,W), "targets", "paths", "failed"}.
-        device: where the model is.
-        epoch: 0-based epoch, for messages.
-        normalize: uint8 batch -> normalised float batch (on device).
-        sums: running sums, updated in place (the caller saves them when interrupted).
+        optimizer: the optimizer.
         scaler: a GradScaler for float16 autocast, else None.
         amp_dtype: autocast dtype or None.
-        start_step: batches of this epoch already done (mid-epoch resume).
-        should_stop: polled after each optimizer step; True ends the epoch early (a signal arrived).
-        on_batch: called with (step, images, targets) as the model sees them (after batch_transform).
-        failed: collects (path, reason) of images that could not be decoded.
         batch_transform: (images, targets) -> (images, soft targets), e.g. mixup; metrics use the hard targets.
         accumulate: optimizer step every `accumulate` batches (gradient accumulation).
         clip_grad: clip the gradient norm to this value (0 = off).
         ema: an EMA object updated after each optimizer step.
         train_mode: sets the model's train/eval modes (default model.train()); freezing uses it.
+    """
+
+    objective: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None = None
+    amp_dtype: torch.dtype | None = None
+    batch_transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    accumulate: int = 1
+    clip_grad: float = 0.0
+    ema: Any = None
+    train_mode: Callable[[nn.Module], None] | None = None
+
+    def optimizer_step(self, model: nn.Module) -> None:
+        """Apply the accumulated gradients (unscaled and clipped first when asked), clear them, update the EMA."""
+        optimizer, scaler = self.optimizer, self.scaler
+        if self.clip_grad > 0:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(model)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    parts: StepParts,
+    loader: Any,
+    device: torch.device,
+    epoch: int,
+    normalize: nn.Module,
+    sums: EpochSums,
+    start_step: int = 0,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_batch: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    failed: list[tuple[str, str]] | None = None,
+    extra_sums: dict[str, float] | None = None,
+) -> dict[str, float]:
+    """Train for one epoch (or what is left of it after `start_step`).
+
+    Args:
+        model: what is trained.
+        parts: the objective, optimizer and the rest of a training step.
+        loader: yields batches {"images": uint8 (N,C,H,W), "targets", "paths", "failed"}.
+        device: where the model is.
+        epoch: 0-based epoch, for messages.
+        normalize: uint8 batch -> normalised float batch (on device).
+        sums: running sums, updated in place (the caller saves them when interrupted).
+        start_step: batches of this epoch already done (mid-epoch resume).
+        should_stop: polled after each optimizer step; True ends the epoch early (a signal arrived).
+        on_batch: called with (step, images, targets) as the model sees them (after batch_transform).
+        failed: collects (path, reason) of images that could not be decoded.
         extra_sums: running sums of the objective's extra terms (e.g. kd_loss), updated in place.
 
     Returns:
         {"loss", "acc", "mean_acc"} over the epoch so far, the mean of each extra term, "steps" done,
         "interrupted" (0 or 1).
     """
-    (train_mode or (lambda m: m.train()))(model)
-    step = start_step
-    total = start_step + len(loader)
+    (parts.train_mode or (lambda m: m.train()))(model)
+    step, total = start_step, start_step + len(loader)
     extra_sums = {} if extra_sums is None else extra_sums
     bar = tqdm(loader, total=total, initial=start_step, desc=f"train {epoch + 1}", leave=False,
                disable=not is_main_process(), dynamic_ncols=True)
@@ -84,7 +112,6 @@ def train_one_epoch(
     for batch in bar:
         if failed is not None:
             failed.extend(batch["failed"])
-        last = step + 1 == total
         # nothing decoded, or failed decodes left one image: batch norm cannot train on a batch of one
         if len(batch["targets"]) == 0 or (len(batch["targets"]) == 1 and batch["failed"]):
             step += 1
@@ -92,46 +119,31 @@ def train_one_epoch(
         images = normalize(batch["images"].to(device, non_blocking=True))
         hard = batch["targets"].to(device, non_blocking=True)
         targets = hard
-        if batch_transform is not None:
-            images, targets = batch_transform(images, hard)
+        if parts.batch_transform is not None:
+            images, targets = parts.batch_transform(images, hard)
         if on_batch is not None:
             on_batch(step, images, targets)
-        with autocast(device, amp_dtype):
-            loss, logits, parts = objective(model, images, targets)
+        with autocast(device, parts.amp_dtype):
+            loss, logits, terms = parts.objective(model, images, targets)
         value = loss.item()
         if not math.isfinite(value):
             raise NonFiniteLoss(epoch, step, value)
-        scaled = loss / accumulate if accumulate > 1 else loss
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        stepped = (step + 1) % accumulate == 0 or last
+        scaled = loss / parts.accumulate if parts.accumulate > 1 else loss
+        (parts.scaler.scale(scaled) if parts.scaler is not None else scaled).backward()
+        stepped = (step + 1) % parts.accumulate == 0 or step + 1 == total
         if stepped:
-            if clip_grad > 0:
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(model)
+            parts.optimizer_step(model)
         sums.update(value, logits.detach().float(), hard)
-        for key, term in parts.items():
+        for key, term in terms.items():
             extra_sums[key] = extra_sums.get(key, 0.0) + float(term) * len(hard)
         step += 1
         bar.set_postfix(loss=f"{sums.loss_sum / max(1, sums.count):.4f}", refresh=False)
-        # stop only where no accumulated gradient would be lost
-        if stepped and should_stop():
+        if stepped and should_stop():  # stop only where no accumulated gradient would be lost
             interrupted = step < total
             break
     bar.close()
-    out = sums.metrics()
-    out.update({k: v / max(1, sums.count) for k, v in extra_sums.items()})
-    out["steps"] = float(step)
-    out["interrupted"] = float(interrupted)
-    return out
+    out = sums.metrics() | {k: v / max(1, sums.count) for k, v in extra_sums.items()}
+    return out | {"steps": float(step), "interrupted": float(interrupted)}
 
 
 @torch.inference_mode()

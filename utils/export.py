@@ -43,11 +43,13 @@ import torch
 from prettytable import PrettyTable
 from torch import nn
 
-from utils.backends import (EXPORT_DIR, EXPORT_INFO_KEY, MODEL_TYPES, checkpoint_meta, export_info_path, load_backend)
-from utils.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint
-from utils.data import ImageDataset, Normalize, collate, eval_transform, scan_split
+from utils.backends import EXPORT_DIR, EXPORT_INFO_KEY, MODEL_TYPES, export_info_path, load_backend
+from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.data import ImageDataset, Normalize, collate, eval_transform
 from utils.device import select_device
+from utils.images import scan_split
 from utils.log import UserError
+from utils.schema import FORMAT, VERSION, Checkpoint, ModelMeta, PreprocessSpec
 
 LOGGER = logging.getLogger(__name__)
 
@@ -133,7 +135,7 @@ class ExportContext:
     device: torch.device
     model: nn.Module                 # deploy form, on the device, float16 with --half
     model_cpu: nn.Module             # deploy form, float32, CPU
-    meta: dict[str, Any]             # checkpoint_meta of the checkpoint
+    meta: ModelMeta                  # the checkpoint's model description
     info: dict[str, Any]             # what every export records (source, deploy steps, versions)
     out_dir: Path
     stem: str
@@ -150,7 +152,7 @@ class ExportContext:
         return self.out_dir / f"{self.stem}{'' if precision == 'fp32' else '_' + precision}{suffix}"
 
     def example(self, half: bool, device: torch.device) -> torch.Tensor:
-        c, s = self.meta["image_channel"], self.meta["image_size"]
+        c, s = self.meta.image_channel, self.meta.image_size
         return torch.zeros(self.options.batch, c, s, s, device=device, dtype=torch.float16 if half else torch.float32)
 
 
@@ -300,14 +302,14 @@ def deploy_model(model: nn.Module, x: torch.Tensor, tolerance: float = PARITY_TO
 
 
 # ------------------------------------------------------------------------------- images
-def _split_candidates(ckpt: dict[str, Any], override: str, keys: Sequence[str]) -> list[tuple[str, str]]:
+def _split_candidates(ckpt: Checkpoint, override: str, keys: Sequence[str]) -> list[tuple[str, str]]:
     if override:
         return [("given", override)]
-    args = ckpt.get("args") or {}
+    args = ckpt.args
     return [(k.removesuffix("_path"), str(args[k])) for k in keys if args.get(k)]
 
 
-def load_split_images(ckpt: dict[str, Any], override: str, keys: Sequence[str], limit: int
+def load_split_images(ckpt: Checkpoint, override: str, keys: Sequence[str], limit: int
                       ) -> tuple[list[tuple[str, int]], str]:
     """Up to `limit` image samples, spread evenly over the first split folder that exists.
 
@@ -325,7 +327,7 @@ def load_split_images(ckpt: dict[str, Any], override: str, keys: Sequence[str], 
             if split == "given":
                 raise UserError(f"image folder not found: {folder}")
             continue
-        image_set = scan_split(folder, class_names=ckpt["class_names"], what=f"{split} set")
+        image_set = scan_split(folder, class_names=ckpt.meta.class_names, what=f"{split} set")
         samples = image_set.samples
         if len(samples) > limit:
             pick = np.linspace(0, len(samples) - 1, limit).round().astype(int)
@@ -335,9 +337,9 @@ def load_split_images(ckpt: dict[str, Any], override: str, keys: Sequence[str], 
     return [], ""
 
 
-def load_batch(samples: Sequence[tuple[str, int]], spec: dict[str, Any], channels: int) -> torch.Tensor:
+def load_batch(samples: Sequence[tuple[str, int]], spec: PreprocessSpec) -> torch.Tensor:
     """The uint8 batch (N, C, H, W) of the samples through the test-time transform."""
-    dataset = ImageDataset(samples, eval_transform(spec), channels)
+    dataset = ImageDataset(samples, eval_transform(spec), spec.channels)
     batch = collate([dataset[i] for i in range(len(dataset))])
     for path, reason in batch["failed"]:
         LOGGER.warning("skipped %s: %s", path, reason)
@@ -370,16 +372,16 @@ def export_info(ctx: ExportContext, model_type: str, file: Path, precision: str,
     """The metadata of one exported file: the model (class names, preprocessing), its input and
     output, how it was exported."""
     meta = ctx.meta
-    c, s, k = meta["image_channel"], meta["image_size"], meta["num_classes"]
+    c, s, k = meta.image_channel, meta.image_size, meta.num_classes
     batch: Any = "batch" if dynamic else ctx.options.batch
     dtype = "float16" if precision == "fp16" else "float32"
-    spec = meta["preprocess"]
     return {
         "format": FORMAT,
+        "version": VERSION,
         "model_type": model_type,
         "file": file.name,
-        **meta,
-        "mean": spec["mean"], "std": spec["std"], "resize_mode": spec.get("resize_mode", "crop"),
+        **meta.to_dict(),
+        "resize_mode": meta.preprocess.resize_mode,
         "input": {"name": INPUT_NAME, "shape": [batch, c, s, s], "dtype": dtype, "layout": "NCHW",
                   "value": "(pixel / 255 - mean) / std, after the resize and crop of preprocess"},
         "output": {"name": OUTPUT_NAME, "shape": [batch, k], "dtype": dtype, "value": "logits (softmax for probabilities)"},
@@ -523,7 +525,7 @@ def export_tensorrt(ctx: ExportContext) -> Path:
         config.set_flag(trt.BuilderFlag.FP16)
     else:
         config.clear_flag(trt.BuilderFlag.TF32)
-    c, s = ctx.meta["image_channel"], ctx.meta["image_size"]
+    c, s = ctx.meta.image_channel, ctx.meta.image_size
     max_batch = opts.batch_size or TENSORRT_MAX_BATCH
     if opts.is_dynamic:
         profile = builder.create_optimization_profile()
@@ -564,14 +566,14 @@ def formats_table() -> PrettyTable:
 class _CalibrationReader:
     """Feeds onnxruntime's calibration: normalised float batches of training images."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], spec: dict[str, Any], channels: int, batch: int) -> None:
-        self.samples, self.spec, self.channels, self.batch = list(samples), spec, channels, batch
-        self.normalize = Normalize(spec["mean"], spec["std"])
+    def __init__(self, samples: Sequence[tuple[str, int]], spec: PreprocessSpec, batch: int) -> None:
+        self.samples, self.spec, self.batch = list(samples), spec, batch
+        self.normalize = Normalize(spec.mean, spec.std)
         self._it: Iterator[dict[str, np.ndarray]] | None = None
 
     def _batches(self) -> Iterator[dict[str, np.ndarray]]:
         for start in range(0, len(self.samples), self.batch):
-            images = load_batch(self.samples[start:start + self.batch], self.spec, self.channels)
+            images = load_batch(self.samples[start:start + self.batch], self.spec)
             if len(images) == 0:
                 continue
             if len(images) < self.batch:  # a fixed-batch model takes only full batches: repeat images to fill it
@@ -598,8 +600,7 @@ def quantize_int8(ctx: ExportContext, onnx_file: Path, samples: Sequence[tuple[s
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     file = ctx.file(".onnx", "int8")
-    reader_impl = _CalibrationReader(samples, ctx.meta["preprocess"], ctx.meta["image_channel"],
-                                     ctx.options.batch if not ctx.options.is_dynamic else 16)
+    reader_impl = _CalibrationReader(samples, ctx.meta.preprocess, ctx.options.batch if not ctx.options.is_dynamic else 16)
 
     class Reader(CalibrationDataReader):
         def get_next(self) -> dict[str, np.ndarray] | None:
@@ -726,6 +727,25 @@ def check_request(opts: ExportOptions) -> torch.device:
 
 
 # ------------------------------------------------------------------------------ export
+def parity_images(ckpt: Checkpoint, opts: ExportOptions) -> tuple[torch.Tensor, str]:
+    """The uint8 images the parity check runs: up to --parity_images of the run's val split (else
+    test, else train, or --val_path), or seeded random images when no folder is found.
+
+    Returns:
+        (images (N, C, H, W), a description for messages and the JSON).
+    """
+    spec = ckpt.meta.preprocess
+    samples, described = load_split_images(ckpt, opts.val_path, ("val_path", "test_path", "train_path"), opts.parity_images)
+    images = load_batch(samples, spec) if samples else torch.empty(0)
+    if len(images):
+        return images, described
+    LOGGER.warning("no val/test/train images found (pass --val_path FOLDER): the parity check uses %d random images",
+                   opts.parity_images)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (opts.parity_images, spec.channels, spec.crop, spec.crop), generator=gen, dtype=torch.uint8)
+    return images, f"{opts.parity_images} random images (no image folder found)"
+
+
 def export_checkpoint(weights: str | Path, opts: ExportOptions) -> list[dict[str, Any]]:
     """Export a checkpoint of this toolkit in every format of `opts.formats`, checking each file
     against PyTorch.
@@ -744,31 +764,23 @@ def export_checkpoint(weights: str | Path, opts: ExportOptions) -> list[dict[str
     device = check_request(opts)
     weights = Path(weights)
     ckpt = load_checkpoint(weights, what="checkpoint")
-    meta = checkpoint_meta(ckpt)
-    spec, channels = meta["preprocess"], meta["image_channel"]
+    meta = ckpt.meta
+    spec, channels = meta.preprocess, meta.image_channel
     out_dir = Path(opts.output_dir) if opts.output_dir else weights.parent / EXPORT_DIR
     t0 = time.time()
 
-    samples, described = load_split_images(ckpt, opts.val_path, ("val_path", "test_path", "train_path"), opts.parity_images)
-    images = load_batch(samples, spec, channels) if samples else torch.empty(0)
-    if len(images) == 0:
-        LOGGER.warning("no val/test/train images found (pass --val_path FOLDER): the parity check uses %d random images",
-                       opts.parity_images)
-        gen = torch.Generator().manual_seed(0)
-        size = meta["image_size"]
-        images = torch.randint(0, 256, (opts.parity_images, channels, size, size), generator=gen, dtype=torch.uint8)
-        described = f"{opts.parity_images} random images (no image folder found)"
+    images, described = parity_images(ckpt, opts)
     calibration: list[tuple[str, int]] = []
     calibration_described = ""
     if opts.int8:  # before any work: int8 without calibration images cannot be done
         calibration, calibration_described = load_split_images(ckpt, opts.train_path, ("train_path",), opts.calibration_images)
         if not calibration:
             raise UserError("--int8 needs calibration images and the run's train split is not here: pass --train_path FOLDER")
-    print(f"export {weights} ({meta['model_name']}, {meta['num_classes']} classes, {channels}x{meta['image_size']}x"
-          f"{meta['image_size']}, epoch {ckpt.get('epoch', '?')}) on {device}; parity on {described}", flush=True)
+    print(f"export {weights} ({meta.model_name}, {meta.num_classes} classes, {channels}x{meta.image_size}x"
+          f"{meta.image_size}, epoch {ckpt.epoch}) on {device}; parity on {described}", flush=True)
 
     trained = model_from_checkpoint(ckpt)
-    x = Normalize(spec["mean"], spec["std"])(images)
+    x = Normalize(spec.mean, spec.std)(images)
     with torch.no_grad():
         reference = torch.cat([_probs(trained, x[i:i + 64]) for i in range(0, len(x), 64)])
     model_cpu, deploy = deploy_model(trained, x)
@@ -785,7 +797,7 @@ def export_checkpoint(weights: str | Path, opts: ExportOptions) -> list[dict[str
 
     packages = sorted({p for f in opts.formats for p in EXPORT_FORMATS[f].packages})
     base_info = {
-        "source": {"checkpoint": str(weights), "epoch": ckpt.get("epoch"), "best": ckpt.get("best")},
+        "source": {"checkpoint": str(weights), "epoch": ckpt.epoch, "best": ckpt.best, "metrics": ckpt.metrics},
         "deploy": {k: deploy[k] for k in ("reparameterized", "fused_conv_bn")},
         "versions": _versions(*packages),
         "exported": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -810,7 +822,7 @@ def export_checkpoint(weights: str | Path, opts: ExportOptions) -> list[dict[str
     return results
 
 
-def _export_all(opts: ExportOptions, device: torch.device, model: nn.Module, model_cpu: nn.Module, meta: dict[str, Any],
+def _export_all(opts: ExportOptions, device: torch.device, model: nn.Module, model_cpu: nn.Module, meta: ModelMeta,
                 info: dict[str, Any], out_dir: Path, stem: str, temp_dir: Path, calibration: list[tuple[str, int]],
                 calibration_described: str, images: torch.Tensor, reference: torch.Tensor, results: list[dict[str, Any]]) -> None:
     """Each format in table order (ONNX before the formats built from it), each file checked as it is written."""

@@ -1,8 +1,13 @@
-"""Penultimate features of a classifier: what its last linear layer sees (metrice.py --tsne).
+"""What a model computes inside: penultimate features and feature maps, without editing its code.
 
-timm models give them through `forward_features` + `forward_head(pre_logits=True)`; other models
-(torchvision, model/ ones without forward_head) through a forward hook on the input of their last
-nn.Linear, which is the classifier that utils.registry.create_model puts in place.
+- `penultimate_features`: what the last linear layer sees (metrice.py --tsne). timm models give
+  them through `forward_features` + `forward_head(pre_logits=True)`; other models (torchvision,
+  model/ ones without forward_head) through a forward hook on the input of their last nn.Linear,
+  the classifier that utils.registry.create_model puts in place.
+- `feature_taps` + `FeatureRecorder`: the feature maps at strides 4, 8, 16 and 32 of any timm or
+  torchvision CNN, taken with forward hooks (distillation, utils.distill).
+
+Grad-CAM finds its target layer in utils.cam.
 """
 from __future__ import annotations
 
@@ -60,3 +65,77 @@ def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     finally:
         handle.remove()
     return seen[-1].flatten(1).float().cpu()
+
+
+# ------------------------------------------------------------------------------ feature taps
+def feature_taps(model: nn.Module, in_chans: int = 3, strides: tuple[int, ...] = (4, 8, 16, 32),
+                 probe_size: int = 224) -> dict[int, str]:
+    """Names of the modules whose outputs are a model's feature maps at the given strides.
+
+    Works for any timm or torchvision CNN without editing its code: one probe forward pass records
+    every module's output; for each stride, among the modules whose output is a 4-D map of
+    probe_size/stride pixels, the shallowest (a stage rather than a layer inside one) that runs
+    last is taken.
+
+    timm models declare their stages (`feature_info`), which is used when present.
+
+    Returns:
+        {stride: module name} for the strides found.
+    """
+    info = getattr(model, "feature_info", None)
+    if isinstance(info, list) and info and all("reduction" in f and "module" in f for f in info):
+        modules = dict(model.named_modules())
+        declared = {f["reduction"]: f["module"] for f in info if f["module"] in modules}  # last per stride
+        return {s: declared[s] for s in strides if s in declared}
+    records: list[tuple[str, tuple[int, ...]]] = []
+    hooks = []
+    for name, module in model.named_modules():
+        if name:
+            hooks.append(module.register_forward_hook(
+                lambda mod, inp, out, name=name: records.append((name, tuple(out.shape))) if isinstance(out, torch.Tensor) else None))
+    was_training = model.training
+    try:
+        model.eval()
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model(torch.zeros(1, in_chans, probe_size, probe_size, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    taps: dict[int, str] = {}
+    for stride in strides:
+        side = probe_size // stride
+        found = [(i, name) for i, (name, shape) in enumerate(records) if len(shape) == 4 and shape[2] == side and shape[3] == side]
+        if found:
+            depth = min(name.count(".") for _, name in found)
+            taps[stride] = [name for _, name in found if name.count(".") == depth][-1]
+    return taps
+
+
+class FeatureRecorder:
+    """Keeps the outputs of named modules from the last forward pass (forward hooks).
+
+    Args:
+        model: the model.
+        names: module names, in the order `features()` returns them.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        modules = dict(model.named_modules())
+        self.names = names
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.hooks = [modules[n].register_forward_hook(lambda mod, inp, out, n=n: self._keep(n, out)) for n in names]
+
+    def _keep(self, name: str, out: Any) -> None:
+        # some blocks (DPN) return a tuple of maps that the next block concatenates
+        self.outputs[name] = torch.cat(out, dim=1) if isinstance(out, (tuple, list)) else out
+
+    def features(self) -> list[torch.Tensor]:
+        feats = [self.outputs[n] for n in self.names]
+        self.outputs = {}
+        return feats
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()

@@ -1,10 +1,10 @@
-"""Prediction as a function of (backends, images), and the streaming pieces predict.py is built from.
+"""Prediction as a function of (models, images), and the streaming pieces predict.py is built from.
 
-    backend = load_backend("runs/exp")
-    probs = predict_pil([backend], [Image.open("cat.jpg")])       # (1, num_classes), rows sum to 1
-    rows = prediction_rows(["cat.jpg"], probs, backend.meta["class_names"])
+    ensemble = load_ensemble(["runs/exp"])                          # utils.ensemble: one or more models
+    probs = predict_pil(ensemble, [load_image("cat.jpg")])          # (1, num_classes), rows sum to 1
+    rows = prediction_rows(["cat.jpg"], probs, ensemble.class_names)
 
-A server calls `predict_pil` (or `predict_inputs` on batches it prepared with `InputPlan`). For
+A server calls `predict_pil` (or `Ensemble.predict` on batches it prepared with its InputPlan). For
 folders, `PredictDataset` loads files in DataLoader workers (any mode, EXIF orientation applied);
 a file that fails to decode comes back as a failure with its reason, never an exception, and
 `collate_predict` drops it from its batch. `PredictionWriter` streams rows into a CSV so memory
@@ -24,11 +24,10 @@ from typing import Any, Sequence
 
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from utils.backends import image_transform, predict_probs
-from utils.data import IMG_EXTENSIONS, check_image_header, list_files, load_image, natural_key, to_mode
-from utils.ensemble import combine_probs, check_same_classes
+from utils.ensemble import Ensemble, InputPlan
+from utils.images import IMG_EXTENSIONS, check_image_header, list_files, load_image, natural_key
 from utils.log import UserError
 
 LOGGER = logging.getLogger(__name__)
@@ -99,73 +98,15 @@ def relative_name(path: Path, root: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------- inputs
-def _geometry(meta: dict[str, Any]) -> tuple[Any, ...]:
-    spec = meta["preprocess"]
-    return (spec["resize"], spec["crop"], spec.get("resize_mode", "crop"), spec.get("interpolation", "bilinear"),
-            int(spec["channels"]))
-
-
-class InputPlan:
-    """The distinct input geometries of one or more models: models that share resize, crop and
-    channels share one uint8 batch (each backend normalises with its own mean/std).
-
-    Args:
-        metas: each backend's meta.
-        tta: TenCrop test-time augmentation.
-    """
-
-    def __init__(self, metas: Sequence[dict[str, Any]], tta: bool = False) -> None:
-        geometries: list[tuple[Any, ...]] = []
-        self.group_of: list[int] = []
-        self.metas: list[dict[str, Any]] = []
-        for meta in metas:
-            geometry = _geometry(meta)
-            if geometry not in geometries:
-                geometries.append(geometry)
-                self.metas.append(meta)
-            self.group_of.append(geometries.index(geometry))
-        self.channels = [int(m["preprocess"]["channels"]) for m in self.metas]
-        self.transforms = [image_transform(m, tta) for m in self.metas]
-
-    def __len__(self) -> int:
-        return len(self.transforms)
-
-    def inputs(self, images: dict[int, Image.Image]) -> list[torch.Tensor]:
-        """Loaded images keyed by channel count -> one uint8 tensor per geometry."""
-        return [t(images[c]) for t, c in zip(self.transforms, self.channels)]
-
-
-def predict_inputs(backends: Sequence[Any], inputs: Sequence[torch.Tensor], group_of: Sequence[int],
-                   ensemble: str = "mean", weights: Sequence[float] | None = None) -> torch.Tensor:
-    """Probabilities (N, num_classes) of uint8 batches, one per input geometry (see InputPlan).
-
-    Args:
-        backends: one or more backends of the same classes (utils.backends.load_backend).
-        inputs: uint8 (N, C, H, W) or TenCrop (N, 10, C, H, W) batches, one per geometry.
-        group_of: the geometry index of each backend.
-        ensemble: how several backends are combined: mean, vote or weighted (utils.ensemble.combine_probs).
-        weights: one weight per backend, for weighted.
-
-    Returns:
-        float32 rows that sum to 1.
-    """
-    probs = [predict_probs(b, inputs[g]) for b, g in zip(backends, group_of)]
-    return probs[0] if len(probs) == 1 else combine_probs(probs, ensemble, weights)
-
-
-def predict_pil(backends: Sequence[Any], images: Sequence[Image.Image], tta: bool = False,
-                ensemble: str = "mean", weights: Sequence[float] | None = None) -> torch.Tensor:
+def predict_pil(ensemble: Ensemble, images: Sequence[Image.Image], tta: bool = False) -> torch.Tensor:
     """Probabilities of PIL images of any mode (EXIF orientation is the caller's: see
-    utils.data.load_image). The one call a server needs.
+    utils.images.load_image). The one call a server needs.
 
     Returns:
-        float32 (N, num_classes), rows summing to 1.
+        float32 (N, num_classes), rows summing to 1 (the ensemble's combination for several models).
     """
-    check_same_classes([b.meta for b in backends], [str(i) for i in range(len(backends))])
-    plan = InputPlan([b.meta for b in backends], tta)
-    per_image = [plan.inputs({c: to_mode(img, c) for c in set(plan.channels)}) for img in images]
-    batches = [torch.stack([inp[g] for inp in per_image]) for g in range(len(plan))]
-    return predict_inputs(backends, batches, plan.group_of, ensemble, weights)
+    plan = ensemble.plan(tta)
+    return ensemble.predict(plan.batch(images), plan)[0]
 
 
 # ------------------------------------------------------------------------------- dataset
@@ -174,7 +115,7 @@ class PredictDataset(Dataset):
 
     Args:
         files: image paths.
-        plan: the input geometries of the models.
+        plan: the input geometries of the models (Ensemble.plan).
         view: a transform whose uint8 output is kept for drawing (the model's centre view for
             Grad-CAM), or None.
         view_channels: channels of the view.
@@ -212,6 +153,15 @@ def collate_predict(batch: Sequence[tuple[Any, Any, int, str | None]]) -> dict[s
         "indices": [b[2] for b in good],
         "failed": [(b[2], b[3]) for b in batch if b[0] is None],
     }
+
+
+def prediction_loader(files: Sequence[str | Path], plan: InputPlan, batch_size: int, workers: int, pin_memory: bool = False,
+                      view: Any = None, view_channels: int = 3) -> DataLoader:
+    """Batches of decoded images for prediction (in file order): {"inputs": one uint8 batch per
+    geometry of `plan`, "views", "indices" into `files`, "failed": [(index, reason)]}."""
+    dataset = PredictDataset(files, plan, view, view_channels)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_predict,
+                      pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None)
 
 
 # ---------------------------------------------------------------------------------- rows

@@ -56,13 +56,24 @@ class EpochLR:
             group["lr"] = lr
         self.torch_scheduler = build_torch_scheduler(optimizer, scheduler, scheduler_params or {}) if scheduler else None
         self.plateau = isinstance(self.torch_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        self.last_val_loss: float | None = None  # what ReduceLROnPlateau watches
 
     def _set(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    def end_epoch(self, val_loss: float | None) -> None:
+        """Record the epoch's validation loss (ReduceLROnPlateau acts on it at the next start_epoch)."""
+        self.last_val_loss = val_loss
+
     def start_epoch(self, epoch: int, last_val_loss: float | None = None) -> float:
-        """Set and return the lr for `epoch` (0-based). Call once per epoch, in order."""
+        """Set and return the lr for `epoch` (0-based). Call once per epoch, in order.
+
+        Args:
+            epoch: the epoch.
+            last_val_loss: the previous epoch's validation loss (default: the one end_epoch recorded).
+        """
+        last_val_loss = self.last_val_loss if last_val_loss is None else last_val_loss
         w = self.warmup_epochs
         if epoch < w:
             self._set(self.min_lr + (self.lr - self.min_lr) * epoch / w)
@@ -81,8 +92,10 @@ class EpochLR:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"torch_scheduler": self.torch_scheduler.state_dict() if self.torch_scheduler else None}
+        return {"torch_scheduler": self.torch_scheduler.state_dict() if self.torch_scheduler else None,
+                "last_val_loss": self.last_val_loss}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.torch_scheduler is not None and state.get("torch_scheduler") is not None:
             self.torch_scheduler.load_state_dict(state["torch_scheduler"])
+        self.last_val_loss = state.get("last_val_loss")

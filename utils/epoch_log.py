@@ -1,0 +1,151 @@
+"""What each epoch of training tells a person: train.log, TensorBoard, the curve PNGs, the console table.
+
+    log = EpochLog(run, epochs=100, extra_fields=["kd_loss"])
+    log.write(EpochRecord(epoch=3, lr=1e-3, seconds=12.5, train=train, val=val, improved=True))
+    draw = log.batch_drawer(class_names, mean, std, count=5)   # train_batch0.png ... in the first epoch
+
+train.log is a CSV with one row per epoch (epoch,lr,loss,acc,mean_acc,test_loss,test_acc,
+test_mean_acc[,kd_loss]); the curves are redrawn from it, so they always show the whole run,
+resumed or not. Everything goes through the run folder's `Run`, so only the main process writes.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from prettytable import PrettyTable
+
+from utils.checkpoint import Run
+from utils.plots import plot_batch, plot_curves
+
+LOGGER = logging.getLogger(__name__)
+
+TRAIN_LOG_FIELDS = ["epoch", "lr", "loss", "acc", "mean_acc", "test_loss", "test_acc", "test_mean_acc"]
+
+
+def read_train_log(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a train.log CSV."""
+    with Path(path).open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def truncate_train_log(path: str | Path, epochs_done: int) -> None:
+    """Keep the header and the first `epochs_done` rows (a resumed run rewrites the later ones)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    rows = [r for r in read_train_log(path) if int(r["epoch"]) <= epochs_done]
+    fields = TRAIN_LOG_FIELDS + [k for k in (rows[0].keys() if rows else []) if k not in TRAIN_LOG_FIELDS]
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@dataclass
+class EpochRecord:
+    """One finished epoch.
+
+    Args:
+        epoch: 1-based epoch number.
+        lr: its learning rate.
+        seconds: training + validation time.
+        train: training metrics (loss, acc, mean_acc and extra terms such as kd_loss).
+        val: validation metrics, or None without a val split.
+        improved: it produced a new best.pt.
+        notes: short remarks for the console title (head only, ...).
+    """
+
+    epoch: int
+    lr: float
+    seconds: float
+    train: dict[str, float]
+    val: dict[str, float] | None
+    improved: bool
+    notes: list[str] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        """The train.log row."""
+        val = self.val or {}
+        return {"epoch": self.epoch, "lr": self.lr, "loss": self.train["loss"], "acc": self.train["acc"],
+                "mean_acc": self.train["mean_acc"], "test_loss": val.get("loss"), "test_acc": val.get("acc"),
+                "test_mean_acc": val.get("mean_acc"), "kd_loss": self.train.get("kd_loss")}
+
+
+class EpochLog:
+    """The per-epoch outputs of a run.
+
+    Args:
+        run: the run folder.
+        epochs: the number of epochs the run trains (for the console title).
+        extra_fields: train.log columns after the standard ones (e.g. kd_loss).
+        val_label: how the validation row is labelled in the console ("val", "val (EMA)").
+    """
+
+    def __init__(self, run: Run, epochs: int, extra_fields: Sequence[str] = (), val_label: str = "val") -> None:
+        self.run = run
+        self.epochs = epochs
+        self.fields = TRAIN_LOG_FIELDS + list(extra_fields)
+        self.val_label = val_label
+        self.tb = run.tensorboard()
+
+    def resume(self, epochs_done: int) -> None:
+        """Drop the rows of epochs a resumed run trains again."""
+        if self.run.main:
+            truncate_train_log(self.run / "train.log", epochs_done)
+
+    def write(self, record: EpochRecord) -> None:
+        """Append the train.log row, the TensorBoard scalars, redraw the curves, print the table."""
+        row = record.row()
+        self.run.append_csv("train.log", row, self.fields)
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "epoch" and value is not None:
+                    tag = key if key.startswith("test_") or key in ("lr", "kd_loss") else f"train_{key}"
+                    self.tb.add_scalar(tag, value, record.epoch)
+        if self.run.main:
+            for name, fig in plot_curves(read_train_log(self.run / "train.log")).items():
+                self.run.savefig(fig, name)
+        self.print_table(record)
+
+    def print_table(self, record: EpochRecord) -> None:
+        """The epoch's PrettyTable: a row for train and one for val."""
+        if not self.run.main:
+            return
+        table = PrettyTable(["split", "loss", "acc", "mean_acc"])
+        notes = "".join(f"  {n}" for n in record.notes)
+        table.title = (f"epoch {record.epoch}/{self.epochs}  lr {record.lr:.3g}  {record.seconds:.1f}s{notes}"
+                       + ("  * best" if record.improved else ""))
+        table.add_row(["train", record.train["loss"], record.train["acc"], record.train["mean_acc"]])
+        if record.val:
+            table.add_row([self.val_label, record.val["loss"], record.val["acc"], record.val["mean_acc"]])
+        table.float_format = ".4"
+        print(table, flush=True)
+
+    def batch_drawer(self, class_names: Sequence[str], mean: Sequence[float], std: Sequence[float],
+                     count: int) -> Callable[[int, torch.Tensor, torch.Tensor], None]:
+        """A callback for the first epoch that saves the first `count` training batches as the model
+        sees them (after augmentation and mixing) as train_batch<step>.png."""
+        mean_t = torch.tensor(mean).view(1, -1, 1, 1) * 255.0
+        std_t = torch.tensor(std).view(1, -1, 1, 1) * 255.0
+
+        def draw(step: int, images: torch.Tensor, targets: torch.Tensor) -> None:
+            if step >= count or not self.run.main:
+                return
+            pixels = (images.detach().float().cpu() * std_t + mean_t).clamp(0, 255).to(torch.uint8)
+            if targets.ndim == 1:
+                labels = [class_names[t] for t in targets.tolist()]
+            else:  # mixed targets: the two classes with their shares
+                top = targets.detach().float().cpu().topk(min(2, len(class_names)), dim=1)
+                labels = [" ".join(f"{class_names[i]}:{v:.2f}" for v, i in zip(vals.tolist(), idx.tolist()) if v > 0.005)
+                          for vals, idx in zip(top.values, top.indices)]
+            self.run.savefig(plot_batch(pixels, labels, f"train batch {step}"), f"train_batch{step}.png")
+
+        return draw
+
+    def close(self) -> None:
+        self.run.close()

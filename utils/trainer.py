@@ -1,0 +1,400 @@
+"""A training run, from its data to the test score of best.pt (main.py's library).
+
+    data = load_data(args, resumed=None)                      # the splits, class names, mean/std, augmentation
+    trainer = Trainer(args, data, Run("runs/exp"), device)   # model, optimizer, schedule, EMA/SWA/KD, loaders
+    result = trainer.fit()                                    # the epochs: train, validate, save, log
+    test = trainer.test_best()                                # best.pt on the test split
+
+`Trainer` builds every part from the options and registers the stateful ones in a TrainState, so
+last.pt is one `state_dict()` and --resume one `load_state_dict()`. The epoch itself is
+utils.engine (no I/O); what is kept is utils.saver.CheckpointSaver; what is shown is
+utils.epoch_log.EpochLog. docs/architecture.md shows the whole flow.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from utils.augment import BatchMix, train_augment
+from utils.checkpoint import Run, float_weights, load_checkpoint
+from utils.config import args_to_dict
+from utils.data import (IMAGENET_MEAN, IMAGENET_STD, EpochSampler, ImageDataset, Normalize, build_loader, compute_mean_std,
+                        image_transform, train_transform)
+from utils.device import amp_settings, autobatch, autocast
+from utils.distill import Distiller, load_teacher
+from utils.ema import EMA, SWA
+from utils.engine import NonFiniteLoss, StepParts, evaluate, train_one_epoch, update_bn
+from utils.epoch_log import EpochLog, EpochRecord
+from utils.images import ImageSet, report_skipped, scan_split
+from utils.log import UserError
+from utils.losses import RDrop, Supervised, build_loss, class_balance_weights
+from utils.metrics import EpochSums
+from utils.optim import HeadFreezer, build_optimizer
+from utils.registry import create_model, load_weights
+from utils.saver import CheckpointSaver
+from utils.schedule import EpochLR
+from utils.schema import Checkpoint, ModelMeta, PreprocessSpec
+from utils.train_state import ModuleState, TrainState
+
+LOGGER = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop polls, so last.pt is saved before exit.
+
+    A second Ctrl-C stops at once.
+    """
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        LOGGER.warning("\n%s received: saving last.pt at the end of this step ...", signal.Signals(signum).name)
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ------------------------------------------------------------------------------------ data
+@dataclass
+class TrainData:
+    """The splits of a run and what is derived from them before any model exists.
+
+    Attributes:
+        train_set / val_set: the scanned splits (val_set None without a val folder).
+        spec: the test-time preprocessing (size, channels, the train set's or ImageNet's mean/std).
+        augment: the training augmentations (torchvision/albumentations transforms) and their description.
+    """
+
+    train_set: ImageSet
+    val_set: ImageSet | None
+    spec: PreprocessSpec
+    augment: list[Any] = field(default_factory=list)
+    augment_note: str = "none"
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.train_set.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.train_set.class_names)
+
+
+def load_data(args: argparse.Namespace, resumed: Checkpoint | None = None) -> TrainData:
+    """Scan the splits, check them, and settle the preprocessing (a resumed run keeps its own).
+
+    Raises:
+        UserError: missing or unusable splits, fewer than two classes, other classes than the resumed run's.
+    """
+    train_set = scan_split(args.train_path, label_path=args.label_path, what="train set")
+    class_names = train_set.class_names
+    if resumed is not None and list(resumed.meta.class_names) != class_names:
+        raise UserError(f"--resume: the classes in {args.train_path} differ from those the run was trained on")
+    report_skipped(train_set.skipped, f"train set {args.train_path}")
+    if len(class_names) < 2:
+        raise UserError(f"train set {args.train_path} has one class ({class_names[0]}): a classifier needs at least two")
+    val_set = None
+    if args.val_path and Path(args.val_path).exists():
+        val_set = scan_split(args.val_path, class_names=class_names, what="val set")
+        report_skipped(val_set.skipped, f"val set {args.val_path}")
+    else:
+        LOGGER.warning("no validation set at '%s': best.pt is chosen on the training metrics", args.val_path)
+
+    if resumed is not None:
+        mean, std = resumed.meta.preprocess.mean, resumed.meta.preprocess.std
+    elif args.imagenet_meanstd:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        if args.image_channel == 1:
+            mean, std = [sum(mean) / 3], [sum(std) / 3]
+    else:
+        mean, std = compute_mean_std(train_set.samples, args.image_size, args.image_channel, workers=0, seed=args.random_seed)
+        LOGGER.info("train set mean %s, std %s", [round(m, 4) for m in mean], [round(s, 4) for s in std])
+    spec = PreprocessSpec.create(args.image_size, args.image_channel, mean, std, args.resize_mode)
+    augment, note = train_augment(args.Augment, args.custom_augment)
+    return TrainData(train_set, val_set, spec, augment, note)
+
+
+# --------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Builds every part of a training run from its options, and runs it.
+
+    Args:
+        args: the resolved options (main.py's parse_args, or the resumed run's own).
+        data: the splits (load_data).
+        run: the run folder.
+        device: where to train.
+        resumed: the last.pt to continue from, or None.
+    """
+
+    def __init__(self, args: argparse.Namespace, data: TrainData, run: Run, device: torch.device,
+                 resumed: Checkpoint | None = None) -> None:
+        self.args, self.data, self.run, self.device = args, data, run, device
+        print(f"augmentation: {data.augment_note}" + (f"; then --mixup {args.mixup}" if args.mixup != "none" else ""), flush=True)
+        self.model = self._build_model(pretrained=resumed is None)
+        self.amp_dtype, amp_note = amp_settings(device, args.amp)
+        if args.amp:
+            LOGGER.info("--amp: %s", amp_note)
+        self._settle_batch_size()
+        weight = class_balance_weights(data.train_set.targets, data.num_classes) if args.class_balance else None
+        self.criterion = build_loss(args.loss, args.label_smoothing, weight).to(device)
+        self.optimizer = build_optimizer(self.model, args.optimizer, args.lr, args.weight_decay, args.momentum)
+        self.ema = EMA(self.model, args.ema_decay) if args.ema else None  # before any hooks are placed on the model
+        self.swa = SWA(self.model, int(args.swa_start * args.epoch)) if args.swa else None
+        self.objective, self.distiller = self._build_objective()
+        self.freezer = HeadFreezer(self.model, args.freeze) if args.freeze else None
+        self.batch_mix = BatchMix(args.mixup, data.num_classes) if args.mixup != "none" else None
+        self.schedule = EpochLR(self.optimizer, args.lr, args.epoch, args.warmup, args.warmup_ratios, args.warmup_minlr,
+                                args.lr_scheduler, args.lr_scheduler_params)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.step_parts = StepParts(self.objective, self.optimizer, self.scaler, self.amp_dtype, self.batch_mix,
+                                    args.accumulate, args.clip_grad, self.ema,
+                                    self.freezer.train_mode if self.freezer else None)
+
+        self.meta = ModelMeta(args.model_name, tuple(data.class_names), data.spec)
+        self.options = args_to_dict(args) | {"save_path": str(run.path)}
+        self.saver = CheckpointSaver(run, self.meta, self.options, args.metrice, args.patience,
+                                     weights="ema" if self.ema else "raw")
+        self.state = self._build_state()
+        self.start_step = 0
+        if resumed is not None:
+            self.state.load_state_dict(resumed.train_state)
+            self.start_step = self.state.step
+            print(f"resuming {run.path} at epoch {self.state.epoch + 1}"
+                  + (f", step {self.start_step}" if self.start_step else ""), flush=True)
+        self.normalize = Normalize(data.spec.mean, data.spec.std).to(device)
+        self.train_sampler, self.train_loader, self.val_loader = self._build_loaders()
+        run.write_yaml("args.yaml", self.options | {"mean": list(data.spec.mean), "std": list(data.spec.std)})
+        run.write_lines("label.txt", data.class_names)
+        self.log = EpochLog(run, args.epoch, ["kd_loss"] if args.kd else [], "val (EMA)" if self.ema else "val")
+        if resumed is not None:
+            self.log.resume(self.state.epoch)
+
+    # ---------------------------------------------------------------------------- building
+    def _build_model(self, pretrained: bool) -> nn.Module:
+        args = self.args
+        model = create_model(args.model_name, self.data.num_classes, args.image_channel, pretrained=args.pretrained and pretrained)
+        if args.weight and pretrained:
+            loaded, skipped = load_weights(model, args.weight)
+            LOGGER.info("--weight %s: loaded %d tensors", args.weight, len(loaded))
+            for line in skipped:
+                LOGGER.info("  skipped %s", line)
+        return model.to(self.device)
+
+    def _settle_batch_size(self) -> None:
+        """Refuse a batch of one for batch norm; pick the batch size for --batch_size -1."""
+        args = self.args
+        if args.batch_size == 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            raise UserError(f"--batch_size 1 cannot train {args.model_name}: batch norm needs at least 2 images per batch")
+        if args.batch_size != -1:
+            return
+
+        def probe_step(net: nn.Module, x: torch.Tensor) -> None:
+            with autocast(self.device, self.amp_dtype):
+                net(x).float().sum().backward()
+
+        chosen = autobatch(copy.deepcopy(self.model), args.image_size, args.image_channel, self.device, step=probe_step)
+        args.batch_size = min(chosen, len(self.data.train_set.samples))
+        LOGGER.info("--batch_size -1: %s -> batch size %d", "80% of GPU memory" if self.device.type == "cuda" else "no GPU",
+                    args.batch_size)
+
+    def _build_objective(self) -> tuple[Any, Distiller | None]:
+        """Supervised, R-Drop, or distillation from a teacher (whose learnable layers join the optimizer)."""
+        args = self.args
+        if args.rdrop:
+            return RDrop(self.criterion, args.rdrop_alpha), None
+        if not args.kd:
+            return Supervised(self.criterion), None
+        teacher, teacher_ckpt = load_teacher(args.teacher_path, self.data.class_names, args.image_channel, self.device)
+        spec, t_spec = self.data.spec, teacher_ckpt.meta.preprocess
+        distiller = Distiller(self.criterion, self.model, teacher, args.kd_method, args.kd_ratio, args.image_channel,
+                              (list(spec.mean), list(spec.std)), (list(t_spec.mean), list(t_spec.std)),
+                              args.kd_temperature).to(self.device)
+        learnable = [p for p in distiller.method.parameters() if p.requires_grad]
+        if learnable:  # MGD's generation layers train with the student
+            self.optimizer.add_param_group({"params": learnable, "weight_decay": args.weight_decay})
+        print(f"distillation: {args.kd_method} from {teacher_ckpt.meta.model_name} ({args.teacher_path}), "
+              f"kd_ratio {args.kd_ratio}", flush=True)
+        return distiller, distiller
+
+    def _build_state(self) -> TrainState:
+        """Every stateful part, under the names last.pt stores them by."""
+        state = TrainState()
+        state.add("model", ModuleState(self.model))
+        state.add("optimizer", self.optimizer)
+        state.add("scheduler", self.schedule)
+        state.add("scaler", self.scaler, required=False)  # a CPU run may resume on a GPU
+        state.add("ema", self.ema)
+        state.add("swa", self.swa)
+        state.add("distill", ModuleState(self.distiller.method) if self.distiller else None)
+        state.add("best", self.saver)
+        return state
+
+    def _build_loaders(self) -> tuple[EpochSampler, Any, Any]:
+        args, data = self.args, self.data
+        pin = self.device.type == "cuda"
+        n = len(data.train_set.samples)
+        sampler = EpochSampler(n, shuffle=True, seed=args.random_seed)
+        transform = train_transform(args.image_size, args.resize_mode, data.augment, data.spec.interpolation)
+        # a last batch of one image cannot train batch norm; mixing needs pairs
+        drop_last = n % args.batch_size == 1 or (self.batch_mix is not None and n > args.batch_size)
+        train_loader = build_loader(ImageDataset(data.train_set.samples, transform, args.image_channel, seed=args.random_seed),
+                                    args.batch_size, sampler, args.workers, pin, drop_last=drop_last)
+        val_loader = None
+        if data.val_set is not None:
+            val_loader = build_loader(ImageDataset(data.val_set.samples, image_transform(data.spec, args.test_tta), args.image_channel),
+                                      args.batch_size, EpochSampler(len(data.val_set.samples), shuffle=False), args.workers, pin)
+        return sampler, train_loader, val_loader
+
+    # ---------------------------------------------------------------------------- training
+    def scored_model(self) -> nn.Module:
+        """What validation scores and best.pt holds: the EMA weights with --ema."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def fit(self) -> dict[str, Any]:
+        """Train the remaining epochs (stopping early on --patience or a signal), then finish SWA.
+
+        Returns:
+            {"best_epoch", "best_metric", "best_value"}.
+        """
+        args = self.args
+        print(f"training {args.model_name} on {self.device} ({len(self.data.train_set.samples)} train images, "
+              f"{self.data.num_classes} classes, batch {args.batch_size}, {args.epoch} epochs)", flush=True)
+        with StopFlag() as stop:
+            for epoch in range(self.state.epoch, args.epoch):
+                self.run_epoch(epoch, stop)
+                if stop():
+                    print(f"stopped after epoch {epoch + 1}: saved {self.run / 'last.pt'}; "
+                          f"continue with: python main.py --save_path {self.run.path} --resume", flush=True)
+                    raise KeyboardInterrupt
+                if self.saver.patience_exhausted:
+                    print(f"early stop: no improvement of val {args.metrice} for {args.patience} epochs "
+                          f"(best {self.saver.best_value:.4f} at epoch {self.saver.best_epoch})", flush=True)
+                    break
+        if self.swa is not None:
+            self.finish_swa()
+        self.log.close()
+        saver = self.saver
+        print(f"best.pt: epoch {saver.best_epoch}, {'val' if self.val_loader else 'train'} {args.metrice} "
+              f"{saver.best_value:.4f}", flush=True)
+        return {"best_epoch": saver.best_epoch, "best_metric": args.metrice, "best_value": saver.best_value}
+
+    def run_epoch(self, epoch: int, stop: StopFlag) -> EpochRecord:
+        """Train one epoch (or the rest of it), validate, choose best.pt, log, save last.pt."""
+        args, state = self.args, self.state
+        start_step = self.start_step if epoch == state.epoch else 0
+        lr = self.schedule.current() if start_step else self.schedule.start_epoch(epoch)
+        frozen = self.freezer.start_epoch(epoch) if self.freezer else False
+        self.train_sampler.set_epoch(epoch, skip=start_step * args.batch_size)
+        sums, extra = EpochSums(self.data.num_classes), {}
+        if start_step and state.sums:
+            sums.load_state_dict(state.sums)
+            extra = dict(state.extra or {})
+        t0 = time.time()
+        train = self.train_epoch(epoch, sums, extra, start_step, stop)
+        self.start_step = 0
+        if train["interrupted"]:
+            state.epoch, state.step, state.sums, state.extra = epoch, int(train["steps"]), sums.state_dict(), extra
+            self.saver.save_last(state)
+            print(f"stopped at epoch {epoch + 1}, step {state.step}: saved {self.run / 'last.pt'}; "
+                  f"continue with: python main.py --save_path {self.run.path} --resume", flush=True)
+            raise KeyboardInterrupt
+        if self.swa is not None:
+            self.swa.end_epoch(self.model, epoch)
+        val = self.validate(self.scored_model())
+        self.schedule.end_epoch(val["loss"] if val else None)
+        improved = self.saver.end_epoch(epoch + 1, (val or train)[args.metrice], self.scored_model(),
+                                        {"train": train, "val": val})
+        notes = (["head only"] if frozen else []) + ([f"kd_loss {train['kd_loss']:.4f}"] if "kd_loss" in train else [])
+        record = EpochRecord(epoch + 1, lr, time.time() - t0, train, val, improved, notes)
+        self.log.write(record)  # before last.pt: a kill in between redoes this epoch, and its row with it
+        state.epoch, state.step, state.sums, state.extra = epoch + 1, 0, None, None
+        self.saver.save_last(state)
+        return record
+
+    def train_epoch(self, epoch: int, sums: EpochSums, extra: dict[str, float], start_step: int, stop: StopFlag) -> dict[str, float]:
+        """utils.engine.train_one_epoch with this run's parts; a non-finite loss ends the run in one line."""
+        failed: list[tuple[str, str]] = []
+        draw = (self.log.batch_drawer(self.data.class_names, self.data.spec.mean, self.data.spec.std,
+                                      int(self.args.plot_train_batch_count)) if epoch == 0 else None)
+        try:
+            train = train_one_epoch(self.model, self.step_parts, self.train_loader, self.device, epoch, self.normalize, sums,
+                                    start_step=start_step, should_stop=stop, on_batch=draw, failed=failed, extra_sums=extra)
+        except NonFiniteLoss as err:
+            raise UserError(f"training stopped: {err}; lower --lr (now {self.args.lr}) or drop --amp. "
+                            f"The checkpoints in {self.run.path} are from the last good epoch and were not touched") from None
+        report_skipped(failed, "images that failed to decode (left out of training)")
+        return train
+
+    def validate(self, model: nn.Module) -> dict[str, float] | None:
+        """Loss, acc and mean_acc of `model` on the val split (None without one)."""
+        if self.val_loader is None:
+            return None
+        failed: list[tuple[str, str]] = []
+        val = evaluate(model, self.criterion, self.val_loader, self.device, self.data.num_classes, self.normalize,
+                       self.amp_dtype, failed=failed)
+        report_skipped(failed, "val images that failed to decode")
+        return val
+
+    def finish_swa(self) -> None:
+        """Recompute the SWA model's batch-norm statistics, score it, save swa.pt, and make it
+        best.pt if it beats the best epoch."""
+        swa = self.swa
+        if swa.count == 0:
+            print(f"--swa: training stopped before epoch {swa.start_epoch + 1}, where averaging starts; no swa.pt", flush=True)
+            return
+        self.train_sampler.set_epoch(self.args.epoch)
+        update_bn(swa.module, self.train_loader, self.device, self.normalize)
+        val = self.validate(swa.module)
+        value = val[self.args.metrice] if val else None
+        promoted = self.saver.offer_swa(swa.module, self.args.epoch, {"val": val}, value, swa.count)
+        print(f"swa.pt: average of the last {swa.count} epochs" + (f", val {self.args.metrice} {value:.4f}" if val else "")
+              + (" (better than the best epoch: now best.pt)" if promoted else ""), flush=True)
+
+    def test_best(self) -> dict[str, float] | None:
+        """best.pt's loss, acc and mean_acc on the test split (None when there is no test folder)."""
+        args = self.args
+        if not args.test_path or not Path(args.test_path).exists():
+            return None
+        test_set = scan_split(args.test_path, class_names=self.data.class_names, what="test set")
+        report_skipped(test_set.skipped, f"test set {args.test_path}")
+        best = load_checkpoint(self.run / "best.pt")
+        self.model.load_state_dict(float_weights(best.model))
+        loader = build_loader(ImageDataset(test_set.samples, image_transform(self.data.spec, args.test_tta), args.image_channel),
+                              args.batch_size, EpochSampler(len(test_set.samples), shuffle=False), 0, self.device.type == "cuda")
+        test = evaluate(self.model, self.criterion, loader, self.device, self.data.num_classes, self.normalize,
+                        self.amp_dtype, desc="test")
+        print(f"test ({len(test_set.samples)} images, best.pt): acc {test['acc']:.4f}, mean_acc {test['mean_acc']:.4f}, "
+              f"loss {test['loss']:.4f}", flush=True)
+        return test
