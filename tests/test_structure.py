@@ -1,0 +1,308 @@
+"""The parts every script is built from: the checkpoint schema (and checkpoints written before it),
+TrainState, the one ensemble path of metrice.py and predict.py, and the shape rules of the code."""
+from __future__ import annotations
+
+import ast
+import csv
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, SUBPROCESS_ENV, assert_ok, describe, load_ckpt, run_script
+from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.log import UserError
+from utils.schema import VERSION, Checkpoint, ModelMeta, PreprocessSpec
+from utils.train_state import ModuleState, TrainState
+
+V1_RUN = REPO / "tests" / "fixtures" / "v1_run"  # written by the toolkit before the schema existed (format /1)
+
+
+# ------------------------------------------------------------------------------------ schema
+def test_preprocess_and_meta_round_trip() -> None:
+    spec = PreprocessSpec.create(48, 1, [0.25], [0.5], "letterbox", "bicubic")
+    assert PreprocessSpec.from_dict(spec.to_dict()) == spec
+    assert spec.geometry() == (48, 48, "letterbox", "bicubic", 1) and spec.with_size(64).crop == 64
+    meta = ModelMeta("resnet10t", ("b", "a", "c"), spec)
+    flat = meta.to_dict()
+    assert ModelMeta.from_dict(flat) == meta
+    assert (flat["num_classes"], flat["image_size"], flat["image_channel"], flat["mean"]) == (3, 48, 1, [0.25])
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"channels": 2}, "'channels' must be 1 or 3"),
+    ({"mean": [0.5, 0.5]}, "'mean' must be 3"),
+    ({"std": [0.5, 0.0, 0.5]}, "'std' must be 3 finite positive"),
+    ({"resize_mode": "stretch"}, "'resize_mode' is 'stretch'"),
+    ({"interpolation": "lanczos9"}, "'interpolation'"),
+    ({"crop": 0}, "'crop' must be an integer >= 1"),
+    ({"resize": None}, "'resize' must be an integer"),
+])
+def test_preprocess_spec_refuses_bad_values(change: dict, needle: str) -> None:
+    data = PreprocessSpec.create(32, 3, [0.5] * 3, [0.25] * 3).to_dict() | change
+    with pytest.raises(UserError, match=needle.replace("(", r"\(")):
+        PreprocessSpec.from_dict(data, "x.pt")
+
+
+def test_incomplete_or_foreign_checkpoints_get_one_clear_error(tmp_path: Path) -> None:
+    cases = {
+        "tag_only.pt": ({"format": "pytorch-classifier-ng/1"}, "lacks 'model_name'"),
+        "no_tag.pt": ({"model": {}}, "not written by this toolkit"),
+        "future.pt": ({"format": "pytorch-classifier-ng", "version": VERSION + 1}, "newer version"),
+        "one_class.pt": (load_ckpt(V1_RUN / "best.pt") | {"class_names": ["cat"], "num_classes": 1}, "at least two"),
+        "bad_kind.pt": (load_ckpt(V1_RUN / "best.pt") | {"kind": "weird"}, "'kind'"),
+    }
+    for name, (data, needle) in cases.items():
+        torch.save(data, tmp_path / name)
+        with pytest.raises(UserError, match=needle):
+            load_checkpoint(tmp_path / name)
+    # weights that do not fit the named architecture: one line too, not a state_dict traceback
+    data = load_ckpt(V1_RUN / "best.pt")
+    data["model"] = {k: v for k, v in list(data["model"].items())[:-2]}
+    torch.save(data, tmp_path / "cut.pt")
+    with pytest.raises(UserError, match="do not fit test_efficientnet"):
+        model_from_checkpoint(load_checkpoint(tmp_path / "cut.pt"))
+
+
+def test_version_1_checkpoints_still_load() -> None:
+    best = load_checkpoint(V1_RUN / "best.pt")
+    assert best.version == 1 and best.kind == "best" and best.weights == "raw" and best.train_state is None
+    assert best.meta.model_name == "test_efficientnet" and best.meta.class_names == ("cat", "dog")
+    assert best.meta.image_size == 16 and best.meta.preprocess.resize_mode == "crop" and len(best.meta.preprocess.mean) == 3
+    assert best.epoch == 1 and best.metrics["val"]["acc"] == best.val_or_train_acc()[0]
+    model = model_from_checkpoint(best)
+    assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 2)
+
+    last = load_checkpoint(V1_RUN / "last.pt")
+    assert last.kind == "last" and last.version == 1
+    state = last.train_state
+    assert {"model", "optimizer", "scheduler", "rng", "epoch", "step", "best"} <= set(state)
+    assert state["epoch"] == 1 and state["step"] == 0 and state["best"]["epoch"] == 1
+    # written again, the same checkpoint is version 2 and reads back to the same object
+    again = Checkpoint.from_dict(best.to_dict())
+    assert again.version == VERSION and again.meta == best.meta and again.epoch == best.epoch
+
+
+def write_v1_data(root: Path) -> None:
+    """The images the version-1 fixture run was trained on (same seed, colours and sizes)."""
+    rng = np.random.default_rng(1)
+    colours = [(220, 30, 30), (40, 60, 220)]
+    for split, n in (("train", 6), ("val", 2)):
+        for c, name in enumerate(["cat", "dog"]):
+            folder = root / "data" / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                img = np.clip(np.tile(np.array(colours[c], float), (16, 16, 1)) + rng.normal(0, 20, (16, 16, 3)), 0, 255)
+                Image.fromarray(img.astype(np.uint8)).save(folder / f"{k}.png")
+
+
+def test_version_1_run_resumes_predicts_and_exports(tmp_path: Path) -> None:
+    write_v1_data(tmp_path)
+    run = tmp_path / "run"
+    shutil.copytree(V1_RUN, run)
+    resumed = run_script("main.py", "--save_path", "run", "--resume", "--epoch", "2", cwd=tmp_path)
+    assert_ok(resumed)
+    assert "resuming run at epoch 2" in resumed.stdout
+    rows = list(csv.DictReader((run / "train.log").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert rows[0] == next(csv.DictReader((V1_RUN / "train.log").open()))  # epoch 1 kept as it was
+    last = load_ckpt(run / "last.pt")
+    assert last["version"] == VERSION and last["train_state"]["epoch"] == 2
+
+    source = tmp_path / "data" / "val"
+    predicted = run_script("predict.py", "--source", source, "--save_path", V1_RUN, "--device", "cpu", "--workers", 0,
+                           cwd=tmp_path)
+    assert_ok(predicted)
+    folder = V1_RUN / "predict"
+    try:
+        out = next(folder.glob("exp*/predictions.csv"))
+        rows = list(csv.DictReader(out.open()))
+    finally:
+        shutil.rmtree(folder)  # never leave output in the repository's fixture
+    best = load_checkpoint(V1_RUN / "best.pt")
+    model = model_from_checkpoint(best)
+    from utils.data import Normalize, eval_transform
+    from utils.images import load_image
+
+    spec = best.meta.preprocess
+    x = torch.stack([eval_transform(spec)(load_image(r["path"], 3)) for r in rows])
+    with torch.no_grad():
+        probs = model(Normalize(spec.mean, spec.std)(x)).softmax(1)
+    assert len(rows) == 4
+    for row, p in zip(rows, probs):
+        assert row["class"] == best.meta.class_names[int(p.argmax())]
+        assert float(row["prob"]) == pytest.approx(float(p.max()), abs=1e-5)
+
+    exported = run_script("export.py", "--save_path", run / "best.pt", "--export", "onnx", "--output_path", tmp_path / "exp",
+                          "--device", "cpu", cwd=tmp_path)
+    assert_ok(exported)
+    assert "parity vs PyTorch" in exported.stdout and ": ok" in exported.stdout
+
+
+# -------------------------------------------------------------------------------- TrainState
+def _parts(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, object, TrainState]:
+    from utils.ema import EMA
+    from utils.schedule import EpochLR
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(36, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    schedule = EpochLR(optimizer, 1e-2, 10, scheduler="ReduceLROnPlateau", scheduler_params={"patience": 0})
+    ema = EMA(model, 0.9)
+    state = TrainState()
+    state.add("model", ModuleState(model))
+    state.add("optimizer", optimizer)
+    state.add("scheduler", schedule)
+    state.add("ema", ema)
+    return model, optimizer, (schedule, ema), state
+
+
+def test_train_state_round_trip(tmp_path: Path) -> None:
+    model, optimizer, (schedule, ema), state = _parts(seed=0)
+    for epoch in range(3):  # a few real steps: optimizer moments, EMA updates, plateau counters
+        schedule.start_epoch(epoch)
+        loss = model(torch.randn(4, 3, 5, 5)).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update(model)
+        schedule.end_epoch(1.0 + epoch)  # a worsening loss: the plateau scheduler acts on it
+    state.epoch, state.step, state.sums, state.extra = 3, 5, {"count": 20}, {"kd_loss": 1.5}
+    torch.save(state.state_dict(), tmp_path / "state.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())  # what the RNGs give next
+
+    model2, optimizer2, (schedule2, ema2), fresh = _parts(seed=1)  # other initial weights
+    assert not torch.equal(model2[0].weight, model[0].weight)
+    fresh.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(ema.module.state_dict().values(), ema2.module.state_dict().values()):
+        assert torch.equal(a, b)
+    assert ema2.updates == ema.updates == 3
+    s1, s2 = optimizer.state_dict()["state"], optimizer2.state_dict()["state"]
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k]["exp_avg"], s2[k]["exp_avg"]) for k in s1)
+    assert schedule2.state_dict() == schedule.state_dict() and schedule2.last_val_loss == 3.0
+    assert optimizer2.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+    assert (fresh.epoch, fresh.step, fresh.sums, fresh.extra) == (3, 5, {"count": 20}, {"kd_loss": 1.5})
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+def test_train_state_refuses_a_state_without_a_required_part() -> None:
+    *_, state = _parts(seed=0)
+    saved = state.state_dict()
+    del saved["ema"]
+    *_, fresh = _parts(seed=0)
+    with pytest.raises(UserError, match="has no ema"):
+        fresh.load_state_dict(saved)
+    with pytest.raises(ValueError, match="taken"):
+        fresh.add("epoch", torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1))
+
+
+# ------------------------------------------------------------------------- one ensemble path
+def test_metrice_and_predict_give_the_same_ensemble_probabilities(trained_runs: dict, tiny_data: Path) -> None:
+    import metrice
+    import predict
+
+    runs = [trained_runs["CrossEntropyLoss"].path, trained_runs["PolyLoss"].path]  # two different models
+    common = ["--save_path", *map(str, runs), "--ensemble", "weighted", "--ensemble_weights", "2", "1", "--device", "cpu",
+              "--workers", "0"]
+    evaluated = metrice.main(metrice.parse_args([*common, "--task", "test", "--test_path", str(tiny_data / "test"),
+                                                 "--visual"]))
+    folder = predict.main(predict.parse_args([*common, "--source", str(tiny_data / "test")]))
+    try:
+        by_metrice = {}
+        for name in ("correct.csv", "incorrect.csv"):
+            for row in csv.DictReader((evaluated["output"] / name).open()):
+                by_metrice[row["path"]] = {row[f"top{j}_class"]: float(row[f"top{j}_probability"]) for j in (1, 2, 3)}
+        by_predict = {row["path"]: {row[f"top{j}_class"]: float(row[f"top{j}_prob"]) for j in (1, 2, 3)}
+                      for row in csv.DictReader((folder / "predictions.csv").open())}
+        assert by_metrice.keys() == by_predict.keys() and len(by_predict) == 9
+        for path, probs in by_predict.items():
+            assert probs == pytest.approx(by_metrice[path], abs=2e-6), path
+        # and it is the weighted mean of the two models' own probabilities
+        singles = [metrice.main(metrice.parse_args(["--save_path", str(r), "--task", "test", "--test_path",
+                                                    str(tiny_data / "test"), "--visual", "--device", "cpu", "--workers", "0"]))
+                   for r in runs]
+        spread = 0.0
+        for path, probs in by_predict.items():
+            own = []
+            for single in singles:
+                rows = [r for n in ("correct.csv", "incorrect.csv") for r in csv.DictReader((single["output"] / n).open())]
+                row = next(r for r in rows if r["path"] == path)
+                own.append({row[f"top{j}_class"]: float(row[f"top{j}_probability"]) for j in (1, 2, 3)})
+            for cls, p in probs.items():
+                assert p == pytest.approx((2 * own[0][cls] + own[1][cls]) / 3, abs=2e-6)
+            spread = max(spread, max(abs(own[0][c] - own[1][c]) for c in probs))
+        assert spread > 1e-3, "the two models must disagree for the check to mean anything"
+    finally:
+        shutil.rmtree(folder.parent)
+        for out in [evaluated["output"], *[s["output"] for s in singles]]:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ code shape
+def _product_files() -> list[Path]:
+    files = sorted(REPO.glob("*.py")) + sorted((REPO / "utils").glob("*.py")) + sorted((REPO / "model").glob("*.py"))
+    assert len(files) > 20
+    return files
+
+
+def test_no_function_over_80_lines_and_thin_scripts() -> None:
+    long = []
+    for file in _product_files():
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                long.append(f"{file.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long
+    for script in ("main.py", "metrice.py", "predict.py", "processing.py", "export.py"):
+        lines = len((REPO / script).read_text(encoding="utf-8").splitlines())
+        assert lines < 300, f"{script} has {lines} lines"
+
+
+def test_one_cpu_policy() -> None:
+    defined = [f"{file.relative_to(REPO)}" for file in _product_files() + sorted((REPO / "benchmarks").glob("*.py"))
+               for node in ast.walk(ast.parse(file.read_text(encoding="utf-8")))
+               if isinstance(node, ast.FunctionDef) and node.name in ("default_workers", "share_cpu")]
+    assert sorted(defined) == ["utils/device.py", "utils/device.py"], defined
+    for script in ("main.py", "metrice.py", "predict.py"):
+        assert "share_cpu(" in (REPO / script).read_text(encoding="utf-8"), script
+
+
+def test_schema_and_images_import_without_torch() -> None:
+    code = ("import sys\nfor name in ('torch', 'torchvision', 'timm'):\n    sys.modules[name] = None\n"
+            f"sys.path.insert(0, {str(REPO)!r})\n"
+            "from utils.schema import ModelMeta\nfrom utils.images import load_image, scan_split\nprint('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=None)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", describe(proc)
+
+
+def test_library_imports_are_acyclic() -> None:
+    graph: dict[str, set[str]] = {}
+    for file in sorted((REPO / "utils").glob("*.py")):
+        deps = set()
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("utils."):
+                deps.add(node.module.split(".")[1])
+        graph[file.stem] = deps
+    seen: dict[str, int] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        if seen.get(name) == 1:
+            raise AssertionError("import cycle: " + " -> ".join(path + [name]))
+        if seen.get(name) == 2:
+            return
+        seen[name] = 1
+        for dep in graph.get(name, ()):
+            visit(dep, path + [name])
+        seen[name] = 2
+
+    for module in graph:
+        visit(module, [])
+    assert "registry" not in graph["distill"] and "features" in graph["distill"]  # feature taps beside the features
