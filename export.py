@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from utils.config import ArgumentParser
+from utils.config import ArgumentParser, finite_float
 from utils.export import DEFAULT_OPSET, EXPORT_FORMATS, ExportOptions, export_checkpoint, formats_table
 from utils.log import UserError, run_cli
 
@@ -35,7 +35,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--half", action="store_true", help="float16 model (CUDA GPU only)")
     p("--int8", action="store_true", help="also write an int8 ONNX model (onnxruntime static quantization)")
     p("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
-    p("--workspace", type=float, default=4.0, help="TensorRT builder workspace (GiB)")
+    p("--workspace", type=finite_float, default=4.0, help="TensorRT builder workspace (GiB)")
     p("--device", default="", help="'' (GPU if any), cpu, or a GPU index such as 0")
     p("--verbose", action="store_true", help="the exporters' own logs and warnings, full tracebacks on failure")
     p("--val_path", default="", help="images for the parity check (default: the run's val, else test, else train split)")

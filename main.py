@@ -22,7 +22,7 @@ from prettytable import PrettyTable
 
 from utils.augment import AUGMENT_CHOICES, MIXUP_CHOICES
 from utils.checkpoint import Run, increment_path, load_checkpoint
-from utils.config import CONFIG_ONLY_KEYS, DEFAULT_CONFIG, ArgumentParser, parse_with_config
+from utils.config import CONFIG_ONLY_KEYS, DEFAULT_CONFIG, ArgumentParser, finite_float, parse_with_config
 from utils.device import default_workers, select_device, share_cpu
 from utils.distill import KD_METHODS
 from utils.log import UserError, run_cli
@@ -61,15 +61,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--resume", action="store_true", help="continue the run in --save_path from its last.pt")
     p("--loss", default="CrossEntropyLoss", choices=list(LOSSES), help="loss function")
     p("--optimizer", default="AdamW", choices=list(OPTIMIZERS), help="optimizer")
-    p("--lr", type=float, default=1e-3, help="peak learning rate")
-    p("--label_smoothing", type=float, default=0.1, help="label smoothing of the loss")
+    p("--lr", type=finite_float, default=1e-3, help="peak learning rate")
+    p("--label_smoothing", type=finite_float, default=0.1, help="label smoothing of the loss")
     p("--class_balance", action="store_true", help="weight classes by sqrt of sklearn's balanced weights")
-    p("--weight_decay", type=float, default=5e-4, help="weight decay (not on biases and norm layers)")
-    p("--momentum", type=float, default=0.9, help="momentum of SGD / RMSProp")
+    p("--weight_decay", type=finite_float, default=5e-4, help="weight decay (not on biases and norm layers)")
+    p("--momentum", type=finite_float, default=0.9, help="momentum of SGD / RMSProp")
     p("--amp", action="store_true", help="mixed precision: float16 on CUDA, bfloat16 on CPU")
     p("--warmup", action="store_true", help="linear learning-rate warm-up")
-    p("--warmup_ratios", type=float, default=0.05, help="fraction of the epochs spent warming up")
-    p("--warmup_minlr", type=float, default=1e-6, help="warm-up start lr and the end of the default decay")
+    p("--warmup_ratios", type=finite_float, default=0.05, help="fraction of the epochs spent warming up")
+    p("--warmup_minlr", type=finite_float, default=1e-6, help="warm-up start lr and the end of the default decay")
     p("--metrice", default="acc", choices=["loss", "acc", "mean_acc"], help="validation metric that picks best.pt")
     p("--patience", type=int, default=30, help="stop after this many epochs without improvement (0 = never)")
     p("--imagenet_meanstd", action="store_true", help="normalise with ImageNet's mean/std, not the train set's")
@@ -79,19 +79,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--mixup", default="none", choices=list(MIXUP_CHOICES), help="mix pairs of images in a batch, after the other augmentations")
     p("--test_tta", action="store_true", help="validate with TenCrop test-time augmentation")
     p("--ema", action="store_true", help="keep an exponential moving average of the weights; validate and save it")
-    p("--ema_decay", type=float, default=0.9998, help="EMA decay (warmed up from 0)")
+    p("--ema_decay", type=finite_float, default=0.9998, help="EMA decay (warmed up from 0)")
     p("--rdrop", action="store_true", help="R-Drop: two forward passes with a KL consistency term")
-    p("--rdrop_alpha", type=float, default=0.3, help="weight of R-Drop's KL term")
+    p("--rdrop_alpha", type=finite_float, default=0.3, help="weight of R-Drop's KL term")
     p("--accumulate", type=int, default=1, help="optimizer step every N batches (gradient accumulation)")
     p("--freeze", type=int, default=0, help="train only the classifier head for the first N epochs (-1: always)")
-    p("--clip_grad", type=float, default=0.0, help="clip the gradient norm to this value (0 = off)")
+    p("--clip_grad", type=finite_float, default=0.0, help="clip the gradient norm to this value (0 = off)")
     p("--swa", action="store_true", help="stochastic weight averaging over the last epochs (saved as swa.pt)")
-    p("--swa_start", type=float, default=0.75, help="fraction of the epochs after which SWA averaging starts")
+    p("--swa_start", type=finite_float, default=0.75, help="fraction of the epochs after which SWA averaging starts")
     p("--kd", action="store_true", help="knowledge distillation from --teacher_path")
     p("--teacher_path", default="", help="run folder (or best.pt) of the teacher")
     p("--kd_method", default="SoftTarget", choices=list(KD_METHODS), help="distillation loss")
-    p("--kd_ratio", type=float, default=0.7, help="weight of the distillation loss")
-    p("--kd_temperature", type=float, default=4.0, help="SoftTarget temperature")
+    p("--kd_ratio", type=finite_float, default=0.7, help="weight of the distillation loss")
+    p("--kd_temperature", type=finite_float, default=4.0, help="SoftTarget temperature")
     return parser
 
 

@@ -22,7 +22,7 @@ import torch
 
 from utils.backends import MODEL_TYPES
 from utils.checkpoint import Run, increment_path
-from utils.config import ArgumentParser, args_to_dict
+from utils.config import ArgumentParser, args_to_dict, finite_float
 from utils.device import default_workers, select_device, share_cpu
 from utils.ensemble import ENSEMBLE_METHODS, Ensemble, load_ensemble
 from utils.evaluation import measure_speed, predict_split, score_split
@@ -59,7 +59,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--tsne", action="store_true", help="t-SNE of the penultimate features (torch models)")
     p("--ensemble", default=None, choices=list(ENSEMBLE_METHODS),  # None: mean, or weighted with weights
       help="how several runs are combined (default mean; weighted with --ensemble_weights)")
-    p("--ensemble_weights", type=float, nargs="+", default=None,
+    p("--ensemble_weights", type=finite_float, nargs="+", default=None,
       help="one weight per run for --ensemble weighted (default: each run's best validation accuracy)")
     return parser
 

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from utils.backends import MODEL_TYPES
 from utils.cam import CAM_TYPES
 from utils.checkpoint import increment_path
-from utils.config import ArgumentParser
+from utils.config import ArgumentParser, finite_float
 from utils.data import eval_transform
 from utils.device import default_workers, select_device, share_cpu
 from utils.ensemble import ENSEMBLE_METHODS, Ensemble, InputPlan, load_ensemble
@@ -58,10 +58,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--batch_size", type=int, default=64, help="images per batch")
     p("--workers", type=int, default=default_workers(), help="image-loading processes (0 = main process; none on 1-2 CPUs)")
     p("--test_tta", action="store_true", help="TenCrop test-time augmentation (the 10 crops' probabilities averaged)")
-    p("--conf_threshold", type=float, default=0.5, help="a top-1 probability below this marks the row uncertain")
+    p("--conf_threshold", type=finite_float, default=0.5, help="a top-1 probability below this marks the row uncertain")
     p("--ensemble", default="mean", choices=list(ENSEMBLE_METHODS), help="how several --save_path models are combined: "
       "mean of probabilities, vote (each model's top-1; ties broken by the mean), or weighted")
-    p("--ensemble_weights", type=float, nargs="+", default=None,
+    p("--ensemble_weights", type=finite_float, nargs="+", default=None,
       help="--ensemble weighted: one weight per --save_path; none given = each run's best validation accuracy")
     p("--save_images", action="store_true", help="save a copy of each image with its label and probability drawn")
     p("--cam_visual", action="store_true", help="save a class activation map per image (input | heatmap | label)")

@@ -11,6 +11,7 @@ readable image. `--sample digits` first writes scikit-learn's bundled handwritte
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import random
@@ -21,12 +22,15 @@ from typing import Any, Sequence
 
 from prettytable import PrettyTable
 
-from utils.config import ArgumentParser
-from utils.images import class_folders, natural_key, report_skipped, resolve_class_names, scan_class_folder
+from utils.config import ArgumentParser, finite_float
+from utils.files import atomic_write_text
+from utils.images import class_folders, natural_key, report_skipped, resolve_class_names, scan_class_folders
 from utils.log import UserError, run_cli
 
 LOGGER = logging.getLogger("processing")
 SPLITS = ("train", "val", "test")
+MANIFEST = ".processing.json"  # in --output_path: the files this script wrote there (only those are replaced)
+SAMPLE_MARKER = ".sample.json"  # in --data_path: written by --sample
 SAMPLES = ("digits",)
 
 
@@ -37,11 +41,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--data_path", default="dataset/raw", help="the whole dataset: <data_path>/<class>/<images>")
     p("--output_path", default="dataset", help="where train/, val/, test/ and label.txt are written")
     p("--label_path", default=None, help="where label.txt goes (default: <output_path>/label.txt)")
-    p("--val_size", type=float, default=0.2, help="fraction of each class for validation (0 = none)")
-    p("--test_size", type=float, default=0.2, help="fraction of each class for testing (0 = none)")
+    p("--val_size", type=finite_float, default=0.2, help="fraction of each class for validation (0 = none)")
+    p("--test_size", type=finite_float, default=0.2, help="fraction of each class for testing (0 = none)")
     p("--seed", type=int, default=0, help="random seed of the split")
     p("--link", action="store_true", help="symlink the images instead of copying them")
-    p("--force", action="store_true", help="replace train/, val/, test/ and label.txt in a non-empty --output_path")
+    p("--force", action="store_true", help="replace the train/, val/, test/ and label.txt an earlier run of processing.py wrote")
     p("--sample", choices=SAMPLES, default=None, help="first write a bundled sample dataset into --data_path")
     return parser
 
@@ -116,23 +120,66 @@ def _inside(child: Path, parent: Path) -> bool:
         return False
 
 
+def read_manifest(output: Path) -> dict[str, Any]:
+    """What an earlier processing.py wrote into `output` ({} when nothing: a folder of the user's)."""
+    try:
+        data = json.loads((output / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and isinstance(data.get("files"), list) else {}
+
+
+def existing_outputs(output: Path) -> list[Path]:
+    """Every file (or link) under output/train, val and test, links not followed."""
+    found = []
+    for split in SPLITS:
+        for dirpath, _, filenames in os.walk(output / split):
+            found.extend(Path(dirpath) / name for name in filenames)
+    return found
+
+
 def check_paths(source: Path, output: Path, label_path: Path, force: bool) -> list[Path]:
-    """Refuse outputs that overlap the source or would overwrite data without --force.
+    """Refuse outputs that overlap the source, and any overwrite of what processing.py did not
+    write itself; without --force, any overwrite at all.
 
     Returns:
-        The existing outputs that --force will replace.
+        The files of an earlier split that --force replaces.
     """
-    targets = [output / s for s in SPLITS]
-    for target in targets + [label_path]:
+    for target in [output / s for s in SPLITS] + [label_path]:
         if _inside(source, target) or _inside(target, source):
             raise UserError(f"{target} overlaps the source folder {source}: choose an --output_path outside it")
-    existing = [t for t in targets if t.exists() and (t.is_file() or any(t.iterdir()))]
-    if label_path.exists():
-        existing.append(label_path)
-    if existing and not force:
-        raise UserError(f"{output} already holds {', '.join(p.name for p in existing)}: "
-                        "pass --force to replace them, or choose another --output_path")
-    return existing
+    if label_path.is_dir():
+        raise UserError(f"--label_path {label_path} is a folder: pass the path of the file to write, "
+                        f"e.g. {label_path / 'label.txt'}")
+    for split in SPLITS:
+        if (output / split).exists() and not (output / split).is_dir():
+            raise UserError(f"{output / split} is a file, not a folder: choose another --output_path")
+    manifest = read_manifest(output)
+    ours = set(manifest.get("files", []))
+    existing = existing_outputs(output)
+    label_exists = label_path.exists() or label_path.is_symlink()
+    if (existing or label_exists) and not force:
+        shown = sorted({p.relative_to(output).parts[0] for p in existing} | ({label_path.name} if label_exists else set()))
+        raise UserError(f"{output} already holds {', '.join(shown)}: pass --force to replace what processing.py wrote "
+                        "there, or choose another --output_path")
+    foreign = [p for p in existing if p.relative_to(output).as_posix() not in ours]
+    if foreign:
+        raise UserError(f"{output} holds {len(foreign)} file(s) that processing.py did not write (e.g. {foreign[0]}): "
+                        "--force replaces only its own; move them away or choose another --output_path")
+    if label_exists and manifest.get("label_path") != str(label_path.absolute()):
+        raise UserError(f"--label_path {label_path} exists and was not written by processing.py: move it away or "
+                        "choose another --label_path")
+    return existing + ([label_path] if label_exists else [])
+
+
+def remove_outputs(paths: Sequence[Path], output: Path) -> None:
+    """Delete the files of an earlier split (all written by processing.py) and the folders they leave empty."""
+    for path in paths:
+        path.unlink()
+    for split in SPLITS:
+        for dirpath, _, _ in sorted(os.walk(output / split), key=lambda w: -len(w[0])):
+            if not os.listdir(dirpath):
+                os.rmdir(dirpath)
 
 
 def place(src: Path, dst: Path, link: bool) -> None:
@@ -149,13 +196,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     label_path = Path(args.label_path) if args.label_path else output / "label.txt"
 
     if args.sample:
-        if source.exists() and any(source.iterdir()):
-            if not args.force:
-                raise UserError(f"{source} is not empty: write the sample elsewhere (--data_path) or pass --force")
-            if not (source / "0").is_dir():
-                raise UserError(f"{source} holds other data: --force only replaces an earlier sample there")
-            shutil.rmtree(source)
+        marker = source / SAMPLE_MARKER
+        if source.exists() and not source.is_dir():
+            raise UserError(f"--data_path {source} is a file: --sample writes a folder")
+        if source.exists() and any(source.iterdir()) and not marker.is_file():
+            raise UserError(f"{source} already holds files that --sample did not write: --sample writes into a new or "
+                            "empty folder (or over an earlier sample); choose another --data_path")
         count = write_digits(source)
+        atomic_write_text(marker, json.dumps({"sample": args.sample, "images": count}) + "\n")
         print(f"sample '{args.sample}': wrote {count} images into {source}", flush=True)
 
     if not source.is_dir():
@@ -165,24 +213,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"--data_path {source} has no class folders (expected <data_path>/<class name>/<images>)")
     class_names, folder_index = resolve_class_names(folders, source / "label.txt")
 
-    images: dict[str, list[Path]] = {}
-    skipped: list[tuple[str, str]] = []
+    images, skipped = scan_class_folders(source, folders)
+    skipped = [(path, why) for path, why in skipped if path != str(source / SAMPLE_MARKER)]  # our own note
     for folder in folders:
-        good, skip = scan_class_folder(source / folder)
-        skipped += skip
-        if not good:
+        if not images[folder]:
             raise UserError(f"class folder {source / folder} holds no readable images: add images or remove it")
-        images[folder] = good
     report_skipped(skipped, f"{source}")
 
-    existing = check_paths(source, output, label_path, args.force)
-    for path in existing:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-
+    remove_outputs(check_paths(source, output, label_path, args.force), output)
     split = split_dataset(images, args.val_size, args.test_size, args.seed)
+    planned = [output / s / folder / path.relative_to(source / folder) for s in SPLITS for folder in folders
+               for path in split[s][folder]]
+    output.mkdir(parents=True, exist_ok=True)
+    # written first, so a split cut short by a kill can still be replaced with --force
+    atomic_write_text(output / MANIFEST, json.dumps({"files": [p.relative_to(output).as_posix() for p in planned],
+                                                     "label_path": str(label_path.absolute())}) + "\n")
     table = PrettyTable(["class", "name", *SPLITS, "total"])
     totals = {s: 0 for s in SPLITS}
     for folder in sorted(folders, key=lambda f: folder_index[f]):
@@ -195,7 +240,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         table.add_row([folder_index[folder], class_names[folder_index[folder]], *counts, sum(counts)])
     table.add_row(["", "total", *totals.values(), sum(totals.values())])
     label_path.parent.mkdir(parents=True, exist_ok=True)
-    label_path.write_text("".join(f"{n}\n" for n in class_names), encoding="utf-8")
+    atomic_write_text(label_path, "".join(f"{n}\n" for n in class_names))
     print(table)
     made = [str(output / s) for s in SPLITS if totals[s]]
     print(f"{'linked' if args.link else 'copied'} {sum(totals.values())} images into {', '.join(made)}; "

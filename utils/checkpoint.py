@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,6 +18,7 @@ import yaml
 from torch import nn
 
 from utils.device import is_main_process
+from utils.files import atomic_write, atomic_write_text, remove_stale_temps
 from utils.log import UserError
 from utils.schema import Checkpoint
 
@@ -49,15 +48,7 @@ def increment_path(path: str | Path) -> Path:
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save into a temporary file beside `path`, then rename over it (never half a file)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 class Run:
@@ -72,6 +63,7 @@ class Run:
         self.main = is_main_process()
         if self.main:
             self.path.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.path)  # a checkpoint write cut short by a kill
         self._tb = None
 
     def __truediv__(self, name: str) -> Path:
@@ -79,11 +71,11 @@ class Run:
 
     def write_yaml(self, name: str, data: dict[str, Any]) -> None:
         if self.main:
-            (self.path / name).write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+            atomic_write_text(self.path / name, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
 
     def write_lines(self, name: str, lines: list[str]) -> None:
         if self.main:
-            (self.path / name).write_text("".join(f"{ln}\n" for ln in lines), encoding="utf-8")
+            atomic_write_text(self.path / name, "".join(f"{ln}\n" for ln in lines))
 
     def write_csv(self, name: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         """Write a whole CSV file (header, then rows)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,6 +29,25 @@ CONFIG_ONLY_KEYS: dict[str, Any] = {
     "random_seed": 0,
     "plot_train_batch_count": 5,
 }
+# What each config-only key takes: (accepted types, description for the error, lowest number or None).
+CONFIG_ONLY_TYPES: dict[str, tuple[tuple[type, ...], str, int | None]] = {
+    "lr_scheduler": ((str, type(None)), "a torch.optim.lr_scheduler class name or null", None),
+    "lr_scheduler_params": ((dict,), "a mapping of keyword arguments", None),
+    "random_seed": ((int,), "an integer >= 0", 0),
+    "plot_train_batch_count": ((int,), "an integer >= 0", 0),
+    "custom_augment": ((list,), "a list of {name, params} entries", None),
+}
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (nan and inf are refused)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+    return value
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -119,12 +139,91 @@ def parse_with_config(
             + (f" (did you mean '{hint[0]}'?)" if hint else "")
             + f"; known keys: {', '.join(known)}"
         )
-    parser.set_defaults(**{k: v for k, v in cfg.items() if k in dests})
+    actions = {a.dest: a for a in parser._actions}
+    parser.set_defaults(**{k: config_value(actions[k], v, cfg_path) for k, v in cfg.items() if k in dests})
     args = parser.parse_args(argv)
     for key, default in config_only.items():
-        setattr(args, key, cfg.get(key, default))
+        value = cfg.get(key, default)
+        if key in cfg and key in CONFIG_ONLY_TYPES:
+            check_config_only(key, value, cfg_path)
+        setattr(args, key, value)
     args.explicit = explicit_dests(parser, argv)
     return args
+
+
+def _describe(action: argparse.Action) -> str:
+    if action.nargs in ("+", "*"):
+        return "a list"
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return "true or false"
+    if action.type is int:
+        return "an integer"
+    if action.type in (float, finite_float):
+        return "a number"
+    return "a string"
+
+
+def config_value(action: argparse.Action, value: Any, path: str | Path) -> Any:
+    """A config file's value for a flag, checked like the command line checks it.
+
+    Raises:
+        UserError: a value of the wrong type (a list for a number, 16.5 for an integer, a number
+            for a name ...) or outside the flag's choices, naming the key and what it takes.
+    """
+    wrong = UserError(f"config {path}: '{action.dest}' must be {_describe(action)}"
+                      + (f" (one of {', '.join(map(str, action.choices))})" if action.choices else "")
+                      + f", not {value!r}")
+    if value is None and action.default is None:
+        return None
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if action.nargs in ("+", "*"):
+        if not isinstance(value, list):
+            raise wrong
+        return [config_scalar(action, v, wrong) for v in value]
+    return config_scalar(action, value, wrong)
+
+
+def config_scalar(action: argparse.Action, value: Any, wrong: UserError) -> Any:
+    """One value for a flag: the flag's type applied to a string (as on the command line), the
+    right Python type otherwise; and within the choices."""
+    convert = action.type or str
+    if isinstance(value, bool) or isinstance(value, (list, dict)) or value is None:
+        raise wrong
+    if isinstance(value, str):
+        try:
+            value = convert(value)
+        except (argparse.ArgumentTypeError, TypeError, ValueError):
+            raise wrong from None
+    elif convert is int and not isinstance(value, int):
+        raise wrong
+    elif convert in (float, finite_float):
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise wrong
+        value = float(value)
+    elif convert is str:
+        if not isinstance(value, int):
+            raise wrong  # a fraction where a name is expected
+        value = str(value)  # device: 0, a class named 10
+    if action.choices is not None and value not in action.choices:
+        raise wrong
+    return value
+
+
+def check_config_only(key: str, value: Any, path: str | Path) -> None:
+    """A config-only key's value (lr_scheduler, random_seed ...) is of the type it takes.
+
+    Raises:
+        UserError: naming the key and what it takes.
+    """
+    types, described, low = CONFIG_ONLY_TYPES[key]
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if ok and low is not None and value < low:
+        ok = False
+    if not ok:
+        raise UserError(f"config {path}: '{key}' must be {described}, not {value!r}")
 
 
 def explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:

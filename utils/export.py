@@ -47,6 +47,7 @@ from utils.backends import EXPORT_DIR, EXPORT_INFO_KEY, MODEL_TYPES, export_info
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.data import ImageDataset, Normalize, collate, eval_transform
 from utils.device import select_device
+from utils.files import atomic_write_text, remove_stale_temps, temp_prefix
 from utils.images import scan_split
 from utils.log import UserError
 from utils.schema import FORMAT, VERSION, Checkpoint, ModelMeta, PreprocessSpec
@@ -359,12 +360,7 @@ def _versions(*packages: str) -> dict[str, str]:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (a temporary file beside it, then rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def export_info(ctx: ExportContext, model_type: str, file: Path, precision: str, dynamic: bool,
@@ -767,6 +763,9 @@ def export_checkpoint(weights: str | Path, opts: ExportOptions) -> list[dict[str
     meta = ckpt.meta
     spec, channels = meta.preprocess, meta.image_channel
     out_dir = Path(opts.output_dir) if opts.output_dir else weights.parent / EXPORT_DIR
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--output_path {out_dir} is a file: pass a folder")
+    check_targets(out_dir, weights.stem, opts)
     t0 = time.time()
 
     images, described = parity_images(ckpt, opts)
@@ -806,7 +805,10 @@ def export_checkpoint(weights: str | Path, opts: ExportOptions) -> list[dict[str
     results: list[dict[str, Any]] = []
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        with tempfile.TemporaryDirectory(prefix="export_") as tmp:
+        # files are made in a staging folder beside their place and moved in whole (os.replace):
+        # a reader never sees half a file, and two exports at once never read each other's
+        remove_stale_temps(out_dir)
+        with tempfile.TemporaryDirectory(prefix=temp_prefix("export"), dir=out_dir) as tmp:
             _export_all(opts, device, model, model_cpu, meta, base_info, out_dir, weights.stem, Path(tmp), calibration,
                         calibration_described, images, reference, results)
     finally:
@@ -825,8 +827,11 @@ def export_checkpoint(weights: str | Path, opts: ExportOptions) -> list[dict[str
 def _export_all(opts: ExportOptions, device: torch.device, model: nn.Module, model_cpu: nn.Module, meta: ModelMeta,
                 info: dict[str, Any], out_dir: Path, stem: str, temp_dir: Path, calibration: list[tuple[str, int]],
                 calibration_described: str, images: torch.Tensor, reference: torch.Tensor, results: list[dict[str, Any]]) -> None:
-    """Each format in table order (ONNX before the formats built from it), each file checked as it is written."""
-    ctx = ExportContext(opts, device, model, model_cpu, meta, info, out_dir, stem, temp_dir)
+    """Each format in table order (ONNX before the formats built from it), each file checked in the
+    staging folder `temp_dir`, then moved into `out_dir`."""
+    work = temp_dir / "work"  # intermediate files that are not kept
+    work.mkdir()
+    ctx = ExportContext(opts, device, model, model_cpu, meta, info, temp_dir, stem, work)
     for flag in [f for f in EXPORT_FORMATS if f in opts.formats]:
         fmt = EXPORT_FORMATS[flag]
         files = [(_run_exporter(fmt, ctx), ctx.precision)]
@@ -837,7 +842,50 @@ def _export_all(opts: ExportOptions, device: torch.device, model: nn.Module, mod
                                     lambda: quantize_int8(ctx, onnx_file, calibration, calibration_described)), "int8"))
             LOGGER.info("int8: calibrated on %s (%.1fs)", calibration_described, time.time() - started)
         for file, precision in files:
-            results.append(_check_and_record(file, fmt, precision, images, reference, device))
+            result = _check_and_record(file, fmt, precision, images, reference, device)
+            results.append(result | {"path": str(commit_export(file, out_dir))})
+
+
+def export_files(file: Path) -> list[Path]:
+    """An exported model's files: the model (and OpenVINO's .bin), then the JSON beside it."""
+    extra = [file.with_suffix(".bin")] if file.suffix == ".xml" else []
+    return [file, *extra, export_info_path(file)]
+
+
+def commit_export(staged: Path, out_dir: Path) -> Path:
+    """Move a staged export into `out_dir`, each file by an atomic rename; returns its new path."""
+    for part in export_files(staged):
+        os.replace(part, out_dir / part.name)
+    return out_dir / staged.name
+
+
+def is_our_export(file: Path) -> bool:
+    """Whether `file` was written by export.py (its JSON beside carries our format tag)."""
+    try:
+        info = json.loads(export_info_path(file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("format") == FORMAT
+
+
+def check_targets(out_dir: Path, stem: str, opts: ExportOptions) -> None:
+    """Refuse to overwrite a file in `out_dir` that export.py did not write.
+
+    Raises:
+        UserError: naming the file and what to do.
+    """
+    precision = "fp16" if opts.half else "fp32"
+    names = []
+    for flag in opts.formats:
+        suffix = EXPORT_FORMATS[flag].suffix
+        names.append(f"{stem}{'' if precision == 'fp32' else '_' + precision}{suffix}")
+        if flag == "onnx" and opts.int8:
+            names.append(f"{stem}_int8.onnx")
+    for name in names:
+        for part in export_files(out_dir / name):
+            if part.exists() and not is_our_export(out_dir / name):
+                raise UserError(f"{part} exists and was not written by export.py: export.py only replaces its own "
+                                "files; move it away or pass another --output_path")
 
 
 def _run_step(what: str, verbose: bool, fn: Callable[[], Path]) -> Path:

@@ -139,29 +139,88 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name.startswith("__")
 
 
-def list_files(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
-    """All image files under `folder` (recursive, naturally sorted), and the skipped ones.
+def _identity(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
+def list_files(folder: Path, seen_dirs: set[tuple[int, int]] | None = None) -> tuple[list[Path], list[tuple[str, str]]]:
+    """All image files under `folder` (recursive, naturally sorted: a folder's files, then its
+    sub-folders), and the skipped entries.
+
+    Symbolic links are followed, but each real folder is entered once (by device and inode): a
+    link back up the tree (a loop) or a second link to a folder already scanned is reported, not
+    read again.
+
+    Args:
+        folder: where to look.
+        seen_dirs: folders (device, inode) not to enter again, shared by the calls of one scan
+            (`folder` itself is entered even when listed).
 
     Returns:
-        (image paths, [(path, reason), ...]) -- hidden entries and non-image files are skipped.
+        (image paths, [(path, reason), ...]) -- hidden entries, non-image files, broken links,
+        unreadable folders and repeated folders are skipped.
     """
+    seen = set() if seen_dirs is None else seen_dirs
     images: list[Path] = []
     skipped: list[tuple[str, str]] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        for d in list(dirnames):
-            if is_hidden(d):
-                skipped.append((str(Path(dirpath) / d), "hidden folder"))
-                dirnames.remove(d)
-        dirnames.sort(key=natural_key)
-        for name in sorted(filenames, key=natural_key):
-            path = Path(dirpath) / name
-            if is_hidden(name):
-                skipped.append((str(path), "hidden file"))
+    pending = [(Path(folder), True)]
+    while pending:
+        current, top = pending.pop()
+        try:
+            key = _identity(current)
+            if key in seen and not top:
+                skipped.append((str(current), "a link to a folder that is scanned already (a symlink loop?): not read again"))
+                continue
+            seen.add(key)
+            entries = sorted(os.scandir(current), key=lambda e: natural_key(e.name))
+        except OSError as err:
+            skipped.append((str(current), f"folder cannot be read ({err.strerror or err})"))
+            continue
+        subfolders = []
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                is_dir = entry.is_dir()
+                exists = is_dir or entry.is_file()
+            except OSError:
+                is_dir, exists = False, False
+            if is_hidden(entry.name):
+                skipped.append((str(path), "hidden folder" if is_dir else "hidden file"))
+            elif not exists:
+                skipped.append((str(path), "broken link or not a regular file"))
+            elif is_dir:
+                subfolders.append(path)
             elif path.suffix.lower() not in IMG_EXTENSIONS:
                 skipped.append((str(path), f"not an image file ({path.suffix or 'no extension'})"))
             else:
                 images.append(path)
+        pending.extend((sub, False) for sub in reversed(subfolders))
     return images, skipped
+
+
+def drop_repeated_files(paths: Sequence[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Each real file once: of the paths that reach the same file (symbolic or hard links), keep
+    the one that is not reached through a link (else the first), and skip the others.
+
+    Returns:
+        (paths kept, in their order; [(path, reason), ...] for the others).
+    """
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, path in enumerate(paths):
+        try:
+            groups.setdefault(_identity(path), []).append(i)
+        except OSError:
+            groups.setdefault((-1, i), []).append(i)
+    keep: set[int] = set()
+    skipped: list[tuple[str, str]] = []
+    for members in groups.values():
+        direct = [i for i in members if os.path.realpath(paths[i]) == os.path.abspath(paths[i])]
+        chosen = direct[0] if direct else members[0]
+        keep.add(chosen)
+        skipped.extend((str(paths[i]), f"the same file as {paths[chosen]} (linked twice): counted once") for i in members
+                       if i != chosen)
+    return [p for i, p in enumerate(paths) if i in keep], skipped
 
 
 def read_label_file(path: str | Path) -> list[str]:
@@ -218,17 +277,19 @@ def map_class_folders(root: Path, folders: list[str], class_names: Sequence[str]
     return names, folder_index
 
 
-def scan_class_folder(folder: Path, check_headers: bool = True) -> tuple[list[Path], list[tuple[str, str]]]:
+def scan_class_folder(folder: Path, check_headers: bool = True, seen_dirs: set[tuple[int, int]] | None = None
+                      ) -> tuple[list[Path], list[tuple[str, str]]]:
     """The readable images of one class folder (recursive, natural order) and the skipped files.
 
     Args:
         folder: the class folder.
         check_headers: open each file's header to skip non-images early.
+        seen_dirs: folders already scanned (see list_files).
 
     Returns:
         (image paths, [(path, reason), ...]).
     """
-    files, skipped = list_files(folder)
+    files, skipped = list_files(folder, seen_dirs)
     good = []
     for path in files:
         reason = check_image_header(path) if check_headers else None
@@ -237,6 +298,39 @@ def scan_class_folder(folder: Path, check_headers: bool = True) -> tuple[list[Pa
         else:
             good.append(path)
     return good, skipped
+
+
+def scan_class_folders(root: Path, folders: Sequence[str], check_headers: bool = True
+                       ) -> tuple[dict[str, list[Path]], list[tuple[str, str]]]:
+    """The readable images of each class folder of `root`, each real file and folder once
+    (links to the root, to a class folder or to a file already found are reported, not followed),
+    and everything skipped -- hidden and stray entries of `root` included.
+
+    Returns:
+        ({folder: [image paths]}, [(path, reason), ...]).
+    """
+    ids = {f: _identity(root / f) for f in folders}
+    seen_dirs = {_identity(root)} | set(ids.values())
+    found: dict[str, list[Path]] = {}
+    skipped: list[tuple[str, str]] = []
+    for i, f in enumerate(folders):
+        if ids[f] == _identity(root) or ids[f] in [ids[g] for g in folders[:i]]:
+            skipped.append((str(root / f), "a link to the split folder or to another class folder: not read"))
+            found[f] = []
+            continue
+        found[f], skip = scan_class_folder(root / f, check_headers, seen_dirs)
+        skipped.extend(skip)
+    order = [(f, p) for f in folders for p in found[f]]
+    kept, repeated = drop_repeated_files([p for _, p in order])
+    skipped.extend(repeated)
+    kept_set = set(map(str, kept))
+    found = {f: [p for p in found[f] if str(p) in kept_set] for f in folders}
+    for p in sorted(root.iterdir(), key=lambda q: natural_key(q.name)):
+        if is_hidden(p.name):
+            skipped.append((str(p), "hidden folder" if p.is_dir() else "hidden file"))
+        elif not p.is_dir():
+            skipped.append((str(p), "file outside the class folders"))
+    return found, skipped
 
 
 def scan_split(
@@ -267,17 +361,12 @@ def scan_split(
     if not folders:
         raise UserError(f"{what} folder {root} has no class folders: expected {root}/<class name>/<images>")
     names, folder_index = map_class_folders(root, folders, class_names, label_path, what)
+    found, skipped = scan_class_folders(root, folders, check_headers)
     samples: list[tuple[str, int]] = []
-    skipped: list[tuple[str, str]] = []
     for f in folders:
-        good, skip = scan_class_folder(root / f, check_headers)
-        skipped.extend(skip)
-        if not good and class_names is None:
+        if not found[f] and class_names is None:
             raise UserError(f"class folder {root / f} holds no readable images: add images or remove the folder")
-        samples.extend((str(path), folder_index[f]) for path in good)
-    for p in root.iterdir():
-        if p.is_file():
-            skipped.append((str(p), "file outside the class folders"))
+        samples.extend((str(path), folder_index[f]) for path in found[f])
     if not samples:
         raise UserError(f"{what} folder {root} holds no readable images")
     return ImageSet(root=root, samples=samples, class_names=names, skipped=skipped)

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
 from utils.ensemble import Ensemble, InputPlan
-from utils.images import IMG_EXTENSIONS, check_image_header, list_files, load_image, natural_key
+from utils.images import IMG_EXTENSIONS, check_image_header, drop_repeated_files, list_files, load_image, natural_key
 from utils.log import UserError
 
 LOGGER = logging.getLogger(__name__)
@@ -60,7 +60,8 @@ def find_images(source: str | Path) -> Source:
     path = Path(text)
     if path.is_dir():
         files, skipped = list_files(path)
-        return Source(files, skipped, path)
+        files, repeated = drop_repeated_files(files)
+        return Source(files, skipped + repeated, path)
     if path.is_file():
         if path.suffix.lower() not in IMG_EXTENSIONS:
             return Source([], [(str(path), f"not an image file ({path.suffix or 'no extension'})")], path.parent)
@@ -84,6 +85,8 @@ def find_images(source: str | Path) -> Source:
                 files.append(match)
         seen: set[Path] = set()
         files = [f for f in files if not (f in seen or seen.add(f))]  # a folder and its files may both match
+        files, repeated = drop_repeated_files(files)
+        skipped += repeated
         parents = [str(f.parent.resolve()) for f in files] or [os.getcwd()]
         return Source(files, skipped, Path(os.path.commonpath(parents)))
     raise UserError(f"--source {text}: no such file or folder (pass an image, a folder of images, or a quoted glob such as 'img/*.jpg')")
