@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from utils.config import ArgumentParser, finite_float
-from utils.export import DEFAULT_OPSET, EXPORT_FORMATS, ExportOptions, export_checkpoint, formats_table
 from utils.log import UserError, run_cli
+from utils.names import DEFAULT_OPSET, EXPORT_NAMES
+
+# PyTorch and the exporters are imported in main(): `--help` answers at once.
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -27,8 +29,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p = parser.add_argument
     p("--save_path", default="runs/exp", help="run folder of main.py (its best.pt is exported), or a checkpoint file")
-    p("--export", nargs="+", default=["onnx"], choices=list(EXPORT_FORMATS), metavar="FORMAT",
-      help=f"one or more of: {', '.join(EXPORT_FORMATS)}")
+    p("--export", nargs="+", default=["onnx"], choices=list(EXPORT_NAMES), metavar="FORMAT",
+      help=f"one or more of: {', '.join(EXPORT_NAMES)}")
     p("--dynamic", action="store_true", help="any batch size (the default unless --batch_size is given)")
     p("--batch_size", type=int, default=None, help="trace batch; without --dynamic the model takes only this batch")
     p("--simplify", action="store_true", help="simplify the ONNX graph with onnxslim")
@@ -78,6 +80,8 @@ def checkpoint_path(save_path: str) -> Path:
 
 def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Export; returns one export info dict per file written (see utils.export)."""
+    from utils.export import ExportOptions, export_checkpoint, formats_table
+
     if args.list_formats:
         print(formats_table())
         return []

@@ -16,21 +16,18 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from prettytable import PrettyTable
-
-from utils.augment import AUGMENT_CHOICES, MIXUP_CHOICES
-from utils.checkpoint import Run, increment_path, load_checkpoint
 from utils.config import CONFIG_ONLY_KEYS, DEFAULT_CONFIG, ArgumentParser, finite_float, parse_with_config
-from utils.device import default_workers, select_device, share_cpu
-from utils.distill import KD_METHODS
+from utils.device import default_workers
 from utils.log import UserError, run_cli
-from utils.losses import LOSSES
-from utils.optim import OPTIMIZERS
-from utils.registry import model_table
+from utils.names import AUGMENT_CHOICES, KD_METHODS, LOSSES, METRICS, MIXUP_CHOICES, OPTIMIZERS
 from utils.schema import RESIZE_MODES, Checkpoint
-from utils.trainer import Trainer, load_data, seed_everything
+
+if TYPE_CHECKING:
+    from utils.checkpoint import Run
+
+# PyTorch and the library behind it are imported in main(): `--help` and a mistyped flag answer at once.
 
 LOGGER = logging.getLogger("main")
 
@@ -70,7 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--warmup", action="store_true", help="linear learning-rate warm-up")
     p("--warmup_ratios", type=finite_float, default=0.05, help="fraction of the epochs spent warming up")
     p("--warmup_minlr", type=finite_float, default=1e-6, help="warm-up start lr and the end of the default decay")
-    p("--metrice", default="acc", choices=["loss", "acc", "mean_acc"], help="validation metric that picks best.pt")
+    p("--metrice", default="acc", choices=list(METRICS), help="validation metric that picks best.pt")
     p("--patience", type=int, default=30, help="stop after this many epochs without improvement (0 = never)")
     p("--imagenet_meanstd", action="store_true", help="normalise with ImageNet's mean/std, not the train set's")
     # recipes
@@ -137,6 +134,8 @@ def check_combinations(args: argparse.Namespace) -> None:
 
 def resume_options(args: argparse.Namespace) -> tuple[argparse.Namespace, Checkpoint]:
     """The options of the run being resumed, with the few a resume may change, and its last.pt."""
+    from utils.checkpoint import load_checkpoint
+
     save_path = Path(args.save_path)
     ckpt = load_checkpoint(save_path / "last.pt", what="--resume: last checkpoint")
     if ckpt.kind != "last" or ckpt.train_state is None:
@@ -158,6 +157,10 @@ def resume_options(args: argparse.Namespace) -> tuple[argparse.Namespace, Checkp
 
 def print_model_zoo() -> None:
     """--list_models: pytorch-classifier's model names and what builds them."""
+    from prettytable import PrettyTable
+
+    from utils.registry import model_table
+
     table = PrettyTable(["family", "model_name", "implementation"])
     for row in model_table():
         table.add_row(row)
@@ -170,6 +173,8 @@ def print_model_zoo() -> None:
 def claimed_run(args: argparse.Namespace, resumed: Checkpoint | None) -> Iterator[Run]:
     """The run folder: the resumed one, or a fresh one claimed now (runs/exp -> runs/exp2 ...).
     A fresh folder that is still empty when set-up fails is removed, so a mistake leaves nothing behind."""
+    from utils.checkpoint import Run, increment_path
+
     path = Path(args.save_path) if resumed is not None else increment_path(args.save_path)
     print(f"run folder: {path}", flush=True)
     try:
@@ -185,6 +190,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.list_models:
         print_model_zoo()
         return {}
+    from utils.device import select_device, share_cpu
+    from utils.trainer import Trainer, load_data, seed_everything
+
     resumed = None
     if args.resume:
         args, resumed = resume_options(args)

@@ -172,7 +172,9 @@ def load_ckpt(path: Path) -> dict[str, Any]:
 def _session_env(tmp_path_factory: pytest.TempPathFactory) -> Iterable[None]:
     """Subprocesses run offline with empty model caches and one compute thread."""
     caches = tmp_path_factory.mktemp("caches")
+    os.environ["PYTORCH_CLASSIFIER_CACHE"] = str(caches / "scans")  # in-process scans too: never the user's cache
     SUBPROCESS_ENV.update({
+        "PYTORCH_CLASSIFIER_CACHE": str(caches / "scans"),
         "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(caches / "hf"), "TORCH_HOME": str(caches / "torch"),
         "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8",

@@ -409,7 +409,3 @@ def test_confusion_matrix_figure_scales_to_100_classes() -> None:
     big = plot_confusion_matrix(np.random.default_rng(0).integers(0, 5, (100, 100)), [f"class{i}" for i in range(100)], True)
     assert big.get_size_inches()[0] > 4 * small.get_size_inches()[0]
     assert len(small.axes[0].texts) == 4 and len(big.axes[0].texts) == 0  # no unreadable numbers in 10,000 cells
-    import matplotlib.pyplot as plt
-
-    plt.close(small)
-    plt.close(big)

@@ -22,6 +22,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from utils.log import UserError
+from utils.names import AUGMENT_CHOICES, AUGMENT_POLICIES, MIXUP_CHOICES
 
 LOGGER = logging.getLogger(__name__)
 
@@ -31,8 +32,7 @@ POLICIES = {
     "TrivialAugmentWide": v2.TrivialAugmentWide,
     "AugMix": v2.AugMix,
 }
-AUGMENT_CHOICES = (*POLICIES, "none")
-MIXUP_CHOICES = ("mixup", "cutmix", "none")
+assert tuple(POLICIES) == AUGMENT_POLICIES, "utils.names.AUGMENT_POLICIES names every policy"
 
 
 class CutOut:

@@ -33,11 +33,11 @@ from PIL import Image
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.data import Normalize, image_transform, run_with_tta
 from utils.log import UserError
+from utils.names import MODEL_TYPES
 from utils.schema import Checkpoint, ModelMeta
 
 LOGGER = logging.getLogger(__name__)
 
-MODEL_TYPES = ("torch", "torchscript", "onnx", "tensorrt", "openvino")
 
 # Where export.py puts a run's exported models, and their names by format (first found wins:
 # the float32 file, then float16, then int8; pass a file path to choose another).

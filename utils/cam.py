@@ -26,15 +26,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from torch import nn
 
 from utils.log import UserError
+from utils.names import CAM_TYPES
+from utils.plots import load_font
 
 LOGGER = logging.getLogger(__name__)
 
 # --cam_type name -> grad-cam class name (the names pytorch-classifier used).
-CAM_TYPES = ("GradCAM", "HiResCAM", "ScoreCAM", "GradCAMPlusPlus", "AblationCAM", "XGradCAM", "EigenCAM", "FullGrad")
 # Outputs of these modules are pooled or flattened: never a CAM layer.
 _POOLING = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Identity, nn.Dropout)
 _TOKEN_NORMS = ("norm1", "ln_1")  # first norm of a timm / torchvision transformer block
@@ -341,14 +342,6 @@ def heatmap_colors(cam: np.ndarray) -> np.ndarray:
 
         _JET = (colormaps["jet"](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)
     return _JET[np.clip(np.rint(cam * 255), 0, 255).astype(np.int64)]
-
-
-def load_font(size: int) -> Any:
-    """Pillow's bundled font at `size` px (the bitmap default on Pillow builds without FreeType)."""
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):
-        return ImageFont.load_default()
 
 
 def overlay(view: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:

@@ -104,11 +104,13 @@ class Run:
             atomic_save(ckpt.to_dict(), self.path / name)
 
     def savefig(self, fig: Any, name: str) -> None:
-        import matplotlib.pyplot as plt
-
-        if self.main:
-            fig.savefig(self.path / name, dpi=120, bbox_inches="tight")
-        plt.close(fig)
+        """A matplotlib figure as a PNG (a Pillow image is saved as it is)."""
+        if not self.main:
+            return
+        if hasattr(fig, "savefig"):
+            atomic_write(self.path / name, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+        else:
+            atomic_write(self.path / name, lambda tmp: fig.save(tmp, format="PNG", compress_level=1))
 
     def tensorboard(self) -> Any:
         """A TensorBoard SummaryWriter into the run folder (None on other ranks)."""

@@ -8,19 +8,22 @@ automatic batch size, mixed precision, and the process-group hooks.
 The distributed helpers (`is_main_process`, `reduce_sum`) are the single places that a
 torchrun/DistributedDataParallel run will use to restrict file output to rank 0 and to sum
 metrics across processes; in a single process they are trivial.
+
+PyTorch is imported inside the functions that use it: the scripts' parsers take their --workers
+default from here, and `--help` must not wait for PyTorch to load.
 """
 from __future__ import annotations
 
 import logging
 import os
 from contextlib import nullcontext
-from typing import Any, Callable
-
-import torch
-import torch.distributed as dist
-from torch import nn
+from typing import TYPE_CHECKING, Any, Callable
 
 from utils.log import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 LOGGER = logging.getLogger(__name__)
 
@@ -43,6 +46,8 @@ def share_cpu(device: torch.device, workers: int) -> int:
     Returns:
         The compute threads in use.
     """
+    import torch
+
     if device.type == "cpu" and workers > 0 and "OMP_NUM_THREADS" not in os.environ:
         threads = max(1, (os.cpu_count() or 1) - workers)
         if threads < torch.get_num_threads():
@@ -60,6 +65,8 @@ def select_device(spec: str = "") -> torch.device:
     Returns:
         The torch.device.
     """
+    import torch
+
     given = spec = str(spec).strip().lower()
     if spec == "":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
@@ -87,6 +94,8 @@ def amp_settings(device: torch.device, enabled: bool) -> tuple[torch.dtype | Non
 
     CUDA: float16 with a gradient scaler. CPU: bfloat16 autocast (no scaler needed).
     """
+    import torch
+
     if not enabled:
         return None, "off"
     if device.type == "cuda":
@@ -96,6 +105,8 @@ def amp_settings(device: torch.device, enabled: bool) -> tuple[torch.dtype | Non
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
     """An autocast context for dtype, or a no-op context."""
+    import torch
+
     return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
@@ -110,6 +121,8 @@ def autobatch(model: nn.Module, image_size: int, channels: int, device: torch.de
     Returns:
         The batch size.
     """
+    import torch
+
     if device.type != "cuda":
         return 16
     total = torch.cuda.get_device_properties(device).total_memory
@@ -146,6 +159,8 @@ def autobatch(model: nn.Module, image_size: int, channels: int, device: torch.de
 # ------------------------------------------------------------------------ distributed hooks
 def world_info() -> tuple[int, int]:
     """(rank, world_size) of this process; (0, 1) outside a process group."""
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", 0)), 1
@@ -158,6 +173,8 @@ def is_main_process() -> bool:
 
 def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor of metric sums over all processes (identity in a single process)."""
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         tensor = tensor.clone()
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)

@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.log import UserError
-from utils.schema import Checkpoint
 from utils.features import FeatureRecorder, feature_taps
+from utils.log import UserError
+from utils.names import KD_METHODS
+from utils.schema import Checkpoint
 
 LOGGER = logging.getLogger(__name__)
 
-KD_METHODS = ("SoftTarget", "MGD", "SP", "AT")
 STRIDES = (4, 8, 16, 32)
 
 

@@ -25,11 +25,11 @@ from utils.checkpoint import load_checkpoint
 from utils.data import image_transform
 from utils.images import to_mode
 from utils.log import UserError
+from utils.names import ENSEMBLE_METHODS
 from utils.schema import Checkpoint, ModelMeta, PreprocessSpec
 
 LOGGER = logging.getLogger(__name__)
 
-ENSEMBLE_METHODS = ("mean", "vote", "weighted")
 
 
 def check_same_classes(metas: Sequence[ModelMeta], names: Sequence[str]) -> list[str]:

@@ -6,12 +6,17 @@
 
 train.log is a CSV with one row per epoch (epoch,lr,loss,acc,mean_acc,test_loss,test_acc,
 test_mean_acc[,kd_loss]); the curves are redrawn from it, so they always show the whole run,
-resumed or not. Everything goes through the run folder's `Run`, so only the main process writes.
+resumed or not. Drawing them takes a second or two (matplotlib), so it stays off the training
+path: after the first epoch, they are redrawn only when the time since the last drawing is at
+least 20 times what that drawing took (at most 5% of the run), and always when the run ends or
+stops. TensorBoard and train.log are written every epoch. Everything goes through the run
+folder's `Run`, so only the main process writes.
 """
 from __future__ import annotations
 
 import csv
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -20,11 +25,12 @@ import torch
 from prettytable import PrettyTable
 
 from utils.checkpoint import Run
-from utils.plots import plot_batch, plot_curves
+from utils.plots import batch_grid, plot_curves
 
 LOGGER = logging.getLogger(__name__)
 
 TRAIN_LOG_FIELDS = ["epoch", "lr", "loss", "acc", "mean_acc", "test_loss", "test_acc", "test_mean_acc"]
+CURVE_SHARE = 0.05  # at most this share of the run's time goes to redrawing loss.png, acc.png, lr.png
 
 
 def read_train_log(path: str | Path) -> list[dict[str, str]]:
@@ -92,6 +98,8 @@ class EpochLog:
         self.fields = TRAIN_LOG_FIELDS + list(extra_fields)
         self.val_label = val_label
         self.tb = run.tensorboard()
+        self._drawn_at: float | None = None  # when the curves were last drawn (time.monotonic)
+        self._draw_seconds = 0.0              # how long that took
 
     def resume(self, epochs_done: int) -> None:
         """Drop the rows of epochs a resumed run trains again."""
@@ -99,7 +107,8 @@ class EpochLog:
             truncate_train_log(self.run / "train.log", epochs_done)
 
     def write(self, record: EpochRecord) -> None:
-        """Append the train.log row, the TensorBoard scalars, redraw the curves, print the table."""
+        """Append the train.log row and the TensorBoard scalars, print the table, and redraw the
+        curves when it is their turn (see the module's docstring)."""
         row = record.row()
         self.run.append_csv("train.log", row, self.fields)
         if self.tb is not None:
@@ -107,10 +116,21 @@ class EpochLog:
                 if key != "epoch" and value is not None:
                     tag = key if key.startswith("test_") or key in ("lr", "kd_loss") else f"train_{key}"
                     self.tb.add_scalar(tag, value, record.epoch)
-        if self.run.main:
-            for name, fig in plot_curves(read_train_log(self.run / "train.log")).items():
-                self.run.savefig(fig, name)
+            self.tb.flush()
         self.print_table(record)
+        self.draw_curves(force=False)
+
+    def draw_curves(self, force: bool = True) -> None:
+        """loss.png, acc.png and lr.png from train.log: now if `force`, else only when due."""
+        if not self.run.main or not (self.run / "train.log").exists():
+            return
+        now = time.monotonic()
+        if not force and self._drawn_at is not None and now - self._drawn_at < self._draw_seconds / CURVE_SHARE:
+            return
+        for name, fig in plot_curves(read_train_log(self.run / "train.log")).items():
+            self.run.savefig(fig, name)
+        self._drawn_at = time.monotonic()
+        self._draw_seconds = self._drawn_at - now
 
     def print_table(self, record: EpochRecord) -> None:
         """The epoch's PrettyTable: a row for train and one for val."""
@@ -143,9 +163,11 @@ class EpochLog:
                 top = targets.detach().float().cpu().topk(min(2, len(class_names)), dim=1)
                 labels = [" ".join(f"{class_names[i]}:{v:.2f}" for v, i in zip(vals.tolist(), idx.tolist()) if v > 0.005)
                           for vals, idx in zip(top.values, top.indices)]
-            self.run.savefig(plot_batch(pixels, labels, f"train batch {step}"), f"train_batch{step}.png")
+            self.run.savefig(batch_grid(pixels, labels, f"train batch {step}"), f"train_batch{step}.png")
 
         return draw
 
     def close(self) -> None:
+        """Draw the final curves and close TensorBoard (also when the run stops early)."""
+        self.draw_curves(force=True)
         self.run.close()

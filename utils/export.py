@@ -50,12 +50,12 @@ from utils.device import select_device
 from utils.files import atomic_write_text, remove_stale_temps, temp_prefix
 from utils.images import scan_split
 from utils.log import UserError
+from utils.names import DEFAULT_OPSET, EXPORT_NAMES
 from utils.schema import FORMAT, VERSION, Checkpoint, ModelMeta, PreprocessSpec
 
 LOGGER = logging.getLogger(__name__)
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
-DEFAULT_OPSET = 17  # run by onnxruntime >= 1.13, TensorRT >= 8.6 and OpenVINO; the legacy exporter writes up to 20
 MAX_OPSET = 20
 TENSORRT_MAX_BATCH = 32  # largest batch of a dynamic TensorRT engine when --batch_size is not given
 
@@ -546,7 +546,7 @@ EXPORT_FORMATS: dict[str, ExportFormat] = {f.flag: f for f in (
     ExportFormat("OpenVINO", "openvino", ".xml", True, False, ("onnx", "openvino"), export_openvino),
     ExportFormat("TensorRT", "tensorrt", ".engine", False, True, ("onnx", "tensorrt"), export_tensorrt),
 )}
-assert set(EXPORT_FORMATS) == set(MODEL_TYPES) - {"torch"}, "every exported format needs a backend"
+assert set(EXPORT_FORMATS) == set(MODEL_TYPES) - {"torch"} == set(EXPORT_NAMES), "every exported format needs a backend"
 
 
 def formats_table() -> PrettyTable:

@@ -15,6 +15,8 @@ images through this module; it imports only Pillow and numpy.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -26,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from utils.files import atomic_write_text
 from utils.log import UserError
 
 LOGGER = logging.getLogger(__name__)
@@ -117,12 +120,19 @@ def check_image_header(path: Path) -> str | None:
 # ----------------------------------------------------------------------------- class folders
 @dataclass
 class ImageSet:
-    """The images of one split: samples, class names and what was skipped."""
+    """The images of one split: samples, class names and what was skipped.
+
+    `signature` identifies the samples with their sizes and modification times (it changes when a
+    file is added, removed, relabelled or edited); `cache` holds values derived from them (the
+    mean/std of the images), kept between runs.
+    """
 
     root: Path
     samples: list[tuple[str, int]]
     class_names: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    signature: str = ""
+    cache: "ScanCache | None" = None
 
     @property
     def targets(self) -> list[int]:
@@ -137,6 +147,88 @@ class ImageSet:
 
 def is_hidden(name: str) -> bool:
     return name.startswith(".") or name.startswith("__")
+
+
+def cache_dir() -> Path:
+    """Where scans are cached: $PYTORCH_CLASSIFIER_CACHE, else $XDG_CACHE_HOME/pytorch-classifier-ng
+    (~/.cache/pytorch-classifier-ng). Set PYTORCH_CLASSIFIER_CACHE=off to cache nothing."""
+    chosen = os.environ.get("PYTORCH_CLASSIFIER_CACHE")
+    if chosen:
+        return Path(chosen)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pytorch-classifier-ng"
+
+
+class ScanCache:
+    """What the scan of a folder found, kept between runs so that a second scan of a large folder
+    opens no image: the header check of each file keyed by (path, size, modification time), and
+    values derived from the images (e.g. their mean/std) keyed by the caller.
+
+    It lives outside the data folder (cache_dir()/scan/<hash of the folder's path>.json), so
+    scanning never writes into the user's data. A file whose size or time changed is checked again.
+
+    Args:
+        root: the scanned folder.
+    """
+
+    VERSION = 1
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).absolute()
+        base = cache_dir()
+        self.enabled = str(base).lower() not in ("off", "0", "none")
+        digest = hashlib.sha1(str(self.root).encode("utf-8", "surrogateescape")).hexdigest()[:20]
+        self.path = base / "scan" / f"{digest}.json"
+        self.files: dict[str, list[Any]] = {}
+        self.derived: dict[str, Any] = {}
+        self.changed = False
+        if self.enabled:
+            try:
+                data = json.loads(self.path.read_text(encoding="utf-8"))
+                if data.get("version") == self.VERSION and data.get("root") == str(self.root):
+                    self.files, self.derived = dict(data["files"]), dict(data.get("derived") or {})
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                pass  # no cache yet, or an unreadable one: scan afresh
+
+    def check(self, path: Path) -> tuple[str | None, tuple[int, int]]:
+        """The header check of `path` (None = readable), from the cache when the file is unchanged.
+
+        Returns:
+            (reason or None, (size, mtime_ns)).
+        """
+        st = path.stat()
+        key, stamp = str(path), (st.st_size, st.st_mtime_ns)
+        entry = self.files.get(key)
+        if entry is not None and (entry[0], entry[1]) == stamp:
+            return entry[2], stamp
+        reason = check_image_header(path)
+        self.files[key] = [stamp[0], stamp[1], reason]
+        self.changed = True
+        return reason, stamp
+
+    def get(self, key: str) -> Any:
+        """A derived value stored under `key`, or None."""
+        return self.derived.get(key)
+
+    def put(self, key: str, value: Any) -> None:
+        """Store a derived value (JSON-able) and write the cache."""
+        self.derived[key] = value
+        self.changed = True
+        self.save()
+
+    def save(self, keep: set[str] | None = None) -> None:
+        """Write the cache if anything changed (keeping only the `keep` files, when given)."""
+        if keep is not None and set(self.files) - keep:
+            self.files = {k: v for k, v in self.files.items() if k in keep}
+            self.changed = True
+        if not self.enabled or not self.changed:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, json.dumps({"version": self.VERSION, "root": str(self.root), "files": self.files,
+                                                     "derived": self.derived}))
+            self.changed = False
+        except OSError as err:  # a read-only home: scanning still works, only slower next time
+            LOGGER.debug("scan cache not written (%s)", err)
 
 
 def _identity(path: Path) -> tuple[int, int]:
@@ -277,7 +369,8 @@ def map_class_folders(root: Path, folders: list[str], class_names: Sequence[str]
     return names, folder_index
 
 
-def scan_class_folder(folder: Path, check_headers: bool = True, seen_dirs: set[tuple[int, int]] | None = None
+def scan_class_folder(folder: Path, check_headers: bool = True, seen_dirs: set[tuple[int, int]] | None = None,
+                      cache: ScanCache | None = None, stamps: dict[str, tuple[int, int]] | None = None
                       ) -> tuple[list[Path], list[tuple[str, str]]]:
     """The readable images of one class folder (recursive, natural order) and the skipped files.
 
@@ -285,6 +378,8 @@ def scan_class_folder(folder: Path, check_headers: bool = True, seen_dirs: set[t
         folder: the class folder.
         check_headers: open each file's header to skip non-images early.
         seen_dirs: folders already scanned (see list_files).
+        cache: earlier header checks to reuse (and to add to).
+        stamps: filled with each kept file's (size, mtime_ns) when a cache is given.
 
     Returns:
         (image paths, [(path, reason), ...]).
@@ -292,7 +387,16 @@ def scan_class_folder(folder: Path, check_headers: bool = True, seen_dirs: set[t
     files, skipped = list_files(folder, seen_dirs)
     good = []
     for path in files:
-        reason = check_image_header(path) if check_headers else None
+        reason = None
+        if check_headers and cache is not None:
+            try:
+                reason, stamp = cache.check(path)
+            except OSError as err:
+                reason, stamp = f"unreadable ({err.strerror or err})", (0, 0)
+            if stamps is not None:
+                stamps[str(path)] = stamp
+        elif check_headers:
+            reason = check_image_header(path)
         if reason:
             skipped.append((str(path), reason))
         else:
@@ -300,8 +404,8 @@ def scan_class_folder(folder: Path, check_headers: bool = True, seen_dirs: set[t
     return good, skipped
 
 
-def scan_class_folders(root: Path, folders: Sequence[str], check_headers: bool = True
-                       ) -> tuple[dict[str, list[Path]], list[tuple[str, str]]]:
+def scan_class_folders(root: Path, folders: Sequence[str], check_headers: bool = True, cache: ScanCache | None = None,
+                       stamps: dict[str, tuple[int, int]] | None = None) -> tuple[dict[str, list[Path]], list[tuple[str, str]]]:
     """The readable images of each class folder of `root`, each real file and folder once
     (links to the root, to a class folder or to a file already found are reported, not followed),
     and everything skipped -- hidden and stray entries of `root` included.
@@ -318,7 +422,7 @@ def scan_class_folders(root: Path, folders: Sequence[str], check_headers: bool =
             skipped.append((str(root / f), "a link to the split folder or to another class folder: not read"))
             found[f] = []
             continue
-        found[f], skip = scan_class_folder(root / f, check_headers, seen_dirs)
+        found[f], skip = scan_class_folder(root / f, check_headers, seen_dirs, cache, stamps)
         skipped.extend(skip)
     order = [(f, p) for f in folders for p in found[f]]
     kept, repeated = drop_repeated_files([p for _, p in order])
@@ -339,6 +443,7 @@ def scan_split(
     label_path: str | Path | None = None,
     check_headers: bool = True,
     what: str = "dataset",
+    use_cache: bool = True,
 ) -> ImageSet:
     """Find the images of one split (root/<class>/**/image).
 
@@ -348,6 +453,7 @@ def scan_split(
         label_path: a pytorch-classifier label.txt, used when the folders are numbered.
         check_headers: open each file's header to skip non-images early.
         what: how the split is called in messages ("train set", "val set" ...).
+        use_cache: reuse the header checks of an earlier scan of unchanged files (ScanCache).
 
     Returns:
         The ImageSet.
@@ -361,7 +467,9 @@ def scan_split(
     if not folders:
         raise UserError(f"{what} folder {root} has no class folders: expected {root}/<class name>/<images>")
     names, folder_index = map_class_folders(root, folders, class_names, label_path, what)
-    found, skipped = scan_class_folders(root, folders, check_headers)
+    cache = ScanCache(root) if use_cache and check_headers else None
+    stamps: dict[str, tuple[int, int]] = {}
+    found, skipped = scan_class_folders(root, folders, check_headers, cache, stamps)
     samples: list[tuple[str, int]] = []
     for f in folders:
         if not found[f] and class_names is None:
@@ -369,7 +477,13 @@ def scan_split(
         samples.extend((str(path), folder_index[f]) for path in found[f])
     if not samples:
         raise UserError(f"{what} folder {root} holds no readable images")
-    return ImageSet(root=root, samples=samples, class_names=names, skipped=skipped)
+    digest = hashlib.sha1()
+    for path, target in samples:
+        digest.update(f"{path}\0{target}\0{stamps.get(path)}\n".encode("utf-8", "surrogateescape"))
+    if cache is not None:
+        cache.save(keep=set(stamps) | {p for p, _ in skipped})
+    return ImageSet(root=root, samples=samples, class_names=names, skipped=skipped, signature=digest.hexdigest(),
+                    cache=cache)
 
 
 def report_skipped(skipped: Sequence[tuple[str, str]], what: str, limit: int = 20) -> None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.log import UserError
+from utils.names import LOSSES as LOSS_NAMES
 
 
 class _ClassificationLoss(nn.Module):
@@ -83,6 +84,7 @@ class PolyLoss(_ClassificationLoss):
 
 
 LOSSES = {"CrossEntropyLoss": CrossEntropyLoss, "FocalLoss": FocalLoss, "PolyLoss": PolyLoss}
+assert tuple(LOSSES) == LOSS_NAMES, "utils.names.LOSSES names every loss"
 
 
 def class_balance_weights(targets: Sequence[int], num_classes: int) -> torch.Tensor:

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from utils.log import UserError
+from utils.names import OPTIMIZERS
 
-OPTIMIZERS = ("SGD", "AdamW", "RMSProp")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

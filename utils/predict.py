@@ -269,7 +269,7 @@ def label_text(row: dict[str, Any]) -> str:
 def annotate(image: Image.Image, text: str, min_side: int = 128) -> Image.Image:
     """A copy of `image` (RGB) with `text` on a banner at the top; images smaller than min_side
     are enlarged (nearest neighbour) first so the text stays readable."""
-    from utils.cam import load_font
+    from utils.plots import load_font
 
     image = image.convert("RGB")
     short = min(image.size)

@@ -112,6 +112,19 @@ class TrainData:
         return len(self.train_set.class_names)
 
 
+def train_mean_std(train_set: ImageSet, image_size: int, channels: int, seed: int) -> tuple[list[float], list[float]]:
+    """The train set's per-channel mean/std, computed once per set of files and size (then read
+    from the scan cache: a second start-up on the same folder decodes no image)."""
+    key = f"mean_std:v1:{train_set.signature}:{image_size}:{channels}:{seed}"
+    cached = train_set.cache.get(key) if train_set.cache is not None and train_set.signature else None
+    if cached is not None:
+        return list(cached[0]), list(cached[1])
+    mean, std = compute_mean_std(train_set.samples, image_size, channels, workers=0, seed=seed)
+    if train_set.cache is not None and train_set.signature:
+        train_set.cache.put(key, [mean, std])
+    return mean, std
+
+
 def load_data(args: argparse.Namespace, resumed: Checkpoint | None = None) -> TrainData:
     """Scan the splits, check them, and settle the preprocessing (a resumed run keeps its own).
 
@@ -139,7 +152,7 @@ def load_data(args: argparse.Namespace, resumed: Checkpoint | None = None) -> Tr
         if args.image_channel == 1:
             mean, std = [sum(mean) / 3], [sum(std) / 3]
     else:
-        mean, std = compute_mean_std(train_set.samples, args.image_size, args.image_channel, workers=0, seed=args.random_seed)
+        mean, std = train_mean_std(train_set, args.image_size, args.image_channel, args.random_seed)
         LOGGER.info("train set mean %s, std %s", [round(m, 4) for m in mean], [round(s, 4) for s in std])
     spec = PreprocessSpec.create(args.image_size, args.image_channel, mean, std, args.resize_mode)
     augment, note = train_augment(args.Augment, args.custom_augment)
@@ -188,6 +201,7 @@ class Trainer:
                                      weights="ema" if self.ema else "raw")
         self.state = self._build_state()
         self.start_step = 0
+        self.timing: list[dict[str, float]] = []  # seconds per epoch: train, val, checkpoints, logs and plots
         if resumed is not None:
             self.state.load_state_dict(resumed.train_state)
             self.start_step = self.state.step
@@ -292,19 +306,22 @@ class Trainer:
         print(f"training {args.model_name} on {self.device} ({len(self.data.train_set.samples)} train images, "
               f"{self.data.num_classes} classes, batch {args.batch_size}, {args.epoch} epochs)", flush=True)
         with StopFlag() as stop:
-            for epoch in range(self.state.epoch, args.epoch):
-                self.run_epoch(epoch, stop)
-                if stop():
-                    print(f"stopped after epoch {epoch + 1}: saved {self.run / 'last.pt'}; "
-                          f"continue with: python main.py --save_path {self.run.path} --resume", flush=True)
-                    raise KeyboardInterrupt
-                if self.saver.patience_exhausted:
-                    print(f"early stop: no improvement of val {args.metrice} for {args.patience} epochs "
-                          f"(best {self.saver.best_value:.4f} at epoch {self.saver.best_epoch})", flush=True)
-                    break
+            try:
+                for epoch in range(self.state.epoch, args.epoch):
+                    self.run_epoch(epoch, stop)
+                    if stop():
+                        print(f"stopped after epoch {epoch + 1}: saved {self.run / 'last.pt'}; "
+                              f"continue with: python main.py --save_path {self.run.path} --resume", flush=True)
+                        raise KeyboardInterrupt
+                    if self.saver.patience_exhausted:
+                        print(f"early stop: no improvement of val {args.metrice} for {args.patience} epochs "
+                              f"(best {self.saver.best_value:.4f} at epoch {self.saver.best_epoch})", flush=True)
+                        break
+            finally:
+                self.log.close()  # the curves are drawn however the loop ends
         if self.swa is not None:
             self.finish_swa()
-        self.log.close()
+        self.print_timing()
         saver = self.saver
         print(f"best.pt: epoch {saver.best_epoch}, {'val' if self.val_loader else 'train'} {args.metrice} "
               f"{saver.best_value:.4f}", flush=True)
@@ -321,8 +338,9 @@ class Trainer:
         if start_step and state.sums:
             sums.load_state_dict(state.sums)
             extra = dict(state.extra or {})
-        t0 = time.time()
+        t0 = time.perf_counter()
         train = self.train_epoch(epoch, sums, extra, start_step, stop)
+        t_train = time.perf_counter()
         self.start_step = 0
         if train["interrupted"]:
             state.epoch, state.step, state.sums, state.extra = epoch, int(train["steps"]), sums.state_dict(), extra
@@ -333,15 +351,29 @@ class Trainer:
         if self.swa is not None:
             self.swa.end_epoch(self.model, epoch)
         val = self.validate(self.scored_model())
+        t_val = time.perf_counter()
         self.schedule.end_epoch(val["loss"] if val else None)
         improved = self.saver.end_epoch(epoch + 1, (val or train)[args.metrice], self.scored_model(),
                                         {"train": train, "val": val})
+        t_best = time.perf_counter()
         notes = (["head only"] if frozen else []) + ([f"kd_loss {train['kd_loss']:.4f}"] if "kd_loss" in train else [])
-        record = EpochRecord(epoch + 1, lr, time.time() - t0, train, val, improved, notes)
+        record = EpochRecord(epoch + 1, lr, t_val - t0, train, val, improved, notes)
         self.log.write(record)  # before last.pt: a kill in between redoes this epoch, and its row with it
+        t_log = time.perf_counter()
         state.epoch, state.step, state.sums, state.extra = epoch + 1, 0, None, None
         self.saver.save_last(state)
+        spent = {"train": t_train - t0, "val": t_val - t_train, "checkpoints": t_best - t_val + time.perf_counter() - t_log,
+                 "logs and plots": t_log - t_best}
+        self.timing.append(spent)
         return record
+
+    def print_timing(self) -> None:
+        """Where the epochs' time went, on average: training, validation, checkpoints, logs and plots."""
+        if not self.timing:
+            return
+        mean = {k: sum(t[k] for t in self.timing) / len(self.timing) for k in self.timing[0]}
+        total = sum(mean.values())
+        print("time per epoch: " + ", ".join(f"{k} {v:.2f}s ({v / total:.0%})" for k, v in mean.items()), flush=True)
 
     def train_epoch(self, epoch: int, sums: EpochSums, extra: dict[str, float], start_step: int, stop: StopFlag) -> dict[str, float]:
         """utils.engine.train_one_epoch with this run's parts; a non-finite loss ends the run in one line."""

@@ -1,0 +1,112 @@
+"""Prediction throughput: predict.py end to end against a bare batched forward pass (not a test).
+
+    python benchmarks/predict_throughput.py                     # resnet18 at 32 px, batch 64, the digits images
+    python benchmarks/predict_throughput.py --model_name resnet50 --image_size 64 --rounds 3
+
+  bare       the model's forward pass and softmax on uint8 batches already in memory (normalised
+             on the fly, as the torch backend does), batch after batch, in this process.
+  predict.py predict.py on the same images from disk, as a user runs it (its default --workers);
+             images/second from its own summary line, which times from the first batch to the
+             last row written (start-up and model loading excluded).
+  ratio      predict.py / bare.
+
+The model is an untrained one of the requested architecture written as a best.pt of this toolkit
+(speed does not depend on the weights); the images are scikit-learn's digits (all 1,797 of them)
+written by processing.py into --cache_dir. Compare figures only within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.train_throughput import ensure_digits  # noqa: E402
+
+SUMMARY = re.compile(r"(\d+) images predicted in ([0-9.]+)s \(([0-9.]+) images/s\)")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser.add_argument
+    p("--model_name", default="resnet18")
+    p("--image_size", type=int, default=32)
+    p("--batch_size", type=int, default=64)
+    p("--rounds", type=int, default=3, help="measurements of each, alternating; the median is reported")
+    p("--cache_dir", default=str(ROOT / "benchmarks" / ".cache"))
+    return parser
+
+
+def make_run(folder: Path, model_name: str, size: int, class_names: list[str]) -> Path:
+    """A run folder whose best.pt holds an untrained model (mean/std of the digits, roughly)."""
+    import torch
+
+    from utils.registry import create_model
+    from utils.schema import Checkpoint, ModelMeta, PreprocessSpec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = create_model(model_name, len(class_names), 3)
+    meta = ModelMeta(model_name, tuple(class_names), PreprocessSpec.create(size, 3, [0.2] * 3, [0.3] * 3))
+    torch.save(Checkpoint("best", meta, model.state_dict(), epoch=1).to_dict(), folder / "best.pt")
+    return folder
+
+
+def bare_forward(run: Path, files: list[Path], batch_size: int) -> float:
+    """images/s of the model on uint8 batches in memory (decoding and resizing done beforehand)."""
+    import torch
+
+    from utils.backends import load_backend, predict_probs, preprocess_images
+    from utils.images import load_image
+
+    backend = load_backend(run, "torch", "cpu")
+    images = preprocess_images(backend.meta, [load_image(f, 3) for f in files])
+    predict_probs(backend, images[:batch_size])  # warm-up
+    t0 = time.perf_counter()
+    for start in range(0, len(images), batch_size):
+        predict_probs(backend, images[start:start + batch_size])
+    return len(images) / (time.perf_counter() - t0)
+
+
+def predict_py(run: Path, source: Path, batch_size: int) -> float:
+    proc = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--source", str(source), "--save_path", str(run),
+                           "--batch_size", str(batch_size), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)
+    match = SUMMARY.search(proc.stdout)
+    if proc.returncode != 0 or not match:
+        sys.exit(f"error: predict.py failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return float(match.group(3))
+
+
+def main(args: argparse.Namespace) -> dict[str, float]:
+    import torch
+    from prettytable import PrettyTable
+
+    split = ensure_digits(Path(args.cache_dir).resolve())
+    source = split
+    files = sorted(p for p in source.rglob("*.png"))
+    classes = sorted({p.parent.name for p in files})
+    run = make_run(Path(args.cache_dir).resolve() / f"predict_{args.model_name}_{args.image_size}", args.model_name,
+                   args.image_size, classes)
+    bare, end_to_end = [], []
+    for r in range(args.rounds):
+        bare.append(bare_forward(run, files, args.batch_size))
+        end_to_end.append(predict_py(run, source, args.batch_size))
+        print(f"round {r + 1}: bare {bare[-1]:.1f}, predict.py {end_to_end[-1]:.1f} images/s", flush=True)
+    result = {"bare": statistics.median(bare), "predict": statistics.median(end_to_end)}
+    result["ratio"] = result["predict"] / result["bare"]
+    table = PrettyTable(["images", "bare forward img/s", "predict.py img/s", "ratio"])
+    table.title = f"{args.model_name} at {args.image_size} px, batch {args.batch_size}, {torch.get_num_threads()} threads"
+    table.add_row([len(files), f"{result['bare']:.1f}", f"{result['predict']:.1f}", f"{result['ratio']:.2f}"])
+    print(table)
+    return result
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
