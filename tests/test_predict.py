@@ -235,9 +235,25 @@ def test_user_errors(run_dir: Path, mixed_folder: Path, argv: list[str], needle:
 
 
 def test_cam_class_explains_the_named_class(run_dir: Path, mixed_folder: Path) -> None:
-    folder = predict_main("--source", mixed_folder / "rgb.png", "--save_path", run_dir, "--device", "cpu", "--workers", 0,
-                          "--cam_visual", "--cam_class", "blue", "--cam_layer", "layer2", "--cam_type", "EigenCAM")
-    assert [p.name for p in (folder / "cam").iterdir()] == ["rgb.png"]
+    common = ("--source", mixed_folder / "rgb.png", "--save_path", run_dir, "--device", "cpu", "--workers", 0,
+              "--cam_visual", "--cam_layer", "layer2", "--cam_type", "GradCAM")
+    own = predict_main(*common)
+    predicted = read_rows(own)[0]["class"]
+    other = next(name for name in sorted(COLOURS) if name != predicted)
+    named = predict_main(*common, "--cam_class", other)
+    assert [p.name for p in (named / "cam").iterdir()] == ["rgb.png"]
+    # the middle third of the panel is the heatmap overlay: another class, another map
+    overlays = [np.asarray(Image.open(folder / "cam" / "rgb.png").convert("RGB"), dtype=np.int16)[:, 224:448]
+                for folder in (own, named)]
+    assert np.abs(overlays[0] - overlays[1]).mean() > 5
+    # and by value: the map of the named class is not the map of the predicted one
+    backend = load_backend(run_dir, device="cpu")
+    spec = backend.meta["preprocess"]
+    x = backend.normalize(eval_transform(spec)(load_image(mixed_folder / "rgb.png", 3))[None])
+    names = backend.meta["class_names"]
+    maps = [cam_maps(backend.model, x, "layer2", "GradCAM", [names.index(c)], on_degenerate="ignore")[0]
+            for c in (predicted, other)]
+    assert np.abs(maps[0] - maps[1]).mean() > 0.05
 
 
 def handmade_run(folder: Path, channels: int, size: int) -> Path:
@@ -316,9 +332,14 @@ def test_every_cam_type_on_a_tiny_cnn(tiny_cnn: torch.nn.Module, cam_type: str) 
     layer = find_cam_layer(tiny_cnn, 32, 3)
     assert layer.name == "layer3" and layer.layout == "NCHW"  # layer4 is 1x1 at 32 px: the last stage with a grid
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    maps = cam_maps(tiny_cnn, x, layer, cam_type, [2], batch_size=128)
-    assert maps.shape == (1, 32, 32) and maps.dtype == np.float32
-    assert np.isfinite(maps).all() and maps.min() >= 0.0 and maps.max() <= 1.0
+    with torch.no_grad():
+        predicted = int(tiny_cnn(x).argmax())  # an untrained model: other classes may have no positive evidence
+    # raw: as grad-cam returns it, before cam_maps replaces NaN and clips; a degenerate map raises
+    raw = cam_maps(tiny_cnn, x, layer, cam_type, [predicted], batch_size=128, raw=True, on_degenerate="raise")
+    assert raw.shape == (1, 32, 32) and raw.dtype == np.float32
+    assert np.isfinite(raw).all() and raw.max() - raw.min() > 0.5
+    maps = cam_maps(tiny_cnn, x, layer, cam_type, [predicted], batch_size=128)
+    assert maps.min() >= 0.0 and maps.max() <= 1.0
     assert all(p.requires_grad for p in tiny_cnn.parameters())  # flags restored
 
 
