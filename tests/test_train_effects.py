@@ -1,6 +1,6 @@
 """main.py's flags checked by what they do to training, not by args.yaml.
 
-Runs of main.py in subprocesses, as a user runs it (two at a time, in one module fixture), read
+Runs of main.py in subprocesses, as a user runs it (two at a time, a module fixture per pair), read
 back through the run folder: train.log, last.pt, best.pt, swa.pt (torch.load(weights_only=True)).
 A few flags whose effect is inside the process (--amp's autocast dtype, the batch that
 --batch_size -1 picks, --image_channel 1's input) run main.py's command line in this process with
@@ -55,48 +55,78 @@ def bomb_png(path: Path, width: int = 16385, height: int = 16384) -> Path:
 
 
 # ------------------------------------------------------------------------------------- runs
+# Runs in pairs (two at a time on two cores), one module fixture per pair, so that a test (or a
+# -k selection) starts only the runs it reads.
 @pytest.fixture(scope="module")
-def effect_runs(tiny_data: Path, trained_run: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def effects_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("effects")
-    steplr, plateau = root / "steplr.yaml", root / "plateau.yaml"
-    steplr.write_text(STEPLR)
-    plateau.write_text(PLATEAU)
+    (root / "steplr.yaml").write_text(STEPLR)
+    (root / "plateau.yaml").write_text(PLATEAU)
+    return root
 
-    with_bomb = make_split_dataset(root / "with_bomb", TINY_CLASSES, test=0)
-    bomb_png(with_bomb / "train" / "red" / "huge.png")
-    assert Image.open(with_bomb / "train" / "red" / "img0.png").size == (24, 24)
 
-    imbalanced = root / "imbalanced"
-    colours = {c: i for i, c in enumerate(TINY_CLASSES)}
-    make_class_folders(imbalanced / "train", dict(zip(TINY_CLASSES, (12, 6, 3))), seed=0, colour_of=colours)
-    make_class_folders(imbalanced / "val", dict(zip(TINY_CLASSES, (3, 3, 3))), seed=1, colour_of=colours)
+def run_pair(root: Path, jobs: dict[str, list[str]]) -> dict[str, Any]:
+    procs = dict(zip(jobs, run_many([{"script": "main.py", "args": args} for args in jobs.values()])))
+    for proc in procs.values():
+        assert_ok(proc)
+    return {"runs": root / "runs", "procs": procs}
 
-    runs = root / "runs"
-    swa = ("--batch_size", "24", "--metrice", "loss", "--config", steplr)  # one step per epoch
-    jobs = {
-        # SWA over epochs 2 and 3 (swa_start 0.34 of 3 epochs); the same run stopped after epoch 2
-        "swa": train_args(tiny_data, runs / "swa", *swa, "--swa", "--swa_start", "0.34", "--epoch", "3"),
-        "swa_ref": train_args(tiny_data, runs / "swa_ref", *swa, "--epoch", "2"),
+
+@pytest.fixture(scope="module")
+def swa_runs(effects_root: Path, tiny_data: Path) -> dict[str, Any]:
+    """SWA over epochs 2 and 3 (--swa_start 0.34 of 3 epochs), and the same run stopped after epoch 2.
+    One step per epoch (batch 24 of 24 images): the epochs' batch-norm running statistics stay far
+    from the data's, which SWA's recompute fixes."""
+    runs = effects_root / "runs"
+    common = ("--batch_size", "24", "--metrice", "loss", "--config", effects_root / "steplr.yaml")
+    return run_pair(effects_root, {
+        "swa": train_args(tiny_data, runs / "swa", *common, "--swa", "--swa_start", "0.34", "--epoch", "3"),
+        "swa_ref": train_args(tiny_data, runs / "swa_ref", *common, "--epoch", "2"),
+    }) | {"tiny": tiny_data}
+
+
+@pytest.fixture(scope="module")
+def rdrop_runs(effects_root: Path, tiny_data: Path) -> dict[str, Any]:
+    runs = effects_root / "runs"
+    return run_pair(effects_root, {
         "rdrop": train_args(tiny_data, runs / "rdrop", "--rdrop", "--rdrop_alpha", "0.3", model=DROPOUT_MODEL),
         "rdrop_alpha0": train_args(tiny_data, runs / "rdrop_alpha0", "--rdrop", "--rdrop_alpha", "0", model=DROPOUT_MODEL),
+    })
+
+
+@pytest.fixture(scope="module")
+def frozen_runs(effects_root: Path, tiny_data: Path, trained_run: Any) -> dict[str, Any]:
+    runs = effects_root / "runs"
+    return run_pair(effects_root, {
         "freeze_all": train_args(tiny_data, runs / "freeze_all", "--weight", trained_run.path / "best.pt", "--freeze", "-1",
                                  "--lr", "0.05", "--epoch", "2"),
         # a model that cannot change (body frozen, head lr 1e-30): its val metrics stay the same every epoch
         "static": train_args(tiny_data, runs / "static", "--freeze", "-1", "--lr", "1e-30", "--epoch", "8",
-                             "--patience", "3", "--config", plateau),
+                             "--patience", "3", "--config", effects_root / "plateau.yaml"),
+    }) | {"start": trained_run.path / "best.pt"}
+
+
+@pytest.fixture(scope="module")
+def data_runs(effects_root: Path) -> dict[str, Any]:
+    """--warmup and --metrice loss on a train set holding a decompression bomb; --class_balance on an
+    imbalanced train set (12/6/3), with one val batch."""
+    with_bomb = make_split_dataset(effects_root / "with_bomb", TINY_CLASSES, test=0)
+    bomb_png(with_bomb / "train" / "red" / "huge.png")
+    imbalanced = effects_root / "imbalanced"
+    colours = {c: i for i, c in enumerate(TINY_CLASSES)}
+    make_class_folders(imbalanced / "train", dict(zip(TINY_CLASSES, (12, 6, 3))), seed=0, colour_of=colours)
+    make_class_folders(imbalanced / "val", dict(zip(TINY_CLASSES, (3, 3, 3))), seed=1, colour_of=colours)
+    runs = effects_root / "runs"
+    return run_pair(effects_root, {
         "warmup": train_args(with_bomb, runs / "warmup", "--warmup", "--warmup_ratios", "0.5", "--epoch", "4",
                              "--metrice", "loss"),
         "balanced": train_args(imbalanced, runs / "balanced", "--class_balance", "--batch_size", "16"),
-    }
-    procs = dict(zip(jobs, run_many([{"script": "main.py", "args": args} for args in jobs.values()])))
-    for proc in procs.values():
-        assert_ok(proc)
-    return {"runs": runs, "procs": procs, "tiny": tiny_data, "imbalanced": imbalanced, "start": trained_run.path / "best.pt"}
+    }) | {"imbalanced": imbalanced}
 
 
 # ------------------------------------------------------------------------------------------ SWA
-def test_swa_is_the_mean_of_the_epoch_weights(effect_runs: dict) -> None:
-    runs = effect_runs["runs"]
+def test_swa_is_the_mean_of_the_epoch_weights(swa_runs: dict) -> None:
+    runs = swa_runs["runs"]
     last, ref = load_ckpt(runs / "swa" / "last.pt"), load_ckpt(runs / "swa_ref" / "last.pt")
     assert last["epoch"] == 3 and ref["epoch"] == 2
     averaged = last["swa"]  # torch's AveragedModel state: module.<name> and n_averaged
@@ -125,13 +155,13 @@ def bn_stats_on(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tenso
     return {k: v for k, v in model.state_dict().items() if "running_" in k}
 
 
-def test_swa_batch_norm_is_recomputed_on_the_training_data(effect_runs: dict) -> None:
+def test_swa_batch_norm_is_recomputed_on_the_training_data(swa_runs: dict) -> None:
     from utils.checkpoint import model_from_checkpoint
 
-    swa_pt = load_ckpt(effect_runs["runs"] / "swa" / "swa.pt")
-    last = load_ckpt(effect_runs["runs"] / "swa" / "last.pt")
+    swa_pt = load_ckpt(swa_runs["runs"] / "swa" / "swa.pt")
+    last = load_ckpt(swa_runs["runs"] / "swa" / "last.pt")
     # the training images as the model saw them (the random 32 px crop of the 35 px resize: centred here)
-    files = sorted((effect_runs["tiny"] / "train").rglob("*.png"))
+    files = sorted((swa_runs["tiny"] / "train").rglob("*.png"))
     mean = torch.tensor(swa_pt["mean"]).view(1, 3, 1, 1) * 255
     std = torch.tensor(swa_pt["std"]).view(1, 3, 1, 1) * 255
     pixels = np.stack([np.asarray(Image.open(f).convert("RGB").resize((35, 35), Image.BILINEAR))[1:33, 1:33] for f in files])
@@ -153,9 +183,9 @@ def test_swa_batch_norm_is_recomputed_on_the_training_data(effect_runs: dict) ->
     assert all(stored[layer] < epoch[layer] / 4 for layer in layers), {k: (round(stored[k], 3), round(epoch[k], 3)) for k in layers}
 
 
-def test_swa_replaces_best_pt_when_better(effect_runs: dict) -> None:
-    run = effect_runs["runs"] / "swa"
-    proc = effect_runs["procs"]["swa"]
+def test_swa_replaces_best_pt_when_better(swa_runs: dict) -> None:
+    run = swa_runs["runs"] / "swa"
+    proc = swa_runs["procs"]["swa"]
     swa_pt, best, last = load_ckpt(run / "swa.pt"), load_ckpt(run / "best.pt"), load_ckpt(run / "last.pt")
     epochs_best = last["best"]["value"]  # last.pt is written before SWA is scored
     assert min(column(run, "test_loss")) == pytest.approx(epochs_best)
@@ -168,8 +198,8 @@ def test_swa_replaces_best_pt_when_better(effect_runs: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------- R-Drop
-def test_rdrop_consistency_term_changes_training_on_a_model_with_dropout(effect_runs: dict) -> None:
-    runs = effect_runs["runs"]
+def test_rdrop_consistency_term_changes_training_on_a_model_with_dropout(rdrop_runs: dict) -> None:
+    runs = rdrop_runs["runs"]
     a, b = load_ckpt(runs / "rdrop" / "last.pt")["model"], load_ckpt(runs / "rdrop_alpha0" / "last.pt")["model"]
     # the same seed, data and two forward passes per step: only the KL term (alpha 0.3 vs 0) differs,
     # and it is not 0 only because dropout makes the two passes differ
@@ -178,11 +208,11 @@ def test_rdrop_consistency_term_changes_training_on_a_model_with_dropout(effect_
 
 
 # ---------------------------------------------------------------------------- --freeze -1
-def test_freeze_minus_one_trains_only_the_head_in_every_epoch(effect_runs: dict) -> None:
-    run = effect_runs["runs"] / "freeze_all"
-    proc = effect_runs["procs"]["freeze_all"]
+def test_freeze_minus_one_trains_only_the_head_in_every_epoch(frozen_runs: dict) -> None:
+    run = frozen_runs["runs"] / "freeze_all"
+    proc = frozen_runs["procs"]["freeze_all"]
     assert proc.stdout.count("head only") == 2  # both epochs
-    before, after = load_ckpt(effect_runs["start"])["model"], load_ckpt(run / "last.pt")["model"]
+    before, after = load_ckpt(frozen_runs["start"])["model"], load_ckpt(run / "last.pt")["model"]
     assert load_ckpt(run / "last.pt")["epoch"] == 2
     for key, value in after.items():
         if key in ("fc.weight", "fc.bias"):
@@ -192,9 +222,9 @@ def test_freeze_minus_one_trains_only_the_head_in_every_epoch(effect_runs: dict)
 
 
 # ------------------------------------------------------------ --patience, ReduceLROnPlateau
-def test_patience_stops_at_the_right_epoch(effect_runs: dict) -> None:
-    run = effect_runs["runs"] / "static"
-    proc = effect_runs["procs"]["static"]
+def test_patience_stops_at_the_right_epoch(frozen_runs: dict) -> None:
+    run = frozen_runs["runs"] / "static"
+    proc = frozen_runs["procs"]["static"]
     acc = column(run, "test_acc")
     assert len(set(acc)) == 1, "the static model's metric should not change"
     # epoch 1 is the best; epochs 2, 3 and 4 bring nothing: --patience 3 stops after epoch 4 of 8
@@ -203,25 +233,25 @@ def test_patience_stops_at_the_right_epoch(effect_runs: dict) -> None:
     assert load_ckpt(run / "last.pt")["epoch"] == 4 and load_ckpt(run / "best.pt")["epoch"] == 1
 
 
-def test_plateau_scheduler_halves_the_lr_when_val_loss_stalls(effect_runs: dict) -> None:
-    run = effect_runs["runs"] / "static"
+def test_plateau_scheduler_halves_the_lr_when_val_loss_stalls(frozen_runs: dict) -> None:
+    run = frozen_runs["runs"] / "static"
     losses = column(run, "test_loss")
     assert len(set(losses)) == 1
     # epoch 1: --lr; epoch 2: the first step only records the loss; then every epoch without a lower
     # val loss halves the lr (patience 0, factor 0.5)
-    assert column(run, "lr") == pytest.approx([1e-30, 1e-30, 5e-31, 2.5e-31], rel=1e-6)
+    assert column(run, "lr") == pytest.approx([1e-30, 1e-30, 5e-31, 2.5e-31], rel=1e-6, abs=0)  # abs=0: pytest.approx allows 1e-12 by default
 
 
 # -------------------------------------------------------------------- --warmup, --metrice
-def test_warmup_then_cosine_learning_rates(effect_runs: dict) -> None:
+def test_warmup_then_cosine_learning_rates(data_runs: dict) -> None:
     lr, low = 1e-3, 1e-6
     # int(0.5 * 4) = 2 warm-up epochs rising from --warmup_minlr, then the cosine decay over the other 2
     expected = [low, low + (lr - low) / 2, lr, low + (lr - low) * (1 + np.cos(np.pi / 2)) / 2]
-    assert column(effect_runs["runs"] / "warmup", "lr") == pytest.approx(expected, rel=1e-9)
+    assert column(data_runs["runs"] / "warmup", "lr") == pytest.approx(expected, rel=1e-9, abs=0)
 
 
-def test_metrice_loss_picks_best_pt_by_val_loss(effect_runs: dict) -> None:
-    run = effect_runs["runs"] / "warmup"
+def test_metrice_loss_picks_best_pt_by_val_loss(data_runs: dict) -> None:
+    run = data_runs["runs"] / "warmup"
     losses, accs = column(run, "test_loss"), column(run, "test_acc")
     best = load_ckpt(run / "best.pt")
     assert best["best"]["metric"] == "loss"
@@ -231,8 +261,8 @@ def test_metrice_loss_picks_best_pt_by_val_loss(effect_runs: dict) -> None:
     assert int(np.argmin(losses)) != int(np.argmax(accs)), (losses, accs)
 
 
-def test_image_over_268_megapixels_is_refused(effect_runs: dict) -> None:
-    proc = effect_runs["procs"]["warmup"]
+def test_image_over_268_megapixels_is_refused(data_runs: dict) -> None:
+    proc = data_runs["procs"]["warmup"]
     lines = [ln for ln in proc.stderr.splitlines() if "huge.png" in ln]
     assert len(lines) == 1 and f"decompression-bomb limit of {16384 * 16384} pixels" in lines[0], describe(proc)
     assert "(24 train images, 3 classes" in proc.stdout  # trained on the others
@@ -253,14 +283,14 @@ def val_loss(ckpt: Path, val: Path, loss: nn.Module) -> float:
     return float(loss(logits, torch.tensor([t for _, t in files])))
 
 
-def test_class_balance_weights_the_loss(effect_runs: dict) -> None:
+def test_class_balance_weights_the_loss(data_runs: dict) -> None:
     from utils.losses import build_loss
 
-    run = effect_runs["runs"] / "balanced"
+    run = data_runs["runs"] / "balanced"
     counts = np.array([12, 6, 3])
     weight = torch.tensor(np.sqrt(counts.sum() / (3 * counts)), dtype=torch.float32)  # sqrt of sklearn's "balanced"
     logged = column(run, "test_loss")[-1]
-    val = effect_runs["imbalanced"] / "val"
+    val = data_runs["imbalanced"] / "val"
     weighted = val_loss(run / "last.pt", val, build_loss("CrossEntropyLoss", 0.1, weight))
     plain = val_loss(run / "last.pt", val, build_loss("CrossEntropyLoss", 0.1))
     assert logged == pytest.approx(weighted, rel=1e-4)
