@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (TINY_CLASSES, assert_ok, assert_user_error, describe, load_ckpt, make_split_dataset, run_many,
-                      run_script, train_args)
+from conftest import (TINY_CLASSES, assert_ok, assert_user_error, describe, load_ckpt, make_split_dataset, run_inprocess,
+                      run_many, run_script, train_args)
 from utils.augment import POLICIES, BatchMix, CutOut, build_custom_augment, train_augment
 from utils.data import preprocess_spec, train_transform, eval_transform, tta_transform
 from utils.distill import KD_METHODS, Distiller
@@ -165,12 +165,12 @@ def test_each_kd_method_trains_from_a_teacher_of_another_architecture(tiny_data:
 
 def test_kd_refuses_bad_combinations_at_start(tiny_data: Path, recipe_root: Path, teacher: Path) -> None:
     other = make_split_dataset(recipe_root / "other_classes", ["cat", "dog"], train=2, val=1, test=0)
-    procs = run_many([
-        {"script": "main.py", "args": train_args(tiny_data, recipe_root / "bad1", "--kd", "--teacher_path", teacher, "--rdrop")},
-        {"script": "main.py", "args": train_args(other, recipe_root / "bad2", "--kd", "--teacher_path", teacher)},
-        {"script": "main.py", "args": train_args(tiny_data, recipe_root / "bad3", "--kd")},
-        {"script": "main.py", "args": train_args(tiny_data, recipe_root / "bad4", "--swa", "--ema")},
-    ])
+    procs = [run_inprocess("main.py", *args) for args in (  # start-up errors: in this process
+        train_args(tiny_data, recipe_root / "bad1", "--kd", "--teacher_path", teacher, "--rdrop"),
+        train_args(other, recipe_root / "bad2", "--kd", "--teacher_path", teacher),
+        train_args(tiny_data, recipe_root / "bad3", "--kd"),
+        train_args(tiny_data, recipe_root / "bad4", "--swa", "--ema"),
+    )]
     assert_user_error(procs[0], "--rdrop")
     assert_user_error(procs[1], "same classes")
     assert_user_error(procs[2], "--teacher_path")
