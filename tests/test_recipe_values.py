@@ -10,7 +10,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from utils.distill import AT, MGD, SP, Distiller, SoftTarget
