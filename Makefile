@@ -23,7 +23,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Every pytorch-classifier model name builds and runs a forward pass (slow: ~92 models).
+# Only the zoo test: every pytorch-classifier model name builds and runs a forward pass (~92 models; `make test` runs it too).
 test-zoo: $(STAMP)
 	$(PY) -m pytest -q -m zoo
 

@@ -55,6 +55,32 @@ def run_many(jobs: Sequence[dict[str, Any]], workers: int = 2) -> list[subproces
         return list(pool.map(one, jobs))
 
 
+def run_inprocess(script: str, *args: Any) -> subprocess.CompletedProcess:
+    """Run a script's command line in this process: `run_cli(main, parse_args, args)` of the module
+    `script` (main.py, predict.py ...), with stdout and stderr captured and the exit code returned as
+    the process would return it (argparse's own exit too). For error paths and short runs that would
+    otherwise pay seconds of imports in a subprocess."""
+    import contextlib
+    import importlib
+    import io
+
+    from utils.log import run_cli
+
+    module = importlib.import_module(Path(script).stem)
+    out, err = io.StringIO(), io.StringIO()
+    argv = [str(a) for a in args]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = run_cli(module.main, module.parse_args, argv)
+        except SystemExit as exc:  # argparse: --help, or a bad flag
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            import logging
+
+            logging.getLogger().handlers.clear()  # run_cli's handler writes to the captured stderr
+    return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
+
+
 def describe(proc: subprocess.CompletedProcess) -> str:
     """The tail of a finished process's output, for assertion messages."""
     return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"

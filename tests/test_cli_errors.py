@@ -1,6 +1,8 @@
 """Bad input gets one clear line on stderr and exit code 2, never a traceback.
 
-All cases are independent, so they run two at a time in one module fixture; each test checks one.
+Every case fails at start-up, so they run main.py's command line in this process (run_cli with
+stdout/stderr captured: what a subprocess would print and return, without seconds of imports per
+case), in one module fixture; each test checks one.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import (TINY_CLASSES, assert_user_error, describe, make_class_folders, make_split_dataset, run_many,
+from conftest import (TINY_CLASSES, assert_user_error, describe, make_class_folders, make_split_dataset, run_inprocess,
                       train_args)
 from utils.log import UserError
 
@@ -57,7 +59,7 @@ def error_runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
         "resume_corrupt_last": ["--save_path", str(corrupt), "--resume"],
         "config_unknown_key": train(tiny_data, "--config", config),
     }
-    procs = run_many([{"script": "main.py", "args": args, "timeout": 300} for args in cases.values()])
+    procs = [run_inprocess("main.py", *args) for args in cases.values()]
     return {"root": root, "save": save, **dict(zip(cases, procs))}
 
 

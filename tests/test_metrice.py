@@ -37,7 +37,7 @@ ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "M
        "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
 
 
-from conftest import assert_ok as check_ok, assert_user_error as check_user_error  # noqa: E402
+from conftest import assert_ok as check_ok, assert_user_error as check_user_error, run_inprocess  # noqa: E402
 
 # ---------------------------------------------------------------------------------- helpers
 def run(script: str, *args: Any, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -307,7 +307,7 @@ def test_user_errors_are_one_line(metric_runs: dict, metric_data: Path, tmp_path
         (("--save_path", timm_run, "--test_path", empty), ("no readable images", str(empty))),
         (("--save_path", timm_run, other), ("other classes", "other_classes")),
     ]
-    procs = run_parallel([("metrice.py", *args, "--workers", 0) for args, _ in cases])
+    procs = [run_inprocess("metrice.py", *args, "--workers", 0) for args, _ in cases]  # start-up errors: in process
     for proc, (_, needles) in zip(procs, cases):
         check_user_error(proc, *needles)
     assert not (empty / "test").exists() and {p.name for p in timm_run.iterdir() if p.is_dir()} <= {"test", "test2"}

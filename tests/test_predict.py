@@ -236,9 +236,25 @@ def test_user_errors(run_dir: Path, mixed_folder: Path, argv: list[str], needle:
 
 
 def test_cam_class_explains_the_named_class(run_dir: Path, mixed_folder: Path) -> None:
-    folder = predict_main("--source", mixed_folder / "rgb.png", "--save_path", run_dir, "--device", "cpu", "--workers", 0,
-                          "--cam_visual", "--cam_class", "blue", "--cam_layer", "layer2", "--cam_type", "EigenCAM")
-    assert [p.name for p in (folder / "cam").iterdir()] == ["rgb.png"]
+    common = ("--source", mixed_folder / "rgb.png", "--save_path", run_dir, "--device", "cpu", "--workers", 0,
+              "--cam_visual", "--cam_layer", "layer2", "--cam_type", "GradCAM")
+    own = predict_main(*common)
+    predicted = read_rows(own)[0]["class"]
+    other = next(name for name in sorted(COLOURS) if name != predicted)
+    named = predict_main(*common, "--cam_class", other)
+    assert [p.name for p in (named / "cam").iterdir()] == ["rgb.png"]
+    # the middle third of the panel is the heatmap overlay: another class, another map
+    overlays = [np.asarray(Image.open(folder / "cam" / "rgb.png").convert("RGB"), dtype=np.int16)[:, 224:448]
+                for folder in (own, named)]
+    assert np.abs(overlays[0] - overlays[1]).mean() > 5
+    # and by value: the map of the named class is not the map of the predicted one
+    backend = load_backend(run_dir, device="cpu")
+    spec = backend.meta["preprocess"]
+    x = backend.normalize(eval_transform(spec)(load_image(mixed_folder / "rgb.png", 3))[None])
+    names = backend.meta["class_names"]
+    maps = [cam_maps(backend.model, x, "layer2", "GradCAM", [names.index(c)], on_degenerate="ignore")[0]
+            for c in (predicted, other)]
+    assert np.abs(maps[0] - maps[1]).mean() > 0.05
 
 
 def handmade_run(folder: Path, channels: int, size: int) -> Path:
@@ -280,6 +296,58 @@ def test_ensemble_of_different_input_sizes_and_channels(run_dir: Path, mixed_fol
         predict_main("--source", mixed_folder, "--save_path", run_dir, other, "--device", "cpu", "--workers", 0)
 
 
+
+def constant_run(folder: Path, probs: list[float]) -> Path:
+    """A run whose model gives the same probabilities (over blue, green, red) for every image:
+    resnet10t with a zero classifier weight and log(probs) as its bias."""
+    handmade_run(folder, channels=3, size=32)
+    ckpt = torch.load(folder / "best.pt", weights_only=True)
+    ckpt["model"]["fc.weight"] = torch.zeros_like(ckpt["model"]["fc.weight"])
+    ckpt["model"]["fc.bias"] = torch.tensor(probs).log()
+    torch.save(ckpt, folder / "best.pt")
+    return folder
+
+
+def ensemble_rows(mixed_folder: Path, runs: list[Path], *extra: Any) -> list[dict[str, str]]:
+    return read_rows(predict_main("--source", mixed_folder / "rgb.png", "--save_path", *runs, "--device", "cpu",
+                                  "--workers", 0, *extra))
+
+
+def distribution(row: dict[str, str]) -> dict[str, float]:
+    return {row[f"top{k}_class"]: float(row[f"top{k}_prob"]) for k in (1, 2, 3)}
+
+
+def test_ensembles_of_models_that_disagree(mixed_folder: Path, tmp_path: Path) -> None:
+    confident = constant_run(tmp_path / "confident", [0.9, 0.05, 0.05])  # blue
+    unsure = [constant_run(tmp_path / f"unsure{i}", [0.3, 0.4, 0.3]) for i in (1, 2)]  # green, twice
+    assert distribution(ensemble_rows(mixed_folder, [confident])[0]) == pytest.approx({"blue": 0.9, "green": 0.05, "red": 0.05}, abs=1e-5)
+    three = [confident, *unsure]
+
+    mean = ensemble_rows(mixed_folder, three, "--ensemble", "mean")[0]
+    assert mean["class"] == "blue"  # the confident model outweighs the two others on average
+    assert distribution(mean) == pytest.approx({"blue": 0.5, "green": 0.85 / 3, "red": 0.65 / 3}, abs=1e-5)
+
+    vote = ensemble_rows(mixed_folder, three, "--ensemble", "vote")[0]
+    assert vote["class"] == "green"  # two votes of three
+    shares = distribution(vote)
+    assert shares["green"] == pytest.approx(2 / 3, abs=1 / 12) and shares["blue"] == pytest.approx(1 / 3, abs=1 / 12)
+    assert shares["red"] < 1 / 12
+
+    # weights 3 : 1 : 0, normalised: (3 * confident + unsure) / 4
+    for weights in (["3", "1", "0"], ["0.6", "0.2", "0"]):
+        weighted = ensemble_rows(mixed_folder, three, "--ensemble", "weighted", "--ensemble_weights", *weights)[0]
+        assert distribution(weighted) == pytest.approx({"blue": 0.75, "green": 0.1375, "red": 0.1125}, abs=1e-5)
+
+
+def test_vote_tie_is_broken_by_the_mean(mixed_folder: Path, tmp_path: Path) -> None:
+    sure_blue = constant_run(tmp_path / "blue", [0.7, 0.2, 0.1])
+    green = constant_run(tmp_path / "green", [0.05, 0.6, 0.35])
+    # one vote each; the mean is blue 0.375, green 0.4: green wins, not the more confident model's blue
+    vote = ensemble_rows(mixed_folder, [sure_blue, green], "--ensemble", "vote")[0]
+    assert vote["class"] == "green" and vote["top2_class"] == "blue" and vote["top3_class"] == "red"
+    assert float(vote["top1_prob"]) == pytest.approx(0.5, abs=1 / 6) and float(vote["top3_prob"]) < 1 / 6
+
+
 # ---------------------------------------------------------------------- library level
 def test_full_distribution_sums_to_one(run_dir: Path, mixed_folder: Path) -> None:
     ensemble = load_ensemble([run_dir], device="cpu")
@@ -315,9 +383,14 @@ def test_every_cam_type_on_a_tiny_cnn(tiny_cnn: torch.nn.Module, cam_type: str) 
     layer = find_cam_layer(tiny_cnn, 32, 3)
     assert layer.name == "layer3" and layer.layout == "NCHW"  # layer4 is 1x1 at 32 px: the last stage with a grid
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    maps = cam_maps(tiny_cnn, x, layer, cam_type, [2], batch_size=128)
-    assert maps.shape == (1, 32, 32) and maps.dtype == np.float32
-    assert np.isfinite(maps).all() and maps.min() >= 0.0 and maps.max() <= 1.0
+    with torch.no_grad():
+        predicted = int(tiny_cnn(x).argmax())  # an untrained model: other classes may have no positive evidence
+    # raw: as grad-cam returns it, before cam_maps replaces NaN and clips; a degenerate map raises
+    raw = cam_maps(tiny_cnn, x, layer, cam_type, [predicted], batch_size=128, raw=True, on_degenerate="raise")
+    assert raw.shape == (1, 32, 32) and raw.dtype == np.float32
+    assert np.isfinite(raw).all() and raw.max() - raw.min() > 0.5
+    maps = cam_maps(tiny_cnn, x, layer, cam_type, [predicted], batch_size=128)
+    assert maps.min() >= 0.0 and maps.max() <= 1.0
     assert all(p.requires_grad for p in tiny_cnn.parameters())  # flags restored
 
 

@@ -1,6 +1,6 @@
 """The model zoo: every family builds and runs, names resolve, in_chans=1, model/ architectures.
 
-The default suite builds the smallest member of each family; `make test-zoo` (pytest -m zoo)
+The smallest member of each family is built first; the `zoo`-marked test (in `make test`; alone: `make test-zoo`)
 builds every pytorch-classifier name.
 """
 from __future__ import annotations

@@ -2,16 +2,15 @@
 
 The config uses StepLR, so the learning rate of an epoch does not depend on --epoch: a run
 resumed with a larger --epoch must end bit-identical to a run that had that --epoch from the start.
-The interrupted run is started for 3 epochs, stopped early in epoch 2, and resumed with --epoch 4
+The interrupted run is started for 3 epochs, stopped by SIGTERM right after step 3 of epoch 2 (an
+optimizer-step hook sends it, so the stop is mid-epoch on any machine), and resumed with --epoch 4
 (resume to completion of a longer run), so one uninterrupted 4-epoch run is the reference of both.
 """
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,28 +28,34 @@ plot_train_batch_count: 1
 """
 
 
-def interrupt_early_in_epoch_2(args: list[str], stderr_path: Path) -> subprocess.CompletedProcess:
-    """Start a run, wait for its epoch 1 summary, let epoch 2 take a step or two, then SIGTERM it.
+STOP_AT_STEP = 3  # of epoch 2
+STEPS_PER_EPOCH = 12  # 24 images, batch 2
 
-    Epoch 2 has 12 steps (>= 0.2 s even on a fast CPU), so the signal lands mid-epoch; on a very
-    loaded machine it may land just before epoch 2 starts, which stops the run at the epoch boundary
-    (also a valid stop; the tests accept both).
-    """
+# main.py run as `python main.py ...` (runpy, as __main__), with one addition: an optimizer-step hook
+# that sends this process SIGTERM right after the given step, so the signal lands at a known step
+# whatever the machine's speed.
+SIGTERM_AFTER_STEP = """
+import os, runpy, signal, sys
+from torch.optim.optimizer import register_optimizer_step_post_hook
+after, script = int(sys.argv.pop(1)), sys.argv[1]
+steps = 0
+def hook(optimizer, args, kwargs):
+    global steps
+    steps += 1
+    if steps == after:
+        os.kill(os.getpid(), signal.SIGTERM)
+register_optimizer_step_post_hook(hook)
+sys.argv.pop(0)
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def interrupt_in_epoch_2(args: list[str]) -> subprocess.CompletedProcess:
+    """Run main.py and SIGTERM it right after step STOP_AT_STEP of epoch 2 (a hook, not a timer)."""
     env = dict(os.environ) | SUBPROCESS_ENV
-    with stderr_path.open("w") as err:
-        proc = subprocess.Popen([sys.executable, str(REPO / "main.py"), *args], cwd=REPO, env=env,
-                                stdout=subprocess.PIPE, stderr=err, text=True)
-        lines = []
-        deadline = time.time() + 300
-        assert proc.stdout is not None
-        for line in proc.stdout:  # the summary is printed (flushed) after epoch 1 is saved
-            lines.append(line)
-            if "epoch 1/3" in line or time.time() > deadline:
-                break
-        time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=300)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines) + rest, stderr_path.read_text())
+    after = STEPS_PER_EPOCH + STOP_AT_STEP
+    cmd = [sys.executable, "-c", SIGTERM_AFTER_STEP, str(after), str(REPO / "main.py"), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +72,7 @@ def resume_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     with ThreadPoolExecutor(max_workers=2) as pool:
         reference = pool.submit(run_script, "main.py", *args("ref4", 4))
         two = pool.submit(run_script, "main.py", *args("two", 2))
-        stopped = interrupt_early_in_epoch_2(args("stopped", 3), root / "stopped.err")
+        stopped = interrupt_in_epoch_2(args("stopped", 3))
         reference, two = reference.result(), two.result()
     stopped_ckpt = load_ckpt(runs / "stopped" / "last.pt") if (runs / "stopped" / "last.pt").is_file() else None
     stopped_log = (runs / "stopped" / "train.log").read_text() if (runs / "stopped" / "train.log").is_file() else ""
@@ -110,20 +115,20 @@ def test_sigterm_saves_last_checkpoint_mid_epoch(resume_runs: dict) -> None:
     assert proc.returncode != 0, describe(proc)
     assert "Traceback" not in proc.stderr, describe(proc)
     assert "--resume" in proc.stdout  # it says how to continue
+    assert f"stopped at epoch 2, step {STOP_AT_STEP}" in proc.stdout
     ckpt = resume_runs["stopped_ckpt"]
     assert ckpt is not None, "no last.pt after SIGTERM"
     state = ckpt["train_state"]
-    assert state["epoch"] == 1, state["epoch"]  # stopped in (or just before) epoch 2 of 3
-    if state["step"] > 0:  # mid-epoch: the epoch's running sums are saved with it
-        assert state["train_sums"] is not None and state["train_sums"]["count"] == 2 * state["step"]
+    assert state["epoch"] == 1 and state["step"] == STOP_AT_STEP, (state["epoch"], state["step"])  # mid-epoch 2
+    # the epoch's running sums are saved with it
+    assert state["train_sums"] is not None and state["train_sums"]["count"] == 2 * STOP_AT_STEP
     assert len(resume_runs["stopped_log"].splitlines()) == 2  # header + epoch 1
 
 
 def test_resume_after_sigterm_equals_uninterrupted(resume_runs: dict) -> None:
     proc = resume_runs["resumed_stopped"]
     assert_ok(proc)
-    step = resume_runs["stopped_ckpt"]["train_state"]["step"]
-    assert f"at epoch 2, step {step}" in proc.stdout if step else "at epoch 2" in proc.stdout
+    assert f"at epoch 2, step {STOP_AT_STEP}" in proc.stdout
     runs = resume_runs["runs"]
     assert_same_weights(runs / "stopped" / "last.pt", runs / "ref4" / "last.pt")
     assert (runs / "stopped" / "train.log").read_text() == (runs / "ref4" / "train.log").read_text()

@@ -306,3 +306,21 @@ def test_library_imports_are_acyclic() -> None:
     for module in graph:
         visit(module, [])
     assert "registry" not in graph["distill"] and "features" in graph["distill"]  # feature taps beside the features
+
+
+def test_layers_with_state_dict_versions_load_from_checkpoints(tmp_path: Path) -> None:
+    """torchvision's MNASNet refuses weights without its state-dict version: checkpoints are plain
+    dicts, so the loader must supply the model's own (best.pt, last.pt, EMA and --weight alike)."""
+    from utils.registry import create_model, load_weights
+
+    torch.manual_seed(0)
+    model = create_model("mnasnet0_5", 3, 3).eval()
+    meta = ModelMeta("mnasnet0_5", ("a", "b", "c"), PreprocessSpec.create(32, 3, [0.5] * 3, [0.25] * 3))
+    torch.save(Checkpoint("best", meta, {k: v.clone() for k, v in model.state_dict().items()}).to_dict(), tmp_path / "best.pt")
+    rebuilt = model_from_checkpoint(load_checkpoint(tmp_path / "best.pt"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x), model(x), atol=1e-5)
+    other = create_model("mnasnet0_5", 3, 3)
+    loaded, _ = load_weights(other, tmp_path / "best.pt")
+    assert len(loaded) == len(model.state_dict())

@@ -11,6 +11,11 @@ pooling and classifier. Vision transformers use the first norm of their last blo
 token is mixed with the patch tokens there; after it, only the class token reaches the head), with
 the class/prefix tokens dropped and the patch tokens reshaped to their grid. Channels-last outputs
 (timm's swin) are permuted to channels-first.
+
+A map that says nothing (NaN, or constant: e.g. all zero when nothing at the layer supports the
+class) is reported (a warning, or DegenerateCAMError with on_degenerate="raise") before it is
+cleaned up for drawing, never silently drawn as a blank heatmap. EigenCAM's principal component
+is oriented so that the salient region is positive (an SVD's sign is arbitrary).
 """
 from __future__ import annotations
 
@@ -248,7 +253,69 @@ def _cam_class(cam_type: str) -> Any:
     pytorch_grad_cam = import_grad_cam()
     if cam_type not in CAM_TYPES:
         raise UserError(f"unknown --cam_type '{cam_type}'; choose one of {', '.join(CAM_TYPES)}")
+    if cam_type == "EigenCAM":
+        return _oriented_eigencam(pytorch_grad_cam.EigenCAM)
     return getattr(pytorch_grad_cam, cam_type)
+
+
+def orient_projection(projection: np.ndarray) -> np.ndarray:
+    """Fix the arbitrary sign of EigenCAM's first principal component, per image.
+
+    An SVD returns v or -v depending on the LAPACK build (pytorch-grad-cam issue #315): the flipped
+    map highlights the background. The salient region is the one farther from the mean, so each
+    (H, W) projection is flipped when its most negative value outweighs its most positive one
+    (as grad-cam's newer get_2d_projection_with_sign_correction does).
+    """
+    projection = np.array(projection, dtype=np.float32, copy=True)
+    flat = projection.reshape(projection.shape[0], -1)
+    flip = np.abs(flat.min(axis=1)) > np.abs(flat.max(axis=1))
+    projection[flip] *= -1.0
+    return projection
+
+
+_ORIENTED: dict[Any, Any] = {}
+
+
+def _oriented_eigencam(eigen_cam: Any) -> Any:
+    """grad-cam's EigenCAM with orient_projection applied to its projection."""
+    if eigen_cam not in _ORIENTED:
+        class OrientedEigenCAM(eigen_cam):
+            def get_cam_image(self, *args: Any, **kwargs: Any) -> np.ndarray:
+                return orient_projection(super().get_cam_image(*args, **kwargs))
+
+        _ORIENTED[eigen_cam] = OrientedEigenCAM
+    return _ORIENTED[eigen_cam]
+
+
+class DegenerateCAMError(ValueError):
+    """A CAM that says nothing: NaN/infinite values, or a constant map.
+
+    Attributes:
+        reasons: {image index in the batch: why its map is degenerate}.
+    """
+
+    def __init__(self, message: str, reasons: dict[int, str]) -> None:
+        super().__init__(message)
+        self.reasons = reasons
+
+
+def degenerate_reason(cam: np.ndarray, tolerance: float = 1e-6) -> str | None:
+    """Why a raw (unclipped) map is degenerate, or None if it is a usable map.
+
+    Non-finite values (NaN or inf) and maps without variation (all zero: no positive evidence for the
+    class at this layer; or any other constant) are degenerate.
+    """
+    cam = np.asarray(cam)
+    finite = np.isfinite(cam)
+    if not finite.all():
+        nan, inf = int(np.isnan(cam).sum()), int(np.isinf(cam).sum())
+        return f"not finite ({nan} NaN, {inf} infinite of {cam.size} values)"
+    if cam.size == 0:
+        return "empty"
+    low, high = float(cam.min()), float(cam.max())
+    if high - low <= tolerance:
+        return "all zero (no positive evidence for the class at this layer)" if abs(high) <= tolerance else f"constant ({high:.4g})"
+    return None
 
 
 def cam_maps(
@@ -258,6 +325,8 @@ def cam_maps(
     cam_type: str,
     class_indices: Sequence[int],
     batch_size: int = 32,
+    on_degenerate: str = "warn",
+    raw: bool = False,
 ) -> np.ndarray:
     """Class activation maps of a batch.
 
@@ -269,10 +338,16 @@ def cam_maps(
         cam_type: one of CAM_TYPES.
         class_indices: the class to explain, one per image.
         batch_size: forward passes per batch inside ScoreCAM and AblationCAM.
+        on_degenerate: what to do when a map is degenerate (NaN/infinite, or constant, see
+            degenerate_reason), checked on the raw maps before any clean-up: "warn" (log one
+            warning naming the images), "raise" (DegenerateCAMError) or "ignore".
+        raw: return grad-cam's maps as they are (NaN or values outside [0, 1] kept), for checks.
 
     Returns:
-        float32 (N, H, W) maps in [0, 1] (finite), of the input's size.
+        float32 (N, H, W) maps of the input's size: in [0, 1] with NaN as 0 (unless raw).
     """
+    if on_degenerate not in ("warn", "raise", "ignore"):
+        raise ValueError(f"on_degenerate must be warn, raise or ignore, got {on_degenerate!r}")
     cam_class = _cam_class(cam_type)
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -294,7 +369,19 @@ def cam_maps(
     with torch.inference_mode(False), torch.enable_grad():
         x = images.detach().to(param.device, torch.float32).clone()
         maps = _run_cam(model, x, layer, cam_type, cam_class, targets, batch_size, flags)
-    maps = np.nan_to_num(np.asarray(maps, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    maps = np.asarray(maps, dtype=np.float32)
+    reasons = {i: r for i, cam in enumerate(maps) if (r := degenerate_reason(cam)) is not None}
+    if reasons and on_degenerate != "ignore":
+        shown = "; ".join(f"image {i} (class {int(class_indices[i])}): {r}" for i, r in list(reasons.items())[:5])
+        more = f"; ... {len(reasons) - 5} more" if len(reasons) > 5 else ""
+        message = (f"{cam_type} on layer {layer.name}: {len(reasons)} of {len(maps)} map(s) degenerate, "
+                   f"they show nothing: {shown}{more}")
+        if on_degenerate == "raise":
+            raise DegenerateCAMError(message, reasons)
+        LOGGER.warning("%s (try another --cam_layer or --cam_type)", message)
+    if raw:
+        return maps
+    maps = np.nan_to_num(maps, nan=0.0, posinf=1.0, neginf=0.0)
     return np.clip(maps, 0.0, 1.0)
 
 

@@ -21,6 +21,7 @@ from utils.device import is_main_process
 from utils.files import atomic_write, atomic_write_text, remove_stale_temps
 from utils.log import UserError
 from utils.schema import Checkpoint
+from utils.train_state import load_module_state
 
 LOGGER = logging.getLogger(__name__)
 
@@ -144,8 +145,9 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> Checkpoint:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - corrupt, truncated or pickled-object files all land here
-        raise UserError(f"{what} {path} cannot be loaded safely ({str(err).splitlines()[0][:160]}); "
-                        "is it a checkpoint written by this toolkit?") from None
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()[0][:160]  # torch colours its message
+        raise UserError(f"{what} {path} cannot be loaded safely ({first}); "
+                        "is it a checkpoint written by this toolkit (pickled objects are never loaded)?") from None
     return Checkpoint.from_dict(data, f"{what} {path}")
 
 
@@ -165,8 +167,8 @@ def model_from_checkpoint(ckpt: Checkpoint) -> nn.Module:
     meta = ckpt.meta
     model = create_model(meta.model_name, meta.num_classes, meta.image_channel)
     try:
-        model.load_state_dict(float_weights(ckpt.model))
-    except RuntimeError as err:
+        load_module_state(model, float_weights(ckpt.model))
+    except (RuntimeError, ValueError) as err:
         raise UserError(f"the weights of this checkpoint do not fit {meta.model_name} with {meta.num_classes} classes "
                         f"({str(err).splitlines()[0][:160]}): was the file edited or assembled by hand?") from None
     return model.eval()

@@ -278,7 +278,9 @@ def compute_mean_std(
         samples = [samples[i] for i in sorted(pick)]
     spec = PreprocessSpec.create(image_size, channels, [0.0] * channels, [1.0] * channels)
     dataset = ImageDataset(samples, eval_transform(spec), channels)
-    loader = DataLoader(dataset, batch_size=64, num_workers=workers, collate_fn=collate)
+    # a generator of its own: the pass must not draw from the global RNG, so a run whose mean/std
+    # come from the scan cache initialises its model exactly like one that computed them
+    loader = DataLoader(dataset, batch_size=64, num_workers=workers, collate_fn=collate, generator=torch.Generator())
     total = torch.zeros(channels, dtype=torch.float64)
     total_sq = torch.zeros(channels, dtype=torch.float64)
     count = 0

@@ -11,6 +11,8 @@ import torch
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from utils.train_state import load_module_state
+
 
 class EMA:
     """EMA of a model's parameters and buffers, with timm's decay warm-up.
@@ -38,7 +40,7 @@ class EMA:
         return {"model": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}, "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["model"])
+        load_module_state(self.module, state["model"])
         self.updates = int(state["updates"])
 
 
@@ -78,4 +80,4 @@ class SWA:
         return {k: v.detach().cpu().clone() for k, v in self.averaged.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.averaged.load_state_dict(state)
+        load_module_state(self.averaged, state)

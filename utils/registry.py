@@ -22,6 +22,7 @@ from torch import nn
 
 import model as _custom_models  # noqa: F401  (registers model/ architectures into timm)
 from utils.log import UserError
+from utils.train_state import load_module_state
 
 LOGGER = logging.getLogger(__name__)
 
@@ -271,5 +272,5 @@ def load_weights(model: nn.Module, path: str | Path) -> tuple[list[str], list[st
             matched[key] = value.to(own[key].dtype)
     if not matched:
         raise UserError(f"--weight {path}: none of its {len(state)} tensors fit this model (a checkpoint of another architecture?)")
-    model.load_state_dict(matched, strict=False)
+    load_module_state(model, matched, strict=False)
     return list(matched), skipped

@@ -15,6 +15,7 @@ epoch) and the Python, numpy and torch RNG states.
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from typing import Any, Protocol
 
 import numpy as np
@@ -30,6 +31,20 @@ class Stateful(Protocol):
     def load_state_dict(self, state: Any) -> Any: ...
 
 
+def load_module_state(module: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> Any:
+    """module.load_state_dict(state) for a plain dict of tensors, as checkpoints store them: the
+    module's own per-layer metadata (state-dict versions) goes along, since some layers refuse
+    weights without it (torchvision's MNASNet).
+
+    Returns:
+        What load_state_dict returns (missing and unexpected keys).
+    """
+    target = module.state_dict()
+    state = OrderedDict(state)
+    state._metadata = getattr(target, "_metadata", None)  # type: ignore[attr-defined]
+    return module.load_state_dict(state, strict=strict)
+
+
 class ModuleState:
     """A module (the model, distillation layers) as a TrainState part: its state_dict as CPU
     copies in their own precision (last.pt holds the exact weights; best.pt keeps float16 ones)."""
@@ -41,7 +56,7 @@ class ModuleState:
         return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.module.load_state_dict(state)
+        load_module_state(self.module, state)
 
 
 def rng_state() -> dict[str, Any]:

@@ -45,7 +45,7 @@ from utils.registry import create_model, load_weights
 from utils.saver import CheckpointSaver
 from utils.schedule import EpochLR
 from utils.schema import Checkpoint, ModelMeta, PreprocessSpec
-from utils.train_state import ModuleState, TrainState
+from utils.train_state import ModuleState, TrainState, load_module_state
 
 LOGGER = logging.getLogger(__name__)
 
@@ -422,7 +422,7 @@ class Trainer:
         test_set = scan_split(args.test_path, class_names=self.data.class_names, what="test set")
         report_skipped(test_set.skipped, f"test set {args.test_path}")
         best = load_checkpoint(self.run / "best.pt")
-        self.model.load_state_dict(float_weights(best.model))
+        load_module_state(self.model, float_weights(best.model))
         loader = build_loader(ImageDataset(test_set.samples, image_transform(self.data.spec, args.test_tta), args.image_channel),
                               args.batch_size, EpochSampler(len(test_set.samples), shuffle=False), 0, self.device.type == "cuda")
         test = evaluate(self.model, self.criterion, loader, self.device, self.data.num_classes, self.normalize,
