@@ -26,55 +26,15 @@ import torch
 from PIL import Image
 
 from conftest import TINY_CLASSES, assert_ok, assert_user_error, make_truncated_jpeg, run_script
-from serve_helpers import Served, chromium, chromium_paths, noise_image, png_bytes
+from serve_helpers import (TOL, Served, check_result, chromium, chromium_paths, expected, images, noise_image,  # noqa: F401
+                           png_bytes, read, serve_run)
 
 KEY = "test-key-0123456789"
 MAX_BYTES = 3_000_000
 MAX_PIXELS = 1_000_000
-TOL = 1e-5
 
 
 # ------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def serve_run(trained_run: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run folder holding a copy of conftest's trained best.pt (nothing is written beside the original)."""
-    folder = tmp_path_factory.mktemp("serve_run") / "run"
-    folder.mkdir()
-    shutil.copy(trained_run.path / "best.pt", folder / "best.pt")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def images(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny test split's images, plus one each in grayscale, RGBA, 16-bit and EXIF-rotated JPEG."""
-    folder = tmp_path_factory.mktemp("serve_images")
-    for path in sorted((tiny_data / "test").rglob("*.png")):
-        shutil.copy(path, folder / f"{path.parent.name}_{path.name}")
-    red = Image.open(tiny_data / "test" / "red" / "img0.png").convert("RGB")
-    red.convert("L").save(folder / "x_gray.png")
-    rgba = Image.open(tiny_data / "test" / "green" / "img1.png").convert("RGBA")
-    rgba.putalpha(180)
-    rgba.save(folder / "x_rgba.png")
-    Image.fromarray((np.random.default_rng(3).random((30, 30)) * 65535).astype(np.uint16)).save(folder / "x_deep16.png")
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    Image.open(tiny_data / "test" / "blue" / "img2.png").convert("RGB").resize((36, 24)).save(
-        folder / "x_rotated.jpg", exif=exif.tobytes(), quality=95)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def expected(serve_run: Path, images: Path) -> dict[str, dict[str, str]]:
-    """predict.py's rows for every image of `images`, by file name."""
-    proc = run_script("predict.py", "--source", images, "--save_path", serve_run, "--device", "cpu", "--workers", 0,
-                      "--batch_size", 4)
-    assert_ok(proc)
-    with (serve_run / "predict" / "exp" / "predictions.csv").open(newline="", encoding="utf-8") as fh:
-        rows = {Path(r["path"]).name: r for r in csv.DictReader(fh)}
-    assert len(rows) == len(list(images.iterdir()))
-    return rows
-
-
 @pytest.fixture(scope="module")
 def server(serve_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """serve.py on a free loopback port with an API key; TMPDIR is an empty folder of its own."""
@@ -86,22 +46,6 @@ def server(serve_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
                 logs / "server.log", api_key=KEY, env={"TMPDIR": str(tmpdir)}) as served:
         served.tmpdir = tmpdir
         yield served
-
-
-def read(path: Path) -> bytes:
-    return path.read_bytes()
-
-
-def check_result(result: dict[str, Any], row: dict[str, str]) -> None:
-    """One API result equals predict.py's CSV row: class, probabilities, entropy, uncertain."""
-    assert result["class"] == row["class"], (result["file"], result["class"], row["class"])
-    assert abs(result["prob"] - float(row["prob"])) < TOL
-    for j, top in enumerate(result["top"], start=1):
-        assert top["class"] == row[f"top{j}_class"]
-        assert abs(top["prob"] - float(row[f"top{j}_prob"])) < TOL
-    assert len(result["top"]) == min(5, len(TINY_CLASSES))
-    assert abs(result["entropy"] - float(row["entropy"])) < TOL
-    assert int(result["uncertain"]) == int(row["uncertain"])
 
 
 # ------------------------------------------------------------------------------ the API
