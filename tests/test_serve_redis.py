@@ -145,6 +145,7 @@ def test_a_frozen_worker_gives_504_at_timeout_then_no_worker_gives_503(cluster: 
     api, r = cluster["api"], client(cluster)
     survivor = cluster["workers"][1]
     f = sorted(images.iterdir())[0]
+    images_run = api.metric("serve_batch_size_sum")
     os.kill(survivor.proc.pid, signal.SIGSTOP)  # alive to the API for up to --heartbeat_s, but answering nothing
     try:
         t0 = time.monotonic()
@@ -158,7 +159,8 @@ def test_a_frozen_worker_gives_504_at_timeout_then_no_worker_gives_503(cluster: 
     while time.monotonic() < deadline and api.client.get("/ready").status_code != 200:
         time.sleep(0.2)
     assert api.post([(f.name, read(f))]).status_code == 200
-    assert r.xlen("serve:jobs") == 0  # the stale image was dropped, not run for nobody
+    assert r.xlen("serve:jobs") == 0
+    assert api.metric("serve_batch_size_sum") == images_run + 1  # the stale image was dropped, not run for nobody
     survivor.stop()  # SIGTERM: the worker finishes, then leaves the group
     assert survivor.proc.returncode == 0, survivor.tail()
     assert "stopped after" in survivor.tail()

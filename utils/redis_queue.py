@@ -363,19 +363,27 @@ class RedisWorker:
         if jobs:
             try:
                 results = self.runner.run(jobs)
-                replies += [(f, {"ok": True, "result": r}) for f, r in zip(live, results)]
+                replies += [(f, {"ok": False, "status": r.status, "error": r.message} if isinstance(r, ServeError)
+                             else {"ok": True, "result": r}) for f, r in zip(live, results)]
             except ServeError as err:
                 replies += [(f, {"ok": False, "status": err.status, "error": err.message}) for f in live]
             except Exception as err:  # noqa: BLE001 - a failed batch fails its images, not the worker
                 LOGGER.exception("batch of %d failed", len(jobs))
                 replies += [(f, {"ok": False, "status": 500, "error": f"the model failed: {type(err).__name__}: {err}"})
                             for f in live]
-        self._answer(replies, [e[0] for e in entries], len(jobs))
-        if retried and jobs:
-            self.client.incrby(self.keys["retried"], len(jobs))
+        self._answer(replies, [e[0] for e in entries], len(jobs), retried=len(jobs) if retried else 0)
 
-    def _answer(self, replies: Sequence[tuple[dict[bytes, bytes], dict[str, Any]]], ids: Sequence[bytes], batch: int) -> None:
+    def _answer(self, replies: Sequence[tuple[dict[bytes, bytes], dict[str, Any]]], ids: Sequence[bytes], batch: int,
+                retried: int = 0, failed: int = 0) -> None:
+        """Send the answers, count them, then acknowledge and delete the entries (one round trip)."""
         pipe = self.client.pipeline(transaction=False)
+        # counted before the answers go out, so a client that got one sees it in /metrics
+        if batch:
+            pipe.hincrby(self.keys["batches"], str(batch), 1)
+        if retried:
+            pipe.incrby(self.keys["retried"], retried)
+        if failed:
+            pipe.incrby(self.keys["failed"], failed)
         for fields, message in replies:
             reply = fields[b"reply"].decode()
             pipe.rpush(reply, json.dumps({"id": fields[b"id"].decode(), **message}))
@@ -383,8 +391,6 @@ class RedisWorker:
         if ids:
             pipe.xack(self.keys["jobs"], GROUP, *ids)
             pipe.xdel(self.keys["jobs"], *ids)
-        if batch:
-            pipe.hincrby(self.keys["batches"], str(batch), 1)
         pipe.execute()
         self.batches += bool(batch)
         self.images += batch
@@ -421,8 +427,7 @@ class RedisWorker:
                                len(dead), self.max_deliveries)
                 self._answer([(f, {"ok": False, "status": 500, "error": f"{f[b'name'].decode('utf-8', 'replace')}: "
                                    f"{self.max_deliveries} workers died while running this image"}) for _, f in dead],
-                             [i for i, _ in dead], 0)
-                self.client.incrby(self.keys["failed"], len(dead))
+                             [i for i, _ in dead], 0, failed=len(dead))
             if retry:
                 LOGGER.info("taking over %d image(s) of a dead worker", len(retry))
                 self.process(retry, retried=True)

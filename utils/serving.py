@@ -175,23 +175,36 @@ class ModelRunner:
         spec = self.meta["preprocess"]
         return (int(spec["channels"]), int(spec["crop"]), int(spec["crop"]))
 
-    def run(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
-        """Predict a batch of jobs together; CAM overlays for the jobs that ask for one."""
+    def run(self, jobs: Sequence[Job]) -> list[dict[str, Any] | ServeError]:
+        """Predict a batch of jobs together; CAM overlays for the jobs that ask for one.
+
+        Returns:
+            One result dict per job, or a ServeError for a job whose CAM failed (the others
+            of the batch are not failed with it).
+        """
         t0 = time.perf_counter()
         batch = torch.stack([j.tensor for j in jobs])
         probs = predict_inputs([self.backend], [batch], self.plan.group_of)
         rows = prediction_rows([j.name for j in jobs], probs, self.class_names, self.conf_threshold)
-        results = [result_of(row, len(jobs)) for row in rows]
+        results: list[dict[str, Any] | ServeError] = [result_of(row, len(jobs)) for row in rows]
         for cam_type in sorted({j.cam for j in jobs if j.cam}):
-            if self.cam is None:
-                raise ServeError(400, f"cam={cam_type} needs gradients through a PyTorch model: serve --model_type torch")
             idx = [i for i, j in enumerate(jobs) if j.cam == cam_type]
-            pngs = self.cam(batch[idx], [rows[i]["index"] for i in idx], cam_type)
+            try:
+                if self.cam is None:
+                    raise ServeError(400, f"cam={cam_type} needs gradients through a PyTorch model: serve --model_type torch")
+                pngs = self.cam(batch[idx], [rows[i]["index"] for i in idx], cam_type)
+            except Exception as err:  # noqa: BLE001 - a CAM failure fails the images that asked for it
+                error = err if isinstance(err, ServeError) else ServeError(500, f"{cam_type} failed ({type(err).__name__}: "
+                                                                                 f"{str(err).splitlines()[0][:200]})")
+                for i in idx:
+                    results[i] = error
+                continue
             for i, png in zip(idx, pngs):
-                results[i]["cam"] = {"type": cam_type, "class": rows[i]["class"], "png": png}
-        ms = 1000 * (time.perf_counter() - t0)
+                results[i]["cam"] = {"type": cam_type, "class": rows[i]["class"], "png": png}  # type: ignore[index]
+        ms = round(1000 * (time.perf_counter() - t0), 3)
         for r in results:
-            r["batch_ms"] = round(ms, 3)
+            if isinstance(r, dict):
+                r["batch_ms"] = ms
         return results
 
 
@@ -283,7 +296,10 @@ class Batcher:
                     fut.set_exception(err)
                 continue
             for (_, fut), result in zip(live, results):
-                fut.set_result(result)
+                if isinstance(result, BaseException):
+                    fut.set_exception(result)
+                else:
+                    fut.set_result(result)
 
     def batch_sizes(self) -> Counter[int]:
         with self.lock:
