@@ -152,12 +152,14 @@ def test_api_key(server: Served, images: Path) -> None:
         assert httpx.get(server.url + open_path).status_code == 200
 
 
-def test_cam_overlay_is_the_gradcam_of_the_top1_class(server: Served, serve_run: Path, images: Path) -> None:
+def test_cam_overlay_is_the_gradcam_of_the_top1_class(server: Served, serve_run: Path, images: Path,
+                                                      expected: dict[str, dict[str, str]]) -> None:
     from utils.backends import load_backend
     from utils.cam import cam_maps, find_cam_layer, overlay, to_hwc_rgb
     from utils.data import eval_transform, load_image
 
-    f = sorted(images.glob("green_*.png"))[0]
+    # an image whose top-1 is not class 0, so a map of the wrong class cannot pass for the right one
+    f = next(p for p in sorted(images.glob("*_img*.png")) if expected[p.name]["class"] != TINY_CLASSES[0])
     response = server.post([(f.name, read(f))], params={"cam": "GradCAM"})
     assert response.status_code == 200, response.text
     result = response.json()["results"][0]
@@ -253,12 +255,15 @@ def test_batcher_groups_waiting_jobs_and_drops_cancelled_ones() -> None:
     assert batcher.batch_sizes() == {1: 1, 3: 1, 2: 1}
 
 
-def test_cli_user_errors(serve_run: Path) -> None:
+def test_cli_user_errors(serve_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import serve
 
-    assert_user_error(run_script("serve.py", "--save_path", serve_run, "--host", "0.0.0.0", env={"SERVE_API_KEY": ""}),
-                      "--host 0.0.0.0", "--api_key")
+    # as a user sees it: one line, exit 2 (a case that can never start a server, even if the checks broke)
+    assert_user_error(run_script("serve.py", "--worker", "--save_path", serve_run, timeout=120), "--worker", "--queue")
+    monkeypatch.delenv("SERVE_API_KEY", raising=False)
     cases = [
+        (["--host", "0.0.0.0"], "--host 0.0.0.0 is reachable from other machines: set --api_key"),
+        (["--host", "192.168.1.5", "--port", "9000"], "--api_key"),
         (["--worker"], "--queue"),
         (["--queue", "redis://127.0.0.1:1/0", "--max_batch", "4"], "--max_batch does not apply to the API tier"),
         (["--queue", "redis://127.0.0.1:1/0", "--save_path", "runs/exp"], "--save_path does not apply"),
