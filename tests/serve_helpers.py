@@ -143,11 +143,12 @@ class Served:
 # ------------------------------------------------------------------------------ shared fixtures
 # (imported by the test modules that use them; each module computes its own)
 @pytest.fixture(scope="module")
-def serve_run(trained_run: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run folder holding a copy of conftest's trained best.pt (nothing is written beside the original)."""
+def serve_run(trained_runs: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder holding a copy of the best.pt of conftest's FocalLoss + AdamW run (it tells red
+    from blue, so top-1 classes differ between images); nothing is written beside the original."""
     folder = tmp_path_factory.mktemp("serve_run") / "run"
     folder.mkdir()
-    shutil.copy(trained_run.path / "best.pt", folder / "best.pt")
+    shutil.copy(trained_runs["FocalLoss"].path / "best.pt", folder / "best.pt")
     return folder
 
 
@@ -179,6 +180,7 @@ def expected(serve_run: Path, images: Path) -> dict[str, dict[str, str]]:
     with (serve_run / "predict" / "exp" / "predictions.csv").open(newline="", encoding="utf-8") as fh:
         rows = {Path(r["path"]).name: r for r in csv.DictReader(fh)}
     assert len(rows) == len(list(images.iterdir()))
+    assert len({r["class"] for r in rows.values()}) >= 2, "the model predicts one class for everything"
     return rows
 
 
