@@ -14,9 +14,9 @@ process, images cycled from a small in-memory set). It prints one row per cell: 
 (from /metrics) and the errors (any non-200), and writes serve_load.csv into --out.
 
 The load generator shares the machine with the servers: on a small VM it takes a good part of a
-core, and every figure is for this machine as a whole. The compute threads are split so that the
-processes that run the model together get the machine's cores: the embedded server and a single
-worker get all of them, two workers half each (--threads overrides). Nothing leaves loopback.
+core, and every figure is for this machine as a whole. The processes that run the model share
+all cores but one (left to the HTTP tier and the load generator): --threads (cores - 1) / model
+processes, at least 1 (--threads overrides). Nothing leaves loopback.
 """
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def deployment(kind: str, batching: str, run: Path, args: argparse.Namespace, fo
     procs = Procs(folder)
     batch = ["--max_batch", args.max_batch, "--max_wait_ms", args.max_wait_ms] if batching == "on" else ["--max_batch", 1]
     workers = 0 if kind == "embedded" else int(kind.split("-")[1])
-    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+    threads = args.threads or max(1, ((os.cpu_count() or 1) - 1) // max(1, workers))
     port = free_port()
     url = f"http://{HOST}:{port}"
     try:
