@@ -18,6 +18,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Any, Sequence
 
@@ -148,6 +149,22 @@ def build_runner(args: argparse.Namespace) -> Any:
     return ModelRunner(backend, args.conf_threshold)
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail now, in one line, if host:port cannot be listened on (before the model is loaded)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise UserError(f"--host {host}: {err.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(address)
+        except OSError as err:
+            raise UserError(f"cannot listen on {host}:{port} ({err.strerror}): another server may be using it; "
+                            "pass another --port") from None
+
+
 def serve_http(args: argparse.Namespace, service: Any, what: str) -> None:
     """Run the FastAPI app on uvicorn until interrupted."""
     import uvicorn
@@ -162,8 +179,10 @@ def serve_http(args: argparse.Namespace, service: Any, what: str) -> None:
     url = f"http://{args.host}:{args.port}"
     print(f"serving {what} on {url} (web page {url}/, API docs {url}/docs"
           + (", API key required" if args.api_key else "") + ")", flush=True)
-    if not server.run() and not server.started:
-        raise UserError(f"could not start the server on {args.host}:{args.port} (is the port in use?)")
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits when it cannot bind (the port was taken since check_port)
+        raise UserError(f"could not start the server on {args.host}:{args.port}") from None
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -187,6 +206,7 @@ def main(args: argparse.Namespace) -> None:
     if args.worker:
         run_worker(args)
         return
+    check_port(args.host, args.port)
     if args.queue:
         from utils.redis_queue import RedisService, connect, safe_url
 

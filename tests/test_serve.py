@@ -14,6 +14,7 @@ import csv
 import io
 import re
 import shutil
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -276,6 +277,11 @@ def test_cli_user_errors(serve_run: Path, monkeypatch: pytest.MonkeyPatch) -> No
     for argv, needle in cases:
         with pytest.raises(serve.UserError, match=re.escape(needle)):
             serve.parse_args(argv)
+    with socket.socket() as taken:  # a port in use: one line before the model is loaded
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(serve.UserError, match="cannot listen on 127.0.0.1"):
+            serve.check_port("127.0.0.1", taken.getsockname()[1])
     args = serve.parse_args(["--host", "0.0.0.0", "--api_key", "k"])
     assert args.max_batch == 16 and args.port == 8000 and args.save_path == "runs/exp"
     assert serve.parse_args(["--host", "::1"]).api_key is None  # loopback needs no key
