@@ -157,7 +157,10 @@ class RedisService:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.client is not None:
-            await self.client.delete(self.reply_key)
+            try:
+                await self.client.delete(self.reply_key)
+            except Exception as err:  # noqa: BLE001 - Redis gone: the reply list expires by itself
+                LOGGER.warning("could not delete %s: %s", self.reply_key, err)
             await self.client.aclose()
 
     async def _listen(self, client: Any) -> None:
@@ -309,23 +312,40 @@ class RedisWorker:
 
     # -- the loop
     def run(self) -> None:
-        """Serve until stop() (SIGTERM / Ctrl-C): the batch in hand is finished first."""
+        """Serve until stop() (SIGTERM / Ctrl-C): the batch in hand is finished first. While Redis
+        is unreachable the worker waits and tries again (its images stay pending there)."""
+        import redis
+
         self._beat()
         beater = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beater.start()
         last_claim = 0.0
         try:
             while not self.stop_event.is_set():
-                if time.monotonic() - last_claim > self.heartbeat_s / 3:
-                    last_claim = time.monotonic()
-                    self.reclaim()
-                entries = self.read_batch()
-                if entries:
-                    self.process(entries)
+                try:
+                    if time.monotonic() - last_claim > self.heartbeat_s / 3:
+                        last_claim = time.monotonic()
+                        self.reclaim()
+                    entries = self.read_batch()
+                    if entries:
+                        self.process(entries)
+                except (redis.ConnectionError, redis.TimeoutError) as err:
+                    LOGGER.warning("Redis at %s: %s; trying again in 1 s", safe_url(self.url), err)
+                    self.stop_event.wait(1.0)
         finally:
             self.stop_event.set()
+            self._leave()
+
+    def _leave(self) -> None:
+        """Drop the heartbeat and, when it holds no image, this consumer (deleting a consumer would
+        drop its pending images: those are left for another worker to take over)."""
+        try:
             self.client.delete(self.keys["worker"] + self.name)
-            self.client.xgroup_delconsumer(self.keys["jobs"], GROUP, self.name)
+            held = self.client.xpending_range(self.keys["jobs"], GROUP, "-", "+", 1, consumername=self.name)
+            if not held:
+                self.client.xgroup_delconsumer(self.keys["jobs"], GROUP, self.name)
+        except Exception as err:  # noqa: BLE001 - leaving is best effort; the heartbeat expires anyway
+            LOGGER.warning("could not leave the group cleanly: %s", err)
 
     def stop(self) -> None:
         self.stop_event.set()
