@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-zoo bench install clean
+.PHONY: demo test test-zoo bench install clean system-deps
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,22 @@ demo: $(STAMP)
 		--train_path sample/train --val_path sample/val --test_path sample/test --label_path sample/label.txt \
 		--save_path runs/demo
 
-test: $(STAMP)
+# serve.py's browser and Redis tests need Debian's chromium, chromium-driver and redis-server:
+# installed here when missing and apt-get can (root, or sudo without a password); otherwise those
+# tests skip and say why.
+SYSTEM_BINS := chromium chromedriver redis-server
+system-deps:
+	@missing=""; for b in $(SYSTEM_BINS); do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi; \
+		if command -v apt-get >/dev/null 2>&1 && [ "$$SUDO" != none ]; then \
+			echo "installing chromium chromium-driver redis-server (missing:$$missing)"; \
+			($$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver redis-server >/dev/null) \
+				|| echo "apt-get could not install them: the browser and Redis tests will skip"; \
+		else echo "missing:$$missing and no apt-get to install them: the browser and Redis tests will skip"; fi; \
+	fi
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q
 
 # Only the zoo test: every pytorch-classifier model name builds and runs a forward pass (~92 models; `make test` runs it too).

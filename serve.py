@@ -1,0 +1,226 @@
+"""Serve a trained run over HTTP: a REST API, a web page, dynamic batching, and Redis for many workers.
+
+    python serve.py --save_path runs/exp --port 8000                     # one process (embedded)
+    python serve.py --save_path runs/exp --model_type onnx               # any backend of utils.backends
+    python serve.py --queue redis://127.0.0.1:6379/0 --port 8000         # API tier: queues images in Redis
+    python serve.py --queue redis://127.0.0.1:6379/0 --worker --save_path runs/exp   # a model worker (any number)
+
+Then open http://127.0.0.1:8000/ (the web page), http://127.0.0.1:8000/docs (the API), or
+    curl -F file=@cat.jpg -F file=@dog.png 'http://127.0.0.1:8000/predict?cam=GradCAM'
+
+The server binds 127.0.0.1 unless --host says otherwise, and then it needs --api_key (or
+$SERVE_API_KEY): requests to /predict, /info and /metrics must carry 'Authorization: Bearer KEY'.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any, Sequence
+
+import torch
+
+from utils.backends import MODEL_TYPES, load_backend
+from utils.config import ArgumentParser
+from utils.images import MAX_IMAGE_PIXELS
+from utils.device import select_device
+from utils.log import UserError, run_cli
+
+LOGGER = logging.getLogger("serve")
+API_KEY_ENV = "SERVE_API_KEY"
+# Defaults of the flags that only some roles use (None in the parser, so a flag given to a role
+# that ignores it is an error rather than silently unused).
+MODEL_DEFAULTS = {"save_path": "runs/exp", "model_type": "torch", "device": "", "conf_threshold": 0.5}
+BATCH_DEFAULTS = {"max_batch": 16, "max_wait_ms": 2.0}
+HTTP_DEFAULTS = {"host": "127.0.0.1", "port": 8000, "max_bytes": 32 * 1024 * 1024, "max_pixels": 40_000_000,
+                 "timeout": 30.0}
+QUEUE_DEFAULTS = {"queue_name": "serve"}
+WORKER_DEFAULTS = {"heartbeat_s": 3.0, "max_deliveries": 3}
+ROLE_FLAGS = {**MODEL_DEFAULTS, **BATCH_DEFAULTS, **HTTP_DEFAULTS, **QUEUE_DEFAULTS, **WORKER_DEFAULTS, "threads": None}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description="Serve a trained run: REST API, web page, dynamic batching, Redis workers.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser.add_argument
+    p("--save_path", default=None, help="run folder (its best.pt or export/) or model file [runs/exp]; "
+      "not for the API tier of --queue (its workers load the model)")
+    p("--model_type", default=None, choices=list(MODEL_TYPES), help="format of the model in --save_path [torch]")
+    p("--device", default=None, help="'' (GPU if any), cpu, or a GPU index such as 0 ['']")
+    p("--half", action="store_true", help="float16 inference (CUDA; torch and torchscript)")
+    p("--threads", type=int, default=None, help="torch compute threads [a server: CPU cores - 1; a --worker: "
+      "PyTorch's default; $OMP_NUM_THREADS wins over both]")
+    p("--conf_threshold", type=float, default=None, help="a top-1 probability below this marks an image uncertain [0.5]")
+    p("--max_batch", type=int, default=None, help="most images run together [16]; 1 = no batching")
+    p("--max_wait_ms", type=float, default=None, help="how long a batch waits for more images once it has one [2]")
+    p("--host", default=None, help="address to bind [127.0.0.1]; any other needs --api_key")
+    p("--port", type=int, default=None, help="port [8000]")
+    p("--api_key", default=None, help=f"bearer token required on /predict, /info, /metrics [${API_KEY_ENV}]")
+    p("--max_bytes", type=int, default=None, help="request body limit in bytes [33554432 = 32 MiB]")
+    p("--max_pixels", type=int, default=None, help="per-image pixel limit, checked before decoding [40000000]")
+    p("--timeout", type=float, default=None, help="seconds a request waits for its results before a 504 [30]")
+    p("--access_log", action="store_true", help="log every request (uvicorn's access log)")
+    p("--queue", default=None, help="redis://HOST:6379/0: the API tier queues images there for --worker processes")
+    p("--queue_name", default=None, help="prefix of the Redis keys (one model per name) [serve]")
+    p("--worker", action="store_true", help="run a model worker of --queue instead of the HTTP server")
+    p("--heartbeat_s", type=float, default=None, help="a worker silent this long counts as dead: others "
+      "take over its images [3]")
+    p("--max_deliveries", type=int, default=None, help="an image whose workers died this many times is answered "
+      "with an error [3]")
+    return parser
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_role(args: argparse.Namespace, role: str, allowed: dict[str, Any]) -> None:
+    """Fill the defaults of the flags this role uses; refuse the flags it would ignore."""
+    for name in ROLE_FLAGS:
+        if name not in allowed and getattr(args, name) is not None:
+            raise UserError(f"--{name} does not apply to {role}")
+    for name, default in allowed.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.half and "save_path" not in allowed:
+        raise UserError(f"--half does not apply to {role}")
+    if args.access_log and "host" not in allowed:
+        raise UserError(f"--access_log does not apply to {role}")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and validate the options of the role (embedded server, API tier or worker)."""
+    args = get_args_parser().parse_args(argv)
+    if args.worker and not args.queue:
+        raise UserError("--worker takes images from a queue: pass --queue redis://HOST:6379/0")
+    model = {**MODEL_DEFAULTS, "threads": None}
+    if args.worker:
+        _check_role(args, "a --worker (it serves no HTTP)", {**model, **BATCH_DEFAULTS, **QUEUE_DEFAULTS, **WORKER_DEFAULTS})
+        if args.api_key:
+            raise UserError("--api_key does not apply to a --worker (it serves no HTTP)")
+    elif args.queue:
+        _check_role(args, "the API tier of --queue (its workers load the model and batch: pass it to serve.py --worker)",
+                    {**HTTP_DEFAULTS, **QUEUE_DEFAULTS})
+    else:
+        _check_role(args, "a server without --queue", {**model, **BATCH_DEFAULTS, **HTTP_DEFAULTS})
+    checks = [("max_batch", 1), ("max_bytes", 1), ("max_pixels", 1), ("max_deliveries", 1), ("threads", 1)]
+    for name, low in checks:
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise UserError(f"--{name} must be at least {low}, got {value}")
+    for name in ("max_wait_ms", "timeout", "heartbeat_s"):
+        value = getattr(args, name, None)
+        if value is not None and not (value >= 0 and (name == "max_wait_ms" or value > 0)):
+            raise UserError(f"--{name} must be {'0 or more' if name == 'max_wait_ms' else 'positive'}, got {value}")
+    if args.conf_threshold is not None and not 0.0 <= args.conf_threshold <= 1.0:
+        raise UserError(f"--conf_threshold must be in [0, 1], got {args.conf_threshold}")
+    if args.max_pixels is not None and args.max_pixels > MAX_IMAGE_PIXELS:
+        raise UserError(f"--max_pixels {args.max_pixels} is over the loader's decompression-bomb limit of {MAX_IMAGE_PIXELS}")
+    if args.port is not None and not 0 < args.port < 65536:
+        raise UserError(f"--port must be 1..65535, got {args.port}")
+    if not args.worker:
+        args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+        if not is_loopback(args.host) and not args.api_key:
+            raise UserError(f"--host {args.host} is reachable from other machines: set --api_key KEY (or ${API_KEY_ENV}) "
+                            "so that only clients with the key are served")
+    return args
+
+
+def build_runner(args: argparse.Namespace) -> Any:
+    """Load the model of --save_path behind a utils.serving.ModelRunner."""
+    from utils.serving import ModelRunner
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif not args.worker and "OMP_NUM_THREADS" not in os.environ:
+        # leave a core to the HTTP tier (decoding, the event loop): on 2 cores, 2 compute threads
+        # next to it served 52 requests/s at 8 clients where 1 served 78 (benchmarks/serve_load.py)
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - 1)))
+    backend = load_backend(args.save_path, args.model_type, select_device(args.device), args.half)
+    return ModelRunner(backend, args.conf_threshold)
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail now, in one line, if host:port cannot be listened on (before the model is loaded)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise UserError(f"--host {host}: {err.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(address)
+        except OSError as err:
+            raise UserError(f"cannot listen on {host}:{port} ({err.strerror}): another server may be using it; "
+                            "pass another --port") from None
+
+
+def serve_http(args: argparse.Namespace, service: Any, what: str) -> None:
+    """Run the FastAPI app on uvicorn until interrupted."""
+    import uvicorn
+
+    from utils.serve_app import Settings, create_app
+
+    settings = Settings(api_key=args.api_key, max_bytes=args.max_bytes, max_pixels=args.max_pixels, timeout=args.timeout)
+    app = create_app(service, settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=args.access_log,
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    url = f"http://{args.host}:{args.port}"
+    print(f"serving {what} on {url} (web page {url}/, API docs {url}/docs"
+          + (", API key required" if args.api_key else "") + ")", flush=True)
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits when it cannot bind (the port was taken since check_port)
+        raise UserError(f"could not start the server on {args.host}:{args.port}") from None
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    """A model worker of --queue: until SIGTERM or Ctrl-C (the batch in hand is finished first)."""
+    from utils.redis_queue import RedisWorker, safe_url
+
+    runner = build_runner(args)
+    worker = RedisWorker(runner, args.queue, args.queue_name, args.max_batch, args.max_wait_ms,
+                         args.heartbeat_s, args.max_deliveries)
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+    print(f"worker {worker.name}: {args.save_path} ({runner.meta.model_name}, {runner.backend.model_type}) "
+          f"on {safe_url(args.queue)} '{args.queue_name}', batches of up to {args.max_batch}", flush=True)
+    try:
+        worker.run()
+    except KeyboardInterrupt:
+        worker.stop()
+    print(f"worker {worker.name} stopped after {worker.batches} batch(es), {worker.images} image(s)", flush=True)
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.worker:
+        run_worker(args)
+        return
+    check_port(args.host, args.port)
+    if args.queue:
+        from utils.redis_queue import RedisService, connect, safe_url
+
+        connect(args.queue)  # a clear line now if Redis is not there
+        service = RedisService(args.queue, args.queue_name, args.max_pixels)
+        serve_http(args, service, f"the workers of {safe_url(args.queue)} '{args.queue_name}'")
+        return
+    from utils.serving import EmbeddedService
+
+    runner = build_runner(args)
+    service = EmbeddedService(runner, args.max_batch, args.max_wait_ms, args.max_pixels)
+    serve_http(args, service, f"{args.save_path} ({runner.meta.model_name}, {runner.backend.model_type}, "
+                              f"batches of up to {args.max_batch})")
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, parse_args))

@@ -1,0 +1,354 @@
+"""serve.py in one process: the API against predict.py, bad inputs, batching, the API key, CAM
+overlays, /info /metrics /docs, the ONNX backend, the CLI's user errors, and the web page in a
+real headless Chromium.
+
+One real server (uvicorn in a subprocess on a free 127.0.0.1 port) serves the module; it runs a
+copy of conftest's 2-epoch tiny run, with an API key, small limits, and a long batching window so
+concurrent requests group reliably. The browser test skips, saying why, only when Debian's
+chromium and chromium-driver are not installed (`make test` installs them when apt-get is there).
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import re
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_CLASSES, assert_ok, assert_user_error, make_truncated_jpeg, run_script
+from serve_helpers import (TOL, Served, check_result, chromium, chromium_paths, expected, images, noise_image,  # noqa: F401
+                           png_bytes, read, serve_run)
+
+KEY = "test-key-0123456789"
+MAX_BYTES = 3_000_000
+MAX_PIXELS = 1_000_000
+
+
+# ------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def server(serve_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """serve.py on a free loopback port with an API key; TMPDIR is an empty folder of its own."""
+    logs = tmp_path_factory.mktemp("serve_logs")
+    tmpdir = logs / "tmp"
+    tmpdir.mkdir()
+    with Served(["--save_path", serve_run, "--device", "cpu", "--max_batch", 8, "--max_wait_ms", 150,
+                 "--max_bytes", MAX_BYTES, "--max_pixels", MAX_PIXELS, "--timeout", 60],
+                logs / "server.log", api_key=KEY, env={"TMPDIR": str(tmpdir)}) as served:
+        served.tmpdir = tmpdir
+        yield served
+
+
+# ------------------------------------------------------------------------------ the API
+def test_results_equal_predict_py(server: Served, images: Path, expected: dict[str, dict[str, str]]) -> None:
+    files = sorted(images.iterdir())
+    # all in one request, in the order sent
+    response = server.post([(f.name, read(f)) for f in files])
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "resnet10t" and body["model_type"] == "torch" and body["time_ms"] > 0
+    assert [r["file"] for r in body["results"]] == [f.name for f in files]
+    for result in body["results"]:
+        check_result(result, expected[result["file"]])
+    # and one at a time
+    for f in files[:3]:
+        single = server.post([(f.name, read(f))]).json()["results"]
+        assert len(single) == 1
+        check_result(single[0], expected[f.name])
+
+
+BAD_INPUTS = [  # (what, request kwargs or a builder, status, words of the error)
+    ("not an image", lambda d: {"files": [("file", ("notes.txt", b"just text\n"))]}, 415, ["notes.txt", "not an image"]),
+    ("empty body", lambda d: {"content": b"", "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400,
+     ["empty request body"]),
+    ("empty file", lambda d: {"files": [("file", ("empty.png", b""))]}, 400, ["empty.png", "empty file"]),
+    ("truncated image", lambda d: {"files": [("file", ("cut.jpg", d["truncated"]))]}, 422, ["cut.jpg", "truncated"]),
+    ("body over --max_bytes", lambda d: {"files": [("file", ("big.png", b"\0" * (MAX_BYTES + 1)))]}, 413, ["--max_bytes"]),
+    ("image over --max_pixels", lambda d: {"files": [("file", ("huge.png", d["huge"]))]}, 413,
+     ["huge.png", "1100x1000", "--max_pixels"]),
+    ("not multipart", lambda d: {"content": d["good"], "headers": {"content-type": "image/png"}}, 415, ["multipart/form-data"]),
+    ("another form field", lambda d: {"files": [("image", ("a.png", d["good"]))]}, 400, ["unexpected form field 'image'"]),
+    ("cut-off multipart", lambda d: {"content": d["cut_body"], "headers": {"content-type": d["cut_type"]}}, 400, ["cut off"]),
+    ("one bad image of two", lambda d: {"files": [("file", ("ok.png", d["good"])), ("file", ("bad.gif", b"GIF89a-not"))]},
+     415, ["bad.gif"]),
+    ("unknown cam", lambda d: {"files": [("file", ("a.png", d["good"]))], "params": {"cam": "NoSuchCAM"}}, 400,
+     ["NoSuchCAM", "GradCAM"]),
+]
+
+
+def test_bad_inputs_get_4xx_and_the_next_request_succeeds(server: Served, images: Path, tmp_path: Path,
+                                                         expected: dict[str, dict[str, str]]) -> None:
+    good_file = sorted(images.glob("red_*.png"))[0]
+    import httpx
+
+    request = httpx.Request("POST", server.url + "/predict", files=[("file", ("a.png", read(good_file)))])
+    body = request.read()
+    data = {"good": read(good_file), "truncated": read(make_truncated_jpeg(tmp_path / "cut.jpg")),
+            "huge": png_bytes(Image.new("RGB", (1100, 1000), (10, 20, 30))),
+            "cut_body": body[:-40], "cut_type": request.headers["content-type"]}
+    for what, build, status, needles in BAD_INPUTS:
+        response = server.client.post("/predict", **build(data))
+        assert response.status_code == status, (what, response.status_code, response.text)
+        error = response.json()
+        assert error["status"] == status and all(n in error["error"] for n in needles), (what, error)
+        after = server.post([(good_file.name, data["good"])])
+        assert after.status_code == 200, (what, after.text)
+        check_result(after.json()["results"][0], expected[good_file.name])
+    assert server.proc.proc.poll() is None
+
+
+def test_uploads_never_touch_the_disk(server: Served) -> None:
+    """An upload over Starlette's 1 MiB spooling threshold: no file appears in the server's TMPDIR."""
+    big = png_bytes(noise_image((700, 700)))
+    assert 1_100_000 < len(big) < MAX_BYTES
+    response = server.post([("noise.png", big)])
+    assert response.status_code == 200, response.text
+    written = [p for p in server.tmpdir.rglob("*") if p.is_file()]  # (torch makes an empty cache folder there)
+    assert written == []
+
+
+def test_concurrent_requests_are_batched(server: Served, images: Path) -> None:
+    files = sorted(images.glob("*_img*.png"))[:8]
+    batches0, images0 = server.metric("serve_batches_total"), server.metric("serve_images_total")
+    barrier = threading.Barrier(len(files))
+
+    def one(path: Path) -> dict[str, Any]:
+        barrier.wait(10)
+        response = server.post([(path.name, read(path))])
+        assert response.status_code == 200, response.text
+        return response.json()["results"][0]
+
+    with ThreadPoolExecutor(len(files)) as pool:
+        results = list(pool.map(one, files))
+    batches = server.metric("serve_batches_total") - batches0
+    assert server.metric("serve_images_total") - images0 == len(files)
+    assert 1 <= batches < len(files), f"{len(files)} concurrent requests ran in {batches} batches"
+    assert max(r["batch_size"] for r in results) > 1
+    assert sum(1 / r["batch_size"] for r in results) == pytest.approx(batches)
+
+
+def test_api_key(server: Served, images: Path) -> None:
+    import httpx
+
+    f = sorted(images.iterdir())[0]
+    files = [("file", (f.name, read(f)))]
+    for headers, why in (({}, "missing API key"), ({"Authorization": "Bearer wrong"}, "wrong API key"),
+                         ({"Authorization": f"Basic {KEY}"}, "missing API key")):
+        for method, path in (("POST", "/predict"), ("GET", "/info"), ("GET", "/metrics")):
+            response = httpx.request(method, server.url + path, headers=headers, files=files if method == "POST" else None)
+            assert response.status_code == 401, (path, headers, response.text)
+            assert why in response.json()["error"] and response.headers["www-authenticate"] == "Bearer"
+    assert httpx.post(server.url + "/predict", headers={"Authorization": f"Bearer {KEY}"}, files=files).status_code == 200
+    for open_path in ("/health", "/ready", "/"):  # probes and the page itself need no key
+        assert httpx.get(server.url + open_path).status_code == 200
+
+
+def test_cam_overlay_is_the_gradcam_of_the_top1_class(server: Served, serve_run: Path, images: Path,
+                                                      expected: dict[str, dict[str, str]]) -> None:
+    from utils.backends import load_backend
+    from utils.cam import cam_maps, find_cam_layer, overlay, to_hwc_rgb
+    from utils.data import eval_transform
+    from utils.images import load_image
+
+    # an image whose top-1 is not class 0, so a map of the wrong class cannot pass for the right one
+    f = next(p for p in sorted(images.glob("*_img*.png")) if expected[p.name]["class"] != TINY_CLASSES[0])
+    response = server.post([(f.name, read(f))], params={"cam": "GradCAM"})
+    assert response.status_code == 200, response.text
+    result = response.json()["results"][0]
+    assert result["cam"]["type"] == "GradCAM" and result["cam"]["class"] == result["class"]
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(result["cam"]["png"]))).convert("RGB"))
+    backend = load_backend(serve_run, "torch", "cpu")
+    view = eval_transform(backend.meta.preprocess)(load_image(f, 3))
+    layer = find_cam_layer(backend.model, 32, 3)
+    cam = cam_maps(backend.model, backend.normalize(view[None]), layer, "GradCAM", [result["index"]])[0]
+    want = np.asarray(Image.fromarray(overlay(to_hwc_rgb(view), cam)).resize((224, 224), Image.BILINEAR))
+    assert got.shape == (224, 224, 3)
+    worst = int(np.abs(got.astype(int) - want.astype(int)).max())
+    assert worst <= 2, f"the overlay differs from the GradCAM of class {result['index']} by up to {worst} levels"
+    plain = np.asarray(Image.fromarray(to_hwc_rgb(view)).resize((224, 224), Image.BILINEAR))
+    assert np.abs(got.astype(int) - plain.astype(int)).mean() > 5  # the heatmap is really there
+    no_cam = server.post([(f.name, read(f))]).json()["results"][0]
+    assert "cam" not in no_cam
+
+
+def test_info_metrics_and_docs(server: Served) -> None:
+    info = server.client.get("/info").json()
+    assert info["class_names"] == TINY_CLASSES and info["image_size"] == 32 and info["model_type"] == "torch"
+    assert info["mode"] == "embedded" and info["max_batch"] == 8 and info["max_pixels"] == MAX_PIXELS
+    assert "GradCAM" in info["cam_types"] and len(info["cam_types"]) == 8
+    assert server.client.get("/health").json() == {"status": "ok"}
+    assert server.client.get("/ready").json()["ready"] is True
+    text = server.client.get("/metrics").text
+    for needle in ('serve_requests_total{path="/predict",code="200"}', "serve_request_duration_seconds_bucket{le=",
+                   "serve_batch_size_bucket{le=", "# TYPE serve_batches_total counter", "serve_queue_depth 0"):
+        assert needle in text, needle
+    requests_before = server.metric("serve_request_duration_seconds_count")
+    server.post([("x.png", png_bytes(Image.new("RGB", (20, 20))))])
+    assert server.metric("serve_request_duration_seconds_count") == requests_before + 1
+    spec = server.client.get("/openapi.json").json()
+    assert spec["openapi"].startswith("3.0")
+    assert "multipart/form-data" in spec["paths"]["/predict"]["post"]["requestBody"]["content"]
+    docs = server.client.get("/docs").text
+    assert "/docs-static/swagger-ui-bundle.js" in docs and "cdn" not in docs.lower()
+    assert server.client.get("/docs-static/swagger-ui-bundle.js").status_code == 200
+
+
+# ------------------------------------------------------------------------------ in-process
+def test_onnx_backend_serves_the_same_predictions(serve_run: Path, images: Path, tmp_path: Path,
+                                                  expected: dict[str, dict[str, str]]) -> None:
+    from fastapi.testclient import TestClient
+
+    from utils.backends import load_backend
+    from utils.serve_app import Settings, create_app
+    from utils.serving import EmbeddedService, ModelRunner
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(serve_run / "best.pt", run / "best.pt")
+    assert_ok(run_script("export.py", "--save_path", run, "--export", "onnx", "--device", "cpu"))
+    service = EmbeddedService(ModelRunner(load_backend(run, "onnx", "cpu")), max_batch=4, max_wait_ms=0)
+    files = sorted(images.iterdir())
+    with TestClient(create_app(service, Settings())) as client:
+        info = client.get("/info").json()
+        assert info["model_type"] == "onnx" and info["cam_types"] == []
+        response = client.post("/predict", files=[("file", (f.name, read(f))) for f in files])
+        assert response.status_code == 200, response.text
+        for result in response.json()["results"]:
+            check_result(result, expected[result["file"]])
+        refused = client.post("/predict", params={"cam": "GradCAM"}, files=[("file", (files[0].name, read(files[0])))])
+        assert refused.status_code == 400 and "PyTorch model" in refused.json()["error"]
+
+
+def test_batcher_groups_waiting_jobs_and_drops_cancelled_ones() -> None:
+    from utils.serving import Batcher, Job
+
+    gate = threading.Event()
+    seen: list[list[str]] = []
+
+    def fn(jobs: list[Job]) -> list[str]:
+        seen.append([j.name for j in jobs])
+        gate.wait(10)
+        return [j.name.upper() for j in jobs]
+
+    batcher = Batcher(fn, max_batch=4, max_wait_ms=0)
+    batcher.start()
+    try:
+        first = batcher.submit(Job("a", torch.zeros(1)))
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:  # "a" is running, alone
+            time.sleep(0.01)
+        rest = [batcher.submit(Job(n, torch.zeros(1))) for n in "bcdefg"]
+        rest[1].cancel()  # "c": its request gave up
+        gate.set()
+        assert first.result(10) == "A"
+        assert [f.result(10) for i, f in enumerate(rest) if i != 1] == ["B", "D", "E", "F", "G"]
+    finally:
+        batcher.stop()
+    assert seen == [["a"], ["b", "d", "e"], ["f", "g"]]  # max_batch 4 counts "c" before dropping it
+    assert batcher.batch_sizes() == {1: 1, 3: 1, 2: 1}
+
+
+def test_cli_user_errors(serve_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import serve
+
+    # as a user sees it: one line, exit 2 (a case that can never start a server, even if the checks broke)
+    assert_user_error(run_script("serve.py", "--worker", "--save_path", serve_run, timeout=120), "--worker", "--queue")
+    monkeypatch.delenv("SERVE_API_KEY", raising=False)
+    cases = [
+        (["--host", "0.0.0.0"], "--host 0.0.0.0 is reachable from other machines: set --api_key"),
+        (["--host", "192.168.1.5", "--port", "9000"], "--api_key"),
+        (["--worker"], "--queue"),
+        (["--queue", "redis://127.0.0.1:1/0", "--max_batch", "4"], "--max_batch does not apply to the API tier"),
+        (["--queue", "redis://127.0.0.1:1/0", "--save_path", "runs/exp"], "--save_path does not apply"),
+        (["--queue", "redis://127.0.0.1:1/0", "--worker", "--port", "9000"], "--port does not apply to a --worker"),
+        (["--heartbeat_s", "2"], "--heartbeat_s does not apply to a server without --queue"),
+        (["--max_batch", "0"], "--max_batch must be at least 1"),
+        (["--max_pixels", str(10**12)], "decompression-bomb"),
+    ]
+    for argv, needle in cases:
+        with pytest.raises(serve.UserError, match=re.escape(needle)):
+            serve.parse_args(argv)
+    with socket.socket() as taken:  # a port in use: one line before the model is loaded
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(serve.UserError, match="cannot listen on 127.0.0.1"):
+            serve.check_port("127.0.0.1", taken.getsockname()[1])
+    args = serve.parse_args(["--host", "0.0.0.0", "--api_key", "k"])
+    assert args.max_batch == 16 and args.port == 8000 and args.save_path == "runs/exp"
+    assert serve.parse_args(["--host", "::1"]).api_key is None  # loopback needs no key
+
+
+# ------------------------------------------------------------------------------ the browser
+def test_web_page_in_headless_chromium(server: Served, images: Path, expected: dict[str, dict[str, str]],
+                                       tmp_path: Path) -> None:
+    if chromium_paths() is None:
+        pytest.skip("headless Chromium is not installed: apt-get install -y chromium chromium-driver "
+                    "(make test installs it when apt-get is available)")
+    pytest.importorskip("selenium", reason="the browser test needs selenium (pip install -r requirements.txt)")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    picked = [sorted(images.glob("red_*.png"))[0], sorted(images.glob("blue_*.png"))[0]]
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    with chromium(downloads, tmp_path / "profile") as driver:
+        wait = WebDriverWait(driver, 30, poll_frequency=0.1)
+        driver.get(server.url + "/")
+        key_box = driver.find_element(By.ID, "key-box")
+        wait.until(lambda d: key_box.is_displayed())  # /info answered 401: the page asks for the key
+        driver.find_element(By.ID, "api-key").send_keys(KEY, Keys.TAB)
+        wait.until(lambda d: "resnet10t" in d.find_element(By.ID, "model").text)
+        driver.find_element(By.ID, "files").send_keys("\n".join(str(p) for p in picked))
+        wait.until(lambda d: d.find_element(By.ID, "stat-done").text == "2")
+        shown = {card.get_attribute("data-name"): card.find_element(By.CSS_SELECTOR, ".top1").text.split()[0]
+                 for card in driver.find_elements(By.CSS_SELECTOR, "#grid .card")}
+        assert shown == {p.name: expected[p.name]["class"] for p in picked}
+        for card in driver.find_elements(By.CSS_SELECTOR, "#grid .card"):
+            assert len(card.find_elements(By.CSS_SELECTOR, ".bar")) == len(TINY_CLASSES)
+        counts = {row.get_attribute("data-class"): int(row.find_elements(By.TAG_NAME, "td")[1].text)
+                  for row in driver.find_elements(By.CSS_SELECTOR, "#stat-classes tbody tr")}
+        assert sum(counts.values()) == 2 and set(counts) == {expected[p.name]["class"] for p in picked}
+
+        driver.find_element(By.ID, "download-csv").click()
+        csv_path = downloads / "predictions.csv"
+        wait.until(lambda d: csv_path.is_file() and csv_path.stat().st_size > 0)
+        with csv_path.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        assert [r["path"] for r in rows] == [p.name for p in picked]
+        for row in rows:
+            want = expected[row["path"]]
+            assert list(row) == list(want) and row["class"] == want["class"] and row["uncertain"] == want["uncertain"]
+            for key in ("prob", "top1_prob", "top2_prob", "top3_prob", "entropy"):
+                assert abs(float(row[key]) - float(want[key])) < TOL, key
+
+        driver.find_element(By.ID, "cam-toggle").click()  # GradCAM overlays for the images already shown
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid img.pic.cam")) == 2)
+        src = driver.find_element(By.CSS_SELECTOR, "#grid img.pic.cam").get_attribute("src")
+        assert src.startswith("data:image/png;base64,")
+
+        driver.find_element(By.ID, "view-slides").click()
+        assert driver.find_element(By.ID, "slide-pos").text == "1 / 2"
+        Select(driver.find_element(By.ID, "interval")).select_by_value("1000")
+        driver.find_element(By.ID, "play").click()
+        wait.until(lambda d: d.find_element(By.ID, "slide-pos").text == "2 / 2")
+        driver.find_element(By.ID, "play").click()  # pause
+        assert driver.find_element(By.ID, "play").text == "play"
+        paused_at = driver.find_element(By.ID, "slide-pos").text
+        time.sleep(1.3)
+        assert driver.find_element(By.ID, "slide-pos").text == paused_at
+        driver.find_element(By.ID, "play").click()  # resume
+        wait.until(lambda d: d.find_element(By.ID, "slide-pos").text != paused_at)
+
+        driver.get(server.url + "/docs")  # Swagger UI from the package, offline
+        wait.until(lambda d: any("/predict" in e.text for e in d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")))
