@@ -842,8 +842,10 @@ def _export_all(opts: ExportOptions, device: torch.device, model: nn.Module, mod
                                     lambda: quantize_int8(ctx, onnx_file, calibration, calibration_described)), "int8"))
             LOGGER.info("int8: calibrated on %s (%.1fs)", calibration_described, time.time() - started)
         for file, precision in files:
-            result = _check_and_record(file, fmt, precision, images, reference, device)
-            results.append(result | {"path": str(commit_export(file, out_dir))})
+            results.append(_check_and_record(file, fmt, precision, images, reference, device, out_dir / file.name))
+    # every file into place at the end: a later format may be built from an earlier one (OpenVINO from ONNX)
+    for result in results:
+        commit_export(temp_dir / Path(result["path"]).name, out_dir)
 
 
 def export_files(file: Path) -> list[Path]:
@@ -904,27 +906,28 @@ def _run_step(what: str, verbose: bool, fn: Callable[[], Path]) -> Path:
 def _run_exporter(fmt: ExportFormat, ctx: ExportContext) -> Path:
     started = time.time()
     file = _run_step(fmt.name, ctx.options.verbose, lambda: fmt.function(ctx))
-    LOGGER.info("%s: %s (%.1fs)", fmt.name, file, time.time() - started)
+    LOGGER.info("%s: %s (%.1fs)", fmt.name, file.name, time.time() - started)
     return file
 
 
 def _check_and_record(file: Path, fmt: ExportFormat, precision: str, images: torch.Tensor, reference: torch.Tensor,
-                      device: torch.device) -> dict[str, Any]:
-    """The parity check of one file, written into its JSON and printed as one line."""
+                      device: torch.device, final: Path) -> dict[str, Any]:
+    """The parity check of a staged file, written into its JSON and printed as one line under the
+    path it will have (`final`)."""
     json_file = export_info_path(file)
     info = json.loads(json_file.read_text(encoding="utf-8"))
     parity = check_parity(file, fmt.flag, precision, images, reference, device)
     info["parity"] = parity
     write_json(json_file, info)
     if parity.get("ok") is None:
-        LOGGER.warning("%s: parity not checked (%s)", file.name, parity["skipped"])
+        LOGGER.warning("%s: parity not checked (%s)", final.name, parity["skipped"])
         verdict = "not checked"
     else:
         verdict = "ok" if parity["ok"] else "FAILED"
-        print(f"{file}: parity vs PyTorch on {parity['images']} images: max |dp| {_fmt(parity['max_abs_diff'])}, "
+        print(f"{final}: parity vs PyTorch on {parity['images']} images: max |dp| {_fmt(parity['max_abs_diff'])}, "
               f"top-1 agreement {_pct(parity['top1_agreement'])} (allowed: {describe_tolerance(parity['tolerance'])}): {verdict}",
               flush=True)
-    return info | {"path": str(file), "size_mb": _size_mb(file), "verdict": verdict}
+    return info | {"path": str(final), "size_mb": _size_mb(file), "verdict": verdict}
 
 
 def _size_mb(file: Path) -> float:
