@@ -75,6 +75,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--resize_mode", default="crop", choices=list(RESIZE_MODES), help="crop: short side + crop; letterbox: pad to square; squash: ignore aspect")
     p("--mixup", default="none", choices=list(MIXUP_CHOICES), help="mix pairs of images in a batch, after the other augmentations")
     p("--test_tta", action="store_true", help="validate with TenCrop test-time augmentation")
+    p("--sync_bn", action="store_true", help="under torchrun: batch-norm statistics over all processes (CUDA)")
     p("--ema", action="store_true", help="keep an exponential moving average of the weights; validate and save it")
     p("--ema_decay", type=finite_float, default=0.9998, help="EMA decay (warmed up from 0)")
     p("--rdrop", action="store_true", help="R-Drop: two forward passes with a KL consistency term")
@@ -174,13 +175,16 @@ def claimed_run(args: argparse.Namespace, resumed: Checkpoint | None) -> Iterato
     """The run folder: the resumed one, or a fresh one claimed now (runs/exp -> runs/exp2 ...).
     A fresh folder that is still empty when set-up fails is removed, so a mistake leaves nothing behind."""
     from utils.checkpoint import Run, increment_path
+    from utils.distributed import broadcast_object, is_main_process
 
-    path = Path(args.save_path) if resumed is not None else increment_path(args.save_path)
+    path = Path(args.save_path)
+    if resumed is None:  # the first process claims the folder; the others are told which
+        path = broadcast_object(increment_path(path) if is_main_process() else None)
     print(f"run folder: {path}", flush=True)
     try:
         yield Run(path)
     except BaseException:
-        if resumed is None and path.is_dir() and not any(path.iterdir()):
+        if resumed is None and is_main_process() and path.is_dir() and not any(path.iterdir()):
             path.rmdir()
         raise
 
@@ -190,14 +194,30 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.list_models:
         print_model_zoo()
         return {}
-    from utils.device import select_device, share_cpu
-    from utils.trainer import Trainer, load_data, seed_everything
+    from utils import distributed
 
     resumed = None
     if args.resume:
         args, resumed = resume_options(args)
+    distributed.refuse_device_list(args.device)
+    try:
+        return train(args, resumed)
+    finally:
+        distributed.shutdown()
+
+
+def train(args: argparse.Namespace, resumed: Checkpoint | None) -> dict[str, Any]:
+    """One training run (in each process under torchrun)."""
+    from utils import distributed
+    from utils.device import select_device, share_cpu
+    from utils.trainer import Trainer, load_data, seed_everything
+
+    device = distributed.init_from_env(args.device) or select_device(args.device)
+    if args.sync_bn and not distributed.launched_by_torchrun():
+        LOGGER.warning("--sync_bn applies to runs started with torchrun; ignored in one process")
+    elif args.sync_bn and device.type != "cuda":
+        raise UserError("--sync_bn synchronises batch norm across GPUs (NCCL); with --device cpu drop it")
     seed_everything(args.random_seed)
-    device = select_device(args.device)
     share_cpu(device, args.workers)
     data = load_data(args, resumed)
     with claimed_run(args, resumed) as run:

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from utils.backends import load_backend  # noqa: E402
 from utils.ensemble import load_ensemble  # noqa: E402
 from utils.cam import CAM_TYPES, NHWCToNCHW, TokensToNCHW, cam_maps, cam_panel, find_cam_layer  # noqa: E402
 from utils.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402

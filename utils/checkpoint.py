@@ -17,7 +17,7 @@ import torch
 import yaml
 from torch import nn
 
-from utils.device import is_main_process
+from utils.distributed import is_main_process
 from utils.files import atomic_write, atomic_write_text, remove_stale_temps
 from utils.log import UserError
 from utils.schema import Checkpoint

@@ -193,22 +193,33 @@ def collate(batch: Sequence[tuple[Any, int, str, str | None]]) -> dict[str, Any]
 class EpochSampler(Sampler):
     """Yields (epoch, index) keys: a seeded permutation per epoch, sharded by rank.
 
-    `set_epoch` chooses the epoch; `skip` drops the first n keys of it (exact mid-epoch resume).
-    The order depends only on (seed, epoch), never on how many epochs ran in this process.
+    `set_epoch` chooses the epoch; `skip` drops the first n keys of the epoch's whole order (all
+    processes together), so a run stopped mid-epoch resumes where it was, with any number of
+    processes. The order depends only on (seed, epoch), never on how many epochs ran in this process.
+
+    Args:
+        size: images in the split.
+        shuffle: a new seeded order each epoch (training), or the split's order (evaluation).
+        seed: the run's seed.
+        rank, world_size: this process and how many share the split (utils.distributed.world_info).
+        pad: repeat a few images so every process gets as many (training: the processes step
+            together); without it each image is seen once in all (evaluation: no duplicate counted).
     """
 
-    def __init__(self, size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1, pad: bool = True) -> None:
         self.size = size
         self.shuffle = shuffle
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.pad = pad
         self.epoch = 0
         self.start = 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Choose the epoch, and how many keys of its whole order (all processes) are done already."""
         self.epoch = epoch
-        self.start = skip
+        self.start = min(skip, self.size)
 
     def _indices(self) -> list[int]:
         if self.shuffle:
@@ -216,16 +227,21 @@ class EpochSampler(Sampler):
             order = torch.randperm(self.size, generator=gen).tolist()
         else:
             order = list(range(self.size))
-        per_rank = math.ceil(self.size / self.world_size)
-        order += order[: per_rank * self.world_size - self.size]  # pad so every rank has as many
+        order = order[self.start:]
+        if self.pad and order:
+            per_rank = math.ceil(len(order) / self.world_size)
+            order += (order * self.world_size)[: per_rank * self.world_size - len(order)]  # every rank as many
         return order[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self._indices()[self.start :]:
+        for index in self._indices():
             yield (self.epoch, index)
 
     def __len__(self) -> int:
-        return math.ceil(self.size / self.world_size) - self.start
+        left = self.size - self.start
+        if self.pad:
+            return math.ceil(left / self.world_size)
+        return len(range(self.rank, left, self.world_size))
 
 
 def build_loader(

@@ -5,9 +5,7 @@ automatic batch size, mixed precision, and the process-group hooks.
     workers = default_workers()                     # the --workers default of every script
     share_cpu(device, workers)                      # compute threads = the cores the workers leave
 
-The distributed helpers (`is_main_process`, `reduce_sum`) are the single places that a
-torchrun/DistributedDataParallel run will use to restrict file output to rank 0 and to sum
-metrics across processes; in a single process they are trivial.
+Several processes (torchrun) are utils.distributed's.
 
 PyTorch is imported inside the functions that use it: the scripts' parsers take their --workers
 default from here, and `--help` must not wait for PyTorch to load.
@@ -76,10 +74,8 @@ def select_device(spec: str = "") -> torch.device:
     if spec == "cpu":
         return torch.device("cpu")
     if "," in spec:
-        raise UserError(
-            f"--device {spec}: several GPUs in one process are not supported; pass one device "
-            "(multi-GPU training through torchrun is not available yet)"
-        )
+        raise UserError(f"--device {spec}: one process uses one device; several GPUs train through torchrun "
+                        f"(torchrun --standalone --nproc_per_node N main.py ...)")
     if not spec.isdigit():
         raise UserError(f"--device '{spec}' is not valid: use '', 'cpu', or a GPU index such as 0")
     if not torch.cuda.is_available():
@@ -154,28 +150,3 @@ def autobatch(model: nn.Module, image_size: int, channels: int, device: torch.de
     if slope <= 0:
         return 16
     return max(1, int((total * fraction - intercept) / slope))
-
-
-# ------------------------------------------------------------------------ distributed hooks
-def world_info() -> tuple[int, int]:
-    """(rank, world_size) of this process; (0, 1) outside a process group."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), 1
-
-
-def is_main_process() -> bool:
-    """Whether this process writes files and prints summaries."""
-    return world_info()[0] == 0
-
-
-def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor of metric sums over all processes (identity in a single process)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        tensor = tensor.clone()
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor

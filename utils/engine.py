@@ -6,7 +6,7 @@ samplers and optimizer, and decides what to save.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -14,7 +14,8 @@ from torch import nn
 from tqdm import tqdm
 
 from utils.data import run_with_tta
-from utils.device import autocast, is_main_process
+from utils.device import autocast
+from utils.distributed import any_true, is_main_process, reduce_sum, world_info
 from utils.metrics import EpochSums
 
 
@@ -40,6 +41,8 @@ class StepParts:
         clip_grad: clip the gradient norm to this value (0 = off).
         ema: an EMA object updated after each optimizer step.
         train_mode: sets the model's train/eval modes (default model.train()); freezing uses it.
+        shared_params: parameters trained outside the (DistributedDataParallel) model, e.g. MGD's
+            layers: their gradients are averaged over the processes before each step.
     """
 
     objective: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
@@ -51,14 +54,19 @@ class StepParts:
     clip_grad: float = 0.0
     ema: Any = None
     train_mode: Callable[[nn.Module], None] | None = None
+    shared_params: list[torch.Tensor] = field(default_factory=list)
 
     def optimizer_step(self, model: nn.Module) -> None:
         """Apply the accumulated gradients (unscaled and clipped first when asked), clear them, update the EMA."""
         optimizer, scaler = self.optimizer, self.scaler
+        world = world_info()[1]
+        for p in self.shared_params:
+            if p.grad is not None and world > 1:
+                p.grad.copy_(reduce_sum(p.grad) / world)
         if self.clip_grad > 0:
             if scaler is not None:
                 scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip_grad)
+            torch.nn.utils.clip_grad_norm_([*model.parameters(), *self.shared_params], self.clip_grad)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -113,7 +121,8 @@ def train_one_epoch(
         if failed is not None:
             failed.extend(batch["failed"])
         # nothing decoded, or failed decodes left one image: batch norm cannot train on a batch of one
-        if len(batch["targets"]) == 0 or (len(batch["targets"]) == 1 and batch["failed"]):
+        # (with several processes all skip the step together: they must all take part in each one)
+        if any_true(len(batch["targets"]) == 0 or (len(batch["targets"]) == 1 and bool(batch["failed"])))[0]:
             step += 1
             continue
         images = normalize(batch["images"].to(device, non_blocking=True))
@@ -126,7 +135,7 @@ def train_one_epoch(
         with autocast(device, parts.amp_dtype):
             loss, logits, terms = parts.objective(model, images, targets)
         value = loss.item()
-        if not math.isfinite(value):
+        if any_true(not math.isfinite(value))[0]:  # on any process: all stop at the same step
             raise NonFiniteLoss(epoch, step, value)
         scaled = loss / parts.accumulate if parts.accumulate > 1 else loss
         (parts.scaler.scale(scaled) if parts.scaler is not None else scaled).backward()
@@ -138,12 +147,21 @@ def train_one_epoch(
             extra_sums[key] = extra_sums.get(key, 0.0) + float(term) * len(hard)
         step += 1
         bar.set_postfix(loss=f"{sums.loss_sum / max(1, sums.count):.4f}", refresh=False)
-        if stepped and should_stop():  # stop only where no accumulated gradient would be lost
+        if stepped and any_true(should_stop())[0]:  # only where no accumulated gradient would be lost; all together
             interrupted = step < total
             break
     bar.close()
-    out = sums.metrics() | {k: v / max(1, sums.count) for k, v in extra_sums.items()}
+    out = sums.metrics() | extra_means(extra_sums, sums)
     return out | {"steps": float(step), "interrupted": float(interrupted)}
+
+
+def extra_means(extra_sums: dict[str, float], sums: EpochSums) -> dict[str, float]:
+    """The epoch's mean of each extra loss term (e.g. kd_loss), over all processes."""
+    if not extra_sums:
+        return {}
+    keys = sorted(extra_sums)
+    totals = reduce_sum(torch.tensor([extra_sums[k] for k in keys] + [float(sums.count)], dtype=torch.float64))
+    return {k: float(totals[i]) / max(1.0, float(totals[-1])) for i, k in enumerate(keys)}
 
 
 @torch.inference_mode()

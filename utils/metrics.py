@@ -1,7 +1,7 @@
 """Running sums of a classification epoch and the metrics derived from them.
 
 Sums (loss, count, confusion matrix) are what a distributed run all-reduces, through
-utils.device.reduce_sum, before any metric is computed.
+utils.distributed.reduce_sum, before any metric is computed.
 
 The second half evaluates the predicted probabilities of a whole split (metrice.py): overall
 and per-class metrics, calibration, the most confused class pairs.
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from utils.device import reduce_sum
+from utils.distributed import reduce_sum
 
 
 class EpochSums:

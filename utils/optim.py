@@ -80,9 +80,11 @@ class HeadFreezer:
         return self.frozen
 
     def train_mode(self, model: nn.Module) -> None:
+        """Train mode, but batch norm outside the head in eval mode while frozen. `model` may be
+        the model or a wrapper of it (DistributedDataParallel): the layers are the model's own."""
         model.train()
         if self.frozen:
             head_modules = {name.rsplit(".", 1)[0] for name in self.head}
-            for name, module in model.named_modules():
+            for name, module in self.model.named_modules():
                 if isinstance(module, nn.modules.batchnorm._NormBase) and name not in head_modules:
                     module.eval()

@@ -88,18 +88,21 @@ class TrainState:
 
     Attributes:
         epoch: epochs completed (0-based index of the epoch in progress).
-        step: batches done in that epoch (non-zero only when stopped mid-epoch).
+        step: batches each process did in that epoch (non-zero only when stopped mid-epoch).
+        samples: training images all processes together took in that epoch (where a resumed run
+            continues, with any number of processes).
         sums: the running metric sums of a half-done epoch (utils.metrics.EpochSums.state_dict), or None.
         extra: the running sums of the objective's extra terms (e.g. kd_loss) of a half-done epoch.
     """
 
-    POSITION = ("epoch", "step", "train_sums", "train_extra", "rng")
+    POSITION = ("epoch", "step", "samples", "train_sums", "train_extra", "rng")
 
     def __init__(self) -> None:
         self.parts: dict[str, Stateful] = {}
         self.required: dict[str, bool] = {}
         self.epoch = 0
         self.step = 0
+        self.samples = 0
         self.sums: dict[str, Any] | None = None
         self.extra: dict[str, float] | None = None
 
@@ -115,7 +118,8 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         """Every part's state, the position and the RNG states."""
         state = {name: part.state_dict() for name, part in self.parts.items()}
-        state.update(epoch=self.epoch, step=self.step, train_sums=self.sums, train_extra=self.extra, rng=rng_state())
+        state.update(epoch=self.epoch, step=self.step, samples=self.samples, train_sums=self.sums, train_extra=self.extra,
+                     rng=rng_state())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -132,5 +136,6 @@ class TrainState:
             if state.get(name) is not None:
                 part.load_state_dict(state[name])
         self.epoch, self.step = int(state["epoch"]), int(state.get("step") or 0)
+        self.samples = int(state.get("samples") or 0)  # 0 in files written before it was kept
         self.sums, self.extra = state.get("train_sums"), state.get("train_extra")
         set_rng_state(state["rng"])

@@ -33,6 +33,8 @@ from utils.data import (IMAGENET_MEAN, IMAGENET_STD, EpochSampler, ImageDataset,
                         image_transform, train_transform)
 from utils.device import amp_settings, autobatch, autocast
 from utils.distill import Distiller, load_teacher
+from utils.distributed import (all_equal, any_true, broadcast_buffers, broadcast_module, broadcast_object, reduce_sum,
+                               world_info)
 from utils.ema import EMA, SWA
 from utils.engine import NonFiniteLoss, StepParts, evaluate, train_one_epoch, update_bn
 from utils.epoch_log import EpochLog, EpochRecord
@@ -191,20 +193,25 @@ class Trainer:
         self.schedule = EpochLR(self.optimizer, args.lr, args.epoch, args.warmup, args.warmup_ratios, args.warmup_minlr,
                                 args.lr_scheduler, args.lr_scheduler_params)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.rank, self.world = world_info()
+        self.train_model = self._wrap_distributed()
+        shared = [p for p in self.distiller.method.parameters() if p.requires_grad] if self.distiller else []
         self.step_parts = StepParts(self.objective, self.optimizer, self.scaler, self.amp_dtype, self.batch_mix,
                                     args.accumulate, args.clip_grad, self.ema,
-                                    self.freezer.train_mode if self.freezer else None)
+                                    self.freezer.train_mode if self.freezer else None, shared)
 
         self.meta = ModelMeta(args.model_name, tuple(data.class_names), data.spec)
         self.options = args_to_dict(args) | {"save_path": str(run.path)}
         self.saver = CheckpointSaver(run, self.meta, self.options, args.metrice, args.patience,
                                      weights="ema" if self.ema else "raw")
         self.state = self._build_state()
-        self.start_step = 0
+        self.start_step = self.start_samples = 0
         self.timing: list[dict[str, float]] = []  # seconds per epoch: train, val, checkpoints, logs and plots
         if resumed is not None:
             self.state.load_state_dict(resumed.train_state)
-            self.start_step = self.state.step
+            # where the epoch stopped, over all processes (files without `samples` come from one process)
+            self.start_samples = self.state.samples or self.state.step * args.batch_size
+            self.start_step = self.start_samples // (args.batch_size * self.world)
             print(f"resuming {run.path} at epoch {self.state.epoch + 1}"
                   + (f", step {self.start_step}" if self.start_step else ""), flush=True)
         self.normalize = Normalize(data.spec.mean, data.spec.std).to(device)
@@ -224,7 +231,10 @@ class Trainer:
             LOGGER.info("--weight %s: loaded %d tensors", args.weight, len(loaded))
             for line in skipped:
                 LOGGER.info("  skipped %s", line)
-        return model.to(self.device)
+        model = model.to(self.device)
+        if args.sync_bn and world_info()[1] > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
 
     def _settle_batch_size(self) -> None:
         """Refuse a batch of one for batch norm; pick the batch size for --batch_size -1."""
@@ -239,7 +249,7 @@ class Trainer:
                 net(x).float().sum().backward()
 
         chosen = autobatch(copy.deepcopy(self.model), args.image_size, args.image_channel, self.device, step=probe_step)
-        args.batch_size = min(chosen, len(self.data.train_set.samples))
+        args.batch_size = broadcast_object(min(chosen, len(self.data.train_set.samples)))  # rank 0's choice for all
         LOGGER.info("--batch_size -1: %s -> batch size %d", "80% of GPU memory" if self.device.type == "cuda" else "no GPU",
                     args.batch_size)
 
@@ -262,6 +272,19 @@ class Trainer:
               f"kd_ratio {args.kd_ratio}", flush=True)
         return distiller, distiller
 
+    def _wrap_distributed(self) -> nn.Module:
+        """The model the training step runs: DistributedDataParallel around it under torchrun (the
+        model itself otherwise). Checkpoints, EMA and validation use the model itself."""
+        if self.world == 1:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        if self.rank == 0:
+            print(f"distributed: {self.world} processes ({'NCCL' if self.device.type == 'cuda' else 'gloo'}), batch "
+                  f"{self.args.batch_size} per process = {self.args.batch_size * self.world} per step", flush=True)
+        return DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
+                                       find_unused_parameters=bool(self.args.freeze))  # frozen layers get no gradient
+
     def _build_state(self) -> TrainState:
         """Every stateful part, under the names last.pt stores them by."""
         state = TrainState()
@@ -279,17 +302,22 @@ class Trainer:
         args, data = self.args, self.data
         pin = self.device.type == "cuda"
         n = len(data.train_set.samples)
-        sampler = EpochSampler(n, shuffle=True, seed=args.random_seed)
+        sampler = EpochSampler(n, shuffle=True, seed=args.random_seed, rank=self.rank, world_size=self.world)
         transform = train_transform(args.image_size, args.resize_mode, data.augment, data.spec.interpolation)
         # a last batch of one image cannot train batch norm; mixing needs pairs
-        drop_last = n % args.batch_size == 1 or (self.batch_mix is not None and n > args.batch_size)
+        per_rank = -(-n // self.world)
+        drop_last = per_rank % args.batch_size == 1 or (self.batch_mix is not None and per_rank > args.batch_size)
         train_loader = build_loader(ImageDataset(data.train_set.samples, transform, args.image_channel, seed=args.random_seed),
                                     args.batch_size, sampler, args.workers, pin, drop_last=drop_last)
         val_loader = None
         if data.val_set is not None:
             val_loader = build_loader(ImageDataset(data.val_set.samples, image_transform(data.spec, args.test_tta), args.image_channel),
-                                      args.batch_size, EpochSampler(len(data.val_set.samples), shuffle=False), args.workers, pin)
+                                      args.batch_size, self.eval_sampler(len(data.val_set.samples)), args.workers, pin)
         return sampler, train_loader, val_loader
+
+    def eval_sampler(self, size: int) -> EpochSampler:
+        """Each process evaluates its share of a split once (no padding); metrics are summed over them."""
+        return EpochSampler(size, shuffle=False, rank=self.rank, world_size=self.world, pad=False)
 
     # ---------------------------------------------------------------------------- training
     def scored_model(self) -> nn.Module:
@@ -321,6 +349,10 @@ class Trainer:
                 self.log.close()  # the curves are drawn however the loop ends
         if self.swa is not None:
             self.finish_swa()
+        if self.world > 1:  # DistributedDataParallel keeps the copies equal; say so, or say it did not
+            same = all_equal([t for t in self.model.state_dict().values() if t.is_floating_point()])
+            print(f"weights {'identical' if same else 'DIFFERENT (a bug: please report it)'} on all {self.world} "
+                  "processes", flush=True)
         self.print_timing()
         saver = self.saver
         print(f"best.pt: epoch {saver.best_epoch}, {'val' if self.val_loader else 'train'} {args.metrice} "
@@ -333,9 +365,9 @@ class Trainer:
         start_step = self.start_step if epoch == state.epoch else 0
         lr = self.schedule.current() if start_step else self.schedule.start_epoch(epoch)
         frozen = self.freezer.start_epoch(epoch) if self.freezer else False
-        self.train_sampler.set_epoch(epoch, skip=start_step * args.batch_size)
+        self.train_sampler.set_epoch(epoch, skip=self.start_samples if start_step else 0)
         sums, extra = EpochSums(self.data.num_classes), {}
-        if start_step and state.sums:
+        if start_step and state.sums and self.rank == 0:
             sums.load_state_dict(state.sums)
             extra = dict(state.extra or {})
         t0 = time.perf_counter()
@@ -343,11 +375,21 @@ class Trainer:
         t_train = time.perf_counter()
         self.start_step = 0
         if train["interrupted"]:
-            state.epoch, state.step, state.sums, state.extra = epoch, int(train["steps"]), sums.state_dict(), extra
+            done = (self.start_samples if start_step else 0) + (int(train["steps"]) - start_step) * args.batch_size * self.world
+            state.epoch, state.step, state.samples = epoch, int(train["steps"]), done
+            # the epoch's sums of every process go to rank 0's last.pt; a resumed run starts the others at zero
+            state.sums = sums.reduced().state_dict()
+            state.extra = {k: float(v) for k, v in zip(sorted(extra), reduce_sum(torch.tensor(
+                [extra[k] for k in sorted(extra)], dtype=torch.float64)).tolist())} if extra else {}
             self.saver.save_last(state)
+            any_true()  # the other processes wait until rank 0 has written last.pt
             print(f"stopped at epoch {epoch + 1}, step {state.step}: saved {self.run / 'last.pt'}; "
                   f"continue with: python main.py --save_path {self.run.path} --resume", flush=True)
             raise KeyboardInterrupt
+        # batch-norm statistics are each process's own: rank 0's are the run's (checkpoints hold them)
+        broadcast_buffers(self.model)
+        if self.ema is not None:
+            broadcast_module(self.ema.module)
         if self.swa is not None:
             self.swa.end_epoch(self.model, epoch)
         val = self.validate(self.scored_model())
@@ -360,7 +402,7 @@ class Trainer:
         record = EpochRecord(epoch + 1, lr, t_val - t0, train, val, improved, notes)
         self.log.write(record)  # before last.pt: a kill in between redoes this epoch, and its row with it
         t_log = time.perf_counter()
-        state.epoch, state.step, state.sums, state.extra = epoch + 1, 0, None, None
+        state.epoch, state.step, state.samples, state.sums, state.extra = epoch + 1, 0, 0, None, None
         self.saver.save_last(state)
         spent = {"train": t_train - t0, "val": t_val - t_train, "checkpoints": t_best - t_val + time.perf_counter() - t_log,
                  "logs and plots": t_log - t_best}
@@ -381,7 +423,7 @@ class Trainer:
         draw = (self.log.batch_drawer(self.data.class_names, self.data.spec.mean, self.data.spec.std,
                                       int(self.args.plot_train_batch_count)) if epoch == 0 else None)
         try:
-            train = train_one_epoch(self.model, self.step_parts, self.train_loader, self.device, epoch, self.normalize, sums,
+            train = train_one_epoch(self.train_model, self.step_parts, self.train_loader, self.device, epoch, self.normalize, sums,
                                     start_step=start_step, should_stop=stop, on_batch=draw, failed=failed, extra_sums=extra)
         except NonFiniteLoss as err:
             raise UserError(f"training stopped: {err}; lower --lr (now {self.args.lr}) or drop --amp. "
@@ -408,6 +450,7 @@ class Trainer:
             return
         self.train_sampler.set_epoch(self.args.epoch)
         update_bn(swa.module, self.train_loader, self.device, self.normalize)
+        broadcast_buffers(swa.module)  # each process saw its shard: rank 0's statistics for all
         val = self.validate(swa.module)
         value = val[self.args.metrice] if val else None
         promoted = self.saver.offer_swa(swa.module, self.args.epoch, {"val": val}, value, swa.count)
@@ -421,10 +464,12 @@ class Trainer:
             return None
         test_set = scan_split(args.test_path, class_names=self.data.class_names, what="test set")
         report_skipped(test_set.skipped, f"test set {args.test_path}")
-        best = load_checkpoint(self.run / "best.pt")
-        load_module_state(self.model, float_weights(best.model))
+        any_true()  # rank 0 has written best.pt
+        if self.rank == 0:  # best.pt is on rank 0's disk: its weights go to the other processes
+            load_module_state(self.model, float_weights(load_checkpoint(self.run / "best.pt").model))
+        broadcast_module(self.model)
         loader = build_loader(ImageDataset(test_set.samples, image_transform(self.data.spec, args.test_tta), args.image_channel),
-                              args.batch_size, EpochSampler(len(test_set.samples), shuffle=False), 0, self.device.type == "cuda")
+                              args.batch_size, self.eval_sampler(len(test_set.samples)), 0, self.device.type == "cuda")
         test = evaluate(self.model, self.criterion, loader, self.device, self.data.num_classes, self.normalize,
                         self.amp_dtype, desc="test")
         print(f"test ({len(test_set.samples)} images, best.pt): acc {test['acc']:.4f}, mean_acc {test['mean_acc']:.4f}, "
