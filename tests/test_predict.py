@@ -250,9 +250,9 @@ def test_cam_class_explains_the_named_class(run_dir: Path, mixed_folder: Path) -
     assert np.abs(overlays[0] - overlays[1]).mean() > 5
     # and by value: the map of the named class is not the map of the predicted one
     backend = load_backend(run_dir, device="cpu")
-    spec = backend.meta["preprocess"]
+    spec = backend.meta.preprocess
     x = backend.normalize(eval_transform(spec)(load_image(mixed_folder / "rgb.png", 3))[None])
-    names = backend.meta["class_names"]
+    names = list(backend.meta.class_names)
     maps = [cam_maps(backend.model, x, "layer2", "GradCAM", [names.index(c)], on_degenerate="ignore")[0]
             for c in (predicted, other)]
     assert np.abs(maps[0] - maps[1]).mean() > 0.05
