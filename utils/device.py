@@ -8,21 +8,74 @@ automatic batch size, mixed precision, and the process-group hooks.
 The distributed helpers (`is_main_process`, `reduce_sum`) are the single places that a
 torchrun/DistributedDataParallel run will use to restrict file output to rank 0 and to sum
 metrics across processes; in a single process they are trivial.
+
+torch is imported inside the functions that use it: with an exported model (onnx, openvino) the
+scripts choose a torch-free `Device` and the thread count (`compute_threads`) without PyTorch.
 """
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from contextlib import nullcontext
-from typing import Any, Callable
-
-import torch
-import torch.distributed as dist
-from torch import nn
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 from utils.log import UserError
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
 LOGGER = logging.getLogger(__name__)
+
+# --model_type values that run through PyTorch; the others (onnx, openvino) run without it.
+TORCH_MODEL_TYPES = ("torch", "torchscript", "tensorrt")
+_THREADS: list[int] = []  # compute threads chosen by share_cpu in a process without torch
+
+
+# ------------------------------------------------------------------------------- torch or not
+def import_torch(needed_for: str) -> Any:
+    """Import torch, or one clear line saying what needs it and what runs without it.
+
+    torch is imported only where it is used, so prediction and evaluation with an exported model
+    (onnx, openvino) run on a machine without PyTorch (requirements-deploy.txt).
+    """
+    try:
+        import torch
+    except ImportError as err:
+        raise UserError(f"{needed_for} needs PyTorch, which cannot be imported here ({err}): pip install -r "
+                        "requirements.txt, or run an exported model with --model_type onnx or openvino") from None
+    return torch
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device chosen without torch (an exported model on a machine without PyTorch): the same
+    `type` and `index` as a torch.device."""
+
+    type: str
+    index: int | None = None
+
+    def __str__(self) -> str:
+        return self.type if self.index is None else f"{self.type}:{self.index}"
+
+
+def compute_threads() -> int:
+    """The compute threads of every backend: torch's when torch is loaded (OMP_NUM_THREADS sets it),
+    else what share_cpu chose, else OMP_NUM_THREADS, else the CPUs this process may use."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.get_num_threads()
+    if _THREADS:
+        return _THREADS[-1]
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 # ------------------------------------------------------------------------------ CPU policy
@@ -35,7 +88,7 @@ def default_workers() -> int:
     return 0 if cpus <= 2 else min(4, cpus - 2)
 
 
-def share_cpu(device: torch.device, workers: int) -> int:
+def share_cpu(device: Any, workers: int) -> int:
     """On CPU, give the compute threads the cores the loader processes leave free: oversubscribed
     OpenMP threads spin against the workers and can make a step many times slower. An explicit
     OMP_NUM_THREADS is respected.
@@ -45,27 +98,37 @@ def share_cpu(device: torch.device, workers: int) -> int:
     """
     if device.type == "cpu" and workers > 0 and "OMP_NUM_THREADS" not in os.environ:
         threads = max(1, (os.cpu_count() or 1) - workers)
-        if threads < torch.get_num_threads():
-            torch.set_num_threads(threads)
+        if threads < compute_threads():
+            torch = sys.modules.get("torch")
+            if torch is not None:
+                torch.set_num_threads(threads)
+            _THREADS.append(threads)
             LOGGER.info("--workers %d on %d CPUs: %d compute thread(s)", workers, os.cpu_count(), threads)
-    return torch.get_num_threads()
+    return compute_threads()
 
 
-def select_device(spec: str = "") -> torch.device:
+def select_device(spec: str = "", model_type: str = "torch") -> Any:
     """Pick the device from a pytorch-classifier --device value.
 
     Args:
         spec: "" (first GPU if any, else CPU), "cpu", "0", "cuda:1" ...
+        model_type: the format to run; onnx and openvino models get a torch-free Device ("" is
+            the CPU there, a GPU index is handed to the runtime, which says if it cannot use it).
 
     Returns:
-        The torch.device.
+        The torch.device (a Device for onnx / openvino).
     """
     given = spec = str(spec).strip().lower()
-    if spec == "":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     if spec == "cuda":
         spec = "0"  # asking for the GPU by name is asking for the first one: an error when there is none
     spec = spec.replace("cuda:", "")
+    if model_type not in TORCH_MODEL_TYPES:
+        if spec not in ("", "cpu") and not spec.isdigit():
+            raise UserError(f"--device '{given}' is not valid: use '', 'cpu', or a GPU index such as 0")
+        return Device("cuda", int(spec)) if spec.isdigit() else Device("cpu")
+    torch = import_torch(f"--model_type {model_type}")
+    if spec == "":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     if spec == "cpu":
         return torch.device("cpu")
     if "," in spec:
@@ -87,6 +150,8 @@ def amp_settings(device: torch.device, enabled: bool) -> tuple[torch.dtype | Non
 
     CUDA: float16 with a gradient scaler. CPU: bfloat16 autocast (no scaler needed).
     """
+    import torch
+
     if not enabled:
         return None, "off"
     if device.type == "cuda":
@@ -96,6 +161,8 @@ def amp_settings(device: torch.device, enabled: bool) -> tuple[torch.dtype | Non
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
     """An autocast context for dtype, or a no-op context."""
+    import torch
+
     return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
@@ -110,6 +177,8 @@ def autobatch(model: nn.Module, image_size: int, channels: int, device: torch.de
     Returns:
         The batch size.
     """
+    import torch
+
     if device.type != "cuda":
         return 16
     total = torch.cuda.get_device_properties(device).total_memory
@@ -145,8 +214,10 @@ def autobatch(model: nn.Module, image_size: int, channels: int, device: torch.de
 
 # ------------------------------------------------------------------------ distributed hooks
 def world_info() -> tuple[int, int]:
-    """(rank, world_size) of this process; (0, 1) outside a process group."""
-    if dist.is_available() and dist.is_initialized():
+    """(rank, world_size) of this process; (0, 1) outside a process group (and always without torch)."""
+    torch = sys.modules.get("torch")
+    dist = getattr(torch, "distributed", None) if torch is not None else None
+    if dist is not None and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", 0)), 1
 
@@ -158,6 +229,8 @@ def is_main_process() -> bool:
 
 def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor of metric sums over all processes (identity in a single process)."""
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         tensor = tensor.clone()
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)

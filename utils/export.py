@@ -843,7 +843,10 @@ def _export_all(opts: ExportOptions, device: torch.device, model: nn.Module, mod
             LOGGER.info("int8: calibrated on %s (%.1fs)", calibration_described, time.time() - started)
         for file, precision in files:
             result = _check_and_record(file, fmt, precision, images, reference, device)
-            results.append(result | {"path": str(commit_export(file, out_dir))})
+            committed = commit_export(file, out_dir)
+            # OpenVINO and TensorRT are converted from the ONNX file exported above: it has moved
+            ctx.onnx_files = {key: committed if path == file else path for key, path in ctx.onnx_files.items()}
+            results.append(result | {"path": str(committed)})
 
 
 def export_files(file: Path) -> list[Path]:

@@ -3,14 +3,16 @@ evaluation figures of metrice.py (confusion matrix, reliability diagram, mistake
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
 
 
 def plot_batch(images: torch.Tensor, labels: Sequence[str], title: str = "", max_images: int = 32) -> Any:
@@ -19,6 +21,8 @@ def plot_batch(images: torch.Tensor, labels: Sequence[str], title: str = "", max
     Returns:
         The matplotlib figure (the caller saves and closes it).
     """
+    import torch  # here, not at the top: metrice.py draws its figures without torch
+
     n = min(len(images), max_images)
     cols = min(8, n)
     rows = math.ceil(n / cols)
@@ -159,7 +163,7 @@ def plot_reliability(calibration: dict[str, Any], title: str = "") -> Any:
     return fig
 
 
-def plot_gallery(images: Sequence[torch.Tensor], titles: Sequence[str], title: str = "", cols: int = 8) -> Any:
+def plot_gallery(images: Sequence[Any], titles: Sequence[str], title: str = "", cols: int = 8) -> Any:
     """A grid of uint8 images (C, H, W) with multi-line titles (the mistakes of metrice.py --visual).
 
     Returns:
@@ -174,11 +178,11 @@ def plot_gallery(images: Sequence[torch.Tensor], titles: Sequence[str], title: s
         ax.axis("off")
         if i >= len(images):
             continue
-        img = images[i].detach().cpu()
+        img = np.asarray(images[i].detach().cpu() if hasattr(images[i], "detach") else images[i])
         if img.shape[0] == 1:
-            ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=255)
+            ax.imshow(img[0], cmap="gray", vmin=0, vmax=255)
         else:
-            ax.imshow(img.permute(1, 2, 0).numpy())
+            ax.imshow(img.transpose(1, 2, 0))
         ax.set_title(titles[i], fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
