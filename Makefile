@@ -1,11 +1,16 @@
 # Quick start: `make demo` trains on the bundled digits sample; `make test` runs the test suite.
 # Both create the virtual environment .venv and install requirements.txt when needed.
+# `make cpp` builds the C++ classifier deploy/cpp/build/classify against the torch wheel's libtorch.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-zoo bench install clean
+CPP_BUILD := deploy/cpp/build
+# what the C++ build needs from apt (a command or a header, and its package)
+CPP_DEPS := cmake:cmake g++:g++ /usr/include/stb/stb_image.h:libstb-dev /usr/include/nlohmann/json.hpp:nlohmann-json3-dev
+
+.PHONY: demo test test-zoo bench install clean cpp cpp-deps
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +25,7 @@ demo: $(STAMP)
 		--train_path sample/train --val_path sample/val --test_path sample/test --label_path sample/label.txt \
 		--save_path runs/demo
 
-test: $(STAMP)
+test: $(STAMP) cpp-deps
 	$(PY) -m pytest -q
 
 # Every pytorch-classifier model name builds and runs a forward pass (slow: ~92 models).
@@ -30,5 +35,21 @@ test-zoo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
 
+# The C++ tool chain and headers, installed with apt-get when missing (where there is apt-get and
+# root); without them the C++ tests skip and say why.
+cpp-deps:
+	@missing=""; for dep in $(CPP_DEPS); do what=$${dep%%:*}; pkg=$${dep##*:}; \
+	  if [ "$${what#/}" = "$$what" ]; then command -v $$what >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	  else [ -f $$what ] || missing="$$missing $$pkg"; fi; done; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing$$missing (apt-get)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing >/dev/null; \
+	  else echo "the C++ build needs$$missing (no apt-get as root here: the C++ tests skip)"; fi; fi
+
+cpp: $(STAMP) cpp-deps
+	cmake -S deploy/cpp -B $(CPP_BUILD) -DCMAKE_BUILD_TYPE=Release \
+		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build $(CPP_BUILD) -j 2
+
 clean:
-	rm -rf $(VENV) sample runs/demo*
+	rm -rf $(VENV) sample runs/demo* $(CPP_BUILD)
