@@ -15,6 +15,7 @@ and for --tsne: onnx and openvino models are evaluated without PyTorch.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -28,12 +29,23 @@ from utils.ensemble import ENSEMBLE_METHODS, Ensemble, load_ensemble
 from utils.evaluation import measure_speed, predict_split, score_split
 from utils.images import read_label_file, report_skipped, scan_split
 from utils.log import UserError, run_cli
-from utils.reports import print_overall, print_per_class, write_reports, write_speed, write_tsne, write_visual
 from utils.speed import device_name
 
 LOGGER = logging.getLogger("metrice")
 
 TASKS = ("train", "val", "test", "fps")
+# What utils.reports draws and computes with (module -> package); a deployment machine may lack them.
+REPORT_PACKAGES = {"matplotlib": "matplotlib", "sklearn": "scikit-learn", "pycm": "pycm"}
+
+
+def reports() -> Any:
+    """utils.reports, once the packages of its tables and figures are known to be there."""
+    missing = [package for module, package in REPORT_PACKAGES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise UserError(f"metrice.py's reports need {', '.join(missing)}: pip install {' '.join(missing)}")
+    import utils.reports
+
+    return utils.reports
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -142,13 +154,14 @@ def run_speed(args: argparse.Namespace, ensemble: Ensemble, device: Any) -> dict
     rows = measure_speed(ensemble, sizes, args.test_tta)
     title = (f"speed: {args.model_type} on {device_name(device)}{', float16' if args.half else ''}"
              f"{', TenCrop TTA' if args.test_tta else ''}")
-    write_speed(out, rows, title, {"device": device_name(device), "half": args.half, "test_tta": args.test_tta})
+    reports().write_speed(out, rows, title, {"device": device_name(device), "half": args.half, "test_tta": args.test_tta})
     print(f"results: {out.path}", flush=True)
     return {"output": out.path, "speed": rows}
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate (or time) the models in --save_path; returns the output folder and the metrics."""
+    report = reports()
     ensemble, class_names, device = load_models(args)
     if args.task == "fps":
         return run_speed(args, ensemble, device)
@@ -171,15 +184,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     split = predict_split(ensemble, image_set.samples, batch_size, args.workers, args.test_tta, device, args.tsne, args.task)
     results = score_split(ensemble, split, class_names)
     name = next(iter(results))
-    print_overall(results)
-    per_class = write_reports(out, split.targets, split.probs, class_names, results, f"{name}, {args.task}")
-    print_per_class(per_class, f"per class: {name}, {args.task}")
+    report.print_overall(results)
+    per_class = report.write_reports(out, split.targets, split.probs, class_names, results, f"{name}, {args.task}")
+    report.print_per_class(per_class, f"per class: {name}, {args.task}")
     visual = None
     if args.visual:
-        visual = write_visual(out, split, class_names, first.spec)
+        visual = report.write_visual(out, split, class_names, first.spec)
         print(f"--visual: {visual[0]} correct, {visual[1]} incorrect", flush=True)
     if args.tsne:
-        write_tsne(out, split, class_names, first.name)
+        report.write_tsne(out, split, class_names, first.name)
     print(f"results: {out.path}", flush=True)
     return {"output": out.path, "metrics": results, "per_class": per_class, "visual": visual}
 
