@@ -226,7 +226,9 @@ int run(const Options& o) {
     const auto& spec = meta.spec;
     const int batch_size = meta.fixed_batch > 0 ? meta.fixed_batch : o.batch;
     c10::InferenceMode guard;
-    const auto start = std::chrono::steady_clock::now();
+    using clock = std::chrono::steady_clock;
+    const auto start = clock::now();
+    double model_seconds = 0.0;
     int failed = 0, done = 0;
     for (size_t first = 0; first < o.images.size(); first += batch_size) {
         std::vector<std::string> paths;
@@ -248,14 +250,17 @@ int run(const Options& o) {
             done += static_cast<int>(paths.size());
             continue;
         }
-        print_rows(paths, forward(model, batch.slice(0, 0, static_cast<int64_t>(paths.size())), meta.fixed_batch), meta, o.all);
+        const auto before = clock::now();
+        const torch::Tensor probs = forward(model, batch.slice(0, 0, static_cast<int64_t>(paths.size())), meta.fixed_batch);
+        model_seconds += std::chrono::duration<double>(clock::now() - before).count();
+        print_rows(paths, probs, meta, o.all);
         done += static_cast<int>(paths.size());
     }
     std::fflush(stdout);
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    std::fprintf(stderr, "%d images %s in %.3fs (%.1f images/s), %d skipped, %d thread(s)\n", done,
-                 o.preprocess_only ? "preprocessed" : "classified", seconds, seconds > 0 ? done / seconds : 0.0, failed,
-                 at::get_num_threads());
+    const double seconds = std::chrono::duration<double>(clock::now() - start).count();
+    std::fprintf(stderr, "%d images %s in %.3fs (%.1f images/s; the model %.3fs), %d skipped, %d thread(s)\n", done,
+                 o.preprocess_only ? "preprocessed" : "classified", seconds, seconds > 0 ? done / seconds : 0.0, model_seconds,
+                 failed, at::get_num_threads());
     return failed ? 1 : 0;
 }
 
