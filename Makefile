@@ -1,11 +1,19 @@
 # Quick start: `make demo` trains on the bundled digits sample; `make test` runs the test suite.
 # Both create the virtual environment .venv and install requirements.txt when needed.
+# `make cpp` builds the C++ classifier deploy/cpp/build/classify against the torch wheel's libtorch.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-zoo bench install clean system-deps
+CPP_BUILD := deploy/cpp/build
+# What the tests start or build, from Debian, as "a command or a header:its package": serve.py's
+# browser and Redis tests (chromium, chromium-driver, redis-server) and the C++ classifier
+# (cmake, g++, stb_image, nlohmann-json).
+SYSTEM_DEPS := chromium:chromium chromedriver:chromium-driver redis-server:redis-server cmake:cmake g++:g++ \
+	/usr/include/stb/stb_image.h:libstb-dev /usr/include/nlohmann/json.hpp:nlohmann-json3-dev
+
+.PHONY: demo test test-zoo bench install clean cpp system-deps
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,19 +28,19 @@ demo: $(STAMP)
 		--train_path sample/train --val_path sample/val --test_path sample/test --label_path sample/label.txt \
 		--save_path runs/demo
 
-# serve.py's browser and Redis tests need Debian's chromium, chromium-driver and redis-server:
-# installed here when missing and apt-get can (root, or sudo without a password); otherwise those
-# tests skip and say why.
-SYSTEM_BINS := chromium chromedriver redis-server
+# Installed with one apt-get when missing and apt-get can (root, or sudo without a password);
+# otherwise the tests that need them skip and say why.
 system-deps:
-	@missing=""; for b in $(SYSTEM_BINS); do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
+	@missing=""; for dep in $(SYSTEM_DEPS); do what=$${dep%%:*}; pkg=$${dep##*:}; \
+	  if [ "$${what#/}" = "$$what" ]; then command -v $$what >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	  else [ -f $$what ] || missing="$$missing $$pkg"; fi; done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi; \
 		if command -v apt-get >/dev/null 2>&1 && [ "$$SUDO" != none ]; then \
-			echo "installing chromium chromium-driver redis-server (missing:$$missing)"; \
-			($$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver redis-server >/dev/null) \
-				|| echo "apt-get could not install them: the browser and Redis tests will skip"; \
-		else echo "missing:$$missing and no apt-get to install them: the browser and Redis tests will skip"; fi; \
+			echo "installing$$missing (apt-get)"; \
+			($$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq$$missing >/dev/null) \
+				|| echo "apt-get could not install$$missing: the tests that need them will skip"; \
+		else echo "missing:$$missing and no apt-get to install them: the tests that need them will skip"; fi; \
 	fi
 
 test: $(STAMP) system-deps
@@ -45,5 +53,10 @@ test-zoo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
 
+cpp: $(STAMP) system-deps
+	cmake -S deploy/cpp -B $(CPP_BUILD) -DCMAKE_BUILD_TYPE=Release \
+		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build $(CPP_BUILD) -j 2
+
 clean:
-	rm -rf $(VENV) sample runs/demo*
+	rm -rf $(VENV) sample runs/demo* $(CPP_BUILD)

@@ -4,23 +4,24 @@
     python metrice.py --save_path runs/exp --task val --visual --tsne    # + correct/incorrect CSVs, gallery, t-SNE
     python metrice.py --save_path runs/exp --task fps                    # images/second at batch 1 and the run's batch
     python metrice.py --save_path runs/exp runs/exp2 --ensemble vote     # an ensemble, side by side with its members
+    python metrice.py --weight runs/exp/export/best_int8.onnx            # any model file (onnx/openvino: no torch needed)
 
 Data paths, image size, preprocessing and class names come from the run (best.pt); flags
 override them. Everything goes into <first run>/<task>/, a new folder per call (test, test2 ...).
 The library behind it: utils.evaluation (predict and score a split, speed), utils.reports (what
-is written), utils.ensemble (the models).
+is written), utils.ensemble (the models). torch is imported only for the formats that need it
+and for --tsne: onnx and openvino models are evaluated without PyTorch.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
-from utils.backends import MODEL_TYPES
+from utils.backends import MODEL_TYPES, models_from_flags
 from utils.checkpoint import Run, increment_path
 from utils.config import ArgumentParser, args_to_dict, finite_float
 from utils.device import default_workers, select_device, share_cpu
@@ -28,19 +29,32 @@ from utils.ensemble import ENSEMBLE_METHODS, Ensemble, load_ensemble
 from utils.evaluation import measure_speed, predict_split, score_split
 from utils.images import read_label_file, report_skipped, scan_split
 from utils.log import UserError, run_cli
-from utils.reports import print_overall, print_per_class, write_reports, write_speed, write_tsne, write_visual
 from utils.speed import device_name
 
 LOGGER = logging.getLogger("metrice")
 
 TASKS = ("train", "val", "test", "fps")
+# What utils.reports draws and computes with (module -> package); a deployment machine may lack them.
+REPORT_PACKAGES = {"matplotlib": "matplotlib", "sklearn": "scikit-learn", "pycm": "pycm"}
+
+
+def reports() -> Any:
+    """utils.reports, once the packages of its tables and figures are known to be there."""
+    missing = [package for module, package in REPORT_PACKAGES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise UserError(f"metrice.py's reports need {', '.join(missing)}: pip install {' '.join(missing)}")
+    import utils.reports
+
+    return utils.reports
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="Evaluate a run of main.py (pytorch-classifier's metrice.py flags).")
     p = parser.add_argument
-    p("--save_path", nargs="+", default=["runs/exp"],
+    p("--save_path", nargs="+", default=None,
       help="run folder(s), default runs/exp; several = an ensemble (same classes)")
+    p("--weight", nargs="+", default=None, help="model file(s) instead of --save_path: a checkpoint or any exported "
+      "file (export/best_int8.onnx ...); the format comes from the suffix")
     p("--task", default="test", choices=TASKS, help="split to evaluate, or fps to measure speed (default test)")
     p("--train_path", default=None, help="train split (default: the run's)")
     p("--val_path", default=None, help="val split (default: the run's)")
@@ -51,8 +65,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--workers", type=int, default=default_workers(),
       help="data loader processes, 0 = main process (default: none on 1-2 CPUs, else CPUs - 2, at most 4)")
     p("--device", default="", help="'' (GPU if any, the default), cpu, or a GPU index such as 0")
-    p("--model_type", default="torch", choices=list(MODEL_TYPES),
-      help="which model file of the run to evaluate (default torch: best.pt)")
+    p("--model_type", default=None, choices=list(MODEL_TYPES),
+      help="which model file of the run to evaluate (default torch: best.pt; with --weight: the file's suffix)")
     p("--half", action="store_true", help="float16 inference (CUDA only)")
     p("--test_tta", action="store_true", help="TenCrop test-time augmentation (probabilities averaged)")
     p("--visual", action="store_true", help="correct.csv, incorrect.csv and a gallery of the most confident mistakes")
@@ -67,6 +81,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and check the options."""
     args = get_args_parser().parse_args(argv)
+    args.save_path, args.model_type = models_from_flags(args.save_path, args.weight, args.model_type)
     for name in ("image_size", "batch_size"):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -107,9 +122,9 @@ def output_folder(first: str, task: str) -> Path:
     return increment_path((path if path.is_dir() else path.parent) / task)
 
 
-def load_models(args: argparse.Namespace) -> tuple[Ensemble, list[str], torch.device]:
+def load_models(args: argparse.Namespace) -> tuple[Ensemble, list[str], Any]:
     """The ensemble of --save_path, the class names to show (--label_path), and the device."""
-    device = select_device(args.device)
+    device = select_device(args.device, args.model_type)
     share_cpu(device, args.workers)
     for path in args.save_path:
         if Path(path).is_dir() and args.model_type == "torch" and not (Path(path) / "best.pt").is_file():
@@ -127,7 +142,7 @@ def load_models(args: argparse.Namespace) -> tuple[Ensemble, list[str], torch.de
     return ensemble, class_names, device
 
 
-def run_speed(args: argparse.Namespace, ensemble: Ensemble, device: torch.device) -> dict[str, Any]:
+def run_speed(args: argparse.Namespace, ensemble: Ensemble, device: Any) -> dict[str, Any]:
     """--task fps: images/second of each model at batch 1 and its run's batch size (or --batch_size)."""
     for flag in ("visual", "tsne"):
         if getattr(args, flag):
@@ -135,22 +150,23 @@ def run_speed(args: argparse.Namespace, ensemble: Ensemble, device: torch.device
     out = Run(output_folder(args.save_path[0], "fps"))
     out.write_yaml("args.yaml", args_to_dict(args) | {"class_names": list(ensemble.class_names)})
     sizes = {m.name: [args.batch_size] if args.batch_size else
-             sorted({1, int((m.checkpoint.args if m.checkpoint else {}).get("batch_size") or 1)}) for m in ensemble.members}
+             sorted({1, int(m.run_args.get("batch_size") or 1)}) for m in ensemble.members}
     rows = measure_speed(ensemble, sizes, args.test_tta)
     title = (f"speed: {args.model_type} on {device_name(device)}{', float16' if args.half else ''}"
              f"{', TenCrop TTA' if args.test_tta else ''}")
-    write_speed(out, rows, title, {"device": device_name(device), "half": args.half, "test_tta": args.test_tta})
+    reports().write_speed(out, rows, title, {"device": device_name(device), "half": args.half, "test_tta": args.test_tta})
     print(f"results: {out.path}", flush=True)
     return {"output": out.path, "speed": rows}
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate (or time) the models in --save_path; returns the output folder and the metrics."""
+    report = reports()
     ensemble, class_names, device = load_models(args)
     if args.task == "fps":
         return run_speed(args, ensemble, device)
     first = ensemble.members[0]
-    run_args = dict(first.checkpoint.args) if first.checkpoint is not None else {}
+    run_args = dict(first.run_args)
     folder = split_path(args, run_args)
     image_set = scan_split(folder, class_names=ensemble.class_names, what=f"{args.task} set")
     report_skipped(image_set.skipped, f"{args.task} set {folder}")
@@ -168,15 +184,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     split = predict_split(ensemble, image_set.samples, batch_size, args.workers, args.test_tta, device, args.tsne, args.task)
     results = score_split(ensemble, split, class_names)
     name = next(iter(results))
-    print_overall(results)
-    per_class = write_reports(out, split.targets, split.probs, class_names, results, f"{name}, {args.task}")
-    print_per_class(per_class, f"per class: {name}, {args.task}")
+    report.print_overall(results)
+    per_class = report.write_reports(out, split.targets, split.probs, class_names, results, f"{name}, {args.task}")
+    report.print_per_class(per_class, f"per class: {name}, {args.task}")
     visual = None
     if args.visual:
-        visual = write_visual(out, split, class_names, first.spec)
+        visual = report.write_visual(out, split, class_names, first.spec)
         print(f"--visual: {visual[0]} correct, {visual[1]} incorrect", flush=True)
     if args.tsne:
-        write_tsne(out, split, class_names, first.name)
+        report.write_tsne(out, split, class_names, first.name)
     print(f"results: {out.path}", flush=True)
     return {"output": out.path, "metrics": results, "per_class": per_class, "visual": visual}
 

@@ -4,11 +4,14 @@
     python predict.py --source cat.jpg --save_path runs/exp --save_images  # one image, drawn with its label
     python predict.py --source 'img/**/*.png' --save_path runs/exp runs/exp2 --ensemble vote
     python predict.py --source img/ --save_path runs/exp --cam_visual --cam_type GradCAMPlusPlus
+    python predict.py --source img/ --weight runs/exp/export/best_int8.onnx       # any model file, no torch needed
 
 Everything goes into a new folder runs/exp/predict/exp (then exp2 ...): predictions.csv (one row
 per image), skipped.csv (files that are not images or cannot be decoded, with the reason),
 images/ (with --save_images) and cam/ (with --cam_visual). Results are streamed to disk batch by
-batch, so a folder of any size runs in flat memory.
+batch, so a folder of any size runs in flat memory. torch is imported only for the formats that
+need it (torch, torchscript, tensorrt) and for --cam_visual: onnx and openvino models run on a
+machine without PyTorch (requirements-deploy.txt).
 """
 from __future__ import annotations
 
@@ -24,15 +27,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
 from prettytable import PrettyTable
 from tqdm import tqdm
 
-from utils.backends import MODEL_TYPES
+from utils.backends import MODEL_TYPES, models_from_flags
 from utils.cam import CAM_TYPES
 from utils.checkpoint import increment_path
 from utils.config import ArgumentParser, finite_float
-from utils.data import eval_transform
 from utils.device import default_workers, select_device, share_cpu
 from utils.ensemble import ENSEMBLE_METHODS, Ensemble, InputPlan, load_ensemble
 from utils.images import load_image
@@ -50,9 +51,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p = parser.add_argument
     p("--source", required=True, help="an image, a folder of images (recursive), or a quoted glob such as 'img/*.jpg'")
-    p("--save_path", nargs="+", default=["runs/exp"],
-      help="run folder (its best.pt) or model file; several = an ensemble of models of the same classes")
-    p("--model_type", default="torch", choices=list(MODEL_TYPES), help="format of the model in --save_path")
+    p("--save_path", nargs="+", default=None,
+      help="run folder (its best.pt) or model file; several = an ensemble of models of the same classes [runs/exp]")
+    p("--weight", nargs="+", default=None, help="model file(s) instead of --save_path: a checkpoint or any exported "
+      "file (export/best_int8.onnx ...); the format comes from the suffix")
+    p("--model_type", default=None, choices=list(MODEL_TYPES),
+      help="format of the model [torch; with --weight: from the file's suffix]")
     p("--device", default="", help="'' (GPU if any), cpu, or a GPU index such as 0")
     p("--half", action="store_true", help="float16 inference (CUDA only)")
     p("--batch_size", type=int, default=64, help="images per batch")
@@ -74,6 +78,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and validate the options."""
     args = get_args_parser().parse_args(argv)
+    args.save_path, args.model_type = models_from_flags(args.save_path, args.weight, args.model_type)
     if args.batch_size <= 0:
         raise UserError(f"--batch_size must be positive, got {args.batch_size}")
     if args.workers < 0:
@@ -123,7 +128,7 @@ def save_annotated(path: str, text: str, dest: Path) -> None:
     annotate(load_image(path, 3), text).save(dest, **SAVE_OPTIONS.get(dest.suffix.lower(), {}))
 
 
-def save_panel(view: torch.Tensor, cam: Any, lines: list[str], size: int, dest: Path) -> None:
+def save_panel(view: Any, cam: Any, lines: list[str], size: int, dest: Path) -> None:
     from utils.cam import cam_panel
 
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -133,6 +138,7 @@ def save_panel(view: torch.Tensor, cam: Any, lines: list[str], size: int, dest: 
 def prepare_cam(args: argparse.Namespace, backend: Any, class_names: list[str]) -> dict[str, Any]:
     """What --cam_visual needs: the model to explain, its layer, the class to explain, the view to draw."""
     from utils.cam import find_cam_layer, import_grad_cam
+    from utils.preprocess_np import image_transform
 
     import_grad_cam()  # before the clock starts, and a clear line if it is missing
     spec = backend.meta.preprocess
@@ -151,22 +157,24 @@ def prepare_cam(args: argparse.Namespace, backend: Any, class_names: list[str]) 
         "backend": backend, "model": model, "layer": layer, "explain": explain,
         "size": max(224, spec.crop), "channels": spec.channels,
         # with TTA the model sees ten crops: the CAM explains the centre view
-        "view_transform": eval_transform(spec) if args.test_tta else None,
+        "view_transform": image_transform(spec) if args.test_tta else None,
     }
 
 
 def explain_batch(args: argparse.Namespace, cam_setup: dict[str, Any], batch: dict[str, Any], plan: InputPlan,
-                  probs: torch.Tensor, rows: list[dict[str, Any]], rels: list[Path], class_names: list[str],
+                  probs: Any, rows: list[dict[str, Any]], rels: list[Path], class_names: list[str],
                   folder: Path, images_out: "BoundedWriter") -> None:
     """--cam_visual: the class activation map of each image of a batch, saved as a panel."""
+    import torch
+
     from utils.cam import cam_maps
 
     backend = cam_setup["backend"]
     views = batch["views"] if batch["views"] is not None else batch["inputs"][plan.group_of[0]]
     targets = [cam_setup["explain"] if cam_setup["explain"] is not None else row["index"] for row in rows]
     try:
-        maps = cam_maps(cam_setup["model"], backend.normalize(views.to(backend.device)), cam_setup["layer"], args.cam_type,
-                        targets, batch_size=args.batch_size)
+        x = backend.normalize(torch.from_numpy(views).to(backend.device))
+        maps = cam_maps(cam_setup["model"], x, cam_setup["layer"], args.cam_type, targets, batch_size=args.batch_size)
     except RuntimeError as err:  # memory, autograd or shape trouble at this layer: say what to change
         hint = "lower --batch_size" if isinstance(err, torch.cuda.OutOfMemoryError) else "try another --cam_layer or --cam_type"
         raise UserError(f"{args.cam_type} failed on layer {cam_setup['layer'].name} "
@@ -179,7 +187,7 @@ def explain_batch(args: argparse.Namespace, cam_setup: dict[str, Any], batch: di
 
 
 def predict_files(args: argparse.Namespace, source: Source, ensemble: Ensemble, cam_setup: dict[str, Any],
-                  folder: Path, device: torch.device) -> tuple[PredictionWriter, list[tuple[str, str]], float]:
+                  folder: Path, device: Any) -> tuple[PredictionWriter, list[tuple[str, str]], float]:
     """Predict every file of `source` in batches, streaming the rows and drawings into `folder`.
 
     Returns:
@@ -187,8 +195,8 @@ def predict_files(args: argparse.Namespace, source: Source, ensemble: Ensemble, 
     """
     class_names = list(ensemble.class_names)
     plan = ensemble.plan(args.test_tta)
-    loader = prediction_loader(source.files, plan, args.batch_size, args.workers, device.type == "cuda",
-                               cam_setup.get("view_transform"), cam_setup.get("channels", 3))
+    loader = prediction_loader(source.files, plan, args.batch_size, args.workers, cam_setup.get("view_transform"),
+                               cam_setup.get("channels", 3))
     files = loader.dataset.files
     writer = PredictionWriter(folder, class_names)
     images_out = BoundedWriter(limit=4 * args.batch_size, threads=max(1, min(4, (os.cpu_count() or 1) // 2)))
@@ -224,7 +232,7 @@ def predict_folder(args: argparse.Namespace) -> Path:
     if not source.files:
         reasons = "; ".join(f"{p}: {r}" for p, r in source.skipped[:3])
         raise UserError(f"--source {args.source} holds no image files" + (f" ({reasons})" if reasons else ""))
-    device = select_device(args.device)
+    device = select_device(args.device, args.model_type)
     share_cpu(device, args.workers)
     ensemble = load_ensemble(args.save_path, args.model_type, device, args.half, args.ensemble, args.ensemble_weights)
     if ensemble.describe():

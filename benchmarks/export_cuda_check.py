@@ -94,7 +94,7 @@ def main(out: Path) -> int:
 
     files = sorted((data / "test").rglob("*.png"))
     fp32 = load_backend(run, "torch", "cuda:0")
-    images = preprocess_images(fp32.meta, [load_image(f) for f in files])
+    images = torch.from_numpy(preprocess_images(fp32.meta, [load_image(f) for f in files]))  # torch in, torch out
     ref = predict_probs(fp32, images)
     half = predict_probs(load_backend(run, "torch", "cuda:0", half=True), images)
     diff = (half - ref).abs().max().item()

@@ -103,7 +103,7 @@ def split_images(runs: dict[str, Path], split: str = "test") -> torch.Tensor:
 
     meta = load_backend(runs["resnet"]).meta
     files = sorted((runs["data"] / split).rglob("*.png"))
-    return preprocess_images(meta, [load_image(f) for f in files])
+    return torch.from_numpy(preprocess_images(meta, [load_image(f) for f in files]))  # numpy -> torch: torch comes back
 
 
 def probs_of(path: Path, model_type: str, images: torch.Tensor) -> torch.Tensor:

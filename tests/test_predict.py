@@ -353,13 +353,13 @@ def test_vote_tie_is_broken_by_the_mean(mixed_folder: Path, tmp_path: Path) -> N
 def test_full_distribution_sums_to_one(run_dir: Path, mixed_folder: Path) -> None:
     ensemble = load_ensemble([run_dir], device="cpu")
     images = [Image.open(mixed_folder / name) for name in ("rgb.png", "gray.png", "palette.png", "rgba.png", "deep16.png")]
-    probs = predict_pil(ensemble, images)  # any PIL mode in, converted as the training side does
+    probs = predict_pil(ensemble, images)  # any PIL mode in, converted as the training side does; numpy out
     assert probs.shape == (5, 3)
-    assert torch.allclose(probs.sum(dim=1), torch.ones(5), atol=1e-5)
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     tta = predict_pil(ensemble, images, tta=True)
-    assert torch.allclose(tta.sum(dim=1), torch.ones(5), atol=1e-5)
+    assert np.allclose(tta.sum(axis=1), 1.0, atol=1e-5)
     rows = prediction_rows(["a", "b", "c", "d", "e"], probs, ensemble.class_names, conf_threshold=1.0)
-    assert all(r["uncertain"] == 1 for r in rows) and [r["index"] for r in rows] == probs.argmax(dim=1).tolist()
+    assert all(r["uncertain"] == 1 for r in rows) and [r["index"] for r in rows] == probs.argmax(axis=1).tolist()
 
 
 def test_find_images(mixed_folder: Path, tmp_path: Path) -> None:

@@ -27,22 +27,27 @@ import io
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
-from torch import nn
 
 from utils.log import UserError
 from utils.names import CAM_TYPES
 from utils.plots import load_font
 
+if TYPE_CHECKING:  # torch is imported where a map is computed: the names and drawing work without it
+    import torch
+    from torch import nn
+
 LOGGER = logging.getLogger(__name__)
 
 # --cam_type name -> grad-cam class name (the names pytorch-classifier used).
-# Outputs of these modules are pooled or flattened: never a CAM layer.
-_POOLING = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Identity, nn.Dropout)
+def _pooling_types() -> tuple[type, ...]:
+    """Modules whose outputs are pooled or flattened: never a CAM layer."""
+    from torch import nn
+
+    return nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Identity, nn.Dropout
 _TOKEN_NORMS = ("norm1", "ln_1")  # first norm of a timm / torchvision transformer block
 
 
@@ -95,6 +100,8 @@ class _Record:
 
 def _probe(model: nn.Module, run: Callable[[], Any]) -> tuple[list[_Record], Any]:
     """Run `run()` with a forward hook on every sub-module; the tensor outputs in finishing order."""
+    import torch
+
     records: list[_Record] = []
     handles = []
     for name, module in model.named_modules():
@@ -116,6 +123,8 @@ def _probe(model: nn.Module, run: Callable[[], Any]) -> tuple[list[_Record], Any
 
 
 def _model_input(model: nn.Module, image_size: int, channels: int) -> torch.Tensor:
+    import torch
+
     param = next(model.parameters())
     return torch.zeros(1, channels, image_size, image_size, device=param.device, dtype=param.dtype)
 
@@ -161,7 +170,7 @@ def _make_layer(model: nn.Module, record: _Record) -> CamLayer:
 
 
 def _is_candidate(record: _Record, model: nn.Module) -> bool:
-    if isinstance(record.module, _POOLING) or type(record.module).__name__ in ("SelectAdaptivePool2d", "ClassifierHead"):
+    if isinstance(record.module, _pooling_types()) or type(record.module).__name__ in ("SelectAdaptivePool2d", "ClassifierHead"):
         return False
     return _layout(tuple(record.output.shape), model) is not None
 
@@ -186,6 +195,8 @@ def find_cam_layer(model: nn.Module, image_size: int, channels: int = 3, name: s
     Raises:
         UserError: an unknown name (with close matches) or a layer whose output is not a map.
     """
+    from torch import nn
+
     model.eval()
     x = _model_input(model, image_size, channels)
     records, _ = _probe(model, lambda: model(x))
@@ -242,6 +253,9 @@ def find_cam_layer(model: nn.Module, image_size: int, channels: int = 3, name: s
 # ---------------------------------------------------------------------------------- maps
 def import_grad_cam() -> Any:
     """The grad-cam package (imported on first use: it takes seconds and pulls OpenCV and SciPy)."""
+    from utils.device import import_torch
+
+    import_torch("a class activation map (--cam_visual)")
     try:
         import pytorch_grad_cam
     except ImportError as err:
@@ -346,6 +360,8 @@ def cam_maps(
     Returns:
         float32 (N, H, W) maps of the input's size: in [0, 1] with NaN as 0 (unless raw).
     """
+    import torch
+
     if on_degenerate not in ("warn", "raise", "ignore"):
         raise ValueError(f"on_degenerate must be warn, raise or ignore, got {on_degenerate!r}")
     cam_class = _cam_class(cam_type)
@@ -439,7 +455,7 @@ def overlay(view: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray
 
 def to_hwc_rgb(view: torch.Tensor | np.ndarray) -> np.ndarray:
     """uint8 (C, H, W) tensor (C = 1 or 3) -> uint8 (H, W, 3)."""
-    arr = view.detach().cpu().numpy() if isinstance(view, torch.Tensor) else np.asarray(view)
+    arr = view.detach().cpu().numpy() if hasattr(view, "detach") else np.asarray(view)
     arr = np.transpose(arr, (1, 2, 0)) if arr.ndim == 3 and arr.shape[0] in (1, 3) else arr
     if arr.ndim == 2:
         arr = arr[:, :, None]

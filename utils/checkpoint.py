@@ -11,17 +11,19 @@ import csv
 import logging
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
 import yaml
-from torch import nn
 
+from utils.device import import_torch
 from utils.distributed import is_main_process
 from utils.files import atomic_write, atomic_write_text, remove_stale_temps
 from utils.log import UserError
 from utils.schema import Checkpoint
-from utils.train_state import load_module_state
+
+if TYPE_CHECKING:  # torch is imported where a checkpoint is read or written: Run works without it
+    import torch
+    from torch import nn
 
 LOGGER = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ def increment_path(path: str | Path) -> Path:
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save into a temporary file beside `path`, then rename over it (never half a file)."""
+    import torch
+
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
@@ -142,6 +146,7 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint") -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
+    torch = import_torch(f"reading {path}")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - corrupt, truncated or pickled-object files all land here
@@ -163,6 +168,7 @@ def model_from_checkpoint(ckpt: Checkpoint) -> nn.Module:
         UserError: the weights do not fit the architecture the checkpoint names.
     """
     from utils.registry import create_model
+    from utils.train_state import load_module_state
 
     meta = ckpt.meta
     model = create_model(meta.model_name, meta.num_classes, meta.image_channel)

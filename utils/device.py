@@ -1,5 +1,5 @@
 """The device and CPU policy of every script: device choice, loader workers, compute threads,
-automatic batch size, mixed precision, and the process-group hooks.
+automatic batch size, mixed precision.
 
     device = select_device(args.device)            # '' = first GPU, else CPU
     workers = default_workers()                     # the --workers default of every script
@@ -7,14 +7,16 @@ automatic batch size, mixed precision, and the process-group hooks.
 
 Several processes (torchrun) are utils.distributed's.
 
-PyTorch is imported inside the functions that use it: the scripts' parsers take their --workers
-default from here, and `--help` must not wait for PyTorch to load.
+torch is imported inside the functions that use it: with an exported model (onnx, openvino) the
+scripts choose a torch-free `Device` and the thread count (`compute_threads`) without PyTorch.
 """
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from utils.log import UserError
@@ -24,6 +26,54 @@ if TYPE_CHECKING:
     from torch import nn
 
 LOGGER = logging.getLogger(__name__)
+
+# --model_type values that run through PyTorch; the others (onnx, openvino) run without it.
+TORCH_MODEL_TYPES = ("torch", "torchscript", "tensorrt")
+_THREADS: list[int] = []  # compute threads chosen by share_cpu in a process without torch
+
+
+# ------------------------------------------------------------------------------- torch or not
+def import_torch(needed_for: str) -> Any:
+    """Import torch, or one clear line saying what needs it and what runs without it.
+
+    torch is imported only where it is used, so prediction and evaluation with an exported model
+    (onnx, openvino) run on a machine without PyTorch (requirements-deploy.txt).
+    """
+    try:
+        import torch
+    except ImportError as err:
+        raise UserError(f"{needed_for} needs PyTorch, which cannot be imported here ({err}): pip install -r "
+                        "requirements.txt, or run an exported model with --model_type onnx or openvino") from None
+    return torch
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device chosen without torch (an exported model on a machine without PyTorch): the same
+    `type` and `index` as a torch.device."""
+
+    type: str
+    index: int | None = None
+
+    def __str__(self) -> str:
+        return self.type if self.index is None else f"{self.type}:{self.index}"
+
+
+def compute_threads() -> int:
+    """The compute threads of every backend: torch's when torch is loaded (OMP_NUM_THREADS sets it),
+    else what share_cpu chose, else OMP_NUM_THREADS, else the CPUs this process may use."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.get_num_threads()
+    if _THREADS:
+        return _THREADS[-1]
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 # ------------------------------------------------------------------------------ CPU policy
@@ -36,7 +86,7 @@ def default_workers() -> int:
     return 0 if cpus <= 2 else min(4, cpus - 2)
 
 
-def share_cpu(device: torch.device, workers: int) -> int:
+def share_cpu(device: Any, workers: int) -> int:
     """On CPU, give the compute threads the cores the loader processes leave free: oversubscribed
     OpenMP threads spin against the workers and can make a step many times slower. An explicit
     OMP_NUM_THREADS is respected.
@@ -44,33 +94,39 @@ def share_cpu(device: torch.device, workers: int) -> int:
     Returns:
         The compute threads in use.
     """
-    import torch
-
     if device.type == "cpu" and workers > 0 and "OMP_NUM_THREADS" not in os.environ:
         threads = max(1, (os.cpu_count() or 1) - workers)
-        if threads < torch.get_num_threads():
-            torch.set_num_threads(threads)
+        if threads < compute_threads():
+            torch = sys.modules.get("torch")
+            if torch is not None:
+                torch.set_num_threads(threads)
+            _THREADS.append(threads)
             LOGGER.info("--workers %d on %d CPUs: %d compute thread(s)", workers, os.cpu_count(), threads)
-    return torch.get_num_threads()
+    return compute_threads()
 
 
-def select_device(spec: str = "") -> torch.device:
+def select_device(spec: str = "", model_type: str = "torch") -> Any:
     """Pick the device from a pytorch-classifier --device value.
 
     Args:
         spec: "" (first GPU if any, else CPU), "cpu", "0", "cuda:1" ...
+        model_type: the format to run; onnx and openvino models get a torch-free Device ("" is
+            the CPU there, a GPU index is handed to the runtime, which says if it cannot use it).
 
     Returns:
-        The torch.device.
+        The torch.device (a Device for onnx / openvino).
     """
-    import torch
-
     given = spec = str(spec).strip().lower()
-    if spec == "":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     if spec == "cuda":
         spec = "0"  # asking for the GPU by name is asking for the first one: an error when there is none
     spec = spec.replace("cuda:", "")
+    if model_type not in TORCH_MODEL_TYPES:
+        if spec not in ("", "cpu") and not spec.isdigit():
+            raise UserError(f"--device '{given}' is not valid: use '', 'cpu', or a GPU index such as 0")
+        return Device("cuda", int(spec)) if spec.isdigit() else Device("cpu")
+    torch = import_torch(f"--model_type {model_type}")
+    if spec == "":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     if spec == "cpu":
         return torch.device("cpu")
     if "," in spec:

@@ -3,30 +3,31 @@ and the server share.
 
     ensemble = load_ensemble(["runs/exp", "runs/exp2"], method="vote")
     plan = ensemble.plan(tta=False)                       # the distinct input geometries
-    probs, per_model = ensemble.predict(plan.inputs_for([img]))
+    probs, per_model = ensemble.predict(plan.batch([img]), plan)     # numpy (N, C) and one per model
 
 Members with the same input geometry (resize, crop, resize mode, interpolation, channels) share
-one decoded uint8 batch; each normalises it with its own mean/std. How several models combine is
-lxztju/pytorch_classification's voting script: average the probabilities, weight them, or let
-each model vote for its top-1 class.
+one decoded uint8 batch (numpy, utils.preprocess_np); each normalises it with its own mean/std.
+How several models combine is lxztju/pytorch_classification's voting script: average the
+probabilities, weight them, or let each model vote for its top-1 class. No torch import here:
+with onnx / openvino models the whole path runs without PyTorch.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
+import numpy as np
+import yaml
 from PIL import Image
 
-from utils.backends import load_backend, predict_probs, resolve_weights
-from utils.checkpoint import load_checkpoint
-from utils.data import image_transform
-from utils.images import to_mode
+from utils.backends import load_backend, model_type_of, predict_probs, resolve_weights
+from utils.images import read_label_file, to_mode
 from utils.log import UserError
 from utils.names import ENSEMBLE_METHODS
-from utils.schema import Checkpoint, ModelMeta, PreprocessSpec
+from utils.preprocess_np import image_transform
+from utils.schema import ModelMeta, PreprocessSpec
 
 LOGGER = logging.getLogger(__name__)
 
@@ -51,8 +52,8 @@ def check_same_classes(metas: Sequence[ModelMeta], names: Sequence[str]) -> list
     return first
 
 
-def combine_probs(probs: Sequence[torch.Tensor], method: str = "mean", weights: Sequence[float] | None = None) -> torch.Tensor:
-    """Ensemble probability rows (N, C) of several models into one (N, C).
+def combine_probs(probs: Sequence[Any], method: str = "mean", weights: Sequence[float] | None = None) -> np.ndarray:
+    """Ensemble probability rows (N, C) of several models into one float32 (N, C) array.
 
     Args:
         probs: one (N, C) tensor of probabilities per model.
@@ -66,21 +67,22 @@ def combine_probs(probs: Sequence[torch.Tensor], method: str = "mean", weights: 
     """
     if method not in ENSEMBLE_METHODS:
         raise UserError(f"unknown ensemble method '{method}'; choose one of {', '.join(ENSEMBLE_METHODS)}")
-    stacked = torch.stack([p.float() for p in probs])  # (M, N, C)
+    stacked = np.stack([np.asarray(p, dtype=np.float32) for p in probs])  # (M, N, C)
     if method == "mean":
-        return stacked.mean(dim=0)
+        return stacked.mean(axis=0)
     if method == "weighted":
         if weights is None or len(weights) != len(probs):
             raise UserError(f"weighted ensemble needs one weight per model ({len(probs)}), got {0 if weights is None else len(weights)}")
-        w = torch.tensor([float(x) for x in weights])
+        w = np.array([float(x) for x in weights], dtype=np.float32)
         if (w < 0).any() or w.sum() <= 0:
             raise UserError(f"ensemble weights must be non-negative and not all zero, got {list(weights)}")
-        return (stacked * (w / w.sum()).view(-1, 1, 1)).sum(dim=0)
-    votes = torch.nn.functional.one_hot(stacked.argmax(dim=2), stacked.shape[2]).float().mean(dim=0)
+        return (stacked * (w / w.sum()).reshape(-1, 1, 1)).sum(axis=0)
+    num_classes = stacked.shape[2]
+    votes = np.eye(num_classes, dtype=np.float32)[stacked.argmax(axis=2)].mean(axis=0)
     # a tiny share of the mean probability breaks ties without changing any clear majority
-    tie_break = stacked.mean(dim=0) / (stacked.shape[0] + 1)
+    tie_break = stacked.mean(axis=0) / (stacked.shape[0] + 1)
     share = votes + tie_break / stacked.shape[0]
-    return share / share.sum(dim=1, keepdim=True)
+    return share / share.sum(axis=1, keepdims=True)
 
 
 # ----------------------------------------------------------------------------- input plan
@@ -108,45 +110,73 @@ class InputPlan:
     def __len__(self) -> int:
         return len(self.transforms)
 
-    def inputs(self, images: dict[int, Image.Image]) -> list[torch.Tensor]:
-        """One loaded image per channel count (utils.images.load_image) -> one uint8 tensor per geometry."""
+    def inputs(self, images: dict[int, Image.Image]) -> list[np.ndarray]:
+        """One loaded image per channel count (utils.images.load_image) -> one uint8 array per geometry."""
         return [t(images[c]) for t, c in zip(self.transforms, self.channels)]
 
-    def batch(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+    def batch(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
         """PIL images of any mode (EXIF orientation is the caller's) -> one uint8 batch per geometry."""
         per_image = [self.inputs({c: to_mode(img, c) for c in set(self.channels)}) for img in images]
-        return [torch.stack([inp[g] for inp in per_image]) for g in range(len(self))]
+        return [np.stack([inp[g] for inp in per_image]) for g in range(len(self))]
 
 
 # ---------------------------------------------------------------------------------- members
 @dataclass
 class Member:
     """One model of an ensemble: where it came from, the loaded backend, the preprocessing used
-    (the model's own, or at another --image_size), and the checkpoint holding its metrics."""
+    (the model's own, or at another --image_size), and what its run recorded: the run's options
+    (args.yaml: data paths, batch size) and the metrics stored with its weights."""
 
     name: str
     backend: Any
     spec: PreprocessSpec
-    checkpoint: Checkpoint | None
+    run_args: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     def stored_accuracy(self) -> tuple[float | None, str]:
         """The accuracy stored with the weights ('val', or 'train' without a val split)."""
-        return self.checkpoint.val_or_train_acc() if self.checkpoint is not None else (None, "")
+        for split in ("val", "train"):
+            acc = (self.metrics.get(split) or {}).get("acc")
+            if acc is not None:
+                return float(acc), split
+        return None, ""
 
 
-def _metrics_checkpoint(path: Path, backend: Any) -> Checkpoint | None:
-    """The checkpoint whose metrics describe a model: its own (torch), its run's best.pt (a run
-    folder or an export inside one), or None."""
-    if getattr(backend, "checkpoint", None) is not None:
-        return backend.checkpoint
+def run_folder_of(path: Path, backend: Any) -> Path | None:
+    """The run folder a model comes from: the folder itself, the folder of the checkpoint an
+    export was made from (its metadata's source), or the run around an export/ folder."""
+    if path.is_dir():
+        return path
     source = (getattr(backend, "info", None) or {}).get("source") or {}
-    for candidate in ([path / "best.pt"] if path.is_dir() else []) + ([Path(source["checkpoint"])] if source.get("checkpoint") else []):
-        if candidate.is_file():
-            try:
-                return load_checkpoint(candidate)
-            except UserError:
-                return None
-    return None
+    candidates = [Path(source["checkpoint"]).parent] if source.get("checkpoint") else []
+    candidates += [path.parent, path.parent.parent] if path.parent.name == "export" else [path.parent]
+    return next((c for c in candidates if (c / "args.yaml").is_file()), None)
+
+
+def run_record(path: Path, backend: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the run's options, the metrics stored with the weights) of a model, without torch for an
+    exported one: a checkpoint carries both; an export carries its checkpoint's metrics (source)
+    and its run folder the options (args.yaml).
+
+    Raises:
+        UserError: an export whose classes differ from its run's (label.txt): it is stale.
+    """
+    ckpt = getattr(backend, "checkpoint", None)
+    if ckpt is not None:
+        return dict(ckpt.args), dict(ckpt.metrics)
+    metrics = dict(((getattr(backend, "info", None) or {}).get("source") or {}).get("metrics") or {})
+    run = run_folder_of(path, backend)
+    if run is None:
+        return {}, metrics
+    try:
+        args = yaml.safe_load((run / "args.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        args = {}
+    labels = run / "label.txt"
+    if labels.is_file() and read_label_file(labels) != list(backend.meta.class_names):
+        raise UserError(f"the {backend.model_type} model of {path} has other classes than its run {run} (label.txt): "
+                        "export it again")
+    return (args if isinstance(args, dict) else {}), metrics
 
 
 def resolve_weights_of(members: Sequence[Member], method: str, given: Sequence[float] | None) -> list[float] | None:
@@ -202,11 +232,11 @@ class Ensemble:
         """The input geometries of the members."""
         return InputPlan([m.spec for m in self.members], tta)
 
-    def predict(self, inputs: Sequence[torch.Tensor], plan: InputPlan) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def predict(self, inputs: Sequence[np.ndarray], plan: InputPlan) -> tuple[np.ndarray, list[np.ndarray]]:
         """Probabilities of uint8 batches, one per geometry of `plan`.
 
         Returns:
-            (the combined (N, C) probabilities, each member's (N, C) probabilities).
+            (the combined float32 (N, C) probabilities, each member's (N, C) probabilities).
         """
         probs = [predict_probs(m.backend, inputs[g]) for m, g in zip(self.members, plan.group_of)]
         combined = probs[0] if len(probs) == 1 else combine_probs(probs, self.method, self.weights)
@@ -220,14 +250,15 @@ class Ensemble:
         return f"ensemble of {len(self)} models ({self.method}{weights})"
 
 
-def load_ensemble(paths: Sequence[str | Path], model_type: str = "torch", device: torch.device | str = "cpu",
+def load_ensemble(paths: Sequence[str | Path], model_type: str | None = "torch", device: Any = "cpu",
                   half: bool = False, method: str = "mean", weights: Sequence[float] | None = None,
                   image_size: int | None = None) -> Ensemble:
     """Load one or more models (run folders or model files) as an Ensemble.
 
     Args:
         paths: run folders or model files, of the same classes.
-        model_type: the format of every model (utils.backends.MODEL_TYPES).
+        model_type: the format of every model (utils.backends.MODEL_TYPES); None: each path's
+            own (utils.backends.model_type_of: a file's suffix, torch for a run folder).
         device: where to run.
         half: float16 inference (CUDA only).
         method: mean, vote or weighted.
@@ -239,15 +270,14 @@ def load_ensemble(paths: Sequence[str | Path], model_type: str = "torch", device
     """
     if len({str(Path(p)) for p in paths}) != len(paths):
         raise UserError(f"--save_path names a model twice: {' '.join(map(str, paths))}")
+    types = [model_type or model_type_of(p) for p in paths]
+    for path, kind in zip(paths, types):
+        resolve_weights(path, kind)  # a clear error for a missing file before any model loads
     members = []
-    for path in paths:
-        path = Path(path)
-        resolve_weights(path, model_type)  # a clear error for a missing file before any model loads
-        backend = load_backend(path, model_type, device, half)
+    for path, kind in zip(map(Path, paths), types):
+        backend = load_backend(path, kind, device, half)
         spec = backend.meta.preprocess.with_size(image_size) if image_size else backend.meta.preprocess
-        checkpoint = _metrics_checkpoint(path, backend)
-        if checkpoint is not None and list(checkpoint.meta.class_names) != list(backend.meta.class_names):
-            raise UserError(f"the {model_type} model of {path} has other classes than its run's best.pt: export it again")
-        members.append(Member(str(path), backend, spec, checkpoint))
+        run_args, metrics = run_record(path, backend)
+        members.append(Member(str(path), backend, spec, run_args, metrics))
     check_same_classes([m.backend.meta for m in members], [m.name for m in members])
     return Ensemble(members, method, resolve_weights_of(members, method, weights))

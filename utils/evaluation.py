@@ -6,7 +6,8 @@
 
 Images are decoded and batched by the same loader as predict.py (utils.predict.prediction_loader)
 and run through the same Ensemble.predict, so metrice.py and predict.py give the same
-probabilities for the same images and models.
+probabilities for the same images and models. numpy throughout; torch is imported only for the
+penultimate features of a torch model (t-SNE).
 """
 from __future__ import annotations
 
@@ -14,12 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from utils.data import run_with_tta
 from utils.ensemble import Ensemble
-from utils.features import penultimate_features
 from utils.images import report_skipped
 from utils.log import UserError
 from utils.metrics import overall_metrics
@@ -52,17 +50,22 @@ class SplitPredictions:
         return self.samples[self.keep[row]][0]
 
 
-def torch_features(backend: Any, images: torch.Tensor) -> torch.Tensor:
+def torch_features(backend: Any, images: np.ndarray) -> np.ndarray:
     """Penultimate features of a PyTorch backend's model for a uint8 batch (TenCrop: averaged)."""
+    import torch
+
+    from utils.features import penultimate_features
+    from utils.preprocess_np import run_with_tta
+
     def features(x: torch.Tensor) -> torch.Tensor:
         x = backend.normalize(x.to(backend.device))
-        return penultimate_features(backend.model, x.half() if backend.half else x)
+        return penultimate_features(backend.model, x.half() if backend.half else x).float().cpu()
 
-    return run_with_tta(features, images)
+    return run_with_tta(features, torch.from_numpy(np.ascontiguousarray(images))).numpy()
 
 
 def predict_split(ensemble: Ensemble, samples: list[tuple[str, int]], batch_size: int, workers: int, tta: bool = False,
-                  device: torch.device | None = None, features: bool = False, desc: str = "eval") -> SplitPredictions:
+                  device: Any = None, features: bool = False, desc: str = "eval") -> SplitPredictions:
     """Probabilities of every model of `ensemble` on every image of a labelled split.
 
     Images that fail to decode are reported and left out.
@@ -73,12 +76,11 @@ def predict_split(ensemble: Ensemble, samples: list[tuple[str, int]], batch_size
     if features and ensemble.members[0].backend.model_type != "torch":
         raise UserError("penultimate features need the PyTorch model: use --model_type torch")
     plan = ensemble.plan(tta)
-    loader = prediction_loader([p for p, _ in samples], plan, batch_size, workers,
-                               pin_memory=device is not None and device.type == "cuda")
+    loader = prediction_loader([p for p, _ in samples], plan, batch_size, workers)
     keep: list[int] = []
-    combined: list[torch.Tensor] = []
-    per_member: list[list[torch.Tensor]] = [[] for _ in ensemble.members]
-    feats: list[torch.Tensor] = []
+    combined: list[np.ndarray] = []
+    per_member: list[list[np.ndarray]] = [[] for _ in ensemble.members]
+    feats: list[np.ndarray] = []
     failed: list[tuple[str, str]] = []
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
         failed.extend((samples[i][0], reason) for i, reason in batch["failed"])
@@ -86,17 +88,17 @@ def predict_split(ensemble: Ensemble, samples: list[tuple[str, int]], batch_size
             continue
         keep.extend(batch["indices"])
         probs, member_probs = ensemble.predict(batch["inputs"], plan)
-        combined.append(probs.float())
+        combined.append(np.asarray(probs, dtype=np.float32))
         for store, p in zip(per_member, member_probs):
-            store.append(p.float())
+            store.append(np.asarray(p, dtype=np.float32))
         if features:
             feats.append(torch_features(ensemble.members[0].backend, batch["inputs"][plan.group_of[0]]))
     report_skipped(failed, "images that failed to decode (left out of the evaluation)")
     if not keep:
         raise UserError("no image of the split could be decoded")
     return SplitPredictions(samples=samples, keep=keep, targets=np.array([samples[i][1] for i in keep], dtype=np.int64),
-                            probs=torch.cat(combined).numpy(), member_probs=[torch.cat(p).numpy() for p in per_member],
-                            features=torch.cat(feats).numpy() if features else None)
+                            probs=np.concatenate(combined), member_probs=[np.concatenate(p) for p in per_member],
+                            features=np.concatenate(feats) if features else None)
 
 
 def score_split(ensemble: Ensemble, split: SplitPredictions, class_names: Sequence[str]) -> dict[str, dict[str, float]]:

@@ -4,16 +4,19 @@ Sums (loss, count, confusion matrix) are what a distributed run all-reduces, thr
 utils.distributed.reduce_sum, before any metric is computed.
 
 The second half evaluates the predicted probabilities of a whole split (metrice.py): overall
-and per-class metrics, calibration, the most confused class pairs.
+and per-class metrics, calibration, the most confused class pairs: numpy only (EpochSums
+imports torch itself), so metrice.py evaluates an exported model without PyTorch.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from utils.distributed import reduce_sum
+
+if TYPE_CHECKING:
+    import torch
 
 
 class EpochSums:
@@ -23,6 +26,8 @@ class EpochSums:
         self.num_classes = num_classes
         self.loss_sum = 0.0
         self.count = 0
+        import torch
+
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
 
     def update(self, loss: float, logits: torch.Tensor, targets: torch.Tensor) -> None:
@@ -32,10 +37,12 @@ class EpochSums:
         self.count += n
         pred = logits.argmax(dim=1).cpu()
         idx = targets.cpu() * self.num_classes + pred
-        self.confusion += torch.bincount(idx, minlength=self.num_classes ** 2).view(self.num_classes, self.num_classes)
+        self.confusion += idx.bincount(minlength=self.num_classes ** 2).view(self.num_classes, self.num_classes)
 
     def reduced(self) -> "EpochSums":
         """These sums added up over all processes."""
+        import torch
+
         out = EpochSums(self.num_classes)
         packed = reduce_sum(torch.cat([torch.tensor([self.loss_sum, float(self.count)], dtype=torch.float64),
                                        self.confusion.flatten().double()]))

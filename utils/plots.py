@@ -3,11 +3,13 @@ evaluation figures of metrice.py (confusion matrix, reliability diagram, mistake
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:  # matplotlib and torch are imported where they are used: metrice.py draws without torch
+    import torch
 
 
 def subplots(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
@@ -46,7 +48,7 @@ def batch_grid(images: torch.Tensor, labels: Sequence[str], title: str = "", max
     if title:
         draw.text((4, 3), title, fill=(0, 0, 0), font=font)
     for i in range(n):
-        array = images[i].detach().cpu().permute(1, 2, 0).numpy()
+        array = np.asarray(images[i].detach().cpu() if hasattr(images[i], "detach") else images[i]).transpose(1, 2, 0)
         img = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).convert("RGB")
         scale = tile / max(img.size)
         img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
@@ -174,7 +176,7 @@ def plot_reliability(calibration: dict[str, Any], title: str = "") -> Any:
     return fig
 
 
-def plot_gallery(images: Sequence[torch.Tensor], titles: Sequence[str], title: str = "", cols: int = 8) -> Any:
+def plot_gallery(images: Sequence[Any], titles: Sequence[str], title: str = "", cols: int = 8) -> Any:
     """A grid of uint8 images (C, H, W) with multi-line titles (the mistakes of metrice.py --visual).
 
     Returns:
@@ -189,11 +191,11 @@ def plot_gallery(images: Sequence[torch.Tensor], titles: Sequence[str], title: s
         ax.axis("off")
         if i >= len(images):
             continue
-        img = images[i].detach().cpu()
+        img = np.asarray(images[i].detach().cpu() if hasattr(images[i], "detach") else images[i])
         if img.shape[0] == 1:
-            ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=255)
+            ax.imshow(img[0], cmap="gray", vmin=0, vmax=255)
         else:
-            ax.imshow(img.permute(1, 2, 0).numpy())
+            ax.imshow(img.transpose(1, 2, 0))
         ax.set_title(titles[i], fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)

@@ -1,14 +1,15 @@
 """Prediction as a function of (models, images), and the streaming pieces predict.py is built from.
 
     ensemble = load_ensemble(["runs/exp"])                          # utils.ensemble: one or more models
-    probs = predict_pil(ensemble, [load_image("cat.jpg")])          # (1, num_classes), rows sum to 1
+    probs = predict_pil(ensemble, [load_image("cat.jpg")])          # numpy (1, num_classes), rows sum to 1
     rows = prediction_rows(["cat.jpg"], probs, ensemble.class_names)
 
 A server calls `predict_pil` (or `Ensemble.predict` on batches it prepared with its InputPlan). For
-folders, `PredictDataset` loads files in DataLoader workers (any mode, EXIF orientation applied);
-a file that fails to decode comes back as a failure with its reason, never an exception, and
-`collate_predict` drops it from its batch. `PredictionWriter` streams rows into a CSV so memory
-stays flat however many images there are.
+folders, `PredictionLoader` decodes files in batches (in worker processes with workers > 0; any
+mode, EXIF orientation applied); a file that fails to decode comes back as a failure with its
+reason, never an exception, and `collate_predict` drops it from its batch. `PredictionWriter`
+streams rows into a CSV so memory stays flat however many images there are. Everything here is
+numpy and Pillow: no torch import.
 """
 from __future__ import annotations
 
@@ -16,15 +17,15 @@ import csv
 import glob
 import logging
 import math
+import multiprocessing
 import os
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-import torch
+import numpy as np
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, Dataset
 
 from utils.ensemble import Ensemble, InputPlan
 from utils.images import IMG_EXTENSIONS, check_image_header, drop_repeated_files, list_files, load_image, natural_key
@@ -101,19 +102,19 @@ def relative_name(path: Path, root: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------- inputs
-def predict_pil(ensemble: Ensemble, images: Sequence[Image.Image], tta: bool = False) -> torch.Tensor:
+def predict_pil(ensemble: Ensemble, images: Sequence[Image.Image], tta: bool = False) -> np.ndarray:
     """Probabilities of PIL images of any mode (EXIF orientation is the caller's: see
     utils.images.load_image). The one call a server needs.
 
     Returns:
-        float32 (N, num_classes), rows summing to 1 (the ensemble's combination for several models).
+        float32 numpy (N, num_classes), rows summing to 1 (the ensemble's combination for several models).
     """
     plan = ensemble.plan(tta)
     return ensemble.predict(plan.batch(images), plan)[0]
 
 
 # ------------------------------------------------------------------------------- dataset
-class PredictDataset(Dataset):
+class PredictDataset:
     """Image files -> (inputs per geometry, view, index, failure reason).
 
     Args:
@@ -145,33 +146,78 @@ class PredictDataset(Dataset):
             return None, None, index, reason
         return inputs, view, index, None
 
+    def load_batch(self, indices: Sequence[int]) -> dict[str, Any]:
+        """The collated batch of these files (what a loader process returns)."""
+        return collate_predict([self[i] for i in indices])
+
 
 def collate_predict(batch: Sequence[tuple[Any, Any, int, str | None]]) -> dict[str, Any]:
     """Stack the decoded images (one batch per geometry); keep failures as (index, reason)."""
     good = [b for b in batch if b[0] is not None]
     groups = len(good[0][0]) if good else 0
     return {
-        "inputs": [torch.stack([b[0][g] for b in good]) for g in range(groups)],
-        "views": torch.stack([b[1] for b in good]) if good and good[0][1] is not None else None,
+        "inputs": [np.stack([b[0][g] for b in good]) for g in range(groups)],
+        "views": np.stack([b[1] for b in good]) if good and good[0][1] is not None else None,
         "indices": [b[2] for b in good],
         "failed": [(b[2], b[3]) for b in batch if b[0] is None],
     }
 
 
-def prediction_loader(files: Sequence[str | Path], plan: InputPlan, batch_size: int, workers: int, pin_memory: bool = False,
-                      view: Any = None, view_channels: int = 3) -> DataLoader:
-    """Batches of decoded images for prediction (in file order): {"inputs": one uint8 batch per
-    geometry of `plan`, "views", "indices" into `files`, "failed": [(index, reason)]}."""
-    dataset = PredictDataset(files, plan, view, view_channels)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_predict,
-                      pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None)
+class PredictionLoader:
+    """Batches of a PredictDataset in file order. With workers > 0, batches are decoded in that
+    many processes, at most 2 per worker ahead of the consumer (memory stays flat).
+
+    Args:
+        dataset: the files and their transforms.
+        batch_size: images per batch.
+        workers: decoding processes; 0 decodes in this process.
+    """
+
+    def __init__(self, dataset: PredictDataset, batch_size: int, workers: int = 0) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.workers = workers
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.batch_size)
+
+    def _chunks(self) -> Iterator[range]:
+        for start in range(0, len(self.dataset), self.batch_size):
+            yield range(start, min(start + self.batch_size, len(self.dataset)))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.workers == 0:
+            for chunk in self._chunks():
+                yield self.dataset.load_batch(chunk)
+            return
+        chunks = self._chunks()
+        with multiprocessing.get_context().Pool(self.workers) as pool:
+            pending: deque[Any] = deque()
+            for chunk in chunks:
+                pending.append(pool.apply_async(self.dataset.load_batch, (chunk,)))
+                if len(pending) >= 2 * self.workers:
+                    break
+            while pending:
+                batch = pending.popleft().get()
+                chunk = next(chunks, None)
+                if chunk is not None:
+                    pending.append(pool.apply_async(self.dataset.load_batch, (chunk,)))
+                yield batch
+
+
+def prediction_loader(files: Sequence[str | Path], plan: InputPlan, batch_size: int, workers: int,
+                      view: Any = None, view_channels: int = 3) -> PredictionLoader:
+    """Batches of decoded images for prediction (in file order): {"inputs": one uint8 numpy batch
+    per geometry of `plan`, "views", "indices" into `files`, "failed": [(index, reason)]}."""
+    return PredictionLoader(PredictDataset(files, plan, view, view_channels), batch_size, workers)
 
 
 # ---------------------------------------------------------------------------------- rows
-def entropy(probs: torch.Tensor) -> torch.Tensor:
+def entropy(probs: Any) -> np.ndarray:
     """Shannon entropy of each row, in nats (0 = certain; log(num_classes) = uniform)."""
-    p = probs.double().clamp_min(0)
-    return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(dim=1).float()
+    p = np.clip(np.asarray(probs, dtype=np.float64), 0, None)
+    logs = np.log(np.where(p > 0, p, 1.0))
+    return (-(p * logs).sum(axis=1)).astype(np.float32)
 
 
 def csv_fields(num_classes: int) -> list[str]:
@@ -181,7 +227,7 @@ def csv_fields(num_classes: int) -> list[str]:
     return ["path", "class", "prob", *tops, "entropy", "uncertain"]
 
 
-def prediction_rows(paths: Sequence[str], probs: torch.Tensor, class_names: Sequence[str],
+def prediction_rows(paths: Sequence[str], probs: Any, class_names: Sequence[str],
                     conf_threshold: float = 0.5) -> list[dict[str, Any]]:
     """One row per image: the top-1 class and probability, the top-5 (or all, if fewer classes),
     the entropy, and `uncertain` (1 when the top probability is below conf_threshold).
@@ -189,8 +235,10 @@ def prediction_rows(paths: Sequence[str], probs: torch.Tensor, class_names: Sequ
     Returns:
         Rows keyed by csv_fields(len(class_names)), plus `index` (top-1 class index).
     """
+    probs = np.asarray(probs, dtype=np.float32)
     k = min(TOPK, probs.shape[1])
-    top_p, top_i = probs.float().topk(k, dim=1)
+    top_i = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    top_p = np.take_along_axis(probs, top_i, axis=1)
     ent = entropy(probs)
     rows = []
     for n, path in enumerate(paths):

@@ -38,7 +38,7 @@ import uuid
 from collections import Counter
 from typing import Any, Sequence
 
-import torch
+import numpy as np
 
 from utils.log import UserError
 from utils.schema import PreprocessSpec
@@ -106,7 +106,7 @@ def encode_job(job: Job, job_id: str, reply: str, timeout_ms: int) -> dict[str, 
     """The stream fields of one image."""
     return {"id": job_id, "reply": reply, "name": job.name.encode("utf-8", "replace"), "cam": job.cam or "",
             "timeout_ms": str(timeout_ms), "shape": ",".join(map(str, job.tensor.shape)),
-            "data": job.tensor.contiguous().numpy().tobytes()}
+            "data": np.ascontiguousarray(job.tensor, dtype=np.uint8).tobytes()}
 
 
 def decode_job(fields: dict[bytes, bytes], shape: Sequence[int]) -> Job:
@@ -115,7 +115,7 @@ def decode_job(fields: dict[bytes, bytes], shape: Sequence[int]) -> Job:
     if got != tuple(shape):
         raise ValueError(f"the image was prepared for input {got}, but this worker's model takes {tuple(shape)}: "
                          "API tier and workers disagree on the model")
-    tensor = torch.frombuffer(bytearray(fields[b"data"]), dtype=torch.uint8).view(*got)
+    tensor = np.frombuffer(fields[b"data"], dtype=np.uint8).reshape(got).copy()
     return Job(fields[b"name"].decode("utf-8", "replace"), tensor, fields[b"cam"].decode() or None)
 
 

@@ -17,12 +17,12 @@ import numpy as np
 from prettytable import PrettyTable
 
 from utils.checkpoint import Run
-from utils.data import eval_transform
 from utils.evaluation import SplitPredictions
 from utils.images import load_image
 from utils.metrics import (METRIC_LABELS, PER_CLASS_FIELDS, calibration_bins, confusion_matrix_from, most_confused_pairs,
                            per_class_metrics, pycm_matrix)
 from utils.plots import plot_confusion_matrix, plot_embedding, plot_gallery, plot_reliability
+from utils.preprocess_np import image_transform
 from utils.schema import PreprocessSpec
 
 LOGGER = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def write_visual(out: Run, split: SplitPredictions, class_names: list[str], spec
         counts.append(len(idx))
     mistakes = [r for r in np.argsort(-confidence, kind="stable") if preds[r] != targets[r]][:GALLERY_IMAGES]
     if mistakes:
-        transform = eval_transform(spec)
+        transform = image_transform(spec)
         images = [transform(load_image(split.path(r), spec.channels)) for r in mistakes]
         titles = [f"{Path(split.path(r)).name[:22]}\ntrue {class_names[targets[r]][:16]}\n"
                   f"pred {class_names[preds[r]][:16]} {confidence[r]:.2f}" for r in mistakes]

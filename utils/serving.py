@@ -27,9 +27,9 @@ import warnings
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
-import torch
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from utils.ensemble import Ensemble, InputPlan, Member
@@ -37,6 +37,9 @@ from utils.images import MAX_IMAGE_PIXELS, load_image
 from utils.names import CAM_TYPES
 from utils.predict import prediction_rows
 from utils.schema import PreprocessSpec
+
+if TYPE_CHECKING:  # torch only for CAM overlays: an exported model is served without it
+    import torch
 
 LOGGER = logging.getLogger(__name__)
 
@@ -62,10 +65,10 @@ class Upload:
 
 @dataclass
 class Job:
-    """One image for the model: its name, its uint8 model input (C, H, W) and the CAM asked for."""
+    """One image for the model: its name, its uint8 model input (C, H, W), numpy, and the CAM asked for."""
 
     name: str
-    tensor: torch.Tensor
+    tensor: np.ndarray
     cam: str | None = None
 
 
@@ -113,7 +116,7 @@ class Preprocessor:
         self.channels = sorted(set(self.plan.channels))
         self.max_pixels = max_pixels
 
-    def __call__(self, upload: Upload) -> torch.Tensor:
+    def __call__(self, upload: Upload) -> np.ndarray:
         images = decode_image(upload.data, upload.name, self.channels, self.max_pixels)
         return self.plan.inputs(images)[0]
 
@@ -163,7 +166,7 @@ class ModelRunner:
         self.meta = backend.meta
         self.class_names = list(backend.meta.class_names)
         self.conf_threshold = conf_threshold
-        self.ensemble = Ensemble([Member(backend.meta.model_name, backend, backend.meta.preprocess, None)])
+        self.ensemble = Ensemble([Member(backend.meta.model_name, backend, backend.meta.preprocess)])
         self.plan = self.ensemble.plan()
         self.cam = CamRenderer(backend) if getattr(backend, "model_type", "") == "torch" else None
 
@@ -187,7 +190,7 @@ class ModelRunner:
             of the batch are not failed with it).
         """
         t0 = time.perf_counter()
-        batch = torch.stack([j.tensor for j in jobs])
+        batch = np.stack([j.tensor for j in jobs])
         probs = self.ensemble.predict([batch], self.plan)[0]
         rows = prediction_rows([j.name for j in jobs], probs, self.class_names, self.conf_threshold)
         results: list[dict[str, Any] | ServeError] = [result_of(row, len(jobs)) for row in rows]
@@ -196,7 +199,9 @@ class ModelRunner:
             try:
                 if self.cam is None:
                     raise ServeError(400, f"cam={cam_type} needs gradients through a PyTorch model: serve --model_type torch")
-                pngs = self.cam(batch[idx], [rows[i]["index"] for i in idx], cam_type)
+                import torch
+
+                pngs = self.cam(torch.from_numpy(batch[idx]), [rows[i]["index"] for i in idx], cam_type)
             except Exception as err:  # noqa: BLE001 - a CAM failure fails the images that asked for it
                 error = err if isinstance(err, ServeError) else ServeError(500, f"{cam_type} failed ({type(err).__name__}: "
                                                                                  f"{str(err).splitlines()[0][:200]})")
@@ -346,7 +351,7 @@ class EmbeddedService:
 
     async def start(self) -> None:
         # one untimed batch first, so the first request does not pay for the first forward pass
-        blank = Job("warm-up", torch.zeros(self.runner.input_shape(), dtype=torch.uint8))
+        blank = Job("warm-up", np.zeros(self.runner.input_shape(), dtype=np.uint8))
         await asyncio.get_running_loop().run_in_executor(None, self.runner.run, [blank])
         self.batcher.start()
         self._ready = True

@@ -4,33 +4,36 @@
     row = speed_row(times, batch_size=64)                                # images/s, ms/image, median, p10, p90
 
 CUDA work is synchronised around every timed call, so a figure is the time the results take to
-exist, not the time to queue the kernels.
+exist, not the time to queue the kernels. torch is imported only for a CUDA device or a torch
+model: an exported model (onnx, openvino) is timed without it.
 """
 from __future__ import annotations
 
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from utils.backends import predict_probs
+from utils.device import TORCH_MODEL_TYPES, compute_threads
 from utils.schema import PreprocessSpec
 
 # warm up, then time single calls until both minimums are met (or the cap)
 WARMUP_SECONDS, MIN_ITERS, MIN_SECONDS, MAX_SECONDS = 0.5, 20, 1.5, 20.0
 
 
-def synchronize(device: torch.device | None) -> None:
+def synchronize(device: Any) -> None:
     """Wait for the device's queued work (a no-op on CPU)."""
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
+    torch = sys.modules.get("torch")  # a CUDA device means torch (an exported runtime syncs itself)
+    if device is not None and device.type == "cuda" and torch is not None:
+        torch.cuda.synchronize(str(device))
 
 
-def warm_up(step: Callable[[], Any], device: torch.device | None = None, seconds: float = WARMUP_SECONDS,
+def warm_up(step: Callable[[], Any], device: Any = None, seconds: float = WARMUP_SECONDS,
             min_calls: int = 3, max_calls: int = 50) -> None:
     """Call `step` at least `min_calls` times and for at least `seconds` (at most `max_calls` calls)."""
     start = time.perf_counter()
@@ -41,7 +44,7 @@ def warm_up(step: Callable[[], Any], device: torch.device | None = None, seconds
     synchronize(device)
 
 
-def time_batches(step: Callable[[], Any], device: torch.device | None = None, min_iters: int = MIN_ITERS,
+def time_batches(step: Callable[[], Any], device: Any = None, min_iters: int = MIN_ITERS,
                  min_seconds: float = MIN_SECONDS, max_seconds: float = MAX_SECONDS, warmup: bool = True) -> list[float]:
     """Seconds per call of `step`: after a warm-up (unless warmup=False), at least `min_iters` calls
     and `min_seconds` in all, stopping at `max_seconds` (and never fewer than 3 calls).
@@ -82,11 +85,13 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def device_name(device: torch.device) -> str:
+def device_name(device: Any) -> str:
     """The GPU's name, or the CPU model and the compute threads in use."""
     if device.type == "cuda":
+        import torch
+
         return f"{torch.cuda.get_device_name(device)} (CUDA)"
-    threads = torch.get_num_threads()
+    threads = compute_threads()
     return f"{cpu_name()}, {threads} thread{'s' if threads != 1 else ''}"
 
 
@@ -97,12 +102,19 @@ def measure_backend(backend: Any, spec: PreprocessSpec, batch_size: int, tta: bo
     Returns:
         One speed_row per memory format, with "memory_format" and "fastest".
     """
-    device = getattr(backend, "device", torch.device("cpu"))
-    shape = (batch_size, 10) if tta else (batch_size,)
-    x = torch.randint(0, 256, (*shape, spec.channels, spec.crop, spec.crop), dtype=torch.uint8, device=device)
+    device = getattr(backend, "device", None)
+    shape = (*((batch_size, 10) if tta else (batch_size,)), spec.channels, spec.crop, spec.crop)
+    formats = ["-"]  # exported runtimes choose their own layout
+    if backend.model_type in TORCH_MODEL_TYPES:
+        import torch
+
+        x = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+        if isinstance(getattr(backend, "model", None), torch.nn.Module):  # channels_last for a PyTorch module
+            formats = ["contiguous", "channels_last"]
+    else:
+        x = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+        device = None  # the runtime returns its results to the CPU: nothing to synchronise
     model = getattr(backend, "model", None)
-    # channels_last only where the model is a PyTorch module; exported runtimes choose their own layout
-    formats = ["contiguous", "channels_last"] if isinstance(model, torch.nn.Module) else ["-"]
     rows = []
     for memory_format in formats:
         inp = x
