@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from utils.config import CONFIG_ONLY_KEYS, DEFAULT_CONFIG, ArgumentParser, finite_float, parse_with_config
 from utils.device import default_workers
 from utils.log import UserError, run_cli
-from utils.names import AUGMENT_CHOICES, KD_METHODS, LOSSES, METRICS, MIXUP_CHOICES, OPTIMIZERS
+from utils.names import (AUGMENT_CHOICES, CLASS_BALANCE, KD_METHODS, LOSSES, METRICS, MIXUP_CHOICES, OPTIMIZERS, SAMPLERS,
+                         TASK_TYPES)
 from utils.schema import RESIZE_MODES, Checkpoint
 
 if TYPE_CHECKING:
@@ -45,10 +46,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--weight", default="", help="start from this state_dict or checkpoint (mismatched tensors are skipped)")
     p("--config", default=str(DEFAULT_CONFIG), help="YAML file: flag defaults and lr_scheduler, random_seed ...")
     p("--device", default="", help="'' (GPU if any), cpu, or a GPU index such as 0")
-    p("--train_path", default="dataset/train", help="training images: <train_path>/<class>/<images>")
+    p("--train_path", default="dataset/train", help="training images: <train_path>/<class>/<images>, or a CSV / text list")
     p("--val_path", default="dataset/val", help="validation images (chooses best.pt); may be absent")
     p("--test_path", default="dataset/test", help="test images, evaluated with best.pt when training ends")
-    p("--label_path", default="dataset/label.txt", help="class names of numbered class folders (old layout)")
+    p("--label_path", default="dataset/label.txt", help="class names of numbered class folders or of a list's numeric labels")
+    p("--list_sep", default=None, help="separator of text lists given as --train_path etc. (default: any whitespace)")
     p("--image_size", type=int, default=224, help="model input size in pixels")
     p("--image_channel", type=int, default=3, choices=[1, 3], help="1 = grayscale, 3 = RGB")
     p("--workers", type=int, default=default_workers(), help="data loader processes (0 = main process)")
@@ -60,14 +62,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--optimizer", default="AdamW", choices=list(OPTIMIZERS), help="optimizer")
     p("--lr", type=finite_float, default=1e-3, help="peak learning rate")
     p("--label_smoothing", type=finite_float, default=0.1, help="label smoothing of the loss")
-    p("--class_balance", action="store_true", help="weight classes by sqrt of sklearn's balanced weights")
+    p("--class_balance", nargs="?", const="sqrt", default="none", choices=list(CLASS_BALANCE),
+      help="class weights in the loss against imbalance: sqrt (alone: --class_balance) of the balanced weights, "
+           "inverse (the balanced weights), effective (effective number of samples, --class_balance_beta)")
+    p("--class_balance_beta", type=finite_float, default=0.999, help="beta of --class_balance effective")
+    p("--sampler", default="shuffle", choices=list(SAMPLERS),
+      help="training order: shuffle, or balanced (images drawn by inverse class frequency, with replacement)")
+    p("--task_type", default="auto", choices=list(TASK_TYPES),
+      help="multiclass (one class per image, softmax) or multilabel (any number, a sigmoid per class); auto: "
+           "multilabel when a training list gives several labels per image")
     p("--weight_decay", type=finite_float, default=5e-4, help="weight decay (not on biases and norm layers)")
     p("--momentum", type=finite_float, default=0.9, help="momentum of SGD / RMSProp")
     p("--amp", action="store_true", help="mixed precision: float16 on CUDA, bfloat16 on CPU")
     p("--warmup", action="store_true", help="linear learning-rate warm-up")
     p("--warmup_ratios", type=finite_float, default=0.05, help="fraction of the epochs spent warming up")
     p("--warmup_minlr", type=finite_float, default=1e-6, help="warm-up start lr and the end of the default decay")
-    p("--metrice", default="acc", choices=list(METRICS), help="validation metric that picks best.pt")
+    p("--metrice", default="acc", choices=list(METRICS),
+      help="validation metric that picks best.pt: loss, acc, mean_acc (= balanced_acc), f1 (macro); "
+           "multilabel: map (the default there), f1, loss")
     p("--patience", type=int, default=30, help="stop after this many epochs without improvement (0 = never)")
     p("--imagenet_meanstd", action="store_true", help="normalise with ImageNet's mean/std, not the train set's")
     # recipes
@@ -119,6 +131,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--swa_start must be in [0, 1), got {args.swa_start}")
     if not 0 < args.ema_decay < 1:
         raise UserError(f"--ema_decay must be in (0, 1), got {args.ema_decay}")
+    if not 0 < args.class_balance_beta < 1:
+        raise UserError(f"--class_balance_beta must be in (0, 1), got {args.class_balance_beta}")
     check_combinations(args)
     return args
 
@@ -141,7 +155,10 @@ def resume_options(args: argparse.Namespace) -> tuple[argparse.Namespace, Checkp
     ckpt = load_checkpoint(save_path / "last.pt", what="--resume: last checkpoint")
     if ckpt.kind != "last" or ckpt.train_state is None:
         raise UserError(f"{save_path / 'last.pt'} holds no training state ({ckpt.kind} checkpoint): it cannot be resumed")
-    saved = dict(ckpt.args)
+    # options newer than the run take their defaults; the run's own win
+    saved = {k: v for k, v in vars(args).items() if k != "explicit"} | dict(ckpt.args)
+    if isinstance(saved.get("class_balance"), bool):  # runs from before --class_balance took a mode
+        saved["class_balance"] = "sqrt" if saved["class_balance"] else "none"
     ignored = sorted(k for k in args.explicit if k not in RESUME_OVERRIDES + ("resume", "save_path", "config"))
     if ignored:
         LOGGER.warning("--resume keeps the run's own options; ignored: %s", ", ".join(f"--{k}" for k in ignored))

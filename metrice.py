@@ -60,6 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--val_path", default=None, help="val split (default: the run's)")
     p("--test_path", default=None, help="test split (default: the run's)")
     p("--label_path", default=None, help="class names to show, one per line (default: the run's class names)")
+    p("--list_sep", default=None, help="separator of a text list given as a split (default: the run's, else any whitespace)")
     p("--image_size", type=int, default=None, help="input size in pixels (default: the run's)")
     p("--batch_size", type=int, default=None, help="images per batch (default: the run's; fps: 1 and the run's)")
     p("--workers", type=int, default=default_workers(),
@@ -109,10 +110,10 @@ def split_path(args: argparse.Namespace, run_args: dict[str, Any]) -> Path:
     if not value:
         raise UserError(f"--task {args.task}: the run has no {key}; pass --{key} DIR")
     path = Path(value)
-    if not path.is_dir():
+    if not path.exists():
         origin = f"--{key}" if given is not None else f"the run's {key}"
-        raise UserError(f"--task {args.task}: the {args.task} folder {path} ({origin}) does not exist or is not a folder; "
-                        f"pass --{key} DIR")
+        raise UserError(f"--task {args.task}: the {args.task} folder {path} ({origin}) does not exist; "
+                        f"pass --{key} DIR (or a list file)")
     return path
 
 
@@ -168,7 +169,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     first = ensemble.members[0]
     run_args = dict(first.run_args)
     folder = split_path(args, run_args)
-    image_set = scan_split(folder, class_names=ensemble.class_names, what=f"{args.task} set")
+    image_set = scan_split(folder, class_names=ensemble.class_names, what=f"{args.task} set",
+                           list_sep=args.list_sep if args.list_sep is not None else run_args.get("list_sep"))
     report_skipped(image_set.skipped, f"{args.task} set {folder}")
     batch_size = args.batch_size or max(1, int(run_args.get("batch_size") or 32))
 
@@ -185,13 +187,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     results = score_split(ensemble, split, class_names)
     name = next(iter(results))
     report.print_overall(results)
-    per_class = report.write_reports(out, split.targets, split.probs, class_names, results, f"{name}, {args.task}")
+    if ensemble.meta.multilabel:  # no confusion matrix: per-class AP and F1 at the stored thresholds
+        per_class = report.write_multilabel_reports(out, split, ensemble.meta.decision_thresholds(), class_names, results)
+    else:
+        per_class = report.write_reports(out, split.targets, split.probs, class_names, results, f"{name}, {args.task}")
     report.print_per_class(per_class, f"per class: {name}, {args.task}")
     visual = None
-    if args.visual:
+    if (args.visual or args.tsne) and ensemble.meta.multilabel:
+        LOGGER.warning("--visual and --tsne show one class per image: not for a multilabel model (predictions.csv has "
+                       "each image's labels)")
+    elif args.visual:
         visual = report.write_visual(out, split, class_names, first.spec)
         print(f"--visual: {visual[0]} correct, {visual[1]} incorrect", flush=True)
-    if args.tsne:
+    if args.tsne and not ensemble.meta.multilabel:
         report.write_tsne(out, split, class_names, first.name)
     print(f"results: {out.path}", flush=True)
     return {"output": out.path, "metrics": results, "per_class": per_class, "visual": visual}

@@ -198,7 +198,9 @@ def predict_files(args: argparse.Namespace, source: Source, ensemble: Ensemble, 
     loader = prediction_loader(source.files, plan, args.batch_size, args.workers, cam_setup.get("view_transform"),
                                cam_setup.get("channels", 3))
     files = loader.dataset.files
-    writer = PredictionWriter(folder, class_names)
+    meta = ensemble.meta
+    writer = PredictionWriter(folder, class_names, multilabel=meta.multilabel)
+    thresholds = meta.decision_thresholds() if meta.multilabel else None
     images_out = BoundedWriter(limit=4 * args.batch_size, threads=max(1, min(4, (os.cpu_count() or 1) // 2)))
     first_skips: list[tuple[str, str]] = list(source.skipped[:20])
     writer.skip(source.skipped)
@@ -212,7 +214,7 @@ def predict_files(args: argparse.Namespace, source: Source, ensemble: Ensemble, 
                 continue
             paths = [files[i] for i in batch["indices"]]
             probs = ensemble.predict(batch["inputs"], plan)[0]
-            rows = prediction_rows(paths, probs, class_names, args.conf_threshold)
+            rows = prediction_rows(paths, probs, class_names, args.conf_threshold, thresholds)
             writer.write(rows)
             rels = [relative_name(Path(p), source.root) for p in paths]
             if args.save_images:

@@ -25,6 +25,7 @@ from prettytable import PrettyTable
 from utils.config import ArgumentParser, finite_float
 from utils.files import atomic_write_text
 from utils.images import class_folders, natural_key, report_skipped, resolve_class_names, scan_class_folders
+from utils.lists import write_list
 from utils.log import UserError, run_cli
 
 LOGGER = logging.getLogger("processing")
@@ -46,6 +47,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--seed", type=int, default=0, help="random seed of the split")
     p("--link", action="store_true", help="symlink the images instead of copying them")
     p("--force", action="store_true", help="replace the train/, val/, test/ and label.txt an earlier run of processing.py wrote")
+    p("--write_lists", action="store_true",
+      help="write train.csv, val.csv, test.csv (path,label rows pointing into --data_path) instead of copying images")
     p("--sample", choices=SAMPLES, default=None, help="first write a bundled sample dataset into --data_path")
     return parser
 
@@ -130,8 +133,9 @@ def read_manifest(output: Path) -> dict[str, Any]:
 
 
 def existing_outputs(output: Path) -> list[Path]:
-    """Every file (or link) under output/train, val and test, links not followed."""
-    found = []
+    """Every file (or link) under output/train, val and test (links not followed), and the lists
+    output/train.csv, val.csv and test.csv."""
+    found = [output / f"{split}.csv" for split in SPLITS if (output / f"{split}.csv").is_file()]
     for split in SPLITS:
         for dirpath, _, filenames in os.walk(output / split):
             found.extend(Path(dirpath) / name for name in filenames)
@@ -190,40 +194,51 @@ def place(src: Path, dst: Path, link: bool) -> None:
         shutil.copy2(src, dst)
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
-    source = Path(args.data_path)
-    output = Path(args.output_path)
-    label_path = Path(args.label_path) if args.label_path else output / "label.txt"
+def write_sample(args: argparse.Namespace, source: Path) -> None:
+    """--sample: the bundled digits into --data_path (a new or empty folder, or an earlier sample)."""
+    marker = source / SAMPLE_MARKER
+    if source.exists() and not source.is_dir():
+        raise UserError(f"--data_path {source} is a file: --sample writes a folder")
+    if source.exists() and any(source.iterdir()) and not marker.is_file():
+        raise UserError(f"{source} already holds files that --sample did not write: --sample writes into a new or "
+                        "empty folder (or over an earlier sample); choose another --data_path")
+    count = write_digits(source)
+    atomic_write_text(marker, json.dumps({"sample": args.sample, "images": count}) + "\n")
+    print(f"sample '{args.sample}': wrote {count} images into {source}", flush=True)
 
-    if args.sample:
-        marker = source / SAMPLE_MARKER
-        if source.exists() and not source.is_dir():
-            raise UserError(f"--data_path {source} is a file: --sample writes a folder")
-        if source.exists() and any(source.iterdir()) and not marker.is_file():
-            raise UserError(f"{source} already holds files that --sample did not write: --sample writes into a new or "
-                            "empty folder (or over an earlier sample); choose another --data_path")
-        count = write_digits(source)
-        atomic_write_text(marker, json.dumps({"sample": args.sample, "images": count}) + "\n")
-        print(f"sample '{args.sample}': wrote {count} images into {source}", flush=True)
 
+def scan_source(source: Path) -> tuple[list[str], list[str], dict[str, int], dict[str, list[Path]], list[tuple[str, str]]]:
+    """The class folders of --data_path: (folders, class names, folder -> index, images, skipped)."""
     if not source.is_dir():
         raise UserError(f"--data_path {source} is not a folder (expected <data_path>/<class name>/<images>)")
     folders = class_folders(source)
     if not folders:
         raise UserError(f"--data_path {source} has no class folders (expected <data_path>/<class name>/<images>)")
     class_names, folder_index = resolve_class_names(folders, source / "label.txt")
-
     images, skipped = scan_class_folders(source, folders)
     skipped = [(path, why) for path, why in skipped if path != str(source / SAMPLE_MARKER)]  # our own note
     for folder in folders:
         if not images[folder]:
             raise UserError(f"class folder {source / folder} holds no readable images: add images or remove it")
     report_skipped(skipped, f"{source}")
+    return folders, class_names, folder_index, images, skipped
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    source = Path(args.data_path)
+    output = Path(args.output_path)
+    label_path = Path(args.label_path) if args.label_path else output / "label.txt"
+    if args.sample:
+        write_sample(args, source)
+    folders, class_names, folder_index, images, skipped = scan_source(source)
 
     remove_outputs(check_paths(source, output, label_path, args.force), output)
     split = split_dataset(images, args.val_size, args.test_size, args.seed)
-    planned = [output / s / folder / path.relative_to(source / folder) for s in SPLITS for folder in folders
-               for path in split[s][folder]]
+    if args.write_lists:
+        planned = [output / f"{s}.csv" for s in SPLITS if any(split[s][f] for f in folders)]
+    else:
+        planned = [output / s / folder / path.relative_to(source / folder) for s in SPLITS for folder in folders
+                   for path in split[s][folder]]
     output.mkdir(parents=True, exist_ok=True)
     # written first, so a split cut short by a kill can still be replaced with --force
     atomic_write_text(output / MANIFEST, json.dumps({"files": [p.relative_to(output).as_posix() for p in planned],
@@ -231,19 +246,26 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     table = PrettyTable(["class", "name", *SPLITS, "total"])
     totals = {s: 0 for s in SPLITS}
     for folder in sorted(folders, key=lambda f: folder_index[f]):
-        counts = []
-        for s in SPLITS:
-            for path in split[s][folder]:
-                place(path, output / s / folder / path.relative_to(source / folder), args.link)
-            counts.append(len(split[s][folder]))
-            totals[s] += len(split[s][folder])
+        counts = [len(split[s][folder]) for s in SPLITS]
+        if not args.write_lists:
+            for s in SPLITS:
+                for path in split[s][folder]:
+                    place(path, output / s / folder / path.relative_to(source / folder), args.link)
+        for s, n in zip(SPLITS, counts):
+            totals[s] += n
         table.add_row([folder_index[folder], class_names[folder_index[folder]], *counts, sum(counts)])
     table.add_row(["", "total", *totals.values(), sum(totals.values())])
+    if args.write_lists:  # path,label rows pointing into the source, relative to the list
+        for s in SPLITS:
+            rows = [(path, [class_names[folder_index[f]]]) for f in folders for path in split[s][f]]
+            if rows:
+                write_list(output / f"{s}.csv", rows, output)
     label_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(label_path, "".join(f"{n}\n" for n in class_names))
     print(table)
-    made = [str(output / s) for s in SPLITS if totals[s]]
-    print(f"{'linked' if args.link else 'copied'} {sum(totals.values())} images into {', '.join(made)}; "
+    made = [str(p) for p in planned] if args.write_lists else [str(output / s) for s in SPLITS if totals[s]]
+    verb = "listed" if args.write_lists else "linked" if args.link else "copied"
+    print(f"{verb} {sum(totals.values())} images {'in' if args.write_lists else 'into'} {', '.join(made)}; "
           f"classes in {label_path}; {len(skipped)} file(s) skipped", flush=True)
     return {"counts": totals, "skipped": skipped}
 

@@ -156,21 +156,23 @@ def train_augment(policy: str, custom: Sequence[Any]) -> tuple[list[Any], str]:
 class BatchMix:
     """mixup or cutmix on a normalised batch, with probability targets (timm's Mixup).
 
-    Targets come out as (N, C) rows (the loss adds label smoothing itself). timm mixes a batch with
-    its reverse, so an odd-sized batch is left unmixed (the training loader drops a ragged last batch).
+    Targets come out as (N, C) rows (the loss adds label smoothing itself); multi-hot targets of a
+    multi-label batch are mixed with the same proportions. timm mixes a batch with its reverse, so
+    an odd-sized batch is left unmixed (the training loader drops a ragged last batch).
     """
 
-    def __init__(self, mode: str, num_classes: int, alpha: float | None = None) -> None:
+    def __init__(self, mode: str, num_classes: int, alpha: float | None = None, multilabel: bool = False) -> None:
         from timm.data import Mixup
 
         if mode not in ("mixup", "cutmix"):
             raise UserError(f"unknown --mixup '{mode}'; choose one of {', '.join(MIXUP_CHOICES)}")
         self.mode = mode
         self.num_classes = num_classes
+        self.multilabel = multilabel
         kwargs = {"mixup_alpha": alpha or 0.8, "cutmix_alpha": 0.0} if mode == "mixup" else {"mixup_alpha": 0.0, "cutmix_alpha": alpha or 1.0}
-        self.mixup = Mixup(**kwargs, label_smoothing=0.0, num_classes=num_classes)
+        self.mixup = Mixup(**kwargs, label_smoothing=0.0, num_classes=num_classes, multi_label=multilabel)
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if len(images) % 2:
-            return images, torch.nn.functional.one_hot(targets, self.num_classes).float()
+            return images, targets.float() if self.multilabel else torch.nn.functional.one_hot(targets, self.num_classes).float()
         return self.mixup(images, targets)

@@ -33,7 +33,7 @@ from PIL import Image
 from utils.device import TORCH_MODEL_TYPES, Device, import_torch
 from utils.log import UserError
 from utils.names import MODEL_TYPES
-from utils.preprocess_np import image_transform, run_with_tta, softmax
+from utils.preprocess_np import image_transform, probabilities, run_with_tta
 from utils.runtimes import (EXPORT_INFO_KEY, RUNTIME_PACKAGES, OnnxBackend, OpenVINOBackend, export_info_path,  # noqa: F401
                             is_torch, read_export_info)
 from utils.schema import ModelMeta
@@ -189,7 +189,7 @@ def preprocess_images(meta: ModelMeta, images: Sequence[Image.Image], tta: bool 
 
 def predict_probs(backend: Any, images: Any) -> Any:
     """Class probabilities (N, num_classes) for a uint8 batch, numpy or torch (the same kind comes
-    back); TenCrop batches are averaged over the crops' probabilities."""
-    if is_torch(images):
-        return run_with_tta(lambda x: backend(x).softmax(dim=1), images)
-    return run_with_tta(lambda x: softmax(backend(x)), images)
+    back): a softmax, or a sigmoid per class for a multi-label model; TenCrop batches are averaged
+    over the crops' probabilities."""
+    multilabel = backend.meta.multilabel
+    return run_with_tta(lambda x: probabilities(backend(x), multilabel), images)

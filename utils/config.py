@@ -175,6 +175,8 @@ def config_value(action: argparse.Action, value: Any, path: str | Path) -> Any:
                       + f", not {value!r}")
     if value is None and action.default is None:
         return None
+    if action.nargs == "?" and action.const is not None and isinstance(value, bool):
+        return action.const if value else action.default  # `class_balance: true` as the bare flag means
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         if not isinstance(value, bool):
             raise wrong

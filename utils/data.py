@@ -146,14 +146,17 @@ class ImageDataset(Dataset):
     """Images of an ImageSet through a transform; keys are indices or (epoch, index) pairs.
 
     An image that fails to decode (a truncated JPEG, say) is returned as None with the reason;
-    `collate` drops it from the batch and reports it, so nothing is silently trained on.
+    `collate` drops it from the batch and reports it, so nothing is silently trained on. A
+    multi-label sample's target (a tuple of class indices) comes out multi-hot (`num_classes` floats).
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform: Any, channels: int = 3, seed: int | None = None) -> None:
+    def __init__(self, samples: Sequence[tuple[str, Any]], transform: Any, channels: int = 3, seed: int | None = None,
+                 num_classes: int | None = None) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.channels = channels
         self.seed = seed  # None: deterministic transform, no reseeding needed
+        self.num_classes = num_classes
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -161,6 +164,12 @@ class ImageDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int, str, str | None]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         path, target = self.samples[index]
+        if isinstance(target, tuple):
+            if self.num_classes is None:
+                raise ValueError("a multi-label ImageDataset needs num_classes")
+            hot = torch.zeros(self.num_classes)
+            hot[list(target)] = 1.0
+            target = hot
         try:
             img = load_image(path, self.channels)
         except Exception as err:  # noqa: BLE001 - any decoder failure means 'skip and report'
@@ -182,9 +191,11 @@ def collate(batch: Sequence[tuple[Any, int, str, str | None]]) -> dict[str, Any]
     """Stack the good images; keep the failures as (path, reason)."""
     good = [b for b in batch if b[0] is not None]
     images = torch.stack([b[0] for b in good]) if good else torch.empty(0, dtype=torch.uint8)
+    targets = [b[1] for b in good]
     return {
         "images": images,
-        "targets": torch.tensor([b[1] for b in good], dtype=torch.long),
+        "targets": torch.stack(targets) if targets and isinstance(targets[0], torch.Tensor)  # multi-hot rows
+        else torch.tensor(targets, dtype=torch.long),
         "paths": [b[2] for b in good],
         "failed": [(b[2], b[3]) for b in batch if b[0] is None],
     }
@@ -204,10 +215,14 @@ class EpochSampler(Sampler):
         rank, world_size: this process and how many share the split (utils.distributed.world_info).
         pad: repeat a few images so every process gets as many (training: the processes step
             together); without it each image is seen once in all (evaluation: no duplicate counted).
+        weights: --sampler balanced: each epoch draws `size` images with replacement, with these
+            probabilities (seeded by seed and epoch, so a resumed run draws the same ones).
     """
 
-    def __init__(self, size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1, pad: bool = True) -> None:
+    def __init__(self, size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1, pad: bool = True,
+                 weights: Sequence[float] | None = None) -> None:
         self.size = size
+        self.weights = torch.as_tensor(weights, dtype=torch.float64) if weights is not None else None
         self.shuffle = shuffle
         self.seed = seed
         self.rank = rank
@@ -222,7 +237,10 @@ class EpochSampler(Sampler):
         self.start = min(skip, self.size)
 
     def _indices(self) -> list[int]:
-        if self.shuffle:
+        if self.weights is not None:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.multinomial(self.weights, self.size, replacement=True, generator=gen).tolist()
+        elif self.shuffle:
             gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(self.size, generator=gen).tolist()
         else:
@@ -293,7 +311,7 @@ def compute_mean_std(
         pick = torch.randperm(len(samples), generator=gen)[:max_images].tolist()
         samples = [samples[i] for i in sorted(pick)]
     spec = PreprocessSpec.create(image_size, channels, [0.0] * channels, [1.0] * channels)
-    dataset = ImageDataset(samples, eval_transform(spec), channels)
+    dataset = ImageDataset([(path, 0) for path, _ in samples], eval_transform(spec), channels)  # labels unused
     # a generator of its own: the pass must not draw from the global RNG, so a run whose mean/std
     # come from the scan cache initialises its model exactly like one that computed them
     loader = DataLoader(dataset, batch_size=64, num_workers=workers, collate_fn=collate, generator=torch.Generator())

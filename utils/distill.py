@@ -30,14 +30,24 @@ STRIDES = (4, 8, 16, 32)
 
 
 class SoftTarget(nn.Module):
-    """Hinton et al. (2015): KL(teacher || student) of temperature-softened predictions, times T^2."""
+    """Hinton et al. (2015): KL(teacher || student) of temperature-softened predictions, times T^2.
 
-    def __init__(self, temperature: float = 4.0) -> None:
+    Multi-label models: the per-class Bernoulli KL of the temperature-softened sigmoids (each class
+    is its own two-way distribution), averaged over classes, times T^2.
+    """
+
+    def __init__(self, temperature: float = 4.0, multilabel: bool = False) -> None:
         super().__init__()
         self.temperature = temperature
+        self.multilabel = multilabel
 
     def forward(self, s_logits: torch.Tensor, t_logits: torch.Tensor, s_feats: list, t_feats: list) -> torch.Tensor:
         t = self.temperature
+        if self.multilabel:
+            s, q = s_logits.float() / t, t_logits.float() / t
+            p = torch.sigmoid(q)
+            kl = p * (F.logsigmoid(q) - F.logsigmoid(s)) + (1 - p) * (F.logsigmoid(-q) - F.logsigmoid(-s))
+            return kl.mean() * t * t
         return F.kl_div(F.log_softmax(s_logits.float() / t, dim=1), F.log_softmax(t_logits.float() / t, dim=1),
                         reduction="batchmean", log_target=True) * t * t
 
@@ -113,7 +123,7 @@ class Distiller(nn.Module):
 
     def __init__(self, criterion: nn.Module, student: nn.Module, teacher: nn.Module, method: str, ratio: float,
                  in_chans: int, student_norm: tuple[list[float], list[float]], teacher_norm: tuple[list[float], list[float]],
-                 temperature: float = 4.0) -> None:
+                 temperature: float = 4.0, multilabel: bool = False) -> None:
         super().__init__()
         if method not in KD_METHODS:
             raise UserError(f"unknown --kd_method '{method}'; choose one of {', '.join(KD_METHODS)}")
@@ -128,7 +138,7 @@ class Distiller(nn.Module):
         self.register_buffer("t_shift", (s_mean - t_mean) / t_std)
         self.student_rec = self.teacher_rec = None
         if method == "SoftTarget":
-            self.method: nn.Module = SoftTarget(temperature)
+            self.method: nn.Module = SoftTarget(temperature, multilabel)
             return
         s_taps, t_taps = feature_taps(student, in_chans), feature_taps(teacher, in_chans)
         common = [s for s in STRIDES if s in s_taps and s in t_taps]
@@ -174,7 +184,8 @@ class Distiller(nn.Module):
         return self.criterion(logits, targets) + self.ratio * kd, logits, {"kd_loss": kd.detach()}
 
 
-def load_teacher(teacher_path: str | Path, class_names: list[str], image_channel: int, device: torch.device) -> tuple[nn.Module, Checkpoint]:
+def load_teacher(teacher_path: str | Path, class_names: list[str], image_channel: int, device: torch.device,
+                 task: str = "multiclass") -> tuple[nn.Module, Checkpoint]:
     """The teacher model of another run (its best.pt), frozen and in eval mode.
 
     Returns:
@@ -188,6 +199,9 @@ def load_teacher(teacher_path: str | Path, class_names: list[str], image_channel
     if list(meta.class_names) != list(class_names):
         raise UserError(f"--teacher_path {teacher_path} was trained on other classes ({meta.num_classes}) than this "
                         f"train set ({len(class_names)}), or in another order: the teacher must know the same classes")
+    if meta.task != task:
+        raise UserError(f"--teacher_path {teacher_path} is a {meta.task} model and this run is {task}: the teacher "
+                        "must predict the same way (one class per image, or several labels)")
     if meta.image_channel != image_channel:
         raise UserError(f"--teacher_path {teacher_path} takes {meta.image_channel}-channel images, the student "
                         f"{image_channel}: train both with the same --image_channel")

@@ -134,6 +134,18 @@ def broadcast_object(value: Any) -> Any:
     return box[0]
 
 
+def gather_rows(tensor: "torch.Tensor") -> "torch.Tensor":
+    """Every process's rows (N_r, ...) concatenated in rank order (the tensor itself in one process)."""
+    if not is_distributed():
+        return tensor
+    import torch
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, tensor.detach().cpu())
+    return torch.cat(parts)
+
+
 def broadcast_buffers(module: "torch.nn.Module") -> None:
     """Copy rank 0's buffers (batch-norm statistics) to every process."""
     if not is_distributed():

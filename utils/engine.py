@@ -16,7 +16,7 @@ from tqdm import tqdm
 from utils.data import run_with_tta
 from utils.device import autocast
 from utils.distributed import any_true, is_main_process, reduce_sum, world_info
-from utils.metrics import EpochSums
+from utils.metrics import EpochSums, MultiLabelSums
 
 
 class NonFiniteLoss(RuntimeError):
@@ -170,21 +170,25 @@ def evaluate(
     criterion: nn.Module,
     loader: Any,
     device: torch.device,
-    num_classes: int,
+    sums: EpochSums | MultiLabelSums,
     normalize: nn.Module,
     amp_dtype: torch.dtype | None = None,
     desc: str = "val",
     failed: list[tuple[str, str]] | None = None,
 ) -> dict[str, float]:
-    """Loss, accuracy and mean per-class accuracy of `model` over `loader`.
+    """The metrics of `model` over `loader` (loss, acc, mean_acc ... or for a multi-label model
+    loss, map, f1), summed over every process.
 
     Batches of TenCrop images (N, 10, C, H, W) are scored by the mean of the crops' probabilities.
 
+    Args:
+        sums: an empty EpochSums (one softmax) or MultiLabelSums (a sigmoid per class).
+
     Returns:
-        {"loss", "acc", "mean_acc"}.
+        sums.metrics().
     """
     model.eval()
-    sums = EpochSums(num_classes)
+    multilabel = isinstance(sums, MultiLabelSums)
     for batch in tqdm(loader, desc=desc, leave=False, disable=not is_main_process(), dynamic_ncols=True):
         if failed is not None:
             failed.extend(batch["failed"])
@@ -193,7 +197,10 @@ def evaluate(
         images = batch["images"].to(device, non_blocking=True)
         targets = batch["targets"].to(device, non_blocking=True)
         with autocast(device, amp_dtype):
-            if images.ndim == 5:  # TenCrop test-time augmentation: average the crops' probabilities
+            if images.ndim == 5 and multilabel:  # TenCrop: average the crops' sigmoids, back to logits
+                probs = run_with_tta(lambda x: torch.sigmoid(model(normalize(x)).float()), images)
+                logits = torch.logit(probs.clamp(1e-6, 1 - 1e-6))
+            elif images.ndim == 5:  # TenCrop test-time augmentation: average the crops' probabilities
                 probs = run_with_tta(lambda x: model(normalize(x)).float().softmax(dim=1), images)
                 logits = probs.clamp_min(1e-12).log()  # log-probabilities: softmax(log p) == p for the loss
             else:

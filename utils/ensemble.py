@@ -217,6 +217,11 @@ class Ensemble:
             raise UserError(f"unknown ensemble method '{method}'; choose one of {', '.join(ENSEMBLE_METHODS)}")
         self.members = list(members)
         self.class_names = check_same_classes([m.backend.meta for m in self.members], [m.name for m in self.members])
+        tasks = {m.backend.meta.task for m in self.members}
+        if len(tasks) > 1:
+            raise UserError("an ensemble needs models of one kind: multiclass and multilabel models were given")
+        if method == "vote" and "multilabel" in tasks:
+            raise UserError("--ensemble vote picks one class per model: for multilabel models use mean or weighted")
         self.method = method
         self.weights = list(weights) if weights is not None else None
 

@@ -30,6 +30,13 @@ from utils.plots import batch_grid, plot_curves
 LOGGER = logging.getLogger(__name__)
 
 TRAIN_LOG_FIELDS = ["epoch", "lr", "loss", "acc", "mean_acc", "test_loss", "test_acc", "test_mean_acc"]
+LOG_METRICS = {"multiclass": ("acc", "mean_acc"), "multilabel": ("map", "f1")}  # train.log's two metric columns
+
+
+def log_fields(task: str = "multiclass") -> list[str]:
+    """train.log's columns: epoch,lr,loss,acc,mean_acc,test_loss,test_acc,test_mean_acc (multi-label: map, f1)."""
+    first, second = LOG_METRICS[task]
+    return ["epoch", "lr", "loss", first, second, "test_loss", f"test_{first}", f"test_{second}"]
 CURVE_SHARE = 0.05  # at most this share of the run's time goes to redrawing loss.png, acc.png, lr.png
 
 
@@ -44,8 +51,9 @@ def truncate_train_log(path: str | Path, epochs_done: int) -> None:
     path = Path(path)
     if not path.exists():
         return
+    with path.open(newline="", encoding="utf-8") as fh:
+        fields = list(csv.DictReader(fh).fieldnames or TRAIN_LOG_FIELDS)
     rows = [r for r in read_train_log(path) if int(r["epoch"]) <= epochs_done]
-    fields = TRAIN_LOG_FIELDS + [k for k in (rows[0].keys() if rows else []) if k not in TRAIN_LOG_FIELDS]
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
@@ -74,12 +82,12 @@ class EpochRecord:
     improved: bool
     notes: list[str] = field(default_factory=list)
 
-    def row(self) -> dict[str, Any]:
-        """The train.log row."""
+    def row(self, metrics: tuple[str, str] = ("acc", "mean_acc")) -> dict[str, Any]:
+        """The train.log row (metrics: its two metric columns)."""
         val = self.val or {}
-        return {"epoch": self.epoch, "lr": self.lr, "loss": self.train["loss"], "acc": self.train["acc"],
-                "mean_acc": self.train["mean_acc"], "test_loss": val.get("loss"), "test_acc": val.get("acc"),
-                "test_mean_acc": val.get("mean_acc"), "kd_loss": self.train.get("kd_loss")}
+        return {"epoch": self.epoch, "lr": self.lr, "loss": self.train["loss"], "test_loss": val.get("loss"),
+                **{m: self.train[m] for m in metrics}, **{f"test_{m}": val.get(m) for m in metrics},
+                "kd_loss": self.train.get("kd_loss")}
 
 
 class EpochLog:
@@ -90,12 +98,15 @@ class EpochLog:
         epochs: the number of epochs the run trains (for the console title).
         extra_fields: train.log columns after the standard ones (e.g. kd_loss).
         val_label: how the validation row is labelled in the console ("val", "val (EMA)").
+        task: multiclass (acc, mean_acc columns) or multilabel (map, f1).
     """
 
-    def __init__(self, run: Run, epochs: int, extra_fields: Sequence[str] = (), val_label: str = "val") -> None:
+    def __init__(self, run: Run, epochs: int, extra_fields: Sequence[str] = (), val_label: str = "val",
+                 task: str = "multiclass") -> None:
         self.run = run
         self.epochs = epochs
-        self.fields = TRAIN_LOG_FIELDS + list(extra_fields)
+        self.metrics = LOG_METRICS[task]
+        self.fields = log_fields(task) + list(extra_fields)
         self.val_label = val_label
         self.tb = run.tensorboard()
         self._drawn_at: float | None = None  # when the curves were last drawn (time.monotonic)
@@ -109,7 +120,7 @@ class EpochLog:
     def write(self, record: EpochRecord) -> None:
         """Append the train.log row and the TensorBoard scalars, print the table, and redraw the
         curves when it is their turn (see the module's docstring)."""
-        row = record.row()
+        row = record.row(self.metrics)
         self.run.append_csv("train.log", row, self.fields)
         if self.tb is not None:
             for key, value in row.items():
@@ -127,7 +138,7 @@ class EpochLog:
         now = time.monotonic()
         if not force and self._drawn_at is not None and now - self._drawn_at < self._draw_seconds / CURVE_SHARE:
             return
-        for name, fig in plot_curves(read_train_log(self.run / "train.log")).items():
+        for name, fig in plot_curves(read_train_log(self.run / "train.log"), self.metrics).items():
             self.run.savefig(fig, name)
         self._drawn_at = time.monotonic()
         self._draw_seconds = self._drawn_at - now
@@ -136,13 +147,14 @@ class EpochLog:
         """The epoch's PrettyTable: a row for train and one for val."""
         if not self.run.main:
             return
-        table = PrettyTable(["split", "loss", "acc", "mean_acc"])
+        first, second = self.metrics
+        table = PrettyTable(["split", "loss", first, second])
         notes = "".join(f"  {n}" for n in record.notes)
         table.title = (f"epoch {record.epoch}/{self.epochs}  lr {record.lr:.3g}  {record.seconds:.1f}s{notes}"
                        + ("  * best" if record.improved else ""))
-        table.add_row(["train", record.train["loss"], record.train["acc"], record.train["mean_acc"]])
+        table.add_row(["train", record.train["loss"], record.train[first], record.train[second]])
         if record.val:
-            table.add_row([self.val_label, record.val["loss"], record.val["acc"], record.val["mean_acc"]])
+            table.add_row([self.val_label, record.val["loss"], record.val[first], record.val[second]])
         table.float_format = ".4"
         print(table, flush=True)
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from utils.ensemble import Ensemble
 from utils.images import report_skipped
 from utils.log import UserError
-from utils.metrics import overall_metrics
+from utils.metrics import multilabel_metrics, overall_metrics
 from utils.predict import prediction_loader
 from utils.speed import measure_backend
 
@@ -32,7 +32,7 @@ class SplitPredictions:
     Attributes:
         samples: the split's (path, class index) pairs.
         keep: indices into samples of the images that decoded (the rows below).
-        targets: their true classes (N,).
+        targets: their true classes (N,), or for a multi-label split their labels, multi-hot (N, C).
         probs: the ensemble's probabilities (N, C) (the model's own for a single model).
         member_probs: each member's probabilities (N, C).
         features: penultimate features of the first member (N, D), when asked for.
@@ -96,9 +96,20 @@ def predict_split(ensemble: Ensemble, samples: list[tuple[str, int]], batch_size
     report_skipped(failed, "images that failed to decode (left out of the evaluation)")
     if not keep:
         raise UserError("no image of the split could be decoded")
-    return SplitPredictions(samples=samples, keep=keep, targets=np.array([samples[i][1] for i in keep], dtype=np.int64),
-                            probs=np.concatenate(combined), member_probs=[np.concatenate(p) for p in per_member],
+    probs = np.concatenate(combined)
+    return SplitPredictions(samples=samples, keep=keep, targets=split_targets([samples[i][1] for i in keep], probs.shape[1]),
+                            probs=probs, member_probs=[np.concatenate(p) for p in per_member],
                             features=np.concatenate(feats) if features else None)
+
+
+def split_targets(targets: Sequence[Any], num_classes: int) -> np.ndarray:
+    """Class indices (N,), or multi-hot rows (N, C) when the targets are tuples of labels."""
+    if targets and isinstance(targets[0], tuple):
+        hot = np.zeros((len(targets), num_classes), dtype=bool)
+        for row, labels in enumerate(targets):
+            hot[row, list(labels)] = True
+        return hot
+    return np.array(targets, dtype=np.int64)
 
 
 def score_split(ensemble: Ensemble, split: SplitPredictions, class_names: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -107,11 +118,16 @@ def score_split(ensemble: Ensemble, split: SplitPredictions, class_names: Sequen
     Returns:
         {label: metrics}; the first entry is the final prediction's ("ensemble (vote)" or the run).
     """
+    def score(probs: np.ndarray) -> dict[str, float]:
+        if ensemble.meta.multilabel:
+            return multilabel_metrics(split.targets, probs, ensemble.meta.decision_thresholds(), class_names)[0]
+        return overall_metrics(split.targets, probs, list(class_names))
+
     if len(ensemble) == 1:
-        return {ensemble.members[0].name: overall_metrics(split.targets, split.probs, list(class_names))}
-    results = {f"ensemble ({ensemble.method})": overall_metrics(split.targets, split.probs, list(class_names))}
+        return {ensemble.members[0].name: score(split.probs)}
+    results = {f"ensemble ({ensemble.method})": score(split.probs)}
     for member, probs in zip(ensemble.members, split.member_probs):
-        results[member.name] = overall_metrics(split.targets, probs, list(class_names))
+        results[member.name] = score(probs)
     return results
 
 

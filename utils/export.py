@@ -51,6 +51,7 @@ from utils.files import atomic_write_text, remove_stale_temps, temp_prefix
 from utils.images import scan_split
 from utils.log import UserError
 from utils.names import DEFAULT_OPSET, EXPORT_NAMES
+from utils.preprocess_np import probabilities
 from utils.schema import FORMAT, VERSION, Checkpoint, ModelMeta, PreprocessSpec
 
 LOGGER = logging.getLogger(__name__)
@@ -258,8 +259,8 @@ def reparameterize(model: nn.Module) -> tuple[nn.Module, int]:
 
 
 @torch.no_grad()
-def _probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model(x).float().softmax(dim=1)
+def _probs(model: nn.Module, x: torch.Tensor, multilabel: bool = False) -> torch.Tensor:
+    return probabilities(model(x), multilabel)
 
 
 def deploy_model(model: nn.Module, x: torch.Tensor, tolerance: float = PARITY_TOLERANCE["fp32"]["max_abs_diff"]
@@ -324,11 +325,12 @@ def load_split_images(ckpt: Checkpoint, override: str, keys: Sequence[str], limi
         (samples, description such as '64 val images from dataset/val'); no samples when no folder exists.
     """
     for split, folder in _split_candidates(ckpt, override, keys):
-        if not Path(folder).is_dir():
+        if not Path(folder).exists():
             if split == "given":
                 raise UserError(f"image folder not found: {folder}")
             continue
-        image_set = scan_split(folder, class_names=ckpt.meta.class_names, what=f"{split} set")
+        image_set = scan_split(folder, class_names=ckpt.meta.class_names, what=f"{split} set",
+                               list_sep=ckpt.args.get("list_sep"))
         samples = image_set.samples
         if len(samples) > limit:
             pick = np.linspace(0, len(samples) - 1, limit).round().astype(int)
@@ -340,7 +342,7 @@ def load_split_images(ckpt: Checkpoint, override: str, keys: Sequence[str], limi
 
 def load_batch(samples: Sequence[tuple[str, int]], spec: PreprocessSpec) -> torch.Tensor:
     """The uint8 batch (N, C, H, W) of the samples through the test-time transform."""
-    dataset = ImageDataset(samples, eval_transform(spec), spec.channels)
+    dataset = ImageDataset([(path, 0) for path, _ in samples], eval_transform(spec), spec.channels)  # labels unused
     batch = collate([dataset[i] for i in range(len(dataset))])
     for path, reason in batch["failed"]:
         LOGGER.warning("skipped %s: %s", path, reason)
@@ -675,7 +677,7 @@ def check_parity(file: Path, model_type: str, precision: str, images: torch.Tens
     except Exception as err:  # noqa: BLE001 - the runtime cannot run the file: report, do not crash
         return {"ok": None, "skipped": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}", "precision": precision,
                 "tolerance": PARITY_TOLERANCE[precision]}
-    report = parity_report(reference, logits.softmax(dim=1), precision)
+    report = parity_report(reference, probabilities(logits, backend.meta.multilabel), precision)
     report["device"] = str(run_on)
     return report
 
@@ -781,7 +783,7 @@ def export_checkpoint(weights: str | Path, opts: ExportOptions) -> list[dict[str
     trained = model_from_checkpoint(ckpt)
     x = Normalize(spec.mean, spec.std)(images)
     with torch.no_grad():
-        reference = torch.cat([_probs(trained, x[i:i + 64]) for i in range(0, len(x), 64)])
+        reference = torch.cat([_probs(trained, x[i:i + 64], meta.multilabel) for i in range(0, len(x), 64)])
     model_cpu, deploy = deploy_model(trained, x)
     for note in deploy["notes"]:
         LOGGER.warning("deploy form: %s", note)

@@ -122,26 +122,30 @@ def check_image_header(path: Path) -> str | None:
 class ImageSet:
     """The images of one split: samples, class names and what was skipped.
 
-    `signature` identifies the samples with their sizes and modification times (it changes when a
-    file is added, removed, relabelled or edited); `cache` holds values derived from them (the
-    mean/std of the images), kept between runs.
+    A sample's target is its class index, or for a multi-label set (`multilabel`) the tuple of
+    its class indices. `signature` identifies the samples with their sizes and modification times
+    (it changes when a file is added, removed, relabelled or edited); `cache` holds values derived
+    from them (the mean/std of the images), kept between runs.
     """
 
     root: Path
-    samples: list[tuple[str, int]]
+    samples: list[tuple[str, Any]]
     class_names: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     signature: str = ""
     cache: "ScanCache | None" = None
+    multilabel: bool = False
 
     @property
-    def targets(self) -> list[int]:
+    def targets(self) -> list[Any]:
         return [t for _, t in self.samples]
 
     def class_counts(self) -> list[int]:
+        """Images per class (for a multi-label set, images carrying each label)."""
         counts = [0] * len(self.class_names)
         for _, t in self.samples:
-            counts[t] += 1
+            for c in (t if isinstance(t, tuple) else (t,)):
+                counts[c] += 1
         return counts
 
 
@@ -444,16 +448,18 @@ def scan_split(
     check_headers: bool = True,
     what: str = "dataset",
     use_cache: bool = True,
+    list_sep: str | None = None,
 ) -> ImageSet:
-    """Find the images of one split (root/<class>/**/image).
+    """Find the images of one split: root/<class>/**/image, or the rows of a list file (utils.lists).
 
     Args:
-        root: the split folder.
+        root: the split folder, or a CSV / text list of images and labels.
         class_names: the model's classes (for val/test); None to derive them from the folders.
         label_path: a pytorch-classifier label.txt, used when the folders are numbered.
         check_headers: open each file's header to skip non-images early.
         what: how the split is called in messages ("train set", "val set" ...).
         use_cache: reuse the header checks of an earlier scan of unchanged files (ScanCache).
+        list_sep: the separator of a text list (None: any whitespace).
 
     Returns:
         The ImageSet.
@@ -461,6 +467,11 @@ def scan_split(
     root = Path(root)
     if not root.exists():
         raise UserError(f"{what} folder not found: {root} (split a dataset with processing.py, or pass the right path)")
+    if root.is_file():  # a list of images with their labels (CSV or text), not a folder
+        from utils.lists import scan_list
+
+        return scan_list(root, class_names=class_names, label_path=label_path, check_headers=check_headers, what=what,
+                         use_cache=use_cache, sep=list_sep)
     if not root.is_dir():
         raise UserError(f"{what} path is not a folder: {root}")
     folders = class_folders(root)
@@ -477,13 +488,18 @@ def scan_split(
         samples.extend((str(path), folder_index[f]) for path in found[f])
     if not samples:
         raise UserError(f"{what} folder {root} holds no readable images")
+    if cache is not None:
+        cache.save(keep=set(stamps) | {p for p, _ in skipped})
+    return ImageSet(root=root, samples=samples, class_names=names, skipped=skipped,
+                    signature=samples_signature(samples, stamps), cache=cache)
+
+
+def samples_signature(samples: Sequence[tuple[str, Any]], stamps: dict[str, tuple[int, int]]) -> str:
+    """A hash of the samples with their labels, sizes and modification times."""
     digest = hashlib.sha1()
     for path, target in samples:
         digest.update(f"{path}\0{target}\0{stamps.get(path)}\n".encode("utf-8", "surrogateescape"))
-    if cache is not None:
-        cache.save(keep=set(stamps) | {p for p, _ in skipped})
-    return ImageSet(root=root, samples=samples, class_names=names, skipped=skipped, signature=digest.hexdigest(),
-                    cache=cache)
+    return digest.hexdigest()
 
 
 def report_skipped(skipped: Sequence[tuple[str, str]], what: str, limit: int = 20) -> None:

@@ -1,12 +1,17 @@
-"""Classification losses: CrossEntropy, Focal, Poly-1; hard or soft targets, label smoothing, class weights.
+"""Classification losses; hard or soft targets, label smoothing, class weights.
 
-All three take targets as class indices (N,) or as probabilities (N, C) -- the latter is what
-mixup/cutmix produce -- and reduce as torch's weighted cross-entropy does:
-sum(w_i * loss_i) / sum(w_i), w_i being the class weight of sample i's target.
+Multi-class (one softmax): CrossEntropy, Focal, Poly-1. They take targets as class indices (N,)
+or as probabilities (N, C) -- the latter is what mixup/cutmix produce -- and reduce as torch's
+weighted cross-entropy does: sum(w_i * loss_i) / sum(w_i), w_i being the class weight of sample
+i's target.
+
+Multi-label (a sigmoid per class): binary cross-entropy and the asymmetric loss (ASL). They take
+multi-hot (or mixed) targets (N, C); label smoothing moves each target towards 1/2, and the class
+weights become BCE's positive weights (more weight on each class's rare positives).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -83,30 +88,97 @@ class PolyLoss(_ClassificationLoss):
         return -targets * log_p + self.epsilon * targets * (1.0 - log_p.exp())
 
 
-LOSSES = {"CrossEntropyLoss": CrossEntropyLoss, "FocalLoss": FocalLoss, "PolyLoss": PolyLoss}
+class _MultiLabelLoss(nn.Module):
+    """A sigmoid per class: multi-hot targets (N, C), smoothed towards 1/2, positive weights per class."""
+
+    def __init__(self, label_smoothing: float = 0.0, weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise UserError(f"--label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
+        self.register_buffer("pos_weight", weight.float() if weight is not None else None)
+
+    def soft_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        targets = targets.float()
+        return targets * (1.0 - self.label_smoothing) + self.label_smoothing / 2 if self.label_smoothing else targets
+
+
+class BCEWithLogitsLoss(_MultiLabelLoss):
+    """Binary cross-entropy of each class's sigmoid, averaged over classes and images."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits.float(), self.soft_targets(targets), pos_weight=self.pos_weight)
+
+
+class AsymmetricLoss(_MultiLabelLoss):
+    """Asymmetric loss (Ridnik et al., 2021): focusing gamma_neg on negatives (which dominate a
+    multi-label set), gamma_pos on positives, and negatives below `clip` probability ignored.
+    Summed over classes, averaged over images, as the paper does."""
+
+    def __init__(self, label_smoothing: float = 0.0, weight: torch.Tensor | None = None, gamma_neg: float = 4.0,
+                 gamma_pos: float = 0.0, clip: float = 0.05) -> None:
+        super().__init__(label_smoothing, weight)
+        self.gamma_neg, self.gamma_pos, self.clip = gamma_neg, gamma_pos, clip
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        y = self.soft_targets(targets)
+        p = torch.sigmoid(logits.float())
+        p_neg = (p - self.clip).clamp(min=0) if self.clip > 0 else p  # shifted probability of negatives
+        loss_pos = y * torch.log(p.clamp(min=1e-8)) * (1 - p).pow(self.gamma_pos)
+        loss_neg = (1 - y) * torch.log((1 - p_neg).clamp(min=1e-8)) * p_neg.pow(self.gamma_neg)
+        if self.pos_weight is not None:
+            loss_pos = loss_pos * self.pos_weight
+        return -(loss_pos + loss_neg).sum(dim=1).mean()
+
+
+LOSSES = {"CrossEntropyLoss": CrossEntropyLoss, "FocalLoss": FocalLoss, "PolyLoss": PolyLoss,
+          "BCEWithLogitsLoss": BCEWithLogitsLoss, "AsymmetricLoss": AsymmetricLoss}
 assert tuple(LOSSES) == LOSS_NAMES, "utils.names.LOSSES names every loss"
 
 
-def class_balance_weights(targets: Sequence[int], num_classes: int) -> torch.Tensor:
-    """pytorch-classifier's rule: the square root of scikit-learn's 'balanced' class weights.
+def class_balance_weights(targets: Sequence[Any], num_classes: int, mode: str = "sqrt", beta: float = 0.999) -> torch.Tensor:
+    """Per-class loss weights against class imbalance (--class_balance).
 
-    The root keeps a very rare class from getting a weight so large that optimisation breaks.
-    Classes absent from `targets` get weight 1.
+    Multi-class: sqrt -- pytorch-classifier's rule, the square root of scikit-learn's 'balanced'
+    weights n / (C * n_c) (the root keeps a very rare class from getting a weight so large that
+    optimisation breaks); inverse -- the balanced weights themselves; effective -- the inverse
+    effective number of samples (1 - beta) / (1 - beta^n_c) (Cui et al., 2019), scaled to mean 1
+    over the present classes. Classes absent from `targets` get weight 1.
+
+    Multi-label (targets are tuples of class indices): BCE's positive weights from each class's
+    negatives / positives, by the same rule (sqrt, the ratio itself, or effective numbers).
+
+    Returns:
+        (C,) float weights.
     """
-    from sklearn.utils.class_weight import compute_class_weight
-
-    present = np.unique(np.asarray(targets))
-    balanced = compute_class_weight("balanced", classes=present, y=np.asarray(targets))
-    weight = torch.ones(num_classes)
-    weight[torch.as_tensor(present)] = torch.as_tensor(np.sqrt(balanced), dtype=torch.float32)
-    return weight
+    if mode not in ("sqrt", "inverse", "effective"):
+        raise UserError(f"unknown --class_balance '{mode}'; choose one of sqrt, inverse, effective")
+    multilabel = bool(targets) and isinstance(targets[0], tuple)
+    counts = np.zeros(num_classes)
+    for t in targets:
+        for c in (t if multilabel else (t,)):
+            counts[c] += 1
+    present = counts > 0
+    n = len(targets)
+    if mode == "effective":
+        raw = np.where(present, (1 - beta) / (1 - np.power(beta, np.maximum(counts, 1))), 0.0)
+        if multilabel:  # positives' effective number against the negatives'
+            neg = (1 - beta) / (1 - np.power(beta, np.maximum(n - counts, 1)))
+            raw = np.where(present, raw / neg, 0.0)
+        weight = np.where(present, raw / raw[present].mean(), 1.0)
+    else:
+        ratio = np.where(present, ((n - counts) / np.maximum(counts, 1)) if multilabel
+                         else n / (present.sum() * np.maximum(counts, 1)), 1.0)
+        weight = np.sqrt(ratio) if mode == "sqrt" else ratio
+        weight = np.where(present, weight, 1.0)
+    return torch.as_tensor(weight, dtype=torch.float32)
 
 
 def build_loss(name: str, label_smoothing: float = 0.0, weight: torch.Tensor | None = None) -> nn.Module:
     """The loss named by --loss.
 
     Args:
-        name: CrossEntropyLoss, FocalLoss or PolyLoss.
+        name: CrossEntropyLoss, FocalLoss, PolyLoss (multi-class); BCEWithLogitsLoss, AsymmetricLoss (multi-label).
         label_smoothing: --label_smoothing.
         weight: per-class weights (--class_balance) or None.
 

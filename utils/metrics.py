@@ -9,11 +9,11 @@ imports torch itself), so metrice.py evaluates an exported model without PyTorch
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from utils.distributed import reduce_sum
+from utils.distributed import gather_rows, reduce_sum
 
 if TYPE_CHECKING:
     import torch
@@ -52,15 +52,23 @@ class EpochSums:
 
     def metrics(self) -> dict[str, float]:
         """loss, acc (overall accuracy) and mean_acc (mean per-class recall over present classes)."""
+        import torch
+
         sums = self.reduced()
         total = sums.confusion.sum().item()
         per_class_total = sums.confusion.sum(dim=1)
         present = per_class_total > 0
         recall = sums.confusion.diag()[present].double() / per_class_total[present].double()
+        predicted = sums.confusion.sum(dim=0)[present].double()
+        precision = torch.where(predicted > 0, sums.confusion.diag()[present].double() / predicted.clamp_min(1), 0.0)
+        f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12), 0.0)
+        mean_acc = recall.mean().item() if present.any() else 0.0
         return {
             "loss": sums.loss_sum / max(1, sums.count),
             "acc": sums.confusion.diag().sum().item() / max(1, total),
-            "mean_acc": recall.mean().item() if present.any() else 0.0,
+            "mean_acc": mean_acc,
+            "balanced_acc": mean_acc,  # the same: mean recall over the classes present
+            "f1": f1.mean().item() if present.any() else 0.0,  # macro F1 over the classes present
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -70,6 +78,139 @@ class EpochSums:
         self.loss_sum = float(state["loss_sum"])
         self.count = int(state["count"])
         self.confusion = state["confusion"].clone()
+
+
+class MultiLabelSums:
+    """Loss sum, sample count, and the epoch's probability and target rows of a multi-label model
+    (mean average precision needs every score of a class, not a sum)."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.loss_sum = 0.0
+        self.count = 0
+        self.probs: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+
+    def update(self, loss: float, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Add one batch: its mean loss, logits (N, C) and (multi-hot or mixed) targets (N, C)."""
+        import torch
+
+        n = targets.shape[0]
+        self.loss_sum += float(loss) * n
+        self.count += n
+        self.probs.append(torch.sigmoid(logits.detach().float()).cpu())
+        self.targets.append((targets.detach().float() >= 0.5).cpu())
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, float, int]:
+        """(probabilities, multi-hot targets, loss sum, count) over every process."""
+        import torch
+
+        probs = torch.cat(self.probs) if self.probs else torch.zeros(0, self.num_classes)
+        targets = torch.cat(self.targets) if self.targets else torch.zeros(0, self.num_classes, dtype=torch.bool)
+        totals = reduce_sum(torch.tensor([self.loss_sum, float(self.count)], dtype=torch.float64))
+        return gather_rows(probs).numpy(), gather_rows(targets).numpy().astype(bool), float(totals[0]), int(totals[1])
+
+    def reduced(self) -> "MultiLabelSums":
+        """These rows and sums gathered from all processes."""
+        import torch
+
+        out = MultiLabelSums(self.num_classes)
+        probs, targets, out.loss_sum, out.count = self.arrays()
+        out.probs, out.targets = [torch.from_numpy(probs)], [torch.from_numpy(targets)]
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """loss, map (mean average precision over the classes with positives) and f1 (macro F1 at 0.5)."""
+        probs, targets, loss_sum, count = self.arrays()
+        return {"loss": loss_sum / max(1, count), **multilabel_scores(targets, probs)}
+
+    def state_dict(self) -> dict[str, Any]:
+        import torch
+
+        probs, targets = (torch.cat(v) if v else torch.zeros(0, self.num_classes) for v in (self.probs, self.targets))
+        return {"loss_sum": self.loss_sum, "count": self.count, "probs": probs, "targets": targets.float()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss_sum, self.count = float(state["loss_sum"]), int(state["count"])
+        self.probs, self.targets = [state["probs"].clone()], [state["targets"] >= 0.5]
+
+
+def multilabel_metrics(targets: np.ndarray, probs: np.ndarray, thresholds: Sequence[float],
+                       class_names: Sequence[str]) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """A multi-label model's metrics on a split, with scikit-learn: overall (mAP over the classes
+    with positives, micro and macro F1, micro precision and recall, exact-match ratio, Hamming loss)
+    and per class (AP, precision, recall, F1 at its threshold, support).
+
+    Args:
+        targets: multi-hot (N, C).
+        probs: probabilities (N, C).
+        thresholds: one decision threshold per class.
+        class_names: the C names.
+
+    Returns:
+        (overall, per-class rows keyed by MULTILABEL_PER_CLASS_FIELDS).
+    """
+    from sklearn.metrics import (accuracy_score, average_precision_score, f1_score, hamming_loss,
+                                 precision_recall_fscore_support)
+
+    y = np.asarray(targets).astype(bool)
+    decided = np.asarray(probs) >= np.asarray(thresholds, dtype=np.float32)
+    present = y.sum(axis=0) > 0
+    ap = [average_precision_score(y[:, c], probs[:, c]) if present[c] else float("nan") for c in range(y.shape[1])]
+    p, r, f, support = precision_recall_fscore_support(y, decided, average=None, zero_division=0)
+    micro = precision_recall_fscore_support(y, decided, average="micro", zero_division=0)
+    overall = {"images": float(len(y)), "map": float(np.nanmean(ap)) if present.any() else float("nan"),
+               "macro_f1": float(f1_score(y[:, present], decided[:, present], average="macro", zero_division=0))
+               if present.any() else float("nan"),
+               "micro_f1": float(micro[2]), "micro_precision": float(micro[0]), "micro_recall": float(micro[1]),
+               "exact_match": float(accuracy_score(y, decided)), "hamming_loss": float(hamming_loss(y, decided))}
+    rows = [{"class": name, "ap": float(ap[c]), "precision": float(p[c]), "recall": float(r[c]), "f1": float(f[c]),
+             "threshold": float(thresholds[c]), "support": int(support[c])} for c, name in enumerate(class_names)]
+    return overall, rows
+
+
+def best_f1_thresholds(targets: np.ndarray, probs: np.ndarray) -> list[float]:
+    """Per class, the decision threshold (one of its probabilities) that gives the best F1 on these
+    rows; 0.5 for a class without positives. Ties go to the highest threshold.
+
+    Args:
+        targets: multi-hot (N, C).
+        probs: probabilities (N, C).
+
+    Returns:
+        C thresholds.
+    """
+    thresholds = []
+    for c in range(probs.shape[1]):
+        y, p = targets[:, c].astype(bool), probs[:, c]
+        if not y.any():
+            thresholds.append(0.5)
+            continue
+        order = np.argsort(-p, kind="stable")
+        tp = np.cumsum(y[order])                  # deciding "present" for the k highest scores
+        fp = np.cumsum(~y[order])
+        f1 = 2 * tp / (tp + fp + y.sum())         # 2TP / (2TP + FP + FN), FN = positives - TP
+        last = np.flatnonzero(np.r_[p[order][1:] != p[order][:-1], True])  # where a threshold can fall
+        best = last[np.argmax(f1[last])]
+        thresholds.append(float(p[order][best]))
+    return thresholds
+
+
+def multilabel_scores(targets: np.ndarray, probs: np.ndarray, thresholds: Any = 0.5) -> dict[str, float]:
+    """map: mean of each class's average precision (classes with at least one positive);
+    f1: macro F1 of the decisions probs >= thresholds over those classes."""
+    from sklearn.metrics import average_precision_score
+
+    present = targets.sum(axis=0) > 0
+    if not present.any():
+        return {"map": 0.0, "f1": 0.0}
+    ap = [average_precision_score(targets[:, c], probs[:, c]) for c in np.flatnonzero(present)]
+    decided = probs >= np.asarray(thresholds)
+    tp = (decided & targets).sum(axis=0)[present]
+    fp = (decided & ~targets).sum(axis=0)[present]
+    fn = (~decided & targets).sum(axis=0)[present]
+    f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
+    return {"map": float(np.mean(ap)), "f1": float(f1.mean())}
 
 
 # ------------------------------------------------------------------ evaluation of predictions
@@ -89,7 +230,16 @@ METRIC_LABELS: dict[str, str] = {
     "auc": "macro AUC (one-vs-rest)",
     "aupr": "macro AUPR (average precision)",
     "ece": "expected calibration error (15 bins)",
+    # multi-label models (decisions at the model's per-class thresholds)
+    "map": "mean average precision (mAP)",
+    "macro_f1": "macro F1",
+    "micro_f1": "micro F1",
+    "micro_precision": "micro precision",
+    "micro_recall": "micro recall",
+    "exact_match": "exact-match ratio (all labels right)",
+    "hamming_loss": "Hamming loss",
 }
+MULTILABEL_PER_CLASS_FIELDS = ["class", "ap", "precision", "recall", "f1", "threshold", "support"]
 PER_CLASS_FIELDS = ["class", "precision", "recall", "accuracy", "f0.5", "f1", "f2", "auc", "aupr", "support"]
 # pycm's names of the per-class statistics reported
 _PYCM_CLASS_STATS = {"precision": "PPV", "recall": "TPR", "accuracy": "ACC", "f0.5": "F0.5", "f1": "F1", "f2": "F2"}

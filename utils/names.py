@@ -7,13 +7,21 @@ utils.augment.POLICIES, utils.export.EXPORT_FORMATS ...).
 """
 from __future__ import annotations
 
-LOSSES = ("CrossEntropyLoss", "FocalLoss", "PolyLoss")
+LOSSES = ("CrossEntropyLoss", "FocalLoss", "PolyLoss", "BCEWithLogitsLoss", "AsymmetricLoss")
+MULTICLASS_LOSSES = ("CrossEntropyLoss", "FocalLoss", "PolyLoss")   # one softmax over the classes
+MULTILABEL_LOSSES = ("BCEWithLogitsLoss", "AsymmetricLoss")         # a sigmoid per class
+TASK_TYPES = ("auto", "multiclass", "multilabel")
 OPTIMIZERS = ("SGD", "AdamW", "RMSProp")
 AUGMENT_POLICIES = ("RandAugment", "AutoAugment", "TrivialAugmentWide", "AugMix")
 AUGMENT_CHOICES = (*AUGMENT_POLICIES, "none")
 MIXUP_CHOICES = ("mixup", "cutmix", "none")
 KD_METHODS = ("SoftTarget", "MGD", "SP", "AT")
-METRICS = ("loss", "acc", "mean_acc")  # --metrice: the validation metric that picks best.pt
+# --metrice: the validation metric that picks best.pt. mean_acc = balanced_acc (mean recall per
+# class); f1 = macro F1; map = mean average precision (multi-label)
+METRICS = ("loss", "acc", "mean_acc", "balanced_acc", "f1", "map")
+MULTILABEL_METRICS = ("loss", "map", "f1")
+SAMPLERS = ("shuffle", "balanced")
+CLASS_BALANCE = ("none", "sqrt", "inverse", "effective")
 MODEL_TYPES = ("torch", "torchscript", "onnx", "tensorrt", "openvino")
 ENSEMBLE_METHODS = ("mean", "vote", "weighted")
 CAM_TYPES = ("GradCAM", "HiResCAM", "ScoreCAM", "GradCAMPlusPlus", "AblationCAM", "XGradCAM", "EigenCAM", "FullGrad")

@@ -59,8 +59,12 @@ def batch_grid(images: torch.Tensor, labels: Sequence[str], title: str = "", max
     return grid
 
 
-def plot_curves(rows: Sequence[dict[str, str]]) -> dict[str, Any]:
-    """Loss, accuracy and learning-rate curves from train.log rows.
+def plot_curves(rows: Sequence[dict[str, str]], metrics: tuple[str, str] = ("acc", "mean_acc")) -> dict[str, Any]:
+    """Loss, accuracy (or the multi-label model's map and f1) and learning-rate curves from train.log rows.
+
+    Args:
+        rows: train.log rows.
+        metrics: the two metric columns of train.log.
 
     Returns:
         {"loss.png": fig, "acc.png": fig, "lr.png": fig}
@@ -72,8 +76,9 @@ def plot_curves(rows: Sequence[dict[str, str]]) -> dict[str, Any]:
     figs = {}
     for name, keys, ylabel in (
         ("loss.png", [("loss", "train"), ("test_loss", "val")], "loss"),
-        ("acc.png", [("acc", "train acc"), ("test_acc", "val acc"), ("mean_acc", "train mean acc"),
-                     ("test_mean_acc", "val mean acc")], "accuracy"),
+        ("acc.png", [(metrics[0], f"train {metrics[0]}"), (f"test_{metrics[0]}", f"val {metrics[0]}"),
+                     (metrics[1], f"train {metrics[1]}"), (f"test_{metrics[1]}", f"val {metrics[1]}")],
+         "accuracy" if metrics[0] == "acc" else "score"),
         ("lr.png", [("lr", "learning rate")], "learning rate"),
     ):
         fig, ax = subplots(figsize=(6, 4))

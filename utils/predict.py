@@ -35,6 +35,7 @@ LOGGER = logging.getLogger(__name__)
 
 TOPK = 5
 GLOB_CHARS = ("*", "?", "[")
+LIST_SUFFIXES = (".csv", ".txt", ".lst", ".list", ".tsv")  # --source given as a list of images (utils.lists)
 
 
 # ------------------------------------------------------------------------------- sources
@@ -49,7 +50,8 @@ class Source:
 
 
 def find_images(source: str | Path) -> Source:
-    """The image files of one file, a folder (recursive, natural order) or a glob pattern.
+    """The image files of one file, a folder (recursive, natural order), a glob pattern, or a list
+    file (a CSV or text list of images, as main.py takes: its labels are ignored here).
 
     Hidden files and non-image files are listed as skipped; unreadable images are found later,
     when they are decoded.
@@ -63,6 +65,16 @@ def find_images(source: str | Path) -> Source:
         files, skipped = list_files(path)
         files, repeated = drop_repeated_files(files)
         return Source(files, skipped + repeated, path)
+    if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:  # a list file (utils.lists): its images
+        from utils.lists import read_rows
+
+        rows, _ = read_rows(path)
+        listed = [(line, path.parent / written if not Path(written).is_absolute() else Path(written))
+                  for line, written, _ in rows if written]
+        files = [p for _, p in listed if p.is_file()]
+        missing = [(str(p), f"{path} line {line}: file not found") for line, p in listed if not p.is_file()]
+        files, repeated = drop_repeated_files(files)
+        return Source(files, missing + repeated, path.parent)
     if path.is_file():
         if path.suffix.lower() not in IMG_EXTENSIONS:
             return Source([], [(str(path), f"not an image file ({path.suffix or 'no extension'})")], path.parent)
@@ -220,26 +232,34 @@ def entropy(probs: Any) -> np.ndarray:
     return (-(p * logs).sum(axis=1)).astype(np.float32)
 
 
-def csv_fields(num_classes: int) -> list[str]:
-    """The columns of predictions.csv for a model of num_classes classes."""
+def csv_fields(num_classes: int, multilabel: bool = False) -> list[str]:
+    """The columns of predictions.csv for a model of num_classes classes (a multi-label model's
+    rows also list every label at or above its threshold, with its probability)."""
     k = min(TOPK, num_classes)
     tops = [f"top{i}_{what}" for i in range(1, k + 1) for what in ("class", "prob")]
-    return ["path", "class", "prob", *tops, "entropy", "uncertain"]
+    labels = ["labels", "label_probs"] if multilabel else []
+    return ["path", *labels, "class", "prob", *tops, "entropy", "uncertain"]
 
 
 def prediction_rows(paths: Sequence[str], probs: Any, class_names: Sequence[str],
-                    conf_threshold: float = 0.5) -> list[dict[str, Any]]:
+                    conf_threshold: float = 0.5, thresholds: Sequence[float] | None = None) -> list[dict[str, Any]]:
     """One row per image: the top-1 class and probability, the top-5 (or all, if fewer classes),
     the entropy, and `uncertain` (1 when the top probability is below conf_threshold).
 
+    A multi-label model (`thresholds`: one per class): `labels` lists every class whose
+    probability reaches its threshold ('|'-separated, most probable first) and `label_probs` their
+    probabilities; the entropy is the mean of the classes' binary entropies; `uncertain` is 1 when
+    no label reaches its threshold.
+
     Returns:
-        Rows keyed by csv_fields(len(class_names)), plus `index` (top-1 class index).
+        Rows keyed by csv_fields(len(class_names), multilabel), plus `index` (top-1 class index).
     """
     probs = np.asarray(probs, dtype=np.float32)
     k = min(TOPK, probs.shape[1])
     top_i = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     top_p = np.take_along_axis(probs, top_i, axis=1)
-    ent = entropy(probs)
+    ent = entropy(probs) if thresholds is None else binary_entropy(probs)
+    present = probs >= np.asarray(thresholds, dtype=np.float32) if thresholds is not None else None
     rows = []
     for n, path in enumerate(paths):
         row: dict[str, Any] = {"path": str(path), "index": int(top_i[n, 0]), "class": class_names[int(top_i[n, 0])],
@@ -249,8 +269,20 @@ def prediction_rows(paths: Sequence[str], probs: Any, class_names: Sequence[str]
             row[f"top{j + 1}_prob"] = float(top_p[n, j])
         row["entropy"] = float(ent[n])
         row["uncertain"] = int(float(top_p[n, 0]) < conf_threshold)
+        if present is not None:
+            found = [c for c in np.argsort(-probs[n], kind="stable") if present[n, c]]
+            row["labels"] = "|".join(class_names[c] for c in found)
+            row["label_probs"] = "|".join(f"{probs[n, c]:.6f}" for c in found)
+            row["label_indices"] = [int(c) for c in found]
+            row["uncertain"] = int(not found)
         rows.append(row)
     return rows
+
+
+def binary_entropy(probs: np.ndarray) -> np.ndarray:
+    """The mean over classes of each class's binary entropy, in nats (a multi-label model's uncertainty)."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1 - 1e-12)
+    return (-(p * np.log(p) + (1 - p) * np.log(1 - p))).mean(axis=1).astype(np.float32)
 
 
 class PredictionWriter:
@@ -263,9 +295,10 @@ class PredictionWriter:
         keep_rows: how many first rows to keep for the console table.
     """
 
-    def __init__(self, folder: Path, class_names: Sequence[str], keep_rows: int = 10) -> None:
+    def __init__(self, folder: Path, class_names: Sequence[str], keep_rows: int = 10, multilabel: bool = False) -> None:
         self.class_names = list(class_names)
-        self.fields = csv_fields(len(class_names))
+        self.multilabel = multilabel
+        self.fields = csv_fields(len(class_names), multilabel)
         self.keep_rows = keep_rows
         self.first_rows: list[dict[str, Any]] = []
         self.counts: Counter[str] = Counter()
@@ -284,8 +317,10 @@ class PredictionWriter:
     def write(self, rows: Sequence[dict[str, Any]]) -> None:
         for row in rows:
             self._pred_csv.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
-            self.counts[row["class"]] += 1
-            self.uncertain[row["class"]] += int(row["uncertain"])
+            for name in (row["labels"].split("|") if self.multilabel and row["labels"] else [] if self.multilabel
+                         else [row["class"]]):
+                self.counts[name] += 1
+                self.uncertain[name] += int(row["uncertain"])
             if len(self.first_rows) < self.keep_rows:
                 self.first_rows.append(row)
         self.rows += len(rows)

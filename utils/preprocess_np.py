@@ -137,6 +137,16 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def probabilities(logits: Any, multilabel: bool = False) -> Any:
+    """A model's probabilities from its logits, numpy or torch: a softmax over the classes, or for
+    a multi-label model a sigmoid per class."""
+    if hasattr(logits, "softmax"):  # a torch tensor
+        return logits.float().sigmoid() if multilabel else logits.float().softmax(dim=1)
+    if multilabel:
+        return (1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float32)))).astype(np.float32)
+    return softmax(logits)
+
+
 def run_with_tta(fn: Callable[[Any], Any], images: Any) -> Any:
     """Apply fn (a batch -> logits or probabilities) to (N, C, H, W), or to TenCrop batches
     (N, K, C, H, W) by flattening the crops and averaging fn's outputs over them. Works on numpy

@@ -19,8 +19,8 @@ from prettytable import PrettyTable
 from utils.checkpoint import Run
 from utils.evaluation import SplitPredictions
 from utils.images import load_image
-from utils.metrics import (METRIC_LABELS, PER_CLASS_FIELDS, calibration_bins, confusion_matrix_from, most_confused_pairs,
-                           per_class_metrics, pycm_matrix)
+from utils.metrics import (METRIC_LABELS, MULTILABEL_PER_CLASS_FIELDS, PER_CLASS_FIELDS, calibration_bins,
+                           confusion_matrix_from, most_confused_pairs, multilabel_metrics, per_class_metrics, pycm_matrix)
 from utils.plots import plot_confusion_matrix, plot_embedding, plot_gallery, plot_reliability
 from utils.preprocess_np import image_transform
 from utils.schema import PreprocessSpec
@@ -53,11 +53,12 @@ def print_overall(results: dict[str, dict[str, float]]) -> None:
 
 
 def print_per_class(rows: list[dict[str, Any]], title: str) -> None:
-    """The per-class metrics table."""
-    table = PrettyTable(PER_CLASS_FIELDS)
+    """The per-class metrics table (with each class's support)."""
+    fields = MULTILABEL_PER_CLASS_FIELDS if rows and "ap" in rows[0] else PER_CLASS_FIELDS
+    table = PrettyTable(fields)
     table.title = title
     for row in rows:
-        table.add_row([fmt(row[f]) if f != "class" else str(row[f]) for f in PER_CLASS_FIELDS])
+        table.add_row([fmt(row[f]) if f != "class" else str(row[f]) for f in fields])
     table.align["class"] = "l"
     print(table, flush=True)
 
@@ -153,6 +154,32 @@ def write_reports(out: Run, targets: np.ndarray, probs: np.ndarray, class_names:
     if pairs:
         shown = ", ".join(f"{p['true']} -> {p['predicted']} ({p['count']})" for p in pairs[:5])
         print(f"most confused: {shown}", flush=True)
+    return per_class
+
+
+def write_multilabel_reports(out: Run, split: SplitPredictions, thresholds: Sequence[float], class_names: list[str],
+                             results: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """A multi-label model's files: metrics.csv, per_class.csv (AP, precision, recall, F1 at each
+    class's threshold, support) and predictions.csv (each image's true and predicted labels).
+
+    Returns:
+        The per-class rows.
+    """
+    _, per_class = multilabel_metrics(split.targets, split.probs, thresholds, class_names)
+    labels = list(results)
+    out.write_csv("metrics.csv", ["metric", *(["value"] if len(labels) == 1 else labels)],
+                  [[key, *[(int(r[key]) if key == "images" else r.get(key, float("nan"))) for r in results.values()]]
+                   for key in METRIC_LABELS if any(key in r for r in results.values())])
+    out.write_csv("per_class.csv", MULTILABEL_PER_CLASS_FIELDS,
+                  [[row[f] for f in MULTILABEL_PER_CLASS_FIELDS] for row in per_class])
+    decided = split.probs >= np.asarray(thresholds, dtype=np.float32)
+
+    def names(mask: np.ndarray) -> str:
+        return "|".join(class_names[c] for c in np.flatnonzero(mask))
+
+    out.write_csv("predictions.csv", ["path", "true_labels", "predicted_labels", "exact", *[f"p_{n}" for n in class_names]],
+                  [[split.path(r), names(split.targets[r]), names(decided[r]), int((decided[r] == split.targets[r]).all()),
+                    *[f"{v:.6f}" for v in split.probs[r]]] for r in range(len(split.keep))])
     return per_class
 
 

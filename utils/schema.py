@@ -30,7 +30,7 @@ LEGACY_FORMATS = {"pytorch-classifier-ng/1": 1}  # the old one-string tag -> its
 
 RESIZE_MODES = ("crop", "letterbox", "squash")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-TASKS = ("multiclass",)
+TASKS = ("multiclass", "multilabel")
 CHECKPOINT_KINDS = ("best", "last", "swa")
 
 
@@ -134,13 +134,25 @@ class ModelMeta:
         model_name: the --model_name it was built from (utils.registry.create_model).
         class_names: the class names in output order.
         preprocess: its test-time preprocessing.
-        task: what its outputs mean (multiclass: one softmax over the classes).
+        task: what its outputs mean -- multiclass: one softmax over the classes; multilabel: a
+            sigmoid per class, each label present when its probability reaches its threshold.
+        thresholds: multilabel only: one decision threshold per class (tuned on the validation
+            split for the best F1; 0.5 each until then).
     """
 
     model_name: str
     class_names: tuple[str, ...]
     preprocess: PreprocessSpec
     task: str = "multiclass"
+    thresholds: tuple[float, ...] | None = None
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
+
+    def decision_thresholds(self) -> tuple[float, ...]:
+        """The per-class thresholds of a multi-label model (0.5 where none were tuned)."""
+        return self.thresholds if self.thresholds is not None else (0.5,) * self.num_classes
 
     @property
     def num_classes(self) -> int:
@@ -161,9 +173,12 @@ class ModelMeta:
         """Flat keys (model_name, num_classes, class_names, image_size, image_channel, mean, std,
         preprocess, task): what every checkpoint and exported file carries at its top level."""
         spec = self.preprocess
-        return {"model_name": self.model_name, "task": self.task, "num_classes": self.num_classes,
-                "class_names": list(self.class_names), "image_size": spec.crop, "image_channel": spec.channels,
-                "mean": list(spec.mean), "std": list(spec.std), "preprocess": spec.to_dict()}
+        out = {"model_name": self.model_name, "task": self.task, "num_classes": self.num_classes,
+               "class_names": list(self.class_names), "image_size": spec.crop, "image_channel": spec.channels,
+               "mean": list(spec.mean), "std": list(spec.std), "preprocess": spec.to_dict()}
+        if self.thresholds is not None:
+            out["thresholds"] = list(self.thresholds)
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "model metadata") -> "ModelMeta":
@@ -180,8 +195,16 @@ class ModelMeta:
         if "num_classes" in data and data["num_classes"] != len(classes):
             raise UserError(f"{where}: 'num_classes' is {data['num_classes']} but 'class_names' lists {len(classes)}")
         spec = PreprocessSpec.from_dict(_field(data, "preprocess", where), f"{where} (preprocess)")
-        return cls(model_name=name, class_names=tuple(classes), preprocess=spec,
-                   task=_choice(data, "task", where, TASKS, default="multiclass"))
+        task = _choice(data, "task", where, TASKS, default="multiclass")
+        thresholds = None
+        if data.get("thresholds") is not None:
+            if task != "multilabel":
+                raise UserError(f"{where}: 'thresholds' belong to a multilabel model, not a {task} one")
+            values = _floats(data, "thresholds", where, len(classes))
+            if not all(0.0 <= v <= 1.0 for v in values):
+                raise UserError(f"{where}: 'thresholds' must lie in [0, 1]")
+            thresholds = values
+        return cls(model_name=name, class_names=tuple(classes), preprocess=spec, task=task, thresholds=thresholds)
 
 
 def format_version(data: Any) -> int | None:

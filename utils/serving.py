@@ -192,7 +192,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         batch = np.stack([j.tensor for j in jobs])
         probs = self.ensemble.predict([batch], self.plan)[0]
-        rows = prediction_rows([j.name for j in jobs], probs, self.class_names, self.conf_threshold)
+        rows = prediction_rows([j.name for j in jobs], probs, self.class_names, self.conf_threshold,
+                               self.meta.decision_thresholds() if self.meta.multilabel else None)
         results: list[dict[str, Any] | ServeError] = [result_of(row, len(jobs)) for row in rows]
         for cam_type in sorted({j.cam for j in jobs if j.cam}):
             idx = [i for i, j in enumerate(jobs) if j.cam == cam_type]
@@ -220,11 +221,15 @@ class ModelRunner:
 def result_of(row: dict[str, Any], batch_size: int) -> dict[str, Any]:
     """A prediction_rows row -> the JSON of one image."""
     k = sum(1 for key in row if key.startswith("top") and key.endswith("_class"))
-    return {
+    out = {
         "file": row["path"], "class": row["class"], "index": row["index"], "prob": row["prob"],
         "top": [{"class": row[f"top{j}_class"], "prob": row[f"top{j}_prob"]} for j in range(1, k + 1)],
         "entropy": row["entropy"], "uncertain": bool(row["uncertain"]), "batch_size": batch_size,
     }
+    if "labels" in row:  # a multi-label model: every label at or above its threshold
+        out["labels"] = [{"class": c, "prob": float(p)} for c, p in
+                         zip(row["labels"].split("|"), row["label_probs"].split("|")) if c]
+    return out
 
 
 # ------------------------------------------------------------------------------ batching

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import logging
 import random
 import signal
@@ -41,11 +42,12 @@ from utils.epoch_log import EpochLog, EpochRecord
 from utils.images import ImageSet, report_skipped, scan_split
 from utils.log import UserError
 from utils.losses import RDrop, Supervised, build_loss, class_balance_weights
-from utils.metrics import EpochSums
+from utils.metrics import EpochSums, MultiLabelSums, best_f1_thresholds, multilabel_scores
 from utils.optim import HeadFreezer, build_optimizer
 from utils.registry import create_model, load_weights
 from utils.saver import CheckpointSaver
 from utils.schedule import EpochLR
+from utils.names import MULTICLASS_LOSSES, MULTILABEL_LOSSES, MULTILABEL_METRICS
 from utils.schema import Checkpoint, ModelMeta, PreprocessSpec
 from utils.train_state import ModuleState, TrainState, load_module_state
 
@@ -104,6 +106,11 @@ class TrainData:
     spec: PreprocessSpec
     augment: list[Any] = field(default_factory=list)
     augment_note: str = "none"
+    task: str = "multiclass"
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
 
     @property
     def class_names(self) -> list[str]:
@@ -133,7 +140,7 @@ def load_data(args: argparse.Namespace, resumed: Checkpoint | None = None) -> Tr
     Raises:
         UserError: missing or unusable splits, fewer than two classes, other classes than the resumed run's.
     """
-    train_set = scan_split(args.train_path, label_path=args.label_path, what="train set")
+    train_set = scan_split(args.train_path, label_path=args.label_path, what="train set", list_sep=args.list_sep)
     class_names = train_set.class_names
     if resumed is not None and list(resumed.meta.class_names) != class_names:
         raise UserError(f"--resume: the classes in {args.train_path} differ from those the run was trained on")
@@ -142,7 +149,7 @@ def load_data(args: argparse.Namespace, resumed: Checkpoint | None = None) -> Tr
         raise UserError(f"train set {args.train_path} has one class ({class_names[0]}): a classifier needs at least two")
     val_set = None
     if args.val_path and Path(args.val_path).exists():
-        val_set = scan_split(args.val_path, class_names=class_names, what="val set")
+        val_set = scan_split(args.val_path, class_names=class_names, what="val set", list_sep=args.list_sep)
         report_skipped(val_set.skipped, f"val set {args.val_path}")
     else:
         LOGGER.warning("no validation set at '%s': best.pt is chosen on the training metrics", args.val_path)
@@ -158,7 +165,49 @@ def load_data(args: argparse.Namespace, resumed: Checkpoint | None = None) -> Tr
         LOGGER.info("train set mean %s, std %s", [round(m, 4) for m in mean], [round(s, 4) for s in std])
     spec = PreprocessSpec.create(args.image_size, args.image_channel, mean, std, args.resize_mode)
     augment, note = train_augment(args.Augment, args.custom_augment)
-    return TrainData(train_set, val_set, spec, augment, note)
+    task = settle_task(args, train_set, resumed)
+    for image_set in (train_set, val_set):
+        if image_set is not None and task == "multilabel" and not image_set.multilabel:  # one label each, as tuples
+            image_set.samples = [(p, t if isinstance(t, tuple) else (t,)) for p, t in image_set.samples]
+            image_set.multilabel = True
+        elif image_set is not None and task == "multiclass" and image_set.multilabel:
+            raise UserError(f"{image_set.root}: a list with several labels per image needs --task_type multilabel")
+    return TrainData(train_set, val_set, spec, augment, note, task)
+
+
+def settle_task(args: argparse.Namespace, train_set: ImageSet, resumed: Checkpoint | None) -> str:
+    """multiclass or multilabel (--task_type, or what the training list holds), and the loss and
+    --metrice that go with it: BCE and map by default for multilabel; a mismatch is refused.
+
+    Raises:
+        UserError: a multi-class loss or metric named for a multi-label run, or the other way round.
+    """
+    task = resumed.meta.task if resumed is not None else (
+        args.task_type if args.task_type != "auto" else ("multilabel" if train_set.multilabel else "multiclass"))
+    explicit = getattr(args, "explicit", set())
+    losses, metrics = (MULTILABEL_LOSSES, MULTILABEL_METRICS) if task == "multilabel" else (MULTICLASS_LOSSES, None)
+    if args.loss not in losses:
+        if "loss" in explicit:
+            raise UserError(f"--loss {args.loss} does not fit a {task} task: choose one of {', '.join(losses)}")
+        args.loss = losses[0]
+    if metrics is not None and args.metrice not in metrics:
+        if "metrice" in explicit:
+            raise UserError(f"--metrice {args.metrice} does not fit a multilabel task: choose one of {', '.join(metrics)}")
+        args.metrice = "map"
+    if task == "multiclass" and args.metrice == "map":
+        raise UserError("--metrice map is for multilabel runs (--task_type multilabel); use acc, mean_acc or f1")
+    if task == "multilabel" and args.rdrop:
+        raise UserError("--rdrop compares softmax distributions: it does not apply to a multilabel task")
+    args.task_type = task
+    return task
+
+
+def balanced_weights(image_set: ImageSet) -> list[float]:
+    """--sampler balanced: each image's chance, the inverse of its class's frequency (for several
+    labels, the mean over them), so every class is drawn about as often."""
+    counts = image_set.class_counts()
+    return [sum(1.0 / counts[c] for c in t) / len(t) if isinstance(t, tuple) else 1.0 / counts[t]
+            for t in image_set.targets]
 
 
 # --------------------------------------------------------------------------------- trainer
@@ -182,14 +231,15 @@ class Trainer:
         if args.amp:
             LOGGER.info("--amp: %s", amp_note)
         self._settle_batch_size()
-        weight = class_balance_weights(data.train_set.targets, data.num_classes) if args.class_balance else None
+        weight = (class_balance_weights(data.train_set.targets, data.num_classes, args.class_balance, args.class_balance_beta)
+                  if args.class_balance not in ("none", None, False) else None)
         self.criterion = build_loss(args.loss, args.label_smoothing, weight).to(device)
         self.optimizer = build_optimizer(self.model, args.optimizer, args.lr, args.weight_decay, args.momentum)
         self.ema = EMA(self.model, args.ema_decay) if args.ema else None  # before any hooks are placed on the model
         self.swa = SWA(self.model, int(args.swa_start * args.epoch)) if args.swa else None
         self.objective, self.distiller = self._build_objective()
         self.freezer = HeadFreezer(self.model, args.freeze) if args.freeze else None
-        self.batch_mix = BatchMix(args.mixup, data.num_classes) if args.mixup != "none" else None
+        self.batch_mix = BatchMix(args.mixup, data.num_classes, multilabel=data.multilabel) if args.mixup != "none" else None
         self.schedule = EpochLR(self.optimizer, args.lr, args.epoch, args.warmup, args.warmup_ratios, args.warmup_minlr,
                                 args.lr_scheduler, args.lr_scheduler_params)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
@@ -200,7 +250,7 @@ class Trainer:
                                     args.accumulate, args.clip_grad, self.ema,
                                     self.freezer.train_mode if self.freezer else None, shared)
 
-        self.meta = ModelMeta(args.model_name, tuple(data.class_names), data.spec)
+        self.meta = ModelMeta(args.model_name, tuple(data.class_names), data.spec, task=data.task)
         self.options = args_to_dict(args) | {"save_path": str(run.path)}
         self.saver = CheckpointSaver(run, self.meta, self.options, args.metrice, args.patience,
                                      weights="ema" if self.ema else "raw")
@@ -218,7 +268,7 @@ class Trainer:
         self.train_sampler, self.train_loader, self.val_loader = self._build_loaders()
         run.write_yaml("args.yaml", self.options | {"mean": list(data.spec.mean), "std": list(data.spec.std)})
         run.write_lines("label.txt", data.class_names)
-        self.log = EpochLog(run, args.epoch, ["kd_loss"] if args.kd else [], "val (EMA)" if self.ema else "val")
+        self.log = EpochLog(run, args.epoch, ["kd_loss"] if args.kd else [], "val (EMA)" if self.ema else "val", data.task)
         if resumed is not None:
             self.log.resume(self.state.epoch)
 
@@ -260,11 +310,12 @@ class Trainer:
             return RDrop(self.criterion, args.rdrop_alpha), None
         if not args.kd:
             return Supervised(self.criterion), None
-        teacher, teacher_ckpt = load_teacher(args.teacher_path, self.data.class_names, args.image_channel, self.device)
+        teacher, teacher_ckpt = load_teacher(args.teacher_path, self.data.class_names, args.image_channel, self.device,
+                                             self.data.task)
         spec, t_spec = self.data.spec, teacher_ckpt.meta.preprocess
         distiller = Distiller(self.criterion, self.model, teacher, args.kd_method, args.kd_ratio, args.image_channel,
                               (list(spec.mean), list(spec.std)), (list(t_spec.mean), list(t_spec.std)),
-                              args.kd_temperature).to(self.device)
+                              args.kd_temperature, self.data.multilabel).to(self.device)
         learnable = [p for p in distiller.method.parameters() if p.requires_grad]
         if learnable:  # MGD's generation layers train with the student
             self.optimizer.add_param_group({"params": learnable, "weight_decay": args.weight_decay})
@@ -302,18 +353,25 @@ class Trainer:
         args, data = self.args, self.data
         pin = self.device.type == "cuda"
         n = len(data.train_set.samples)
-        sampler = EpochSampler(n, shuffle=True, seed=args.random_seed, rank=self.rank, world_size=self.world)
+        sampler = EpochSampler(n, shuffle=True, seed=args.random_seed, rank=self.rank, world_size=self.world,
+                               weights=balanced_weights(data.train_set) if args.sampler == "balanced" else None)
         transform = train_transform(args.image_size, args.resize_mode, data.augment, data.spec.interpolation)
         # a last batch of one image cannot train batch norm; mixing needs pairs
         per_rank = -(-n // self.world)
         drop_last = per_rank % args.batch_size == 1 or (self.batch_mix is not None and per_rank > args.batch_size)
-        train_loader = build_loader(ImageDataset(data.train_set.samples, transform, args.image_channel, seed=args.random_seed),
+        train_loader = build_loader(ImageDataset(data.train_set.samples, transform, args.image_channel, seed=args.random_seed,
+                                                 num_classes=data.num_classes),
                                     args.batch_size, sampler, args.workers, pin, drop_last=drop_last)
         val_loader = None
         if data.val_set is not None:
-            val_loader = build_loader(ImageDataset(data.val_set.samples, image_transform(data.spec, args.test_tta), args.image_channel),
+            val_loader = build_loader(ImageDataset(data.val_set.samples, image_transform(data.spec, args.test_tta), args.image_channel,
+                                                   num_classes=data.num_classes),
                                       args.batch_size, self.eval_sampler(len(data.val_set.samples)), args.workers, pin)
         return sampler, train_loader, val_loader
+
+    def new_sums(self) -> EpochSums | MultiLabelSums:
+        """What an epoch's metrics are summed in: a confusion matrix, or a multi-label model's scores."""
+        return MultiLabelSums(self.data.num_classes) if self.data.multilabel else EpochSums(self.data.num_classes)
 
     def eval_sampler(self, size: int) -> EpochSampler:
         """Each process evaluates its share of a split once (no padding); metrics are summed over them."""
@@ -349,6 +407,7 @@ class Trainer:
                 self.log.close()  # the curves are drawn however the loop ends
         if self.swa is not None:
             self.finish_swa()
+        self.tune_thresholds()
         if self.world > 1:  # DistributedDataParallel keeps the copies equal; say so, or say it did not
             same = all_equal([t for t in self.model.state_dict().values() if t.is_floating_point()])
             print(f"weights {'identical' if same else 'DIFFERENT (a bug: please report it)'} on all {self.world} "
@@ -366,7 +425,7 @@ class Trainer:
         lr = self.schedule.current() if start_step else self.schedule.start_epoch(epoch)
         frozen = self.freezer.start_epoch(epoch) if self.freezer else False
         self.train_sampler.set_epoch(epoch, skip=self.start_samples if start_step else 0)
-        sums, extra = EpochSums(self.data.num_classes), {}
+        sums, extra = self.new_sums(), {}
         if start_step and state.sums and self.rank == 0:
             sums.load_state_dict(state.sums)
             extra = dict(state.extra or {})
@@ -436,7 +495,7 @@ class Trainer:
         if self.val_loader is None:
             return None
         failed: list[tuple[str, str]] = []
-        val = evaluate(model, self.criterion, self.val_loader, self.device, self.data.num_classes, self.normalize,
+        val = evaluate(model, self.criterion, self.val_loader, self.device, self.new_sums(), self.normalize,
                        self.amp_dtype, failed=failed)
         report_skipped(failed, "val images that failed to decode")
         return val
@@ -457,21 +516,49 @@ class Trainer:
         print(f"swa.pt: average of the last {swa.count} epochs" + (f", val {self.args.metrice} {value:.4f}" if val else "")
               + (" (better than the best epoch: now best.pt)" if promoted else ""), flush=True)
 
+    def load_best(self) -> None:
+        """best.pt's weights into the model, in every process (best.pt is on rank 0's disk)."""
+        any_true()  # rank 0 has written best.pt
+        if self.rank == 0:
+            load_module_state(self.model, float_weights(load_checkpoint(self.run / "best.pt").model))
+        broadcast_module(self.model)
+
+    def tune_thresholds(self) -> None:
+        """Multi-label: per class, the threshold that gives best.pt its best F1 on the validation
+        split, stored in best.pt (and used by metrice.py, predict.py, exports and serve.py)."""
+        if not self.data.multilabel or self.val_loader is None:
+            return
+        self.load_best()
+        sums = self.new_sums()
+        evaluate(self.model, self.criterion, self.val_loader, self.device, sums, self.normalize, self.amp_dtype, desc="thresholds")
+        probs, targets, _, _ = sums.arrays()
+        thresholds = best_f1_thresholds(targets, probs)
+        before, after = multilabel_scores(targets, probs)["f1"], multilabel_scores(targets, probs, thresholds)["f1"]
+        self.meta = dataclasses.replace(self.meta, thresholds=tuple(thresholds))
+        self.saver.meta = self.meta
+        if self.rank == 0:
+            best = load_checkpoint(self.run / "best.pt")
+            best.meta = self.meta
+            self.run.save("best.pt", best)
+        print(f"thresholds tuned on the val split for each class's best F1: macro F1 {before:.4f} at 0.5 -> {after:.4f} "
+              "(stored in best.pt)", flush=True)
+
     def test_best(self) -> dict[str, float] | None:
         """best.pt's loss, acc and mean_acc on the test split (None when there is no test folder)."""
         args = self.args
         if not args.test_path or not Path(args.test_path).exists():
             return None
-        test_set = scan_split(args.test_path, class_names=self.data.class_names, what="test set")
+        test_set = scan_split(args.test_path, class_names=self.data.class_names, what="test set", list_sep=args.list_sep)
         report_skipped(test_set.skipped, f"test set {args.test_path}")
-        any_true()  # rank 0 has written best.pt
-        if self.rank == 0:  # best.pt is on rank 0's disk: its weights go to the other processes
-            load_module_state(self.model, float_weights(load_checkpoint(self.run / "best.pt").model))
-        broadcast_module(self.model)
-        loader = build_loader(ImageDataset(test_set.samples, image_transform(self.data.spec, args.test_tta), args.image_channel),
+        self.load_best()
+        if self.data.multilabel:
+            test_set.samples = [(p, t if isinstance(t, tuple) else (t,)) for p, t in test_set.samples]
+        loader = build_loader(ImageDataset(test_set.samples, image_transform(self.data.spec, args.test_tta), args.image_channel,
+                                           num_classes=self.data.num_classes),
                               args.batch_size, self.eval_sampler(len(test_set.samples)), 0, self.device.type == "cuda")
-        test = evaluate(self.model, self.criterion, loader, self.device, self.data.num_classes, self.normalize,
+        test = evaluate(self.model, self.criterion, loader, self.device, self.new_sums(), self.normalize,
                         self.amp_dtype, desc="test")
-        print(f"test ({len(test_set.samples)} images, best.pt): acc {test['acc']:.4f}, mean_acc {test['mean_acc']:.4f}, "
+        first, second = self.log.metrics
+        print(f"test ({len(test_set.samples)} images, best.pt): {first} {test[first]:.4f}, {second} {test[second]:.4f}, "
               f"loss {test['loss']:.4f}", flush=True)
         return test
