@@ -16,6 +16,7 @@ KD_METHODS = ("SoftTarget", "MGD", "SP", "AT")
 METRICS = ("loss", "acc", "mean_acc")  # --metrice: the validation metric that picks best.pt
 MODEL_TYPES = ("torch", "torchscript", "onnx", "tensorrt", "openvino")
 ENSEMBLE_METHODS = ("mean", "vote", "weighted")
+CLASSICAL = ("svm", "rf", "knn", "logreg", "mlp")  # classifiers on CNN features (metrice.py --task features)
 CAM_TYPES = ("GradCAM", "HiResCAM", "ScoreCAM", "GradCAMPlusPlus", "AblationCAM", "XGradCAM", "EigenCAM", "FullGrad")
 EXPORT_NAMES = ("torchscript", "onnx", "openvino", "tensorrt")
 DEFAULT_OPSET = 17  # run by onnxruntime >= 1.13, TensorRT >= 8.6 and OpenVINO; the legacy exporter writes up to 20
