@@ -268,7 +268,7 @@ def write_report(out: Run, results: dict[str, dict[str, float]], fits: dict[str,
     for label, r in results.items():
         fit = fits.get(label)
         params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in fit.params.items()) if fit else ""
-        table.add_row([label if fit is None else f"{label} ({LABELS[label]})", f"{r['acc']:.4f}", f"{r['mean_acc']:.4f}",
+        table.add_row([label if fit is None else f"{label}: {LABELS[label]}", f"{r['acc']:.4f}", f"{r['mean_acc']:.4f}",
                        f"{r['f1']:.4f}", params or "-", f"{fit.seconds:.2f}" if fit else "-"])
     table.align["model"] = "l"
     table.align["hyper-parameters"] = "l"
@@ -362,7 +362,7 @@ class ClassicalEnsemble:
         return probs, [probs]
 
     def describe(self) -> str:
-        return f"{self.name} ({LABELS[self.name]}) on the penultimate features of {self.ensemble.members[0].name}"
+        return f"--classical {self.name}: {LABELS[self.name]} on the penultimate features of {self.ensemble.members[0].name}"
 
 
 def classical_ensemble(ensemble: Ensemble, save_path: str | Path, name: str, tta: bool = False) -> ClassicalEnsemble:
