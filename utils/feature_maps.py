@@ -32,6 +32,7 @@ from utils.plots import load_font
 
 BLOCKS_SHOWN = 4   # transformer blocks shown (evenly spaced)
 TILE = 64          # pixels per channel map
+GAP, LABEL_H, LEFT = 4, 14, 84  # between tiles; the text under a tile; the stage labels' column
 PNG_KEY = "feature_maps"  # the PNG text chunk that lists the stages and channels drawn (JSON)
 
 
@@ -158,6 +159,11 @@ def pick_channels(maps: Sequence[torch.Tensor], index: int, k: int) -> list[tupl
     return picked
 
 
+def stage_row_top(row: int) -> int:
+    """The y pixel where the tiles of stage `row` start in a grid (the left edge of channel j: LEFT + j * (TILE + GAP))."""
+    return TILE + 2 * GAP + row * (TILE + LABEL_H + GAP)
+
+
 def feature_map_grid(view: torch.Tensor, picked: Sequence[tuple[torch.Tensor, list[int], list[float]]],
                      stages: Sequence[Stage], lines: Sequence[str]) -> tuple[Image.Image, PngInfo]:
     """The grid of one image: the input and the label on top, then a row per stage (its label,
@@ -168,28 +174,25 @@ def feature_map_grid(view: torch.Tensor, picked: Sequence[tuple[torch.Tensor, li
     """
     k = max((len(ch) for _, ch, _ in picked), default=1)
     font = load_font(11)
-    gap, label_h, left = 4, 14, 84
-    width = left + k * (TILE + gap) + gap
-    height = (TILE + 2 * gap) + len(picked) * (TILE + label_h + gap) + gap
-    grid = Image.new("RGB", (max(width, left + 2 * TILE), height), (255, 255, 255))
+    height = TILE + 2 * GAP + len(picked) * (TILE + LABEL_H + GAP) + GAP
+    text_width = TILE + 4 * GAP + max((int(font.getlength(line)) for line in lines), default=0)
+    grid = Image.new("RGB", (max(LEFT + k * (TILE + GAP) + GAP, text_width), height), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
-    grid.paste(Image.fromarray(to_hwc_rgb(view)).resize((TILE, TILE), Image.BILINEAR), (gap, gap))
+    grid.paste(Image.fromarray(to_hwc_rgb(view)).resize((TILE, TILE), Image.BILINEAR), (GAP, GAP))
     for j, line in enumerate(lines):
-        draw.text((TILE + 3 * gap, gap + 14 * j), line, fill=(200, 0, 0) if j == 0 else (0, 0, 0), font=font)
+        draw.text((TILE + 3 * GAP, GAP + 14 * j), line, fill=(200, 0, 0) if j == 0 else (0, 0, 0), font=font)
     info = []
     for row, ((maps, channels, means), stage) in enumerate(zip(picked, stages)):
-        y = TILE + 2 * gap + row * (TILE + label_h + gap)
+        y = stage_row_top(row)
         low, high = float(maps.min()), float(maps.max())
         scaled = (maps - low) / (high - low) if high > low else torch.full_like(maps, 0.5)
-        shape = [int(len(means)), *maps.shape[1:]]
-        for j, text in enumerate((stage.label, stage.name[-18:], f"{maps.shape[1]}x{maps.shape[2]}")):
-            draw.text((gap, y + 4 + 14 * j), text, fill=(0, 0, 0), font=font)
+        for j, text in enumerate((stage.label, stage.name[-14:], f"{maps.shape[1]}x{maps.shape[2]}")):
+            draw.text((GAP, y + 4 + 14 * j), text, fill=(0, 0, 0), font=font)
         for col, (channel, mean) in enumerate(zip(channels, means)):
-            x = left + col * (TILE + gap)
-            tile = Image.fromarray(heatmap_colors(scaled[col].numpy())).resize((TILE, TILE), Image.NEAREST)
-            grid.paste(tile, (x, y))
+            x = LEFT + col * (TILE + GAP)
+            grid.paste(Image.fromarray(heatmap_colors(scaled[col].numpy())).resize((TILE, TILE), Image.NEAREST), (x, y))
             draw.text((x, y + TILE + 1), f"c{channel} {mean:.2f}", fill=(0, 0, 0), font=font)
-        info.append({"stage": stage.label, "module": stage.name, "map": shape[1:], "channels": channels,
+        info.append({"stage": stage.label, "module": stage.name, "map": list(maps.shape[1:]), "channels": channels,
                      "means": [round(m, 6) for m in means]})
     png = PngInfo()
     png.add_text(PNG_KEY, json.dumps(info))
@@ -230,7 +233,7 @@ class FeatureMapWriter:
         images = inputs if inputs.ndim == 4 else inputs[:, 4]  # TenCrop: the four corners, then the centre
         maps = stage_maps(self.backend, self.stages, images)
         for n, (row, rel) in enumerate(zip(rows, rels)):
-            lines = [label_text(row), f"{self.backend.meta.model_name}: the {self.k} strongest channels per stage",
-                     "(mean activation; one colour scale per stage)"]
+            lines = [label_text(row), self.backend.meta.model_name, f"{self.k} strongest channels per stage",
+                     "(by mean activation)"]
             submit(save_grid, images[n], pick_channels(maps, n, self.k), self.stages, lines,
                    folder / output_name(rel, keep_formats=(".png",)))
