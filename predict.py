@@ -72,7 +72,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--cam_type", default="GradCAM", choices=list(CAM_TYPES), help="CAM method (the grad-cam package)")
     p("--cam_layer", default="", help="module to explain, a name from model.named_modules(); '' = the last feature stage")
     p("--cam_class", default="", help="class to explain for every image; '' = the predicted class")
-    p("--feature_maps", type=int, nargs="?", const=8, default=0, metavar="K", help="a grid per image: K strongest channels per stage")
+    p("--feature_maps", type=int, nargs="?", const=8, default=0, metavar="K", help="grid of the K (8) strongest channels per stage")
     p("--classical", choices=list(CLASSICAL), help="predict with this classifier on the features (metrice.py --task features)")
     return parser
 
@@ -224,7 +224,8 @@ def predict_files(args: argparse.Namespace, source: Source, ensemble: Ensemble, 
             if args.cam_visual:
                 explain_batch(args, cam_setup, batch, plan, probs, rows, rels, class_names, folder, images_out)
             if "feature_maps" in cam_setup:
-                cam_setup["feature_maps"].submit(batch["inputs"][plan.group_of[0]], rows, rels, folder / "feature_maps", images_out.submit)
+                cam_setup["feature_maps"].submit(batch["inputs"][plan.group_of[0]], rows, rels, folder / "feature_maps",
+                                                 images_out.submit)
     finally:
         images_out.close()
         writer.close()

@@ -350,6 +350,8 @@ class ClassicalEnsemble:
         self.ensemble, self.name, self.pipeline = ensemble, name, pipeline
 
     def __getattr__(self, attr: str) -> Any:
+        if attr == "ensemble":  # not set yet (a copy being built): no endless recursion
+            raise AttributeError(attr)
         return getattr(self.ensemble, attr)
 
     def __len__(self) -> int:
