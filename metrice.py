@@ -5,9 +5,11 @@
     python metrice.py --save_path runs/exp --task fps                    # images/second at batch 1 and the run's batch
     python metrice.py --save_path runs/exp runs/exp2 --ensemble vote     # an ensemble, side by side with its members
     python metrice.py --weight runs/exp/export/best_int8.onnx            # any model file (onnx/openvino: no torch needed)
+    python metrice.py --save_path runs/exp --task features --classical svm,knn   # classifiers on the CNN's features
 
 Data paths, image size, preprocessing and class names come from the run (best.pt); flags
-override them. Everything goes into <first run>/<task>/, a new folder per call (test, test2 ...).
+override them. Everything goes into <first run>/<task>/, a new folder per call (test, test2 ...);
+--task features writes <run>/features/ (utils.classical), replaced by each call.
 The library behind it: utils.evaluation (predict and score a split, speed), utils.reports (what
 is written), utils.ensemble (the models). torch is imported only for the formats that need it
 and for --tsne: onnx and openvino models are evaluated without PyTorch.
@@ -27,13 +29,15 @@ from utils.config import ArgumentParser, args_to_dict, finite_float
 from utils.device import default_workers, select_device, share_cpu
 from utils.ensemble import ENSEMBLE_METHODS, Ensemble, load_ensemble
 from utils.evaluation import measure_speed, predict_split, score_split
-from utils.images import read_label_file, report_skipped, scan_split
+from utils.images import read_label_file, report_skipped
+from utils.lists import scan_split
 from utils.log import UserError, run_cli
+from utils.names import CLASSICAL
 from utils.speed import device_name
 
 LOGGER = logging.getLogger("metrice")
 
-TASKS = ("train", "val", "test", "fps")
+TASKS = ("train", "val", "test", "fps", "features")
 # What utils.reports draws and computes with (module -> package); a deployment machine may lack them.
 REPORT_PACKAGES = {"matplotlib": "matplotlib", "sklearn": "scikit-learn", "pycm": "pycm"}
 
@@ -55,7 +59,8 @@ def get_args_parser() -> argparse.ArgumentParser:
       help="run folder(s), default runs/exp; several = an ensemble (same classes)")
     p("--weight", nargs="+", default=None, help="model file(s) instead of --save_path: a checkpoint or any exported "
       "file (export/best_int8.onnx ...); the format comes from the suffix")
-    p("--task", default="test", choices=TASKS, help="split to evaluate, or fps to measure speed (default test)")
+    p("--task", default="test", choices=TASKS, help="split to evaluate, fps to measure speed, or features: penultimate "
+      "features of train/val/test and --classical classifiers fit on them (default test)")
     p("--train_path", default=None, help="train split (default: the run's)")
     p("--val_path", default=None, help="val split (default: the run's)")
     p("--test_path", default=None, help="test split (default: the run's)")
@@ -76,6 +81,8 @@ def get_args_parser() -> argparse.ArgumentParser:
       help="how several runs are combined (default mean; weighted with --ensemble_weights)")
     p("--ensemble_weights", type=finite_float, nargs="+", default=None,
       help="one weight per run for --ensemble weighted (default: each run's best validation accuracy)")
+    p("--classical", default=None, help=f"--task features: comma-separated classifiers to fit on the features, "
+      f"from {','.join(CLASSICAL)} (default: all)")
     return parser
 
 
@@ -99,7 +106,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.ensemble = args.ensemble or "mean"
     if args.tsne and args.model_type != "torch":
         raise UserError("--tsne reads the penultimate features inside the network: it needs --model_type torch")
+    check_features_args(args)
     return args
+
+
+def check_features_args(args: argparse.Namespace) -> None:
+    """--task features and --classical: one PyTorch model at its own size; names from CLASSICAL."""
+    if args.classical is not None and args.task != "features":
+        raise UserError(f"--classical goes with --task features, not --task {args.task}")
+    if args.task != "features":
+        return
+    names = [n.strip() for n in (args.classical or ",".join(CLASSICAL)).split(",") if n.strip()]
+    unknown = [n for n in names if n not in CLASSICAL]
+    if unknown or not names:
+        raise UserError(f"--classical {args.classical}: unknown {', '.join(unknown) or 'empty list'}; "
+                        f"choose from {','.join(CLASSICAL)}")
+    args.classical = list(dict.fromkeys(names))
+    if args.model_type != "torch" or len(args.save_path) > 1:
+        raise UserError("--task features reads the penultimate features inside the network: pass one --save_path "
+                        "with --model_type torch")
+    if args.image_size is not None:
+        raise UserError("--task features uses the model's own --image_size (predict.py --classical computes the same features)")
 
 
 def split_path(args: argparse.Namespace, run_args: dict[str, Any]) -> Path:
@@ -160,12 +187,41 @@ def run_speed(args: argparse.Namespace, ensemble: Ensemble, device: Any) -> dict
     return {"output": out.path, "speed": rows}
 
 
+def run_features(args: argparse.Namespace, ensemble: Ensemble, class_names: list[str], device: Any) -> dict[str, Any]:
+    """--task features: features of train (and val) and test, classical classifiers fit on train, test metrics."""
+    from utils.classical import run_feature_task
+
+    if ensemble.meta.multilabel:
+        raise UserError("--task features fits classifiers that pick one class per image: not for a multilabel model")
+    run_args = ensemble.members[0].run_args  # its args.yaml: the data paths of the run
+    samples, folders = {}, {}
+    for split in ("train", "val", "test"):
+        if split == "val" and not (args.val_path or run_args.get("val_path")):
+            continue  # a run without a val split: train and test are enough
+        folders[split] = split_path(argparse.Namespace(**(vars(args) | {"task": split})), run_args)
+        image_set = scan_split(folders[split], class_names=ensemble.class_names, what=f"{split} set")
+        report_skipped(image_set.skipped, f"{split} set {folders[split]}")
+        samples[split] = image_set.samples
+    for flag in ("visual", "tsne"):
+        if getattr(args, flag):
+            LOGGER.warning("--%s does nothing with --task features", flag)
+    print(f"features of {ensemble.members[0].name} on " + ", ".join(f"{s} ({len(v)} images)" for s, v in samples.items())
+          + f"; classifiers: {', '.join(args.classical)}", flush=True)
+    batch_size = args.batch_size or max(1, int(run_args.get("batch_size") or 32))
+    result = run_feature_task(ensemble, class_names, samples, args.classical, batch_size, args.workers, args.test_tta, device,
+                              {"args": args_to_dict(args), "folders": {s: str(f) for s, f in folders.items()}})
+    print(f"results: {result['output']}", flush=True)
+    return result
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate (or time) the models in --save_path; returns the output folder and the metrics."""
     report = reports()
     ensemble, class_names, device = load_models(args)
     if args.task == "fps":
         return run_speed(args, ensemble, device)
+    if args.task == "features":
+        return run_features(args, ensemble, class_names, device)
     first = ensemble.members[0]
     run_args = dict(first.run_args)
     folder = split_path(args, run_args)

@@ -5,13 +5,14 @@
     python predict.py --source 'img/**/*.png' --save_path runs/exp runs/exp2 --ensemble vote
     python predict.py --source img/ --save_path runs/exp --cam_visual --cam_type GradCAMPlusPlus
     python predict.py --source img/ --weight runs/exp/export/best_int8.onnx       # any model file, no torch needed
+    python predict.py --source img/ --save_path runs/exp --feature_maps --classical svm  # stage grids; svm on features
 
 Everything goes into a new folder runs/exp/predict/exp (then exp2 ...): predictions.csv (one row
 per image), skipped.csv (files that are not images or cannot be decoded, with the reason),
-images/ (with --save_images) and cam/ (with --cam_visual). Results are streamed to disk batch by
-batch, so a folder of any size runs in flat memory. torch is imported only for the formats that
-need it (torch, torchscript, tensorrt) and for --cam_visual: onnx and openvino models run on a
-machine without PyTorch (requirements-deploy.txt).
+images/ (with --save_images), cam/ (with --cam_visual) and feature_maps/ (with --feature_maps).
+Results are streamed to disk batch by batch, so a folder of any size runs in flat memory. torch is
+imported only for the formats that need it and for --cam_visual/--feature_maps/--classical: onnx
+and openvino models run on a machine without PyTorch (requirements-deploy.txt).
 """
 from __future__ import annotations
 
@@ -22,10 +23,8 @@ import logging
 import os
 import sys
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from prettytable import PrettyTable
 from tqdm import tqdm
@@ -38,7 +37,8 @@ from utils.device import default_workers, select_device, share_cpu
 from utils.ensemble import ENSEMBLE_METHODS, Ensemble, InputPlan, load_ensemble
 from utils.images import load_image
 from utils.log import UserError, run_cli
-from utils.predict import (PredictionWriter, Source, annotate, find_images, label_text, output_name, prediction_loader,
+from utils.names import CLASSICAL
+from utils.predict import (BoundedWriter, PredictionWriter, Source, annotate, find_images, label_text, output_name, prediction_loader,
                            prediction_rows, relative_name)
 
 LOGGER = logging.getLogger("predict")
@@ -72,6 +72,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--cam_type", default="GradCAM", choices=list(CAM_TYPES), help="CAM method (the grad-cam package)")
     p("--cam_layer", default="", help="module to explain, a name from model.named_modules(); '' = the last feature stage")
     p("--cam_class", default="", help="class to explain for every image; '' = the predicted class")
+    p("--feature_maps", type=int, nargs="?", const=8, default=0, metavar="K", help="grid of the K (8) strongest channels per stage")
+    p("--classical", choices=list(CLASSICAL), help="predict with this classifier on the features (metrice.py --task features)")
     return parser
 
 
@@ -95,32 +97,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--cam_visual needs gradients through the PyTorch model: use --model_type torch (got {args.model_type})")
     if args.cam_visual and len(args.save_path) > 1:
         raise UserError(f"--cam_visual explains one model; pass one --save_path (got {len(args.save_path)})")
+    if args.feature_maps < 0:
+        raise UserError(f"--feature_maps K must be 1 or more channels per stage, got {args.feature_maps}")
+    if (args.feature_maps or args.classical) and (args.model_type != "torch" or len(args.save_path) > 1):
+        raise UserError(f"--{'classical' if args.classical else 'feature_maps'} reads features inside the network: "
+                        "pass one --save_path with --model_type torch")
     for flag in ("cam_layer", "cam_class"):
         if getattr(args, flag) and not args.cam_visual:
             raise UserError(f"--{flag} only applies with --cam_visual")
     return args
-
-
-class BoundedWriter:
-    """Runs image-saving jobs on a thread (PIL releases the GIL while encoding) with at most
-    `limit` pending, so the pipeline overlaps drawing with inference without piling up images."""
-
-    def __init__(self, limit: int = 256, threads: int = 1) -> None:
-        self.pool = ThreadPoolExecutor(max_workers=threads)
-        self.pending: deque[Future] = deque()
-        self.limit = limit
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
-        while len(self.pending) >= self.limit:
-            self.pending.popleft().result()
-        self.pending.append(self.pool.submit(fn, *args))
-
-    def close(self) -> None:
-        try:
-            while self.pending:
-                self.pending.popleft().result()
-        finally:
-            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def save_annotated(path: str, text: str, dest: Path) -> None:
@@ -163,7 +148,7 @@ def prepare_cam(args: argparse.Namespace, backend: Any, class_names: list[str]) 
 
 def explain_batch(args: argparse.Namespace, cam_setup: dict[str, Any], batch: dict[str, Any], plan: InputPlan,
                   probs: Any, rows: list[dict[str, Any]], rels: list[Path], class_names: list[str],
-                  folder: Path, images_out: "BoundedWriter") -> None:
+                  folder: Path, images_out: BoundedWriter) -> None:
     """--cam_visual: the class activation map of each image of a batch, saved as a panel."""
     import torch
 
@@ -222,6 +207,9 @@ def predict_files(args: argparse.Namespace, source: Source, ensemble: Ensemble, 
                     images_out.submit(save_annotated, row["path"], label_text(row), folder / "images" / output_name(rel))
             if args.cam_visual:
                 explain_batch(args, cam_setup, batch, plan, probs, rows, rels, class_names, folder, images_out)
+            if "feature_maps" in cam_setup:
+                cam_setup["feature_maps"].submit(batch["inputs"][plan.group_of[0]], rows, rels, folder / "feature_maps",
+                                                 images_out.submit)
     finally:
         images_out.close()
         writer.close()
@@ -237,9 +225,16 @@ def predict_folder(args: argparse.Namespace) -> Path:
     device = select_device(args.device, args.model_type)
     share_cpu(device, args.workers)
     ensemble = load_ensemble(args.save_path, args.model_type, device, args.half, args.ensemble, args.ensemble_weights)
+    if args.classical:
+        from utils.classical import classical_ensemble  # torch: imported only when asked for
+        ensemble = classical_ensemble(ensemble, args.save_path[0], args.classical, args.test_tta)
     if ensemble.describe():
         print(ensemble.describe(), flush=True)
     cam_setup = prepare_cam(args, ensemble.members[0].backend, list(ensemble.class_names)) if args.cam_visual else {}
+    if args.feature_maps:  # the stage grids ride with the CAM's set-up into predict_files
+        from utils.feature_maps import FeatureMapWriter
+        cam_setup["feature_maps"] = FeatureMapWriter(ensemble.members[0].backend, args.feature_maps)
+        print(f"feature maps: {cam_setup['feature_maps'].describe()}", flush=True)
 
     first = Path(args.save_path[0])
     folder = increment_path((first if first.is_dir() else first.parent) / "predict" / "exp")
@@ -276,7 +271,7 @@ def print_summary(writer: PredictionWriter, folder: Path, root: Path, first_skip
             LOGGER.warning("  ... and %d more", writer.skipped - len(first_skips))
     rate = writer.rows / seconds if seconds > 0 else 0.0
     print(f"{writer.rows} images predicted in {seconds:.1f}s ({rate:.1f} images/s), {writer.skipped} skipped", flush=True)
-    extras = [p for p, on in (("images/", args.save_images), ("cam/", args.cam_visual)) if on]
+    extras = [p for p, on in (("images/", args.save_images), ("cam/", args.cam_visual), ("feature_maps/", args.feature_maps)) if on]
     print(f"results: {writer.predictions_path}, {writer.skipped_path.name}" + "".join(f", {e}" for e in extras), flush=True)
 
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from utils.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.data import EpochSampler, ImageDataset, Normalize, build_loader, eval_transform  # noqa: E402
-from utils.images import scan_split  # noqa: E402
+from utils.lists import scan_split  # noqa: E402
 from utils.registry import create_model  # noqa: E402
 
 

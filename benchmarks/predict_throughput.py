@@ -61,8 +61,6 @@ def make_run(folder: Path, model_name: str, size: int, class_names: list[str]) -
 
 def bare_forward(run: Path, files: list[Path], batch_size: int) -> float:
     """images/s of the model on uint8 batches in memory (decoding and resizing done beforehand)."""
-    import torch
-
     from utils.backends import load_backend, predict_probs, preprocess_images
     from utils.images import load_image
 

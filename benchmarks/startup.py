@@ -8,7 +8,7 @@
               the seconds from the command to the "training ..." line (scan, header checks,
               mean/std pass, model), and the peak memory (VmHWM) until then, first with an empty
               scan cache and then again with the cache of the first run; main.py is stopped there.
-              The scan alone (utils.images.scan_split, in a child process) is timed the same way,
+              The scan alone (utils.lists.scan_split, in a child process) is timed the same way,
               with its peak memory and the memory of the file list it returns.
 
 The folder is written once into --cache_dir (a few seconds per 10,000 images); the scan cache goes
@@ -36,7 +36,7 @@ SCRIPTS = ("main.py", "metrice.py", "predict.py", "export.py", "processing.py")
 SCAN = """
 import resource, sys, time, tracemalloc
 sys.path.insert(0, sys.argv[1])
-from utils.images import scan_split
+from utils.lists import scan_split
 t0 = time.perf_counter()
 tracemalloc.start()
 image_set = scan_split(sys.argv[2], what="train set")

@@ -207,7 +207,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
     from prettytable import PrettyTable
 
-    from utils.images import scan_split
+    from utils.lists import scan_split
 
     if args.epochs < 3:
         sys.exit("error: --epochs must be at least 3 (the per-epoch cost is the difference with a 2-epoch run)")

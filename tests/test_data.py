@@ -12,7 +12,8 @@ from PIL import Image
 from conftest import (add_junk_files, assert_ok, load_ckpt, make_class_folders, make_split_dataset,
                       make_truncated_jpeg, run_many, train_args)
 from utils.data import ImageDataset, collate
-from utils.images import check_image_header, load_image, natural_key, resolve_class_names, scan_split
+from utils.images import check_image_header, load_image, natural_key, resolve_class_names
+from utils.lists import scan_split
 from utils.log import UserError
 
 NAMED = ["cat", "dog", "10", "2", "défaut"]

@@ -123,7 +123,7 @@ def test_predict_lists_every_label_above_its_threshold(multilabel: dict) -> None
 
 # ------------------------------------------------------------------------------- list files
 def test_list_file_and_folders_train_identical_weights(tmp_path: Path, tiny_data: Path) -> None:
-    from utils.images import scan_split
+    from utils.lists import scan_split
 
     lists = {}
     for split in ("train", "val"):

@@ -98,7 +98,8 @@ def identity(path: Path) -> tuple[int, int]:
 def test_processing_over_generated_trees(tmp_path: Path, capsys: pytest.CaptureFixture, recipe: list, val: float,
                                          test: float) -> None:
     import processing
-    from utils.images import list_files, scan_split
+    from utils.images import list_files
+    from utils.lists import scan_split
     from utils.log import UserError
 
     work = tmp_path / "case"

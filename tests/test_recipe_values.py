@@ -267,7 +267,7 @@ def test_vote_majority_beats_a_confident_minority() -> None:
     unsure = rows([0.3, 0.4, 0.3])
     probs = [confident, unsure, unsure.clone()]
     assert int(combine_probs(probs, "mean").argmax()) == 0  # the mean follows the confident model
-    vote = combine_probs(probs, "vote")
+    vote = torch.as_tensor(combine_probs(probs, "vote"))  # combine_probs works in numpy (no torch in deployment)
     assert int(vote.argmax()) == 1  # two votes of three
     close(vote.sum(), 1.0)
     votes = torch.tensor([[1 / 3, 2 / 3, 0.0]])
@@ -278,7 +278,7 @@ def test_vote_majority_beats_a_confident_minority() -> None:
 def test_vote_tie_is_broken_by_the_mean_probability() -> None:
     a = rows([0.7, 0.2, 0.1], [0.2, 0.3, 0.5])  # image 2: a votes for class 2
     b = rows([0.05, 0.6, 0.35], [0.45, 0.5, 0.05])  # image 2: b votes for class 1
-    vote = combine_probs([a, b], "vote")
+    vote = torch.as_tensor(combine_probs([a, b], "vote"))
     # image 1: one vote each for 0 and 1; the mean is [0.375, 0.4, 0.225]: class 1 (not the most confident model's 0)
     # image 2: one vote each for 2 and 1; the mean is [0.325, 0.4, 0.275]: class 1
     assert vote.argmax(1).tolist() == [1, 1]

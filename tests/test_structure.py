@@ -278,7 +278,7 @@ def test_one_cpu_policy() -> None:
 def test_schema_and_images_import_without_torch() -> None:
     code = ("import sys\nfor name in ('torch', 'torchvision', 'timm'):\n    sys.modules[name] = None\n"
             f"sys.path.insert(0, {str(REPO)!r})\n"
-            "from utils.schema import ModelMeta\nfrom utils.images import load_image, scan_split\nprint('ok')\n")
+            "from utils.schema import ModelMeta\nfrom utils.images import load_image\nfrom utils.lists import scan_split\nprint('ok')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=None)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", describe(proc)
 

@@ -129,7 +129,7 @@ def _model_input(model: nn.Module, image_size: int, channels: int) -> torch.Tens
     return torch.zeros(1, channels, image_size, image_size, device=param.device, dtype=param.dtype)
 
 
-def _layout(shape: Sequence[int], model: nn.Module) -> str | None:
+def output_layout(shape: Sequence[int], model: nn.Module) -> str | None:
     """tokens / NCHW / NHWC for a layer output shape (inputs are square, so the grid is H == W)."""
     if len(shape) == 3:
         return "tokens"
@@ -149,7 +149,7 @@ def _spatial(shape: Sequence[int], layout: str) -> int:
 
 def _make_layer(model: nn.Module, record: _Record) -> CamLayer:
     shape = tuple(record.output.shape)
-    layout = _layout(shape, model)
+    layout = output_layout(shape, model)
     if layout is None:
         raise UserError(f"--cam_layer {record.name}: its output has shape {shape}; a CAM needs an image-shaped "
                         "(B, C, H, W) or token (B, N, C) output; choose another layer")
@@ -172,7 +172,7 @@ def _make_layer(model: nn.Module, record: _Record) -> CamLayer:
 def _is_candidate(record: _Record, model: nn.Module) -> bool:
     if isinstance(record.module, _pooling_types()) or type(record.module).__name__ in ("SelectAdaptivePool2d", "ClassifierHead"):
         return False
-    return _layout(tuple(record.output.shape), model) is not None
+    return output_layout(tuple(record.output.shape), model) is not None
 
 
 def module_names(model: nn.Module) -> list[str]:
@@ -229,7 +229,7 @@ def find_cam_layer(model: nn.Module, image_size: int, channels: int = 3, name: s
         if not candidates:
             raise UserError(f"cannot find an image-shaped layer in {type(model).__name__} for a CAM: pass --cam_layer NAME")
         chosen = candidates[-1]
-    layout = _layout(tuple(chosen.output.shape), model)
+    layout = output_layout(tuple(chosen.output.shape), model)
     if layout == "tokens":
         norms = [r for r in records if r.name.rsplit(".", 1)[-1] in _TOKEN_NORMS and r.output.ndim == 3]
         if norms:
@@ -239,7 +239,7 @@ def find_cam_layer(model: nn.Module, image_size: int, channels: int = 3, name: s
         # before it that still has a grid.
         index = next(i for i, r in enumerate(records) if r.name == chosen.name)
         earlier = [r for r in records[:index] if _is_candidate(r, model)
-                   and _layout(tuple(r.output.shape), model) == layout and _spatial(r.output.shape, layout) > 1]
+                   and output_layout(tuple(r.output.shape), model) == layout and _spatial(r.output.shape, layout) > 1]
         depth = chosen.name.count(".")
         # prefer a whole stage (a sibling of the chosen layer, or one level down) to a layer inside a block
         earlier = [r for r in earlier if r.name.count(".") <= depth + 1] or earlier

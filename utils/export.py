@@ -48,7 +48,7 @@ from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.data import ImageDataset, Normalize, collate, eval_transform
 from utils.device import select_device
 from utils.files import atomic_write_text, remove_stale_temps, temp_prefix
-from utils.images import scan_split
+from utils.lists import scan_split
 from utils.log import UserError
 from utils.names import DEFAULT_OPSET, EXPORT_NAMES
 from utils.preprocess_np import probabilities

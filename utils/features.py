@@ -12,6 +12,7 @@ Grad-CAM finds its target layer in utils.cam.
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 from torch import nn

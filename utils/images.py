@@ -1,6 +1,6 @@
 """Images and class folders, without torch: finding the images of a split, and loading them correctly.
 
-    image_set = scan_split("dataset/train")            # samples [(path, class index)], class names, skipped
+    image_set = scan_folder("dataset/train")           # samples [(path, class index)], class names, skipped
     img = load_image("cat.jpg", channels=3)            # 8-bit RGB, EXIF orientation applied
 
 Rules:
@@ -441,25 +441,23 @@ def scan_class_folders(root: Path, folders: Sequence[str], check_headers: bool =
     return found, skipped
 
 
-def scan_split(
+def scan_folder(
     root: str | Path,
     class_names: Sequence[str] | None = None,
     label_path: str | Path | None = None,
     check_headers: bool = True,
     what: str = "dataset",
     use_cache: bool = True,
-    list_sep: str | None = None,
 ) -> ImageSet:
-    """Find the images of one split: root/<class>/**/image, or the rows of a list file (utils.lists).
+    """Find the images of one split folder: root/<class>/**/image.
 
     Args:
-        root: the split folder, or a CSV / text list of images and labels.
+        root: the split folder.
         class_names: the model's classes (for val/test); None to derive them from the folders.
         label_path: a pytorch-classifier label.txt, used when the folders are numbered.
         check_headers: open each file's header to skip non-images early.
         what: how the split is called in messages ("train set", "val set" ...).
         use_cache: reuse the header checks of an earlier scan of unchanged files (ScanCache).
-        list_sep: the separator of a text list (None: any whitespace).
 
     Returns:
         The ImageSet.
@@ -467,13 +465,8 @@ def scan_split(
     root = Path(root)
     if not root.exists():
         raise UserError(f"{what} folder not found: {root} (split a dataset with processing.py, or pass the right path)")
-    if root.is_file():  # a list of images with their labels (CSV or text), not a folder
-        from utils.lists import scan_list
-
-        return scan_list(root, class_names=class_names, label_path=label_path, check_headers=check_headers, what=what,
-                         use_cache=use_cache, sep=list_sep)
     if not root.is_dir():
-        raise UserError(f"{what} path is not a folder: {root}")
+        raise UserError(f"{what} path is not a folder: {root} (a list file is read by utils.lists.scan_split)")
     folders = class_folders(root)
     if not folders:
         raise UserError(f"{what} folder {root} has no class folders: expected {root}/<class name>/<images>")

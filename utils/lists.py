@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from utils.images import ImageSet, ScanCache, check_image_header, natural_key, read_label_file, samples_signature
+from utils.images import ImageSet, ScanCache, check_image_header, natural_key, read_label_file, samples_signature, scan_folder
 from utils.log import UserError
 
 LOGGER = logging.getLogger(__name__)
@@ -99,6 +99,20 @@ def label_index(label: str, names: Sequence[str], by_name: dict[str, int]) -> in
     if label.isdigit() and int(label) < len(names) and not any(n.isdigit() for n in names):
         return int(label)
     return None
+
+
+def scan_split(root: str | Path, class_names: Sequence[str] | None = None, label_path: str | Path | None = None,
+               check_headers: bool = True, what: str = "dataset", use_cache: bool = True,
+               list_sep: str | None = None) -> ImageSet:
+    """The images of one split: a folder of class folders (utils.images.scan_folder), or a CSV /
+    text list of images and labels (scan_list). The arguments are scan_folder's; list_sep is the
+    separator of a text list (None: any whitespace)."""
+    root = Path(root)
+    if root.is_file():
+        return scan_list(root, class_names=class_names, label_path=label_path, check_headers=check_headers, what=what,
+                         use_cache=use_cache, sep=list_sep)
+    return scan_folder(root, class_names=class_names, label_path=label_path, check_headers=check_headers, what=what,
+                       use_cache=use_cache)
 
 
 def scan_list(list_path: str | Path, class_names: Sequence[str] | None = None, label_path: str | Path | None = None,

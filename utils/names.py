@@ -24,6 +24,7 @@ SAMPLERS = ("shuffle", "balanced")
 CLASS_BALANCE = ("none", "sqrt", "inverse", "effective")
 MODEL_TYPES = ("torch", "torchscript", "onnx", "tensorrt", "openvino")
 ENSEMBLE_METHODS = ("mean", "vote", "weighted")
+CLASSICAL = ("svm", "rf", "knn", "logreg", "mlp")  # classifiers on CNN features (metrice.py --task features)
 CAM_TYPES = ("GradCAM", "HiResCAM", "ScoreCAM", "GradCAMPlusPlus", "AblationCAM", "XGradCAM", "EigenCAM", "FullGrad")
 EXPORT_NAMES = ("torchscript", "onnx", "openvino", "tensorrt")
 DEFAULT_OPSET = 17  # run by onnxruntime >= 1.13, TensorRT >= 8.6 and OpenVINO; the legacy exporter writes up to 20

@@ -20,9 +20,10 @@ import math
 import multiprocessing
 import os
 from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -72,6 +73,9 @@ def find_images(source: str | Path) -> Source:
         listed = [(line, path.parent / written if not Path(written).is_absolute() else Path(written))
                   for line, written, _ in rows if written]
         files = [p for _, p in listed if p.is_file()]
+        if not files:  # notes, not a list: say so once rather than once per line
+            first = f" (line {listed[0][0]}: {listed[0][1]} not found)" if listed else ""
+            return Source([], [(str(path), f"not an image file, nor a list of existing images{first}")], path.parent)
         missing = [(str(p), f"{path} line {line}: file not found") for line, p in listed if not p.is_file()]
         files, repeated = drop_repeated_files(files)
         return Source(files, missing + repeated, path.parent)
@@ -374,3 +378,25 @@ def annotate(image: Image.Image, text: str, min_side: int = 128) -> Image.Image:
 def output_name(rel: Path, keep_formats: Sequence[str] = (".jpg", ".jpeg", ".png")) -> Path:
     """Where a drawn copy of `rel` goes: same name when its format is kept, else name + '.png'."""
     return rel if rel.suffix.lower() in keep_formats else rel.with_name(rel.name + ".png")
+
+
+class BoundedWriter:
+    """Runs image-saving jobs on a thread (PIL releases the GIL while encoding) with at most
+    `limit` pending, so the pipeline overlaps drawing with inference without piling up images."""
+
+    def __init__(self, limit: int = 256, threads: int = 1) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=threads)
+        self.pending: deque[Future] = deque()
+        self.limit = limit
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        while len(self.pending) >= self.limit:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(fn, *args))
+
+    def close(self) -> None:
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)

@@ -39,7 +39,8 @@ from utils.distributed import (all_equal, any_true, broadcast_buffers, broadcast
 from utils.ema import EMA, SWA
 from utils.engine import NonFiniteLoss, StepParts, evaluate, train_one_epoch, update_bn
 from utils.epoch_log import EpochLog, EpochRecord
-from utils.images import ImageSet, report_skipped, scan_split
+from utils.images import ImageSet, report_skipped
+from utils.lists import scan_split
 from utils.log import UserError
 from utils.losses import RDrop, Supervised, build_loss, class_balance_weights
 from utils.metrics import EpochSums, MultiLabelSums, best_f1_thresholds, multilabel_scores
