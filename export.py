@@ -25,8 +25,7 @@ from utils.names import DEFAULT_OPSET, EXPORT_NAMES
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description="Export a trained run (its best.pt) to TorchScript, ONNX, OpenVINO or TensorRT.",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description="Export a trained run (its best.pt) to TorchScript, ONNX, OpenVINO or TensorRT.")
     p = parser.add_argument
     p("--save_path", default="runs/exp", help="run folder of main.py (its best.pt is exported), or a checkpoint file")
     p("--export", nargs="+", default=["onnx"], choices=list(EXPORT_NAMES), metavar="FORMAT",

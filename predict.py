@@ -26,7 +26,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 from prettytable import PrettyTable
-from tqdm import tqdm
 
 from utils.backends import MODEL_TYPES
 from utils.cam import CAM_TYPES
@@ -36,7 +35,7 @@ from utils.data import eval_transform
 from utils.device import default_workers, select_device, share_cpu
 from utils.ensemble import ENSEMBLE_METHODS, Ensemble, InputPlan, load_ensemble
 from utils.images import load_image
-from utils.log import UserError, run_cli
+from utils.log import UserError, progress, run_cli
 from utils.predict import (PredictionWriter, Source, annotate, find_images, label_text, output_name, prediction_loader,
                            prediction_rows, relative_name)
 
@@ -46,8 +45,7 @@ SAVE_OPTIONS = {".png": {"compress_level": 1}, ".jpg": {"quality": 90}, ".jpeg":
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description="Predict images with a trained run; explain them with Grad-CAM.",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description="Predict images with a trained run; explain them with Grad-CAM.")
     p = parser.add_argument
     p("--source", required=True, help="an image, a folder of images (recursive), or a quoted glob such as 'img/*.jpg'")
     p("--save_path", nargs="+", default=["runs/exp"],
@@ -196,7 +194,7 @@ def predict_files(args: argparse.Namespace, source: Source, ensemble: Ensemble, 
     writer.skip(source.skipped)
     t0 = time.perf_counter()
     try:
-        for batch in tqdm(loader, desc="predict", unit="batch", disable=None, leave=False):
+        for batch in progress(loader, desc="predict", unit="batch", leave=False):
             failed = [(files[i], reason) for i, reason in batch["failed"]]
             writer.skip(failed)
             first_skips += failed[: max(0, 20 - len(first_skips))]

@@ -15,13 +15,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from utils.data import run_with_tta
 from utils.ensemble import Ensemble
 from utils.features import penultimate_features
 from utils.images import report_skipped
-from utils.log import UserError
+from utils.log import UserError, progress
 from utils.metrics import overall_metrics
 from utils.predict import prediction_loader
 from utils.speed import measure_backend
@@ -80,7 +79,7 @@ def predict_split(ensemble: Ensemble, samples: list[tuple[str, int]], batch_size
     per_member: list[list[torch.Tensor]] = [[] for _ in ensemble.members]
     feats: list[torch.Tensor] = []
     failed: list[tuple[str, str]] = []
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
+    for batch in progress(loader, desc=desc, leave=False):
         failed.extend((samples[i][0], reason) for i, reason in batch["failed"])
         if not batch["indices"]:
             continue

@@ -45,7 +45,7 @@ from utils.metrics import EpochSums
 from utils.optim import HeadFreezer, build_optimizer
 from utils.registry import create_model, load_weights
 from utils.saver import CheckpointSaver
-from utils.schedule import EpochLR
+from utils.schedule import LRSchedule
 from utils.schema import Checkpoint, ModelMeta, PreprocessSpec
 from utils.train_state import ModuleState, TrainState, load_module_state
 
@@ -184,21 +184,24 @@ class Trainer:
         self._settle_batch_size()
         weight = class_balance_weights(data.train_set.targets, data.num_classes) if args.class_balance else None
         self.criterion = build_loss(args.loss, args.label_smoothing, weight).to(device)
-        self.optimizer = build_optimizer(self.model, args.optimizer, args.lr, args.weight_decay, args.momentum)
+        self.optimizer = build_optimizer(self.model, args.optimizer, args.lr, args.weight_decay, args.momentum,
+                                         getattr(args, "layer_decay", None))
         self.ema = EMA(self.model, args.ema_decay) if args.ema else None  # before any hooks are placed on the model
         self.swa = SWA(self.model, int(args.swa_start * args.epoch)) if args.swa else None
         self.objective, self.distiller = self._build_objective()
         self.freezer = HeadFreezer(self.model, args.freeze) if args.freeze else None
         self.batch_mix = BatchMix(args.mixup, data.num_classes) if args.mixup != "none" else None
-        self.schedule = EpochLR(self.optimizer, args.lr, args.epoch, args.warmup, args.warmup_ratios, args.warmup_minlr,
-                                args.lr_scheduler, args.lr_scheduler_params)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.rank, self.world = world_info()
+        self.train_sampler, self.train_loader, self.val_loader = self._build_loaders()
+        self.schedule = LRSchedule(self.optimizer, args.lr, args.epoch, args.warmup, args.warmup_ratios, args.warmup_minlr,
+                                   args.lr_scheduler, args.lr_scheduler_params,
+                                   steps_per_epoch=-(-len(self.train_loader) // args.accumulate))
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.train_model = self._wrap_distributed()
         shared = [p for p in self.distiller.method.parameters() if p.requires_grad] if self.distiller else []
         self.step_parts = StepParts(self.objective, self.optimizer, self.scaler, self.amp_dtype, self.batch_mix,
                                     args.accumulate, args.clip_grad, self.ema,
-                                    self.freezer.train_mode if self.freezer else None, shared)
+                                    self.freezer.train_mode if self.freezer else None, shared, self.schedule.after_step)
 
         self.meta = ModelMeta(args.model_name, tuple(data.class_names), data.spec)
         self.options = args_to_dict(args) | {"save_path": str(run.path)}
@@ -215,7 +218,6 @@ class Trainer:
             print(f"resuming {run.path} at epoch {self.state.epoch + 1}"
                   + (f", step {self.start_step}" if self.start_step else ""), flush=True)
         self.normalize = Normalize(data.spec.mean, data.spec.std).to(device)
-        self.train_sampler, self.train_loader, self.val_loader = self._build_loaders()
         run.write_yaml("args.yaml", self.options | {"mean": list(data.spec.mean), "std": list(data.spec.std)})
         run.write_lines("label.txt", data.class_names)
         self.log = EpochLog(run, args.epoch, ["kd_loss"] if args.kd else [], "val (EMA)" if self.ema else "val")
@@ -363,7 +365,7 @@ class Trainer:
         """Train one epoch (or the rest of it), validate, choose best.pt, log, save last.pt."""
         args, state = self.args, self.state
         start_step = self.start_step if epoch == state.epoch else 0
-        lr = self.schedule.current() if start_step else self.schedule.start_epoch(epoch)
+        lr = self.schedule.resume(epoch, start_step // args.accumulate) if start_step else self.schedule.start_epoch(epoch)
         frozen = self.freezer.start_epoch(epoch) if self.freezer else False
         self.train_sampler.set_epoch(epoch, skip=self.start_samples if start_step else 0)
         sums, extra = EpochSums(self.data.num_classes), {}
