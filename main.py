@@ -232,10 +232,15 @@ def train(args: argparse.Namespace, resumed: Checkpoint | None) -> dict[str, Any
     data = load_data(args, resumed)
     with claimed_run(args, resumed) as run:
         trainer = Trainer(args, data, run, device, resumed)
-    result = trainer.fit()
-    test = trainer.test_best()
-    if test is not None:
-        result["test"] = test
+    try:
+        result = trainer.fit()
+        test = trainer.test_best()
+        if test is not None:
+            result["test"] = test
+    except BaseException:
+        trainer.close_tracker()
+        raise
+    trainer.close_tracker(result)
     print(f"done: {run.path}", flush=True)
     return result
 

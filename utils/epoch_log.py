@@ -26,6 +26,7 @@ from prettytable import PrettyTable
 
 from utils.checkpoint import Run
 from utils.plots import batch_grid, plot_curves
+from utils.trackers import Tracker, epoch_metrics
 
 LOGGER = logging.getLogger(__name__)
 
@@ -90,10 +91,13 @@ class EpochLog:
         epochs: the number of epochs the run trains (for the console title).
         extra_fields: train.log columns after the standard ones (e.g. kd_loss).
         val_label: how the validation row is labelled in the console ("val", "val (EMA)").
+        tracker: an experiment tracker (utils.trackers) that also gets each epoch's metrics, or None.
     """
 
-    def __init__(self, run: Run, epochs: int, extra_fields: Sequence[str] = (), val_label: str = "val") -> None:
+    def __init__(self, run: Run, epochs: int, extra_fields: Sequence[str] = (), val_label: str = "val",
+                 tracker: Tracker | None = None) -> None:
         self.run = run
+        self.tracker = tracker  # --tracker: wandb or MLflow get each epoch's metrics too
         self.epochs = epochs
         self.fields = TRAIN_LOG_FIELDS + list(extra_fields)
         self.val_label = val_label
@@ -117,6 +121,8 @@ class EpochLog:
                     tag = key if key.startswith("test_") or key in ("lr", "kd_loss") else f"train_{key}"
                     self.tb.add_scalar(tag, value, record.epoch)
             self.tb.flush()
+        if self.tracker is not None:
+            self.tracker.log_metrics(epoch_metrics(row, record.seconds), step=record.epoch)
         self.print_table(record)
         self.draw_curves(force=False)
 

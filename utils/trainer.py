@@ -47,6 +47,7 @@ from utils.registry import create_model, load_weights
 from utils.saver import CheckpointSaver
 from utils.schedule import LRSchedule
 from utils.schema import Checkpoint, ModelMeta, PreprocessSpec
+from utils.trackers import create_tracker
 from utils.train_state import ModuleState, TrainState, load_module_state
 
 LOGGER = logging.getLogger(__name__)
@@ -220,7 +221,11 @@ class Trainer:
         self.normalize = Normalize(data.spec.mean, data.spec.std).to(device)
         run.write_yaml("args.yaml", self.options | {"mean": list(data.spec.mean), "std": list(data.spec.std)})
         run.write_lines("label.txt", data.class_names)
-        self.log = EpochLog(run, args.epoch, ["kd_loss"] if args.kd else [], "val (EMA)" if self.ema else "val")
+        self.tracker = (create_tracker(getattr(args, "tracker", "none"), run.path,
+                                       getattr(args, "tracker_project", "pytorch-classifier")) if run.main else None)
+        if self.tracker is not None:
+            self.tracker.log_params(self.options)
+        self.log = EpochLog(run, args.epoch, ["kd_loss"] if args.kd else [], "val (EMA)" if self.ema else "val", self.tracker)
         if resumed is not None:
             self.log.resume(self.state.epoch)
 
@@ -477,3 +482,19 @@ class Trainer:
         print(f"test ({len(test_set.samples)} images, best.pt): acc {test['acc']:.4f}, mean_acc {test['mean_acc']:.4f}, "
               f"loss {test['loss']:.4f}", flush=True)
         return test
+
+    def close_tracker(self, result: dict[str, Any] | None = None) -> None:
+        """Send the final metrics and files (best.pt, swa.pt, train.log, args.yaml, label.txt, the plots)
+        to the --tracker and close it; without `result` (the run failed or stopped) only close it."""
+        tracker, self.tracker = self.tracker, None
+        if tracker is None:
+            return
+        try:
+            if result is not None:
+                final = {f"test/{k}": float(v) for k, v in (result.get("test") or {}).items()}
+                final |= {"best/epoch": float(result["best_epoch"]), f"best/{result['best_metric']}": float(result["best_value"])}
+                tracker.log_metrics(final)
+                names = ["best.pt", "swa.pt", "train.log", "args.yaml", "label.txt"]
+                tracker.log_artifacts([self.run / n for n in names] + sorted(self.run.path.glob("*.png")))
+        finally:
+            tracker.close()
