@@ -40,7 +40,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="Evaluate a run of main.py (pytorch-classifier's metrice.py flags).")
     p = parser.add_argument
     p("--save_path", nargs="+", default=["runs/exp"],
-      help="run folder(s), default runs/exp; several = an ensemble (same classes)")
+      help="run folder(s); several = an ensemble (same classes)")
     p("--task", default="test", choices=TASKS, help="split to evaluate, or fps to measure speed (default test)")
     p("--train_path", default=None, help="train split (default: the run's)")
     p("--val_path", default=None, help="val split (default: the run's)")

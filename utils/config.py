@@ -59,9 +59,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("(default" in text or "%(default)" in text or action.default in (None, "", argparse.SUPPRESS)
+        if ("(default" in text or "%(default)" in text or action.default in (None, "", [], argparse.SUPPRESS)
                 or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))):
             return text
+        if isinstance(action.default, (list, tuple)):  # as typed: --export onnx torchscript
+            return text + " (default: " + " ".join(map(str, action.default)).replace("%", "%%") + ")"
         return text + " (default: %(default)s)"
 
 

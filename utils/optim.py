@@ -40,7 +40,8 @@ def timm_optimizer(name: str, momentum: float) -> tuple[str, dict[str, Any]]:
     if found is None:
         raise UserError(f"unknown --optimizer '{name}'; choose {', '.join(OPTIMIZERS)} or a timm optimizer "
                         f"({', '.join(TIMM_OPTIMIZERS)})")
-    timm_name, extra = CLASSIC.get(found, (found, {}))
+    timm_name, settings = CLASSIC.get(found, (found, {}))
+    extra = dict(settings)  # the caller adds to it
     if timm_name == "sgd" and momentum == 0:
         timm_name = "momentum"  # Nesterov needs momentum: plain SGD, as pytorch-classifier's SGD with momentum 0
     try:

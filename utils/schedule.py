@@ -124,6 +124,7 @@ class LRSchedule:
         self.warmup_updates = min(round(warmup_ratios * total), total - 1) if warmup else 0
         self.kind, self.name = resolve_scheduler(scheduler)
         self.update: int | None = 0  # optimizer updates since the start of training (None: not known yet)
+        self.epoch_lr: float | None = None  # the lr of the current epoch's first update (train.log's lr)
         self.last_val_loss: float | None = None  # what ReduceLROnPlateau watches
         self.timm_scheduler: Any = None
         self.torch_scheduler: Any = None
@@ -159,7 +160,8 @@ class LRSchedule:
         self.update = epoch * self.steps_per_epoch
         if self.timm_scheduler is not None:
             self.timm_scheduler.step_update(self.update)
-            return self.current()
+            self.epoch_lr = self.current()
+            return self.epoch_lr
         first = -(-self.warmup_updates // self.steps_per_epoch)  # the first epoch that starts after the warm-up
         if epoch < first:
             self._set(self._warm(self.update))
@@ -169,7 +171,8 @@ class LRSchedule:
             self.torch_scheduler.step(last_val_loss if last_val_loss is not None else float("inf"))
         else:
             self.torch_scheduler.step()
-        return self.current()
+        self.epoch_lr = self.current()
+        return self.epoch_lr
 
     def after_step(self) -> None:
         """One optimizer update done: set the lr of the next (timm schedules and the warm-up move per update)."""
@@ -182,11 +185,12 @@ class LRSchedule:
             self._set(self.lr)
 
     def resume(self, epoch: int, updates_done: int) -> float:
-        """Continue inside `epoch` after `updates_done` updates (a last.pt saved mid-epoch); the lr is the
-        optimizer's restored one. Files written before the count was kept get it from the position."""
+        """Continue inside `epoch` after `updates_done` updates (a last.pt saved mid-epoch): the optimizer
+        holds the lr of the next update; returns the epoch's first lr (train.log's). Files written before
+        the count was kept get it from the position."""
         if self.update is None:
             self.update = epoch * self.steps_per_epoch + updates_done
-        return self.current()
+        return self.epoch_lr if self.epoch_lr is not None else self.current()
 
     def current(self) -> float:
         """The scheduled lr (of the first param group, without its layer-decay scale)."""
@@ -194,7 +198,7 @@ class LRSchedule:
         return float(group["lr"] / (group.get("lr_scale") or 1.0))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"update": self.update, "last_val_loss": self.last_val_loss,
+        return {"update": self.update, "epoch_lr": self.epoch_lr, "last_val_loss": self.last_val_loss,
                 "timm_scheduler": self.timm_scheduler.state_dict() if self.timm_scheduler is not None else None,
                 "torch_scheduler": self.torch_scheduler.state_dict() if self.torch_scheduler is not None else None}
 
@@ -203,7 +207,7 @@ class LRSchedule:
             self.torch_scheduler.load_state_dict(state["torch_scheduler"])
         if self.timm_scheduler is not None and state.get("timm_scheduler") is not None:
             self.timm_scheduler.load_state_dict(state["timm_scheduler"])
-        self.update = state.get("update")
+        self.update, self.epoch_lr = state.get("update"), state.get("epoch_lr")
         self.last_val_loss = state.get("last_val_loss")
 
 
