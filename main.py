@@ -151,7 +151,9 @@ def resume_options(args: argparse.Namespace) -> tuple[argparse.Namespace, Checkp
     ckpt = load_checkpoint(save_path / "last.pt", what="--resume: last checkpoint")
     if ckpt.kind != "last" or ckpt.train_state is None:
         raise UserError(f"{save_path / 'last.pt'} holds no training state ({ckpt.kind} checkpoint): it cannot be resumed")
-    saved = dict(ckpt.args)
+    # options added since the run was written take their defaults (a version-1 run has no --sync_bn)
+    defaults = {a.dest: a.default for a in get_args_parser()._actions if a.dest not in ("help", "version")}
+    saved = defaults | dict(CONFIG_ONLY_KEYS) | dict(ckpt.args)
     ignored = sorted(k for k in args.explicit if k not in RESUME_OVERRIDES + ("resume", "save_path", "config"))
     if ignored:
         LOGGER.warning("--resume keeps the run's own options; ignored: %s", ", ".join(f"--{k}" for k in ignored))

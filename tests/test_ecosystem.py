@@ -371,3 +371,48 @@ def test_seed_flag_wins_over_the_config(tmp_path: Path) -> None:
     assert main.parse_args(["--config", str(config)]).random_seed == 3
     assert main.parse_args(["--config", str(config), "--seed", "11"]).random_seed == 11
     assert main.parse_args([]).random_seed == 0
+
+
+# ------------------------------------------------------------------------------ requirements
+# import name -> the distribution that provides it, where they differ
+DISTRIBUTIONS = {"PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn", "pytorch_grad_cam": "grad-cam",
+                 "python_multipart": "python-multipart", "swagger_ui_bundle": "swagger-ui-bundle",
+                 "mlflow": "mlflow-skinny", "starlette": "fastapi"}
+NOT_FROM_PYPI = {"tensorrt"}  # NVIDIA's, installed with the GPU stack (README: export.py)
+
+
+def _requirements(path: Path) -> dict[str, str]:
+    """name -> line of a requirements file and the files it includes (-r)."""
+    out: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("-r "):
+            out |= _requirements(path.parent / line[3:].strip())
+        elif line:
+            name = line.replace(">", "=").replace("<", "=").split("=", 1)[0].strip().lower().replace("_", "-")
+            out[name] = line
+    return out
+
+
+def test_every_import_is_declared_in_a_requirements_file() -> None:
+    import ast
+
+    declared = _requirements(REPO / "requirements" / "dev.txt") | _requirements(REPO / "requirements" / "trackers.txt")
+    training = _requirements(REPO / "requirements.txt")
+    assert "pytest" not in training and "onnx" not in training and "openvino" not in training  # a lean training install
+    assert {"huggingface-hub", "safetensors"} <= set(training)
+    assert training["albumentations"].endswith(">=1.4.21")  # A.set_random_seed
+    assert training["torch"] == "torch==2.14.1" and training["torchvision"] == "torchvision==0.29.1"
+    files = sorted(REPO.glob("*.py")) + sorted((REPO / "utils").glob("*.py")) + sorted((REPO / "model").glob("*.py"))
+    imported = set()
+    for file in files:
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m not in ("utils", "model", "__future__")}
+    third_party -= {f.stem for f in files}  # the scripts import each other (serve -> predict ...)
+    missing = sorted(m for m in third_party - NOT_FROM_PYPI
+                     if DISTRIBUTIONS.get(m, m).lower().replace("_", "-") not in declared)
+    assert not missing, f"imported but not in requirements*.txt: {missing}"
