@@ -416,3 +416,19 @@ def test_every_import_is_declared_in_a_requirements_file() -> None:
     missing = sorted(m for m in third_party - NOT_FROM_PYPI
                      if DISTRIBUTIONS.get(m, m).lower().replace("_", "-") not in declared)
     assert not missing, f"imported but not in requirements*.txt: {missing}"
+
+
+# ------------------------------------------------------------------------------------ README
+def _flags(path: Path) -> set[str]:
+    """Every `--flag` a document names (in tables, prose and commands)."""
+    import re
+
+    return set(re.findall(r"(?<![\w-])--[A-Za-z][\w-]*", path.read_text(encoding="utf-8")))
+
+
+def test_chinese_readme_lists_the_same_flags_as_the_english_one() -> None:
+    english, chinese = _flags(REPO / "README.md"), _flags(REPO / "README.zh-CN.md")
+    assert len(english) > 80 and {"--version", "--seed", "--tracker", "--layer_decay", "--push_to_hub"} <= english
+    assert english == chinese, (f"only in README.md: {sorted(english - chinese)}; "
+                                f"only in README.zh-CN.md: {sorted(chinese - english)}")
+    assert "README.zh-CN.md" in (REPO / "README.md").read_text(encoding="utf-8").split("\n## ", 1)[0]  # linked at the top
