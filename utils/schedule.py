@@ -118,6 +118,7 @@ class LRSchedule:
     def __init__(self, optimizer: torch.optim.Optimizer, lr: float, epochs: int, warmup: bool = False,
                  warmup_ratios: float = 0.05, min_lr: float = 1e-6, scheduler: str | None = None,
                  scheduler_params: dict[str, Any] | None = None, steps_per_epoch: int = 1) -> None:
+        min_lr = min(min_lr, lr)  # a floor above the peak (--lr 1e-30) would make the decay rise
         self.optimizer, self.lr, self.epochs, self.min_lr = optimizer, lr, epochs, min_lr
         self.steps_per_epoch = max(1, int(steps_per_epoch))
         total = epochs * self.steps_per_epoch
