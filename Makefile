@@ -1,10 +1,13 @@
 # Quick start: `make demo` trains on the bundled digits sample; `make test` runs the test suite.
-# Both create the virtual environment .venv and install requirements.txt when needed.
+# Both create the virtual environment .venv on first use; `make demo` installs the training
+# requirements (requirements.txt), `make test` everything the tests use (requirements/dev.txt).
 # `make cpp` builds the C++ classifier deploy/cpp/build/classify against the torch wheel's libtorch.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+STAMP := $(VENV)/.installed-train
+DEV_STAMP := $(VENV)/.installed-dev
+TRACKERS_STAMP := $(VENV)/.installed-trackers
 
 CPP_BUILD := deploy/cpp/build
 # What the tests start or build, from Debian, as "a command or a header:its package": serve.py's
@@ -13,14 +16,35 @@ CPP_BUILD := deploy/cpp/build
 SYSTEM_DEPS := chromium:chromium chromedriver:chromium-driver redis-server:redis-server cmake:cmake g++:g++ \
 	/usr/include/stb/stb_image.h:libstb-dev /usr/include/nlohmann/json.hpp:nlohmann-json3-dev
 
-.PHONY: demo test test-zoo bench install clean cpp system-deps
+.PHONY: demo test test-zoo test-trackers bench install install-dev clean cpp system-deps
 
-$(STAMP): requirements.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+# PyTorch's CPU-only wheels (without NVIDIA's CUDA libraries and triton: about 4 GB less) when this
+# machine has no NVIDIA GPU and their index answers; otherwise the default wheels of the same pinned
+# version. TORCH_CPU_INDEX= (empty) turns it off.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_INDEX = $(shell [ -n "$(TORCH_CPU_INDEX)" ] && ! command -v nvidia-smi >/dev/null 2>&1 && \
+	$(PYTHON) -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=5)" >/dev/null 2>&1 && \
+	echo "--extra-index-url $(TORCH_CPU_INDEX)")
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check $(TORCH_INDEX)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): requirements.txt | $(VENV)/bin/python
+	$(PIP) -r requirements.txt
 	touch $(STAMP)
 
+$(DEV_STAMP): requirements.txt requirements/deploy.txt requirements/dev.txt | $(VENV)/bin/python
+	$(PIP) -r requirements/dev.txt
+	touch $(STAMP) $(DEV_STAMP)
+
+$(TRACKERS_STAMP): requirements/trackers.txt | $(VENV)/bin/python
+	$(PIP) -r requirements/trackers.txt
+	touch $(TRACKERS_STAMP)
+
 install: $(STAMP)
+
+install-dev: $(DEV_STAMP)
 
 demo: $(STAMP)
 	$(PY) processing.py --sample digits --data_path sample/digits --output_path sample --force
@@ -43,14 +67,18 @@ system-deps:
 		else echo "missing:$$missing and no apt-get to install them: the tests that need them will skip"; fi; \
 	fi
 
-test: $(STAMP) system-deps
+test: $(DEV_STAMP) system-deps
 	$(PY) -m pytest -q
 
+# The tracker tests with wandb and MLflow installed (offline; `make test` skips them without the packages).
+test-trackers: $(DEV_STAMP) $(TRACKERS_STAMP)
+	$(PY) -m pytest -q tests/test_ecosystem.py -k tracker
+
 # Only the zoo test: every pytorch-classifier model name builds and runs a forward pass (~92 models; `make test` runs it too).
-test-zoo: $(STAMP)
+test-zoo: $(DEV_STAMP)
 	$(PY) -m pytest -q -m zoo
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(PY) benchmarks/train_throughput.py
 
 cpp: $(STAMP) system-deps

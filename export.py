@@ -1,9 +1,11 @@
-"""Export a trained run for deployment: TorchScript, ONNX (float32 / float16 / int8), OpenVINO, TensorRT.
+"""Export a trained run for deployment: TorchScript, ONNX (float32 / float16 / int8), OpenVINO, TensorRT,
+or a safetensors folder in timm's Hugging Face Hub layout.
 
     python export.py --save_path runs/exp --export onnx                  # runs/exp/export/best.onnx (+ .json)
     python export.py --save_path runs/exp --export torchscript onnx openvino --simplify
     python export.py --save_path runs/exp --export onnx --int8           # also best_int8.onnx, calibrated on train images
     python export.py --save_path runs/exp --export tensorrt --half --device 0   # on the GPU that will run it
+    python export.py --save_path runs/exp --export safetensors --push_to_hub user/flowers   # runs/exp/export/best_hub/
 
 Image size, channels, classes and preprocessing come from the run's best.pt. Every exported file
 is compared with PyTorch on up to 64 images of the run's val split; a file past the tolerance is
@@ -19,18 +21,19 @@ from typing import Any, Sequence
 
 from utils.config import ArgumentParser, finite_float
 from utils.log import UserError, run_cli
-from utils.names import DEFAULT_OPSET, EXPORT_NAMES
+from utils.names import DEFAULT_OPSET, EXPORT_NAMES, HUB_EXPORT
 
 # PyTorch and the exporters are imported in main(): `--help` answers at once.
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description="Export a trained run (its best.pt) to TorchScript, ONNX, OpenVINO or TensorRT.",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description="Export a trained run (its best.pt) to TorchScript, ONNX, OpenVINO or TensorRT.")
     p = parser.add_argument
     p("--save_path", default="runs/exp", help="run folder of main.py (its best.pt is exported), or a checkpoint file")
-    p("--export", nargs="+", default=["onnx"], choices=list(EXPORT_NAMES), metavar="FORMAT",
-      help=f"one or more of: {', '.join(EXPORT_NAMES)}")
+    p("--export", nargs="+", default=["onnx"], choices=[*EXPORT_NAMES, HUB_EXPORT], metavar="FORMAT",
+      help=f"one or more of: {', '.join(EXPORT_NAMES)}, {HUB_EXPORT} (a Hub folder timm loads: <stem>_hub/)")
+    p("--push_to_hub", default="", metavar="REPO", help="upload the safetensors folder to this Hugging Face Hub repo "
+      "(implies --export safetensors; token from HF_TOKEN or `hf auth login`)")
     p("--dynamic", action="store_true", help="any batch size (the default unless --batch_size is given)")
     p("--batch_size", type=int, default=None, help="trace batch; without --dynamic the model takes only this batch")
     p("--simplify", action="store_true", help="simplify the ONNX graph with onnxslim")
@@ -95,13 +98,21 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
             if given is not None and given != getattr(meta, flag):
                 raise UserError(f"--{flag} {given} differs from the run's ({getattr(meta, flag)}): the model is exported with the "
                                 f"{flag.replace('_', ' ')} it was trained with; drop --{flag}")
+    formats = [f for f in args.export if f != HUB_EXPORT]
     options = ExportOptions(
-        formats=args.export, device=args.device, batch_size=args.batch_size, dynamic=args.dynamic, half=args.half,
+        formats=formats, device=args.device, batch_size=args.batch_size, dynamic=args.dynamic, half=args.half,
         int8=args.int8, simplify=args.simplify, opset=args.opset, workspace=args.workspace, verbose=args.verbose,
         val_path=args.val_path, train_path=args.train_path, parity_images=args.parity_images,
         calibration_images=args.calibration_images, output_dir=args.output_path,
     )
-    return export_checkpoint(weights, options)
+    results = export_checkpoint(weights, options) if formats else []
+    if HUB_EXPORT in args.export or args.push_to_hub:
+        from utils.hub import export_hub, push_to_hub
+
+        results.append(export_hub(weights, args.output_path))
+        if args.push_to_hub:
+            push_to_hub(Path(results[-1]["path"]), args.push_to_hub)
+    return results
 
 
 if __name__ == "__main__":

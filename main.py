@@ -22,7 +22,7 @@ from utils.config import CONFIG_ONLY_KEYS, DEFAULT_CONFIG, ArgumentParser, finit
 from utils.device import default_workers
 from utils.log import UserError, run_cli
 from utils.names import (AUGMENT_CHOICES, CLASS_BALANCE, KD_METHODS, LOSSES, METRICS, MIXUP_CHOICES, OPTIMIZERS, SAMPLERS,
-                         TASK_TYPES)
+                         TASK_TYPES, TRACKERS, optimizer_name)
 from utils.schema import RESIZE_MODES, Checkpoint
 
 if TYPE_CHECKING:
@@ -37,8 +37,7 @@ RESUME_OVERRIDES = ("epoch", "device", "workers", "patience")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description="Train an image classifier (pytorch-classifier's flags).",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description="Train an image classifier (pytorch-classifier's flags).")
     p = parser.add_argument
     p("--model_name", default="resnet18", help="zoo name (see --list_models), any timm model, or a model/ model")
     p("--list_models", action="store_true", help="print the model zoo and exit")
@@ -46,6 +45,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--weight", default="", help="start from this state_dict or checkpoint (mismatched tensors are skipped)")
     p("--config", default=str(DEFAULT_CONFIG), help="YAML file: flag defaults and lr_scheduler, random_seed ...")
     p("--device", default="", help="'' (GPU if any), cpu, or a GPU index such as 0")
+    p("--seed", type=int, default=None, help="seed of python, numpy and torch (default: the config's random_seed)")
+    p("--tracker", default="none", choices=list(TRACKERS), help="also log to Weights & Biases or MLflow (offline unless WANDB_MODE or MLFLOW_TRACKING_URI say otherwise)")
+    p("--tracker_project", default="pytorch-classifier", help="the tracker's project (wandb) or experiment (mlflow)")
     p("--train_path", default="dataset/train", help="training images: <train_path>/<class>/<images>, or a CSV / text list")
     p("--val_path", default="dataset/val", help="validation images (chooses best.pt); may be absent")
     p("--test_path", default="dataset/test", help="test images, evaluated with best.pt when training ends")
@@ -59,7 +61,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--save_path", default="runs/exp", help="run folder (incremented if it exists, unless --resume)")
     p("--resume", action="store_true", help="continue the run in --save_path from its last.pt")
     p("--loss", default="CrossEntropyLoss", choices=list(LOSSES), help="loss function")
-    p("--optimizer", default="AdamW", choices=list(OPTIMIZERS), help="optimizer")
+    p("--optimizer", default="AdamW", type=optimizer_name, metavar="NAME",
+      help=f"{', '.join(OPTIMIZERS)}, or any timm optimizer (lion, lamb, adamp, sgdp, ...: timm.optim.list_optimizers()); any case")
+    p("--layer_decay", type=finite_float, default=None, help="layer-wise lr decay of timm models, e.g. 0.75 (off when not given)")
     p("--lr", type=finite_float, default=1e-3, help="peak learning rate")
     p("--label_smoothing", type=finite_float, default=0.1, help="label smoothing of the loss")
     p("--class_balance", nargs="?", const="sqrt", default="none", choices=list(CLASS_BALANCE),
@@ -74,8 +78,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--weight_decay", type=finite_float, default=5e-4, help="weight decay (not on biases and norm layers)")
     p("--momentum", type=finite_float, default=0.9, help="momentum of SGD / RMSProp")
     p("--amp", action="store_true", help="mixed precision: float16 on CUDA, bfloat16 on CPU")
-    p("--warmup", action="store_true", help="linear learning-rate warm-up")
-    p("--warmup_ratios", type=finite_float, default=0.05, help="fraction of the epochs spent warming up")
+    p("--warmup", action="store_true", help="linear learning-rate warm-up, per optimizer step")
+    p("--warmup_ratios", type=finite_float, default=0.05, help="fraction of the training steps spent warming up")
     p("--warmup_minlr", type=finite_float, default=1e-6, help="warm-up start lr and the end of the default decay")
     p("--metrice", default="acc", choices=list(METRICS),
       help="validation metric that picks best.pt: loss, acc, mean_acc (= balanced_acc), f1 (macro); "
@@ -110,6 +114,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parse_with_config(get_args_parser(), argv, CONFIG_ONLY_KEYS | {"custom_augment": []})
     if args.list_models:
         return args
+    if args.seed is not None:  # the flag wins over the config's random_seed
+        if args.seed < 0:
+            raise UserError(f"--seed must be 0 or more, got {args.seed}")
+        args.random_seed = args.seed
+    if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
+        raise UserError(f"--layer_decay must be in (0, 1], got {args.layer_decay}")
     for name in ("image_size", "epoch"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be a positive number, got {getattr(args, name)}")
@@ -155,8 +165,9 @@ def resume_options(args: argparse.Namespace) -> tuple[argparse.Namespace, Checkp
     ckpt = load_checkpoint(save_path / "last.pt", what="--resume: last checkpoint")
     if ckpt.kind != "last" or ckpt.train_state is None:
         raise UserError(f"{save_path / 'last.pt'} holds no training state ({ckpt.kind} checkpoint): it cannot be resumed")
-    # options newer than the run take their defaults; the run's own win
-    saved = {k: v for k, v in vars(args).items() if k != "explicit"} | dict(ckpt.args)
+    # options added since the run was written take their defaults (a version-1 run has no --sync_bn)
+    defaults = {a.dest: a.default for a in get_args_parser()._actions if a.dest not in ("help", "version")}
+    saved = defaults | dict(CONFIG_ONLY_KEYS) | dict(ckpt.args)
     if isinstance(saved.get("class_balance"), bool):  # runs from before --class_balance took a mode
         saved["class_balance"] = "sqrt" if saved["class_balance"] else "none"
     ignored = sorted(k for k in args.explicit if k not in RESUME_OVERRIDES + ("resume", "save_path", "config"))
@@ -239,10 +250,15 @@ def train(args: argparse.Namespace, resumed: Checkpoint | None) -> dict[str, Any
     data = load_data(args, resumed)
     with claimed_run(args, resumed) as run:
         trainer = Trainer(args, data, run, device, resumed)
-    result = trainer.fit()
-    test = trainer.test_best()
-    if test is not None:
-        result["test"] = test
+    try:
+        result = trainer.fit()
+        test = trainer.test_best()
+        if test is not None:
+            result["test"] = test
+    except BaseException:
+        trainer.close_tracker()
+        raise
+    trainer.close_tracker(result)
     print(f"done: {run.path}", flush=True)
     return result
 

@@ -12,7 +12,7 @@ per image), skipped.csv (files that are not images or cannot be decoded, with th
 images/ (with --save_images), cam/ (with --cam_visual) and feature_maps/ (with --feature_maps).
 Results are streamed to disk batch by batch, so a folder of any size runs in flat memory. torch is
 imported only for the formats that need it and for --cam_visual/--feature_maps/--classical: onnx
-and openvino models run on a machine without PyTorch (requirements-deploy.txt).
+and openvino models run on a machine without PyTorch (requirements/runtime.txt).
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from prettytable import PrettyTable
-from tqdm import tqdm
 
 from utils.backends import MODEL_TYPES, models_from_flags
 from utils.cam import CAM_TYPES
@@ -36,7 +35,7 @@ from utils.config import ArgumentParser, finite_float
 from utils.device import default_workers, select_device, share_cpu
 from utils.ensemble import ENSEMBLE_METHODS, Ensemble, InputPlan, load_ensemble
 from utils.images import load_image
-from utils.log import UserError, run_cli
+from utils.log import UserError, progress, run_cli
 from utils.names import CLASSICAL
 from utils.predict import (BoundedWriter, PredictionWriter, Source, annotate, find_images, label_text, output_name, prediction_loader,
                            prediction_rows, relative_name)
@@ -47,8 +46,7 @@ SAVE_OPTIONS = {".png": {"compress_level": 1}, ".jpg": {"quality": 90}, ".jpeg":
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description="Predict images with a trained run; explain them with Grad-CAM.",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description="Predict images with a trained run; explain them with Grad-CAM.")
     p = parser.add_argument
     p("--source", required=True, help="an image, a folder of images (recursive), or a quoted glob such as 'img/*.jpg'")
     p("--save_path", nargs="+", default=None,
@@ -191,7 +189,7 @@ def predict_files(args: argparse.Namespace, source: Source, ensemble: Ensemble, 
     writer.skip(source.skipped)
     t0 = time.perf_counter()
     try:
-        for batch in tqdm(loader, desc="predict", unit="batch", disable=None, leave=False):
+        for batch in progress(loader, desc="predict", unit="batch", leave=False):
             failed = [(files[i], reason) for i, reason in batch["failed"]]
             writer.skip(failed)
             first_skips += failed[: max(0, 20 - len(first_skips))]

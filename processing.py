@@ -36,8 +36,7 @@ SAMPLES = ("digits",)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description="Split class folders into train/val/test.",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description="Split class folders into train/val/test.")
     p = parser.add_argument
     p("--data_path", default="dataset/raw", help="the whole dataset: <data_path>/<class>/<images>")
     p("--output_path", default="dataset", help="where train/, val/, test/ and label.txt are written")

@@ -44,8 +44,7 @@ ROLE_FLAGS = {**MODEL_DEFAULTS, **BATCH_DEFAULTS, **HTTP_DEFAULTS, **QUEUE_DEFAU
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description="Serve a trained run: REST API, web page, dynamic batching, Redis workers.",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description="Serve a trained run: REST API, web page, dynamic batching, Redis workers.")
     p = parser.add_argument
     p("--save_path", default=None, help="run folder (its best.pt or export/) or model file [runs/exp]; "
       "not for the API tier of --queue (its workers load the model)")

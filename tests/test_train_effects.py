@@ -383,9 +383,11 @@ def test_image_channel_1_trains_on_one_channel(tiny_data: Path, tmp_path: Path) 
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_epoch(tiny_data: Path, tmp_path: Path) -> None:
-    # epoch 1 warms up at --warmup_minlr; epoch 2 runs at half of an absurd --lr: the weights blow up
+    # epoch 1 trains at --lr 1e-3; the config's StepLR (stepped per epoch) makes epoch 2's lr absurd: the weights blow up
     save = tmp_path / "nan"
-    proc = run_inprocess("main.py", *train_args(tiny_data, save, "--lr", "1e30", "--warmup", "--warmup_ratios", "0.5",
+    config = tmp_path / "blowup.yaml"
+    config.write_text("lr_scheduler: StepLR\nlr_scheduler_params: {step_size: 1, gamma: 1.0e+33}\n")
+    proc = run_inprocess("main.py", *train_args(tiny_data, save, "--lr", "1e-3", "--config", config,
                                                 "--epoch", "2", "--optimizer", "SGD"))
     line = assert_user_error(proc, "training stopped: loss is", "at epoch 2", "lower --lr")
     assert "nan" in line or "inf" in line

@@ -18,7 +18,7 @@ normalised float batch ((pixel / 255 - mean) / std, N x C x H x W) and return lo
 metadata (ONNX metadata_props, TorchScript extra file, OpenVINO rt_info, or the JSON export.py
 writes beside every file) gives the class names and preprocessing. This module imports no torch:
 onnx and openvino run through utils.runtimes on numpy (a deployment machine needs numpy, Pillow
-and the runtime: requirements-deploy.txt); torch, torchscript and tensorrt through
+and the runtime: requirements/runtime.txt); torch, torchscript and tensorrt through
 utils.torch_backends, imported when one is loaded. Only the torch format needs timm and the model code.
 """
 from __future__ import annotations

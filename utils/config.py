@@ -50,12 +50,35 @@ def finite_float(text: str) -> float:
     return value
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """The one help format of every script: each flag's default printed once.
+
+    "(default: ...)" is added unless the help already says what the default is, and not for
+    switches, empty defaults or None (a flag that is off unless given).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("(default" in text or "%(default)" in text or action.default in (None, "", [], argparse.SUPPRESS)
+                or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))):
+            return text
+        if isinstance(action.default, (list, tuple)):  # as typed: --export onnx torchscript
+            return text + " (default: " + " ".join(map(str, action.default)).replace("%", "%%") + ")"
+        return text + " (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a 'did you mean' hint for mistyped flags and no abbreviated flags."""
+    """argparse with a 'did you mean' hint for mistyped flags, no abbreviated flags, the one help
+    format (HelpFormatter) and --version."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from utils import __version__
+
         kwargs.setdefault("allow_abbrev", False)
+        kwargs["formatter_class"] = HelpFormatter
         super().__init__(*args, **kwargs)
+        self.add_argument("--version", action="version", version=f"pytorch-classifier-ng {__version__}",
+                          help="print the version and exit")
 
     def error(self, message: str) -> None:  # noqa: D401 - argparse's signature
         if message.startswith("unrecognized arguments:"):
@@ -129,7 +152,7 @@ def parse_with_config(
     cfg_path = _config_path_from_argv(argv) or parser.get_default("config")
     cfg = load_yaml(cfg_path) if cfg_path else {}
 
-    dests = {a.dest for a in parser._actions if a.dest != "help"}
+    dests = {a.dest for a in parser._actions if a.dest not in ("help", "version")}
     unknown = [k for k in cfg if k not in dests and k not in config_only]
     if unknown:
         known = sorted(dests | set(config_only))
@@ -209,6 +232,8 @@ def config_scalar(action: argparse.Action, value: Any, wrong: UserError) -> Any:
         if not isinstance(value, int):
             raise wrong  # a fraction where a name is expected
         value = str(value)  # device: 0, a class named 10
+    elif convert is not int:
+        raise wrong  # a name checker (--optimizer) takes names only
     if action.choices is not None and value not in action.choices:
         raise wrong
     return value

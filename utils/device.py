@@ -37,7 +37,7 @@ def import_torch(needed_for: str) -> Any:
     """Import torch, or one clear line saying what needs it and what runs without it.
 
     torch is imported only where it is used, so prediction and evaluation with an exported model
-    (onnx, openvino) run on a machine without PyTorch (requirements-deploy.txt).
+    (onnx, openvino) run on a machine without PyTorch (requirements/runtime.txt).
     """
     try:
         import torch

@@ -11,11 +11,11 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from utils.data import run_with_tta
 from utils.device import autocast
 from utils.distributed import any_true, is_main_process, reduce_sum, world_info
+from utils.log import progress
 from utils.metrics import EpochSums, MultiLabelSums
 
 
@@ -43,6 +43,7 @@ class StepParts:
         train_mode: sets the model's train/eval modes (default model.train()); freezing uses it.
         shared_params: parameters trained outside the (DistributedDataParallel) model, e.g. MGD's
             layers: their gradients are averaged over the processes before each step.
+        after_step: called after each optimizer update (the lr schedule moves per update).
     """
 
     objective: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
@@ -55,6 +56,7 @@ class StepParts:
     ema: Any = None
     train_mode: Callable[[nn.Module], None] | None = None
     shared_params: list[torch.Tensor] = field(default_factory=list)
+    after_step: Callable[[], None] | None = None
 
     def optimizer_step(self, model: nn.Module) -> None:
         """Apply the accumulated gradients (unscaled and clipped first when asked), clear them, update the EMA."""
@@ -75,6 +77,8 @@ class StepParts:
         optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(model)
+        if self.after_step is not None:
+            self.after_step()
 
 
 def train_one_epoch(
@@ -114,8 +118,8 @@ def train_one_epoch(
     (parts.train_mode or (lambda m: m.train()))(model)
     step, total = start_step, start_step + len(loader)
     extra_sums = {} if extra_sums is None else extra_sums
-    bar = tqdm(loader, total=total, initial=start_step, desc=f"train {epoch + 1}", leave=False,
-               disable=not is_main_process(), dynamic_ncols=True)
+    bar = progress(loader, total=total, initial=start_step, desc=f"train {epoch + 1}", leave=False,
+                   disable=not is_main_process())
     interrupted = False
     for batch in bar:
         if failed is not None:
@@ -189,7 +193,7 @@ def evaluate(
     """
     model.eval()
     multilabel = isinstance(sums, MultiLabelSums)
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not is_main_process(), dynamic_ncols=True):
+    for batch in progress(loader, desc=desc, leave=False, disable=not is_main_process()):
         if failed is not None:
             failed.extend(batch["failed"])
         if len(batch["targets"]) == 0:
@@ -223,7 +227,7 @@ def update_bn(model: nn.Module, loader: Any, device: torch.device, normalize: nn
         m.momentum = None  # cumulative average over the pass
     was_training = model.training
     model.train()
-    for batch in tqdm(loader, desc="update bn", leave=False, disable=not is_main_process(), dynamic_ncols=True):
+    for batch in progress(loader, desc="update bn", leave=False, disable=not is_main_process()):
         if len(batch["targets"]):
             model(normalize(batch["images"].to(device, non_blocking=True)))
     for m in norms:

@@ -26,6 +26,7 @@ from prettytable import PrettyTable
 
 from utils.checkpoint import Run
 from utils.plots import batch_grid, plot_curves
+from utils.trackers import Tracker, epoch_metrics
 
 LOGGER = logging.getLogger(__name__)
 
@@ -99,11 +100,13 @@ class EpochLog:
         extra_fields: train.log columns after the standard ones (e.g. kd_loss).
         val_label: how the validation row is labelled in the console ("val", "val (EMA)").
         task: multiclass (acc, mean_acc columns) or multilabel (map, f1).
+        tracker: an experiment tracker (utils.trackers) that also gets each epoch's metrics, or None.
     """
 
     def __init__(self, run: Run, epochs: int, extra_fields: Sequence[str] = (), val_label: str = "val",
-                 task: str = "multiclass") -> None:
+                 task: str = "multiclass", tracker: Tracker | None = None) -> None:
         self.run = run
+        self.tracker = tracker  # --tracker: wandb or MLflow get each epoch's metrics too
         self.epochs = epochs
         self.metrics = LOG_METRICS[task]
         self.fields = log_fields(task) + list(extra_fields)
@@ -128,6 +131,8 @@ class EpochLog:
                     tag = key if key.startswith("test_") or key in ("lr", "kd_loss") else f"train_{key}"
                     self.tb.add_scalar(tag, value, record.epoch)
             self.tb.flush()
+        if self.tracker is not None:
+            self.tracker.log_metrics(epoch_metrics(row, record.seconds), step=record.epoch)
         self.print_table(record)
         self.draw_curves(force=False)
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-from tqdm import tqdm
+
 
 from utils.ensemble import Ensemble
 from utils.images import report_skipped
-from utils.log import UserError
+from utils.log import UserError, progress
 from utils.metrics import multilabel_metrics, overall_metrics
 from utils.predict import prediction_loader
 from utils.speed import measure_backend
@@ -82,7 +82,7 @@ def predict_split(ensemble: Ensemble, samples: list[tuple[str, int]], batch_size
     per_member: list[list[np.ndarray]] = [[] for _ in ensemble.members]
     feats: list[np.ndarray] = []
     failed: list[tuple[str, str]] = []
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
+    for batch in progress(loader, desc=desc, leave=False):
         failed.extend((samples[i][0], reason) for i, reason in batch["failed"])
         if not batch["indices"]:
             continue

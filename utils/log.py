@@ -8,13 +8,26 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 LOGGER = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class UserError(Exception):
     """A problem with the user's input: printed as one line, exit code 2."""
+
+
+def progress(iterable: Iterable[T] | None = None, **kwargs: Any) -> Any:
+    """tqdm, shown only where a person watches: when stderr is a terminal (CI logs and redirected
+    output get no bars) and the caller does not pass disable=True (e.g. processes other than rank 0).
+    Every progress bar of the toolkit comes from here."""
+    from tqdm import tqdm
+
+    isatty = getattr(sys.stderr, "isatty", None)
+    shown = not kwargs.pop("disable", False) and callable(isatty) and isatty()
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, disable=not shown, **kwargs)
 
 
 def setup_logging(verbose: bool = False) -> None:

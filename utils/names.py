@@ -11,7 +11,27 @@ LOSSES = ("CrossEntropyLoss", "FocalLoss", "PolyLoss", "BCEWithLogitsLoss", "Asy
 MULTICLASS_LOSSES = ("CrossEntropyLoss", "FocalLoss", "PolyLoss")   # one softmax over the classes
 MULTILABEL_LOSSES = ("BCEWithLogitsLoss", "AsymmetricLoss")         # a sigmoid per class
 TASK_TYPES = ("auto", "multiclass", "multilabel")
-OPTIMIZERS = ("SGD", "AdamW", "RMSProp")
+OPTIMIZERS = ("SGD", "AdamW", "RMSProp")  # pytorch-classifier's names (utils.optim maps them onto timm's)
+# timm.optim.list_optimizers() of timm 1.0.31 (tests/test_ecosystem.py checks it against the installed timm).
+# --optimizer takes these and OPTIMIZERS, in any case; utils.optim refuses the few that cannot run here.
+TIMM_OPTIMIZERS = (
+    "adabelief", "adadelta", "adafactor", "adafactorbv", "adafactorbvc", "adagrad", "adahessian", "adam",
+    "adamax", "adamc", "adamp", "adamuon", "adamw", "adamwlegacy", "adan", "adanw", "adopt", "adoptc",
+    "adoptw", "bnbadam", "bnbadam8bit", "bnbadamw", "bnbadamw8bit", "bnbademamix", "bnbademamix8bit",
+    "bnblion", "bnblion8bit", "bnbsgd", "bnbsgd8bit", "cadafactor", "cadafactorbv", "cadafactorbvc", "cadamc",
+    "cadamp", "cadamw", "cadan", "cadanw", "cadopt", "cadoptc", "cadoptw", "clamb", "clambw", "claprop",
+    "clion", "clionc", "cmars", "cnadamc", "cnadamw", "crmsproptf", "csgdc", "csgdp", "csgdw", "fusedadam",
+    "fusedadamw", "fusedlamb", "fusednovograd", "fusedsgd", "kron", "kronc", "kronw", "lamb", "lambc",
+    "lambcd", "lambcw", "lambw", "laprop", "lapropc", "larc", "lars", "lion", "lionc", "madgrad", "madgradw",
+    "mars", "momentum", "muon", "nadam", "nadamc", "nadamlegacy", "nadamuon", "nadamw", "nesterov",
+    "nesterovw", "nlarc", "nlars", "nmuon", "novograd", "novogradc", "novogradw", "radabelief", "radam",
+    "radamlegacy", "radamw", "rmsprop", "rmsproptf", "rmsproptfc", "rmsproptfw", "sgd", "sgdc", "sgdp", "sgdw",
+)
+# The config's lr_scheduler: a torch.optim.lr_scheduler class (stepped per epoch, as pytorch-classifier did) or
+# one of timm's schedules (timm.scheduler.create_scheduler_v2, stepped per optimizer update), in any case.
+TIMM_SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "wsd", "rsqrt", "constant")
+TRACKERS = ("none", "wandb", "mlflow")
+HUB_EXPORT = "safetensors"  # export.py --export safetensors: a Hugging Face Hub folder that timm loads (utils.hub)
 AUGMENT_POLICIES = ("RandAugment", "AutoAugment", "TrivialAugmentWide", "AugMix")
 AUGMENT_CHOICES = (*AUGMENT_POLICIES, "none")
 MIXUP_CHOICES = ("mixup", "cutmix", "none")
@@ -28,3 +48,26 @@ CLASSICAL = ("svm", "rf", "knn", "logreg", "mlp")  # classifiers on CNN features
 CAM_TYPES = ("GradCAM", "HiResCAM", "ScoreCAM", "GradCAMPlusPlus", "AblationCAM", "XGradCAM", "EigenCAM", "FullGrad")
 EXPORT_NAMES = ("torchscript", "onnx", "openvino", "tensorrt")
 DEFAULT_OPSET = 17  # run by onnxruntime >= 1.13, TensorRT >= 8.6 and OpenVINO; the legacy exporter writes up to 20
+
+
+def lookup(name: str, names: tuple[str, ...] | list[str]) -> str | None:
+    """`name` as spelled in `names`, ignoring case (None if absent): --optimizer lion, lr_scheduler: steplr."""
+    folded = {n.lower(): n for n in reversed(names)}  # the first spelling wins (SGD before timm's sgd)
+    return folded.get(name.lower())
+
+
+def optimizer_name(text: str) -> str:
+    """argparse type of --optimizer: pytorch-classifier's names and timm's, in any case.
+
+    Raises:
+        argparse.ArgumentTypeError: an unknown name, with the close ones.
+    """
+    import argparse
+    import difflib
+
+    found = lookup(text, OPTIMIZERS + TIMM_OPTIMIZERS)
+    if found is None:
+        close = difflib.get_close_matches(text.lower(), [n.lower() for n in OPTIMIZERS + TIMM_OPTIMIZERS], n=4)
+        raise argparse.ArgumentTypeError(f"unknown optimizer '{text}'" + (f" (did you mean {', '.join(close)}?)" if close else "")
+                                         + f"; choose {', '.join(OPTIMIZERS)} or one of timm's: {', '.join(TIMM_OPTIMIZERS)}")
+    return found

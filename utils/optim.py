@@ -1,45 +1,107 @@
-"""Optimizers with weight decay only where it belongs (not on biases and normalisation layers)."""
+"""Optimizers from timm's factory (create_optimizer_v2), with weight decay only where it belongs.
+
+    optimizer = build_optimizer(model, "lion", lr=1e-3, weight_decay=0.05, momentum=0.9, layer_decay=0.75)
+
+--optimizer takes pytorch-classifier's names (SGD, AdamW, RMSProp: the same torch optimizers and
+settings as before) and every timm name (timm.optim.list_optimizers(): lion, lamb, adamp, sgdp ...),
+in any case. No weight decay goes to biases, normalisation layers and other 1-D tensors, nor to what
+the model's no_weight_decay() names (a ViT's cls_token and pos_embed). --layer_decay scales each
+layer's learning rate (timm's param_groups_layer_decay; the schedule applies the scales).
+"""
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 
 from utils.log import UserError
-from utils.names import OPTIMIZERS
+from utils.names import OPTIMIZERS, TIMM_OPTIMIZERS, lookup
 
+# pytorch-classifier's names -> timm's name and the settings that keep them what they were
+CLASSIC: dict[str, tuple[str, dict[str, Any]]] = {
+    "SGD": ("sgd", {}),                   # Nesterov momentum (plain SGD when --momentum 0)
+    "AdamW": ("adamw", {}),
+    "RMSProp": ("rmsprop", {"alpha": 0.99}),  # torch's default smoothing (timm's rmsprop defaults to 0.9)
+}
+assert set(CLASSIC) == set(OPTIMIZERS)
+
+
+def timm_optimizer(name: str, momentum: float) -> tuple[str, dict[str, Any]]:
+    """timm's name and extra keyword arguments for --optimizer `name` (any case).
+
+    Raises:
+        UserError: an unknown name, or one that cannot run in this process (CUDA-only bitsandbytes
+            and APEX optimizers without a GPU, second-order ones that need a Hessian).
+    """
+    import timm.optim
+
+    found = lookup(name, OPTIMIZERS + TIMM_OPTIMIZERS)
+    if found is None:
+        raise UserError(f"unknown --optimizer '{name}'; choose {', '.join(OPTIMIZERS)} or a timm optimizer "
+                        f"({', '.join(TIMM_OPTIMIZERS)})")
+    timm_name, settings = CLASSIC.get(found, (found, {}))
+    extra = dict(settings)  # the caller adds to it
+    if timm_name == "sgd" and momentum == 0:
+        timm_name = "momentum"  # Nesterov needs momentum: plain SGD, as pytorch-classifier's SGD with momentum 0
+    try:
+        info = timm.optim.get_optimizer_info(timm_name)
+    except ValueError:
+        raise UserError(f"--optimizer {found}: this timm ({timm.__version__}) does not have it; "
+                        "pip install -U timm") from None
+    if info.second_order:
+        raise UserError(f"--optimizer {found} is a second-order optimizer (it needs the Hessian), which this trainer "
+                        "does not compute; choose another")
+    if isinstance(info.opt_class, str) and not torch.cuda.is_available():
+        package = info.opt_class.split(".")[0]
+        raise UserError(f"--optimizer {found} is {package}'s CUDA optimizer and this machine has no CUDA GPU; "
+                        f"choose its plain form (e.g. {found.removeprefix('bnb').removeprefix('fused').replace('8bit', '')})")
+    return timm_name, extra
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """What the model says takes no weight decay (timm's no_weight_decay(): position embeddings, tokens ...)."""
+    fn = getattr(model, "no_weight_decay", None)
+    return set(fn()) if callable(fn) else set()
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights with decay; biases, norm scales and other 1-D tensors without."""
-    decay, no_decay = [], []
-    for _, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim <= 1 else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """Two groups, as before: the weights with decay; then biases, norm scales, other 1-D tensors and
+    the model's no_weight_decay() tensors without."""
+    from timm.optim import param_groups_weight_decay
+
+    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_weight_decay_names(model))
+    return sorted(groups, key=lambda g: g["weight_decay"] == 0)  # decay first: last.pt files of before resume
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
-    """The optimizer named by --optimizer.
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float,
+                    layer_decay: float | None = None) -> torch.optim.Optimizer:
+    """The optimizer named by --optimizer, through timm.optim.create_optimizer_v2.
 
     Args:
         model: whose parameters are optimised.
-        name: SGD (Nesterov momentum), AdamW or RMSProp.
+        name: SGD, AdamW, RMSProp or a timm optimizer name, in any case.
         lr: learning rate.
         weight_decay: decay of the weight tensors.
-        momentum: SGD/RMSProp momentum.
+        momentum: momentum of the optimizers that have one.
+        layer_decay: --layer_decay: each layer's lr scaled by layer_decay ** (its depth from the head), or None.
 
     Returns:
-        The optimizer.
+        The optimizer (param groups carry `lr_scale` with layer decay).
     """
-    groups = param_groups(model, weight_decay)
-    if name == "SGD":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
-    if name == "AdamW":
-        return torch.optim.AdamW(groups, lr=lr)
-    if name == "RMSProp":
-        return torch.optim.RMSprop(groups, lr=lr, momentum=momentum)
-    raise UserError(f"unknown --optimizer '{name}'; choose one of {', '.join(OPTIMIZERS)}")
+    from timm.optim import create_optimizer_v2
+
+    timm_name, extra = timm_optimizer(name, momentum)
+    if layer_decay is None:
+        extra["param_group_fn"] = lambda m: param_groups(m, weight_decay)
+    elif not callable(getattr(model, "group_matcher", None)):
+        raise UserError(f"--layer_decay needs a timm model (one with group_matcher()); {type(model).__name__} has none: "
+                        "drop --layer_decay or choose a timm model")
+    try:
+        return create_optimizer_v2(model, timm_name, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                   layer_decay=layer_decay, **extra)
+    except ImportError as err:  # bitsandbytes, apex ... on a CUDA machine without them
+        raise UserError(f"--optimizer {name} needs a package that is not installed: {err}") from None
 
 
 def classifier_names(model: nn.Module) -> list[str]:

@@ -66,22 +66,60 @@ def _torchvision_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+SOURCE_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")  # timm's model sources: a Hub repo, a local folder
+
+
+def _tagged(name: str) -> str:
+    """A timm name with a pretrained tag (resnet18.a1_in1k), checked against the tags timm knows.
+
+    Raises:
+        UserError: an unknown tag, with the architecture's tags.
+    """
+    arch, tag = name.split(".", 1)
+    tags = sorted(n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*"))
+    if tag not in tags:
+        known = f"its tags: {', '.join(tags)}" if tags else "timm has no pretrained tags for it"
+        raise UserError(f"unknown pretrained tag '{tag}' in --model_name {name}; {known}")
+    return name
+
+
+def _source_name(name: str) -> str:
+    """hf-hub:<repo> and local-dir:<folder> pass to timm; a folder must hold timm's config.json.
+
+    Raises:
+        UserError: a local folder without config.json.
+    """
+    prefix, _, where = name.partition(":")
+    if not where:
+        raise UserError(f"--model_name {name}: nothing after '{prefix}:' (hf-hub:timm/resnet18.a1_in1k, local-dir:FOLDER)")
+    if prefix == "local-dir" and not (Path(where) / "config.json").is_file():
+        raise UserError(f"--model_name {name}: {Path(where) / 'config.json'} not found; a local-dir: model is a folder "
+                        "in timm's Hub layout (export.py --export safetensors writes one)")
+    return name
+
+
 def resolve_name(name: str) -> tuple[str, str]:
     """Map a user-facing model name to (source, implementation name).
 
+    Zoo names first, then timm's (with or without a pretrained tag, or an hf-hub: / local-dir: source),
+    then torchvision's.
+
     Raises:
-        UserError: unknown name, with close matches.
+        UserError: unknown name, with distinct close matches.
     """
     if name in ZOO:
         return ZOO[name]
-    if name in timm.list_models():
-        return "timm", name
+    if name.lower().startswith(SOURCE_PREFIXES):
+        return "timm", _source_name(name)
+    if timm.is_model(name):
+        return "timm", _tagged(name) if "." in name else name
     if name in _torchvision_names():
         return "torchvision", name
-    candidates = list(ZOO) + timm.list_models() + _torchvision_names()
+    candidates = list(dict.fromkeys(list(ZOO) + timm.list_models() + _torchvision_names()))  # each name once
     close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise UserError(f"unknown --model_name '{name}'{hint} (python main.py --list_models shows the zoo; any timm model name works too)")
+    raise UserError(f"unknown --model_name '{name}'{hint} (python main.py --list_models shows the zoo; any timm model name "
+                    "works too, with a pretrained tag such as resnet18.a1_in1k, or hf-hub:REPO / local-dir:FOLDER)")
 
 
 def model_table() -> list[tuple[str, str, str]]:
@@ -190,7 +228,8 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, pretrained: boo
     """Build a classifier by name.
 
     Args:
-        name: a zoo name (resnet18, RepVGG-A0 ...), a timm name, or a torchvision name.
+        name: a zoo name (resnet18, RepVGG-A0 ...), a timm name (with or without a pretrained tag:
+            resnet18.a1_in1k), hf-hub:REPO or local-dir:FOLDER (timm's sources), or a torchvision name.
         num_classes: outputs of the classifier.
         in_chans: input channels (1 or 3).
         pretrained: load ImageNet weights from the local caches (or download when online).
@@ -199,7 +238,9 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, pretrained: boo
         The model (train mode), with `model.toolkit_source` set to "timm" or "torchvision".
     """
     source, impl = resolve_name(name)
-    if source == "timm":
+    if source == "timm" and impl.lower().startswith(SOURCE_PREFIXES):
+        model = _create_from_source(impl, num_classes, in_chans, pretrained)
+    elif source == "timm":
         kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans}
         if pretrained:
             path, where = _timm_weight_file(impl)
@@ -223,6 +264,29 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, pretrained: boo
             _adapt_first_conv(model, in_chans)
     model.toolkit_source = source
     return model
+
+
+def _create_from_source(name: str, num_classes: int, in_chans: int, pretrained: bool) -> nn.Module:
+    """timm.create_model for hf-hub: and local-dir: names; offline, a missing Hub file is one line.
+
+    Raises:
+        UserError: the Hub repo's files are neither cached nor downloadable, or the folder has no weights.
+    """
+    if name.lower().startswith("local-dir:") and pretrained:
+        folder = Path(name.partition(":")[2])
+        if not any((folder / f).is_file() for f in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors")):
+            raise UserError(f"--pretrained: {folder} has no model.safetensors (or pytorch_model.bin) beside its config.json")
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans)
+    except Exception as err:  # noqa: BLE001 - huggingface_hub raises many types for "not here and not reachable"
+        kind = type(err).__name__
+        if kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled", "RepositoryNotFoundError", "GatedRepoError",
+                    "HfHubHTTPError", "EntryNotFoundError") or isinstance(err, (OSError, ConnectionError)):
+            repo = name.partition(":")[2]
+            raise UserError(f"--model_name {name}: its config.json{' and weights' if pretrained else ''} are not in the "
+                            f"Hugging Face cache and cannot be downloaded ({kind}); on a machine with network run "
+                            f"`hf download {repo}`, or use local-dir:FOLDER") from None
+        raise
 
 
 # ----------------------------------------------------------------------------------- weights

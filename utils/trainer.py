@@ -47,9 +47,10 @@ from utils.metrics import EpochSums, MultiLabelSums, best_f1_thresholds, multila
 from utils.optim import HeadFreezer, build_optimizer
 from utils.registry import create_model, load_weights
 from utils.saver import CheckpointSaver
-from utils.schedule import EpochLR
+from utils.schedule import LRSchedule
 from utils.names import MULTICLASS_LOSSES, MULTILABEL_LOSSES, MULTILABEL_METRICS
 from utils.schema import Checkpoint, ModelMeta, PreprocessSpec
+from utils.trackers import create_tracker
 from utils.train_state import ModuleState, TrainState, load_module_state
 
 LOGGER = logging.getLogger(__name__)
@@ -235,21 +236,24 @@ class Trainer:
         weight = (class_balance_weights(data.train_set.targets, data.num_classes, args.class_balance, args.class_balance_beta)
                   if args.class_balance not in ("none", None, False) else None)
         self.criterion = build_loss(args.loss, args.label_smoothing, weight).to(device)
-        self.optimizer = build_optimizer(self.model, args.optimizer, args.lr, args.weight_decay, args.momentum)
+        self.optimizer = build_optimizer(self.model, args.optimizer, args.lr, args.weight_decay, args.momentum,
+                                         getattr(args, "layer_decay", None))
         self.ema = EMA(self.model, args.ema_decay) if args.ema else None  # before any hooks are placed on the model
         self.swa = SWA(self.model, int(args.swa_start * args.epoch)) if args.swa else None
         self.objective, self.distiller = self._build_objective()
         self.freezer = HeadFreezer(self.model, args.freeze) if args.freeze else None
         self.batch_mix = BatchMix(args.mixup, data.num_classes, multilabel=data.multilabel) if args.mixup != "none" else None
-        self.schedule = EpochLR(self.optimizer, args.lr, args.epoch, args.warmup, args.warmup_ratios, args.warmup_minlr,
-                                args.lr_scheduler, args.lr_scheduler_params)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.rank, self.world = world_info()
+        self.train_sampler, self.train_loader, self.val_loader = self._build_loaders()
+        self.schedule = LRSchedule(self.optimizer, args.lr, args.epoch, args.warmup, args.warmup_ratios, args.warmup_minlr,
+                                   args.lr_scheduler, args.lr_scheduler_params,
+                                   steps_per_epoch=-(-len(self.train_loader) // args.accumulate))
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.train_model = self._wrap_distributed()
         shared = [p for p in self.distiller.method.parameters() if p.requires_grad] if self.distiller else []
         self.step_parts = StepParts(self.objective, self.optimizer, self.scaler, self.amp_dtype, self.batch_mix,
                                     args.accumulate, args.clip_grad, self.ema,
-                                    self.freezer.train_mode if self.freezer else None, shared)
+                                    self.freezer.train_mode if self.freezer else None, shared, self.schedule.after_step)
 
         self.meta = ModelMeta(args.model_name, tuple(data.class_names), data.spec, task=data.task)
         self.options = args_to_dict(args) | {"save_path": str(run.path)}
@@ -266,10 +270,14 @@ class Trainer:
             print(f"resuming {run.path} at epoch {self.state.epoch + 1}"
                   + (f", step {self.start_step}" if self.start_step else ""), flush=True)
         self.normalize = Normalize(data.spec.mean, data.spec.std).to(device)
-        self.train_sampler, self.train_loader, self.val_loader = self._build_loaders()
         run.write_yaml("args.yaml", self.options | {"mean": list(data.spec.mean), "std": list(data.spec.std)})
         run.write_lines("label.txt", data.class_names)
-        self.log = EpochLog(run, args.epoch, ["kd_loss"] if args.kd else [], "val (EMA)" if self.ema else "val", data.task)
+        self.tracker = (create_tracker(getattr(args, "tracker", "none"), run.path,
+                                       getattr(args, "tracker_project", "pytorch-classifier")) if run.main else None)
+        if self.tracker is not None:
+            self.tracker.log_params(self.options)
+        self.log = EpochLog(run, args.epoch, ["kd_loss"] if args.kd else [], "val (EMA)" if self.ema else "val", data.task,
+                            self.tracker)
         if resumed is not None:
             self.log.resume(self.state.epoch)
 
@@ -423,7 +431,7 @@ class Trainer:
         """Train one epoch (or the rest of it), validate, choose best.pt, log, save last.pt."""
         args, state = self.args, self.state
         start_step = self.start_step if epoch == state.epoch else 0
-        lr = self.schedule.current() if start_step else self.schedule.start_epoch(epoch)
+        lr = self.schedule.resume(epoch, start_step // args.accumulate) if start_step else self.schedule.start_epoch(epoch)
         frozen = self.freezer.start_epoch(epoch) if self.freezer else False
         self.train_sampler.set_epoch(epoch, skip=self.start_samples if start_step else 0)
         sums, extra = self.new_sums(), {}
@@ -563,3 +571,19 @@ class Trainer:
         print(f"test ({len(test_set.samples)} images, best.pt): {first} {test[first]:.4f}, {second} {test[second]:.4f}, "
               f"loss {test['loss']:.4f}", flush=True)
         return test
+
+    def close_tracker(self, result: dict[str, Any] | None = None) -> None:
+        """Send the final metrics and files (best.pt, swa.pt, train.log, args.yaml, label.txt, the plots)
+        to the --tracker and close it; without `result` (the run failed or stopped) only close it."""
+        tracker, self.tracker = self.tracker, None
+        if tracker is None:
+            return
+        try:
+            if result is not None:
+                final = {f"test/{k}": float(v) for k, v in (result.get("test") or {}).items()}
+                final |= {"best/epoch": float(result["best_epoch"]), f"best/{result['best_metric']}": float(result["best_value"])}
+                tracker.log_metrics(final)
+                names = ["best.pt", "swa.pt", "train.log", "args.yaml", "label.txt"]
+                tracker.log_artifacts([self.run / n for n in names] + sorted(self.run.path.glob("*.png")))
+        finally:
+            tracker.close()

@@ -1,0 +1,434 @@
+"""The toolkit in its ecosystem: timm's optimizers and schedules, timm/Hub model names, the safetensors
+Hub folder, experiment trackers, and the command-line polish (progress bars, help, --version, --seed)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import (REPO, SUBPROCESS_ENV, TINY_MODEL, assert_ok, assert_user_error, describe, load_ckpt,
+                      make_split_dataset, run_inprocess, run_many, train_args)
+from utils.log import UserError
+from utils.names import OPTIMIZERS, TIMM_OPTIMIZERS, TIMM_SCHEDULERS
+
+
+# ------------------------------------------------------------------------------- optimizers
+def test_timm_optimizer_names_are_timms() -> None:
+    import timm.optim
+
+    assert TIMM_OPTIMIZERS == tuple(timm.optim.list_optimizers()), "regenerate utils/names.py TIMM_OPTIMIZERS"
+
+
+def test_vit_position_embedding_and_class_token_get_no_weight_decay() -> None:
+    from utils.optim import build_optimizer
+    from utils.registry import create_model
+
+    model = create_model("test_vit", 3)
+    assert {"pos_embed", "cls_token"} <= set(model.no_weight_decay())
+    names = {id(p): n for n, p in model.named_parameters()}
+    for layer_decay in (None, 0.75):
+        optimizer = build_optimizer(model, "AdamW", 1e-3, 0.05, 0.9, layer_decay)
+        decay_of = {names[id(p)]: g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+        assert len(decay_of) == len(names)  # every parameter once
+        assert decay_of["pos_embed"] == decay_of["cls_token"] == 0.0, layer_decay
+        assert decay_of["blocks.0.attn.qkv.weight"] == 0.05 and decay_of["blocks.0.attn.qkv.bias"] == 0.0
+    scales = sorted({g["lr_scale"] for g in optimizer.param_groups})
+    assert len(scales) > 2 and scales[-1] == pytest.approx(1.0)  # --layer_decay: the head learns at the full lr
+
+
+CLASSIC_TIMM = {"SGD": "sgd", "AdamW": "adamw", "RMSProp": "rmsprop"}
+
+
+def _cannot_run_here(name: str) -> str:
+    """Why an optimizer is refused on this machine ('' if it runs)."""
+    import timm.optim
+
+    info = timm.optim.get_optimizer_info(name.lower())
+    if info.second_order:
+        return "second-order"
+    if isinstance(info.opt_class, str) and not torch.cuda.is_available():
+        return "CUDA"
+    return ""
+
+
+@pytest.mark.parametrize("name", [*OPTIMIZERS, *TIMM_OPTIMIZERS])
+def test_each_optimizer_runs_one_step(name: str) -> None:
+    from utils.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(36, 3))
+    refused = _cannot_run_here(CLASSIC_TIMM.get(name, name))
+    if refused:  # bitsandbytes/APEX without a GPU, adahessian: one clear line, not a traceback
+        with pytest.raises(UserError, match="CUDA" if refused == "CUDA" else "second-order"):
+            build_optimizer(model, name.upper(), 1e-2, 0.01, 0.9)
+        return
+    optimizer = build_optimizer(model, name.upper(), 1e-2, 0.01, 0.9)  # any case
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):  # ADOPT only sets its second moment in the first step
+        model(torch.randn(4, 3, 5, 5)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = list(model.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after)), f"{name} did not move the weights"
+
+
+def test_optimizer_flag_is_case_insensitive_and_keeps_pytorch_classifier_names() -> None:
+    import main
+
+    assert main.parse_args(["--optimizer", "LION"]).optimizer == "lion"
+    assert main.parse_args(["--optimizer", "sgd"]).optimizer == "SGD"  # pytorch-classifier's SGD, not timm's
+    assert main.parse_args(["--optimizer", "rmsprop"]).optimizer == "RMSProp"
+    proc = run_inprocess("main.py", "--optimizer", "lamd")
+    assert proc.returncode == 2 and "did you mean lamb" in proc.stderr, describe(proc)
+
+
+# ------------------------------------------------------------------------------- schedules
+def test_warmup_moves_every_step_and_timm_schedules_build() -> None:
+    from utils.schedule import LRSchedule
+
+    def optimizer() -> torch.optim.Optimizer:
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=5.0)
+
+    schedule = LRSchedule(optimizer(), 0.1, 10, warmup=True, warmup_ratios=0.15, min_lr=0.0, steps_per_epoch=4)
+    assert schedule.warmup_updates == 6
+    lrs = [schedule.start_epoch(0)]
+    for step in range(8):
+        schedule.after_step()
+        lrs.append(schedule.current())
+    assert lrs[:7] == pytest.approx([0.1 * u / 6 for u in range(7)])  # one step at a time, across the epoch boundary
+    assert lrs[7] < lrs[6]  # then the default cosine decays, per step too
+    for name in TIMM_SCHEDULERS:  # every timm name builds, in any case, and steps
+        s = LRSchedule(optimizer(), 0.1, 10, warmup=True, scheduler=name.upper(), steps_per_epoch=3,
+                       scheduler_params={"decay_epochs": 2} if name in ("step",) else {})
+        assert s.timm_scheduler is not None and s.start_epoch(5) > 0
+    assert LRSchedule(optimizer(), 0.1, 10, scheduler="steplr", scheduler_params={"step_size": 1}).kind == "torch"
+    with pytest.raises(UserError, match="ReduceLROnPlateau"):
+        LRSchedule(optimizer(), 0.1, 10, scheduler="plateau")
+    with pytest.raises(UserError, match="--warmup"):
+        LRSchedule(optimizer(), 0.1, 10, scheduler="cosine", scheduler_params={"warmup_epochs": 3})
+
+
+RESUME_CONFIG = "lr_scheduler: cosine\nlr_scheduler_params: {k_decay: 1.5}\nrandom_seed: 0\nplot_train_batch_count: 0\n"
+# main.py as `python main.py ...`, SIGTERM right after the given optimizer step (as tests/test_resume.py)
+SIGTERM_AFTER = """
+import os, runpy, signal, sys
+from torch.optim.optimizer import register_optimizer_step_post_hook
+after, script = int(sys.argv.pop(1)), sys.argv[1]
+steps = 0
+def hook(optimizer, args, kwargs):
+    global steps
+    steps += 1
+    if steps == after:
+        os.kill(os.getpid(), signal.SIGTERM)
+register_optimizer_step_post_hook(hook)
+sys.argv.pop(0)
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def _stopped_after(step: int, args: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", SIGTERM_AFTER, str(step), str(REPO / "main.py"), *args]
+    return subprocess.run(cmd, cwd=REPO, env=dict(os.environ) | SUBPROCESS_ENV, capture_output=True, text=True, timeout=600)
+
+
+def test_resume_with_timm_optimizer_and_schedule_is_exact(tmp_path: Path) -> None:
+    """lamb + timm's cosine with per-step warm-up: 2 epochs, stopped, resumed for 2 more, is bit-identical
+    to 4 epochs straight (same weights, same train.log)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = make_split_dataset(tmp_path / "data", ["blue", "green", "red"], train=4, val=1, test=0)  # 12 images
+    (tmp_path / "cfg.yaml").write_text(RESUME_CONFIG)
+
+    def args(name: str) -> list[str]:  # batch 4: 3 updates per epoch; warm-up 0.2 x 12 = 2.4 -> 2 updates
+        return train_args(data, tmp_path / name, "--config", tmp_path / "cfg.yaml", "--batch_size", "4", "--epoch", "4",
+                          "--optimizer", "lamb", "--warmup", "--warmup_ratios", "0.2", "--warmup_minlr", "1e-5")
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        ref = pool.submit(run_many, [{"script": "main.py", "args": args("ref")}], 1)
+        two = _stopped_after(6, args("two"))  # SIGTERM after the last update of epoch 2
+        ref = ref.result()[0]
+    assert_ok(ref)
+    assert "stopped after epoch 2" in two.stdout, describe(two)
+    assert load_ckpt(tmp_path / "two" / "last.pt")["epoch"] == 2
+    (resumed_proc,) = run_many([{"script": "main.py", "args": ["--save_path", tmp_path / "two", "--resume"]}])
+    assert_ok(resumed_proc)
+    reference, resumed = load_ckpt(tmp_path / "ref" / "last.pt"), load_ckpt(tmp_path / "two" / "last.pt")
+    assert reference["train_state"]["scheduler"]["update"] == resumed["train_state"]["scheduler"]["update"] == 12
+    different = [k for k, v in reference["model"].items() if not torch.equal(v, resumed["model"][k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    assert (tmp_path / "two" / "train.log").read_text() == (tmp_path / "ref" / "train.log").read_text()
+    lrs = [float(line.split(",")[1]) for line in (tmp_path / "ref" / "train.log").read_text().splitlines()[1:]]
+    assert lrs[0] == pytest.approx(1e-5) and 1e-3 > lrs[1] > lrs[2] > lrs[3]  # warm-up start, then the cosine
+
+
+def test_schedule_resumes_mid_epoch_on_the_same_update() -> None:
+    """A last.pt written in the middle of an epoch: the restored schedule continues update by update."""
+    from utils.schedule import LRSchedule
+
+    def fresh() -> tuple[torch.optim.Optimizer, LRSchedule]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+        return opt, LRSchedule(opt, 0.1, 5, warmup=True, warmup_ratios=0.3, min_lr=1e-4, scheduler="tanh",
+                               steps_per_epoch=4)
+
+    opt, straight = fresh()
+    first = straight.start_epoch(1)
+    for _ in range(3):
+        straight.after_step()
+    saved, opt_saved = straight.state_dict(), opt.state_dict()
+    expected = []
+    for _ in range(5):
+        straight.after_step()
+        expected.append(straight.current())
+    opt2, resumed = fresh()
+    opt2.load_state_dict(opt_saved)
+    resumed.load_state_dict(saved)
+    assert resumed.resume(1, 3) == pytest.approx(first)  # train.log keeps the epoch's first lr
+    got = []
+    for _ in range(5):
+        resumed.after_step()
+        got.append(resumed.current())
+    assert got == expected and len(set(got)) == 5
+
+
+# ------------------------------------------------------------------------------ model names
+def test_timm_names_with_tags_and_sources() -> None:
+    from utils.registry import create_model, resolve_name
+
+    model = create_model("resnet18.a1_in1k", 3).eval()  # no pretrained weights needed
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+    with pytest.raises(UserError, match="a1_in1k"):  # an unknown tag lists the real ones
+        resolve_name("resnet18.a9_in1k")
+    with pytest.raises(UserError) as err:
+        resolve_name("resnt18")
+    hint = str(err.value).split("did you mean ", 1)[1].split("?")[0].split(", ")
+    assert "resnet18" in hint and len(hint) == len(set(hint)), hint  # each name once
+    assert resolve_name("hf-hub:timm/resnet18.a1_in1k") == ("timm", "hf-hub:timm/resnet18.a1_in1k")
+    with pytest.raises(UserError, match="config.json not found"):
+        resolve_name("local-dir:/nonexistent/folder")
+
+
+def test_hub_model_offline_is_one_line(tiny_data: Path, tmp_path: Path) -> None:
+    from conftest import run_script
+
+    proc = run_script("main.py", *train_args(tiny_data, tmp_path / "run", "--model_name", "hf-hub:timm/resnet18.a1_in1k"))
+    assert_user_error(proc, "hf-hub:timm/resnet18.a1_in1k", "hf download")
+
+
+# ------------------------------------------------------------------------ safetensors folder
+@pytest.fixture(scope="module")
+def hub_folder(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from utils.hub import export_hub
+    from utils.registry import create_model
+    from utils.schema import Checkpoint, ModelMeta, PreprocessSpec
+
+    root = tmp_path_factory.mktemp("hub")
+    torch.manual_seed(0)
+    model = create_model(TINY_MODEL, 3, 1).eval()  # grayscale: in_chans must travel in config.json
+    spec = PreprocessSpec.create(32, 1, [0.4], [0.2], "letterbox")
+    meta = ModelMeta(TINY_MODEL, ("cat", "dog", "bird"), spec)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save(Checkpoint("best", meta, state, epoch=3).to_dict(), root / "best.pt")
+    info = export_hub(root / "best.pt")
+    return {"root": root, "model": model, "info": info, "folder": Path(info["path"])}
+
+
+def test_safetensors_folder_loads_with_timm_create_model(hub_folder: dict) -> None:
+    import timm
+
+    folder = hub_folder["folder"]
+    assert folder == hub_folder["root"] / "export" / "best_hub"
+    assert {"model.safetensors", "config.json", "README.md"} <= {p.name for p in folder.iterdir()}
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == TINY_MODEL and config["num_classes"] == 3
+    assert config["label_names"] == ["cat", "dog", "bird"]
+    cfg = config["pretrained_cfg"]
+    assert cfg["input_size"] == [1, 32, 32] and cfg["mean"] == [0.4] and cfg["std"] == [0.2] and cfg["crop_mode"] == "border"
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), hub_folder["model"](x), atol=1e-6)
+    assert tuple(timm.data.resolve_data_config({}, model=loaded)["mean"]) == (0.4,)
+
+
+def test_safetensors_folder_trains_again_and_uploads_offline(hub_folder: dict, tiny_data: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from utils.hub import push_to_hub
+
+    folder = hub_folder["folder"]
+    # local-dir: as --model_name: fine-tune the exported model (its weights with --pretrained)
+    proc = run_inprocess("main.py", *train_args(tiny_data, tmp_path / "again", "--model_name", f"local-dir:{folder}",
+                                                "--pretrained", "--image_channel", "1"))
+    assert_ok(proc)
+
+    class FakeApi:  # records what would be sent: nothing leaves the machine
+        calls: list = []
+
+        def create_repo(self, repo_id: str, **kw: object) -> object:
+            self.calls.append(("create_repo", repo_id, kw))
+            return type("Url", (), {"repo_id": "me/" + repo_id.split("/")[-1]})()
+
+        def upload_folder(self, **kw: object) -> object:
+            self.calls.append(("upload_folder", kw))
+            return type("Commit", (), {"commit_url": "https://hub/me/flowers/commit/1"})()
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert push_to_hub(folder, "flowers", api=FakeApi()) == "https://hub/me/flowers/commit/1"
+    (_, repo, kw), (_, upload) = FakeApi.calls
+    assert repo == "flowers" and kw["exist_ok"] is True
+    assert upload["repo_id"] == "me/flowers" and upload["folder_path"] == str(folder) and upload["repo_type"] == "model"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # export.py offline: the folder is written, the push says why not
+    proc = run_inprocess("export.py", "--save_path", hub_folder["root"] / "best.pt", "--export", "safetensors",
+                         "--push_to_hub", "me/flowers", "--device", "cpu")
+    assert_user_error(proc, "HF_HUB_OFFLINE", "hf upload me/flowers")
+    assert (folder / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------------- trackers
+@pytest.mark.parametrize("tracker", ["mlflow", "wandb"])
+def test_tracker_runs_offline_and_writes_its_files(tracker: str, tiny_data: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip(tracker, reason=f"{tracker} is an optional extra (pip install -r requirements/trackers.txt)")
+    for var in ("WANDB_MODE", "MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE"):
+        monkeypatch.delenv(var, raising=False)
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home" / var))  # nothing in the user's home
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    proc = run_inprocess("main.py", *train_args(tiny_data, run, "--epoch", "2", "--tracker", tracker,
+                                                "--tracker_project", "eco"))
+    assert_ok(proc)
+    assert "train 1" not in proc.stderr  # no progress bar in a captured (non-terminal) stream
+    if tracker == "mlflow":
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=(run / "mlruns").as_uri())
+        (found,) = client.search_runs([client.get_experiment_by_name("eco").experiment_id])
+        assert found.data.params["model_name"] == TINY_MODEL and found.data.params["epoch"] == "2"
+        assert [m.step for m in client.get_metric_history(found.info.run_id, "val/acc")] == [1, 2]
+        assert "test/acc" in found.data.metrics and found.info.status == "FINISHED"
+        artifacts = {a.path for a in client.list_artifacts(found.info.run_id)}
+        assert {"best.pt", "train.log", "args.yaml"} <= artifacts
+    else:
+        (offline,) = list((run / "wandb").glob("offline-run-*"))
+        (log,) = list(offline.glob("run-*.wandb"))
+        data = log.read_bytes()
+        for needle in (b"val/acc", b"train/loss", b"test/acc", TINY_MODEL.encode(), b"best.pt"):
+            assert needle in data, needle
+
+
+# ------------------------------------------------------------------------------ command line
+def test_progress_bars_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    from utils.log import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert progress(range(3)).disable  # CI logs, redirected output
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert not progress(range(3)).disable
+    assert progress(range(3), disable=True).disable  # rank > 0
+    direct = [f.name for f in sorted(REPO.glob("*.py")) + sorted((REPO / "utils").glob("*.py"))
+              if f.name != "log.py" and "from tqdm import" in f.read_text(encoding="utf-8")]
+    assert not direct, f"progress bars outside utils.log.progress: {direct}"
+
+
+SCRIPTS = ("main", "metrice", "predict", "processing", "export", "serve")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_prints_each_default_once_and_version(script: str) -> None:
+    import importlib
+
+    from utils import __version__
+    from utils.config import HelpFormatter
+
+    parser = importlib.import_module(script).get_args_parser()
+    assert parser.formatter_class is HelpFormatter
+    text = " ".join(parser.format_help().split())
+    for action in parser._actions:
+        entry = parser._get_formatter()._get_help_string(action)
+        assert entry.count("(default") - entry.count("%(default)") <= 1, entry  # "(default: %(default)s)" is one
+    assert "(default: )" not in text and "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: [" not in text  # lists print as the command line takes them
+    proc = run_inprocess(f"{script}.py", "--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"pytorch-classifier-ng {__version__}", describe(proc)
+
+
+def test_seed_flag_wins_over_the_config(tmp_path: Path) -> None:
+    import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text("random_seed: 3\n")
+    assert main.parse_args(["--config", str(config)]).random_seed == 3
+    assert main.parse_args(["--config", str(config), "--seed", "11"]).random_seed == 11
+    assert main.parse_args([]).random_seed == 0
+
+
+# ------------------------------------------------------------------------------ requirements
+# import name -> the distribution that provides it, where they differ
+DISTRIBUTIONS = {"PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn", "pytorch_grad_cam": "grad-cam",
+                 "python_multipart": "python-multipart", "swagger_ui_bundle": "swagger-ui-bundle",
+                 "mlflow": "mlflow-skinny", "starlette": "fastapi"}
+NOT_FROM_PYPI = {"tensorrt"}  # NVIDIA's, installed with the GPU stack (README: export.py)
+
+
+def _requirements(path: Path) -> dict[str, str]:
+    """name -> line of a requirements file and the files it includes (-r)."""
+    out: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("-r "):
+            out |= _requirements(path.parent / line[3:].strip())
+        elif line:
+            name = line.replace(">", "=").replace("<", "=").split("=", 1)[0].strip().lower().replace("_", "-")
+            out[name] = line
+    return out
+
+
+def test_every_import_is_declared_in_a_requirements_file() -> None:
+    import ast
+
+    declared = _requirements(REPO / "requirements" / "dev.txt") | _requirements(REPO / "requirements" / "trackers.txt")
+    training = _requirements(REPO / "requirements.txt")
+    assert "pytest" not in training and "onnx" not in training and "openvino" not in training  # a lean training install
+    assert {"huggingface-hub", "safetensors"} <= set(training)
+    assert training["albumentations"].endswith(">=1.4.21")  # A.set_random_seed
+    assert training["torch"] == "torch==2.14.1" and training["torchvision"] == "torchvision==0.29.1"
+    files = sorted(REPO.glob("*.py")) + sorted((REPO / "utils").glob("*.py")) + sorted((REPO / "model").glob("*.py"))
+    imported = set()
+    for file in files:
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m not in ("utils", "model", "__future__")}
+    third_party -= {f.stem for f in files}  # the scripts import each other (serve -> predict ...)
+    missing = sorted(m for m in third_party - NOT_FROM_PYPI
+                     if DISTRIBUTIONS.get(m, m).lower().replace("_", "-") not in declared)
+    assert not missing, f"imported but not in requirements*.txt: {missing}"
+
+
+# ------------------------------------------------------------------------------------ README
+def _flags(path: Path) -> set[str]:
+    """Every `--flag` a document names (in tables, prose and commands)."""
+    import re
+
+    return set(re.findall(r"(?<![\w-])--[A-Za-z][\w-]*", path.read_text(encoding="utf-8")))
+
+
+def test_chinese_readme_lists_the_same_flags_as_the_english_one() -> None:
+    english, chinese = _flags(REPO / "README.md"), _flags(REPO / "README.zh-CN.md")
+    assert len(english) > 80 and {"--version", "--seed", "--tracker", "--layer_decay", "--push_to_hub"} <= english
+    assert english == chinese, (f"only in README.md: {sorted(english - chinese)}; "
+                                f"only in README.zh-CN.md: {sorted(chinese - english)}")
+    assert "README.zh-CN.md" in (REPO / "README.md").read_text(encoding="utf-8").split("\n## ", 1)[0]  # linked at the top
