@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import logging
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger("main")
 
 # Options a resumed run may change; every other option is the run's own (as pytorch-classifier did).
-RESUME_OVERRIDES = ("epoch", "device", "workers", "patience")
+RESUME_OVERRIDES = ("epoch", "device", "workers", "patience", "compile", "deterministic")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -78,6 +79,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--weight_decay", type=finite_float, default=5e-4, help="weight decay (not on biases and norm layers)")
     p("--momentum", type=finite_float, default=0.9, help="momentum of SGD / RMSProp")
     p("--amp", action="store_true", help="mixed precision: float16 on CUDA, bfloat16 on CPU")
+    p("--channels_last", action="store_true", help="model and batches in channels-last memory (faster convolutions on "
+      "recent GPUs with --amp)")
+    p("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+      help="torch.compile the training model (backend inductor, or one of torch._dynamo.list_backends())")
+    p("--deterministic", action="store_true", help="deterministic kernels (CUDA: no cudnn.benchmark autotuning); slower")
     p("--warmup", action="store_true", help="linear learning-rate warm-up, per optimizer step")
     p("--warmup_ratios", type=finite_float, default=0.05, help="fraction of the training steps spent warming up")
     p("--warmup_minlr", type=finite_float, default=1e-6, help="warm-up start lr and the end of the default decay")
@@ -178,7 +184,7 @@ def resume_options(args: argparse.Namespace) -> tuple[argparse.Namespace, Checkp
             saved[key] = getattr(args, key)
     saved.update(resume=True, save_path=str(save_path))
     resumed = argparse.Namespace(**saved)
-    resumed.explicit = set()
+    resumed.explicit = {k for k in args.explicit if k in RESUME_OVERRIDES}  # what this command line chose
     if ckpt.epoch >= resumed.epoch:
         raise UserError(f"{save_path} already trained all {ckpt.epoch} epochs; pass --epoch N (N > {ckpt.epoch}) to train longer")
     return resumed, ckpt
@@ -237,15 +243,20 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 def train(args: argparse.Namespace, resumed: Checkpoint | None) -> dict[str, Any]:
     """One training run (in each process under torchrun)."""
     from utils import distributed
-    from utils.device import select_device, share_cpu
-    from utils.trainer import Trainer, load_data, seed_everything
+    from utils.device import gpu_workers, select_device, share_cpu
+    from utils.trainer import Trainer, load_data, seed_everything, set_determinism
 
     device = distributed.init_from_env(args.device) or select_device(args.device)
     if args.sync_bn and not distributed.launched_by_torchrun():
         LOGGER.warning("--sync_bn applies to runs started with torchrun; ignored in one process")
     elif args.sync_bn and device.type != "cuda":
         raise UserError("--sync_bn synchronises batch norm across GPUs (NCCL); with --device cpu drop it")
+    if device.type == "cuda" and "workers" not in getattr(args, "explicit", {"workers"}):
+        args.workers = gpu_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # the CPU default starves a GPU
+        LOGGER.info("--workers %d (a GPU: the cores shared by this machine's processes; pass --workers to choose)",
+                    args.workers)
     seed_everything(args.random_seed)
+    set_determinism(device, args.deterministic)
     share_cpu(device, args.workers)
     data = load_data(args, resumed)
     with claimed_run(args, resumed) as run:

@@ -426,6 +426,16 @@ def _flags(path: Path) -> set[str]:
     return set(re.findall(r"(?<![\w-])--[A-Za-z][\w-]*", path.read_text(encoding="utf-8")))
 
 
+@pytest.mark.parametrize("script", ["main", "processing", "metrice", "predict", "export", "serve"])
+def test_readme_documents_every_flag_of_every_script(script: str) -> None:
+    import importlib
+
+    parser = importlib.import_module(script).get_args_parser()
+    flags = {o for a in parser._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
+    missing = sorted(flags - _flags(REPO / "README.md"))
+    assert len(flags) > 3 and not missing, f"{script}.py flags that README.md never names: {missing}"
+
+
 def test_chinese_readme_lists_the_same_flags_as_the_english_one() -> None:
     english, chinese = _flags(REPO / "README.md"), _flags(REPO / "README.zh-CN.md")
     assert len(english) > 80 and {"--version", "--seed", "--tracker", "--layer_decay", "--push_to_hub"} <= english

@@ -382,6 +382,95 @@ def test_image_channel_1_trains_on_one_channel(tiny_data: Path, tmp_path: Path) 
         assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 3)
 
 
+def test_channels_last_and_deterministic_reach_the_convolutions(tiny_data: Path, tmp_path: Path) -> None:
+    layouts: list[tuple[bool, bool, tuple[int, ...]]] = []
+
+    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+        x = inputs[0]
+        if isinstance(module, nn.Conv2d) and torch.is_grad_enabled() and x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1:
+            nhwc = torch.channels_last
+            layouts.append((x.is_contiguous(memory_format=nhwc) and not x.is_contiguous(),
+                            module.weight.is_contiguous(memory_format=nhwc)  # a 1x1 kernel is both layouts at once
+                            and (module.kernel_size == (1, 1) or not module.weight.is_contiguous()),
+                            tuple(x.shape)))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        proc = run_inprocess("main.py", *train_args(tiny_data, tmp_path / "nhwc", "--channels_last", "--deterministic",
+                                                    "--test_path", "none"))
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    finally:
+        handle.remove()
+        torch.use_deterministic_algorithms(False)  # this process runs the other tests
+    assert_ok(proc)
+    assert deterministic
+    # every training convolution with a real spatial grid: NHWC input (the first one's straight from
+    # Normalize) and NHWC weights
+    assert layouts and any(shape[1] == 3 for _, _, shape in layouts)
+    assert all(x and w for x, w, _ in layouts), [(x, w, shape) for x, w, shape in layouts if not (x and w)][:3]
+    from utils.checkpoint import model_from_checkpoint
+    from utils.schema import Checkpoint
+
+    model = model_from_checkpoint(Checkpoint.from_dict(load_ckpt(tmp_path / "nhwc" / "best.pt"))).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():  # the saved weights work in either layout
+        torch.testing.assert_close(model(x), model.to(memory_format=torch.channels_last)(x.contiguous(
+            memory_format=torch.channels_last)), rtol=1e-4, atol=1e-5)
+
+
+def test_set_determinism_turns_cudnn_autotuning_off() -> None:
+    from utils.trainer import set_determinism
+
+    saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    try:
+        set_determinism(torch.device("cuda"), False)  # the flags are plain settings: no GPU needed to set them
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+        set_determinism(torch.device("cuda"), True)
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
+
+
+def test_gpu_workers_share_the_cores_among_the_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from utils.device import gpu_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert [gpu_workers(n) for n in (1, 2, 4, 8, 16)] == [8, 7, 3, 1, 1]  # 16 // n - 1, at most 8, at least 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert gpu_workers(1) == 1
+
+
+def test_compile_trains_the_same_model_through_dynamo(tiny_data: Path, tmp_path: Path, trained_run: Any) -> None:
+    from torch._dynamo.utils import counters
+
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    counters.clear()
+    # the same run as trained_run (CrossEntropyLoss, SGD, 2 epochs), compiled: aot_eager traces the
+    # forward and backward graphs as inductor does, without building C++ kernels
+    save = tmp_path / "compiled"
+    proc = run_inprocess("main.py", *train_args(tiny_data, save, "--loss", "CrossEntropyLoss", "--optimizer", "SGD",
+                                                "--epoch", "2", "--compile", "aot_eager"))
+    assert_ok(proc)
+    assert counters["stats"]["unique_graphs"] >= 1 and counters["aot_autograd"], dict(counters["stats"])
+    assert "--compile: torch.compile, backend aot_eager" in proc.stdout
+    compiled, plain = load_ckpt(save / "last.pt"), load_ckpt(trained_run.path / "last.pt")
+    assert list(compiled["model"]) == list(plain["model"])  # the model's own names: no _orig_mod. prefix
+    assert column(save, "loss") == pytest.approx(column(trained_run.path, "loss"), rel=1e-4)
+    for name, value in plain["model"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(compiled["model"][name], value, rtol=1e-3, atol=1e-4)
+    torch._dynamo.reset()
+
+    bad = run_inprocess("main.py", *train_args(tiny_data, tmp_path / "bad", "--compile", "nosuchbackend"))
+    assert_user_error(bad, "--compile nosuchbackend: unknown backend", "aot_eager")
+
+
 def test_nan_loss_stops_training_and_keeps_the_last_good_epoch(tiny_data: Path, tmp_path: Path) -> None:
     # epoch 1 trains at --lr 1e-3; the config's StepLR (stepped per epoch) makes epoch 2's lr absurd: the weights blow up
     save = tmp_path / "nan"

@@ -125,15 +125,18 @@ def run_with_tta(fn: Any, images: torch.Tensor) -> torch.Tensor:
 
 
 class Normalize(torch.nn.Module):
-    """uint8 batch on any device -> float, scaled to [0, 1] and normalised by mean/std."""
+    """uint8 batch on any device -> float, scaled to [0, 1] and normalised by mean/std; laid out
+    channels-last (NHWC in memory) when `channels_last`, for a model converted to it."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, mean: Sequence[float], std: Sequence[float], channels_last: bool = False) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
+        self.channels_last = channels_last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.mean) / self.std
+        x = (x.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
 
 
 # ---------------------------------------------------------------------------------- dataset

@@ -86,6 +86,17 @@ def default_workers() -> int:
     return 0 if cpus <= 2 else min(4, cpus - 2)
 
 
+def gpu_workers(processes_per_machine: int = 1) -> int:
+    """Loader processes per training process on a GPU, where decoding, not the model, is what runs
+    short: the cores this process may use, shared by the processes of this machine, less one for
+    the process itself, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus // max(1, processes_per_machine) - 1))
+
+
 def share_cpu(device: Any, workers: int) -> int:
     """On CPU, give the compute threads the cores the loader processes leave free: oversubscribed
     OpenMP threads spin against the workers and can make a step many times slower. An explicit

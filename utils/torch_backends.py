@@ -56,6 +56,8 @@ class TorchBackend:
         self.model = model_from_checkpoint(ckpt).to(device)
         if half:
             self.model.half()
+        if device.type == "cuda":  # batches of one size: let cuDNN time its algorithms once and keep the fastest
+            torch.backends.cudnn.benchmark = True
         spec = self.meta.preprocess
         self.normalize = Normalize(spec.mean, spec.std).to(device)
 

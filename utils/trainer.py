@@ -16,7 +16,9 @@ import argparse
 import copy
 import dataclasses
 import logging
+import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -61,6 +63,34 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def set_determinism(device: torch.device, deterministic: bool) -> None:
+    """--deterministic: deterministic kernels only (an op without one raises); otherwise on CUDA,
+    cudnn.benchmark picks the fastest convolution algorithm for each input shape. A CPU run is
+    reproducible either way."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode
+        torch.use_deterministic_algorithms(True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+
+
+def compile_model(model: nn.Module, backend: str, device: torch.device) -> nn.Module:
+    """--compile: torch.compile(model) with a backend checked first, so a wrong name or a missing
+    compiler is one line here rather than an error deep inside the first training step."""
+    import torch._dynamo
+
+    names = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in names:
+        raise UserError(f"--compile {backend}: unknown backend; choose one of {', '.join(names)}")
+    compiler = os.environ.get("CXX", "g++")
+    if backend == "inductor" and device.type == "cpu" and shutil.which(compiler) is None:
+        raise UserError(f"--compile inductor on the CPU builds C++ kernels, and no compiler ({compiler}) was found: "
+                        "install g++ (or set CXX), or pass --compile aot_eager")
+    print(f"--compile: torch.compile, backend {backend} (the first steps are slow while it compiles)", flush=True)
+    return torch.compile(model, backend=backend)
 
 
 class StopFlag:
@@ -250,6 +280,8 @@ class Trainer:
                                    steps_per_epoch=-(-len(self.train_loader) // args.accumulate))
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.train_model = self._wrap_distributed()
+        if args.compile:  # only the training step: checkpoints, EMA and validation keep the model itself
+            self.train_model = compile_model(self.train_model, args.compile, self.device)
         shared = [p for p in self.distiller.method.parameters() if p.requires_grad] if self.distiller else []
         self.step_parts = StepParts(self.objective, self.optimizer, self.scaler, self.amp_dtype, self.batch_mix,
                                     args.accumulate, args.clip_grad, self.ema,
@@ -269,7 +301,7 @@ class Trainer:
             self.start_step = self.start_samples // (args.batch_size * self.world)
             print(f"resuming {run.path} at epoch {self.state.epoch + 1}"
                   + (f", step {self.start_step}" if self.start_step else ""), flush=True)
-        self.normalize = Normalize(data.spec.mean, data.spec.std).to(device)
+        self.normalize = Normalize(data.spec.mean, data.spec.std, args.channels_last).to(device)
         run.write_yaml("args.yaml", self.options | {"mean": list(data.spec.mean), "std": list(data.spec.std)})
         run.write_lines("label.txt", data.class_names)
         self.tracker = (create_tracker(getattr(args, "tracker", "none"), run.path,
@@ -291,6 +323,8 @@ class Trainer:
             for line in skipped:
                 LOGGER.info("  skipped %s", line)
         model = model.to(self.device)
+        if args.channels_last:  # the weights NHWC in memory; Normalize hands batches over in the same layout
+            model = model.to(memory_format=torch.channels_last)
         if args.sync_bn and world_info()[1] > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model
