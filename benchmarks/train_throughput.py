@@ -3,6 +3,8 @@
     python benchmarks/train_throughput.py                          # resnet18 at 32 and 64 px
     python benchmarks/train_throughput.py --compare /path/to/other/checkout   # its main.py side by side
     python benchmarks/train_throughput.py --sizes 64 --epochs 8 --model_name resnet34
+    python benchmarks/train_throughput.py --device 0 --sizes 224 --model_name resnet50 --batch_size 128 \
+        --epochs 8 --main_args "--amp --channels_last"                # a GPU: resnet50 at 224 px with AMP
     make bench
 
 For each --sizes value it prints one PrettyTable row (per checkout) of training images/second:
@@ -23,8 +25,10 @@ For each --sizes value it prints one PrettyTable row (per checkout) of training 
 It also prints where main.py's epoch time goes (its "time per epoch:" line: train, val,
 checkpoints, logs and plots) and the wall time of its 2-epoch run. The data is scikit-learn's
 digits (1,797 8x8 images; 1,079 train / 359 val / 359 test) split by processing.py into
---cache_dir; main.py gets no test split. Everything runs on the CPU with PyTorch's default thread
-count and main.py's default --workers.
+--cache_dir; main.py gets no test split. Everything runs on --device (the CPU by default, with
+PyTorch's default thread count) with main.py's default --workers there. --main_args go to every
+main.py run; of them, --amp and --channels_last apply to the limit as well (autocast float16 with a
+gradient scaler on CUDA, bfloat16 on the CPU; NHWC weights and batches), --compile does not.
 
 Compare figures only within one run of this script: the machine may be shared. The "other load"
 column says how many cores other processes kept busy (from /proc/stat): above ~0.1 a row is
@@ -48,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.device import default_workers  # noqa: E402  (main.py's --workers default)
+from utils.device import default_workers, gpu_workers  # noqa: E402  (main.py's --workers defaults)
 
 TIMING = re.compile(r"time per epoch: (.*)")
 
@@ -89,12 +93,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--sizes", type=int, nargs="+", default=[32, 64], help="image sizes (--image_size of main.py)")
     p("--model_name", default="resnet18", help="model (as main.py's --model_name)")
     p("--batch_size", type=int, default=64, help="images per step")
-    p("--workers", type=int, default=default_workers(), help="main.py's --workers (default: its own default here)")
+    p("--workers", type=int, default=None, help="main.py's --workers (default: main.py's own default on --device)")
     p("--epochs", type=int, default=6, help="epochs of the long main.py run (the short one has 2)")
     p("--limit_epochs", type=int, default=2, help="timed epochs of the in-memory limit")
     p("--compare", nargs="*", default=[], help="other checkouts whose main.py runs beside this one's")
     p("--cache_dir", default=str(ROOT / "benchmarks" / ".cache"), help="where the digits sample and the runs go")
     p("--skip", nargs="*", default=[], choices=["limit", "data", "main"], help="leave these measurements out")
+    p("--device", default="cpu", help="cpu, or a CUDA device index such as 0, for the limit and main.py")
+    p("--main_args", default="", help="more main.py flags for every run (e.g. '--amp --channels_last --compile')")
     return parser
 
 
@@ -116,38 +122,60 @@ def ensure_digits(cache_dir: Path) -> Path:
 
 # ------------------------------------------------------------------------------ measurements
 def limit_throughput(model_name: str, size: int, batch_size: int, num_classes: int, n_train: int, n_val: int,
-                     epochs: int) -> dict[str, float]:
+                     epochs: int, device: str = "cpu", amp: bool = False, channels_last: bool = False) -> dict[str, float]:
     """The limit and (a): an epoch of training steps over n_train in-memory images, then a no-grad
-    forward over n_val, one untimed epoch first; images/s from the median epoch."""
+    forward over n_val, one untimed epoch first; images/s from the median epoch. On a GPU the
+    tensors are on the GPU already; with `amp`, main.py's autocast (and gradient scaler on CUDA)."""
+    import contextlib
+
     import torch
 
     from utils.losses import build_loss
     from utils.optim import build_optimizer
     from utils.registry import create_model
 
+    dev = torch.device("cpu" if device == "cpu" else f"cuda:{device}" if device.isdigit() else device)
     torch.manual_seed(0)
-    model = create_model(model_name, num_classes, 3)
+    memory = torch.channels_last if channels_last else torch.contiguous_format
+    model = create_model(model_name, num_classes, 3).to(dev, memory_format=memory)
     optimizer = build_optimizer(model, "AdamW", 1e-3, 5e-4, 0.9)       # main.py's defaults
     criterion = build_loss("CrossEntropyLoss", 0.1, None)
-    train_x = torch.randn(n_train, 3, size, size)
-    train_y = torch.randint(0, num_classes, (n_train,))
-    val_x = torch.randn(n_val, 3, size, size)
+    train_x = torch.randn(n_train, 3, size, size, device=dev).contiguous(memory_format=memory)
+    train_y = torch.randint(0, num_classes, (n_train,), device=dev)
+    val_x = torch.randn(n_val, 3, size, size, device=dev).contiguous(memory_format=memory)
+    dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda") if amp and dev.type == "cuda" else None
+
+    def autocast() -> Any:
+        return torch.autocast(dev.type, dtype=dtype) if amp else contextlib.nullcontext()
+
+    def now() -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter()
+
     steps, epochs_s = [], []
     for epoch in range(epochs + 1):
         model.train()
-        t0 = time.perf_counter()
+        t0 = now()
         for start in range(0, n_train - (n_train % batch_size == 1), batch_size):
-            loss = criterion(model(train_x[start:start + batch_size]), train_y[start:start + batch_size])
+            with autocast():
+                loss = criterion(model(train_x[start:start + batch_size]).float(), train_y[start:start + batch_size])
             loss.item()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        t1 = time.perf_counter()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+        t1 = now()
         model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast():
             for start in range(0, n_val, batch_size):
                 model(val_x[start:start + batch_size]).float().softmax(1)
-        t2 = time.perf_counter()
+        t2 = now()
         if epoch:
             steps.append(t1 - t0)
             epochs_s.append(t2 - t0)
@@ -180,7 +208,7 @@ def run_main(checkout: Path, split: Path, size: int, epochs: int, args: argparse
            "--batch_size", str(args.batch_size), "--epoch", str(epochs), "--workers", str(args.workers),
            "--train_path", str(split / "train"), "--label_path", str(split / "label.txt"),
            "--val_path", str(split / "val"), "--test_path", str(runs / "no_test"),
-           "--save_path", str(runs / "exp"), "--patience", "0", "--device", "cpu"]
+           "--save_path", str(runs / "exp"), "--patience", "0", "--device", args.device, *args.main_args.split()]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True, env=env)
@@ -212,18 +240,22 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.epochs < 3:
         sys.exit("error: --epochs must be at least 3 (the per-epoch cost is the difference with a 2-epoch run)")
     args.cache_dir = str(Path(args.cache_dir).resolve())
+    if args.workers is None:  # what main.py picks on that device
+        args.workers = default_workers() if args.device == "cpu" else gpu_workers()
     split = ensure_digits(Path(args.cache_dir))
     train_set = scan_split(split / "train", label_path=split / "label.txt", what="train set")
     n_val = len(scan_split(split / "val", class_names=train_set.class_names).samples)
     n_train = len(train_set.samples)
     checkouts = [ROOT, *[Path(c).resolve() for c in args.compare]]
     print(f"{args.model_name}, batch {args.batch_size}, {n_train} train / {n_val} val images, main.py --workers "
-          f"{args.workers}; torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs", flush=True)
+          f"{args.workers} --device {args.device} {args.main_args}; torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs", flush=True)
     rows: list[dict[str, Any]] = []
     for size in args.sizes:
         probe = OtherLoad()
+        extra = args.main_args.split()
         limit = (limit_throughput(args.model_name, size, args.batch_size, len(train_set.class_names), n_train, n_val,
-                                  args.limit_epochs) if "limit" not in args.skip else {"limit": None, "step": None})
+                                  args.limit_epochs, args.device, "--amp" in extra, "--channels_last" in extra)
+                 if "limit" not in args.skip else {"limit": None, "step": None})
         data = (data_throughput(train_set.samples, size, args.batch_size, args.workers, 3)
                 if "data" not in args.skip else None)
         for checkout in checkouts:
