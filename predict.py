@@ -187,6 +187,7 @@ def predict_files(args: argparse.Namespace, source: Source, ensemble: Ensemble, 
     images_out = BoundedWriter(limit=4 * args.batch_size, threads=max(1, min(4, (os.cpu_count() or 1) // 2)))
     first_skips: list[tuple[str, str]] = list(source.skipped[:20])
     writer.skip(source.skipped)
+    folder_outputs = args.save_images or args.cam_visual or "feature_maps" in cam_setup  # files named after the source's
     t0 = time.perf_counter()
     try:
         for batch in progress(loader, desc="predict", unit="batch", leave=False):
@@ -199,7 +200,7 @@ def predict_files(args: argparse.Namespace, source: Source, ensemble: Ensemble, 
             probs = ensemble.predict(batch["inputs"], plan)[0]
             rows = prediction_rows(paths, probs, class_names, args.conf_threshold, thresholds)
             writer.write(rows)
-            rels = [relative_name(Path(p), source.root) for p in paths]
+            rels = [relative_name(Path(p), source.root) for p in paths] if folder_outputs else []
             if args.save_images:
                 for row, rel in zip(rows, rels):
                     images_out.submit(save_annotated, row["path"], label_text(row), folder / "images" / output_name(rel))

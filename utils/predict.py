@@ -112,6 +112,10 @@ def find_images(source: str | Path) -> Source:
 def relative_name(path: Path, root: Path) -> Path:
     """`path` relative to `root` (output files mirror the source tree), or its name when outside."""
     try:
+        return path.relative_to(root)  # found under root as given: no file-system call
+    except ValueError:
+        pass
+    try:
         return path.resolve().relative_to(root.resolve())
     except ValueError:
         return Path(path.name)
