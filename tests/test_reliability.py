@@ -208,6 +208,7 @@ def test_config_fuzz_every_key_every_wrong_type(tmp_path: Path, capsys: pytest.C
 
     parser = main.get_args_parser()
     keys = {a.dest: a.default for a in parser._actions if a.dest not in ("help", "config")}
+    bare_flags = {a.dest: a.const for a in parser._actions if a.nargs == "?" and a.const is not None}
     keys |= CONFIG_ONLY_KEYS | {"custom_augment": [], "lr_scheduler": "StepLR"}
     checked = 0
     for key, default in keys.items():
@@ -215,8 +216,8 @@ def test_config_fuzz_every_key_every_wrong_type(tmp_path: Path, capsys: pytest.C
         for label, value in WRONG_VALUES.items():
             if _fits(kind, value) or (kind == "str" and default is None and isinstance(value, str)):
                 continue
-            if key == "class_balance" and isinstance(value, bool):
-                continue  # pytorch-classifier's configs say `class_balance: true` (its flag was a switch)
+            if key in bare_flags and isinstance(value, bool):
+                continue  # `compile: true` is the bare flag; pytorch-classifier's configs say `class_balance: true`
             config = tmp_path / f"{key}_{label}.yaml"
             config.write_text(yaml.safe_dump({key: value}))
             code = None
@@ -231,6 +232,13 @@ def test_config_fuzz_every_key_every_wrong_type(tmp_path: Path, capsys: pytest.C
             assert key in line, line
             checked += 1
     assert checked > 200  # every key met several wrong types
+    assert {"class_balance", "compile"} <= set(bare_flags)
+    for key, const in bare_flags.items():  # true is the bare flag, false the flag left out
+        config = tmp_path / f"{key}_bool.yaml"
+        config.write_text(f"{key}: true\n")
+        assert getattr(main.parse_args(["--config", str(config)]), key) == const
+        config.write_text(f"{key}: false\n")
+        assert getattr(main.parse_args(["--config", str(config)]), key) == parser.get_default(key)
     config = tmp_path / "fraction.yaml"
     config.write_text("image_size: 32.5\n")
     with pytest.raises(UserError, match="'image_size' must be an integer"):
