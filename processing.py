@@ -214,7 +214,8 @@ def scan_source(source: Path) -> tuple[list[str], list[str], dict[str, int], dic
     if not folders:
         raise UserError(f"--data_path {source} has no class folders (expected <data_path>/<class name>/<images>)")
     class_names, folder_index = resolve_class_names(folders, source / "label.txt")
-    images, skipped = scan_class_folders(source, folders)
+    found, skipped = scan_class_folders(source, folders)
+    images = {folder: [Path(p) for p in paths] for folder, paths in found.items()}
     skipped = [(path, why) for path, why in skipped if path != str(source / SAMPLE_MARKER)]  # our own note
     for folder in folders:
         if not images[folder]:

@@ -22,12 +22,10 @@ import socket
 import sys
 from typing import Any, Sequence
 
-import torch
-
 from utils.backends import MODEL_TYPES, load_backend
 from utils.config import ArgumentParser
 from utils.images import MAX_IMAGE_PIXELS
-from utils.device import select_device
+from utils.device import compute_threads, select_device, set_threads
 from utils.log import UserError, run_cli
 
 LOGGER = logging.getLogger("serve")
@@ -51,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--model_type", default=None, choices=list(MODEL_TYPES), help="format of the model in --save_path [torch]")
     p("--device", default=None, help="'' (GPU if any), cpu, or a GPU index such as 0 ['']")
     p("--half", action="store_true", help="float16 inference (CUDA; torch and torchscript)")
-    p("--threads", type=int, default=None, help="torch compute threads [a server: CPU cores - 1; a --worker: "
+    p("--threads", type=int, default=None, help="compute threads of the model (torch, onnxruntime, OpenVINO) [a server: CPU cores - 1; a --worker: "
       "PyTorch's default; $OMP_NUM_THREADS wins over both]")
     p("--conf_threshold", type=float, default=None, help="a top-1 probability below this marks an image uncertain [0.5]")
     p("--max_batch", type=int, default=None, help="most images run together [16]; 1 = no batching")
@@ -139,11 +137,11 @@ def build_runner(args: argparse.Namespace) -> Any:
     from utils.serving import ModelRunner
 
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     elif not args.worker and "OMP_NUM_THREADS" not in os.environ:
         # leave a core to the HTTP tier (decoding, the event loop): on 2 cores, 2 compute threads
         # next to it served 52 requests/s at 8 clients where 1 served 78 (benchmarks/serve_load.py)
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - 1)))
+        set_threads(max(1, min(compute_threads(), (os.cpu_count() or 1) - 1)))
     backend = load_backend(args.save_path, args.model_type, select_device(args.device), args.half)
     return ModelRunner(backend, args.conf_threshold)
 

@@ -9,7 +9,9 @@
               mean/std pass, model), and the peak memory (VmHWM) until then, first with an empty
               scan cache and then again with the cache of the first run; main.py is stopped there.
               The scan alone (utils.lists.scan_split, in a child process) is timed the same way,
-              with its peak memory and the memory of the file list it returns.
+              with its peak memory, and (in a third, traced run) the memory of the Python objects it keeps.
+              "of which imports" is a process that only imports what training imports: the floor of
+              any start-up; "start-up less imports" is what the data costs.
 
 The folder is written once into --cache_dir (a few seconds per 10,000 images); the scan cache goes
 into a temporary folder (PYTORCH_CLASSIFIER_CACHE), so the user's cache is not touched.
@@ -32,16 +34,19 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.train_throughput import ensure_digits  # noqa: E402
 
-SCRIPTS = ("main.py", "metrice.py", "predict.py", "export.py", "processing.py")
+SCRIPTS = ("main.py", "metrice.py", "predict.py", "export.py", "processing.py", "serve.py")
 SCAN = """
 import resource, sys, time, tracemalloc
 sys.path.insert(0, sys.argv[1])
 from utils.lists import scan_split
+trace = sys.argv[3] == "trace"  # Python objects traced: slower, so timed in a run of its own
+if trace:
+    tracemalloc.start()
 t0 = time.perf_counter()
-tracemalloc.start()
 image_set = scan_split(sys.argv[2], what="train set")
-current, peak = tracemalloc.get_traced_memory()
-print(len(image_set.samples), time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, peak / 2**20)
+seconds = time.perf_counter() - t0
+peak = tracemalloc.get_traced_memory()[1] / 2**20 if trace else 0.0
+print(len(image_set.samples), seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, peak)
 """
 
 
@@ -107,6 +112,20 @@ def main_startup(root: Path, scan_cache: Path) -> dict[str, float]:
     return {"seconds": seconds, "peak_mb": peak}
 
 
+def import_seconds(repeat: int = 3) -> float:
+    """Seconds from the command to the end of the imports of main.py's training (the floor of any
+    start-up, whatever the data), read as main_startup reads its line (the process's exit not counted)."""
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import main, utils.trainer; print('imported', flush=True)"
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()
+        times.append(time.perf_counter() - t0)
+        proc.wait()
+    return statistics.median(times)
+
+
 def main(args: argparse.Namespace) -> None:
     from prettytable import PrettyTable
 
@@ -125,17 +144,21 @@ def main(args: argparse.Namespace) -> None:
         scan_cache = Path(tmp)
         if "scan" not in args.skip:
             runs = []
-            for _ in range(2):
-                out = subprocess.run([sys.executable, "-c", SCAN, str(ROOT), str(root / "train")], capture_output=True,
+            for mode in ("time", "time", "trace"):  # first (no cache), cached, cached with tracemalloc
+                out = subprocess.run([sys.executable, "-c", SCAN, str(ROOT), str(root / "train"), mode], capture_output=True,
                                      text=True, check=True, env=dict(os.environ, PYTORCH_CLASSIFIER_CACHE=str(scan_cache)))
                 runs.append([float(v) for v in out.stdout.split()])
             table.add_row(["scan_split", f"{runs[0][1]:.2f}", f"{runs[1][1]:.2f}", f"{runs[1][1] / runs[0][1]:.2f}",
-                           f"{runs[0][2]:.0f}, {runs[1][2]:.0f} (Python objects {runs[0][3]:.0f}, {runs[1][3]:.0f})"])
+                           f"{runs[0][2]:.0f}, {runs[1][2]:.0f} (Python objects {runs[2][3]:.0f})"])
             shutil.rmtree(scan_cache / "scan", ignore_errors=True)
         if "main" not in args.skip:
             first, second = main_startup(root, scan_cache), main_startup(root, scan_cache)
             table.add_row(["main.py start-up", f"{first['seconds']:.2f}", f"{second['seconds']:.2f}",
                            f"{second['seconds'] / first['seconds']:.2f}", f"{first['peak_mb']:.0f}, {second['peak_mb']:.0f}"])
+            floor = import_seconds()
+            table.add_row(["  of which imports", f"{floor:.2f}", f"{floor:.2f}", "", "(torch, timm, torchvision)"])
+            table.add_row(["  start-up less imports", f"{first['seconds'] - floor:.2f}", f"{second['seconds'] - floor:.2f}",
+                           f"{(second['seconds'] - floor) / (first['seconds'] - floor):.2f}", ""])
     print(table, flush=True)
 
 

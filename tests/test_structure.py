@@ -283,6 +283,20 @@ def test_schema_and_images_import_without_torch() -> None:
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", describe(proc)
 
 
+def test_scripts_import_without_torch_and_threads_carry_over() -> None:
+    """Every script's --help is fast because importing it loads no torch; the threads serve.py
+    chooses before a model is loaded are the ones torch runs with once it is."""
+    code = (f"import os, sys\nsys.path.insert(0, {str(REPO)!r})\n"
+            "import main, metrice, predict, export, processing, serve\n"
+            "assert 'torch' not in sys.modules, 'a script imported torch'\n"
+            "from utils.device import compute_threads, import_torch, set_threads\n"
+            "set_threads(os.cpu_count() + 1)\nassert compute_threads() == os.cpu_count() + 1\n"
+            "torch = import_torch('the test')\nprint(torch.get_num_threads() - os.cpu_count(), compute_threads() - os.cpu_count())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in SUBPROCESS_ENV.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")})
+    assert proc.returncode == 0 and proc.stdout.split() == ["1", "1"], describe(proc)
+
+
 def test_library_imports_are_acyclic() -> None:
     graph: dict[str, set[str]] = {}
     for file in sorted((REPO / "utils").glob("*.py")):

@@ -29,7 +29,7 @@ LOGGER = logging.getLogger(__name__)
 
 # --model_type values that run through PyTorch; the others (onnx, openvino) run without it.
 TORCH_MODEL_TYPES = ("torch", "torchscript", "tensorrt")
-_THREADS: list[int] = []  # compute threads chosen by share_cpu in a process without torch
+_THREADS: list[int] = []  # compute threads chosen by set_threads (share_cpu, serve.py), the last one in use
 
 
 # ------------------------------------------------------------------------------- torch or not
@@ -44,6 +44,8 @@ def import_torch(needed_for: str) -> Any:
     except ImportError as err:
         raise UserError(f"{needed_for} needs PyTorch, which cannot be imported here ({err}): pip install -r "
                         "requirements.txt, or run an exported model with --model_type onnx or openvino") from None
+    if _THREADS and torch.get_num_threads() != _THREADS[-1]:
+        torch.set_num_threads(_THREADS[-1])  # chosen (set_threads) before torch was needed
     return torch
 
 
@@ -77,6 +79,20 @@ def compute_threads() -> int:
 
 
 # ------------------------------------------------------------------------------ CPU policy
+def set_threads(threads: int) -> int:
+    """Run every backend on `threads` compute threads: torch now if it is loaded, else when
+    import_torch loads it; onnxruntime and OpenVINO read compute_threads() when they start.
+
+    Returns:
+        `threads`.
+    """
+    _THREADS.append(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
+    return threads
+
+
 def default_workers() -> int:
     """Loader processes for every script's --workers default. On 1-2 cores, none: decoding small
     images costs far less than the model step, and a worker competing with the compute threads
@@ -108,10 +124,7 @@ def share_cpu(device: Any, workers: int) -> int:
     if device.type == "cpu" and workers > 0 and "OMP_NUM_THREADS" not in os.environ:
         threads = max(1, (os.cpu_count() or 1) - workers)
         if threads < compute_threads():
-            torch = sys.modules.get("torch")
-            if torch is not None:
-                torch.set_num_threads(threads)
-            _THREADS.append(threads)
+            set_threads(threads)
             LOGGER.info("--workers %d on %d CPUs: %d compute thread(s)", workers, os.cpu_count(), threads)
     return compute_threads()
 

@@ -15,15 +15,18 @@ images through this module; it imports only Pillow and numpy.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import logging
 import os
 import re
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -167,6 +170,11 @@ class ScanCache:
     opens no image: the header check of each file keyed by (path, size, modification time), and
     values derived from the images (e.g. their mean/std) keyed by the caller.
 
+    It also keeps the sorted listing of each folder keyed by the folder's modification time
+    (which changes when an entry is added, removed or renamed), so that a second scan lists no
+    folder again and only stats each file. Folders holding symbolic links, or changed in the last
+    seconds before the scan, are always listed afresh.
+
     It lives outside the data folder (cache_dir()/scan/<hash of the folder's path>.json), so
     scanning never writes into the user's data. A file whose size or time changed is checked again.
 
@@ -174,7 +182,8 @@ class ScanCache:
         root: the scanned folder.
     """
 
-    VERSION = 1
+    VERSION = 2
+    SETTLED_NS = 2_000_000_000  # a folder changed this recently may change again within its time stamp
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).absolute()
@@ -183,28 +192,50 @@ class ScanCache:
         digest = hashlib.sha1(str(self.root).encode("utf-8", "surrogateescape")).hexdigest()[:20]
         self.path = base / "scan" / f"{digest}.json"
         self.files: dict[str, list[Any]] = {}
+        self.dirs: dict[str, list[Any]] = {}
         self.derived: dict[str, Any] = {}
+        self.visited: set[str] = set()
+        self.started_ns = time.time_ns()
         self.changed = False
         if self.enabled:
             try:
                 data = json.loads(self.path.read_text(encoding="utf-8"))
                 if data.get("version") == self.VERSION and data.get("root") == str(self.root):
-                    self.files, self.derived = dict(data["files"]), dict(data.get("derived") or {})
+                    self.files, self.dirs = dict(data["files"]), dict(data["dirs"])
+                    self.derived = dict(data.get("derived") or {})
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 pass  # no cache yet, or an unreadable one: scan afresh
 
-    def check(self, path: Path) -> tuple[str | None, tuple[int, int]]:
+    def listing(self, folder: str, mtime_ns: int) -> list[list[str]] | None:
+        """The cached [name, kind] entries of `folder` if it is unchanged since (see walk_files)."""
+        self.visited.add(folder)
+        entry = self.dirs.get(folder)
+        return entry[1] if entry is not None and entry[0] == mtime_ns else None
+
+    def put_listing(self, folder: str, mtime_ns: int, entries: list[list[str]]) -> None:
+        """Remember a folder's listing, unless the folder changed too recently to trust its time."""
+        if self.started_ns - mtime_ns > self.SETTLED_NS:
+            self.dirs[folder] = [mtime_ns, entries]
+            self.changed = True
+
+    def check(self, path: str | Path, stamp: tuple[int, int] | None = None) -> tuple[str | None, tuple[int, int]]:
         """The header check of `path` (None = readable), from the cache when the file is unchanged.
+
+        Args:
+            path: the file.
+            stamp: its (size, mtime_ns) when the caller has stat'ed it already.
 
         Returns:
             (reason or None, (size, mtime_ns)).
         """
-        st = path.stat()
-        key, stamp = str(path), (st.st_size, st.st_mtime_ns)
+        if stamp is None:
+            st = os.stat(path)
+            stamp = (st.st_size, st.st_mtime_ns)
+        key = str(path)
         entry = self.files.get(key)
-        if entry is not None and (entry[0], entry[1]) == stamp:
+        if entry is not None and entry[0] == stamp[0] and entry[1] == stamp[1]:
             return entry[2], stamp
-        reason = check_image_header(path)
+        reason = check_image_header(Path(path))
         self.files[key] = [stamp[0], stamp[1], reason]
         self.changed = True
         return reason, stamp
@@ -220,24 +251,112 @@ class ScanCache:
         self.save()
 
     def save(self, keep: set[str] | None = None) -> None:
-        """Write the cache if anything changed (keeping only the `keep` files, when given)."""
+        """Write the cache if anything changed (keeping only the `keep` files and the folders
+        visited by this scan, when `keep` is given)."""
         if keep is not None and set(self.files) - keep:
             self.files = {k: v for k, v in self.files.items() if k in keep}
+            self.changed = True
+        if keep is not None and set(self.dirs) - self.visited:
+            self.dirs = {k: v for k, v in self.dirs.items() if k in self.visited}
             self.changed = True
         if not self.enabled or not self.changed:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path, json.dumps({"version": self.VERSION, "root": str(self.root), "files": self.files,
-                                                     "derived": self.derived}))
+                                                     "dirs": self.dirs, "derived": self.derived}))
             self.changed = False
         except OSError as err:  # a read-only home: scanning still works, only slower next time
             LOGGER.debug("scan cache not written (%s)", err)
 
 
-def _identity(path: Path) -> tuple[int, int]:
-    st = path.stat()
+def _identity(path: str | Path) -> tuple[int, int]:
+    st = os.stat(path)
     return st.st_dev, st.st_ino
+
+
+class FileStat(NamedTuple):
+    """What one stat call tells the scan about a file (links followed)."""
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+
+def walk_files(folder: Path, seen_dirs: set[tuple[int, int]] | None = None, cache: ScanCache | None = None
+               ) -> tuple[list[tuple[str, FileStat | None]], list[tuple[str, str]]]:
+    """All image files under `folder` with their stat, as list_files finds them (paths as strings:
+    a scan of 100,000 files makes no Path objects and stats each file once). With a `cache`, an
+    unchanged folder's listing comes from it (ScanCache.listing) and new listings go into it."""
+    seen = set() if seen_dirs is None else seen_dirs
+    images: list[tuple[str, FileStat | None]] = []
+    skipped: list[tuple[str, str]] = []
+    pending = [(os.fspath(folder), True)]
+    while pending:
+        current, top = pending.pop()
+        try:
+            st = os.stat(current)
+            key = st.st_dev, st.st_ino
+            if key in seen and not top:
+                skipped.append((current, "a link to a folder that is scanned already (a symlink loop?): not read again"))
+                continue
+            seen.add(key)
+            listing = cache.listing(current, st.st_mtime_ns) if cache is not None else None
+            if listing is None:
+                listing = _list_folder(current)
+                if listing is None:
+                    listing = _list_folder(current, with_links=True)
+                elif cache is not None:
+                    cache.put_listing(current, st.st_mtime_ns, listing)
+        except OSError as err:
+            skipped.append((current, f"folder cannot be read ({err.strerror or err})"))
+            continue
+        subfolders = []
+        prefix = os.path.join(current, "")
+        for name, kind in listing:
+            path = prefix + name
+            if kind == "f":
+                try:
+                    fst = os.stat(path)
+                    images.append((path, FileStat(fst.st_dev, fst.st_ino, fst.st_size, fst.st_mtime_ns)))
+                except OSError:
+                    images.append((path, None))  # gone since the listing: reported when read
+            elif kind == "d":
+                subfolders.append(path)
+            else:
+                skipped.append((path, kind))
+        pending.extend((sub, False) for sub in reversed(subfolders))
+    return images, skipped
+
+
+def _list_folder(folder: str, with_links: bool = False) -> list[list[str]] | None:
+    """A folder's entries in natural order as [name, kind]: kind "f" an image file, "d" a folder,
+    else why the entry is skipped. None (unless `with_links`) when it holds a symbolic link:
+    where a link points can change without the folder changing, so such a listing is not cached."""
+    with os.scandir(folder) as found:
+        entries = sorted(found, key=lambda e: natural_key(e.name))
+    listing = []
+    for entry in entries:
+        if not with_links and entry.is_symlink():
+            return None
+        try:
+            is_dir = entry.is_dir()
+            exists = is_dir or entry.is_file()
+        except OSError:
+            is_dir, exists = False, False
+        suffix = os.path.splitext(entry.name)[1]
+        if is_hidden(entry.name):
+            kind = "hidden folder" if is_dir else "hidden file"
+        elif not exists:
+            kind = "broken link or not a regular file"
+        elif is_dir:
+            kind = "d"
+        elif suffix.lower() not in IMG_EXTENSIONS:
+            kind = f"not an image file ({suffix or 'no extension'})"
+        else:
+            kind = "f"
+        listing.append([entry.name, kind])
+    return listing
 
 
 def list_files(folder: Path, seen_dirs: set[tuple[int, int]] | None = None) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -257,60 +376,39 @@ def list_files(folder: Path, seen_dirs: set[tuple[int, int]] | None = None) -> t
         (image paths, [(path, reason), ...]) -- hidden entries, non-image files, broken links,
         unreadable folders and repeated folders are skipped.
     """
-    seen = set() if seen_dirs is None else seen_dirs
-    images: list[Path] = []
-    skipped: list[tuple[str, str]] = []
-    pending = [(Path(folder), True)]
-    while pending:
-        current, top = pending.pop()
-        try:
-            key = _identity(current)
-            if key in seen and not top:
-                skipped.append((str(current), "a link to a folder that is scanned already (a symlink loop?): not read again"))
-                continue
-            seen.add(key)
-            entries = sorted(os.scandir(current), key=lambda e: natural_key(e.name))
-        except OSError as err:
-            skipped.append((str(current), f"folder cannot be read ({err.strerror or err})"))
-            continue
-        subfolders = []
-        for entry in entries:
-            path = Path(entry.path)
-            try:
-                is_dir = entry.is_dir()
-                exists = is_dir or entry.is_file()
-            except OSError:
-                is_dir, exists = False, False
-            if is_hidden(entry.name):
-                skipped.append((str(path), "hidden folder" if is_dir else "hidden file"))
-            elif not exists:
-                skipped.append((str(path), "broken link or not a regular file"))
-            elif is_dir:
-                subfolders.append(path)
-            elif path.suffix.lower() not in IMG_EXTENSIONS:
-                skipped.append((str(path), f"not an image file ({path.suffix or 'no extension'})"))
-            else:
-                images.append(path)
-        pending.extend((sub, False) for sub in reversed(subfolders))
-    return images, skipped
+    files, skipped = walk_files(folder, seen_dirs)
+    return [Path(p) for p, _ in files], skipped
 
 
-def drop_repeated_files(paths: Sequence[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+def drop_repeated_files(paths: Sequence[str | Path], identities: Sequence[tuple[int, int] | None] | None = None
+                        ) -> tuple[list, list[tuple[str, str]]]:
     """Each real file once: of the paths that reach the same file (symbolic or hard links), keep
     the one that is not reached through a link (else the first), and skip the others.
+
+    Args:
+        paths: the files, in order.
+        identities: each file's (device, inode) when known (None: stat'ed here).
 
     Returns:
         (paths kept, in their order; [(path, reason), ...] for the others).
     """
+    if identities is not None and None not in identities and len(set(identities)) == len(paths):
+        return list(paths), []  # every file once, as the scan's own stats tell
     groups: dict[tuple[int, int], list[int]] = {}
     for i, path in enumerate(paths):
+        known = identities[i] if identities is not None else None
         try:
-            groups.setdefault(_identity(path), []).append(i)
+            groups.setdefault(known or _identity(path), []).append(i)
         except OSError:
             groups.setdefault((-1, i), []).append(i)
+    if len(groups) == len(paths):
+        return list(paths), []  # no file reached twice: the common case, with no further file-system call
     keep: set[int] = set()
     skipped: list[tuple[str, str]] = []
     for members in groups.values():
+        if len(members) == 1:
+            keep.add(members[0])
+            continue
         direct = [i for i in members if os.path.realpath(paths[i]) == os.path.abspath(paths[i])]
         chosen = direct[0] if direct else members[0]
         keep.add(chosen)
@@ -375,7 +473,7 @@ def map_class_folders(root: Path, folders: list[str], class_names: Sequence[str]
 
 def scan_class_folder(folder: Path, check_headers: bool = True, seen_dirs: set[tuple[int, int]] | None = None,
                       cache: ScanCache | None = None, stamps: dict[str, tuple[int, int]] | None = None
-                      ) -> tuple[list[Path], list[tuple[str, str]]]:
+                      ) -> tuple[list[tuple[str, FileStat | None]], list[tuple[str, str]]]:
     """The readable images of one class folder (recursive, natural order) and the skipped files.
 
     Args:
@@ -386,30 +484,30 @@ def scan_class_folder(folder: Path, check_headers: bool = True, seen_dirs: set[t
         stamps: filled with each kept file's (size, mtime_ns) when a cache is given.
 
     Returns:
-        (image paths, [(path, reason), ...]).
+        ([(image path, its stat), ...], [(path, reason), ...]).
     """
-    files, skipped = list_files(folder, seen_dirs)
+    files, skipped = walk_files(folder, seen_dirs, cache)
     good = []
-    for path in files:
+    for path, st in files:
         reason = None
         if check_headers and cache is not None:
             try:
-                reason, stamp = cache.check(path)
+                reason, stamp = cache.check(path, (st.size, st.mtime_ns) if st is not None else None)
             except OSError as err:
                 reason, stamp = f"unreadable ({err.strerror or err})", (0, 0)
             if stamps is not None:
-                stamps[str(path)] = stamp
+                stamps[path] = stamp
         elif check_headers:
-            reason = check_image_header(path)
+            reason = check_image_header(Path(path))
         if reason:
-            skipped.append((str(path), reason))
+            skipped.append((path, reason))
         else:
-            good.append(path)
+            good.append((path, st))
     return good, skipped
 
 
 def scan_class_folders(root: Path, folders: Sequence[str], check_headers: bool = True, cache: ScanCache | None = None,
-                       stamps: dict[str, tuple[int, int]] | None = None) -> tuple[dict[str, list[Path]], list[tuple[str, str]]]:
+                       stamps: dict[str, tuple[int, int]] | None = None) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
     """The readable images of each class folder of `root`, each real file and folder once
     (links to the root, to a class folder or to a file already found are reported, not followed),
     and everything skipped -- hidden and stray entries of `root` included.
@@ -419,7 +517,7 @@ def scan_class_folders(root: Path, folders: Sequence[str], check_headers: bool =
     """
     ids = {f: _identity(root / f) for f in folders}
     seen_dirs = {_identity(root)} | set(ids.values())
-    found: dict[str, list[Path]] = {}
+    found: dict[str, list[tuple[str, FileStat | None]]] = {}
     skipped: list[tuple[str, str]] = []
     for i, f in enumerate(folders):
         if ids[f] == _identity(root) or ids[f] in [ids[g] for g in folders[:i]]:
@@ -428,19 +526,36 @@ def scan_class_folders(root: Path, folders: Sequence[str], check_headers: bool =
             continue
         found[f], skip = scan_class_folder(root / f, check_headers, seen_dirs, cache, stamps)
         skipped.extend(skip)
-    order = [(f, p) for f in folders for p in found[f]]
-    kept, repeated = drop_repeated_files([p for _, p in order])
+    order = [item for f in folders for item in found[f]]
+    kept, repeated = drop_repeated_files([p for p, _ in order], [(st.dev, st.ino) if st else None for _, st in order])
     skipped.extend(repeated)
-    kept_set = set(map(str, kept))
-    found = {f: [p for p in found[f] if str(p) in kept_set] for f in folders}
+    if repeated:
+        kept_set = set(kept)
+        paths = {f: [p for p, _ in found[f] if p in kept_set] for f in folders}
+    else:
+        paths = {f: [p for p, _ in found[f]] for f in folders}
     for p in sorted(root.iterdir(), key=lambda q: natural_key(q.name)):
         if is_hidden(p.name):
             skipped.append((str(p), "hidden folder" if p.is_dir() else "hidden file"))
         elif not p.is_dir():
             skipped.append((str(p), "file outside the class folders"))
-    return found, skipped
+    return paths, skipped
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector (a scan of 100,000 files makes a few hundred thousand
+    small objects and no cycles: the collector's passes over them were a third of a cached scan)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@gc_paused()
 def scan_folder(
     root: str | Path,
     class_names: Sequence[str] | None = None,
@@ -478,7 +593,7 @@ def scan_folder(
     for f in folders:
         if not found[f] and class_names is None:
             raise UserError(f"class folder {root / f} holds no readable images: add images or remove the folder")
-        samples.extend((str(path), folder_index[f]) for path in found[f])
+        samples.extend((path, folder_index[f]) for path in found[f])
     if not samples:
         raise UserError(f"{what} folder {root} holds no readable images")
     if cache is not None:
@@ -489,10 +604,8 @@ def scan_folder(
 
 def samples_signature(samples: Sequence[tuple[str, Any]], stamps: dict[str, tuple[int, int]]) -> str:
     """A hash of the samples with their labels, sizes and modification times."""
-    digest = hashlib.sha1()
-    for path, target in samples:
-        digest.update(f"{path}\0{target}\0{stamps.get(path)}\n".encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()
+    text = "".join(f"{path}\0{target}\0{stamps.get(path)}\n" for path, target in samples)
+    return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def report_skipped(skipped: Sequence[tuple[str, str]], what: str, limit: int = 20) -> None:

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from utils.images import ImageSet, ScanCache, check_image_header, natural_key, read_label_file, samples_signature, scan_folder
+from utils.images import ImageSet, ScanCache, check_image_header, gc_paused, natural_key, read_label_file, samples_signature, scan_folder
 from utils.log import UserError
 
 LOGGER = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ def scan_split(root: str | Path, class_names: Sequence[str] | None = None, label
                        use_cache=use_cache)
 
 
+@gc_paused()
 def scan_list(list_path: str | Path, class_names: Sequence[str] | None = None, label_path: str | Path | None = None,
               check_headers: bool = True, what: str = "dataset", use_cache: bool = True, sep: str | None = None) -> ImageSet:
     """The images and labels of a list file, as an ImageSet (root = the list's folder).
