@@ -3,6 +3,7 @@
     python benchmarks/train_throughput.py                          # resnet18 at 32 and 64 px
     python benchmarks/train_throughput.py --compare /path/to/other/checkout   # its main.py side by side
     python benchmarks/train_throughput.py --sizes 64 --epochs 8 --model_name resnet34
+    python benchmarks/train_throughput.py --epochs 10 --timm_train ../pytorch-image-models/train.py  # timm beside it
     python benchmarks/train_throughput.py --device 0 --sizes 224 --model_name resnet50 --batch_size 128 \
         --epochs 8 --main_args "--amp --channels_last"                # a GPU: resnet50 at 224 px with AMP
     make bench
@@ -21,6 +22,10 @@ For each --sizes value it prints one PrettyTable row (per checkout) of training 
              (wall of an N-epoch run - wall of a 2-epoch run) / (N - 2), so start-up cancels;
              images/second = training images / that cost.
   (c)/limit  how much of the limit main.py reaches.
+
+--timm_train runs timm's own train.py the same way, as one more row: same split, model, image
+size, batch, epochs, --workers and device, its default recipe otherwise (it validates every epoch
+and keeps its checkpoints too).
 
 It also prints where main.py's epoch time goes (its "time per epoch:" line: train, val,
 checkpoints, logs and plots) and the wall time of its 2-epoch run. The data is scikit-learn's
@@ -97,6 +102,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--epochs", type=int, default=6, help="epochs of the long main.py run (the short one has 2)")
     p("--limit_epochs", type=int, default=2, help="timed epochs of the in-memory limit")
     p("--compare", nargs="*", default=[], help="other checkouts whose main.py runs beside this one's")
+    p("--timm_train", default=None, metavar="TRAIN_PY", help="timm's train.py (from a pytorch-image-models checkout): "
+      "run beside main.py on the same split, model, size, batch, workers and device")
     p("--cache_dir", default=str(ROOT / "benchmarks" / ".cache"), help="where the digits sample and the runs go")
     p("--skip", nargs="*", default=[], choices=["limit", "data", "main"], help="leave these measurements out")
     p("--device", default="cpu", help="cpu, or a CUDA device index such as 0, for the limit and main.py")
@@ -221,10 +228,32 @@ def run_main(checkout: Path, split: Path, size: int, epochs: int, args: argparse
     return {"wall": wall, "timing": timing.group(1) if timing else ""}
 
 
+def run_timm(script: Path, split: Path, size: int, epochs: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One run of timm's train.py (from a pytorch-image-models checkout) on the same split, model,
+    size, batch, loader workers and device as main.py; its wall time."""
+    runs = Path(tempfile.mkdtemp(prefix=f"timm_{size}px_", dir=args.cache_dir))
+    extra = args.main_args.split()
+    device = "cpu" if args.device == "cpu" else f"cuda:{args.device}"
+    cmd = [sys.executable, str(script), "--data-dir", str(split), "--train-split", "train", "--val-split", "val",
+           "--model", args.model_name, "--img-size", str(size), "--num-classes", str(args.num_classes),
+           "-b", str(args.batch_size), "--epochs", str(epochs), "-j", str(args.workers), "--device", device,
+           "--output", str(runs), "--log-interval", "100000", *(["--no-prefetcher"] if device == "cpu" else []),
+           *(["--amp"] if "--amp" in extra else []), *(["--channels-last"] if "--channels_last" in extra else [])]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=script.parent, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    shutil.rmtree(runs, ignore_errors=True)
+    if proc.returncode != 0:
+        sys.exit(f"error: {script} failed (exit {proc.returncode}):\n{' '.join(cmd)}\n{proc.stderr[-1500:]}")
+    return {"wall": wall, "timing": ""}
+
+
 def main_throughput(checkout: Path, split: Path, size: int, n_train: int, args: argparse.Namespace) -> dict[str, Any]:
-    """(c) images/s of main.py from the wall times of a 2-epoch and an N-epoch run."""
-    short = run_main(checkout, split, size, 2, args)
-    long = run_main(checkout, split, size, args.epochs, args)
+    """(c) images/s of main.py (or of timm's train.py, when `checkout` is that file) from the wall
+    times of a 2-epoch and an N-epoch run."""
+    run = run_timm if checkout.is_file() else run_main
+    short = run(checkout, split, size, 2, args)
+    long = run(checkout, split, size, args.epochs, args)
     per_epoch = (long["wall"] - short["wall"]) / (args.epochs - 2)
     return {"main": n_train / per_epoch, "per_epoch": per_epoch, "wall2": short["wall"], "timing": long["timing"]}
 
@@ -246,7 +275,10 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     train_set = scan_split(split / "train", label_path=split / "label.txt", what="train set")
     n_val = len(scan_split(split / "val", class_names=train_set.class_names).samples)
     n_train = len(train_set.samples)
+    args.num_classes = len(train_set.class_names)
     checkouts = [ROOT, *[Path(c).resolve() for c in args.compare]]
+    if args.timm_train:
+        checkouts.append(Path(args.timm_train).resolve())
     print(f"{args.model_name}, batch {args.batch_size}, {n_train} train / {n_val} val images, main.py --workers "
           f"{args.workers} --device {args.device} {args.main_args}; torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs", flush=True)
     rows: list[dict[str, Any]] = []
@@ -273,7 +305,8 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
                          "2-epoch wall s", "other load"])
     table.title = f"{args.model_name} training images/s, batch {args.batch_size}"
     for r in rows:
-        table.add_row([f"{r['size']} px", Path(r["checkout"]).name, fmt(r["limit"]), fmt(r["step"]), fmt(r["data"]),
+        name = Path(r["checkout"]).name if Path(r["checkout"]).is_dir() else "timm train.py"
+        table.add_row([f"{r['size']} px", name, fmt(r["limit"]), fmt(r["step"]), fmt(r["data"]),
                        fmt(r.get("main")), fmt(r["ratio"], ".2f"), fmt(r.get("wall2")), fmt(r["other_load"], ".2f")])
     table.align = "r"
     print(table, flush=True)

@@ -93,6 +93,7 @@ def identity(path: Path) -> tuple[int, int]:
     return st_.st_dev, st_.st_ino
 
 
+@pytest.mark.timeout(300, method="thread")  # a scan that loops forever: hypothesis would retry a signalled failure
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(recipe=trees(), val=st.sampled_from([0.0, 0.2, 0.4]), test=st.sampled_from([0.0, 0.25]))
 def test_processing_over_generated_trees(tmp_path: Path, capsys: pytest.CaptureFixture, recipe: list, val: float,

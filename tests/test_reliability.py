@@ -331,14 +331,24 @@ def test_exports_are_written_whole(tmp_path: Path, small_run: Path, monkeypatch:
     from utils import export
 
     out = tmp_path / "e"
-    written: list[Path] = []
+    written: dict[str, tuple[Path, int]] = {}  # each model file as saved: where, and its inode
+
+    def recording(original):
+        def save(obj, f, *args, **kwargs):
+            result = original(obj, f, *args, **kwargs)
+            written[Path(f).suffix] = (Path(f), os.stat(f).st_ino)
+            return result
+        return save
+
     for owner, name in ((torch.jit, "save"), (onnx, "save")):
-        original = getattr(owner, name)
-        monkeypatch.setattr(owner, name, lambda obj, f, *a, _o=original, **k: (written.append(Path(f)), _o(obj, f, *a, **k))[1])
+        monkeypatch.setattr(owner, name, recording(getattr(owner, name)))
     export.export_checkpoint(small_run / "best.pt", export.ExportOptions(formats=["torchscript", "onnx"], device="cpu",
                                                                          output_dir=str(out), parity_images=4))
-    assert written and all(p.parent != out for p in written), written  # made elsewhere, then renamed into place
     assert sorted(p.name for p in out.iterdir()) == ["best.onnx", "best.onnx.json", "best.torchscript", "best.torchscript.json"]
+    for final in (out / "best.torchscript", out / "best.onnx"):
+        made, inode = written[final.suffix]
+        assert made.parent != out, made  # made elsewhere ...
+        assert final.stat().st_ino == inode, final  # ... then renamed into place, never copied or written in place
 
 
 def test_two_exports_at_once_into_one_folder(small_run: Path, tmp_path: Path) -> None:
