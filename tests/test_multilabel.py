@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import (TINY_CLASSES, assert_ok, describe, load_ckpt, make_split_dataset, run_inprocess, run_script,
+from conftest import (TINY_CLASSES, assert_ok, describe, load_ckpt, run_inprocess, run_script,
                       train_args)
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 220), "yellow": (230, 200, 20)}

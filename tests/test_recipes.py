@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (TINY_CLASSES, assert_ok, assert_user_error, load_ckpt, make_split_dataset, run_inprocess,
+from conftest import (assert_ok, assert_user_error, load_ckpt, make_split_dataset, run_inprocess,
                       run_many, run_script, train_args)
 from utils.augment import POLICIES, BatchMix, CutOut, build_custom_augment, train_augment
 from utils.data import eval_transform, train_transform, tta_transform
