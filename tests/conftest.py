@@ -38,6 +38,32 @@ SUBPROCESS_ENV: dict[str, str] = {}
 
 
 # ---------------------------------------------------------------------------- subprocesses
+# main.py run as `python main.py ...` (runpy, as __main__), with one addition: an optimizer-step hook
+# that sends the process SIGTERM right after the given step, so the signal lands at a known step
+# whatever the machine's speed.
+_SIGTERM_AFTER_STEP = """
+import os, runpy, signal, sys
+from torch.optim.optimizer import register_optimizer_step_post_hook
+after, script = int(sys.argv.pop(1)), sys.argv[1]
+steps = 0
+def hook(optimizer, args, kwargs):
+    global steps
+    steps += 1
+    if steps == after:
+        os.kill(os.getpid(), signal.SIGTERM)
+register_optimizer_step_post_hook(hook)
+sys.argv.pop(0)
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def run_main_stopped_after(step: int, args: Sequence[Any]) -> subprocess.CompletedProcess:
+    """Run main.py with `args` and SIGTERM it right after optimizer step `step` (counted from 1)."""
+    cmd = [sys.executable, "-c", _SIGTERM_AFTER_STEP, str(step), str(REPO / "main.py"), *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, env=dict(os.environ) | SUBPROCESS_ENV, capture_output=True, text=True,
+                          timeout=600)
+
+
 def run_script(script: str, *args: Any, env: dict[str, str] | None = None, timeout: float = 600,
                cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run `python <script> args...` from the repository root; returns the finished process."""

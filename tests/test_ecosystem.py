@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import (REPO, SUBPROCESS_ENV, TINY_MODEL, assert_ok, assert_user_error, describe, load_ckpt,
-                      make_split_dataset, run_inprocess, run_many, train_args)
+from conftest import (REPO, TINY_MODEL, assert_ok, assert_user_error, describe, load_ckpt,
+                      make_split_dataset, run_inprocess, run_main_stopped_after, run_many, train_args)
 from utils.log import UserError
 from utils.names import OPTIMIZERS, TIMM_OPTIMIZERS, TIMM_SCHEDULERS
 
@@ -116,28 +114,6 @@ def test_warmup_moves_every_step_and_timm_schedules_build() -> None:
 
 
 RESUME_CONFIG = "lr_scheduler: cosine\nlr_scheduler_params: {k_decay: 1.5}\nrandom_seed: 0\nplot_train_batch_count: 0\n"
-# main.py as `python main.py ...`, SIGTERM right after the given optimizer step (as tests/test_resume.py)
-SIGTERM_AFTER = """
-import os, runpy, signal, sys
-from torch.optim.optimizer import register_optimizer_step_post_hook
-after, script = int(sys.argv.pop(1)), sys.argv[1]
-steps = 0
-def hook(optimizer, args, kwargs):
-    global steps
-    steps += 1
-    if steps == after:
-        os.kill(os.getpid(), signal.SIGTERM)
-register_optimizer_step_post_hook(hook)
-sys.argv.pop(0)
-runpy.run_path(script, run_name="__main__")
-"""
-
-
-def _stopped_after(step: int, args: list[str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", SIGTERM_AFTER, str(step), str(REPO / "main.py"), *args]
-    return subprocess.run(cmd, cwd=REPO, env=dict(os.environ) | SUBPROCESS_ENV, capture_output=True, text=True, timeout=600)
-
-
 def test_resume_with_timm_optimizer_and_schedule_is_exact(tmp_path: Path) -> None:
     """lamb + timm's cosine with per-step warm-up: 2 epochs, stopped, resumed for 2 more, is bit-identical
     to 4 epochs straight (same weights, same train.log)."""
@@ -152,7 +128,7 @@ def test_resume_with_timm_optimizer_and_schedule_is_exact(tmp_path: Path) -> Non
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         ref = pool.submit(run_many, [{"script": "main.py", "args": args("ref")}], 1)
-        two = _stopped_after(6, args("two"))  # SIGTERM after the last update of epoch 2
+        two = run_main_stopped_after(6, args("two"))  # SIGTERM after the last update of epoch 2
         ref = ref.result()[0]
     assert_ok(ref)
     assert "stopped after epoch 2" in two.stdout, describe(two)

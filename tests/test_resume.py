@@ -8,16 +8,14 @@ optimizer-step hook sends it, so the stop is mid-epoch on any machine), and resu
 """
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import (REPO, SUBPROCESS_ENV, assert_ok, describe, load_ckpt, make_split_dataset, run_many, run_script,
+from conftest import (run_main_stopped_after, assert_ok, describe, load_ckpt, make_split_dataset, run_many, run_script,
                       train_args)
 
 CONFIG = """\
@@ -31,31 +29,9 @@ plot_train_batch_count: 1
 STOP_AT_STEP = 3  # of epoch 2
 STEPS_PER_EPOCH = 12  # 24 images, batch 2
 
-# main.py run as `python main.py ...` (runpy, as __main__), with one addition: an optimizer-step hook
-# that sends this process SIGTERM right after the given step, so the signal lands at a known step
-# whatever the machine's speed.
-SIGTERM_AFTER_STEP = """
-import os, runpy, signal, sys
-from torch.optim.optimizer import register_optimizer_step_post_hook
-after, script = int(sys.argv.pop(1)), sys.argv[1]
-steps = 0
-def hook(optimizer, args, kwargs):
-    global steps
-    steps += 1
-    if steps == after:
-        os.kill(os.getpid(), signal.SIGTERM)
-register_optimizer_step_post_hook(hook)
-sys.argv.pop(0)
-runpy.run_path(script, run_name="__main__")
-"""
-
-
 def interrupt_in_epoch_2(args: list[str]) -> subprocess.CompletedProcess:
     """Run main.py and SIGTERM it right after step STOP_AT_STEP of epoch 2 (a hook, not a timer)."""
-    env = dict(os.environ) | SUBPROCESS_ENV
-    after = STEPS_PER_EPOCH + STOP_AT_STEP
-    cmd = [sys.executable, "-c", SIGTERM_AFTER_STEP, str(after), str(REPO / "main.py"), *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return run_main_stopped_after(STEPS_PER_EPOCH + STOP_AT_STEP, args)
 
 
 @pytest.fixture(scope="module")
