@@ -15,12 +15,11 @@ prints the format table.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 from utils.config import ArgumentParser, finite_float
-from utils.log import UserError, run_cli
+from utils.log import UserError, exit_cli, run_cli
 from utils.names import DEFAULT_OPSET, EXPORT_NAMES, HUB_EXPORT
 
 # PyTorch and the exporters are imported in main(): `--help` answers at once.
@@ -116,4 +115,4 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, parse_args))
+    exit_cli(run_cli(main, parse_args))

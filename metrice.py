@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,7 +30,7 @@ from utils.ensemble import ENSEMBLE_METHODS, Ensemble, load_ensemble
 from utils.evaluation import measure_speed, predict_split, score_split
 from utils.images import read_label_file, report_skipped
 from utils.lists import scan_split
-from utils.log import UserError, run_cli
+from utils.log import UserError, exit_cli, run_cli
 from utils.names import CLASSICAL
 from utils.speed import device_name
 
@@ -262,4 +261,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, parse_args))
+    exit_cli(run_cli(main, parse_args))

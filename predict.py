@@ -21,7 +21,6 @@ import copy
 import difflib
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,7 +34,7 @@ from utils.config import ArgumentParser, finite_float
 from utils.device import default_workers, select_device, share_cpu
 from utils.ensemble import ENSEMBLE_METHODS, Ensemble, InputPlan, load_ensemble
 from utils.images import load_image
-from utils.log import UserError, progress, run_cli
+from utils.log import UserError, exit_cli, progress, run_cli
 from utils.names import CLASSICAL
 from utils.predict import (BoundedWriter, PredictionWriter, Source, annotate, find_images, label_text, output_name, prediction_loader,
                            prediction_rows, relative_name)
@@ -279,4 +278,4 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, parse_args))
+    exit_cli(run_cli(main, parse_args))

@@ -16,7 +16,6 @@ import logging
 import os
 import random
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,7 +25,7 @@ from utils.config import ArgumentParser, finite_float
 from utils.files import atomic_write_text
 from utils.images import class_folders, natural_key, report_skipped, resolve_class_names, scan_class_folders
 from utils.lists import write_list
-from utils.log import UserError, run_cli
+from utils.log import UserError, exit_cli, run_cli
 
 LOGGER = logging.getLogger("processing")
 SPLITS = ("train", "val", "test")
@@ -271,4 +270,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, parse_args))
+    exit_cli(run_cli(main, parse_args))

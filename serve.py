@@ -19,14 +19,13 @@ import logging
 import os
 import signal
 import socket
-import sys
 from typing import Any, Sequence
 
 from utils.backends import MODEL_TYPES, load_backend
 from utils.config import ArgumentParser
 from utils.images import MAX_IMAGE_PIXELS
 from utils.device import compute_threads, select_device, set_threads
-from utils.log import UserError, run_cli
+from utils.log import UserError, exit_cli, run_cli
 
 LOGGER = logging.getLogger("serve")
 API_KEY_ENV = "SERVE_API_KEY"
@@ -220,4 +219,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, parse_args))
+    exit_cli(run_cli(main, parse_args))

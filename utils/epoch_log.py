@@ -8,7 +8,7 @@ train.log is a CSV with one row per epoch (epoch,lr,loss,acc,mean_acc,test_loss,
 test_mean_acc[,kd_loss]); the curves are redrawn from it, so they always show the whole run,
 resumed or not. Drawing them takes a second or two (matplotlib), so it stays off the training
 path: after the first epoch, they are redrawn only when the time since the last drawing is at
-least 20 times what that drawing took (at most 5% of the run), and always when the run ends or
+least 50 times what that drawing took (at most 2% of the run), and always when the run ends or
 stops. TensorBoard and train.log are written every epoch. Everything goes through the run
 folder's `Run`, so only the main process writes.
 """
@@ -38,7 +38,7 @@ def log_fields(task: str = "multiclass") -> list[str]:
     """train.log's columns: epoch,lr,loss,acc,mean_acc,test_loss,test_acc,test_mean_acc (multi-label: map, f1)."""
     first, second = LOG_METRICS[task]
     return ["epoch", "lr", "loss", first, second, "test_loss", f"test_{first}", f"test_{second}"]
-CURVE_SHARE = 0.05  # at most this share of the run's time goes to redrawing loss.png, acc.png, lr.png
+CURVE_SHARE = 0.02  # at most this share of the run's time goes to redrawing loss.png, acc.png, lr.png
 
 
 def read_train_log(path: str | Path) -> list[dict[str, str]]:

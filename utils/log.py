@@ -2,10 +2,12 @@
 
 A mistake by the user (a missing folder, a bad flag value, a checkpoint from elsewhere) raises
 `UserError`; `run_cli` turns it into one line on stderr and exit code 2, never a traceback.
+A script ends with `exit_cli(run_cli(main, parse_args))`.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from typing import Any, Callable, Iterable, Sequence, TypeVar
@@ -73,3 +75,16 @@ def run_cli(
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def exit_cli(code: int) -> None:
+    """End a script's process with `code` (its `if __name__ == "__main__":` line; never in-process).
+
+    What is garbage is collected first, so every finaliser runs (loader workers stop, files close);
+    then the live objects are frozen out of the collector. Python's shutdown otherwise walks the
+    million objects torch, torchvision and timm leave behind and took 1 to 1.4 s of every run here
+    after the work was done; frozen, it frees them by reference counting alone.
+    """
+    gc.collect()
+    gc.freeze()
+    sys.exit(code)

@@ -7,9 +7,12 @@ settings as before) and every timm name (timm.optim.list_optimizers(): lion, lam
 in any case. No weight decay goes to biases, normalisation layers and other 1-D tensors, nor to what
 the model's no_weight_decay() names (a ViT's cls_token and pos_embed). --layer_decay scales each
 layer's learning rate (timm's param_groups_layer_decay; the schedule applies the scales).
+torch's SGD, Adam and AdamW take their fused step (one kernel over all tensors) wherever the
+parameters allow it: torch would pick a loop over the tensors on the CPU.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -74,6 +77,26 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return sorted(groups, key=lambda g: g["weight_decay"] == 0)  # decay first: last.pt files of before resume
 
 
+# the classes whose fused step runs on the CPU and on CUDA (torch >= 2.4)
+FUSED_CLASSES = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+
+
+def wants_fused(timm_name: str, model: nn.Module) -> bool:
+    """Whether timm's optimizer `timm_name` is one of torch's with a fused step that `model`'s
+    parameters can take (floating point, on the CPU or a CUDA device).
+
+    torch chooses the fused step only when asked; left to itself it loops over the tensors one by
+    one on the CPU, which made AdamW a third of resnet18's training step at 32 px (60 ms of 180 ms;
+    fused: 12 ms). The result is the same update up to float rounding.
+    """
+    import timm.optim
+
+    if os.environ.get("NOFUSED") or timm.optim.get_optimizer_info(timm_name).opt_class not in FUSED_CLASSES:
+        return False
+    params = list(model.parameters())
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float,
                     layer_decay: float | None = None) -> torch.optim.Optimizer:
     """The optimizer named by --optimizer, through timm.optim.create_optimizer_v2.
@@ -92,6 +115,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     from timm.optim import create_optimizer_v2
 
     timm_name, extra = timm_optimizer(name, momentum)
+    if wants_fused(timm_name, model):
+        extra["fused"] = True
     if layer_decay is None:
         extra["param_group_fn"] = lambda m: param_groups(m, weight_decay)
     elif not callable(getattr(model, "group_matcher", None)):
