@@ -15,14 +15,13 @@ import argparse
 import contextlib
 import os
 import logging
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from utils.config import CONFIG_ONLY_KEYS, DEFAULT_CONFIG, ArgumentParser, finite_float, parse_with_config
 from utils.device import default_workers
-from utils.log import UserError, run_cli
-from utils.names import (AUGMENT_CHOICES, CLASS_BALANCE, KD_METHODS, LOSSES, METRICS, MIXUP_CHOICES, OPTIMIZERS, SAMPLERS,
+from utils.log import UserError, exit_cli, run_cli
+from utils.names import (AUGMENT_CHOICES, CACHE_MODES, CLASS_BALANCE, KD_METHODS, LOSSES, METRICS, MIXUP_CHOICES, OPTIMIZERS, SAMPLERS,
                          TASK_TYPES, TRACKERS, optimizer_name)
 from utils.schema import RESIZE_MODES, Checkpoint
 
@@ -34,7 +33,7 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger("main")
 
 # Options a resumed run may change; every other option is the run's own (as pytorch-classifier did).
-RESUME_OVERRIDES = ("epoch", "device", "workers", "patience", "compile", "deterministic")
+RESUME_OVERRIDES = ("epoch", "device", "workers", "cache_images", "patience", "compile", "deterministic")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -57,6 +56,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--image_size", type=int, default=224, help="model input size in pixels")
     p("--image_channel", type=int, default=3, choices=[1, 3], help="1 = grayscale, 3 = RGB")
     p("--workers", type=int, default=default_workers(), help="data loader processes (0 = main process)")
+    p("--cache_images", default="auto", choices=list(CACHE_MODES),
+      help="decode and resize each image once and keep it in memory for every epoch: auto (if the set fits in a quarter of the "
+           "free memory), ram (as many as fit), off")
     p("--batch_size", type=int, default=64, help="images per step; -1 picks one filling ~80%% of GPU memory")
     p("--epoch", type=int, default=100, help="epochs to train")
     p("--save_path", default="runs/exp", help="run folder (incremented if it exists, unless --resume)")
@@ -275,4 +277,4 @@ def train(args: argparse.Namespace, resumed: Checkpoint | None) -> dict[str, Any
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, parse_args))
+    exit_cli(run_cli(main, parse_args))

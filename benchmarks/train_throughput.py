@@ -16,7 +16,9 @@ For each --sizes value it prints one PrettyTable row (per checkout) of training 
              validation image. --limit_epochs timed epochs after one untimed one; the median.
   (a) step   the training steps of the limit alone (no validation).
   (b) data   the data pipeline alone: the DataLoader main.py builds (utils.data.ImageDataset +
-             train_transform + EpochSampler + build_loader), iterated without a model, epochs 2..N.
+             train_transform + EpochSampler + build_loader, with the utils.image_cache that its
+             --cache_images builds: auto unless --main_args says otherwise), iterated without a
+             model, epochs 2..N.
   (c) main   main.py itself, in a subprocess, with everything in: validation every epoch,
              best.pt/last.pt every epoch, train.log, TensorBoard, plots. Its cost per epoch is
              (wall of an N-epoch run - wall of a 2-epoch run) / (N - 2), so start-up cancels;
@@ -190,12 +192,18 @@ def limit_throughput(model_name: str, size: int, batch_size: int, num_classes: i
     return {"limit": n_train / statistics.median(epochs_s), "step": n_train / statistics.median(steps)}
 
 
-def data_throughput(samples: Sequence[tuple[str, int]], size: int, batch_size: int, workers: int, epochs: int) -> float:
-    """(b) images/s of main.py's training DataLoader alone, over epochs 2..N (epoch 1 starts the workers)."""
+def data_throughput(samples: Sequence[tuple[str, int]], size: int, batch_size: int, workers: int, epochs: int,
+                    cache_mode: str = "auto") -> float:
+    """(b) images/s of main.py's training DataLoader alone, over epochs 2..N (epoch 1 starts the workers),
+    with the image cache main.py builds for `cache_mode` (its --cache_images)."""
     from utils.data import EpochSampler, ImageDataset, build_loader, train_transform
+    from utils.image_cache import ImageCache, cache_budget
 
+    transform = train_transform(size)
+    cache = ImageCache.build([path for path, _ in samples], 3, transform, cache_mode, cache_budget(cache_mode, 1, workers),
+                             workers, "training images")
     sampler = EpochSampler(len(samples), shuffle=True, seed=0)
-    loader = build_loader(ImageDataset(samples, train_transform(size), 3, seed=0), batch_size, sampler, workers,
+    loader = build_loader(ImageDataset(samples, transform, 3, seed=0, cache=cache), batch_size, sampler, workers,
                           False, drop_last=len(samples) % batch_size == 1)
     images, seconds = 0, 0.0
     for epoch in range(max(2, epochs)):
@@ -292,7 +300,8 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
         limit = (limit_throughput(args.model_name, size, args.batch_size, len(train_set.class_names), n_train, n_val,
                                   args.limit_epochs, args.device, "--amp" in extra, "--channels_last" in extra)
                  if "limit" not in args.skip else {"limit": None, "step": None})
-        data = (data_throughput(train_set.samples, size, args.batch_size, args.workers, 3)
+        cache_mode = extra[extra.index("--cache_images") + 1] if "--cache_images" in extra[:-1] else "auto"
+        data = (data_throughput(train_set.samples, size, args.batch_size, args.workers, 3, cache_mode)
                 if "data" not in args.skip else None)
         for checkout in checkouts:
             run = main_throughput(checkout, split, size, n_train, args) if "main" not in args.skip else {}

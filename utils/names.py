@@ -31,6 +31,7 @@ TIMM_OPTIMIZERS = (
 # one of timm's schedules (timm.scheduler.create_scheduler_v2, stepped per optimizer update), in any case.
 TIMM_SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "wsd", "rsqrt", "constant")
 TRACKERS = ("none", "wandb", "mlflow")
+CACHE_MODES = ("auto", "ram", "off")  # main.py --cache_images (utils.image_cache)
 HUB_EXPORT = "safetensors"  # export.py --export safetensors: a Hugging Face Hub folder that timm loads (utils.hub)
 AUGMENT_POLICIES = ("RandAugment", "AutoAugment", "TrivialAugmentWide", "AugMix")
 AUGMENT_CHOICES = (*AUGMENT_POLICIES, "none")

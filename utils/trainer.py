@@ -41,6 +41,7 @@ from utils.distributed import (all_equal, any_true, broadcast_buffers, broadcast
 from utils.ema import EMA, SWA
 from utils.engine import NonFiniteLoss, StepParts, evaluate, train_one_epoch, update_bn
 from utils.epoch_log import EpochLog, EpochRecord
+from utils.image_cache import ImageCache, cache_budget
 from utils.images import ImageSet, report_skipped
 from utils.lists import scan_split
 from utils.log import UserError
@@ -402,15 +403,31 @@ class Trainer:
         # a last batch of one image cannot train batch norm; mixing needs pairs
         per_rank = -(-n // self.world)
         drop_last = per_rank % args.batch_size == 1 or (self.batch_mix is not None and per_rank > args.batch_size)
+        caches = self._image_caches(transform)
         train_loader = build_loader(ImageDataset(data.train_set.samples, transform, args.image_channel, seed=args.random_seed,
-                                                 num_classes=data.num_classes),
+                                                 num_classes=data.num_classes, cache=caches[0]),
                                     args.batch_size, sampler, args.workers, pin, drop_last=drop_last)
         val_loader = None
         if data.val_set is not None:
             val_loader = build_loader(ImageDataset(data.val_set.samples, image_transform(data.spec, args.test_tta), args.image_channel,
-                                                   num_classes=data.num_classes),
+                                                   num_classes=data.num_classes, cache=caches[1]),
                                       args.batch_size, self.eval_sampler(len(data.val_set.samples)), args.workers, pin)
         return sampler, train_loader, val_loader
+
+    def _image_caches(self, train_transform: Any) -> tuple[ImageCache | None, ImageCache | None]:
+        """--cache_images: the training, then the validation images, in memory within one budget
+        (each process of this machine holds its own)."""
+        args, data = self.args, self.data
+        mode = getattr(args, "cache_images", "off")
+        budget = cache_budget(mode, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), args.workers)
+        train = ImageCache.build([path for path, _ in data.train_set.samples], args.image_channel, train_transform, mode,
+                                 budget, args.workers, "training images")
+        if data.val_set is None:
+            return train, None
+        val = ImageCache.build([path for path, _ in data.val_set.samples], args.image_channel,
+                               image_transform(data.spec, args.test_tta), mode, budget - (train.nbytes if train else 0),
+                               args.workers, "validation images")
+        return train, val
 
     def new_sums(self) -> EpochSums | MultiLabelSums:
         """What an epoch's metrics are summed in: a confusion matrix, or a multi-label model's scores."""

@@ -1,0 +1,185 @@
+"""What the speed work changed must not change results: the fused optimizer step, the curve-drawing
+budget, prediction's decoding thread, and the scripts' fast exit."""
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import run_script
+from utils.optim import build_optimizer
+
+
+# ------------------------------------------------------------------------------- fused step
+def small_model() -> nn.Module:
+    """(No bias before the batch norm: its gradient is rounding noise, which Adam scales up to steps.)"""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+
+
+@pytest.mark.parametrize("name, fused", [("AdamW", True), ("SGD", True), ("adam", True), ("momentum", True),
+                                         ("RMSProp", None), ("lion", None)])
+def test_torch_optimizers_take_their_fused_step_on_the_cpu(name: str, fused: bool | None) -> None:
+    optimizer = build_optimizer(small_model(), name, 1e-2, 0.01, 0.0 if name == "momentum" else 0.9)
+    assert optimizer.defaults.get("fused") is fused
+    assert all(group.get("fused") is fused for group in optimizer.param_groups)
+
+
+LOOP_OPTIMIZERS = {"AdamW": lambda groups: torch.optim.AdamW(groups, lr=1e-2, foreach=False),
+                   "SGD": lambda groups: torch.optim.SGD(groups, lr=1e-2, momentum=0.9, nesterov=True, foreach=False)}
+
+
+@pytest.mark.parametrize("name", list(LOOP_OPTIMIZERS))
+def test_fused_step_is_the_per_tensor_step(name: str) -> None:
+    """Three steps of build_optimizer's (fused) optimizer land where torch's per-tensor loop does
+    with pytorch-classifier's settings: weight decay 0.05 on the weights, none on biases and norm layers."""
+    fused_model = small_model()
+    loop_model = copy.deepcopy(fused_model)
+    fused = build_optimizer(fused_model, name, 1e-2, 0.05, 0.9)
+    assert fused.defaults["fused"] is True
+    loop = LOOP_OPTIMIZERS[name]([
+        {"params": [p for p in loop_model.parameters() if p.ndim > 1], "weight_decay": 0.05},
+        {"params": [p for p in loop_model.parameters() if p.ndim <= 1], "weight_decay": 0.0}])
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    for _ in range(3):
+        for model, opt in ((fused_model, fused), (loop_model, loop)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    for (n, a), b in zip(fused_model.named_parameters(), loop_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    moved = sum(float((a - b).detach().abs().sum()) for a, b in zip(fused_model.parameters(), small_model().parameters()))
+    assert moved > 1e-3  # the steps did something
+
+
+# ------------------------------------------------------------------------------ curve budget
+class FakeRun:
+    main = True
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.saved: list[str] = []
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def savefig(self, fig: object, name: str) -> None:
+        self.saved.append(name)
+
+
+def test_curves_are_redrawn_within_their_share_of_the_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """loss.png, acc.png and lr.png: drawn after the first epoch, then only once the time since the
+    last drawing is 1/CURVE_SHARE times what it took; always when forced (end of run, stop)."""
+    import utils.epoch_log as epoch_log
+
+    (tmp_path / "train.log").write_text("epoch,lr,loss,acc,mean_acc,test_loss,test_acc,test_mean_acc\n"
+                                        "1,0.001,2.0,0.3,0.3,2.1,0.25,0.25\n")
+    clock = {"now": 100.0}
+
+    def fake_plot(rows, metrics):
+        clock["now"] += 1.0  # drawing takes one (fake) second
+        return {"loss.png": object(), "acc.png": object(), "lr.png": object()}
+
+    monkeypatch.setattr(epoch_log.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(epoch_log, "plot_curves", fake_plot)
+    log = epoch_log.EpochLog.__new__(epoch_log.EpochLog)
+    log.run, log.metrics, log._drawn_at, log._draw_seconds = FakeRun(tmp_path), ("acc", "mean_acc"), None, 0.0
+    log.draw_curves(force=False)
+    assert log.run.saved == ["loss.png", "acc.png", "lr.png"]       # the first epoch draws
+    due = 1.0 / epoch_log.CURVE_SHARE
+    clock["now"] += due - 0.5
+    log.draw_curves(force=False)
+    assert len(log.run.saved) == 3                                   # not yet: it would exceed the share
+    clock["now"] += 0.5
+    log.draw_curves(force=False)
+    assert len(log.run.saved) == 6                                   # due now
+    log.draw_curves(force=True)
+    assert len(log.run.saved) == 9                                   # the end of the run always draws
+    assert epoch_log.CURVE_SHARE <= 0.02
+
+
+# ------------------------------------------------------------------- prediction's decode thread
+class SlowDataset:
+    """load_batch takes 50 ms and records the thread it ran in and when it started."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.started: dict[int, tuple[int, float]] = {}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def load_batch(self, indices: range) -> dict[str, object]:
+        self.started[indices[0]] = (threading.get_ident(), time.perf_counter())
+        time.sleep(0.05)
+        return {"indices": list(indices)}
+
+
+def test_prediction_loader_decodes_the_next_batch_while_this_one_is_used() -> None:
+    from utils.predict import PredictionLoader
+
+    dataset = SlowDataset(10)
+    seen, asked = [], {}
+    for batch in PredictionLoader(dataset, batch_size=3, workers=0):
+        asked[batch["indices"][0]] = time.perf_counter()
+        seen += batch["indices"]
+        time.sleep(0.05)  # the model's turn
+    assert seen == list(range(10))  # every file once, in order
+    assert all(ident != threading.get_ident() for ident, _ in dataset.started.values())
+    # batch k+1 started decoding before batch k was handed over and used, not after
+    for first, following in zip((0, 3, 6), (3, 6, 9)):
+        assert dataset.started[following][1] < asked[first] + 0.04
+
+
+def test_prediction_loader_stops_cleanly_when_the_consumer_stops() -> None:
+    from utils.predict import PredictionLoader
+
+    dataset = SlowDataset(30)
+    for batch in PredictionLoader(dataset, batch_size=3, workers=0):
+        break
+    assert batch["indices"] == [0, 1, 2]
+    assert len(dataset.started) <= 2  # at most the next batch was started
+
+
+# ------------------------------------------------------------------------------- fast exit
+def test_scripts_exit_with_their_code_and_flushed_output(tmp_path: Path) -> None:
+    """exit_cli ends the process with run_cli's code; everything printed and written is there."""
+    missing = tmp_path / "nothing"
+    proc = run_script("processing.py", "--data_path", missing, "--output_path", tmp_path / "out")
+    assert proc.returncode == 2 and proc.stderr.count("error:") == 1 and str(missing) in proc.stderr
+    proc = run_script("main.py", "--help")
+    assert proc.returncode == 0 and "--cache_images" in proc.stdout and proc.stderr == ""
+
+
+def test_exit_cli_collects_garbage_before_freezing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finalisers of what is already garbage run (a loader's workers stop, files close) before the
+    live objects are frozen out of the collector; then the exit code goes out."""
+    import gc
+
+    from utils.log import exit_cli
+
+    finalised = []
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+        def __del__(self) -> None:
+            finalised.append(True)
+
+    calls = []
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    gc.disable()
+    try:
+        Cycle()
+        with pytest.raises(SystemExit) as exit_info:
+            exit_cli(3)
+    finally:
+        gc.enable()
+    assert finalised == [True] and calls == ["freeze"] and exit_info.value.code == 3
