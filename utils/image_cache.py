@@ -39,6 +39,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from utils.images import load_image
+from utils.log import progress
 from utils.names import CACHE_MODES
 
 LOGGER = logging.getLogger(__name__)
@@ -228,7 +229,7 @@ class ImageCache:
             pending, pending_bytes = [], 0
 
         index = 0
-        for batch in loader:
+        for batch in progress(loader, desc=f"caching {what}", unit="batch", leave=False):
             for item in batch:
                 if item is not None and item[0].ndim <= MAX_DIMS:
                     arr, kind = item
