@@ -23,7 +23,9 @@ For each --sizes value it prints one PrettyTable row (per checkout) of training 
              best.pt/last.pt every epoch, train.log, TensorBoard, plots. Its cost per epoch is
              (wall of an N-epoch run - wall of a 2-epoch run) / (N - 2), so start-up cancels;
              images/second = training images / that cost.
-  (c)/limit  how much of the limit main.py reaches.
+  (c)/limit  how much of the limit main.py reaches. The limit is measured before the first row
+             and again after each row; a row is divided by the mean of the two around it (the
+             "limit drift" column is how far they differ: a shared machine's speed drifts).
 
 --timm_train runs timm's own train.py the same way, as one more row: same split, model, image
 size, batch, epochs, --workers and device, and main.py's optimizer (AdamW, lr 1e-3, weight decay
@@ -297,30 +299,42 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     for size in args.sizes:
         probe = OtherLoad()
         extra = args.main_args.split()
-        limit = (limit_throughput(args.model_name, size, args.batch_size, len(train_set.class_names), n_train, n_val,
-                                  args.limit_epochs, args.device, "--amp" in extra, "--channels_last" in extra)
-                 if "limit" not in args.skip else {"limit": None, "step": None})
+
+        def measure_limit() -> dict[str, float | None]:
+            if "limit" in args.skip:
+                return {"limit": None, "step": None}
+            return limit_throughput(args.model_name, size, args.batch_size, len(train_set.class_names), n_train, n_val,
+                                    args.limit_epochs, args.device, "--amp" in extra, "--channels_last" in extra)
+
+        before = measure_limit()
         cache_mode = extra[extra.index("--cache_images") + 1] if "--cache_images" in extra[:-1] else "auto"
         data = (data_throughput(train_set.samples, size, args.batch_size, args.workers, 3, cache_mode)
                 if "data" not in args.skip else None)
         for checkout in checkouts:
             run = main_throughput(checkout, split, size, n_train, args) if "main" not in args.skip else {}
-            row = {"size": size, "checkout": str(checkout), **limit, "data": data, **run}
+            # the limit again after the row's runs: a shared machine's speed drifts over minutes, so
+            # each row is compared with the mean of the limits measured just before and just after it
+            after = measure_limit() if run else before
+            limit = {k: (before[k] + after[k]) / 2 if before[k] and after[k] else None for k in ("limit", "step")}
+            row = {"size": size, "checkout": str(checkout), **limit, "limit_spread": (
+                abs(before["limit"] - after["limit"]) / limit["limit"] if limit["limit"] else None), "data": data, **run}
             row["ratio"] = row["main"] / row["limit"] if run and limit["limit"] else None
             row["other_load"] = probe.cores()
             rows.append(row)
             print(f"{size} px {checkout}: {row}", flush=True)
+            before = after
 
     def fmt(value: float | None, spec: str = ".1f") -> str:
         return "-" if value is None else format(value, spec)
 
     table = PrettyTable(["size", "checkout", "limit", "(a) step", "(b) data", "(c) main.py", "(c)/limit",
-                         "2-epoch wall s", "other load"])
+                         "2-epoch wall s", "limit drift", "other load"])
     table.title = f"{args.model_name} training images/s, batch {args.batch_size}"
     for r in rows:
         name = Path(r["checkout"]).name if Path(r["checkout"]).is_dir() else "timm train.py"
         table.add_row([f"{r['size']} px", name, fmt(r["limit"]), fmt(r["step"]), fmt(r["data"]),
-                       fmt(r.get("main")), fmt(r["ratio"], ".2f"), fmt(r.get("wall2")), fmt(r["other_load"], ".2f")])
+                       fmt(r.get("main")), fmt(r["ratio"], ".2f"), fmt(r.get("wall2")),
+                       "-" if r["limit_spread"] is None else f"{r['limit_spread']:.0%}", fmt(r["other_load"], ".2f")])
     table.align = "r"
     print(table, flush=True)
     for r in rows:

@@ -1,10 +1,8 @@
 """What the speed work changed must not change results: the fused optimizer step, the curve-drawing
-budget, prediction's decoding thread, and the scripts' fast exit."""
+budget, and the scripts' fast exit."""
 from __future__ import annotations
 
 import copy
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -102,49 +100,6 @@ def test_curves_are_redrawn_within_their_share_of_the_time(tmp_path: Path, monke
     log.draw_curves(force=True)
     assert len(log.run.saved) == 9                                   # the end of the run always draws
     assert epoch_log.CURVE_SHARE <= 0.02
-
-
-# ------------------------------------------------------------------- prediction's decode thread
-class SlowDataset:
-    """load_batch takes 50 ms and records the thread it ran in and when it started."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.started: dict[int, tuple[int, float]] = {}
-
-    def __len__(self) -> int:
-        return self.n
-
-    def load_batch(self, indices: range) -> dict[str, object]:
-        self.started[indices[0]] = (threading.get_ident(), time.perf_counter())
-        time.sleep(0.05)
-        return {"indices": list(indices)}
-
-
-def test_prediction_loader_decodes_the_next_batch_while_this_one_is_used() -> None:
-    from utils.predict import PredictionLoader
-
-    dataset = SlowDataset(10)
-    seen, asked = [], {}
-    for batch in PredictionLoader(dataset, batch_size=3, workers=0):
-        asked[batch["indices"][0]] = time.perf_counter()
-        seen += batch["indices"]
-        time.sleep(0.05)  # the model's turn
-    assert seen == list(range(10))  # every file once, in order
-    assert all(ident != threading.get_ident() for ident, _ in dataset.started.values())
-    # batch k+1 started decoding before batch k was handed over and used, not after
-    for first, following in zip((0, 3, 6), (3, 6, 9)):
-        assert dataset.started[following][1] < asked[first] + 0.04
-
-
-def test_prediction_loader_stops_cleanly_when_the_consumer_stops() -> None:
-    from utils.predict import PredictionLoader
-
-    dataset = SlowDataset(30)
-    for batch in PredictionLoader(dataset, batch_size=3, workers=0):
-        break
-    assert batch["indices"] == [0, 1, 2]
-    assert len(dataset.started) <= 2  # at most the next batch was started
 
 
 # ------------------------------------------------------------------------------- fast exit

@@ -5,8 +5,8 @@
     rows = prediction_rows(["cat.jpg"], probs, ensemble.class_names)
 
 A server calls `predict_pil` (or `Ensemble.predict` on batches it prepared with its InputPlan). For
-folders, `PredictionLoader` decodes files in batches ahead of the model (in worker processes with
-workers > 0, else in a thread; any mode, EXIF orientation applied); a file that fails to decode comes back as a failure with its
+folders, `PredictionLoader` decodes files in batches (in worker processes with workers > 0; any
+mode, EXIF orientation applied); a file that fails to decode comes back as a failure with its
 reason, never an exception, and `collate_predict` drops it from its batch. `PredictionWriter`
 streams rows into a CSV so memory stays flat however many images there are. Everything here is
 numpy and Pillow: no torch import.
@@ -184,16 +184,13 @@ def collate_predict(batch: Sequence[tuple[Any, Any, int, str | None]]) -> dict[s
 
 
 class PredictionLoader:
-    """Batches of a PredictDataset in file order, decoded ahead of the consumer: with workers > 0
-    in that many processes (at most 2 batches per worker ahead), with workers == 0 in one thread of
-    this process, one batch ahead, so the next batch decodes while the model runs on this one
-    (Pillow and numpy release the GIL while they decode and resize, torch while it computes).
-    Memory stays flat.
+    """Batches of a PredictDataset in file order. With workers > 0, batches are decoded in that
+    many processes, at most 2 per worker ahead of the consumer (memory stays flat).
 
     Args:
         dataset: the files and their transforms.
         batch_size: images per batch.
-        workers: decoding processes; 0 decodes in a thread of this process.
+        workers: decoding processes; 0 decodes in this process.
     """
 
     def __init__(self, dataset: PredictDataset, batch_size: int, workers: int = 0) -> None:
@@ -209,31 +206,23 @@ class PredictionLoader:
             yield range(start, min(start + self.batch_size, len(self.dataset)))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        chunks = self._chunks()
         if self.workers == 0:
-            with ThreadPoolExecutor(max_workers=1) as threads:
-                yield from self._ahead(chunks, lambda chunk: threads.submit(self.dataset.load_batch, chunk).result, 1)
+            for chunk in self._chunks():
+                yield self.dataset.load_batch(chunk)
             return
+        chunks = self._chunks()
         with multiprocessing.get_context().Pool(self.workers) as pool:
-            yield from self._ahead(chunks, lambda chunk: pool.apply_async(self.dataset.load_batch, (chunk,)).get,
-                                   2 * self.workers)
-
-    @staticmethod
-    def _ahead(chunks: Iterator[range], start: Callable[[range], Callable[[], dict[str, Any]]],
-               in_flight: int) -> Iterator[dict[str, Any]]:
-        """Batches in order, `in_flight` of them started at a time, the one being consumed included
-        (`start` begins one and returns its getter)."""
-        pending: deque[Callable[[], dict[str, Any]]] = deque()
-        for chunk in chunks:
-            pending.append(start(chunk))
-            if len(pending) >= in_flight:
-                break
-        while pending:
-            batch = pending.popleft()()
-            chunk = next(chunks, None)
-            if chunk is not None:
-                pending.append(start(chunk))
-            yield batch
+            pending: deque[Any] = deque()
+            for chunk in chunks:
+                pending.append(pool.apply_async(self.dataset.load_batch, (chunk,)))
+                if len(pending) >= 2 * self.workers:
+                    break
+            while pending:
+                batch = pending.popleft().get()
+                chunk = next(chunks, None)
+                if chunk is not None:
+                    pending.append(pool.apply_async(self.dataset.load_batch, (chunk,)))
+                yield batch
 
 
 def prediction_loader(files: Sequence[str | Path], plan: InputPlan, batch_size: int, workers: int,
