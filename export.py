@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from utils.config import ArgumentParser, finite_float
-from utils.log import UserError, exit_cli, run_cli
+from utils.log import UserError, script_main
 from utils.names import DEFAULT_OPSET, EXPORT_NAMES, HUB_EXPORT
 
 # PyTorch and the exporters are imported in main(): `--help` answers at once.
@@ -115,4 +115,4 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    exit_cli(run_cli(main, parse_args))
+    script_main(main, parse_args)

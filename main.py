@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from utils.config import CONFIG_ONLY_KEYS, DEFAULT_CONFIG, ArgumentParser, finite_float, parse_with_config
 from utils.device import default_workers
-from utils.log import UserError, exit_cli, run_cli
+from utils.log import UserError, script_main, settle_heap
 from utils.names import (AUGMENT_CHOICES, CACHE_MODES, CLASS_BALANCE, KD_METHODS, LOSSES, METRICS, MIXUP_CHOICES, OPTIMIZERS, SAMPLERS,
                          TASK_TYPES, TRACKERS, optimizer_name)
 from utils.schema import RESIZE_MODES, Checkpoint
@@ -263,6 +263,7 @@ def train(args: argparse.Namespace, resumed: Checkpoint | None) -> dict[str, Any
     data = load_data(args, resumed)
     with claimed_run(args, resumed) as run:
         trainer = Trainer(args, data, run, device, resumed)
+    settle_heap()  # the libraries, data and model: out of the collector's walks from here on
     try:
         result = trainer.fit()
         test = trainer.test_best()
@@ -277,4 +278,4 @@ def train(args: argparse.Namespace, resumed: Checkpoint | None) -> dict[str, Any
 
 
 if __name__ == "__main__":
-    exit_cli(run_cli(main, parse_args))
+    script_main(main, parse_args)

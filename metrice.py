@@ -30,7 +30,7 @@ from utils.ensemble import ENSEMBLE_METHODS, Ensemble, load_ensemble
 from utils.evaluation import measure_speed, predict_split, score_split
 from utils.images import read_label_file, report_skipped
 from utils.lists import scan_split
-from utils.log import UserError, exit_cli, run_cli
+from utils.log import UserError, script_main, settle_heap
 from utils.names import CLASSICAL
 from utils.speed import device_name
 
@@ -217,6 +217,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate (or time) the models in --save_path; returns the output folder and the metrics."""
     report = reports()
     ensemble, class_names, device = load_models(args)
+    settle_heap()
     if args.task == "fps":
         return run_speed(args, ensemble, device)
     if args.task == "features":
@@ -261,4 +262,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    exit_cli(run_cli(main, parse_args))
+    script_main(main, parse_args)

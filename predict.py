@@ -34,7 +34,7 @@ from utils.config import ArgumentParser, finite_float
 from utils.device import default_workers, select_device, share_cpu
 from utils.ensemble import ENSEMBLE_METHODS, Ensemble, InputPlan, load_ensemble
 from utils.images import load_image
-from utils.log import UserError, exit_cli, progress, run_cli
+from utils.log import UserError, progress, script_main, settle_heap
 from utils.names import CLASSICAL
 from utils.predict import (BoundedWriter, PredictionWriter, Source, annotate, find_images, label_text, output_name, prediction_loader,
                            prediction_rows, relative_name)
@@ -239,6 +239,7 @@ def predict_folder(args: argparse.Namespace) -> Path:
     print(f"predict folder: {folder}", flush=True)
     if args.cam_visual:
         print(f"{args.cam_type} on layer {cam_setup['layer'].describe()}", flush=True)
+    settle_heap()
     writer, first_skips, seconds = predict_files(args, source, ensemble, cam_setup, folder, device)
     print_summary(writer, folder, source.root, first_skips, seconds, args)
     return folder
@@ -278,4 +279,4 @@ def main(args: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    exit_cli(run_cli(main, parse_args))
+    script_main(main, parse_args)

@@ -25,7 +25,7 @@ from utils.config import ArgumentParser, finite_float
 from utils.files import atomic_write_text
 from utils.images import class_folders, natural_key, report_skipped, resolve_class_names, scan_class_folders
 from utils.lists import write_list
-from utils.log import UserError, exit_cli, run_cli
+from utils.log import UserError, script_main
 
 LOGGER = logging.getLogger("processing")
 SPLITS = ("train", "val", "test")
@@ -270,4 +270,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    exit_cli(run_cli(main, parse_args))
+    script_main(main, parse_args)

@@ -1,5 +1,5 @@
 """What the speed work changed must not change results: the fused optimizer step, the curve-drawing
-budget, and the scripts' fast exit."""
+budget, and the scripts' fast exit (the heap settled where the work starts)."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_script
+from conftest import TrainedRun, assert_ok, run_inprocess, run_script, train_args
 from utils.optim import build_optimizer
 
 
@@ -73,7 +73,8 @@ class FakeRun:
 
 def test_curves_are_redrawn_within_their_share_of_the_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """loss.png, acc.png and lr.png: drawn after the first epoch, then only once the time since the
-    last drawing is 1/CURVE_SHARE times what it took; always when forced (end of run, stop)."""
+    last drawing is 1/CURVE_SHARE times what it took; when forced (end of run, stop) whenever a
+    row was written since the last drawing, and never twice for the same rows."""
     import utils.epoch_log as epoch_log
 
     (tmp_path / "train.log").write_text("epoch,lr,loss,acc,mean_acc,test_loss,test_acc,test_mean_acc\n"
@@ -88,9 +89,11 @@ def test_curves_are_redrawn_within_their_share_of_the_time(tmp_path: Path, monke
     monkeypatch.setattr(epoch_log, "plot_curves", fake_plot)
     log = epoch_log.EpochLog.__new__(epoch_log.EpochLog)
     log.run, log.metrics, log._drawn_at, log._draw_seconds = FakeRun(tmp_path), ("acc", "mean_acc"), None, 0.0
+    log._rows, log._drawn_rows = 1, 0                               # epoch 1's row is written
     log.draw_curves(force=False)
     assert log.run.saved == ["loss.png", "acc.png", "lr.png"]       # the first epoch draws
     due = 1.0 / epoch_log.CURVE_SHARE
+    log._rows += 1
     clock["now"] += due - 0.5
     log.draw_curves(force=False)
     assert len(log.run.saved) == 3                                   # not yet: it would exceed the share
@@ -98,7 +101,13 @@ def test_curves_are_redrawn_within_their_share_of_the_time(tmp_path: Path, monke
     log.draw_curves(force=False)
     assert len(log.run.saved) == 6                                   # due now
     log.draw_curves(force=True)
-    assert len(log.run.saved) == 9                                   # the end of the run always draws
+    assert len(log.run.saved) == 6                                   # the end, but these rows are drawn already
+    log._rows += 1
+    log.draw_curves(force=True)
+    assert len(log.run.saved) == 9                                   # a new row: the end of the run draws it
+    clock["now"] += 10 * due
+    log.draw_curves(force=False)
+    assert len(log.run.saved) == 9                                   # due, but nothing new to show
     assert epoch_log.CURVE_SHARE <= 0.02
 
 
@@ -138,3 +147,63 @@ def test_exit_cli_collects_garbage_before_freezing(monkeypatch: pytest.MonkeyPat
     finally:
         gc.enable()
     assert finalised == [True] and calls == ["freeze"] and exit_info.value.code == 3
+
+
+def test_settle_heap_freezes_only_in_a_scripts_own_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a test or a notebook (run_cli in-process) settle_heap does nothing: frozen objects that
+    later become garbage would never be freed. In a script's own process it freezes the heap."""
+    import gc
+
+    import utils.log
+
+    calls = []
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    utils.log.settle_heap()
+    assert calls == []
+    monkeypatch.setattr(utils.log, "_OWN_PROCESS", True)
+    utils.log.settle_heap()
+    assert calls == ["freeze"]
+
+
+def test_script_main_is_a_scripts_own_process(tmp_path: Path) -> None:
+    """script_main (every script's __main__ line) lets settle_heap act, and exits with run_cli's code."""
+    code = ("import gc, sys, utils.log as L\n"
+            "def main(args):\n"
+            "    L.settle_heap(); print('frozen', gc.get_freeze_count() > 0, flush=True)\n"
+            "    raise L.UserError('stop here')\n"
+            "L.script_main(main, lambda argv: None)\n")
+    script = tmp_path / "probe.py"
+    script.write_text(code)
+    proc = run_script(str(script), env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert proc.stdout.strip() == "frozen True" and proc.returncode == 2 and proc.stderr.strip() == "error: stop here"
+
+
+def test_training_and_prediction_settle_the_heap_where_the_work_starts(tiny_data: Path, trained_run: TrainedRun,
+                                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """main.py freezes once, after the model and the data are built and before the first epoch;
+    predict.py once, after the model is loaded and before the first batch. (And main.py draws the
+    curves once per new train.log row at most.)"""
+    import gc
+
+    import utils.engine
+    import utils.epoch_log
+    import utils.log
+    import utils.predict
+
+    events: list[str] = []
+    monkeypatch.setattr(utils.log, "_OWN_PROCESS", True)
+    monkeypatch.setattr(gc, "freeze", lambda: events.append("freeze"))
+    train_one_epoch = utils.engine.train_one_epoch
+    monkeypatch.setattr("utils.trainer.train_one_epoch", lambda *a, **k: events.append("epoch") or train_one_epoch(*a, **k))
+    plot_curves = utils.epoch_log.plot_curves
+    monkeypatch.setattr("utils.epoch_log.plot_curves", lambda *a: events.append("curves") or plot_curves(*a))
+    assert_ok(run_inprocess("main.py", *train_args(tiny_data, tmp_path / "run", "--epoch", "2")))
+    # the curves: after epoch 1, then once at the end for epoch 2's row (after it if it was due: never twice)
+    assert events == ["freeze", "epoch", "curves", "epoch", "curves"]
+    assert (tmp_path / "run" / "loss.png").is_file()
+
+    events.clear()
+    load_batch = utils.predict.PredictDataset.load_batch
+    monkeypatch.setattr(utils.predict.PredictDataset, "load_batch", lambda self, i: events.append("batch") or load_batch(self, i))
+    assert_ok(run_inprocess("predict.py", "--source", tiny_data / "test", "--save_path", trained_run.path, "--device", "cpu"))
+    assert events[:2] == ["freeze", "batch"] and events.count("freeze") == 1

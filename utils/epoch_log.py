@@ -8,8 +8,8 @@ train.log is a CSV with one row per epoch (epoch,lr,loss,acc,mean_acc,test_loss,
 test_mean_acc[,kd_loss]); the curves are redrawn from it, so they always show the whole run,
 resumed or not. Drawing them takes a second or two (matplotlib), so it stays off the training
 path: after the first epoch, they are redrawn only when the time since the last drawing is at
-least 50 times what that drawing took (at most 2% of the run), and always when the run ends or
-stops. TensorBoard and train.log are written every epoch. Everything goes through the run
+least 50 times what that drawing took (at most 2% of the run), and when the run ends or stops
+(unless no epoch was written since the last drawing). TensorBoard and train.log are written every epoch. Everything goes through the run
 folder's `Run`, so only the main process writes.
 """
 from __future__ import annotations
@@ -114,6 +114,8 @@ class EpochLog:
         self.tb = run.tensorboard()
         self._drawn_at: float | None = None  # when the curves were last drawn (time.monotonic)
         self._draw_seconds = 0.0              # how long that took
+        self._rows = 0                        # train.log rows written by this process ...
+        self._drawn_rows = 0                  # ... and how many of them the last drawing showed
 
     def resume(self, epochs_done: int) -> None:
         """Drop the rows of epochs a resumed run trains again."""
@@ -125,6 +127,7 @@ class EpochLog:
         curves when it is their turn (see the module's docstring)."""
         row = record.row(self.metrics)
         self.run.append_csv("train.log", row, self.fields)
+        self._rows += 1
         if self.tb is not None:
             for key, value in row.items():
                 if key != "epoch" and value is not None:
@@ -137,16 +140,19 @@ class EpochLog:
         self.draw_curves(force=False)
 
     def draw_curves(self, force: bool = True) -> None:
-        """loss.png, acc.png and lr.png from train.log: now if `force`, else only when due."""
+        """loss.png, acc.png and lr.png from train.log: when due, or with `force` now; either way
+        not again if no row was written since the last drawing."""
         if not self.run.main or not (self.run / "train.log").exists():
             return
         now = time.monotonic()
-        if not force and self._drawn_at is not None and now - self._drawn_at < self._draw_seconds / CURVE_SHARE:
+        if self._drawn_at is not None and (self._rows == self._drawn_rows or
+                                           not force and now - self._drawn_at < self._draw_seconds / CURVE_SHARE):
             return
         for name, fig in plot_curves(read_train_log(self.run / "train.log"), self.metrics).items():
             self.run.savefig(fig, name)
         self._drawn_at = time.monotonic()
         self._draw_seconds = self._drawn_at - now
+        self._drawn_rows = self._rows
 
     def print_table(self, record: EpochRecord) -> None:
         """The epoch's PrettyTable: a row for train and one for val."""

@@ -64,7 +64,7 @@ def load_image(path: str | Path, channels: int = 3) -> Image.Image:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as img:
             img.load()
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)  # turned in place: no copy of the pixels
     return to_mode(img, channels)
 
 

@@ -2,7 +2,9 @@
 
 A mistake by the user (a missing folder, a bad flag value, a checkpoint from elsewhere) raises
 `UserError`; `run_cli` turns it into one line on stderr and exit code 2, never a traceback.
-A script ends with `exit_cli(run_cli(main, parse_args))`.
+A script ends with `script_main(main, parse_args)`: run_cli in the script's own process, then
+exit_cli. There, `settle_heap()` (called once the heavy work is about to start) takes the
+imported libraries out of the garbage collector's reach.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
+_OWN_PROCESS = False  # True once script_main runs: this process is the script's own, not a test's
 
 
 class UserError(Exception):
@@ -77,8 +80,33 @@ def run_cli(
     return 0
 
 
+def script_main(main: Callable[[argparse.Namespace], object],
+                parse: Callable[[Sequence[str] | None], argparse.Namespace]) -> None:
+    """A script's `if __name__ == "__main__":` line: run_cli on sys.argv, then exit_cli with its
+    code. Only here does settle_heap() act (the process ends with the script)."""
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
+    exit_cli(run_cli(main, parse))
+
+
+def settle_heap() -> None:
+    """Take every object alive now out of the garbage collector's reach (gc.freeze), in a
+    script's own process only (script_main; a no-op in a test or a notebook, whose later garbage
+    this would keep for good).
+
+    Called where a script's heavy work starts, after torch, torchvision and timm are imported:
+    those are about a million objects that each full collection walks again, and the collection
+    at exit (exit_cli) walked them in 0.55 of its 0.6 s here. What the work makes afterwards is
+    collected as usual. Objects frozen here that later become unreachable cycles are not freed
+    before exit; what is alive at this point (the libraries, the model, the file lists) lives to
+    the end anyway.
+    """
+    if _OWN_PROCESS:
+        gc.freeze()
+
+
 def exit_cli(code: int) -> None:
-    """End a script's process with `code` (its `if __name__ == "__main__":` line; never in-process).
+    """End a script's process with `code` (script_main calls it; never in-process).
 
     What is garbage is collected first, so every finaliser runs (loader workers stop, files close);
     then the live objects are frozen out of the collector. Python's shutdown otherwise walks the
