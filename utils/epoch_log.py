@@ -9,8 +9,8 @@ test_mean_acc[,kd_loss]); the curves are redrawn from it, so they always show th
 resumed or not. Drawing them takes a second or two (matplotlib), so it stays off the training
 path: after the first epoch, they are redrawn only when the time since the last drawing is at
 least 50 times what that drawing took (at most 2% of the run), and when the run ends or stops
-(unless no epoch was written since the last drawing). TensorBoard and train.log are written every epoch. Everything goes through the run
-folder's `Run`, so only the main process writes.
+(unless no epoch was written since the last drawing). TensorBoard and train.log are written every
+epoch. Everything goes through the run folder's `Run`, so only the main process writes.
 """
 from __future__ import annotations
 
