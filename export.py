@@ -18,9 +18,9 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-from utils.config import ArgumentParser, finite_float
-from utils.log import UserError, script_main
-from utils.names import DEFAULT_OPSET, EXPORT_NAMES, HUB_EXPORT
+from utils.core.config import ArgumentParser, finite_float
+from utils.core.log import UserError, script_main
+from utils.core.names import DEFAULT_OPSET, EXPORT_NAMES, HUB_EXPORT
 
 # PyTorch and the exporters are imported in main(): `--help` answers at once.
 
@@ -81,15 +81,15 @@ def checkpoint_path(save_path: str) -> Path:
 
 
 def main(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Export; returns one export info dict per file written (see utils.export)."""
-    from utils.export import ExportOptions, export_checkpoint, formats_table
+    """Export; returns one export info dict per file written (see utils.deploy.export)."""
+    from utils.deploy.export import ExportOptions, export_checkpoint, formats_table
 
     if args.list_formats:
         print(formats_table())
         return []
     weights = checkpoint_path(args.save_path)
     if args.image_size is not None or args.image_channel is not None:
-        from utils.checkpoint import load_checkpoint
+        from utils.core.checkpoint import load_checkpoint
 
         meta = load_checkpoint(weights).meta
         for flag in ("image_size", "image_channel"):
@@ -106,7 +106,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     )
     results = export_checkpoint(weights, options) if formats else []
     if HUB_EXPORT in args.export or args.push_to_hub:
-        from utils.hub import export_hub, push_to_hub
+        from utils.deploy.hub import export_hub, push_to_hub
 
         results.append(export_hub(weights, args.output_path))
         if args.push_to_hub:

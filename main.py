@@ -7,26 +7,26 @@
 
 Everything the run writes goes into its own folder (--save_path, incremented if it exists:
 runs/exp -> runs/exp2): args.yaml, label.txt, train.log, best.pt, last.pt, plots, TensorBoard.
-The library behind it is utils.trainer (docs/architecture.md).
+The library behind it is utils.train.trainer (docs/architecture.md).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from utils.config import CONFIG_ONLY_KEYS, DEFAULT_CONFIG, ArgumentParser, finite_float, parse_with_config
-from utils.device import default_workers
-from utils.log import UserError, script_main, settle_heap
-from utils.names import (AUGMENT_CHOICES, CACHE_MODES, CLASS_BALANCE, KD_METHODS, LOSSES, METRICS, MIXUP_CHOICES, OPTIMIZERS, SAMPLERS,
-                         TASK_TYPES, TRACKERS, optimizer_name)
-from utils.schema import RESIZE_MODES, Checkpoint
+from utils.core.config import CONFIG_ONLY_KEYS, DEFAULT_CONFIG, ArgumentParser, finite_float, parse_with_config
+from utils.core.device import default_workers
+from utils.core.log import UserError, script_main, settle_heap
+from utils.core.names import (AUGMENT_CHOICES, CACHE_MODES, CLASS_BALANCE, KD_METHODS, LOSSES, METRICS, MIXUP_CHOICES,
+                              OPTIMIZERS, SAMPLERS, TASK_TYPES, TRACKERS, optimizer_name)
+from utils.core.schema import RESIZE_MODES, Checkpoint
 
 if TYPE_CHECKING:
-    from utils.checkpoint import Run
+    from utils.core.run import Run
 
 # PyTorch and the library behind it are imported in main(): `--help` and a mistyped flag answer at once.
 
@@ -167,7 +167,7 @@ def check_combinations(args: argparse.Namespace) -> None:
 
 def resume_options(args: argparse.Namespace) -> tuple[argparse.Namespace, Checkpoint]:
     """The options of the run being resumed, with the few a resume may change, and its last.pt."""
-    from utils.checkpoint import load_checkpoint
+    from utils.core.checkpoint import load_checkpoint
 
     save_path = Path(args.save_path)
     ckpt = load_checkpoint(save_path / "last.pt", what="--resume: last checkpoint")
@@ -196,7 +196,7 @@ def print_model_zoo() -> None:
     """--list_models: pytorch-classifier's model names and what builds them."""
     from prettytable import PrettyTable
 
-    from utils.registry import model_table
+    from utils.models.registry import model_table
 
     table = PrettyTable(["family", "model_name", "implementation"])
     for row in model_table():
@@ -210,8 +210,8 @@ def print_model_zoo() -> None:
 def claimed_run(args: argparse.Namespace, resumed: Checkpoint | None) -> Iterator[Run]:
     """The run folder: the resumed one, or a fresh one claimed now (runs/exp -> runs/exp2 ...).
     A fresh folder that is still empty when set-up fails is removed, so a mistake leaves nothing behind."""
-    from utils.checkpoint import Run, increment_path
-    from utils.distributed import broadcast_object, is_main_process
+    from utils.core.distributed import broadcast_object, is_main_process
+    from utils.core.run import Run, increment_path
 
     path = Path(args.save_path)
     if resumed is None:  # the first process claims the folder; the others are told which
@@ -230,7 +230,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.list_models:
         print_model_zoo()
         return {}
-    from utils import distributed
+    from utils.core import distributed
 
     resumed = None
     if args.resume:
@@ -244,9 +244,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def train(args: argparse.Namespace, resumed: Checkpoint | None) -> dict[str, Any]:
     """One training run (in each process under torchrun)."""
-    from utils import distributed
-    from utils.device import gpu_workers, select_device, share_cpu
-    from utils.trainer import Trainer, load_data, seed_everything, set_determinism
+    from utils.core import distributed
+    from utils.core.device import gpu_workers, select_device, share_cpu
+    from utils.train.trainer import Trainer, load_data, seed_everything, set_determinism
 
     device = distributed.init_from_env(args.device) or select_device(args.device)
     if args.sync_bn and not distributed.launched_by_torchrun():

@@ -9,9 +9,9 @@
 
 Data paths, image size, preprocessing and class names come from the run (best.pt); flags
 override them. Everything goes into <first run>/<task>/, a new folder per call (test, test2 ...);
---task features writes <run>/features/ (utils.classical), replaced by each call.
-The library behind it: utils.evaluation (predict and score a split, speed), utils.reports (what
-is written), utils.ensemble (the models). torch is imported only for the formats that need it
+--task features writes <run>/features/ (utils.evaluate.classical), replaced by each call.
+The library behind it: utils.evaluate.split (predict and score a split, speed), utils.evaluate.reports (what
+is written), utils.infer.ensemble (the models). torch is imported only for the formats that need it
 and for --tsne: onnx and openvino models are evaluated without PyTorch.
 """
 from __future__ import annotations
@@ -22,33 +22,33 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from utils.backends import MODEL_TYPES, models_from_flags
-from utils.checkpoint import Run, increment_path
-from utils.config import ArgumentParser, args_to_dict, finite_float
-from utils.device import default_workers, select_device, share_cpu
-from utils.ensemble import ENSEMBLE_METHODS, Ensemble, load_ensemble
-from utils.evaluation import measure_speed, predict_split, score_split
-from utils.images import read_label_file, report_skipped
-from utils.lists import scan_split
-from utils.log import UserError, script_main, settle_heap
-from utils.names import CLASSICAL
-from utils.speed import device_name
+from utils.core.config import ArgumentParser, args_to_dict, finite_float
+from utils.core.device import default_workers, select_device, share_cpu
+from utils.core.log import UserError, script_main, settle_heap
+from utils.core.names import CLASSICAL
+from utils.core.run import Run, increment_path
+from utils.data.imageset import read_label_file, report_skipped
+from utils.data.sources import scan_split
+from utils.evaluate.split import measure_speed, predict_split, score_split
+from utils.infer.backends import MODEL_TYPES, models_from_flags
+from utils.infer.ensemble import ENSEMBLE_METHODS, Ensemble, load_ensemble
+from utils.infer.speed import device_name
 
 LOGGER = logging.getLogger("metrice")
 
 TASKS = ("train", "val", "test", "fps", "features")
-# What utils.reports draws and computes with (module -> package); a deployment machine may lack them.
+# What utils.evaluate.reports draws and computes with (module -> package); a deployment machine may lack them.
 REPORT_PACKAGES = {"matplotlib": "matplotlib", "sklearn": "scikit-learn", "pycm": "pycm"}
 
 
 def reports() -> Any:
-    """utils.reports, once the packages of its tables and figures are known to be there."""
+    """utils.evaluate.reports, once the packages of its tables and figures are known to be there."""
     missing = [package for module, package in REPORT_PACKAGES.items() if importlib.util.find_spec(module) is None]
     if missing:
         raise UserError(f"metrice.py's reports need {', '.join(missing)}: pip install {' '.join(missing)}")
-    import utils.reports
+    import utils.evaluate.reports
 
-    return utils.reports
+    return utils.evaluate.reports
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -188,7 +188,7 @@ def run_speed(args: argparse.Namespace, ensemble: Ensemble, device: Any) -> dict
 
 def run_features(args: argparse.Namespace, ensemble: Ensemble, class_names: list[str], device: Any) -> dict[str, Any]:
     """--task features: features of train (and val) and test, classical classifiers fit on train, test metrics."""
-    from utils.classical import run_feature_task
+    from utils.evaluate.classical import run_feature_task
 
     if ensemble.meta.multilabel:
         raise UserError("--task features fits classifiers that pick one class per image: not for a multilabel model")

@@ -27,17 +27,19 @@ from typing import Any, Sequence
 
 from prettytable import PrettyTable
 
-from utils.backends import MODEL_TYPES, models_from_flags
-from utils.cam import CAM_TYPES
-from utils.checkpoint import increment_path
-from utils.config import ArgumentParser, finite_float
-from utils.device import default_workers, select_device, share_cpu
-from utils.ensemble import ENSEMBLE_METHODS, Ensemble, InputPlan, load_ensemble
-from utils.images import load_image
-from utils.log import UserError, progress, script_main, settle_heap
-from utils.names import CLASSICAL
-from utils.predict import (BoundedWriter, PredictionWriter, Source, annotate, find_images, label_text, output_name, prediction_loader,
-                           prediction_rows, relative_name)
+from utils.core.config import ArgumentParser, finite_float
+from utils.core.device import default_workers, select_device, share_cpu
+from utils.core.log import UserError, progress, script_main, settle_heap
+from utils.core.names import CLASSICAL
+from utils.core.run import increment_path
+from utils.data.decode import load_image
+from utils.draw.labels import annotate
+from utils.explain.cam import CAM_TYPES
+from utils.infer.backends import MODEL_TYPES, models_from_flags
+from utils.infer.ensemble import ENSEMBLE_METHODS, Ensemble, InputPlan, load_ensemble
+from utils.infer.loader import prediction_loader
+from utils.infer.rows import BoundedWriter, PredictionWriter, label_text, output_name, prediction_rows
+from utils.infer.sources import Source, find_images, relative_name
 
 LOGGER = logging.getLogger("predict")
 # Fast PNG compression: at the default level, encoding the pictures is slower than predicting them.
@@ -111,7 +113,7 @@ def save_annotated(path: str, text: str, dest: Path) -> None:
 
 
 def save_panel(view: Any, cam: Any, lines: list[str], size: int, dest: Path) -> None:
-    from utils.cam import cam_panel
+    from utils.explain.cam import cam_panel
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     cam_panel(view, cam, lines, size).save(dest, **SAVE_OPTIONS[".png"])
@@ -119,8 +121,8 @@ def save_panel(view: Any, cam: Any, lines: list[str], size: int, dest: Path) -> 
 
 def prepare_cam(args: argparse.Namespace, backend: Any, class_names: list[str]) -> dict[str, Any]:
     """What --cam_visual needs: the model to explain, its layer, the class to explain, the view to draw."""
-    from utils.cam import find_cam_layer, import_grad_cam
-    from utils.preprocess_np import image_transform
+    from utils.data.transforms_np import image_transform
+    from utils.explain.cam import find_cam_layer, import_grad_cam
 
     import_grad_cam()  # before the clock starts, and a clear line if it is missing
     spec = backend.meta.preprocess
@@ -149,7 +151,7 @@ def explain_batch(args: argparse.Namespace, cam_setup: dict[str, Any], batch: di
     """--cam_visual: the class activation map of each image of a batch, saved as a panel."""
     import torch
 
-    from utils.cam import cam_maps
+    from utils.explain.cam import cam_maps
 
     backend = cam_setup["backend"]
     views = batch["views"] if batch["views"] is not None else batch["inputs"][plan.group_of[0]]
@@ -224,13 +226,13 @@ def predict_folder(args: argparse.Namespace) -> Path:
     share_cpu(device, args.workers)
     ensemble = load_ensemble(args.save_path, args.model_type, device, args.half, args.ensemble, args.ensemble_weights)
     if args.classical:
-        from utils.classical import classical_ensemble  # torch: imported only when asked for
+        from utils.evaluate.classical import classical_ensemble
         ensemble = classical_ensemble(ensemble, args.save_path[0], args.classical, args.test_tta)
     if ensemble.describe():
         print(ensemble.describe(), flush=True)
     cam_setup = prepare_cam(args, ensemble.members[0].backend, list(ensemble.class_names)) if args.cam_visual else {}
     if args.feature_maps:  # the stage grids ride with the CAM's set-up into predict_files
-        from utils.feature_maps import FeatureMapWriter
+        from utils.explain.feature_maps import FeatureMapWriter
         cam_setup["feature_maps"] = FeatureMapWriter(ensemble.members[0].backend, args.feature_maps)
         print(f"feature maps: {cam_setup['feature_maps'].describe()}", flush=True)
 

@@ -21,11 +21,12 @@ from typing import Any, Sequence
 
 from prettytable import PrettyTable
 
-from utils.config import ArgumentParser, finite_float
-from utils.files import atomic_write_text
-from utils.images import class_folders, natural_key, report_skipped, resolve_class_names, scan_class_folders
-from utils.lists import write_list
-from utils.log import UserError, script_main
+from utils.core.config import ArgumentParser, finite_float
+from utils.core.files import atomic_write_text
+from utils.core.log import UserError, script_main
+from utils.data.folders import class_folders, resolve_class_names, scan_class_folders
+from utils.data.imageset import natural_key, report_skipped
+from utils.data.lists import write_list
 
 LOGGER = logging.getLogger("processing")
 SPLITS = ("train", "val", "test")

@@ -1,7 +1,7 @@
 """Serve a trained run over HTTP: a REST API, a web page, dynamic batching, and Redis for many workers.
 
     python serve.py --save_path runs/exp --port 8000                     # one process (embedded)
-    python serve.py --save_path runs/exp --model_type onnx               # any backend of utils.backends
+    python serve.py --save_path runs/exp --model_type onnx               # any backend of utils.infer.backends
     python serve.py --queue redis://127.0.0.1:6379/0 --port 8000         # API tier: queues images in Redis
     python serve.py --queue redis://127.0.0.1:6379/0 --worker --save_path runs/exp   # a model worker (any number)
 
@@ -21,11 +21,11 @@ import signal
 import socket
 from typing import Any, Sequence
 
-from utils.backends import MODEL_TYPES, load_backend
-from utils.config import ArgumentParser
-from utils.images import MAX_IMAGE_PIXELS
-from utils.device import compute_threads, select_device, set_threads
-from utils.log import UserError, script_main, settle_heap
+from utils.core.config import ArgumentParser
+from utils.core.device import compute_threads, select_device, set_threads
+from utils.core.log import UserError, script_main, settle_heap
+from utils.data.decode import MAX_IMAGE_PIXELS
+from utils.infer.backends import MODEL_TYPES, load_backend
 
 LOGGER = logging.getLogger("serve")
 API_KEY_ENV = "SERVE_API_KEY"
@@ -132,8 +132,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def build_runner(args: argparse.Namespace) -> Any:
-    """Load the model of --save_path behind a utils.serving.ModelRunner."""
-    from utils.serving import ModelRunner
+    """Load the model of --save_path behind a utils.serve.service.ModelRunner."""
+    from utils.serve.service import ModelRunner
 
     if args.threads:
         set_threads(args.threads)
@@ -165,7 +165,7 @@ def serve_http(args: argparse.Namespace, service: Any, what: str) -> None:
     """Run the FastAPI app on uvicorn until interrupted."""
     import uvicorn
 
-    from utils.serve_app import Settings, create_app
+    from utils.serve.app import Settings, create_app
 
     settings = Settings(api_key=args.api_key, max_bytes=args.max_bytes, max_pixels=args.max_pixels, timeout=args.timeout)
     app = create_app(service, settings)
@@ -184,7 +184,7 @@ def serve_http(args: argparse.Namespace, service: Any, what: str) -> None:
 
 def run_worker(args: argparse.Namespace) -> None:
     """A model worker of --queue: until SIGTERM or Ctrl-C (the batch in hand is finished first)."""
-    from utils.redis_queue import RedisWorker, safe_url
+    from utils.serve.redis_queue import RedisWorker, safe_url
 
     runner = build_runner(args)
     worker = RedisWorker(runner, args.queue, args.queue_name, args.max_batch, args.max_wait_ms,
@@ -206,13 +206,13 @@ def main(args: argparse.Namespace) -> None:
         return
     check_port(args.host, args.port)
     if args.queue:
-        from utils.redis_queue import RedisService, connect, safe_url
+        from utils.serve.redis_queue import RedisService, connect, safe_url
 
         connect(args.queue)  # a clear line now if Redis is not there
         service = RedisService(args.queue, args.queue_name, args.max_pixels)
         serve_http(args, service, f"the workers of {safe_url(args.queue)} '{args.queue_name}'")
         return
-    from utils.serving import EmbeddedService
+    from utils.serve.service import EmbeddedService
 
     runner = build_runner(args)
     service = EmbeddedService(runner, args.max_batch, args.max_wait_ms, args.max_pixels)

@@ -1,4 +1,4 @@
-"""Inference images/second of every CPU backend of utils.backends on one model (not a test).
+"""Inference images/second of every CPU backend of utils.infer.backends on one model (not a test).
 
     python benchmarks/backend_fps.py                       # resnet18 at 64 px, batch 1 and 64
     python benchmarks/backend_fps.py --model_name resnet50 --image_size 224 --batch_sizes 1 32
@@ -31,8 +31,8 @@ from prettytable import PrettyTable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from utils.backends import load_backend, predict_probs  # noqa: E402
-from utils.speed import cpu_name, time_batches, warm_up  # noqa: E402
+from utils.infer.backends import load_backend, predict_probs
+from utils.infer.speed import cpu_name, time_batches, warm_up
 
 BACKENDS = [("torch", "torch", None), ("torchscript", "torchscript", None), ("onnx", "onnx", None),
             ("onnx-int8", "onnx", "best_int8.onnx"), ("openvino", "openvino", None)]
@@ -81,7 +81,7 @@ def main(args: argparse.Namespace) -> None:
            "--test_path", data / "none", "--save_path", run)
     if not all((run / "export" / f).is_file() for f in ("best.torchscript", "best.onnx", "best_int8.onnx", "best.xml")):
         sh("export.py", "--save_path", run, "--export", "torchscript", "onnx", "openvino", "--int8", "--device", "cpu")
-    torch.set_num_threads(args.threads)  # onnxruntime and OpenVINO take the same number (utils.backends)
+    torch.set_num_threads(args.threads)  # onnxruntime and OpenVINO take the same number (utils.infer.backends)
     cases = []
     for label, model_type, file in BACKENDS:
         backend = load_backend(run / "export" / file if file else run, model_type, "cpu")

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from utils.cam import CAM_TYPES, cam_maps, find_cam_layer  # noqa: E402
+from utils.explain.cam import CAM_TYPES, cam_maps, find_cam_layer
 
 
 def sh(*cmd: object) -> subprocess.CompletedProcess:

@@ -24,10 +24,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from utils.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from utils.data import EpochSampler, ImageDataset, Normalize, build_loader, eval_transform  # noqa: E402
-from utils.lists import scan_split  # noqa: E402
-from utils.registry import create_model  # noqa: E402
+from utils.core.checkpoint import load_checkpoint
+from utils.data.loaders import EpochSampler, ImageDataset, build_loader
+from utils.data.sources import scan_split
+from utils.data.transforms import Normalize, eval_transform
+from utils.models.registry import create_model
+from utils.models.weights import model_from_checkpoint
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -29,8 +29,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from utils.backends import load_backend, predict_probs, preprocess_images  # noqa: E402
-from utils.images import load_image  # noqa: E402
+from utils.data.decode import load_image
+from utils.infer.backends import load_backend, predict_probs, preprocess_images
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220)]
 RESULTS: list[tuple[str, str]] = []

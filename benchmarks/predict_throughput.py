@@ -48,8 +48,8 @@ def make_run(folder: Path, model_name: str, size: int, class_names: list[str]) -
     """A run folder whose best.pt holds an untrained model (mean/std of the digits, roughly)."""
     import torch
 
-    from utils.registry import create_model
-    from utils.schema import Checkpoint, ModelMeta, PreprocessSpec
+    from utils.core.schema import Checkpoint, ModelMeta, PreprocessSpec
+    from utils.models.registry import create_model
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -61,8 +61,8 @@ def make_run(folder: Path, model_name: str, size: int, class_names: list[str]) -
 
 def bare_forward(run: Path, files: list[Path], batch_size: int) -> float:
     """images/s of the model on uint8 batches in memory (decoding and resizing done beforehand)."""
-    from utils.backends import load_backend, predict_probs, preprocess_images
-    from utils.images import load_image
+    from utils.data.decode import load_image
+    from utils.infer.backends import load_backend, predict_probs, preprocess_images
 
     backend = load_backend(run, "torch", "cpu")
     images = preprocess_images(backend.meta, [load_image(f, 3) for f in files])

@@ -9,7 +9,7 @@
               mean/std pass, model; --cache_images off, whose first pass is epoch 1's decoding
               moved forward), and the peak memory (VmHWM) until then, first with an empty
               scan cache and then again with the cache of the first run; main.py is stopped there.
-              The scan alone (utils.lists.scan_split, in a child process) is timed the same way,
+              The scan alone (utils.data.sources.scan_split, in a child process) is timed the same way,
               with its peak memory, and (in a third, traced run) the memory of the Python objects it keeps.
               "of which imports" is a process that only imports what training imports: the floor of
               any start-up; "start-up less imports" is what the data costs.
@@ -39,7 +39,7 @@ SCRIPTS = ("main.py", "metrice.py", "predict.py", "export.py", "processing.py", 
 SCAN = """
 import resource, sys, time, tracemalloc
 sys.path.insert(0, sys.argv[1])
-from utils.lists import scan_split
+from utils.data.sources import scan_split
 trace = sys.argv[3] == "trace"  # Python objects traced: slower, so timed in a run of its own
 if trace:
     tracemalloc.start()
@@ -117,7 +117,7 @@ def main_startup(root: Path, scan_cache: Path) -> dict[str, float]:
 def import_seconds(repeat: int = 3) -> float:
     """Seconds from the command to the end of the imports of main.py's training (the floor of any
     start-up, whatever the data), read as main_startup reads its line (the process's exit not counted)."""
-    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import main, utils.trainer; print('imported', flush=True)"
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import main, utils.train.trainer; print('imported', flush=True)"
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()

@@ -15,8 +15,8 @@ For each --sizes value it prints one PrettyTable row (per checkout) of training 
              defaults) over every training image in batches, then a no-grad forward over every
              validation image. --limit_epochs timed epochs after one untimed one; the median.
   (a) step   the training steps of the limit alone (no validation).
-  (b) data   the data pipeline alone: the DataLoader main.py builds (utils.data.ImageDataset +
-             train_transform + EpochSampler + build_loader, with the utils.image_cache that its
+  (b) data   the data pipeline alone: the DataLoader main.py builds (utils.data.loaders.ImageDataset +
+             train_transform + EpochSampler + build_loader, with the utils.data.image_cache that its
              --cache_images builds: auto unless --main_args says otherwise), iterated without a
              model, epochs 2..N.
   (c) main   main.py itself, in a subprocess, with everything in: validation every epoch,
@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.device import default_workers, gpu_workers  # noqa: E402  (main.py's --workers defaults)
+from utils.core.device import default_workers, gpu_workers
 
 TIMING = re.compile(r"time per epoch: (.*)")
 
@@ -142,9 +142,9 @@ def limit_throughput(model_name: str, size: int, batch_size: int, num_classes: i
 
     import torch
 
-    from utils.losses import build_loss
-    from utils.optim import build_optimizer
-    from utils.registry import create_model
+    from utils.models.registry import create_model
+    from utils.train.losses import build_loss
+    from utils.train.optim import build_optimizer
 
     dev = torch.device("cpu" if device == "cpu" else f"cuda:{device}" if device.isdigit() else device)
     torch.manual_seed(0)
@@ -198,8 +198,9 @@ def data_throughput(samples: Sequence[tuple[str, int]], size: int, batch_size: i
                     cache_mode: str = "auto") -> float:
     """(b) images/s of main.py's training DataLoader alone, over epochs 2..N (epoch 1 starts the workers),
     with the image cache main.py builds for `cache_mode` (its --cache_images)."""
-    from utils.data import EpochSampler, ImageDataset, build_loader, train_transform
-    from utils.image_cache import ImageCache, cache_budget
+    from utils.data.image_cache import ImageCache, cache_budget
+    from utils.data.loaders import EpochSampler, ImageDataset, build_loader
+    from utils.data.transforms import train_transform
 
     transform = train_transform(size)
     cache = ImageCache.build([path for path, _ in samples], 3, transform, cache_mode, cache_budget(cache_mode, 1, workers),
@@ -278,7 +279,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
     from prettytable import PrettyTable
 
-    from utils.lists import scan_split
+    from utils.data.sources import scan_split
 
     if args.epochs < 3:
         sys.exit("error: --epochs must be at least 3 (the per-epoch cost is the difference with a 2-epoch run)")

@@ -90,7 +90,7 @@ def run_inprocess(script: str, *args: Any) -> subprocess.CompletedProcess:
     import importlib
     import io
 
-    from utils.log import run_cli
+    from utils.core.log import run_cli
 
     module = importlib.import_module(Path(script).stem)
     out, err = io.StringIO(), io.StringIO()

@@ -15,8 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from utils.cam import (CAM_TYPES, DegenerateCAMError, cam_maps, degenerate_reason, find_cam_layer,
-                       orient_projection)
+from utils.explain.cam import CAM_TYPES, DegenerateCAMError, cam_maps, degenerate_reason, find_cam_layer, orient_projection
 
 SIZE, PATCH, MARGIN = 32, 8, 2
 COLOURS = [(200, 40, 40), (40, 40, 200)]  # class 0: red patch, class 1: blue patch
@@ -134,14 +133,14 @@ def test_degenerate_maps_are_reported_not_hidden(patch_task: dict, caplog: pytes
         broken[6].weight[0, 0, 0, 0] = float("nan")  # one NaN weight: NaN activations at the CAM layer
     raw = cam_maps(broken, images, None, "GradCAM", [0, 0, 1], raw=True, on_degenerate="ignore")
     assert np.isnan(raw).any()
-    with caplog.at_level(logging.WARNING, logger="utils.cam"):
+    with caplog.at_level(logging.WARNING, logger="utils.explain.cam"):
         cleaned = cam_maps(broken, images, None, "GradCAM", [0, 0, 1])  # the default warns ...
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "degenerate" in warnings[0] and "not finite" in warnings[0], warnings
     assert np.isfinite(cleaned).all() and cleaned.min() >= 0 and cleaned.max() <= 1  # ... and still draws safely
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="utils.cam"):
+    with caplog.at_level(logging.WARNING, logger="utils.explain.cam"):
         cam_maps(patch_task["model"], images, patch_task["layer"], "GradCAM", patch_task["pred"][:3].tolist())
     assert not caplog.records, "a good map was reported as degenerate"
 

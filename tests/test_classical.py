@@ -3,7 +3,7 @@
 One tiny run (resnet10t, 1 epoch at 32 px) on coloured classes; its test split is ambiguous on
 purpose (two palette colours mixed in random stripes), so the network and the classifiers
 disagree and a metric of the wrong predictions would show. The expected values are computed
-here independently: the features by utils.features.penultimate_features on the model rebuilt
+here independently: the features by utils.models.features.penultimate_features on the model rebuilt
 from best.pt, the metrics by scikit-learn.
 """
 from __future__ import annotations
@@ -20,9 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PALETTE, TINY_CLASSES, assert_ok, assert_user_error, make_split_dataset, run_inprocess, run_script, train_args
-from utils.log import UserError
-from utils.names import CLASSICAL
+from conftest import (PALETTE, TINY_CLASSES, assert_ok, assert_user_error, make_split_dataset, run_inprocess, run_script,
+                      train_args)
+from utils.core.log import UserError
+from utils.core.names import CLASSICAL
 
 COMMON = ("--device", "cpu", "--workers", "0")
 
@@ -54,7 +55,8 @@ def features_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def reference_model(run: Path) -> tuple[torch.nn.Module, Any]:
-    from utils.checkpoint import load_checkpoint, model_from_checkpoint
+    from utils.core.checkpoint import load_checkpoint
+    from utils.models.weights import model_from_checkpoint
 
     ckpt = load_checkpoint(run / "best.pt")
     return model_from_checkpoint(ckpt).eval(), ckpt.meta.preprocess
@@ -62,9 +64,9 @@ def reference_model(run: Path) -> tuple[torch.nn.Module, Any]:
 
 def reference_features(run: Path, paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(penultimate features, probabilities) of best.pt for these images, without metrice's code paths."""
-    from utils.data import Normalize, eval_transform
-    from utils.features import penultimate_features
-    from utils.images import load_image
+    from utils.data.decode import load_image
+    from utils.data.transforms import Normalize, eval_transform
+    from utils.models.features import penultimate_features
 
     model, spec = reference_model(run)
     x = Normalize(spec.mean, spec.std)(torch.stack([eval_transform(spec)(load_image(p, spec.channels)) for p in paths]))
@@ -79,7 +81,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 # ------------------------------------------------------------------------------ features
 def test_npz_holds_the_penultimate_features_of_every_split(features_run: dict[str, Any]) -> None:
-    from utils.classical import FeatureSet
+    from utils.evaluate.classical import FeatureSet
 
     data, folder = features_run["data"], features_run["folder"]
     for split, per_class in (("train", 8), ("val", 3), ("test", 4)):
@@ -96,7 +98,7 @@ def test_npz_holds_the_penultimate_features_of_every_split(features_run: dict[st
 def test_saved_classifiers_are_the_fitted_ones_and_load_safely(features_run: dict[str, Any]) -> None:
     import skops.io as sio
 
-    from utils.classical import TRUSTED_TYPES, FeatureSet, class_probs, fit_classifier, load_classifier
+    from utils.evaluate.classical import TRUSTED_TYPES, FeatureSet, class_probs, fit_classifier, load_classifier
 
     folder = features_run["folder"]
     train, test = FeatureSet.load(folder / "train.npz"), FeatureSet.load(folder / "test.npz")
@@ -116,7 +118,7 @@ def test_saved_classifiers_are_the_fitted_ones_and_load_safely(features_run: dic
 def test_reported_metrics_are_sklearn_metrics_of_the_saved_classifiers(features_run: dict[str, Any]) -> None:
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-    from utils.classical import FeatureSet, class_probs, load_classifier
+    from utils.evaluate.classical import FeatureSet, class_probs, load_classifier
 
     folder = features_run["folder"]
     test = FeatureSet.load(folder / "test.npz")
@@ -140,7 +142,7 @@ def test_reported_metrics_are_sklearn_metrics_of_the_saved_classifiers(features_
 
 # ------------------------------------------------------------------------------ predict.py
 def test_predict_classical_uses_the_saved_classifier(features_run: dict[str, Any]) -> None:
-    from utils.classical import FeatureSet, class_probs, load_classifier
+    from utils.evaluate.classical import FeatureSet, class_probs, load_classifier
 
     folder, run = features_run["folder"], features_run["run"]
     proc = run_inprocess("predict.py", "--source", features_run["data"] / "test", "--save_path", run, "--classical", "svm", *COMMON)
@@ -186,7 +188,7 @@ def test_classical_refusals(features_run: dict[str, Any], tmp_path: Path) -> Non
     (copy / "features" / "knn.skops").write_bytes(b"changed")
     assert_user_error(run_inprocess(*predict, "--save_path", copy, "--classical", "knn"), "knn.skops", "differs")
     # a file that names a function outside TRUSTED_TYPES (here builtins.print) is refused, whatever the index says
-    from utils.classical import load_classifier
+    from utils.evaluate.classical import load_classifier
 
     blob = sio.dumps(Pipeline([("f", FunctionTransformer(print)), ("clf", LogisticRegression())]))
     assert sio.get_untrusted_types(data=blob) == ["builtins.print"]

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import (TINY_CLASSES, assert_user_error, describe, make_class_folders, make_split_dataset, run_inprocess,
                       train_args)
-from utils.log import UserError
+from utils.core.log import UserError
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (add_junk_files, assert_ok, load_ckpt, make_class_folders, make_split_dataset,
-                      make_truncated_jpeg, run_many, train_args)
-from utils.data import ImageDataset, collate
-from utils.images import check_image_header, load_image, natural_key, resolve_class_names
-from utils.lists import scan_split
-from utils.log import UserError
+from conftest import (add_junk_files, assert_ok, load_ckpt, make_class_folders, make_split_dataset, make_truncated_jpeg,
+                      run_many, train_args)
+from utils.core.log import UserError
+from utils.data.decode import check_image_header, load_image
+from utils.data.folders import resolve_class_names
+from utils.data.imageset import natural_key
+from utils.data.loaders import ImageDataset, collate
+from utils.data.sources import scan_split
 
 NAMED = ["cat", "dog", "10", "2", "défaut"]
 NAMED_ORDER = ["2", "10", "cat", "dog", "défaut"]  # digits by value, then words (é sorts after o)
@@ -215,11 +217,11 @@ def test_numbered_folders_with_label_file(data_runs: dict) -> None:
 
 def test_batch_left_with_one_image_by_failed_decodes_is_skipped() -> None:
     """A batch-norm model cannot train on one image: such a remnant is left out, not a crash."""
-    from utils.data import Normalize
-    from utils.engine import StepParts, train_one_epoch
-    from utils.losses import CrossEntropyLoss, Supervised
-    from utils.metrics import EpochSums
-    from utils.registry import create_model
+    from utils.data.transforms import Normalize
+    from utils.evaluate.metrics import EpochSums
+    from utils.models.registry import create_model
+    from utils.train.engine import StepParts, train_one_epoch
+    from utils.train.losses import CrossEntropyLoss, Supervised
 
     torch.manual_seed(0)
     model = create_model("resnet10t", num_classes=3)

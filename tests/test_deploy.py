@@ -28,10 +28,10 @@ from PIL import Image
 
 from conftest import (REPO, SUBPROCESS_ENV, TINY_CLASSES, assert_ok, assert_user_error, class_image, describe,
                       make_split_dataset, run_many, run_script, train_args)
-from utils import data as torch_side
-from utils import preprocess_np
-from utils.images import load_image
-from utils.schema import INTERPOLATIONS, RESIZE_MODES, PreprocessSpec
+from utils.core.schema import INTERPOLATIONS, RESIZE_MODES, PreprocessSpec
+from utils.data import transforms as torch_side
+from utils.data import transforms_np as preprocess_np
+from utils.data.decode import load_image
 
 FP32_TOLERANCE = 1e-4
 BLOCKED = ("torch", "torchvision", "timm")

@@ -91,7 +91,8 @@ def test_two_processes_train_one_run(ddp: dict) -> None:
 
 
 def test_checkpoints_load_in_one_process(ddp: dict) -> None:
-    from utils.checkpoint import load_checkpoint, model_from_checkpoint
+    from utils.core.checkpoint import load_checkpoint
+    from utils.models.weights import model_from_checkpoint
 
     for name in ("best.pt", "last.pt"):
         raw = torch.load(ddp["runs"] / "straight" / name, map_location="cpu", weights_only=True)
@@ -155,8 +156,8 @@ def test_each_process_evaluates_its_share_once() -> None:
     training shards are padded so the processes step together, and skip a global position."""
     from types import SimpleNamespace
 
-    from utils.data import EpochSampler
-    from utils.trainer import Trainer
+    from utils.data.loaders import EpochSampler
+    from utils.train.trainer import Trainer
 
     for world in (2, 3, 4):
         shards = [[i for _, i in Trainer.eval_sampler(SimpleNamespace(rank=r, world=world), 9)] for r in range(world)]

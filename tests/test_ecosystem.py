@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (REPO, TINY_MODEL, assert_ok, assert_user_error, describe, load_ckpt,
-                      make_split_dataset, run_inprocess, run_main_stopped_after, run_many, train_args)
-from utils.log import UserError
-from utils.names import OPTIMIZERS, TIMM_OPTIMIZERS, TIMM_SCHEDULERS
+from conftest import (REPO, TINY_MODEL, assert_ok, assert_user_error, describe, load_ckpt, make_split_dataset, run_inprocess,
+                      run_main_stopped_after, run_many, train_args)
+from utils.core.log import UserError
+from utils.core.names import OPTIMIZERS, TIMM_OPTIMIZERS, TIMM_SCHEDULERS
 
 
 # ------------------------------------------------------------------------------- optimizers
@@ -24,8 +24,8 @@ def test_timm_optimizer_names_are_timms() -> None:
 
 
 def test_vit_position_embedding_and_class_token_get_no_weight_decay() -> None:
-    from utils.optim import build_optimizer
-    from utils.registry import create_model
+    from utils.models.registry import create_model
+    from utils.train.optim import build_optimizer
 
     model = create_model("test_vit", 3)
     assert {"pos_embed", "cls_token"} <= set(model.no_weight_decay())
@@ -57,7 +57,7 @@ def _cannot_run_here(name: str) -> str:
 
 @pytest.mark.parametrize("name", [*OPTIMIZERS, *TIMM_OPTIMIZERS])
 def test_each_optimizer_runs_one_step(name: str) -> None:
-    from utils.optim import build_optimizer
+    from utils.train.optim import build_optimizer
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(36, 3))
@@ -89,7 +89,7 @@ def test_optimizer_flag_is_case_insensitive_and_keeps_pytorch_classifier_names()
 
 # ------------------------------------------------------------------------------- schedules
 def test_warmup_moves_every_step_and_timm_schedules_build() -> None:
-    from utils.schedule import LRSchedule
+    from utils.train.schedule import LRSchedule
 
     def optimizer() -> torch.optim.Optimizer:
         return torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=5.0)
@@ -146,7 +146,7 @@ def test_resume_with_timm_optimizer_and_schedule_is_exact(tmp_path: Path) -> Non
 
 def test_schedule_resumes_mid_epoch_on_the_same_update() -> None:
     """A last.pt written in the middle of an epoch: the restored schedule continues update by update."""
-    from utils.schedule import LRSchedule
+    from utils.train.schedule import LRSchedule
 
     def fresh() -> tuple[torch.optim.Optimizer, LRSchedule]:
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
@@ -175,7 +175,7 @@ def test_schedule_resumes_mid_epoch_on_the_same_update() -> None:
 
 # ------------------------------------------------------------------------------ model names
 def test_timm_names_with_tags_and_sources() -> None:
-    from utils.registry import create_model, resolve_name
+    from utils.models.registry import create_model, resolve_name
 
     model = create_model("resnet18.a1_in1k", 3).eval()  # no pretrained weights needed
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
@@ -200,9 +200,9 @@ def test_hub_model_offline_is_one_line(tiny_data: Path, tmp_path: Path) -> None:
 # ------------------------------------------------------------------------ safetensors folder
 @pytest.fixture(scope="module")
 def hub_folder(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from utils.hub import export_hub
-    from utils.registry import create_model
-    from utils.schema import Checkpoint, ModelMeta, PreprocessSpec
+    from utils.core.schema import Checkpoint, ModelMeta, PreprocessSpec
+    from utils.deploy.hub import export_hub
+    from utils.models.registry import create_model
 
     root = tmp_path_factory.mktemp("hub")
     torch.manual_seed(0)
@@ -235,7 +235,7 @@ def test_safetensors_folder_loads_with_timm_create_model(hub_folder: dict) -> No
 
 def test_safetensors_folder_trains_again_and_uploads_offline(hub_folder: dict, tiny_data: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from utils.hub import push_to_hub
+    from utils.deploy.hub import push_to_hub
 
     folder = hub_folder["folder"]
     # local-dir: as --model_name: fine-tune the exported model (its weights with --pretrained)
@@ -301,7 +301,7 @@ def test_tracker_runs_offline_and_writes_its_files(tracker: str, tiny_data: Path
 
 # ------------------------------------------------------------------------------ command line
 def test_progress_bars_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
-    from utils.log import progress
+    from utils.core.log import progress
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -314,7 +314,7 @@ def test_progress_bars_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> No
     assert progress(range(3), disable=True).disable  # rank > 0
     direct = [f.name for f in sorted(REPO.glob("*.py")) + sorted((REPO / "utils").glob("*.py"))
               if f.name != "log.py" and "from tqdm import" in f.read_text(encoding="utf-8")]
-    assert not direct, f"progress bars outside utils.log.progress: {direct}"
+    assert not direct, f"progress bars outside utils.core.log.progress: {direct}"
 
 
 SCRIPTS = ("main", "metrice", "predict", "processing", "export", "serve")
@@ -325,7 +325,7 @@ def test_help_prints_each_default_once_and_version(script: str) -> None:
     import importlib
 
     from utils import __version__
-    from utils.config import HelpFormatter
+    from utils.core.config import HelpFormatter
 
     parser = importlib.import_module(script).get_args_parser()
     assert parser.formatter_class is HelpFormatter

@@ -1,10 +1,10 @@
-"""export.py end to end, and the deployment backends of utils.backends.
+"""export.py end to end, and the deployment backends of utils.infer.backends.
 
 One tiny run (resnet10t, one epoch at 32 px on 3 colour classes) is trained with main.py, then
 exported with export.py in subprocesses, the way a user runs them: TorchScript + ONNX + int8 ONNX
 + OpenVINO with a dynamic batch, and a RepVGG checkpoint (random weights and batch-norm
 statistics, so its branches differ) with a fixed batch and onnxslim. Each exported file is then
-run through utils.backends -- in a fresh process without timm for the deployment path -- and
+run through utils.infer.backends -- in a fresh process without timm for the deployment path -- and
 compared with PyTorch on real images.
 """
 from __future__ import annotations
@@ -48,8 +48,9 @@ def random_repvgg_checkpoint(resnet_run: Path, out: Path) -> Path:
     preprocessing and data paths. Faster than training, and less degenerate than one epoch."""
     import dataclasses
 
-    from utils.checkpoint import Run, load_checkpoint
-    from utils.registry import create_model
+    from utils.core.checkpoint import load_checkpoint
+    from utils.core.run import Run
+    from utils.models.registry import create_model
 
     ckpt = load_checkpoint(resnet_run / "best.pt")
     torch.manual_seed(0)
@@ -98,8 +99,8 @@ def exported(runs: dict[str, Path]) -> dict[str, Any]:
 
 def split_images(runs: dict[str, Path], split: str = "test") -> torch.Tensor:
     """The uint8 batch of a split, preprocessed as the run says."""
-    from utils.backends import load_backend, preprocess_images
-    from utils.images import load_image
+    from utils.data.decode import load_image
+    from utils.infer.backends import load_backend, preprocess_images
 
     meta = load_backend(runs["resnet"]).meta
     files = sorted((runs["data"] / split).rglob("*.png"))
@@ -107,7 +108,7 @@ def split_images(runs: dict[str, Path], split: str = "test") -> torch.Tensor:
 
 
 def probs_of(path: Path, model_type: str, images: torch.Tensor) -> torch.Tensor:
-    from utils.backends import load_backend, predict_probs
+    from utils.infer.backends import load_backend, predict_probs
 
     return predict_probs(load_backend(path, model_type, "cpu"), images)
 
@@ -141,9 +142,9 @@ def test_onnx_dynamic_batch_matches_torch_and_metadata_round_trips(runs: dict[st
     import onnx
     import onnxruntime as ort
 
-    from utils.backends import load_backend
-    from utils.checkpoint import load_checkpoint
-    from utils.data import Normalize
+    from utils.core.checkpoint import load_checkpoint
+    from utils.data.transforms import Normalize
+    from utils.infer.backends import load_backend
 
     assert_ok(exported["resnet"])
     file = runs["resnet"] / "export" / "best.onnx"
@@ -177,8 +178,8 @@ import json, sys
 from pathlib import Path
 sys.modules["timm"] = None  # a deployment machine: no timm, no model code
 sys.path.insert(0, sys.argv[1])
-from utils.backends import load_backend, predict_probs, preprocess_images
-from utils.images import load_image
+from utils.infer.backends import load_backend, predict_probs, preprocess_images
+from utils.data.decode import load_image
 run, data = Path(sys.argv[2]), Path(sys.argv[3])
 out = {}
 for model_type, path in (("torchscript", run), ("onnx", run), ("openvino", run), ("onnx_int8", run / "export" / "best_int8.onnx")):
@@ -191,7 +192,7 @@ print(json.dumps(out))
 
 
 def test_exported_models_in_a_fresh_process_without_timm_agree_with_torch(runs: dict[str, Path], exported: dict[str, Any]) -> None:
-    from utils.checkpoint import load_checkpoint
+    from utils.core.checkpoint import load_checkpoint
 
     assert_ok(exported["resnet"])
     proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(REPO), str(runs["resnet"]), str(runs["data"] / "test")],
@@ -242,7 +243,7 @@ def test_requests_that_cannot_work_fail_before_any_work(runs: dict[str, Path], e
 
 def test_image_size_comes_from_the_run(runs: dict[str, Path]) -> None:
     import export
-    from utils.log import UserError
+    from utils.core.log import UserError
 
     with pytest.raises(UserError, match=r"--image_size 64 differs from the run's \(32\)"):
         export.main(export.parse_args(["--save_path", str(runs["resnet"]), "--image_size", "64"]))
@@ -251,8 +252,8 @@ def test_image_size_comes_from_the_run(runs: dict[str, Path]) -> None:
 # ---------------------------------------------------------------------------- in process
 def test_parity_failure_keeps_the_file_and_flags_it(runs: dict[str, Path], exported: dict[str, Any],
                                                     monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from utils import export
-    from utils.log import UserError
+    from utils.core.log import UserError
+    from utils.deploy import export
 
     assert_ok(exported["resnet"])
     monkeypatch.setitem(export.PARITY_TOLERANCE, "fp32", {"max_abs_diff": -1.0})  # nothing can pass
@@ -264,7 +265,7 @@ def test_parity_failure_keeps_the_file_and_flags_it(runs: dict[str, Path], expor
 
 
 def test_parity_report_tolerances() -> None:
-    from utils.export import parity_report
+    from utils.deploy.export import parity_report
 
     ref = torch.tensor([[0.7, 0.2, 0.1]] * 20)
     assert parity_report(ref, ref + 5e-5, "fp32")["ok"] is True
@@ -281,7 +282,7 @@ def test_parity_report_tolerances() -> None:
 def test_deploy_model_folds_batchnorm_without_changing_outputs() -> None:
     import timm
 
-    from utils.export import deploy_model
+    from utils.deploy.export import deploy_model
 
     torch.manual_seed(0)
     model = timm.create_model("resnet10t", num_classes=4).eval()
@@ -300,8 +301,8 @@ def test_deploy_model_folds_batchnorm_without_changing_outputs() -> None:
 
 
 def test_backend_errors_say_what_to_do(runs: dict[str, Path], exported: dict[str, Any], tmp_path: Path) -> None:
-    from utils.backends import MODEL_TYPES, load_backend
-    from utils.log import UserError
+    from utils.core.log import UserError
+    from utils.infer.backends import MODEL_TYPES, load_backend
 
     assert MODEL_TYPES == ("torch", "torchscript", "onnx", "tensorrt", "openvino")
     assert_ok(exported["resnet"])

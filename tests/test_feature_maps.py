@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from conftest import assert_ok, run_inprocess
-from utils.log import UserError
+from utils.core.log import UserError
 
 K = 3
 FILES = ["a.png", "b.png", "sub/c.jpg"]
@@ -44,8 +44,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def write_checkpoint(folder: Path, name: str, size: int) -> Path:
     """folder/best.pt: an untrained `name` at `size` px, 3 classes."""
-    from utils.registry import create_model
-    from utils.schema import Checkpoint, ModelMeta, PreprocessSpec
+    from utils.core.schema import Checkpoint, ModelMeta, PreprocessSpec
+    from utils.models.registry import create_model
 
     torch.manual_seed(0)
     model = create_model(name, 3).eval()
@@ -58,9 +58,10 @@ def write_checkpoint(folder: Path, name: str, size: int) -> Path:
 def reference_stages(run: Path, path: Path, modules: dict[str, str], tta: bool) -> dict[str, torch.Tensor]:
     """{module: its (C, H, W) map} for one image, by hooks set here (tokens: the class token dropped, the
     patch tokens in row-major order on their square grid)."""
-    from utils.checkpoint import load_checkpoint, model_from_checkpoint
-    from utils.data import Normalize, image_transform
-    from utils.images import load_image
+    from utils.core.checkpoint import load_checkpoint
+    from utils.data.decode import load_image
+    from utils.data.transforms import Normalize, image_transform
+    from utils.models.weights import model_from_checkpoint
 
     ckpt = load_checkpoint(run / "best.pt")
     model = model_from_checkpoint(ckpt).eval()
@@ -80,8 +81,8 @@ def reference_stages(run: Path, path: Path, modules: dict[str, str], tta: bool) 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_grid_per_image_with_the_strongest_channels_of_each_stage(name: str, images: Path, tmp_path: Path) -> None:
-    from utils.cam import heatmap_colors
-    from utils.feature_maps import LEFT, PNG_KEY, TILE, stage_row_top
+    from utils.explain.cam import heatmap_colors
+    from utils.explain.feature_maps import LEFT, PNG_KEY, TILE, stage_row_top
 
     size, tta, stages = MODELS[name]
     run = write_checkpoint(tmp_path / name, name, size)
@@ -117,8 +118,8 @@ def test_grid_per_image_with_the_strongest_channels_of_each_stage(name: str, ima
 def test_channels_last_stages_and_a_model_without_stages() -> None:
     from timm.models.swin_transformer import SwinTransformer
 
-    from utils.data import Normalize
-    from utils.feature_maps import find_stages, stage_maps
+    from utils.data.transforms import Normalize
+    from utils.explain.feature_maps import find_stages, stage_maps
 
     torch.manual_seed(0)
     swin = SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2),

@@ -1,4 +1,4 @@
-"""--cache_images (utils.image_cache): a cached dataset gives exactly the pixels of an uncached one.
+"""--cache_images (utils.data.image_cache): a cached dataset gives exactly the pixels of an uncached one.
 
 Covers ImageCache.build / get, the budget (cache_budget, auto / ram / off), deterministic_steps,
 ImageDataset(cache=...), the RandomCrop and PILToTensor that replace torchvision's v2 ones (same
@@ -17,13 +17,15 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-import utils.data
-import utils.image_cache
+import utils.data.image_cache
+import utils.data.loaders
+import utils.data.transforms
 from conftest import TINY_CLASSES, describe, load_ckpt, make_split_dataset, run_inprocess, train_args
-from utils.augment import train_augment
-from utils.data import ImageDataset, PILToTensor, RandomCrop, image_transform, train_transform
-from utils.image_cache import ImageCache, available_memory, cache_budget, deterministic_steps
-from utils.schema import PreprocessSpec
+from utils.core.schema import PreprocessSpec
+from utils.data.augment import train_augment
+from utils.data.image_cache import ImageCache, available_memory, cache_budget, deterministic_steps
+from utils.data.loaders import ImageDataset
+from utils.data.transforms import PILToTensor, RandomCrop, image_transform, train_transform
 
 SIZE = 16      # model input size of the in-process tests: the training resize is to 17
 BIG = 2**30    # a budget every test set fits in
@@ -149,7 +151,7 @@ def test_cached_images_are_not_read_again(tmp_path: Path, monkeypatch: pytest.Mo
     assert cache is not None and cache.count == len(paths)
 
     resized: list[str] = []
-    real_resize, real_letterbox = v2.Resize.forward, utils.data.Letterbox.__call__
+    real_resize, real_letterbox = v2.Resize.forward, utils.data.transforms.Letterbox.__call__
 
     def resize(self: Any, *inputs: Any) -> Any:
         resized.append("resize")
@@ -160,7 +162,7 @@ def test_cached_images_are_not_read_again(tmp_path: Path, monkeypatch: pytest.Mo
         return real_letterbox(self, img)
 
     monkeypatch.setattr(v2.Resize, "forward", resize)
-    monkeypatch.setattr(utils.data.Letterbox, "__call__", letterbox)
+    monkeypatch.setattr(utils.data.transforms.Letterbox, "__call__", letterbox)
     expected = [ImageDataset(samples, transform, 3, seed=seed)[key] for key in keys]
     assert len(resized) == len(keys)  # the spies see every resize of an uncached read
     resized.clear()
@@ -168,8 +170,8 @@ def test_cached_images_are_not_read_again(tmp_path: Path, monkeypatch: pytest.Mo
     def refuse(path: Any, channels: int = 3) -> Image.Image:
         raise OSError(f"read {path}")
 
-    monkeypatch.setattr(utils.data, "load_image", refuse)
-    monkeypatch.setattr(utils.image_cache, "load_image", refuse)
+    monkeypatch.setattr(utils.data.loaders, "load_image", refuse)
+    monkeypatch.setattr(utils.data.image_cache, "load_image", refuse)
     cached = ImageDataset(samples, transform, 3, seed=seed, cache=cache)
     plain = ImageDataset(samples, transform, 3, seed=seed)
     for key, want in zip(keys, expected):
@@ -271,17 +273,17 @@ def test_auto_probe_gives_up_early(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         paths.append(str(root / f"{k}.png"))
     transform = image_transform(spec_of(3))
     per_image = 3 * SIZE * SIZE
-    monkeypatch.setattr(utils.image_cache, "PROBE_IMAGES", 8)
+    monkeypatch.setattr(utils.data.image_cache, "PROBE_IMAGES", 8)
     budget = 66 * per_image  # the first 64 fit, the whole set (70) does not
     seen: list[str] = []
-    real = utils.image_cache.load_image
+    real = utils.data.image_cache.load_image
 
     def counting(path: Any, channels: int = 3) -> Image.Image:
         seen.append(str(path))
         return real(path, channels)
 
-    monkeypatch.setattr(utils.image_cache, "load_image", counting)
-    with caplog.at_level(logging.INFO, logger="utils.image_cache"):
+    monkeypatch.setattr(utils.data.image_cache, "load_image", counting)
+    with caplog.at_level(logging.INFO, logger="utils.data.image_cache"):
         assert ImageCache.build(paths, 3, transform, "auto", budget) is None
     assert len(seen) == 64  # decided after the probe: the last 6 were never decoded
     assert "its first 64 images say the whole set takes about" in caplog.text
@@ -302,22 +304,22 @@ def test_cache_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError):
         cache_budget("disk")
 
-    monkeypatch.setattr(utils.image_cache, "available_memory", lambda: 10 * GiB)
+    monkeypatch.setattr(utils.data.image_cache, "available_memory", lambda: 10 * GiB)
     assert cache_budget("auto") == int(2.5 * GiB)
     assert cache_budget("auto", processes=2) == int(1.25 * GiB)
     assert cache_budget("ram") == 8 * GiB
     assert cache_budget("ram", processes=4) == 2 * GiB
     assert cache_budget("off", processes=4) == 0
-    monkeypatch.setattr(utils.image_cache, "available_memory", lambda: 100 * GiB)
+    monkeypatch.setattr(utils.data.image_cache, "available_memory", lambda: 100 * GiB)
     assert cache_budget("auto") == 8 * GiB  # never more than 8 GiB ...
     assert cache_budget("auto", processes=8) == 1 * GiB  # ... shared by the processes
-    monkeypatch.setattr(utils.image_cache, "available_memory", lambda: 1 * GiB)
+    monkeypatch.setattr(utils.data.image_cache, "available_memory", lambda: 1 * GiB)
     assert cache_budget("ram") == 0  # less than the 2 GiB kept for everything else
     # loader workers: forked ones share the parent's copy; spawned ones hold one each
-    monkeypatch.setattr(utils.image_cache, "available_memory", lambda: 10 * GiB)
-    monkeypatch.setattr(utils.image_cache.multiprocessing, "get_start_method", lambda *a, **k: "fork")
+    monkeypatch.setattr(utils.data.image_cache, "available_memory", lambda: 10 * GiB)
+    monkeypatch.setattr(utils.data.image_cache.multiprocessing, "get_start_method", lambda *a, **k: "fork")
     assert cache_budget("ram", processes=2, workers=3) == 4 * GiB
-    monkeypatch.setattr(utils.image_cache.multiprocessing, "get_start_method", lambda *a, **k: "spawn")
+    monkeypatch.setattr(utils.data.image_cache.multiprocessing, "get_start_method", lambda *a, **k: "spawn")
     assert cache_budget("ram", processes=2, workers=3) == 1 * GiB
     assert cache_budget("ram", processes=1, workers=0) == 8 * GiB
 
@@ -400,7 +402,7 @@ def test_main_cache_images_ram_trains_like_off(tmp_path: Path, monkeypatch: pyte
     line parsed and run as main.py runs it, without seconds of imports per run.)"""
     data = make_split_dataset(tmp_path / "data", TINY_CLASSES, train=4, val=2, test=0)
     n_train = 4 * len(TINY_CLASSES)
-    real = utils.data.load_image
+    real = utils.data.loaders.load_image
     reads: dict[str, list[str]] = {"off": [], "ram": []}
     procs = {}
     for mode in ("off", "ram"):
@@ -408,7 +410,7 @@ def test_main_cache_images_ram_trains_like_off(tmp_path: Path, monkeypatch: pyte
             _seen.append(str(path))
             return real(path, channels)
 
-        monkeypatch.setattr(utils.data, "load_image", counting)  # what the datasets read (not the cache's first pass)
+        monkeypatch.setattr(utils.data.loaders, "load_image", counting)  # what the datasets read (not the cache's first pass)
         args = train_args(data, tmp_path / mode, "--epoch", "2", "--cache_images", mode, model="test_resnet")
         procs[mode] = run_inprocess("main.py", *args)
         assert procs[mode].returncode == 0, describe(procs[mode])
@@ -440,13 +442,13 @@ def test_main_cache_images_ram_trains_like_off(tmp_path: Path, monkeypatch: pyte
 
 def test_available_memory_respects_a_container_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A container's memory limit (cgroup) caps what the cache may count on, below MemAvailable."""
-    import utils.image_cache
+    import utils.data.image_cache
 
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       32000000 kB\nMemAvailable:   20000000 kB\n")
     limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
-    monkeypatch.setattr(utils.image_cache, "MEMINFO", str(meminfo))
-    monkeypatch.setattr(utils.image_cache, "CGROUP_MEMORY", ((str(limit), str(usage)),))
+    monkeypatch.setattr(utils.data.image_cache, "MEMINFO", str(meminfo))
+    monkeypatch.setattr(utils.data.image_cache, "CGROUP_MEMORY", ((str(limit), str(usage)),))
     assert available_memory() == 20000000 * 1024                      # no cgroup files: MemAvailable
     limit.write_text("max\n")
     usage.write_text("123\n")

@@ -1,4 +1,4 @@
-"""utils.losses against torch's and scikit-learn's reference formulas."""
+"""utils.train.losses against torch's and scikit-learn's reference formulas."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.log import UserError
-from utils.losses import CrossEntropyLoss, FocalLoss, PolyLoss, build_loss, class_balance_weights
+from utils.core.log import UserError
+from utils.train.losses import CrossEntropyLoss, FocalLoss, PolyLoss, build_loss, class_balance_weights
 
 
 @pytest.fixture

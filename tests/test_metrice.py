@@ -37,7 +37,10 @@ ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "M
        "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
 
 
-from conftest import assert_ok as check_ok, assert_user_error as check_user_error, run_inprocess  # noqa: E402
+from conftest import assert_ok as check_ok  # noqa: E402
+from conftest import assert_user_error as check_user_error
+from conftest import run_inprocess
+
 
 # ---------------------------------------------------------------------------------- helpers
 def run(script: str, *args: Any, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -72,9 +75,10 @@ def write_images(root: Path, classes: list[str], per_class: int, seed: int) -> N
 def independent_probs(run_dir: Path, folder: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(paths, targets, probabilities) of best.pt on a split, without metrice's code paths: the
     model rebuilt from the checkpoint, each image through the stored preprocessing, softmax here."""
-    from utils.checkpoint import load_checkpoint, model_from_checkpoint
-    from utils.data import eval_transform
-    from utils.images import load_image
+    from utils.core.checkpoint import load_checkpoint
+    from utils.data.decode import load_image
+    from utils.data.transforms import eval_transform
+    from utils.models.weights import model_from_checkpoint
 
     ckpt = load_checkpoint(run_dir / "best.pt")
     model = model_from_checkpoint(ckpt)
@@ -316,7 +320,7 @@ def test_user_errors_are_one_line(metric_runs: dict, metric_data: Path, tmp_path
 def test_half_on_cpu_is_a_user_error(metric_runs: dict, capsys: pytest.CaptureFixture) -> None:
     """In process (the same run_cli path as the command line; a subprocess costs seconds here)."""
     from metrice import main, parse_args
-    from utils.log import run_cli
+    from utils.core.log import run_cli
 
     assert run_cli(main, parse_args, ["--save_path", str(metric_runs["timm"]), "--half", "--device", "cpu"]) == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
@@ -329,7 +333,7 @@ def test_bad_options_exit_2_before_loading_anything() -> None:
                          (("--ensemble", "vote", "--ensemble_weights", "1"), "--ensemble weighted"),
                          (("--batch_size", "0"), "positive")):
         from metrice import parse_args
-        from utils.log import UserError
+        from utils.core.log import UserError
 
         with pytest.raises((SystemExit, UserError)) as caught:
             parse_args(list(args))
@@ -344,7 +348,7 @@ def test_overall_metrics_with_many_classes_match_sklearn() -> None:
     from sklearn.metrics import (average_precision_score, balanced_accuracy_score, cohen_kappa_score,
                                  precision_recall_fscore_support, roc_auc_score, top_k_accuracy_score)
 
-    from utils.metrics import calibration_bins, most_confused_pairs, overall_metrics, per_class_metrics
+    from utils.evaluate.metrics import calibration_bins, most_confused_pairs, overall_metrics, per_class_metrics
 
     rng = np.random.default_rng(0)
     classes = [f"c{i}" for i in range(7)]
@@ -389,8 +393,8 @@ def test_overall_metrics_with_many_classes_match_sklearn() -> None:
 
 @pytest.mark.parametrize("name", ["resnet10t", "shufflenet_v2_x0_5"])
 def test_penultimate_features_feed_the_classifier(name: str) -> None:
-    from utils.features import last_linear, penultimate_features
-    from utils.registry import create_model
+    from utils.models.features import last_linear, penultimate_features
+    from utils.models.registry import create_model
 
     torch.manual_seed(0)
     model = create_model(name, 5).eval()
@@ -403,7 +407,7 @@ def test_penultimate_features_feed_the_classifier(name: str) -> None:
 
 
 def test_confusion_matrix_figure_scales_to_100_classes() -> None:
-    from utils.plots import plot_confusion_matrix
+    from utils.draw.figures import plot_confusion_matrix
 
     small = plot_confusion_matrix(np.eye(4, dtype=int) * 3, list("abcd"))
     big = plot_confusion_matrix(np.random.default_rng(0).integers(0, 5, (100, 100)), [f"class{i}" for i in range(100)], True)

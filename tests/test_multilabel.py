@@ -15,8 +15,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import (TINY_CLASSES, assert_ok, describe, load_ckpt, run_inprocess, run_script,
-                      train_args)
+from conftest import TINY_CLASSES, assert_ok, describe, load_ckpt, run_inprocess, run_script, train_args
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 220), "yellow": (230, 200, 20)}
 
@@ -123,7 +122,7 @@ def test_predict_lists_every_label_above_its_threshold(multilabel: dict) -> None
 
 # ------------------------------------------------------------------------------- list files
 def test_list_file_and_folders_train_identical_weights(tmp_path: Path, tiny_data: Path) -> None:
-    from utils.lists import scan_split
+    from utils.data.sources import scan_split
 
     lists = {}
     for split in ("train", "val"):
@@ -148,7 +147,7 @@ def test_list_file_and_folders_train_identical_weights(tmp_path: Path, tiny_data
 
 
 def test_list_problems_are_reported_with_line_numbers(tmp_path: Path, tiny_data: Path) -> None:
-    from utils.lists import scan_list
+    from utils.data.lists import scan_list
 
     good = sorted((tiny_data / "train" / "red").glob("*.png"))[:5]
     lines = ["path,label", *[f"{p},red" for p in good[:3]], f"{good[0]},red", "missing.png,red", f"{good[3]},purple",
@@ -185,8 +184,8 @@ def test_processing_writes_lists_main_trains_on(tmp_path: Path, tiny_data: Path)
 def test_balanced_sampler_draws_classes_equally() -> None:
     from types import SimpleNamespace
 
-    from utils.data import EpochSampler
-    from utils.trainer import balanced_weights
+    from utils.data.loaders import EpochSampler
+    from utils.train.trainer import balanced_weights
 
     targets = [0] * 80 + [1] * 15 + [2] * 5
     weights = balanced_weights(SimpleNamespace(class_counts=lambda: [80, 15, 5], targets=targets))
@@ -205,7 +204,7 @@ def test_balanced_sampler_draws_classes_equally() -> None:
 
 
 def test_class_balance_modes_by_formula() -> None:
-    from utils.losses import class_balance_weights
+    from utils.train.losses import class_balance_weights
 
     targets = [0] * 50 + [1] * 10
     n, counts = 60, np.array([50, 10])

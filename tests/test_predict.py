@@ -24,14 +24,16 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from utils.backends import load_backend  # noqa: E402
-from utils.ensemble import load_ensemble  # noqa: E402
-from utils.cam import CAM_TYPES, NHWCToNCHW, TokensToNCHW, cam_maps, cam_panel, find_cam_layer  # noqa: E402
-from utils.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from utils.data import Normalize, eval_transform  # noqa: E402
-from utils.images import load_image  # noqa: E402
-from utils.log import UserError  # noqa: E402
-from utils.predict import find_images, predict_pil, prediction_rows  # noqa: E402
+from utils.core.checkpoint import load_checkpoint
+from utils.core.log import UserError
+from utils.data.decode import load_image
+from utils.data.transforms import Normalize, eval_transform
+from utils.explain.cam import CAM_TYPES, NHWCToNCHW, TokensToNCHW, cam_maps, cam_panel, find_cam_layer
+from utils.infer.backends import load_backend
+from utils.infer.ensemble import load_ensemble, predict_pil
+from utils.infer.rows import prediction_rows
+from utils.infer.sources import find_images
+from utils.models.weights import model_from_checkpoint
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 220)}
 ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg",
@@ -122,7 +124,7 @@ def cli_runs(run_dir: Path, mixed_folder: Path) -> dict[str, subprocess.Complete
         "error": ("predict.py", "--source", mixed_folder / "missing", "--save_path", run_dir, "--device", "cpu"),
         # a deployment machine has no timm, grad-cam or matplotlib: predict.py must import without them
         "imports": ("-c", "import sys; sys.modules.update(dict.fromkeys(['timm', 'pytorch_grad_cam', 'matplotlib', 'cv2'])); "
-                          "import predict, utils.predict, utils.cam; print('imported')"),
+                          "import predict, utils.infer.rows, utils.infer.loader, utils.draw.labels, utils.explain.cam; print('imported')"),
     }
     with ThreadPoolExecutor(max_workers=3) as pool:
         futures = {key: pool.submit(run, *job) for key, job in jobs.items()}
@@ -260,8 +262,8 @@ def test_cam_class_explains_the_named_class(run_dir: Path, mixed_folder: Path) -
 
 def handmade_run(folder: Path, channels: int, size: int) -> Path:
     """A run folder whose best.pt holds an untrained resnet10t of the same classes (no training needed)."""
-    from utils.registry import create_model
-    from utils.schema import Checkpoint, ModelMeta, PreprocessSpec
+    from utils.core.schema import Checkpoint, ModelMeta, PreprocessSpec
+    from utils.models.registry import create_model
 
     torch.manual_seed(0)
     model = create_model("resnet10t", len(COLOURS), channels)

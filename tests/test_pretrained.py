@@ -14,8 +14,8 @@ import torch
 import torchvision
 
 from conftest import TINY_MODEL, assert_ok, assert_user_error, load_ckpt, run_many, train_args
-from utils.log import UserError
-from utils.registry import create_model
+from utils.core.log import UserError
+from utils.models.registry import create_model
 
 
 def fake_hf_cache(cache: Path, model_name: str) -> dict[str, torch.Tensor]:

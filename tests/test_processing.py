@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 import processing
-from utils.log import run_cli
-from conftest import (add_junk_files, assert_ok, assert_user_error, class_image, files_under, make_class_folders,
-                      run_many, snapshot)
+from conftest import (add_junk_files, assert_ok, assert_user_error, class_image, files_under, make_class_folders, run_many,
+                      snapshot)
+from utils.core.log import run_cli
 
 # class folder -> images (dog has one more in a sub-folder); expected (train, val, test) at 6:2:2
 COUNTS = {"cat": 10, "dog": 7, "10": 5, "2": 3}
@@ -205,7 +205,7 @@ def test_link_makes_symlinks_into_the_source(raw_copy: Path, tmp_path: Path) -> 
 def test_force_replaces_an_earlier_split(raw_copy: Path, tmp_path: Path) -> None:
     split_with(raw_copy, tmp_path / "o", "--seed", "1")
     (tmp_path / "o" / "train" / "a" / "stale.png").write_bytes(b"old")
-    from utils.log import UserError
+    from utils.core.log import UserError
 
     with pytest.raises(UserError, match="--force"):
         split_with(raw_copy, tmp_path / "o", "--seed", "2")

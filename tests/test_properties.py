@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import snapshot
-from utils.log import run_cli
+from utils.core.log import run_cli
 
 NAMES = st.sampled_from(["a", "b b", "ünï", "10", "2", "x.y", "Ω", "-dash", "__init__", ".hid", "n#1"])
 
@@ -99,8 +99,8 @@ def identity(path: Path) -> tuple[int, int]:
 def test_processing_over_generated_trees(tmp_path: Path, capsys: pytest.CaptureFixture, recipe: list, val: float,
                                          test: float) -> None:
     import processing
-    from utils.lists import scan_split
-    from utils.log import UserError
+    from utils.core.log import UserError
+    from utils.data.sources import scan_split
 
     work = tmp_path / "case"
     shutil.rmtree(work, ignore_errors=True)

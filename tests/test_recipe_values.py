@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from utils.distill import AT, MGD, SP, Distiller, SoftTarget
-from utils.ema import EMA, SWA
-from utils.ensemble import combine_probs
-from utils.log import UserError
-from utils.losses import RDrop, build_loss
-from utils.registry import create_model
+from utils.core.log import UserError
+from utils.infer.ensemble import combine_probs
+from utils.models.registry import create_model
+from utils.train.distill import AT, MGD, SP, Distiller, SoftTarget
+from utils.train.ema import EMA, SWA
+from utils.train.losses import RDrop, build_loss
 
 
 def gen(seed: int) -> torch.Generator:

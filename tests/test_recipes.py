@@ -10,16 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import (assert_ok, assert_user_error, load_ckpt, make_split_dataset, run_inprocess,
-                      run_many, run_script, train_args)
-from utils.augment import POLICIES, BatchMix, CutOut, build_custom_augment, train_augment
-from utils.data import eval_transform, train_transform, tta_transform
-from utils.distill import KD_METHODS, Distiller
-from utils.features import feature_taps
-from utils.log import UserError
-from utils.losses import LOSSES, build_loss
-from utils.registry import create_model
-from utils.schema import PreprocessSpec
+from conftest import (assert_ok, assert_user_error, load_ckpt, make_split_dataset, run_inprocess, run_many, run_script,
+                      train_args)
+from utils.core.log import UserError
+from utils.core.schema import PreprocessSpec
+from utils.data.augment import POLICIES, BatchMix, CutOut, build_custom_augment, train_augment
+from utils.data.transforms import eval_transform, train_transform, tta_transform
+from utils.models.features import feature_taps
+from utils.models.registry import create_model
+from utils.train.distill import KD_METHODS, Distiller
+from utils.train.losses import LOSSES, build_loss
 
 STEPLR = "lr_scheduler: StepLR\nlr_scheduler_params: {step_size: 1, gamma: 0.8}\nplot_train_batch_count: 1\n"
 TEACHER_MODEL = "test_resnet"  # a different architecture from the students (resnet10t)

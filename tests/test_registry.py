@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from conftest import assert_ok, run_script
-from utils.log import UserError
-from utils.registry import ZOO, ZOO_FAMILIES, create_model, resolve_name
+from utils.core.log import UserError
+from utils.models.registry import ZOO, ZOO_FAMILIES, create_model, resolve_name
 
 SMALLEST = {family: members[0][0] for family, members in ZOO_FAMILIES.items()}
 

@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 from conftest import REPO, TINY_CLASSES, assert_ok, describe, make_split_dataset, run_many, run_script, snapshot, train_args
-from utils.log import UserError, run_cli
+from utils.core.log import UserError, run_cli
 
 
 def cli(script: str, *args: Any, capsys: pytest.CaptureFixture) -> tuple[int, str]:
@@ -124,7 +124,7 @@ def test_export_never_overwrites_a_users_file(tmp_path: Path, small_run: Path, c
 
 def test_kill_after_last_pt_keeps_the_epochs_row(tmp_path: Path, tiny_data: Path, monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture) -> None:
-    from utils.saver import CheckpointSaver
+    from utils.train.saver import CheckpointSaver
 
     run = tmp_path / "run"
     original = CheckpointSaver.save_last
@@ -204,7 +204,7 @@ def _fits(kind: str, value: Any) -> bool:
 
 def test_config_fuzz_every_key_every_wrong_type(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import main
-    from utils.config import CONFIG_ONLY_KEYS
+    from utils.core.config import CONFIG_ONLY_KEYS
 
     parser = main.get_args_parser()
     keys = {a.dest: a.default for a in parser._actions if a.dest not in ("help", "config")}
@@ -257,7 +257,7 @@ def test_non_finite_numbers_are_refused(flag: str, value: str, capsys: pytest.Ca
 
 # -------------------------------------------------------------------------- wrong results
 def test_symlink_loop_counts_each_image_once(raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from utils.lists import scan_split
+    from utils.data.sources import scan_split
 
     (raw / "class0" / "loop").symlink_to(".")           # a loop inside a class folder
     (raw / "class1" / "up").symlink_to("..")            # a link back to the split folder
@@ -275,13 +275,13 @@ def test_symlink_loop_counts_each_image_once(raw: Path, tmp_path: Path, capsys: 
     every = splits["train"] + splits["val"] + splits["test"]
     assert len(every) == len(set(every)) == 15  # disjoint, each image once
 
-    from utils.predict import find_images
+    from utils.infer.sources import find_images
 
     assert len(find_images(raw).files) == 15  # what predict.py predicts
 
 
 def test_device_cuda_without_a_gpu_is_an_error() -> None:
-    from utils.device import select_device
+    from utils.core.device import select_device
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: --device cuda is valid here")
@@ -292,7 +292,7 @@ def test_device_cuda_without_a_gpu_is_an_error() -> None:
 
 
 def test_hidden_class_folder_is_listed_among_the_skipped(raw: Path) -> None:
-    from utils.lists import scan_split
+    from utils.data.sources import scan_split
 
     tiny_png(raw / ".hidden" / "x.png")
     (raw / ".DS_Store").write_bytes(b"\0")
@@ -328,7 +328,7 @@ def test_a_run_that_fails_early_leaves_no_folder(tmp_path: Path, tiny_data: Path
 def test_exports_are_written_whole(tmp_path: Path, small_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import onnx
 
-    from utils import export
+    from utils.deploy import export
 
     out = tmp_path / "e"
     written: dict[str, tuple[Path, int]] = {}  # each model file as saved: where, and its inode

@@ -1,4 +1,4 @@
-"""The scan cache (utils.images.ScanCache): a second scan of an unchanged folder opens no image and
+"""The scan cache (utils.data.scan_cache.ScanCache): a second scan of an unchanged folder opens no image and
 lists no folder, yet sees every change -- added, removed, rewritten and re-linked files."""
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import utils.images
+import utils.data.folders
+import utils.data.scan_cache
 from conftest import make_class_folders
-from utils.images import ScanCache, scan_folder
+from utils.data.folders import scan_folder
+from utils.data.scan_cache import ScanCache
 
 
 def age(root: Path, seconds: float = 3600) -> None:
@@ -38,8 +40,9 @@ def no_file_system_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError(f"the cached scan read the disk: {args}")
 
-    monkeypatch.setattr(utils.images, "check_image_header", refuse)
-    monkeypatch.setattr(utils.images, "_list_folder", refuse)
+    monkeypatch.setattr(utils.data.folders, "check_image_header", refuse)
+    monkeypatch.setattr(utils.data.scan_cache, "check_image_header", refuse)
+    monkeypatch.setattr(utils.data.folders, "_list_folder", refuse)
 
 
 def as_names(image_set) -> list[tuple[str, int]]:

@@ -1,11 +1,11 @@
-"""utils.schedule.EpochLR: warm-up, the default cosine decay, a config scheduler, bad names."""
+"""utils.train.schedule.EpochLR: warm-up, the default cosine decay, a config scheduler, bad names."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from utils.log import UserError
-from utils.schedule import EpochLR
+from utils.core.log import UserError
+from utils.train.schedule import EpochLR
 
 LR, MIN_LR = 0.1, 1e-4
 # schedules are stepped here without training steps in between: torch warns about the order

@@ -25,10 +25,21 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from serve_helpers import (  # noqa: F401
+    TOL,
+    Served,
+    check_result,
+    chromium,
+    chromium_paths,
+    expected,
+    images,
+    noise_image,
+    png_bytes,
+    read,
+    serve_run,
+)
 
 from conftest import TINY_CLASSES, assert_ok, assert_user_error, make_truncated_jpeg, run_script
-from serve_helpers import (TOL, Served, check_result, chromium, chromium_paths, expected, images, noise_image,  # noqa: F401
-                           png_bytes, read, serve_run)
 
 KEY = "test-key-0123456789"
 MAX_BYTES = 3_000_000
@@ -155,10 +166,10 @@ def test_api_key(server: Served, images: Path) -> None:
 
 def test_cam_overlay_is_the_gradcam_of_the_top1_class(server: Served, serve_run: Path, images: Path,
                                                       expected: dict[str, dict[str, str]]) -> None:
-    from utils.backends import load_backend
-    from utils.cam import cam_maps, find_cam_layer, overlay, to_hwc_rgb
-    from utils.data import eval_transform
-    from utils.images import load_image
+    from utils.data.decode import load_image
+    from utils.data.transforms import eval_transform
+    from utils.explain.cam import cam_maps, find_cam_layer, overlay, to_hwc_rgb
+    from utils.infer.backends import load_backend
 
     # an image whose top-1 is not class 0, so a map of the wrong class cannot pass for the right one
     f = next(p for p in sorted(images.glob("*_img*.png")) if expected[p.name]["class"] != TINY_CLASSES[0])
@@ -208,9 +219,9 @@ def test_onnx_backend_serves_the_same_predictions(serve_run: Path, images: Path,
                                                   expected: dict[str, dict[str, str]]) -> None:
     from fastapi.testclient import TestClient
 
-    from utils.backends import load_backend
-    from utils.serve_app import Settings, create_app
-    from utils.serving import EmbeddedService, ModelRunner
+    from utils.infer.backends import load_backend
+    from utils.serve.app import Settings, create_app
+    from utils.serve.service import EmbeddedService, ModelRunner
 
     run = tmp_path / "run"
     run.mkdir()
@@ -230,7 +241,7 @@ def test_onnx_backend_serves_the_same_predictions(serve_run: Path, images: Path,
 
 
 def test_batcher_groups_waiting_jobs_and_drops_cancelled_ones() -> None:
-    from utils.serving import Batcher, Job
+    from utils.serve.service import Batcher, Job
 
     gate = threading.Event()
     seen: list[list[str]] = []

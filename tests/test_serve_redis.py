@@ -20,9 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from serve_helpers import (Proc, RedisServer, Served, check_result, expected, images, read,  # noqa: F401
-                           redis_server_binary, serve_run)
+from serve_helpers import Proc, RedisServer, Served, check_result, expected, images, read, redis_server_binary, serve_run  # noqa: F401
 
 pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="redis-server is not installed: "
                                 "apt-get install -y redis-server (make test installs it when apt-get is available)")
@@ -184,9 +182,9 @@ def test_worker_takes_over_dead_consumers_and_gives_up_after_max_deliveries(clus
 
     import torch
 
-    from utils.backends import load_backend
-    from utils.redis_queue import GROUP, RedisWorker, encode_job
-    from utils.serving import Job, ModelRunner
+    from utils.infer.backends import load_backend
+    from utils.serve.redis_queue import GROUP, RedisWorker, encode_job
+    from utils.serve.service import Job, ModelRunner
 
     r = client(cluster)
     worker = RedisWorker(ModelRunner(load_backend(serve_run, "torch", "cpu")), cluster["redis"].url, prefix="unit",

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from conftest import TrainedRun, assert_ok, run_inprocess, run_script, train_args
-from utils.optim import build_optimizer
+from utils.train.optim import build_optimizer
 
 
 # ------------------------------------------------------------------------------- fused step
@@ -75,7 +75,7 @@ def test_curves_are_redrawn_within_their_share_of_the_time(tmp_path: Path, monke
     """loss.png, acc.png and lr.png: drawn after the first epoch, then only once the time since the
     last drawing is 1/CURVE_SHARE times what it took; when forced (end of run, stop) whenever a
     row was written since the last drawing, and never twice for the same rows."""
-    import utils.epoch_log as epoch_log
+    from utils.train import epoch_log
 
     (tmp_path / "train.log").write_text("epoch,lr,loss,acc,mean_acc,test_loss,test_acc,test_mean_acc\n"
                                         "1,0.001,2.0,0.3,0.3,2.1,0.25,0.25\n")
@@ -126,7 +126,7 @@ def test_exit_cli_collects_garbage_before_freezing(monkeypatch: pytest.MonkeyPat
     live objects are frozen out of the collector; then the exit code goes out."""
     import gc
 
-    from utils.log import exit_cli
+    from utils.core.log import exit_cli
 
     finalised = []
 
@@ -154,20 +154,20 @@ def test_settle_heap_freezes_only_in_a_scripts_own_process(monkeypatch: pytest.M
     later become garbage would never be freed. In a script's own process it freezes the heap."""
     import gc
 
-    import utils.log
+    import utils.core.log
 
     calls = []
     monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
-    utils.log.settle_heap()
+    utils.core.log.settle_heap()
     assert calls == []
-    monkeypatch.setattr(utils.log, "_OWN_PROCESS", True)
-    utils.log.settle_heap()
+    monkeypatch.setattr(utils.core.log, "_OWN_PROCESS", True)
+    utils.core.log.settle_heap()
     assert calls == ["freeze"]
 
 
 def test_script_main_is_a_scripts_own_process(tmp_path: Path) -> None:
     """script_main (every script's __main__ line) lets settle_heap act, and exits with run_cli's code."""
-    code = ("import gc, sys, utils.log as L\n"
+    code = ("import gc, sys, utils.core.log as L\n"
             "def main(args):\n"
             "    L.settle_heap(); print('frozen', gc.get_freeze_count() > 0, flush=True)\n"
             "    raise L.UserError('stop here')\n"
@@ -185,25 +185,24 @@ def test_training_and_prediction_settle_the_heap_where_the_work_starts(tiny_data
     curves once per new train.log row at most.)"""
     import gc
 
-    import utils.engine
-    import utils.epoch_log
-    import utils.log
-    import utils.predict
+    import utils.core.log
+    import utils.train.engine
+    from utils.train import epoch_log
 
     events: list[str] = []
-    monkeypatch.setattr(utils.log, "_OWN_PROCESS", True)
+    monkeypatch.setattr(utils.core.log, "_OWN_PROCESS", True)
     monkeypatch.setattr(gc, "freeze", lambda: events.append("freeze"))
-    train_one_epoch = utils.engine.train_one_epoch
-    monkeypatch.setattr("utils.trainer.train_one_epoch", lambda *a, **k: events.append("epoch") or train_one_epoch(*a, **k))
-    plot_curves = utils.epoch_log.plot_curves
-    monkeypatch.setattr("utils.epoch_log.plot_curves", lambda *a: events.append("curves") or plot_curves(*a))
+    train_one_epoch = utils.train.engine.train_one_epoch
+    monkeypatch.setattr("utils.train.trainer.train_one_epoch", lambda *a, **k: events.append("epoch") or train_one_epoch(*a, **k))
+    plot_curves = utils.train.epoch_log.plot_curves
+    monkeypatch.setattr("utils.train.epoch_log.plot_curves", lambda *a: events.append("curves") or plot_curves(*a))
     assert_ok(run_inprocess("main.py", *train_args(tiny_data, tmp_path / "run", "--epoch", "2")))
     # the curves: after epoch 1, then once at the end for epoch 2's row (after it if it was due: never twice)
     assert events == ["freeze", "epoch", "curves", "epoch", "curves"]
     assert (tmp_path / "run" / "loss.png").is_file()
 
     events.clear()
-    load_batch = utils.predict.PredictDataset.load_batch
-    monkeypatch.setattr(utils.predict.PredictDataset, "load_batch", lambda self, i: events.append("batch") or load_batch(self, i))
+    load_batch = utils.infer.loader.PredictDataset.load_batch
+    monkeypatch.setattr(utils.infer.loader.PredictDataset, "load_batch", lambda self, i: events.append("batch") or load_batch(self, i))
     assert_ok(run_inprocess("predict.py", "--source", tiny_data / "test", "--save_path", trained_run.path, "--device", "cpu"))
     assert events[:2] == ["freeze", "batch"] and events.count("freeze") == 1

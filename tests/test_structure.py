@@ -16,10 +16,11 @@ import torch
 from PIL import Image
 
 from conftest import REPO, SUBPROCESS_ENV, assert_ok, describe, load_ckpt, run_script
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.log import UserError
-from utils.schema import VERSION, Checkpoint, ModelMeta, PreprocessSpec
-from utils.train_state import ModuleState, TrainState
+from utils.core.checkpoint import load_checkpoint
+from utils.core.log import UserError
+from utils.core.schema import VERSION, Checkpoint, ModelMeta, PreprocessSpec
+from utils.models.weights import model_from_checkpoint
+from utils.train.state import ModuleState, TrainState
 
 V1_RUN = REPO / "tests" / "fixtures" / "v1_run"  # written by the toolkit before the schema existed (format /1)
 
@@ -127,8 +128,8 @@ def test_version_1_run_resumes_predicts_and_exports(tmp_path: Path) -> None:
         shutil.rmtree(folder)  # never leave output in the repository's fixture
     best = load_checkpoint(V1_RUN / "best.pt")
     model = model_from_checkpoint(best)
-    from utils.data import Normalize, eval_transform
-    from utils.images import load_image
+    from utils.data.decode import load_image
+    from utils.data.transforms import Normalize, eval_transform
 
     spec = best.meta.preprocess
     x = torch.stack([eval_transform(spec)(load_image(r["path"], 3)) for r in rows])
@@ -147,8 +148,8 @@ def test_version_1_run_resumes_predicts_and_exports(tmp_path: Path) -> None:
 
 # -------------------------------------------------------------------------------- TrainState
 def _parts(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, object, TrainState]:
-    from utils.ema import EMA
-    from utils.schedule import EpochLR
+    from utils.train.ema import EMA
+    from utils.train.schedule import EpochLR
 
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(36, 2))
@@ -248,10 +249,41 @@ def test_metrice_and_predict_give_the_same_ensemble_probabilities(trained_runs: 
 
 
 # ------------------------------------------------------------------------------ code shape
+# utils/'s packages, from the bottom up: a package imports only the packages before it.
+LAYERS = ("core", "draw", "data", "models", "infer", "evaluate", "explain", "train", "deploy", "serve")
+
+
 def _product_files() -> list[Path]:
-    files = sorted(REPO.glob("*.py")) + sorted((REPO / "utils").glob("*.py")) + sorted((REPO / "model").glob("*.py"))
-    assert len(files) > 20
+    files = sorted(REPO.glob("*.py")) + sorted((REPO / "utils").rglob("*.py")) + sorted((REPO / "model").glob("*.py"))
+    assert len(files) > 60
     return files
+
+
+def _library_imports() -> dict[str, set[str]]:
+    """Every module of utils/ (dotted, e.g. core.log) -> the utils modules it imports, at its top or inside functions."""
+    graph: dict[str, set[str]] = {}
+    for file in sorted((REPO / "utils").rglob("*.py")):
+        name = ".".join(file.relative_to(REPO / "utils").with_suffix("").parts)
+        deps = set()
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("utils."):
+                module = node.module.removeprefix("utils.")
+                for alias in node.names:  # `from utils.core import log` imports the module utils.core.log
+                    sub = f"{module}.{alias.name}"
+                    deps.add(sub if (REPO / "utils" / (sub.replace(".", "/") + ".py")).is_file() else module)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.removeprefix("utils.") for a in node.names if a.name.startswith("utils.")}
+        graph[name] = deps - {name}
+    return graph
+
+
+def test_utils_is_packages_by_concern_each_with_a_docstring() -> None:
+    assert [p.name for p in sorted((REPO / "utils").glob("*.py"))] == ["__init__.py"]  # no module outside a package
+    packages = sorted(p.name for p in (REPO / "utils").iterdir() if p.is_dir() and (p / "__init__.py").is_file())
+    assert packages == sorted(LAYERS)
+    for file in sorted((REPO / "utils").rglob("*.py")):
+        doc = ast.get_docstring(ast.parse(file.read_text(encoding="utf-8")))
+        assert doc and len(doc.split()) >= 8, f"{file.relative_to(REPO)} says in no docstring what lives there"
 
 
 def test_no_function_over_80_lines_and_thin_scripts() -> None:
@@ -270,7 +302,7 @@ def test_one_cpu_policy() -> None:
     defined = [f"{file.relative_to(REPO)}" for file in _product_files() + sorted((REPO / "benchmarks").glob("*.py"))
                for node in ast.walk(ast.parse(file.read_text(encoding="utf-8")))
                if isinstance(node, ast.FunctionDef) and node.name in ("default_workers", "share_cpu")]
-    assert sorted(defined) == ["utils/device.py", "utils/device.py"], defined
+    assert sorted(defined) == ["utils/core/device.py", "utils/core/device.py"], defined
     for script in ("main.py", "metrice.py", "predict.py"):
         assert "share_cpu(" in (REPO / script).read_text(encoding="utf-8"), script
 
@@ -278,7 +310,8 @@ def test_one_cpu_policy() -> None:
 def test_schema_and_images_import_without_torch() -> None:
     code = ("import sys\nfor name in ('torch', 'torchvision', 'timm'):\n    sys.modules[name] = None\n"
             f"sys.path.insert(0, {str(REPO)!r})\n"
-            "from utils.schema import ModelMeta\nfrom utils.images import load_image\nfrom utils.lists import scan_split\nprint('ok')\n")
+            "from utils.core.schema import ModelMeta\nfrom utils.data.decode import load_image\n"
+            "from utils.data.sources import scan_split\nprint('ok')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=None)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", describe(proc)
 
@@ -289,7 +322,7 @@ def test_scripts_import_without_torch_and_threads_carry_over() -> None:
     code = (f"import os, sys\nsys.path.insert(0, {str(REPO)!r})\n"
             "import main, metrice, predict, export, processing, serve\n"
             "assert 'torch' not in sys.modules, 'a script imported torch'\n"
-            "from utils.device import compute_threads, import_torch, set_threads\n"
+            "from utils.core.device import compute_threads, import_torch, set_threads\n"
             "set_threads(os.cpu_count() + 1)\nassert compute_threads() == os.cpu_count() + 1\n"
             "torch = import_torch('the test')\nprint(torch.get_num_threads() - os.cpu_count(), compute_threads() - os.cpu_count())\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -297,35 +330,55 @@ def test_scripts_import_without_torch_and_threads_carry_over() -> None:
     assert proc.returncode == 0 and proc.stdout.split() == ["1", "1"], describe(proc)
 
 
-def test_library_imports_are_acyclic() -> None:
-    graph: dict[str, set[str]] = {}
-    for file in sorted((REPO / "utils").glob("*.py")):
-        deps = set()
-        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("utils."):
-                deps.add(node.module.split(".")[1])
-        graph[file.stem] = deps
-    seen: dict[str, int] = {}
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of the graph as a path that ends where it starts, or None."""
+    state: dict[str, int] = {}
 
-    def visit(name: str, path: list[str]) -> None:
-        if seen.get(name) == 1:
-            raise AssertionError("import cycle: " + " -> ".join(path + [name]))
-        if seen.get(name) == 2:
-            return
-        seen[name] = 1
-        for dep in graph.get(name, ()):
-            visit(dep, path + [name])
-        seen[name] = 2
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        if state.get(node) == 1:
+            return path[path.index(node):] + [node]
+        if state.get(node) == 2:
+            return None
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            found = visit(dep, path + [node])
+            if found:
+                return found
+        state[node] = 2
+        return None
 
-    for module in graph:
-        visit(module, [])
-    assert "registry" not in graph["distill"] and "features" in graph["distill"]  # feature taps beside the features
+    for node in sorted(graph):
+        found = visit(node, [])
+        if found:
+            return found
+    return None
+
+
+def test_find_cycle_finds_one() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_library_modules_import_no_cycle_and_no_package_above_their_own() -> None:
+    graph = _library_imports()
+    assert len(graph) > 50 and "core.log" in graph
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+    upward = [f"utils.{module} imports utils.{dep}" for module, deps in graph.items() for dep in deps
+              if module.split(".")[0] in LAYERS and dep.split(".")[0] in LAYERS
+              and LAYERS.index(dep.split(".")[0]) > LAYERS.index(module.split(".")[0])]
+    assert not upward, f"a package imports one that stands above it ({' < '.join(LAYERS)}): {upward}"
+    packages = {p: {d.split(".")[0] for m, deps in graph.items() if m.split(".")[0] == p for d in deps} - {p}
+                for p in LAYERS}
+    assert find_cycle(packages) is None
+    assert "models.registry" not in graph["train.distill"] and "models.features" in graph["train.distill"]
 
 
 def test_layers_with_state_dict_versions_load_from_checkpoints(tmp_path: Path) -> None:
     """torchvision's MNASNet refuses weights without its state-dict version: checkpoints are plain
     dicts, so the loader must supply the model's own (best.pt, last.pt, EMA and --weight alike)."""
-    from utils.registry import create_model, load_weights
+    from utils.models.registry import create_model
+    from utils.models.weights import load_weights
 
     torch.manual_seed(0)
     model = create_model("mnasnet0_5", 3, 3).eval()

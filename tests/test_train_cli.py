@@ -1,9 +1,9 @@
 """main.py end to end: every --loss and --optimizer, the run folder, checkpoints, --weight."""
 from __future__ import annotations
 
+import argparse
 import csv
 import pickle
-import argparse
 from pathlib import Path
 
 import pytest
@@ -103,7 +103,8 @@ def test_checkpoints_load_safely_with_documented_keys(trained_run: TrainedRun) -
 
 
 def test_best_checkpoint_rebuilds_the_model(trained_run: TrainedRun) -> None:
-    from utils.checkpoint import load_checkpoint, model_from_checkpoint
+    from utils.core.checkpoint import load_checkpoint
+    from utils.models.weights import model_from_checkpoint
 
     model = model_from_checkpoint(load_checkpoint(trained_run.path / "best.pt"))
     with torch.no_grad():
@@ -158,8 +159,9 @@ def test_weight_that_is_a_pickled_object_is_refused(weight_cases: dict) -> None:
 
 
 def test_load_weights_refuses_files_that_are_not_weights(tmp_path: Path) -> None:
-    from utils.log import UserError
-    from utils.registry import create_model, load_weights
+    from utils.core.log import UserError
+    from utils.models.registry import create_model
+    from utils.models.weights import load_weights
 
     model = create_model(TINY_MODEL, num_classes=3)
     text = tmp_path / "notes.txt"

@@ -158,8 +158,8 @@ def bn_stats_on(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tenso
 
 
 def test_swa_batch_norm_is_recomputed_on_the_training_data(swa_runs: dict) -> None:
-    from utils.checkpoint import model_from_checkpoint
-    from utils.schema import Checkpoint
+    from utils.core.schema import Checkpoint
+    from utils.models.weights import model_from_checkpoint
 
     swa_pt = load_ckpt(swa_runs["runs"] / "swa" / "swa.pt")
     last = load_ckpt(swa_runs["runs"] / "swa" / "last.pt")
@@ -274,8 +274,8 @@ def test_image_over_268_megapixels_is_refused(data_runs: dict) -> None:
 # ------------------------------------------------------------- the loss and optimizer used
 def val_loss(ckpt: Path, val: Path, loss: nn.Module) -> float:
     """The loss of the weights in `ckpt` on the val images, as main.py computes it (one batch)."""
-    from utils.backends import load_backend
-    from utils.data import eval_transform
+    from utils.data.transforms import eval_transform
+    from utils.infer.backends import load_backend
 
     backend = load_backend(ckpt, device="cpu")  # uint8 batch -> float32 logits
     names = list(backend.meta.class_names)
@@ -287,7 +287,7 @@ def val_loss(ckpt: Path, val: Path, loss: nn.Module) -> float:
 
 
 def test_class_balance_weights_the_loss(data_runs: dict) -> None:
-    from utils.losses import build_loss
+    from utils.train.losses import build_loss
 
     run = data_runs["runs"] / "warmup"
     counts = np.array([12, 6, 3])
@@ -306,8 +306,8 @@ OPTIMIZER_STATE = {"SGD": {"momentum_buffer"}, "AdamW": {"step", "exp_avg", "exp
 
 @pytest.mark.parametrize("loss_name", ["CrossEntropyLoss", "FocalLoss", "PolyLoss"])
 def test_the_named_loss_and_optimizer_are_the_ones_used(trained_runs: dict, tiny_data: Path, loss_name: str) -> None:
-    from utils.losses import build_loss
-    from utils.names import MULTICLASS_LOSSES
+    from utils.core.names import MULTICLASS_LOSSES
+    from utils.train.losses import build_loss
 
     run = trained_runs[loss_name]
     last = load_ckpt(run.path / "last.pt")
@@ -345,7 +345,7 @@ class ConvRecorder:
 
 def test_amp_is_bfloat16_autocast_on_cpu_and_batch_size_minus_one_picks_16(tiny_data: Path, tmp_path: Path,
                                                                            trained_run: Any) -> None:
-    from utils.data import IMAGENET_MEAN, IMAGENET_STD
+    from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     with ConvRecorder() as rec:
         proc = run_inprocess("main.py", *train_args(tiny_data, tmp_path / "amp", "--amp", "--batch_size", "-1",
@@ -374,8 +374,8 @@ def test_image_channel_1_trains_on_one_channel(tiny_data: Path, tmp_path: Path) 
     ckpt = load_ckpt(tmp_path / "gray" / "best.pt")
     assert ckpt["image_channel"] == 1 and len(ckpt["mean"]) == 1 and len(ckpt["std"]) == 1
     assert ckpt["model"]["conv1.0.weight"].shape[1] == 1
-    from utils.checkpoint import model_from_checkpoint
-    from utils.schema import Checkpoint
+    from utils.core.schema import Checkpoint
+    from utils.models.weights import model_from_checkpoint
 
     model = model_from_checkpoint(Checkpoint.from_dict(ckpt))
     with torch.no_grad():
@@ -408,8 +408,8 @@ def test_channels_last_and_deterministic_reach_the_convolutions(tiny_data: Path,
     # Normalize) and NHWC weights
     assert layouts and any(shape[1] == 3 for _, _, shape in layouts)
     assert all(x and w for x, w, _ in layouts), [(x, w, shape) for x, w, shape in layouts if not (x and w)][:3]
-    from utils.checkpoint import model_from_checkpoint
-    from utils.schema import Checkpoint
+    from utils.core.schema import Checkpoint
+    from utils.models.weights import model_from_checkpoint
 
     model = model_from_checkpoint(Checkpoint.from_dict(load_ckpt(tmp_path / "nhwc" / "best.pt"))).eval()
     x = torch.rand(2, 3, 32, 32)
@@ -419,7 +419,7 @@ def test_channels_last_and_deterministic_reach_the_convolutions(tiny_data: Path,
 
 
 def test_set_determinism_turns_cudnn_autotuning_off() -> None:
-    from utils.trainer import set_determinism
+    from utils.train.trainer import set_determinism
 
     saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
     try:
@@ -436,7 +436,7 @@ def test_set_determinism_turns_cudnn_autotuning_off() -> None:
 def test_gpu_workers_share_the_cores_among_the_processes(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
-    from utils.device import gpu_workers
+    from utils.core.device import gpu_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     assert [gpu_workers(n) for n in (1, 2, 4, 8, 16)] == [8, 7, 3, 1, 1]  # 16 // n - 1, at most 8, at least 1
@@ -445,9 +445,8 @@ def test_gpu_workers_share_the_cores_among_the_processes(monkeypatch: pytest.Mon
 
 
 def test_compile_trains_the_same_model_through_dynamo(tiny_data: Path, tmp_path: Path, trained_run: Any) -> None:
-    from torch._dynamo.utils import counters
-
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()

@@ -1,0 +1,280 @@
+"""Options: YAML config file -> argparse defaults -> command line (the command line wins).
+
+The config file is data, read with yaml.safe_load; nothing in it is executed. Its keys are either
+flag names (they change that flag's default) or config-only keys such as lr_scheduler (listed in
+CONFIG_ONLY_KEYS). An unknown key is an error that lists the known ones.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from utils.core.log import UserError
+
+LOGGER = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "config.yaml"
+
+# Keys that only the config file sets (pytorch-classifier kept these in config/config.py).
+CONFIG_ONLY_KEYS: dict[str, Any] = {
+    "lr_scheduler": None,
+    "lr_scheduler_params": {},
+    "random_seed": 0,
+    "plot_train_batch_count": 5,
+}
+# What each config-only key takes: (accepted types, description for the error, lowest number or None).
+CONFIG_ONLY_TYPES: dict[str, tuple[tuple[type, ...], str, int | None]] = {
+    "lr_scheduler": ((str, type(None)), "a torch.optim.lr_scheduler class name or null", None),
+    "lr_scheduler_params": ((dict,), "a mapping of keyword arguments", None),
+    "random_seed": ((int,), "an integer >= 0", 0),
+    "plot_train_batch_count": ((int,), "an integer >= 0", 0),
+    "custom_augment": ((list,), "a list of {name, params} entries", None),
+}
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (nan and inf are refused)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+    return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """The one help format of every script: each flag's default printed once.
+
+    "(default: ...)" is added unless the help already says what the default is, and not for
+    switches, empty defaults or None (a flag that is off unless given).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("(default" in text or "%(default)" in text or action.default in (None, "", [], argparse.SUPPRESS)
+                or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))):
+            return text
+        if isinstance(action.default, (list, tuple)):  # as typed: --export onnx torchscript
+            return text + " (default: " + " ".join(map(str, action.default)).replace("%", "%%") + ")"
+        return text + " (default: %(default)s)"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a 'did you mean' hint for mistyped flags, no abbreviated flags, the one help
+    format (HelpFormatter) and --version."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from utils import __version__
+
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs["formatter_class"] = HelpFormatter
+        super().__init__(*args, **kwargs)
+        self.add_argument("--version", action="version", version=f"pytorch-classifier-ng {__version__}",
+                          help="print the version and exit")
+
+    def error(self, message: str) -> None:  # noqa: D401 - argparse's signature
+        if message.startswith("unrecognized arguments:"):
+            known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+            hints = []
+            for arg in message.split(":", 1)[1].split():
+                flag = arg.split("=", 1)[0]
+                if flag.startswith("-"):
+                    close = difflib.get_close_matches(flag, known, n=2, cutoff=0.6)
+                    if close:
+                        hints.append(f"{flag} -> {' or '.join(close)}?")
+            if hints:
+                message += " (did you mean: " + "; ".join(hints) + ")"
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {message}\n")
+
+
+def _config_path_from_argv(argv: Sequence[str]) -> str | None:
+    """Find --config's value without parsing the rest (the full parse comes after)."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping safely.
+
+    Args:
+        path: the YAML file.
+
+    Returns:
+        The mapping (empty for an empty file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path} (pass --config PATH to an existing YAML file)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"config file {path}{where} is not valid YAML: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping of key: value, not {type(data).__name__}")
+    return data
+
+
+def parse_with_config(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    config_only: dict[str, Any] | None = None,
+) -> argparse.Namespace:
+    """Parse argv with defaults taken from the YAML file named by --config.
+
+    Args:
+        parser: the script's parser; it must define --config.
+        argv: arguments (default sys.argv[1:]).
+        config_only: config-only keys and their defaults, added to the namespace.
+
+    Returns:
+        The resolved namespace: flags, then config-only keys. `args.explicit` is the set of flag
+        destinations the user typed on the command line.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_only = dict(CONFIG_ONLY_KEYS if config_only is None else config_only)
+    cfg_path = _config_path_from_argv(argv) or parser.get_default("config")
+    cfg = load_yaml(cfg_path) if cfg_path else {}
+
+    dests = {a.dest for a in parser._actions if a.dest not in ("help", "version")}
+    unknown = [k for k in cfg if k not in dests and k not in config_only]
+    if unknown:
+        known = sorted(dests | set(config_only))
+        hint = difflib.get_close_matches(unknown[0], known, n=1)
+        raise UserError(
+            f"config {cfg_path}: unknown key '{unknown[0]}'"
+            + (f" (did you mean '{hint[0]}'?)" if hint else "")
+            + f"; known keys: {', '.join(known)}"
+        )
+    actions = {a.dest: a for a in parser._actions}
+    parser.set_defaults(**{k: config_value(actions[k], v, cfg_path) for k, v in cfg.items() if k in dests})
+    args = parser.parse_args(argv)
+    for key, default in config_only.items():
+        value = cfg.get(key, default)
+        if key in cfg and key in CONFIG_ONLY_TYPES:
+            check_config_only(key, value, cfg_path)
+        setattr(args, key, value)
+    args.explicit = explicit_dests(parser, argv)
+    return args
+
+
+def _describe(action: argparse.Action) -> str:
+    if action.nargs in ("+", "*"):
+        return "a list"
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return "true or false"
+    if action.type is int:
+        return "an integer"
+    if action.type in (float, finite_float):
+        return "a number"
+    return "a string"
+
+
+def config_value(action: argparse.Action, value: Any, path: str | Path) -> Any:
+    """A config file's value for a flag, checked like the command line checks it.
+
+    Raises:
+        UserError: a value of the wrong type (a list for a number, 16.5 for an integer, a number
+            for a name ...) or outside the flag's choices, naming the key and what it takes.
+    """
+    wrong = UserError(f"config {path}: '{action.dest}' must be {_describe(action)}"
+                      + (f" (one of {', '.join(map(str, action.choices))})" if action.choices else "")
+                      + f", not {value!r}")
+    if value is None and action.default is None:
+        return None
+    if action.nargs == "?" and action.const is not None and isinstance(value, bool):
+        return action.const if value else action.default  # `class_balance: true` as the bare flag means
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if action.nargs in ("+", "*"):
+        if not isinstance(value, list):
+            raise wrong
+        return [config_scalar(action, v, wrong) for v in value]
+    return config_scalar(action, value, wrong)
+
+
+def config_scalar(action: argparse.Action, value: Any, wrong: UserError) -> Any:
+    """One value for a flag: the flag's type applied to a string (as on the command line), the
+    right Python type otherwise; and within the choices."""
+    convert = action.type or str
+    if isinstance(value, bool) or isinstance(value, (list, dict)) or value is None:
+        raise wrong
+    if isinstance(value, str):
+        try:
+            value = convert(value)
+        except (argparse.ArgumentTypeError, TypeError, ValueError):
+            raise wrong from None
+    elif convert is int and not isinstance(value, int):
+        raise wrong
+    elif convert in (float, finite_float):
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise wrong
+        value = float(value)
+    elif convert is str:
+        if not isinstance(value, int):
+            raise wrong  # a fraction where a name is expected
+        value = str(value)  # device: 0, a class named 10
+    elif convert is not int:
+        raise wrong  # a name checker (--optimizer) takes names only
+    if action.choices is not None and value not in action.choices:
+        raise wrong
+    return value
+
+
+def check_config_only(key: str, value: Any, path: str | Path) -> None:
+    """A config-only key's value (lr_scheduler, random_seed ...) is of the type it takes.
+
+    Raises:
+        UserError: naming the key and what it takes.
+    """
+    types, described, low = CONFIG_ONLY_TYPES[key]
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if ok and low is not None and value < low:
+        ok = False
+    if not ok:
+        raise UserError(f"config {path}: '{key}' must be {described}, not {value!r}")
+
+
+def explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The destinations of the flags typed on the command line (as opposed to defaults).
+
+    Parsers here use allow_abbrev=False, so an option string is always spelled out in full.
+    """
+    by_option = {s: a.dest for a in parser._actions for s in a.option_strings}
+    return {by_option[arg.split("=", 1)[0]] for arg in argv if arg.split("=", 1)[0] in by_option}
+
+
+def to_plain(value: Any) -> Any:
+    """Turn a value into YAML/JSON-able data (Paths to str, sets and tuples to lists)."""
+    if isinstance(value, dict):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [to_plain(v) for v in (sorted(value) if isinstance(value, set) else value)]
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def args_to_dict(args: argparse.Namespace) -> dict[str, Any]:
+    """Every resolved option as plain data (what args.yaml and checkpoints store)."""
+    return {k: to_plain(v) for k, v in vars(args).items() if k != "explicit"}

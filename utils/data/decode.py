@@ -1,0 +1,99 @@
+"""Image files decoded correctly, whatever their mode: the one loader of training, evaluation,
+prediction, serving and deployment.
+
+    img = load_image("cat.jpg", channels=3)      # 8-bit RGB (or L for channels=1), EXIF orientation applied
+    reason = check_image_header(Path("x.png"))  # None when Pillow can read it, else why not
+
+Every PIL mode is converted correctly (16-bit, float, palette, alpha composited on white, CMYK),
+and an image over the decompression-bomb limit is refused. Imports only Pillow and numpy.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm")
+
+
+# Pillow's own default limit (~89 Mpx) only warns; here an image above the limit is refused.
+MAX_IMAGE_PIXELS = 16384 * 16384
+
+
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+# ----------------------------------------------------------------------------------- images
+def load_image(path: str | Path, channels: int = 3) -> Image.Image:
+    """Open an image file as 8-bit RGB (channels=3) or L (channels=1), orientation applied.
+
+    Args:
+        path: the image file.
+        channels: 3 or 1.
+
+    Returns:
+        A loaded PIL image in mode RGB or L.
+
+    Raises:
+        OSError, ValueError, Image.DecompressionBombError, UnidentifiedImageError for bad files.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.load()
+            ImageOps.exif_transpose(img, in_place=True)  # turned in place: no copy of the pixels
+    return to_mode(img, channels)
+
+
+def to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Convert any PIL mode (16-bit, float, palette, alpha, CMYK...) to 8-bit RGB or L."""
+    target = "RGB" if channels == 3 else "L"
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if mode.startswith("I;16"):
+            arr = arr / 257.0  # 0..65535 -> 0..255
+        elif arr.size and arr.max() > 255:
+            arr = arr / (65535.0 if arr.max() <= 65535 else arr.max()) * 255.0
+        elif mode == "F" and arr.size and arr.max() <= 1.0:
+            arr = arr * 255.0
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+        mode = "L"
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Transparent pixels have no defined colour: composite onto white, as viewers show them.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+        mode = img.mode
+    if mode == "1":
+        img = img.convert("L")
+    return img.convert(target) if img.mode != target else img
+
+
+def check_image_header(path: Path) -> str | None:
+    """Cheap check that a file is an image Pillow can read (header only).
+
+    Returns:
+        None when it looks readable, else the reason it is not.
+    """
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+        if width < 1 or height < 1:
+            return "image has no pixels"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return f"larger than the decompression-bomb limit of {MAX_IMAGE_PIXELS} pixels"
+    except UnidentifiedImageError:
+        return "not an image Pillow can read"
+    except (OSError, ValueError, SyntaxError) as err:
+        return f"unreadable image ({err})"
+    return None

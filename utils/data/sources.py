@@ -1,0 +1,74 @@
+"""The datasets a split can be given as, behind one call: a folder of class folders or a list file.
+
+    train = scan_split("dataset/train")                               # a folder: <root>/<class>/<images>
+    val = scan_split("lists/val.csv", class_names=train.class_names)  # a CSV or text list of path,label rows
+
+A new dataset format is one scanner that returns an ImageSet (utils.data.imageset) and one entry in
+SOURCES; every script that reads a split (main.py, metrice.py, export.py's parity and calibration
+images) goes through scan_split.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from utils.data.folders import scan_folder
+from utils.data.imageset import ImageSet
+from utils.data.lists import scan_list
+
+
+@dataclass(frozen=True)
+class SplitSource:
+    """One way a split can be given.
+
+    Attributes:
+        name: how it is called in messages.
+        matches: whether a --train_path / --val_path / --test_path value is of this kind.
+        scan: (path, class_names, label_path, check_headers, what, use_cache, list_sep) -> ImageSet.
+    """
+
+    name: str
+    matches: Callable[[Path], bool]
+    scan: Callable[..., ImageSet]
+
+
+def _scan_list(path: Path, class_names: Sequence[str] | None, label_path: str | Path | None, check_headers: bool,
+               what: str, use_cache: bool, list_sep: str | None) -> ImageSet:
+    return scan_list(path, class_names=class_names, label_path=label_path, check_headers=check_headers, what=what,
+                     use_cache=use_cache, sep=list_sep)
+
+
+def _scan_folder(path: Path, class_names: Sequence[str] | None, label_path: str | Path | None, check_headers: bool,
+                 what: str, use_cache: bool, list_sep: str | None) -> ImageSet:
+    return scan_folder(path, class_names=class_names, label_path=label_path, check_headers=check_headers, what=what,
+                       use_cache=use_cache)
+
+
+# First match wins; the folder is last: a path that is nothing else is read (or refused) as a folder.
+SOURCES: tuple[SplitSource, ...] = (
+    SplitSource("list file", Path.is_file, _scan_list),
+    SplitSource("folder of class folders", lambda path: True, _scan_folder),
+)
+
+
+def scan_split(root: str | Path, class_names: Sequence[str] | None = None, label_path: str | Path | None = None,
+               check_headers: bool = True, what: str = "dataset", use_cache: bool = True,
+               list_sep: str | None = None) -> ImageSet:
+    """The images of one split, from the first of SOURCES that matches `root`.
+
+    Args:
+        root: the split as given (a folder of class folders, a CSV or text list).
+        class_names: the model's classes (val/test); None to take them from the split (train).
+        label_path: class names of numbered class folders or of a list's numeric labels.
+        check_headers: open each image's header to skip non-images early.
+        what: how the split is called in messages ("train set" ...).
+        use_cache: reuse the header checks of an earlier scan (utils.data.scan_cache).
+        list_sep: the separator of a text list (None: any whitespace).
+
+    Returns:
+        The ImageSet.
+    """
+    root = Path(root)
+    source = next(s for s in SOURCES if s.matches(root))
+    return source.scan(root, class_names, label_path, check_headers, what, use_cache, list_sep)

@@ -1,0 +1,202 @@
+"""matplotlib figures of a run: the training curves, and metrice.py's figures (confusion matrix,
+reliability diagram, a gallery of mistakes, t-SNE).
+
+    fig = plot_confusion_matrix(confusion, class_names, normalize=True)
+    run.savefig(fig, "confusion_matrix.png")
+
+Figures are made without pyplot (no global state: any thread, no closing), and matplotlib is
+imported on first use. Images with text drawn by Pillow are utils.draw.labels.
+"""
+from __future__ import annotations
+import math
+from typing import TYPE_CHECKING, Any, Sequence
+import numpy as np
+if TYPE_CHECKING:  # matplotlib and torch are imported where they are used: metrice.py draws without torch
+    pass
+
+
+def subplots(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """A matplotlib Figure and its axes, without pyplot: no global state, so figures can be drawn
+    in any thread and need no closing; matplotlib is imported on first use (it takes a second)."""
+    from matplotlib.figure import Figure
+
+    figsize = kwargs.pop("figsize", None)
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
+
+
+def plot_curves(rows: Sequence[dict[str, str]], metrics: tuple[str, str] = ("acc", "mean_acc")) -> dict[str, Any]:
+    """Loss, accuracy (or the multi-label model's map and f1) and learning-rate curves from train.log rows.
+
+    Args:
+        rows: train.log rows.
+        metrics: the two metric columns of train.log.
+
+    Returns:
+        {"loss.png": fig, "acc.png": fig, "lr.png": fig}
+    """
+    def series(key: str) -> tuple[list[int], list[float]]:
+        pts = [(int(r["epoch"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    figs = {}
+    for name, keys, ylabel in (
+        ("loss.png", [("loss", "train"), ("test_loss", "val")], "loss"),
+        ("acc.png", [(metrics[0], f"train {metrics[0]}"), (f"test_{metrics[0]}", f"val {metrics[0]}"),
+                     (metrics[1], f"train {metrics[1]}"), (f"test_{metrics[1]}", f"val {metrics[1]}")],
+         "accuracy" if metrics[0] == "acc" else "score"),
+        ("lr.png", [("lr", "learning rate")], "learning rate"),
+    ):
+        fig, ax = subplots(figsize=(6, 4))
+        for key, label in keys:
+            x, y = series(key)
+            if x:
+                ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        figs[name] = fig
+    return figs
+
+
+# ---------------------------------------------------------------------------- evaluation figures
+CELL_TEXT_MAX_CLASSES = 30  # past this many classes the cells carry no numbers (they would be unreadable)
+
+
+def plot_confusion_matrix(confusion: Any, class_names: Sequence[str], normalize: bool = False, title: str = "") -> Any:
+    """A confusion matrix as a heat map, rows true class, columns predicted class.
+
+    The figure grows with the number of classes (about 0.3 inch per class, up to 100 classes
+    readable), the tick labels shrink, and past CELL_TEXT_MAX_CLASSES classes the cells carry
+    no numbers.
+
+    Args:
+        confusion: counts (C, C).
+        class_names: the C class names.
+        normalize: divide each row by its total (rows without images stay 0).
+        title: figure title.
+
+    Returns:
+        The matplotlib figure (the caller saves and closes it).
+    """
+    counts = np.asarray(confusion, dtype=np.float64)
+    n = len(class_names)
+    if normalize:
+        totals = counts.sum(axis=1, keepdims=True)
+        values = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    else:
+        values = counts
+    side = min(40.0, max(5.0, 0.3 * n + 2.5))
+    fig, ax = subplots(figsize=(side + 1.2, side))
+    image = ax.imshow(values, cmap="Blues", vmin=0, vmax=1 if normalize else max(1.0, values.max()), interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    font = max(5.0, min(10.0, 300.0 / max(n, 1)))
+    labels = [str(c)[:24] for c in class_names]
+    ax.set_xticks(range(n), labels, rotation=90, fontsize=font)
+    ax.set_yticks(range(n), labels, fontsize=font)
+    ax.set_xlabel("predicted class", fontsize=max(10.0, side * 0.4))
+    ax.set_ylabel("true class", fontsize=max(10.0, side * 0.4))
+    if n <= CELL_TEXT_MAX_CLASSES:
+        threshold = (1.0 if normalize else max(1.0, values.max())) / 2
+        for i in range(n):
+            for j in range(n):
+                if counts[i, j] == 0 and i != j:
+                    continue
+                text = f"{values[i, j]:.2f}" if normalize else f"{int(counts[i, j])}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=max(5.0, font - 1),
+                        color="white" if values[i, j] > threshold else "black")
+    if title:
+        ax.set_title(title, fontsize=max(11.0, side * 0.45))
+    fig.tight_layout()
+    return fig
+
+
+def plot_reliability(calibration: dict[str, Any], title: str = "") -> Any:
+    """Reliability diagram: accuracy against top-1 confidence per bin, with the gap to the
+    diagonal, and the number of images per bin below.
+
+    Args:
+        calibration: utils.evaluate.metrics.calibration_bins output.
+        title: figure title (the ECE is appended).
+
+    Returns:
+        The matplotlib figure.
+    """
+    edges = np.asarray(calibration["edges"])
+    centres = (edges[:-1] + edges[1:]) / 2
+    width = edges[1] - edges[0]
+    accuracy = np.nan_to_num(np.asarray(calibration["accuracy"], dtype=np.float64))
+    confidence = np.asarray(calibration["confidence"], dtype=np.float64)
+    filled = np.asarray(calibration["count"]) > 0
+    fig, (ax, ax_count) = subplots(2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.bar(centres[filled], accuracy[filled], width=width, edgecolor="black", color="tab:blue", label="accuracy")
+    ax.bar(centres[filled], confidence[filled] - accuracy[filled], bottom=accuracy[filled], width=width,
+           edgecolor="tab:red", color="tab:red", alpha=0.3, hatch="//", label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(f"{title + '  ' if title else ''}ECE {calibration['ece']:.4f}")
+    ax_count.bar(centres, np.asarray(calibration["count"]), width=width, edgecolor="black", color="grey")
+    ax_count.set_xlabel("confidence (top-1 probability)")
+    ax_count.set_ylabel("images")
+    fig.tight_layout()
+    return fig
+
+
+def plot_gallery(images: Sequence[Any], titles: Sequence[str], title: str = "", cols: int = 8) -> Any:
+    """A grid of uint8 images (C, H, W) with multi-line titles (the mistakes of metrice.py --visual).
+
+    Returns:
+        The matplotlib figure.
+    """
+    n = max(1, len(images))
+    cols = min(cols, n)
+    rows = math.ceil(n / cols)
+    height = rows * 2.5 + (0.5 if title else 0.0)
+    fig, axes = subplots(rows, cols, figsize=(cols * 2.0, height), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= len(images):
+            continue
+        img = np.asarray(images[i].detach().cpu() if hasattr(images[i], "detach") else images[i])
+        if img.shape[0] == 1:
+            ax.imshow(img[0], cmap="gray", vmin=0, vmax=255)
+        else:
+            ax.imshow(img.transpose(1, 2, 0))
+        ax.set_title(titles[i], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.5 / height if title else 0.0)))
+    return fig
+
+
+def plot_embedding(points: Any, targets: Sequence[int], class_names: Sequence[str], title: str = "") -> Any:
+    """2-D points (a t-SNE of features) coloured by class; a legend up to 30 classes.
+
+    Returns:
+        The matplotlib figure.
+    """
+    points = np.asarray(points)
+    targets = np.asarray(targets)
+    n = len(class_names)
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20" if n <= 20 else "turbo"]
+    fig, ax = subplots(figsize=(7.5, 6.5))
+    for c in range(n):
+        mask = targets == c
+        if mask.any():
+            colour = cmap(c if n <= 20 else c / max(1, n - 1))
+            ax.scatter(points[mask, 0], points[mask, 1], s=12, color=colour, label=str(class_names[c])[:24], alpha=0.8)
+    if n <= 30:
+        ax.legend(fontsize=7, markerscale=1.5, loc="best", ncol=1 if n <= 15 else 2)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,148 @@
+"""Evaluating models on a labelled split: predictions, metrics, and speed (metrice.py's library).
+
+    ensemble = load_ensemble(["runs/exp"])
+    split = predict_split(ensemble, image_set.samples, batch_size=64, workers=0)
+    results = score_split(ensemble, split)            # {"runs/exp": {"acc": ..., "f1": ...}}
+
+Images are decoded and batched by the same loader as predict.py (utils.infer.loader.prediction_loader)
+and run through the same Ensemble.predict, so metrice.py and predict.py give the same
+probabilities for the same images and models. numpy throughout; torch is imported only for the
+penultimate features of a torch model (t-SNE).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from utils.core.log import UserError, progress
+from utils.data.imageset import report_skipped
+from utils.evaluate.metrics import multilabel_metrics, overall_metrics
+from utils.infer.ensemble import Ensemble
+from utils.infer.loader import prediction_loader
+from utils.infer.speed import measure_backend
+
+
+@dataclass
+class SplitPredictions:
+    """The predictions of an ensemble on a labelled split.
+
+    Attributes:
+        samples: the split's (path, class index) pairs.
+        keep: indices into samples of the images that decoded (the rows below).
+        targets: their true classes (N,), or for a multi-label split their labels, multi-hot (N, C).
+        probs: the ensemble's probabilities (N, C) (the model's own for a single model).
+        member_probs: each member's probabilities (N, C).
+        features: penultimate features of the first member (N, D), when asked for.
+    """
+
+    samples: list[tuple[str, int]]
+    keep: list[int]
+    targets: np.ndarray
+    probs: np.ndarray
+    member_probs: list[np.ndarray]
+    features: np.ndarray | None = None
+
+    def path(self, row: int) -> str:
+        """The image file of a row."""
+        return self.samples[self.keep[row]][0]
+
+
+def torch_features(backend: Any, images: np.ndarray) -> np.ndarray:
+    """Penultimate features of a PyTorch backend's model for a uint8 batch (TenCrop: averaged)."""
+    import torch
+
+    from utils.data.transforms_np import run_with_tta
+    from utils.models.features import penultimate_features
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        x = backend.normalize(x.to(backend.device))
+        return penultimate_features(backend.model, x.half() if backend.half else x).float().cpu()
+
+    return run_with_tta(features, torch.from_numpy(np.ascontiguousarray(images))).numpy()
+
+
+def predict_split(ensemble: Ensemble, samples: list[tuple[str, int]], batch_size: int, workers: int, tta: bool = False,
+                  device: Any = None, features: bool = False, desc: str = "eval") -> SplitPredictions:
+    """Probabilities of every model of `ensemble` on every image of a labelled split.
+
+    Images that fail to decode are reported and left out.
+
+    Raises:
+        UserError: no image decoded; features asked of a model that is not a PyTorch module.
+    """
+    if features and ensemble.members[0].backend.model_type != "torch":
+        raise UserError("penultimate features need the PyTorch model: use --model_type torch")
+    plan = ensemble.plan(tta)
+    loader = prediction_loader([p for p, _ in samples], plan, batch_size, workers)
+    keep: list[int] = []
+    combined: list[np.ndarray] = []
+    per_member: list[list[np.ndarray]] = [[] for _ in ensemble.members]
+    feats: list[np.ndarray] = []
+    failed: list[tuple[str, str]] = []
+    for batch in progress(loader, desc=desc, leave=False):
+        failed.extend((samples[i][0], reason) for i, reason in batch["failed"])
+        if not batch["indices"]:
+            continue
+        keep.extend(batch["indices"])
+        probs, member_probs = ensemble.predict(batch["inputs"], plan)
+        combined.append(np.asarray(probs, dtype=np.float32))
+        for store, p in zip(per_member, member_probs):
+            store.append(np.asarray(p, dtype=np.float32))
+        if features:
+            feats.append(torch_features(ensemble.members[0].backend, batch["inputs"][plan.group_of[0]]))
+    report_skipped(failed, "images that failed to decode (left out of the evaluation)")
+    if not keep:
+        raise UserError("no image of the split could be decoded")
+    probs = np.concatenate(combined)
+    return SplitPredictions(samples=samples, keep=keep, targets=split_targets([samples[i][1] for i in keep], probs.shape[1]),
+                            probs=probs, member_probs=[np.concatenate(p) for p in per_member],
+                            features=np.concatenate(feats) if features else None)
+
+
+def split_targets(targets: Sequence[Any], num_classes: int) -> np.ndarray:
+    """Class indices (N,), or multi-hot rows (N, C) when the targets are tuples of labels."""
+    if targets and isinstance(targets[0], tuple):
+        hot = np.zeros((len(targets), num_classes), dtype=bool)
+        for row, labels in enumerate(targets):
+            hot[row, list(labels)] = True
+        return hot
+    return np.array(targets, dtype=np.int64)
+
+
+def score_split(ensemble: Ensemble, split: SplitPredictions, class_names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Overall metrics of the ensemble and, for several models, of each member beside it.
+
+    Returns:
+        {label: metrics}; the first entry is the final prediction's ("ensemble (vote)" or the run).
+    """
+    def score(probs: np.ndarray) -> dict[str, float]:
+        if ensemble.meta.multilabel:
+            return multilabel_metrics(split.targets, probs, ensemble.meta.decision_thresholds(), class_names)[0]
+        return overall_metrics(split.targets, probs, list(class_names))
+
+    if len(ensemble) == 1:
+        return {ensemble.members[0].name: score(split.probs)}
+    results = {f"ensemble ({ensemble.method})": score(split.probs)}
+    for member, probs in zip(ensemble.members, split.member_probs):
+        results[member.name] = score(probs)
+    return results
+
+
+def measure_speed(ensemble: Ensemble, batch_sizes: dict[str, list[int]], tta: bool = False) -> list[dict[str, Any]]:
+    """images/second of each model at each of its batch sizes (utils.infer.speed.measure_backend).
+
+    Args:
+        ensemble: the models.
+        batch_sizes: {member name: [batch sizes]}.
+        tta: time TenCrop batches.
+
+    Returns:
+        Rows with "run" added (the member's name).
+    """
+    rows = []
+    for member in ensemble.members:
+        for batch_size in batch_sizes[member.name]:
+            rows.extend(r | {"run": member.name} for r in measure_backend(member.backend, member.spec, batch_size, tta))
+    return rows

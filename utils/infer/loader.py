@@ -1,0 +1,121 @@
+"""Images to predict, decoded in batches: once per input geometry of the models.
+
+    loader = prediction_loader(files, ensemble.plan(), batch_size=64, workers=2)
+    for batch in loader:     # {"inputs": uint8 batch per geometry, "views", "indices", "failed": [(index, reason)]}
+        probs, _ = ensemble.predict(batch["inputs"], plan)
+
+With workers > 0 the batches are decoded in that many processes, at most two per worker ahead of
+the consumer (memory stays flat); a file that fails to decode comes back with its reason, never as
+an exception. numpy and Pillow only: no torch import.
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing
+from collections import deque
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from utils.data.decode import check_image_header, load_image
+from utils.infer.ensemble import InputPlan
+
+
+# ------------------------------------------------------------------------------- dataset
+class PredictDataset:
+    """Image files -> (inputs per geometry, view, index, failure reason).
+
+    Args:
+        files: image paths.
+        plan: the input geometries of the models (Ensemble.plan).
+        view: a transform whose uint8 output is kept for drawing (the model's centre view for
+            Grad-CAM), or None.
+        view_channels: channels of the view.
+    """
+
+    def __init__(self, files: Sequence[str | Path], plan: InputPlan, view: Any = None, view_channels: int = 3) -> None:
+        self.files = [str(f) for f in files]
+        self.plan = plan
+        self.view = view
+        self.view_channels = view_channels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, int, str | None]:
+        path = self.files[index]
+        try:
+            channels = set(self.plan.channels) | ({self.view_channels} if self.view is not None else set())
+            images = {c: load_image(path, c) for c in sorted(channels)}
+            inputs = self.plan.inputs(images)
+            view = self.view(images[self.view_channels]) if self.view is not None else None
+        except Exception as err:  # noqa: BLE001 - any decoder failure means 'skip and report'
+            reason = check_image_header(Path(path)) or f"cannot decode ({type(err).__name__}: {err})"
+            return None, None, index, reason
+        return inputs, view, index, None
+
+    def load_batch(self, indices: Sequence[int]) -> dict[str, Any]:
+        """The collated batch of these files (what a loader process returns)."""
+        return collate_predict([self[i] for i in indices])
+
+
+def collate_predict(batch: Sequence[tuple[Any, Any, int, str | None]]) -> dict[str, Any]:
+    """Stack the decoded images (one batch per geometry); keep failures as (index, reason)."""
+    good = [b for b in batch if b[0] is not None]
+    groups = len(good[0][0]) if good else 0
+    return {
+        "inputs": [np.stack([b[0][g] for b in good]) for g in range(groups)],
+        "views": np.stack([b[1] for b in good]) if good and good[0][1] is not None else None,
+        "indices": [b[2] for b in good],
+        "failed": [(b[2], b[3]) for b in batch if b[0] is None],
+    }
+
+
+class PredictionLoader:
+    """Batches of a PredictDataset in file order. With workers > 0, batches are decoded in that
+    many processes, at most 2 per worker ahead of the consumer (memory stays flat).
+
+    Args:
+        dataset: the files and their transforms.
+        batch_size: images per batch.
+        workers: decoding processes; 0 decodes in this process.
+    """
+
+    def __init__(self, dataset: PredictDataset, batch_size: int, workers: int = 0) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.workers = workers
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.batch_size)
+
+    def _chunks(self) -> Iterator[range]:
+        for start in range(0, len(self.dataset), self.batch_size):
+            yield range(start, min(start + self.batch_size, len(self.dataset)))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.workers == 0:
+            for chunk in self._chunks():
+                yield self.dataset.load_batch(chunk)
+            return
+        chunks = self._chunks()
+        with multiprocessing.get_context().Pool(self.workers) as pool:
+            pending: deque[Any] = deque()
+            for chunk in chunks:
+                pending.append(pool.apply_async(self.dataset.load_batch, (chunk,)))
+                if len(pending) >= 2 * self.workers:
+                    break
+            while pending:
+                batch = pending.popleft().get()
+                chunk = next(chunks, None)
+                if chunk is not None:
+                    pending.append(pool.apply_async(self.dataset.load_batch, (chunk,)))
+                yield batch
+
+
+def prediction_loader(files: Sequence[str | Path], plan: InputPlan, batch_size: int, workers: int,
+                      view: Any = None, view_channels: int = 3) -> PredictionLoader:
+    """Batches of decoded images for prediction (in file order): {"inputs": one uint8 numpy batch
+    per geometry of `plan`, "views", "indices" into `files`, "failed": [(index, reason)]}."""
+    return PredictionLoader(PredictDataset(files, plan, view, view_channels), batch_size, workers)

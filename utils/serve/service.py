@@ -1,0 +1,390 @@
+"""The model side of serving: upload decoding, the model behind one call, dynamic batching.
+
+    backend = load_backend("runs/exp")                                  # any format (utils.infer.backends)
+    runner = ModelRunner(backend)                                       # jobs -> one result dict each
+    service = EmbeddedService(runner, max_batch=16, max_wait_ms=2)      # a batching thread in this process
+    app = utils.serve.app.create_app(service, Settings())               # the HTTP tier (serve.py runs it)
+
+The HTTP tier and the model meet at the `Service` interface (`preprocessor`, `info`, `ready`,
+`predict`, `stats`): `EmbeddedService` runs the model in this process on one batching thread;
+`utils.serve.redis_queue.RedisService` sends every image through a Redis stream to `serve.py --worker`
+processes on any machine. Either way the HTTP tier decodes each image with the loader used for
+training (`decode_image` -> utils.data.decode.load_image: EXIF orientation, every mode, the bomb limit)
+under a pixel limit, and hands on only the model's uint8 input (`Preprocessor`, from the model's
+meta alone). `ModelRunner` is predict.py's code path: `InputPlan` -> `Ensemble.predict` ->
+`prediction_rows` (top-5, entropy, uncertain), plus CAM overlays (utils.explain.cam) as base64 PNGs.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import queue
+import threading
+import time
+import warnings
+from collections import Counter
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from utils.core.names import CAM_TYPES
+from utils.core.schema import PreprocessSpec
+from utils.data.decode import MAX_IMAGE_PIXELS, load_image
+from utils.infer.ensemble import Ensemble, InputPlan, Member
+from utils.infer.rows import prediction_rows
+
+if TYPE_CHECKING:  # torch only for CAM overlays: an exported model is served without it
+    import torch
+
+LOGGER = logging.getLogger(__name__)
+
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class ServeError(Exception):
+    """A request that cannot be served: answered as {"error": message, "status": status}."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Upload:
+    """One image of a request, as sent."""
+
+    name: str
+    data: bytes
+
+
+@dataclass
+class Job:
+    """One image for the model: its name, its uint8 model input (C, H, W), numpy, and the CAM asked for."""
+
+    name: str
+    tensor: np.ndarray
+    cam: str | None = None
+
+
+def decode_image(data: bytes, name: str, channels: Sequence[int], max_pixels: int) -> dict[int, Image.Image]:
+    """Decode one uploaded image as training does (utils.data.decode.load_image), per channel count.
+
+    Raises:
+        ServeError: an empty file (400), not an image (415), too many pixels (413), or an image
+            that fails to decode, such as a truncated one (422).
+    """
+    if not data:
+        raise ServeError(400, f"{name}: empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                fmt = img.format or "image"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ServeError(413, f"{name}: larger than the decompression-bomb limit of {MAX_IMAGE_PIXELS} pixels") from None
+    except UnidentifiedImageError:
+        raise ServeError(415, f"{name}: not an image (Pillow cannot identify its format)") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ServeError(415, f"{name}: unreadable image header ({err})") from None
+    if width * height > max_pixels:
+        raise ServeError(413, f"{name}: {width}x{height} = {width * height} pixels is over the limit of "
+                              f"{max_pixels} pixels (--max_pixels)")
+    try:
+        return {c: load_image(io.BytesIO(data), c) for c in channels}  # type: ignore[arg-type]
+    except Exception as err:  # noqa: BLE001 - any decoder failure is the client's file
+        raise ServeError(422, f"{name}: the {fmt} image cannot be decoded, it is truncated or corrupt "
+                              f"({type(err).__name__}: {str(err)[:160]})") from None
+
+
+class Preprocessor:
+    """Upload -> the model's uint8 input, from the model's meta alone (no model needed).
+
+    Args:
+        spec: the model's preprocessing (backend.meta.preprocess).
+        max_pixels: the per-image pixel limit.
+    """
+
+    def __init__(self, spec: PreprocessSpec, max_pixels: int) -> None:
+        self.plan = InputPlan([spec])
+        self.channels = sorted(set(self.plan.channels))
+        self.max_pixels = max_pixels
+
+    def __call__(self, upload: Upload) -> np.ndarray:
+        images = decode_image(upload.data, upload.name, self.channels, self.max_pixels)
+        return self.plan.inputs(images)[0]
+
+
+# ------------------------------------------------------------------------------ the model side
+class CamRenderer:
+    """CAM overlays of a torch backend's model, as base64 PNGs (the layer is found on first use).
+
+    Args:
+        backend: a torch backend (it has `.model` and `.normalize`).
+    """
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        spec = backend.meta.preprocess
+        self.crop, self.channels = spec.crop, spec.channels
+        self.size = max(224, self.crop)
+        self.layer: Any = None
+
+    def __call__(self, views: torch.Tensor, targets: Sequence[int], cam_type: str) -> list[str]:
+        from utils.explain.cam import cam_maps, find_cam_layer, import_grad_cam, overlay, to_hwc_rgb
+
+        if self.layer is None:
+            import_grad_cam()
+            self.layer = find_cam_layer(self.backend.model, self.crop, self.channels)
+        x = self.backend.normalize(views.to(self.backend.device))
+        maps = cam_maps(self.backend.model, x, self.layer, cam_type, list(targets), batch_size=max(1, len(views)))
+        out = []
+        for view, cam in zip(views, maps):
+            image = Image.fromarray(overlay(to_hwc_rgb(view), cam)).resize((self.size, self.size), Image.BILINEAR)
+            buf = io.BytesIO()
+            image.save(buf, format="PNG", compress_level=1)
+            out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+        return out
+
+
+class ModelRunner:
+    """A loaded backend behind one call: jobs -> one result dict per job (predict.py's code path).
+
+    Args:
+        backend: from utils.infer.backends.load_backend (torch, torchscript, onnx, openvino, tensorrt).
+        conf_threshold: a top-1 probability below this marks a result uncertain (as predict.py).
+    """
+
+    def __init__(self, backend: Any, conf_threshold: float = 0.5) -> None:
+        self.backend = backend
+        self.meta = backend.meta
+        self.class_names = list(backend.meta.class_names)
+        self.conf_threshold = conf_threshold
+        self.ensemble = Ensemble([Member(backend.meta.model_name, backend, backend.meta.preprocess)])
+        self.plan = self.ensemble.plan()
+        self.cam = CamRenderer(backend) if getattr(backend, "model_type", "") == "torch" else None
+
+    def describe(self) -> dict[str, Any]:
+        """What /info shows of the model."""
+        described = self.meta.to_dict()
+        return {**{k: described[k] for k in ("model_name", "num_classes", "class_names", "image_size", "image_channel",
+                                             "preprocess")},
+                "model_type": self.backend.model_type, "cam_types": list(CAM_TYPES) if self.cam else [],
+                "conf_threshold": self.conf_threshold}
+
+    def input_shape(self) -> tuple[int, ...]:
+        spec = self.meta.preprocess
+        return (spec.channels, spec.crop, spec.crop)
+
+    def run(self, jobs: Sequence[Job]) -> list[dict[str, Any] | ServeError]:
+        """Predict a batch of jobs together; CAM overlays for the jobs that ask for one.
+
+        Returns:
+            One result dict per job, or a ServeError for a job whose CAM failed (the others
+            of the batch are not failed with it).
+        """
+        t0 = time.perf_counter()
+        batch = np.stack([j.tensor for j in jobs])
+        probs = self.ensemble.predict([batch], self.plan)[0]
+        rows = prediction_rows([j.name for j in jobs], probs, self.class_names, self.conf_threshold,
+                               self.meta.decision_thresholds() if self.meta.multilabel else None)
+        results: list[dict[str, Any] | ServeError] = [result_of(row, len(jobs)) for row in rows]
+        for cam_type in sorted({j.cam for j in jobs if j.cam}):
+            idx = [i for i, j in enumerate(jobs) if j.cam == cam_type]
+            try:
+                if self.cam is None:
+                    raise ServeError(400, f"cam={cam_type} needs gradients through a PyTorch model: serve --model_type torch")
+                import torch
+
+                pngs = self.cam(torch.from_numpy(batch[idx]), [rows[i]["index"] for i in idx], cam_type)
+            except Exception as err:  # noqa: BLE001 - a CAM failure fails the images that asked for it
+                error = err if isinstance(err, ServeError) else ServeError(500, f"{cam_type} failed ({type(err).__name__}: "
+                                                                                 f"{str(err).splitlines()[0][:200]})")
+                for i in idx:
+                    results[i] = error
+                continue
+            for i, png in zip(idx, pngs):
+                results[i]["cam"] = {"type": cam_type, "class": rows[i]["class"], "png": png}  # type: ignore[index]
+        ms = round(1000 * (time.perf_counter() - t0), 3)
+        for r in results:
+            if isinstance(r, dict):
+                r["batch_ms"] = ms
+        return results
+
+
+def result_of(row: dict[str, Any], batch_size: int) -> dict[str, Any]:
+    """A prediction_rows row -> the JSON of one image."""
+    k = sum(1 for key in row if key.startswith("top") and key.endswith("_class"))
+    out = {
+        "file": row["path"], "class": row["class"], "index": row["index"], "prob": row["prob"],
+        "top": [{"class": row[f"top{j}_class"], "prob": row[f"top{j}_prob"]} for j in range(1, k + 1)],
+        "entropy": row["entropy"], "uncertain": bool(row["uncertain"]), "batch_size": batch_size,
+    }
+    if "labels" in row:  # a multi-label model: every label at or above its threshold
+        out["labels"] = [{"class": c, "prob": float(p)} for c, p in
+                         zip(row["labels"].split("|"), row["label_probs"].split("|")) if c]
+    return out
+
+
+# ------------------------------------------------------------------------------ batching
+class Batcher:
+    """Groups jobs submitted from any thread into batches run by one thread.
+
+    A batch starts with the first waiting job and takes more until it holds `max_batch` or
+    `max_wait_ms` have passed since it started; with max_wait_ms 0 it takes only those already
+    waiting. Jobs whose future was cancelled (a request that timed out) are dropped.
+
+    Args:
+        fn: jobs -> one result per job (ModelRunner.run).
+        max_batch: most jobs per batch (1 = no batching).
+        max_wait_ms: how long a batch waits to fill.
+    """
+
+    def __init__(self, fn: Callable[[list[Job]], list[Any]], max_batch: int = 16, max_wait_ms: float = 2.0) -> None:
+        self.fn = fn
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.queue: queue.Queue[tuple[Job, Future] | None] = queue.Queue()
+        self.sizes: Counter[int] = Counter()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+            self.thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join(timeout)
+            self.thread = None
+
+    def submit(self, job: Job) -> Future:
+        future: Future = Future()
+        self.queue.put((job, future))
+        return future
+
+    def depth(self) -> int:
+        return self.queue.qsize()
+
+    def _collect(self, first: tuple[Job, Future]) -> tuple[list[tuple[Job, Future]], bool]:
+        batch, stop = [first], False
+        deadline = time.monotonic() + self.max_wait
+        while len(batch) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            try:
+                item = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                stop = True
+                break
+            batch.append(item)
+        return batch, stop
+
+    def _loop(self) -> None:
+        stop = False
+        while not stop:
+            first = self.queue.get()
+            if first is None:
+                break
+            batch, stop = self._collect(first)
+            live = [(job, fut) for job, fut in batch if fut.set_running_or_notify_cancel()]
+            if not live:
+                continue
+            with self.lock:
+                self.sizes[len(live)] += 1
+            try:
+                results = self.fn([job for job, _ in live])
+            except Exception as err:  # noqa: BLE001 - a failed batch fails its requests, not the server
+                if not isinstance(err, ServeError):
+                    LOGGER.exception("batch of %d failed", len(live))
+                for _, fut in live:
+                    fut.set_exception(err)
+                continue
+            for (_, fut), result in zip(live, results):
+                if isinstance(result, BaseException):
+                    fut.set_exception(result)
+                else:
+                    fut.set_result(result)
+
+    def batch_sizes(self) -> Counter[int]:
+        with self.lock:
+            return Counter(self.sizes)
+
+
+# ------------------------------------------------------------------------------ services
+class Service(Protocol):
+    """What the HTTP tier needs of the model side."""
+
+    mode: str
+
+    def preprocessor(self) -> Preprocessor: ...
+    def info(self) -> dict[str, Any]: ...
+    def ready(self) -> tuple[bool, str]: ...
+    async def predict(self, jobs: list[Job], timeout: float) -> list[dict[str, Any]]: ...
+    async def stats(self) -> dict[str, Any]: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+class EmbeddedService:
+    """The model in this process, on one batching thread.
+
+    Args:
+        runner: the loaded model.
+        max_batch: most images per batch (1 = no batching).
+        max_wait_ms: how long a batch waits to fill.
+        max_pixels: the per-image pixel limit of the uploads.
+    """
+
+    mode = "embedded"
+
+    def __init__(self, runner: ModelRunner, max_batch: int = 16, max_wait_ms: float = 2.0,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.runner = runner
+        self.batcher = Batcher(runner.run, max_batch, max_wait_ms)
+        self._pre = Preprocessor(runner.meta.preprocess, max_pixels)
+        self._ready = False
+
+    async def start(self) -> None:
+        # one untimed batch first, so the first request does not pay for the first forward pass
+        blank = Job("warm-up", np.zeros(self.runner.input_shape(), dtype=np.uint8))
+        await asyncio.get_running_loop().run_in_executor(None, self.runner.run, [blank])
+        self.batcher.start()
+        self._ready = True
+
+    async def stop(self) -> None:
+        self._ready = False
+        await asyncio.get_running_loop().run_in_executor(None, self.batcher.stop)
+
+    def preprocessor(self) -> Preprocessor:
+        return self._pre
+
+    def info(self) -> dict[str, Any]:
+        return {**self.runner.describe(), "mode": self.mode, "max_batch": self.batcher.max_batch,
+                "max_wait_ms": self.batcher.max_wait * 1000}
+
+    def ready(self) -> tuple[bool, str]:
+        return (True, "model loaded") if self._ready else (False, "warming up")
+
+    async def predict(self, jobs: list[Job], timeout: float) -> list[dict[str, Any]]:
+        futures = [asyncio.wrap_future(self.batcher.submit(job)) for job in jobs]
+        try:
+            return list(await asyncio.wait_for(asyncio.gather(*futures), timeout))
+        except asyncio.TimeoutError:
+            for fut in futures:
+                fut.cancel()
+            raise ServeError(504, f"no result within {timeout:.1f}s (--timeout); the server is overloaded") from None
+
+    async def stats(self) -> dict[str, Any]:
+        return {"batch_sizes": self.batcher.batch_sizes(), "gauges": {"serve_queue_depth": self.batcher.depth()}}
+
+

@@ -1,0 +1,642 @@
+"""A training run, from its data to the test score of best.pt (main.py's library).
+
+    data = load_data(args, resumed=None)                      # the splits, class names, mean/std, augmentation
+    trainer = Trainer(args, data, Run("runs/exp"), device)   # model, optimizer, schedule, EMA/SWA/KD, loaders
+    result = trainer.fit()                                    # the epochs: train, validate, save, log
+    test = trainer.test_best()                                # best.pt on the test split
+
+`Trainer` builds every part from the options and registers the stateful ones in a TrainState, so
+last.pt is one `state_dict()` and --resume one `load_state_dict()`. The epoch itself is
+utils.train.engine (no I/O); what is kept is utils.train.saver.CheckpointSaver; what is shown is
+utils.train.epoch_log.EpochLog. docs/architecture.md shows the whole flow.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import logging
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from utils.core.checkpoint import float_weights, load_checkpoint
+from utils.core.config import args_to_dict
+from utils.core.device import amp_settings, autobatch, autocast
+from utils.core.distributed import (all_equal, any_true, broadcast_buffers, broadcast_module, broadcast_object, reduce_sum,
+                                    world_info)
+from utils.core.log import UserError
+from utils.core.names import MULTICLASS_LOSSES, MULTILABEL_LOSSES, MULTILABEL_METRICS
+from utils.core.run import Run
+from utils.core.schema import Checkpoint, ModelMeta, PreprocessSpec
+from utils.data.augment import BatchMix, train_augment
+from utils.data.image_cache import ImageCache, cache_budget
+from utils.data.imageset import ImageSet, report_skipped
+from utils.data.loaders import EpochSampler, ImageDataset, build_loader, compute_mean_std
+from utils.data.sources import scan_split
+from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, image_transform, train_transform
+from utils.evaluate.metrics import EpochSums, MultiLabelSums, best_f1_thresholds, multilabel_scores
+from utils.models.registry import create_model
+from utils.models.weights import load_module_state, load_weights
+from utils.train.distill import Distiller, load_teacher
+from utils.train.ema import EMA, SWA
+from utils.train.engine import NonFiniteLoss, StepParts, evaluate, train_one_epoch, update_bn
+from utils.train.epoch_log import EpochLog, EpochRecord
+from utils.train.losses import RDrop, Supervised, build_loss, class_balance_weights
+from utils.train.optim import HeadFreezer, build_optimizer
+from utils.train.saver import CheckpointSaver
+from utils.train.schedule import LRSchedule
+from utils.train.state import ModuleState, TrainState
+from utils.train.trackers import create_tracker
+
+LOGGER = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_determinism(device: torch.device, deterministic: bool) -> None:
+    """--deterministic: deterministic kernels only (an op without one raises); otherwise on CUDA,
+    cudnn.benchmark picks the fastest convolution algorithm for each input shape. A CPU run is
+    reproducible either way."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode
+        torch.use_deterministic_algorithms(True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+
+
+def compile_model(model: nn.Module, backend: str, device: torch.device) -> nn.Module:
+    """--compile: torch.compile(model) with a backend checked first, so a wrong name or a missing
+    compiler is one line here rather than an error deep inside the first training step."""
+    import torch._dynamo
+
+    names = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in names:
+        raise UserError(f"--compile {backend}: unknown backend; choose one of {', '.join(names)}")
+    compiler = os.environ.get("CXX", "g++")
+    if backend == "inductor" and device.type == "cpu" and shutil.which(compiler) is None:
+        raise UserError(f"--compile inductor on the CPU builds C++ kernels, and no compiler ({compiler}) was found: "
+                        "install g++ (or set CXX), or pass --compile aot_eager")
+    print(f"--compile: torch.compile, backend {backend} (the first steps are slow while it compiles)", flush=True)
+    return torch.compile(model, backend=backend)
+
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop polls, so last.pt is saved before exit.
+
+    A second Ctrl-C stops at once.
+    """
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        LOGGER.warning("\n%s received: saving last.pt at the end of this step ...", signal.Signals(signum).name)
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ------------------------------------------------------------------------------------ data
+@dataclass
+class TrainData:
+    """The splits of a run and what is derived from them before any model exists.
+
+    Attributes:
+        train_set / val_set: the scanned splits (val_set None without a val folder).
+        spec: the test-time preprocessing (size, channels, the train set's or ImageNet's mean/std).
+        augment: the training augmentations (torchvision/albumentations transforms) and their description.
+    """
+
+    train_set: ImageSet
+    val_set: ImageSet | None
+    spec: PreprocessSpec
+    augment: list[Any] = field(default_factory=list)
+    augment_note: str = "none"
+    task: str = "multiclass"
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.train_set.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.train_set.class_names)
+
+
+def train_mean_std(train_set: ImageSet, image_size: int, channels: int, seed: int) -> tuple[list[float], list[float]]:
+    """The train set's per-channel mean/std, computed once per set of files and size (then read
+    from the scan cache: a second start-up on the same folder decodes no image)."""
+    key = f"mean_std:v1:{train_set.signature}:{image_size}:{channels}:{seed}"
+    cached = train_set.cache.get(key) if train_set.cache is not None and train_set.signature else None
+    if cached is not None:
+        return list(cached[0]), list(cached[1])
+    mean, std = compute_mean_std(train_set.samples, image_size, channels, workers=0, seed=seed)
+    if train_set.cache is not None and train_set.signature:
+        train_set.cache.put(key, [mean, std])
+    return mean, std
+
+
+def load_data(args: argparse.Namespace, resumed: Checkpoint | None = None) -> TrainData:
+    """Scan the splits, check them, and settle the preprocessing (a resumed run keeps its own).
+
+    Raises:
+        UserError: missing or unusable splits, fewer than two classes, other classes than the resumed run's.
+    """
+    train_set = scan_split(args.train_path, label_path=args.label_path, what="train set", list_sep=args.list_sep)
+    class_names = train_set.class_names
+    if resumed is not None and list(resumed.meta.class_names) != class_names:
+        raise UserError(f"--resume: the classes in {args.train_path} differ from those the run was trained on")
+    report_skipped(train_set.skipped, f"train set {args.train_path}")
+    if len(class_names) < 2:
+        raise UserError(f"train set {args.train_path} has one class ({class_names[0]}): a classifier needs at least two")
+    val_set = None
+    if args.val_path and Path(args.val_path).exists():
+        val_set = scan_split(args.val_path, class_names=class_names, what="val set", list_sep=args.list_sep)
+        report_skipped(val_set.skipped, f"val set {args.val_path}")
+    else:
+        LOGGER.warning("no validation set at '%s': best.pt is chosen on the training metrics", args.val_path)
+
+    if resumed is not None:
+        mean, std = resumed.meta.preprocess.mean, resumed.meta.preprocess.std
+    elif args.imagenet_meanstd:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        if args.image_channel == 1:
+            mean, std = [sum(mean) / 3], [sum(std) / 3]
+    else:
+        mean, std = train_mean_std(train_set, args.image_size, args.image_channel, args.random_seed)
+        LOGGER.info("train set mean %s, std %s", [round(m, 4) for m in mean], [round(s, 4) for s in std])
+    spec = PreprocessSpec.create(args.image_size, args.image_channel, mean, std, args.resize_mode)
+    augment, note = train_augment(args.Augment, args.custom_augment)
+    task = settle_task(args, train_set, resumed)
+    for image_set in (train_set, val_set):
+        if image_set is not None and task == "multilabel" and not image_set.multilabel:  # one label each, as tuples
+            image_set.samples = [(p, t if isinstance(t, tuple) else (t,)) for p, t in image_set.samples]
+            image_set.multilabel = True
+        elif image_set is not None and task == "multiclass" and image_set.multilabel:
+            raise UserError(f"{image_set.root}: a list with several labels per image needs --task_type multilabel")
+    return TrainData(train_set, val_set, spec, augment, note, task)
+
+
+def settle_task(args: argparse.Namespace, train_set: ImageSet, resumed: Checkpoint | None) -> str:
+    """multiclass or multilabel (--task_type, or what the training list holds), and the loss and
+    --metrice that go with it: BCE and map by default for multilabel; a mismatch is refused.
+
+    Raises:
+        UserError: a multi-class loss or metric named for a multi-label run, or the other way round.
+    """
+    task = resumed.meta.task if resumed is not None else (
+        args.task_type if args.task_type != "auto" else ("multilabel" if train_set.multilabel else "multiclass"))
+    explicit = getattr(args, "explicit", set())
+    losses, metrics = (MULTILABEL_LOSSES, MULTILABEL_METRICS) if task == "multilabel" else (MULTICLASS_LOSSES, None)
+    if args.loss not in losses:
+        if "loss" in explicit:
+            raise UserError(f"--loss {args.loss} does not fit a {task} task: choose one of {', '.join(losses)}")
+        args.loss = losses[0]
+    if metrics is not None and args.metrice not in metrics:
+        if "metrice" in explicit:
+            raise UserError(f"--metrice {args.metrice} does not fit a multilabel task: choose one of {', '.join(metrics)}")
+        args.metrice = "map"
+    if task == "multiclass" and args.metrice == "map":
+        raise UserError("--metrice map is for multilabel runs (--task_type multilabel); use acc, mean_acc or f1")
+    if task == "multilabel" and args.rdrop:
+        raise UserError("--rdrop compares softmax distributions: it does not apply to a multilabel task")
+    args.task_type = task
+    return task
+
+
+def balanced_weights(image_set: ImageSet) -> list[float]:
+    """--sampler balanced: each image's chance, the inverse of its class's frequency (for several
+    labels, the mean over them), so every class is drawn about as often."""
+    counts = image_set.class_counts()
+    return [sum(1.0 / counts[c] for c in t) / len(t) if isinstance(t, tuple) else 1.0 / counts[t]
+            for t in image_set.targets]
+
+
+# --------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Builds every part of a training run from its options, and runs it.
+
+    Args:
+        args: the resolved options (main.py's parse_args, or the resumed run's own).
+        data: the splits (load_data).
+        run: the run folder.
+        device: where to train.
+        resumed: the last.pt to continue from, or None.
+    """
+
+    def __init__(self, args: argparse.Namespace, data: TrainData, run: Run, device: torch.device,
+                 resumed: Checkpoint | None = None) -> None:
+        self.args, self.data, self.run, self.device = args, data, run, device
+        print(f"augmentation: {data.augment_note}" + (f"; then --mixup {args.mixup}" if args.mixup != "none" else ""), flush=True)
+        self.model = self._build_model(pretrained=resumed is None)
+        self.amp_dtype, amp_note = amp_settings(device, args.amp)
+        if args.amp:
+            LOGGER.info("--amp: %s", amp_note)
+        self._settle_batch_size()
+        weight = (class_balance_weights(data.train_set.targets, data.num_classes, args.class_balance, args.class_balance_beta)
+                  if args.class_balance not in ("none", None, False) else None)
+        self.criterion = build_loss(args.loss, args.label_smoothing, weight).to(device)
+        self.optimizer = build_optimizer(self.model, args.optimizer, args.lr, args.weight_decay, args.momentum,
+                                         getattr(args, "layer_decay", None))
+        self.ema = EMA(self.model, args.ema_decay) if args.ema else None  # before any hooks are placed on the model
+        self.swa = SWA(self.model, int(args.swa_start * args.epoch)) if args.swa else None
+        self.objective, self.distiller = self._build_objective()
+        self.freezer = HeadFreezer(self.model, args.freeze) if args.freeze else None
+        self.batch_mix = BatchMix(args.mixup, data.num_classes, multilabel=data.multilabel) if args.mixup != "none" else None
+        self.rank, self.world = world_info()
+        self.train_sampler, self.train_loader, self.val_loader = self._build_loaders()
+        self.schedule = LRSchedule(self.optimizer, args.lr, args.epoch, args.warmup, args.warmup_ratios, args.warmup_minlr,
+                                   args.lr_scheduler, args.lr_scheduler_params,
+                                   steps_per_epoch=-(-len(self.train_loader) // args.accumulate))
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.train_model = self._wrap_distributed()
+        if args.compile:  # only the training step: checkpoints, EMA and validation keep the model itself
+            self.train_model = compile_model(self.train_model, args.compile, self.device)
+        shared = [p for p in self.distiller.method.parameters() if p.requires_grad] if self.distiller else []
+        self.step_parts = StepParts(self.objective, self.optimizer, self.scaler, self.amp_dtype, self.batch_mix,
+                                    args.accumulate, args.clip_grad, self.ema,
+                                    self.freezer.train_mode if self.freezer else None, shared, self.schedule.after_step)
+
+        self.meta = ModelMeta(args.model_name, tuple(data.class_names), data.spec, task=data.task)
+        self.options = args_to_dict(args) | {"save_path": str(run.path)}
+        self.saver = CheckpointSaver(run, self.meta, self.options, args.metrice, args.patience,
+                                     weights="ema" if self.ema else "raw")
+        self.state = self._build_state()
+        self.start_step = self.start_samples = 0
+        self.timing: list[dict[str, float]] = []  # seconds per epoch: train, val, checkpoints, logs and plots
+        if resumed is not None:
+            self.state.load_state_dict(resumed.train_state)
+            # where the epoch stopped, over all processes (files without `samples` come from one process)
+            self.start_samples = self.state.samples or self.state.step * args.batch_size
+            self.start_step = self.start_samples // (args.batch_size * self.world)
+            print(f"resuming {run.path} at epoch {self.state.epoch + 1}"
+                  + (f", step {self.start_step}" if self.start_step else ""), flush=True)
+        self.normalize = Normalize(data.spec.mean, data.spec.std, args.channels_last).to(device)
+        run.write_yaml("args.yaml", self.options | {"mean": list(data.spec.mean), "std": list(data.spec.std)})
+        run.write_lines("label.txt", data.class_names)
+        self.tracker = (create_tracker(getattr(args, "tracker", "none"), run.path,
+                                       getattr(args, "tracker_project", "pytorch-classifier")) if run.main else None)
+        if self.tracker is not None:
+            self.tracker.log_params(self.options)
+        self.log = EpochLog(run, args.epoch, ["kd_loss"] if args.kd else [], "val (EMA)" if self.ema else "val", data.task,
+                            self.tracker)
+        if resumed is not None:
+            self.log.resume(self.state.epoch)
+
+    # ---------------------------------------------------------------------------- building
+    def _build_model(self, pretrained: bool) -> nn.Module:
+        args = self.args
+        model = create_model(args.model_name, self.data.num_classes, args.image_channel, pretrained=args.pretrained and pretrained)
+        if args.weight and pretrained:
+            loaded, skipped = load_weights(model, args.weight)
+            LOGGER.info("--weight %s: loaded %d tensors", args.weight, len(loaded))
+            for line in skipped:
+                LOGGER.info("  skipped %s", line)
+        model = model.to(self.device)
+        if args.channels_last:  # the weights NHWC in memory; Normalize hands batches over in the same layout
+            model = model.to(memory_format=torch.channels_last)
+        if args.sync_bn and world_info()[1] > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
+
+    def _settle_batch_size(self) -> None:
+        """Refuse a batch of one for batch norm; pick the batch size for --batch_size -1."""
+        args = self.args
+        if args.batch_size == 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            raise UserError(f"--batch_size 1 cannot train {args.model_name}: batch norm needs at least 2 images per batch")
+        if args.batch_size != -1:
+            return
+
+        def probe_step(net: nn.Module, x: torch.Tensor) -> None:
+            with autocast(self.device, self.amp_dtype):
+                net(x).float().sum().backward()
+
+        chosen = autobatch(copy.deepcopy(self.model), args.image_size, args.image_channel, self.device, step=probe_step)
+        args.batch_size = broadcast_object(min(chosen, len(self.data.train_set.samples)))  # rank 0's choice for all
+        LOGGER.info("--batch_size -1: %s -> batch size %d", "80% of GPU memory" if self.device.type == "cuda" else "no GPU",
+                    args.batch_size)
+
+    def _build_objective(self) -> tuple[Any, Distiller | None]:
+        """Supervised, R-Drop, or distillation from a teacher (whose learnable layers join the optimizer)."""
+        args = self.args
+        if args.rdrop:
+            return RDrop(self.criterion, args.rdrop_alpha), None
+        if not args.kd:
+            return Supervised(self.criterion), None
+        teacher, teacher_ckpt = load_teacher(args.teacher_path, self.data.class_names, args.image_channel, self.device,
+                                             self.data.task)
+        spec, t_spec = self.data.spec, teacher_ckpt.meta.preprocess
+        distiller = Distiller(self.criterion, self.model, teacher, args.kd_method, args.kd_ratio, args.image_channel,
+                              (list(spec.mean), list(spec.std)), (list(t_spec.mean), list(t_spec.std)),
+                              args.kd_temperature, self.data.multilabel).to(self.device)
+        learnable = [p for p in distiller.method.parameters() if p.requires_grad]
+        if learnable:  # MGD's generation layers train with the student
+            self.optimizer.add_param_group({"params": learnable, "weight_decay": args.weight_decay})
+        print(f"distillation: {args.kd_method} from {teacher_ckpt.meta.model_name} ({args.teacher_path}), "
+              f"kd_ratio {args.kd_ratio}", flush=True)
+        return distiller, distiller
+
+    def _wrap_distributed(self) -> nn.Module:
+        """The model the training step runs: DistributedDataParallel around it under torchrun (the
+        model itself otherwise). Checkpoints, EMA and validation use the model itself."""
+        if self.world == 1:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        if self.rank == 0:
+            print(f"distributed: {self.world} processes ({'NCCL' if self.device.type == 'cuda' else 'gloo'}), batch "
+                  f"{self.args.batch_size} per process = {self.args.batch_size * self.world} per step", flush=True)
+        return DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None,
+                                       find_unused_parameters=bool(self.args.freeze))  # frozen layers get no gradient
+
+    def _build_state(self) -> TrainState:
+        """Every stateful part, under the names last.pt stores them by."""
+        state = TrainState()
+        state.add("model", ModuleState(self.model))
+        state.add("optimizer", self.optimizer)
+        state.add("scheduler", self.schedule)
+        state.add("scaler", self.scaler, required=False)  # a CPU run may resume on a GPU
+        state.add("ema", self.ema)
+        state.add("swa", self.swa)
+        state.add("distill", ModuleState(self.distiller.method) if self.distiller else None)
+        state.add("best", self.saver)
+        return state
+
+    def _build_loaders(self) -> tuple[EpochSampler, Any, Any]:
+        args, data = self.args, self.data
+        pin = self.device.type == "cuda"
+        n = len(data.train_set.samples)
+        sampler = EpochSampler(n, shuffle=True, seed=args.random_seed, rank=self.rank, world_size=self.world,
+                               weights=balanced_weights(data.train_set) if args.sampler == "balanced" else None)
+        transform = train_transform(args.image_size, args.resize_mode, data.augment, data.spec.interpolation)
+        # a last batch of one image cannot train batch norm; mixing needs pairs
+        per_rank = -(-n // self.world)
+        drop_last = per_rank % args.batch_size == 1 or (self.batch_mix is not None and per_rank > args.batch_size)
+        caches = self._image_caches(transform)
+        train_loader = build_loader(ImageDataset(data.train_set.samples, transform, args.image_channel, seed=args.random_seed,
+                                                 num_classes=data.num_classes, cache=caches[0]),
+                                    args.batch_size, sampler, args.workers, pin, drop_last=drop_last)
+        val_loader = None
+        if data.val_set is not None:
+            val_loader = build_loader(ImageDataset(data.val_set.samples, image_transform(data.spec, args.test_tta), args.image_channel,
+                                                   num_classes=data.num_classes, cache=caches[1]),
+                                      args.batch_size, self.eval_sampler(len(data.val_set.samples)), args.workers, pin)
+        return sampler, train_loader, val_loader
+
+    def _image_caches(self, train_transform: Any) -> tuple[ImageCache | None, ImageCache | None]:
+        """--cache_images: the training, then the validation images, in memory within one budget
+        (each process of this machine holds its own)."""
+        args, data = self.args, self.data
+        mode = getattr(args, "cache_images", "off")
+        budget = cache_budget(mode, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), args.workers)
+        train = ImageCache.build([path for path, _ in data.train_set.samples], args.image_channel, train_transform, mode,
+                                 budget, args.workers, "training images")
+        if data.val_set is None:
+            return train, None
+        val = ImageCache.build([path for path, _ in data.val_set.samples], args.image_channel,
+                               image_transform(data.spec, args.test_tta), mode, budget - (train.nbytes if train else 0),
+                               args.workers, "validation images")
+        return train, val
+
+    def new_sums(self) -> EpochSums | MultiLabelSums:
+        """What an epoch's metrics are summed in: a confusion matrix, or a multi-label model's scores."""
+        return MultiLabelSums(self.data.num_classes) if self.data.multilabel else EpochSums(self.data.num_classes)
+
+    def eval_sampler(self, size: int) -> EpochSampler:
+        """Each process evaluates its share of a split once (no padding); metrics are summed over them."""
+        return EpochSampler(size, shuffle=False, rank=self.rank, world_size=self.world, pad=False)
+
+    # ---------------------------------------------------------------------------- training
+    def scored_model(self) -> nn.Module:
+        """What validation scores and best.pt holds: the EMA weights with --ema."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def fit(self) -> dict[str, Any]:
+        """Train the remaining epochs (stopping early on --patience or a signal), then finish SWA.
+
+        Returns:
+            {"best_epoch", "best_metric", "best_value"}.
+        """
+        args = self.args
+        print(f"training {args.model_name} on {self.device} ({len(self.data.train_set.samples)} train images, "
+              f"{self.data.num_classes} classes, batch {args.batch_size}, {args.epoch} epochs)", flush=True)
+        with StopFlag() as stop:
+            try:
+                for epoch in range(self.state.epoch, args.epoch):
+                    self.run_epoch(epoch, stop)
+                    if stop():
+                        print(f"stopped after epoch {epoch + 1}: saved {self.run / 'last.pt'}; "
+                              f"continue with: python main.py --save_path {self.run.path} --resume", flush=True)
+                        raise KeyboardInterrupt
+                    if self.saver.patience_exhausted:
+                        print(f"early stop: no improvement of val {args.metrice} for {args.patience} epochs "
+                              f"(best {self.saver.best_value:.4f} at epoch {self.saver.best_epoch})", flush=True)
+                        break
+            finally:
+                self.log.close()  # the curves are drawn however the loop ends
+        if self.swa is not None:
+            self.finish_swa()
+        self.tune_thresholds()
+        if self.world > 1:  # DistributedDataParallel keeps the copies equal; say so, or say it did not
+            same = all_equal([t for t in self.model.state_dict().values() if t.is_floating_point()])
+            print(f"weights {'identical' if same else 'DIFFERENT (a bug: please report it)'} on all {self.world} "
+                  "processes", flush=True)
+        self.print_timing()
+        saver = self.saver
+        print(f"best.pt: epoch {saver.best_epoch}, {'val' if self.val_loader else 'train'} {args.metrice} "
+              f"{saver.best_value:.4f}", flush=True)
+        return {"best_epoch": saver.best_epoch, "best_metric": args.metrice, "best_value": saver.best_value}
+
+    def run_epoch(self, epoch: int, stop: StopFlag) -> EpochRecord:
+        """Train one epoch (or the rest of it), validate, choose best.pt, log, save last.pt."""
+        args, state = self.args, self.state
+        start_step = self.start_step if epoch == state.epoch else 0
+        lr = self.schedule.resume(epoch, start_step // args.accumulate) if start_step else self.schedule.start_epoch(epoch)
+        frozen = self.freezer.start_epoch(epoch) if self.freezer else False
+        self.train_sampler.set_epoch(epoch, skip=self.start_samples if start_step else 0)
+        sums, extra = self.new_sums(), {}
+        if start_step and state.sums and self.rank == 0:
+            sums.load_state_dict(state.sums)
+            extra = dict(state.extra or {})
+        t0 = time.perf_counter()
+        train = self.train_epoch(epoch, sums, extra, start_step, stop)
+        t_train = time.perf_counter()
+        self.start_step = 0
+        if train["interrupted"]:
+            done = (self.start_samples if start_step else 0) + (int(train["steps"]) - start_step) * args.batch_size * self.world
+            state.epoch, state.step, state.samples = epoch, int(train["steps"]), done
+            # the epoch's sums of every process go to rank 0's last.pt; a resumed run starts the others at zero
+            state.sums = sums.reduced().state_dict()
+            state.extra = {k: float(v) for k, v in zip(sorted(extra), reduce_sum(torch.tensor(
+                [extra[k] for k in sorted(extra)], dtype=torch.float64)).tolist())} if extra else {}
+            self.saver.save_last(state)
+            any_true()  # the other processes wait until rank 0 has written last.pt
+            print(f"stopped at epoch {epoch + 1}, step {state.step}: saved {self.run / 'last.pt'}; "
+                  f"continue with: python main.py --save_path {self.run.path} --resume", flush=True)
+            raise KeyboardInterrupt
+        # batch-norm statistics are each process's own: rank 0's are the run's (checkpoints hold them)
+        broadcast_buffers(self.model)
+        if self.ema is not None:
+            broadcast_module(self.ema.module)
+        if self.swa is not None:
+            self.swa.end_epoch(self.model, epoch)
+        val = self.validate(self.scored_model())
+        t_val = time.perf_counter()
+        self.schedule.end_epoch(val["loss"] if val else None)
+        improved = self.saver.end_epoch(epoch + 1, (val or train)[args.metrice], self.scored_model(),
+                                        {"train": train, "val": val})
+        t_best = time.perf_counter()
+        notes = (["head only"] if frozen else []) + ([f"kd_loss {train['kd_loss']:.4f}"] if "kd_loss" in train else [])
+        record = EpochRecord(epoch + 1, lr, t_val - t0, train, val, improved, notes)
+        self.log.write(record)  # before last.pt: a kill in between redoes this epoch, and its row with it
+        t_log = time.perf_counter()
+        state.epoch, state.step, state.samples, state.sums, state.extra = epoch + 1, 0, 0, None, None
+        self.saver.save_last(state)
+        spent = {"train": t_train - t0, "val": t_val - t_train, "checkpoints": t_best - t_val + time.perf_counter() - t_log,
+                 "logs and plots": t_log - t_best}
+        self.timing.append(spent)
+        return record
+
+    def print_timing(self) -> None:
+        """Where the epochs' time went, on average: training, validation, checkpoints, logs and plots."""
+        if not self.timing:
+            return
+        mean = {k: sum(t[k] for t in self.timing) / len(self.timing) for k in self.timing[0]}
+        total = sum(mean.values())
+        print("time per epoch: " + ", ".join(f"{k} {v:.2f}s ({v / total:.0%})" for k, v in mean.items()), flush=True)
+
+    def train_epoch(self, epoch: int, sums: EpochSums, extra: dict[str, float], start_step: int, stop: StopFlag) -> dict[str, float]:
+        """utils.train.engine.train_one_epoch with this run's parts; a non-finite loss ends the run in one line."""
+        failed: list[tuple[str, str]] = []
+        draw = (self.log.batch_drawer(self.data.class_names, self.data.spec.mean, self.data.spec.std,
+                                      int(self.args.plot_train_batch_count)) if epoch == 0 else None)
+        try:
+            train = train_one_epoch(self.train_model, self.step_parts, self.train_loader, self.device, epoch, self.normalize, sums,
+                                    start_step=start_step, should_stop=stop, on_batch=draw, failed=failed, extra_sums=extra)
+        except NonFiniteLoss as err:
+            raise UserError(f"training stopped: {err}; lower --lr (now {self.args.lr}) or drop --amp. "
+                            f"The checkpoints in {self.run.path} are from the last good epoch and were not touched") from None
+        report_skipped(failed, "images that failed to decode (left out of training)")
+        return train
+
+    def validate(self, model: nn.Module) -> dict[str, float] | None:
+        """Loss, acc and mean_acc of `model` on the val split (None without one)."""
+        if self.val_loader is None:
+            return None
+        failed: list[tuple[str, str]] = []
+        val = evaluate(model, self.criterion, self.val_loader, self.device, self.new_sums(), self.normalize,
+                       self.amp_dtype, failed=failed)
+        report_skipped(failed, "val images that failed to decode")
+        return val
+
+    def finish_swa(self) -> None:
+        """Recompute the SWA model's batch-norm statistics, score it, save swa.pt, and make it
+        best.pt if it beats the best epoch."""
+        swa = self.swa
+        if swa.count == 0:
+            print(f"--swa: training stopped before epoch {swa.start_epoch + 1}, where averaging starts; no swa.pt", flush=True)
+            return
+        self.train_sampler.set_epoch(self.args.epoch)
+        update_bn(swa.module, self.train_loader, self.device, self.normalize)
+        broadcast_buffers(swa.module)  # each process saw its shard: rank 0's statistics for all
+        val = self.validate(swa.module)
+        value = val[self.args.metrice] if val else None
+        promoted = self.saver.offer_swa(swa.module, self.args.epoch, {"val": val}, value, swa.count)
+        print(f"swa.pt: average of the last {swa.count} epochs" + (f", val {self.args.metrice} {value:.4f}" if val else "")
+              + (" (better than the best epoch: now best.pt)" if promoted else ""), flush=True)
+
+    def load_best(self) -> None:
+        """best.pt's weights into the model, in every process (best.pt is on rank 0's disk)."""
+        any_true()  # rank 0 has written best.pt
+        if self.rank == 0:
+            load_module_state(self.model, float_weights(load_checkpoint(self.run / "best.pt").model))
+        broadcast_module(self.model)
+
+    def tune_thresholds(self) -> None:
+        """Multi-label: per class, the threshold that gives best.pt its best F1 on the validation
+        split, stored in best.pt (and used by metrice.py, predict.py, exports and serve.py)."""
+        if not self.data.multilabel or self.val_loader is None:
+            return
+        self.load_best()
+        sums = self.new_sums()
+        evaluate(self.model, self.criterion, self.val_loader, self.device, sums, self.normalize, self.amp_dtype, desc="thresholds")
+        probs, targets, _, _ = sums.arrays()
+        thresholds = best_f1_thresholds(targets, probs)
+        before, after = multilabel_scores(targets, probs)["f1"], multilabel_scores(targets, probs, thresholds)["f1"]
+        self.meta = dataclasses.replace(self.meta, thresholds=tuple(thresholds))
+        self.saver.meta = self.meta
+        if self.rank == 0:
+            best = load_checkpoint(self.run / "best.pt")
+            best.meta = self.meta
+            self.run.save("best.pt", best)
+        print(f"thresholds tuned on the val split for each class's best F1: macro F1 {before:.4f} at 0.5 -> {after:.4f} "
+              "(stored in best.pt)", flush=True)
+
+    def test_best(self) -> dict[str, float] | None:
+        """best.pt's loss, acc and mean_acc on the test split (None when there is no test folder)."""
+        args = self.args
+        if not args.test_path or not Path(args.test_path).exists():
+            return None
+        test_set = scan_split(args.test_path, class_names=self.data.class_names, what="test set", list_sep=args.list_sep)
+        report_skipped(test_set.skipped, f"test set {args.test_path}")
+        self.load_best()
+        if self.data.multilabel:
+            test_set.samples = [(p, t if isinstance(t, tuple) else (t,)) for p, t in test_set.samples]
+        loader = build_loader(ImageDataset(test_set.samples, image_transform(self.data.spec, args.test_tta), args.image_channel,
+                                           num_classes=self.data.num_classes),
+                              args.batch_size, self.eval_sampler(len(test_set.samples)), 0, self.device.type == "cuda")
+        test = evaluate(self.model, self.criterion, loader, self.device, self.new_sums(), self.normalize,
+                        self.amp_dtype, desc="test")
+        first, second = self.log.metrics
+        print(f"test ({len(test_set.samples)} images, best.pt): {first} {test[first]:.4f}, {second} {test[second]:.4f}, "
+              f"loss {test['loss']:.4f}", flush=True)
+        return test
+
+    def close_tracker(self, result: dict[str, Any] | None = None) -> None:
+        """Send the final metrics and files (best.pt, swa.pt, train.log, args.yaml, label.txt, the plots)
+        to the --tracker and close it; without `result` (the run failed or stopped) only close it."""
+        tracker, self.tracker = self.tracker, None
+        if tracker is None:
+            return
+        try:
+            if result is not None:
+                final = {f"test/{k}": float(v) for k, v in (result.get("test") or {}).items()}
+                final |= {"best/epoch": float(result["best_epoch"]), f"best/{result['best_metric']}": float(result["best_value"])}
+                tracker.log_metrics(final)
+                names = ["best.pt", "swa.pt", "train.log", "args.yaml", "label.txt"]
+                tracker.log_artifacts([self.run / n for n in names] + sorted(self.run.path.glob("*.png")))
+        finally:
+            tracker.close()
