@@ -1,5 +1,5 @@
 """Export a trained run for deployment: TorchScript, ONNX (float32 / float16 / int8), OpenVINO, TensorRT,
-or a safetensors folder in timm's Hugging Face Hub layout.
+or a safetensors folder in timm's Hugging Face Hub layout (the formats of utils.deploy.formats).
 
     python export.py --save_path runs/exp --export onnx                  # runs/exp/export/best.onnx (+ .json)
     python export.py --save_path runs/exp --export torchscript onnx openvino --simplify
@@ -20,24 +20,29 @@ from typing import Any, Sequence
 
 from utils.core.config import ArgumentParser, finite_float
 from utils.core.log import UserError, script_main
-from utils.core.names import DEFAULT_OPSET, EXPORT_NAMES, HUB_EXPORT
+from utils.core.names import DEFAULT_OPSET
+from utils.core.run import RunFolder
+from utils.deploy.formats import EXPORT_FLAGS, FORMATS
 
 # PyTorch and the exporters are imported in main(): `--help` answers at once.
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description="Export a trained run (its best.pt) to TorchScript, ONNX, OpenVINO or TensorRT.")
+    parser = ArgumentParser(description="Export a trained run (its best.pt) to TorchScript, ONNX, OpenVINO, TensorRT or a "
+                            "Hub folder.")
     p = parser.add_argument
     p("--save_path", default="runs/exp", help="run folder of main.py (its best.pt is exported), or a checkpoint file")
-    p("--export", nargs="+", default=["onnx"], choices=[*EXPORT_NAMES, HUB_EXPORT], metavar="FORMAT",
-      help=f"one or more of: {', '.join(EXPORT_NAMES)}, {HUB_EXPORT} (a Hub folder timm loads: <stem>_hub/)")
+    p("--export", nargs="+", default=["onnx"], choices=list(EXPORT_FLAGS), metavar="FORMAT",
+      help=f"one or more of: {', '.join(EXPORT_FLAGS)} ({FORMATS['safetensors'].flag}: a Hub folder timm loads, "
+           f"<stem>{FORMATS['safetensors'].suffix}/); --list_formats shows the table")
     p("--push_to_hub", default="", metavar="REPO", help="upload the safetensors folder to this Hugging Face Hub repo "
       "(implies --export safetensors; token from HF_TOKEN or `hf auth login`)")
     p("--dynamic", action="store_true", help="any batch size (the default unless --batch_size is given)")
     p("--batch_size", type=int, default=None, help="trace batch; without --dynamic the model takes only this batch")
     p("--simplify", action="store_true", help="simplify the ONNX graph with onnxslim")
     p("--half", action="store_true", help="float16 model (CUDA GPU only)")
-    p("--int8", action="store_true", help="also write an int8 ONNX model (onnxruntime static quantization)")
+    p("--int8", action="store_true", help="also write an int8 model of the formats that quantize: "
+      f"{', '.join(f.flag for f in FORMATS.values() if f.int8)} (static quantization, calibrated on training images)")
     p("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
     p("--workspace", type=finite_float, default=4.0, help="TensorRT builder workspace (GiB)")
     p("--device", default="", help="'' (GPU if any), cpu, or a GPU index such as 0")
@@ -65,29 +70,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.workspace <= 0:
         raise UserError(f"--workspace must be positive, got {args.workspace}")
     args.export = list(dict.fromkeys(args.export))  # each format once, in the order given
+    if args.push_to_hub and "safetensors" not in args.export:
+        args.export.append("safetensors")  # --push_to_hub uploads the Hub folder: export it first
     return args
-
-
-def checkpoint_path(save_path: str) -> Path:
-    """The checkpoint to export: <run>/best.pt, or the file itself."""
-    path = Path(save_path)
-    if path.is_dir():
-        if not (path / "best.pt").is_file():
-            raise UserError(f"no best.pt in {path}: pass the run folder main.py wrote (--save_path), or a checkpoint file")
-        return path / "best.pt"
-    if not path.exists():
-        raise UserError(f"--save_path {path} not found: pass a run folder of main.py (e.g. runs/exp)")
-    return path
 
 
 def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Export; returns one export info dict per file written (see utils.deploy.export)."""
-    from utils.deploy.export import ExportOptions, export_checkpoint, formats_table
+    from utils.deploy.export import ExportOptions, export_checkpoint
+    from utils.deploy.formats import formats_table
 
     if args.list_formats:
         print(formats_table())
         return []
-    weights = checkpoint_path(args.save_path)
+    weights = RunFolder.checkpoint(args.save_path)
     if args.image_size is not None or args.image_channel is not None:
         from utils.core.checkpoint import load_checkpoint
 
@@ -97,20 +93,17 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
             if given is not None and given != getattr(meta, flag):
                 raise UserError(f"--{flag} {given} differs from the run's ({getattr(meta, flag)}): the model is exported with the "
                                 f"{flag.replace('_', ' ')} it was trained with; drop --{flag}")
-    formats = [f for f in args.export if f != HUB_EXPORT]
     options = ExportOptions(
-        formats=formats, device=args.device, batch_size=args.batch_size, dynamic=args.dynamic, half=args.half,
+        formats=args.export, device=args.device, batch_size=args.batch_size, dynamic=args.dynamic, half=args.half,
         int8=args.int8, simplify=args.simplify, opset=args.opset, workspace=args.workspace, verbose=args.verbose,
         val_path=args.val_path, train_path=args.train_path, parity_images=args.parity_images,
         calibration_images=args.calibration_images, output_dir=args.output_path,
     )
-    results = export_checkpoint(weights, options) if formats else []
-    if HUB_EXPORT in args.export or args.push_to_hub:
-        from utils.deploy.hub import export_hub, push_to_hub
+    results = export_checkpoint(weights, options)
+    if args.push_to_hub:
+        from utils.deploy.hub import push_to_hub
 
-        results.append(export_hub(weights, args.output_path))
-        if args.push_to_hub:
-            push_to_hub(Path(results[-1]["path"]), args.push_to_hub)
+        push_to_hub(Path(next(r["path"] for r in results if r["model_type"] == "safetensors")), args.push_to_hub)
     return results
 
 

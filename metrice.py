@@ -23,14 +23,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from utils.core.config import ArgumentParser, args_to_dict, finite_float
-from utils.core.device import default_workers, select_device, share_cpu
+from utils.core.device import default_workers, share_cpu
 from utils.core.log import UserError, script_main, settle_heap
 from utils.core.names import CLASSICAL
 from utils.core.run import Run, increment_path
 from utils.data.imageset import read_label_file, report_skipped
 from utils.data.sources import scan_split
 from utils.evaluate.split import measure_speed, predict_split, score_split
-from utils.infer.backends import MODEL_TYPES, models_from_flags
+from utils.deploy.formats import MODEL_TYPES
+from utils.infer.backends import model_device, models_from_flags
 from utils.infer.ensemble import ENSEMBLE_METHODS, Ensemble, load_ensemble
 from utils.infer.speed import device_name
 
@@ -151,7 +152,7 @@ def output_folder(first: str, task: str) -> Path:
 
 def load_models(args: argparse.Namespace) -> tuple[Ensemble, list[str], Any]:
     """The ensemble of --save_path, the class names to show (--label_path), and the device."""
-    device = select_device(args.device, args.model_type)
+    device = model_device(args.device, args.model_type)
     share_cpu(device, args.workers)
     for path in args.save_path:
         if Path(path).is_dir() and args.model_type == "torch" and not (Path(path) / "best.pt").is_file():

@@ -28,14 +28,15 @@ from typing import Any, Sequence
 from prettytable import PrettyTable
 
 from utils.core.config import ArgumentParser, finite_float
-from utils.core.device import default_workers, select_device, share_cpu
+from utils.core.device import default_workers, share_cpu
 from utils.core.log import UserError, progress, script_main, settle_heap
 from utils.core.names import CLASSICAL
 from utils.core.run import increment_path
 from utils.data.decode import load_image
 from utils.draw.labels import annotate
 from utils.explain.cam import CAM_TYPES
-from utils.infer.backends import MODEL_TYPES, models_from_flags
+from utils.deploy.formats import MODEL_TYPES
+from utils.infer.backends import model_device, models_from_flags
 from utils.infer.ensemble import ENSEMBLE_METHODS, Ensemble, InputPlan, load_ensemble
 from utils.infer.loader import prediction_loader
 from utils.infer.rows import BoundedWriter, PredictionWriter, label_text, output_name, prediction_rows
@@ -222,7 +223,7 @@ def predict_folder(args: argparse.Namespace) -> Path:
     if not source.files:
         reasons = "; ".join(f"{p}: {r}" for p, r in source.skipped[:3])
         raise UserError(f"--source {args.source} holds no image files" + (f" ({reasons})" if reasons else ""))
-    device = select_device(args.device, args.model_type)
+    device = model_device(args.device, args.model_type)
     share_cpu(device, args.workers)
     ensemble = load_ensemble(args.save_path, args.model_type, device, args.half, args.ensemble, args.ensemble_weights)
     if args.classical:

@@ -22,10 +22,11 @@ import socket
 from typing import Any, Sequence
 
 from utils.core.config import ArgumentParser
-from utils.core.device import compute_threads, select_device, set_threads
+from utils.core.device import compute_threads, set_threads
 from utils.core.log import UserError, script_main, settle_heap
 from utils.data.decode import MAX_IMAGE_PIXELS
-from utils.infer.backends import MODEL_TYPES, load_backend
+from utils.deploy.formats import MODEL_TYPES
+from utils.infer.backends import load_backend, model_device
 
 LOGGER = logging.getLogger("serve")
 API_KEY_ENV = "SERVE_API_KEY"
@@ -141,7 +142,7 @@ def build_runner(args: argparse.Namespace) -> Any:
         # leave a core to the HTTP tier (decoding, the event loop): on 2 cores, 2 compute threads
         # next to it served 52 requests/s at 8 clients where 1 served 78 (benchmarks/serve_load.py)
         set_threads(max(1, min(compute_threads(), (os.cpu_count() or 1) - 1)))
-    backend = load_backend(args.save_path, args.model_type, select_device(args.device), args.half)
+    backend = load_backend(args.save_path, args.model_type, model_device(args.device, args.model_type), args.half)
     return ModelRunner(backend, args.conf_threshold)
 
 

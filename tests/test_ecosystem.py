@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -201,7 +202,7 @@ def test_hub_model_offline_is_one_line(tiny_data: Path, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def hub_folder(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from utils.core.schema import Checkpoint, ModelMeta, PreprocessSpec
-    from utils.deploy.hub import export_hub
+    from utils.deploy.export import ExportOptions, export_checkpoint
     from utils.models.registry import create_model
 
     root = tmp_path_factory.mktemp("hub")
@@ -211,7 +212,7 @@ def hub_folder(tmp_path_factory: pytest.TempPathFactory) -> dict:
     meta = ModelMeta(TINY_MODEL, ("cat", "dog", "bird"), spec)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     torch.save(Checkpoint("best", meta, state, epoch=3).to_dict(), root / "best.pt")
-    info = export_hub(root / "best.pt")
+    (info,) = export_checkpoint(root / "best.pt", ExportOptions(formats=["safetensors"], device="cpu", parity_images=4))
     return {"root": root, "model": model, "info": info, "folder": Path(info["path"])}
 
 
@@ -231,6 +232,39 @@ def test_safetensors_folder_loads_with_timm_create_model(hub_folder: dict) -> No
     with torch.no_grad():
         assert torch.allclose(loaded(x), hub_folder["model"](x), atol=1e-6)
     assert tuple(timm.data.resolve_data_config({}, model=loaded)["mean"]) == (0.4,)
+    # through the format table like every export: checked against the checkpoint, its JSON beside it
+    info = hub_folder["info"]
+    assert info["model_type"] == "safetensors" and info["parity"]["ok"] and info["parity"]["max_abs_diff"] <= 1e-6
+    assert json.loads((folder.parent / "best_hub.json").read_text())["class_names"] == ["cat", "dog", "bird"]
+
+
+def test_safetensors_folder_runs_as_a_model_of_its_own(hub_folder: dict) -> None:
+    """predict.py / metrice.py --weight export/best_hub: the folder is a model format like the others."""
+    from utils.infer.backends import load_backend, model_type_of, predict_probs
+
+    folder = hub_folder["folder"]
+    assert model_type_of(folder) == "safetensors"
+    backend = load_backend(folder, None, "cpu")
+    assert backend.meta.class_names == ("cat", "dog", "bird") and backend.meta.preprocess.resize_mode == "letterbox"
+    images = np.random.default_rng(0).integers(0, 256, (3, 1, 32, 32), dtype=np.uint8)
+    x = (torch.from_numpy(images).float() / 255 - 0.4) / 0.2
+    with torch.no_grad():
+        want = hub_folder["model"](x).softmax(1).numpy()
+    assert np.allclose(predict_probs(backend, images), want, atol=1e-6)
+
+
+def test_safetensors_export_refuses_a_model_timm_cannot_build(tmp_path: Path) -> None:
+    from utils.core.log import UserError
+    from utils.core.schema import Checkpoint, ModelMeta, PreprocessSpec
+    from utils.deploy.export import ExportOptions, export_checkpoint
+    from utils.models.registry import create_model
+
+    model = create_model("mobilenet_v3_small", 2, 3)  # torchvision's
+    meta = ModelMeta("mobilenet_v3_small", ("a", "b"), PreprocessSpec.create(32, 3, [0.5] * 3, [0.25] * 3))
+    torch.save(Checkpoint("best", meta, dict(model.state_dict())).to_dict(), tmp_path / "best.pt")
+    with pytest.raises(UserError, match="torchvision model, which timm cannot build"):
+        export_checkpoint(tmp_path / "best.pt", ExportOptions(formats=["safetensors"], device="cpu"))
+    assert not (tmp_path / "export").exists()  # refused before any work
 
 
 def test_safetensors_folder_trains_again_and_uploads_offline(hub_folder: dict, tiny_data: Path, tmp_path: Path,

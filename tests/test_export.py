@@ -265,7 +265,7 @@ def test_parity_failure_keeps_the_file_and_flags_it(runs: dict[str, Path], expor
 
 
 def test_parity_report_tolerances() -> None:
-    from utils.deploy.export import parity_report
+    from utils.deploy.parity import parity_report
 
     ref = torch.tensor([[0.7, 0.2, 0.1]] * 20)
     assert parity_report(ref, ref + 5e-5, "fp32")["ok"] is True
@@ -282,7 +282,7 @@ def test_parity_report_tolerances() -> None:
 def test_deploy_model_folds_batchnorm_without_changing_outputs() -> None:
     import timm
 
-    from utils.deploy.export import deploy_model
+    from utils.deploy.deploy_form import deploy_model
 
     torch.manual_seed(0)
     model = timm.create_model("resnet10t", num_classes=4).eval()
@@ -302,9 +302,10 @@ def test_deploy_model_folds_batchnorm_without_changing_outputs() -> None:
 
 def test_backend_errors_say_what_to_do(runs: dict[str, Path], exported: dict[str, Any], tmp_path: Path) -> None:
     from utils.core.log import UserError
-    from utils.infer.backends import MODEL_TYPES, load_backend
+    from utils.deploy.formats import MODEL_TYPES
+    from utils.infer.backends import load_backend
 
-    assert MODEL_TYPES == ("torch", "torchscript", "onnx", "tensorrt", "openvino")
+    assert MODEL_TYPES == ("torch", "torchscript", "onnx", "openvino", "tensorrt", "safetensors")
     assert_ok(exported["resnet"])
     with pytest.raises(UserError, match=r"export.py --save_path .* --export tensorrt"):
         load_backend(runs["resnet"], "tensorrt")

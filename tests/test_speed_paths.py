@@ -187,7 +187,7 @@ def test_training_and_prediction_settle_the_heap_where_the_work_starts(tiny_data
 
     import utils.core.log
     import utils.train.engine
-    from utils.train import epoch_log
+    import utils.train.epoch_log
 
     events: list[str] = []
     monkeypatch.setattr(utils.core.log, "_OWN_PROCESS", True)

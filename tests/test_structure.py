@@ -250,7 +250,7 @@ def test_metrice_and_predict_give_the_same_ensemble_probabilities(trained_runs: 
 
 # ------------------------------------------------------------------------------ code shape
 # utils/'s packages, from the bottom up: a package imports only the packages before it.
-LAYERS = ("core", "draw", "data", "models", "infer", "evaluate", "explain", "train", "deploy", "serve")
+LAYERS = ("core", "draw", "data", "models", "deploy", "infer", "evaluate", "explain", "train", "serve")
 
 
 def _product_files() -> list[Path]:

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from conftest import (TINY_CLASSES, TINY_MODEL, TRAIN_LOG_HEADER, TrainedRun, assert_ok, assert_user_error, load_ckpt,
-                      make_split_dataset, run_many, run_script, train_args)
+                      make_split_dataset, run_many, train_args)
 
 LOSS_OPTIMIZER = [("CrossEntropyLoss", "SGD"), ("FocalLoss", "AdamW"), ("PolyLoss", "RMSProp")]
 

@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 
 LOGGER = logging.getLogger(__name__)
 
-# --model_type values that run through PyTorch; the others (onnx, openvino) run without it.
-TORCH_MODEL_TYPES = ("torch", "torchscript", "tensorrt")
 _THREADS: list[int] = []  # compute threads chosen by set_threads (share_cpu, serve.py), the last one in use
 
 
@@ -129,13 +127,15 @@ def share_cpu(device: Any, workers: int) -> int:
     return compute_threads()
 
 
-def select_device(spec: str = "", model_type: str = "torch") -> Any:
+def select_device(spec: str = "", torch_runtime: bool = True, model_type: str = "torch") -> Any:
     """Pick the device from a pytorch-classifier --device value.
 
     Args:
         spec: "" (first GPU if any, else CPU), "cpu", "0", "cuda:1" ...
-        model_type: the format to run; onnx and openvino models get a torch-free Device ("" is
-            the CPU there, a GPU index is handed to the runtime, which says if it cannot use it).
+        torch_runtime: whether the model runs through PyTorch (utils.deploy.formats: ModelFormat.torch_runtime);
+            the others (onnx, openvino) get a torch-free Device ("" is the CPU there, a GPU index is
+            handed to the runtime, which says if it cannot use it).
+        model_type: the --model_type, for the message when PyTorch is missing.
 
     Returns:
         The torch.device (a Device for onnx / openvino).
@@ -144,7 +144,7 @@ def select_device(spec: str = "", model_type: str = "torch") -> Any:
     if spec == "cuda":
         spec = "0"  # asking for the GPU by name is asking for the first one: an error when there is none
     spec = spec.replace("cuda:", "")
-    if model_type not in TORCH_MODEL_TYPES:
+    if not torch_runtime:
         if spec not in ("", "cpu") and not spec.isdigit():
             raise UserError(f"--device '{given}' is not valid: use '', 'cpu', or a GPU index such as 0")
         return Device("cuda", int(spec)) if spec.isdigit() else Device("cpu")

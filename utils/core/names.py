@@ -3,7 +3,7 @@
 The scripts build their parsers from these, so `--help` (and a mistyped flag) answers at once,
 without importing PyTorch. The modules that implement each name import it from here and check
 at import that their registry covers exactly these names (utils.train.losses.LOSSES,
-utils.data.augment.POLICIES, utils.deploy.export.EXPORT_FORMATS ...).
+utils.data.augment.POLICIES ...). The model formats are their own table, utils.deploy.formats.
 """
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ TIMM_OPTIMIZERS = (
 TIMM_SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "wsd", "rsqrt", "constant")
 TRACKERS = ("none", "wandb", "mlflow")
 CACHE_MODES = ("auto", "ram", "off")  # main.py --cache_images (utils.data.image_cache)
-HUB_EXPORT = "safetensors"  # export.py --export safetensors: a Hugging Face Hub folder that timm loads (utils.deploy.hub)
 AUGMENT_POLICIES = ("RandAugment", "AutoAugment", "TrivialAugmentWide", "AugMix")
 AUGMENT_CHOICES = (*AUGMENT_POLICIES, "none")
 MIXUP_CHOICES = ("mixup", "cutmix", "none")
@@ -43,11 +42,9 @@ METRICS = ("loss", "acc", "mean_acc", "balanced_acc", "f1", "map")
 MULTILABEL_METRICS = ("loss", "map", "f1")
 SAMPLERS = ("shuffle", "balanced")
 CLASS_BALANCE = ("none", "sqrt", "inverse", "effective")
-MODEL_TYPES = ("torch", "torchscript", "onnx", "tensorrt", "openvino")
 ENSEMBLE_METHODS = ("mean", "vote", "weighted")
 CLASSICAL = ("svm", "rf", "knn", "logreg", "mlp")  # classifiers on CNN features (metrice.py --task features)
 CAM_TYPES = ("GradCAM", "HiResCAM", "ScoreCAM", "GradCAMPlusPlus", "AblationCAM", "XGradCAM", "EigenCAM", "FullGrad")
-EXPORT_NAMES = ("torchscript", "onnx", "openvino", "tensorrt")
 DEFAULT_OPSET = 17  # run by onnxruntime >= 1.13, TensorRT >= 8.6 and OpenVINO; the legacy exporter writes up to 20
 
 

@@ -1,8 +1,12 @@
-"""The run folder: one folder per run, never another run's.
+"""The run folder: the names of a run's files, finding a run's model, and writing a run (one folder per
+run, never another run's).
 
-    path = increment_path("runs/exp")    # runs/exp if free, else runs/exp2, exp3 ... (claimed by mkdir)
-    run = Run(path)                      # every file of the run is written through it (rank 0 only)
-    run.write_yaml("args.yaml", options)
+    folder = RunFolder("runs/exp")
+    folder.best, folder.last, folder.args_file      # runs/exp/best.pt, last.pt, args.yaml ...
+    RunFolder.checkpoint("runs/exp", "--save_path") # a run folder -> its best.pt; a file -> itself
+    path = increment_path("runs/exp")               # runs/exp if free, else runs/exp2, exp3 ... (claimed by mkdir)
+    run = Run(path)                                 # every file of a training run is written through it (rank 0 only)
+    run.write_yaml(RunFolder.ARGS, options)
 
 A run never deletes another: an existing --save_path is incremented. Under torchrun only the main
 process writes.
@@ -12,7 +16,7 @@ from __future__ import annotations
 import csv
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import yaml
 
@@ -21,8 +25,75 @@ from utils.core.distributed import is_main_process
 from utils.core.files import atomic_write, atomic_write_text, remove_stale_temps
 from utils.core.schema import Checkpoint
 
-if TYPE_CHECKING:  # torch is imported where a checkpoint is read or written: Run works without it
-    pass
+from utils.core.log import UserError
+
+
+class RunFolder:
+    """A run folder of main.py and the names of its files (the one place that spells them).
+
+    Args:
+        path: the folder.
+    """
+
+    ARGS = "args.yaml"        # every resolved option of the run
+    LABELS = "label.txt"      # class names in index order
+    LOG = "train.log"         # one CSV row per epoch
+    BEST = "best.pt"          # the weights that scored best (what metrice, predict, export and serve use)
+    LAST = "last.pt"          # everything --resume needs
+    SWA = "swa.pt"            # --swa's averaged weights
+    EXPORT_DIR = "export"     # export.py's files
+    PREDICT_DIR = "predict"   # predict.py's folders (predict/exp, exp2 ...)
+    FEATURES_DIR = "features" # metrice.py --task features
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def best(self) -> Path:
+        return self.path / self.BEST
+
+    @property
+    def last(self) -> Path:
+        return self.path / self.LAST
+
+    @property
+    def args_file(self) -> Path:
+        return self.path / self.ARGS
+
+    @property
+    def labels_file(self) -> Path:
+        return self.path / self.LABELS
+
+    @property
+    def log_file(self) -> Path:
+        return self.path / self.LOG
+
+    @property
+    def export_dir(self) -> Path:
+        return self.path / self.EXPORT_DIR
+
+    @classmethod
+    def checkpoint(cls, path: str | Path, flag: str = "--save_path") -> Path:
+        """The checkpoint a path names: a run folder's best.pt, or the file itself.
+
+        Raises:
+            UserError: nothing there, or a folder without best.pt (naming the flag, and the runs
+                that hold one when the folder is a parent of runs).
+        """
+        path = Path(path)
+        if path.is_dir():
+            best = path / cls.BEST
+            if best.is_file():
+                return best
+            runs = sorted(str(p.parent) for p in path.glob(f"*/{cls.BEST}"))
+            hint = f"; runs here: {', '.join(runs[:10])}" if runs else ""
+            raise UserError(f"{flag} {path}: no {cls.BEST} in it: pass the run folder main.py wrote (its --save_path){hint}")
+        if not path.exists():
+            raise UserError(f"{flag} {path}: not found; pass a run folder of main.py (e.g. runs/exp) or a model file")
+        return path
 
 
 def increment_path(path: str | Path) -> Path:
@@ -45,23 +116,20 @@ def increment_path(path: str | Path) -> Path:
         n += 1
 
 
-class Run:
-    """A run folder; the one place through which a run writes files (only on the main process).
+class Run(RunFolder):
+    """A run folder being written; the one place through which a run writes files (only on the main process).
 
     Args:
         path: the folder (created if missing).
     """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        super().__init__(path)
         self.main = is_main_process()
         if self.main:
             self.path.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(self.path)  # a checkpoint write cut short by a kill
         self._tb = None
-
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
 
     def write_yaml(self, name: str, data: dict[str, Any]) -> None:
         if self.main:

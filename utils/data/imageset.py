@@ -14,7 +14,10 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from utils.data.scan_cache import ScanCache
 
 LOGGER = logging.getLogger(__name__)
 

@@ -1,7 +1,9 @@
-"""A trained run as a Hugging Face Hub folder in timm's layout, and its upload (export.py --export safetensors).
+"""The safetensors format: a trained run as a Hugging Face Hub folder in timm's layout, its runtime,
+and its upload (export.py --export safetensors [--push_to_hub REPO]).
 
-    folder = export_hub(Path("runs/exp/best.pt"), "")            # runs/exp/export/best_hub/
+    python export.py --save_path runs/exp --export safetensors    # runs/exp/export/best_hub/ (+ best_hub.json)
     timm.create_model(f"local-dir:{folder}", pretrained=True)     # the trained model: our classes, our input
+    backend = Backend(folder, torch.device("cpu"))                # predict.py / metrice.py --weight best_hub
     push_to_hub(folder, "user/flowers")                           # export.py --push_to_hub user/flowers
 
 The folder is what timm's own save_for_hf writes: model.safetensors (the trained weights, float32,
@@ -15,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +24,15 @@ import torch
 from torch import nn
 
 from utils import __version__
-from utils.core.checkpoint import load_checkpoint
 from utils.core.log import UserError
-from utils.core.schema import FORMAT, Checkpoint, PreprocessSpec
-from utils.infer.backends import EXPORT_DIR
-from utils.models.weights import model_from_checkpoint
+from utils.core.schema import FORMAT, Checkpoint, ModelMeta, PreprocessSpec
+from utils.deploy.context import ExportContext
+from utils.deploy.formats import FORMATS
+from utils.deploy.runtime import torch_input, torch_output
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+FORMAT_SUFFIX = FORMATS["safetensors"].suffix  # best_hub/
 # resize_mode -> timm's crop_mode (resize the short side and crop / resize both sides / fit and pad)
 CROP_MODES = {"crop": "center", "squash": "squash", "letterbox": "border"}
 SOURCE_KEYS = ("tag", "license", "origin_url", "paper_ids", "paper_name", "description", "notes", "hf_hub_id", "url")
@@ -78,67 +79,66 @@ def save_hub_folder(ckpt: Checkpoint, model: nn.Module, folder: Path, source: st
     (folder / "README.md").write_text(model_card(ckpt, config["architecture"]), encoding="utf-8")
 
 
-def check_loads(folder: Path, model: nn.Module, spec: PreprocessSpec) -> float:
-    """Build the folder's model with timm.create_model(local-dir:) and return the largest difference of its
-    outputs from `model`'s on random input.
+def refusal(meta: ModelMeta) -> str | None:
+    """Why this model cannot be written in timm's Hub layout (None when it can): only models that
+    timm builds can be rebuilt from a config.json."""
+    from utils.models.registry import resolve_name
 
-    Raises:
-        UserError: timm cannot build it, or it computes something else.
+    if resolve_name(meta.model_name)[0] != "timm":
+        return (f"--export safetensors writes timm's Hub layout and {meta.model_name} is a torchvision model, which timm "
+                "cannot build: export torchscript or onnx instead")
+    return None
+
+
+def export(ctx: ExportContext) -> list[tuple[Path, str]]:
+    """<stem>_hub/ (model.safetensors, config.json, README.md) of the model as trained, float32 (a Hub
+    folder is rebuilt by name: the deploy form's folded layers would not fit timm's architecture)."""
+    folder = ctx.file(FORMAT_SUFFIX, "fp32")
+    folder.mkdir()
+    save_hub_folder(ctx.checkpoint, ctx.trained, folder, ctx.info["source"]["checkpoint"])
+    ctx.write_info(folder, ctx.describe("safetensors", folder, "fp32", True))
+    return [(folder, "fp32")]
+
+
+class Backend:
+    """A Hub folder written by export.py, rebuilt by timm.create_model("local-dir:...") and run by PyTorch.
+
+    Args:
+        folder: the folder (config.json, model.safetensors).
+        device: where to run.
+        half: float16 weights and inputs (CUDA only).
     """
-    import timm
 
-    try:
-        loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
-    except Exception as err:  # noqa: BLE001 - whatever timm raises, the folder is not usable
-        raise UserError(f"timm cannot load the written folder {folder}: {str(err).splitlines()[0]}") from None
-    x = torch.randn(2, spec.channels, spec.crop, spec.crop, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        diff = float((loaded(x) - model.eval()(x)).abs().max())
-    if diff > 1e-4:
-        raise UserError(f"the model timm loads from {folder} differs from the checkpoint's (max |dlogit| {diff:.2e})")
-    return diff
+    model_type = "safetensors"
 
+    def __init__(self, folder: Path, device: torch.device, half: bool = False) -> None:
+        import timm
 
-def export_hub(weights: Path, output_path: str = "") -> dict[str, Any]:
-    """Write <output>/<stem>_hub/ (default <run>/export/best_hub/) from a checkpoint and check that timm loads it.
+        from utils.data.transforms import Normalize
 
-    Returns:
-        {"format": "safetensors", "path", "files", "max_abs_diff"}.
+        if half and device.type != "cuda":
+            raise UserError("--half needs a CUDA device (float16 inference on a CPU is slow and inexact): drop --half or pass --device 0")
+        self.file = Path(folder)
+        try:
+            config = json.loads((self.file / CONFIG_FILE).read_text(encoding="utf-8"))
+            self.meta: ModelMeta = ModelMeta.from_dict(config["pytorch_classifier"], f"{self.file / CONFIG_FILE}")
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{self.file} is not a Hub folder of export.py (its {CONFIG_FILE} carries no "
+                            "'pytorch_classifier' metadata): export it with python export.py --export safetensors") from None
+        try:
+            self.model = timm.create_model(f"local-dir:{self.file}", pretrained=True).eval().to(device)
+        except Exception as err:  # noqa: BLE001 - whatever timm raises, the folder is not usable
+            raise UserError(f"timm cannot load {self.file}: {str(err).splitlines()[0][:200]}") from None
+        self.device, self.half = device, half
+        if half:
+            self.model.half()
+        spec = self.meta.preprocess
+        self.normalize = Normalize(spec.mean, spec.std).to(device)
 
-    Raises:
-        UserError: a model timm does not build (torchvision's), or a folder export.py did not write.
-    """
-    ckpt = load_checkpoint(weights, what="checkpoint")
-    model = model_from_checkpoint(ckpt)
-    if getattr(model, "toolkit_source", "timm") != "timm" or not hasattr(model, "pretrained_cfg"):
-        raise UserError(f"--export safetensors writes timm's Hub layout and {ckpt.meta.model_name} is a torchvision model, "
-                        "which timm cannot build: export torchscript or onnx instead")
-    out_dir = Path(output_path) if output_path else weights.parent / EXPORT_DIR
-    folder = out_dir / f"{weights.stem}_hub"
-    if folder.exists() and not _is_ours(folder):
-        raise UserError(f"{folder} exists and was not written by export.py: move it away or pass another --output_path")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=".hub-", dir=out_dir))  # written whole, then put in place
-    try:
-        save_hub_folder(ckpt, model, staged, str(weights))
-        diff = check_loads(staged, model, ckpt.meta.preprocess)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staged, folder)
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
-    files = sorted(p.name for p in folder.iterdir())
-    print(f"safetensors: {folder} ({', '.join(files)}); timm.create_model('local-dir:{folder}', pretrained=True) "
-          f"matches the checkpoint (max |dlogit| {diff:.1e})", flush=True)
-    return {"format": "safetensors", "path": str(folder), "files": files, "max_abs_diff": diff}
-
-
-def _is_ours(folder: Path) -> bool:
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and (config.get("pytorch_classifier") or {}).get("format") == FORMAT
+    def __call__(self, images: Any) -> Any:
+        with torch.inference_mode():
+            x = self.normalize(torch_input(images, self.device))
+            return torch_output(self.model(x.half() if self.half else x), images)
 
 
 def upload_plan(folder: Path, repo_id: str) -> dict[str, Any]:
@@ -158,7 +158,7 @@ def push_to_hub(folder: Path, repo_id: str, api: Any = None) -> str:
     """Create the model repo (if new) and upload the folder; returns the commit URL.
 
     Args:
-        folder: a folder export_hub wrote.
+        folder: a Hub folder export.py wrote (--export safetensors).
         repo_id: NAME or OWNER/NAME (the token comes from HF_TOKEN or `hf auth login`).
         api: a huggingface_hub.HfApi (default: a new one).
 

@@ -12,14 +12,13 @@ and returns float32 logits on the CPU: numpy for a numpy batch, a tensor for a t
 `backend.meta` is the model's utils.core.schema.ModelMeta: class names, preprocessing, image size and
 channels. Prediction is a function of (backend, images), so a server can call it.
 
-Formats (MODEL_TYPES): torch (a checkpoint of this toolkit), torchscript, onnx (onnxruntime),
-tensorrt (a serialized engine, CUDA) and openvino (IR .xml/.bin, CPU). Exported models take the
-normalised float batch ((pixel / 255 - mean) / std, N x C x H x W) and return logits; their
-metadata (ONNX metadata_props, TorchScript extra file, OpenVINO rt_info, or the JSON export.py
-writes beside every file) gives the class names and preprocessing. This module imports no torch:
-onnx and openvino run through utils.infer.runtimes on numpy (a deployment machine needs numpy, Pillow
-and the runtime: requirements/runtime.txt); torch, torchscript and tensorrt through
-utils.infer.torch_backends, imported when one is loaded. Only the torch format needs timm and the model code.
+The formats and their runtimes are the table of utils.deploy.formats: torch (a checkpoint of this
+toolkit), torchscript, onnx (onnxruntime), openvino (IR .xml/.bin, CPU), tensorrt (a serialized
+engine, CUDA) and safetensors (a Hub folder timm loads). Exported models take the normalised float
+batch ((pixel / 255 - mean) / std, N x C x H x W) and return logits; their metadata (inside the file,
+or the JSON export.py writes beside it) gives the class names and preprocessing. This module imports
+no torch: onnx and openvino run on numpy (a deployment machine needs numpy, Pillow and the runtime:
+requirements/runtime.txt); a format's module is imported only when a model of it is loaded.
 """
 from __future__ import annotations
 
@@ -30,84 +29,69 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from utils.core.device import TORCH_MODEL_TYPES, Device, import_torch
+from utils.core.device import import_torch, select_device
 from utils.core.log import UserError
-from utils.core.names import MODEL_TYPES
+from utils.core.run import RunFolder
 from utils.core.schema import ModelMeta
 from utils.data.transforms_np import image_transform, probabilities, run_with_tta
-from utils.infer.runtimes import OnnxBackend, OpenVINOBackend
+from utils.deploy.formats import MODEL_TYPES, ModelFormat, format_of, get_format, is_hub_folder
+from utils.deploy.runtime import runtime_device
 
 LOGGER = logging.getLogger(__name__)
 
 
-# Where export.py puts a run's exported models, and their names by format (first found wins:
-# the float32 file, then float16, then int8; pass a file path to choose another).
-EXPORT_DIR = "export"
-EXPORT_FILES: dict[str, tuple[str, ...]] = {
-    "torchscript": ("best.torchscript", "best_fp16.torchscript"),
-    "onnx": ("best.onnx", "best_fp16.onnx", "best_int8.onnx"),
-    "tensorrt": ("best.engine", "best_fp16.engine"),
-    "openvino": ("best.xml", "best_fp16.xml"),
-}
-# File suffixes that tell a model's format (for a clear error when --model_type does not fit).
-SUFFIX_TYPES = {".pt": "torch", ".pth": "torch", ".torchscript": "torchscript", ".onnx": "onnx", ".engine": "tensorrt",
-                ".plan": "tensorrt", ".trt": "tensorrt", ".xml": "openvino"}
-
-
-def find_export(run: Path, model_type: str) -> Path:
-    """The exported model of a run folder for model_type: <run>/export/best.<suffix> (or beside best.pt).
+def find_export(run: Path, fmt: ModelFormat) -> Path:
+    """The exported model of a run folder in a format: <run>/export/best.<suffix> (or beside best.pt),
+    the float32 file first, then float16, then int8 (pass a file path to choose another).
 
     Raises:
         UserError: none exported yet (with the export.py command that makes it).
     """
-    for folder in (run / EXPORT_DIR, run):
-        for name in EXPORT_FILES[model_type]:
-            if (folder / name).is_file():
-                if name != EXPORT_FILES[model_type][0]:
-                    LOGGER.info("using %s", folder / name)
-                return folder / name
-    raise UserError(f"no {model_type} model in {run / EXPORT_DIR}: export it with "
-                    f"python export.py --save_path {run} --export {model_type}")
+    folder = RunFolder(run)
+    names = fmt.run_files(Path(RunFolder.BEST).stem)
+    for where in (folder.export_dir, folder.path):
+        for name in names:
+            if (where / name).exists():
+                if name != names[0]:
+                    LOGGER.info("using %s", where / name)
+                return where / name
+    raise UserError(f"no {fmt.flag} model in {folder.export_dir}: export it with "
+                    f"python export.py --save_path {run} --export {fmt.flag}")
 
 
 def resolve_weights(path: str | Path, model_type: str = "torch") -> Path:
     """A run folder -> its model file for model_type (best.pt for torch, export/best.onnx for onnx ...);
-    a file -> itself (after checking that its suffix fits model_type)."""
+    a file -> itself (after checking that it fits model_type)."""
     path = Path(path)
-    if model_type not in MODEL_TYPES:
-        raise UserError(f"unknown --model_type '{model_type}'; choose one of {', '.join(MODEL_TYPES)}")
-    if path.is_dir():
-        if model_type == "torch":
-            candidate = path / "best.pt"
-            if not candidate.is_file():
-                raise UserError(f"no best.pt in {path}: is it a run folder of main.py? (pass the folder --save_path named when training)")
-            return candidate
-        return find_export(path, model_type)
+    fmt = get_format(model_type)
+    if path.is_dir() and not is_hub_folder(path):
+        return RunFolder.checkpoint(path) if fmt.flag == "torch" else find_export(path, fmt)
     if not path.exists():
         raise UserError(f"model not found: {path}")
-    suffix_type = SUFFIX_TYPES.get(path.suffix.lower())
-    if suffix_type and suffix_type != model_type and not (model_type == "torchscript" and suffix_type == "torch"):
-        raise UserError(f"{path} looks like a {suffix_type} model ({path.suffix}) but --model_type is {model_type}: "
-                        f"pass --model_type {suffix_type}")
+    found = format_of(path)
+    if found is not None and found is not fmt and not (fmt.flag == "torchscript" and found.flag == "torch"):
+        raise UserError(f"{path} looks like a {found.flag} model ({path.suffix or 'a Hub folder'}) but --model_type is "
+                        f"{fmt.flag}: pass --model_type {found.flag}")
     return path
 
 
 def model_type_of(path: str | Path) -> str:
-    """The format of a model path: a run folder is torch (its best.pt), a file tells by its suffix.
+    """The format of a model path: a run folder is torch (its best.pt), a Hub folder safetensors, a
+    file tells by its suffix.
 
     Raises:
         UserError: a file whose suffix names no format.
     """
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_hub_folder(path):
         return "torch"
-    suffix_type = SUFFIX_TYPES.get(path.suffix.lower())
-    if suffix_type is None:
+    found = format_of(path)
+    if found is None:
         if not path.exists():
             raise UserError(f"model not found: {path}")
         raise UserError(f"{path}: '{path.suffix or 'no suffix'}' names no model format; pass --model_type "
                         f"({', '.join(MODEL_TYPES)})")
-    return suffix_type
+    return found.flag
 
 
 def models_from_flags(save_path: Sequence[str] | None, weight: Sequence[str] | None,
@@ -116,7 +100,7 @@ def models_from_flags(save_path: Sequence[str] | None, weight: Sequence[str] | N
 
     Args:
         save_path: run folders (or model files), None when not given (default runs/exp).
-        weight: model files: a checkpoint or any exported file (export/best_int8.onnx ...).
+        weight: model files: a checkpoint or any exported file (export/best_int8.onnx, export/best_hub ...).
         model_type: the format; None: from the first --weight file's suffix, else torch.
 
     Returns:
@@ -127,56 +111,38 @@ def models_from_flags(save_path: Sequence[str] | None, weight: Sequence[str] | N
     if not weight:
         return list(save_path or ["runs/exp"]), model_type or "torch"
     for file in weight:
-        if Path(file).is_dir():
+        if Path(file).is_dir() and not is_hub_folder(Path(file)):
             raise UserError(f"--weight {file} is a folder: pass a model file (best.pt, export/best.onnx ...), "
                             "or the run folder with --save_path")
     return list(weight), model_type or model_type_of(weight[0])
 
 
+def model_device(spec: str, model_type: str) -> Any:
+    """--device for a model of this format: a torch.device where it runs through PyTorch, else a
+    torch-free utils.core.device.Device (no torch import for onnx and openvino)."""
+    return select_device(spec, get_format(model_type).torch_runtime, model_type)
+
+
 def load_backend(path: str | Path, model_type: str | None = "torch", device: Any = "cpu", half: bool = False) -> Any:
-    """Load a model to run.
+    """Load a model to run, whatever its format.
 
     Args:
         path: a run folder or a model file.
-        model_type: the format: torch, torchscript, onnx, tensorrt or openvino; None: from the
-            file's suffix (model_type_of).
+        model_type: a format of utils.deploy.formats (torch, torchscript, onnx, openvino, tensorrt,
+            safetensors); None: from the file's suffix (model_type_of).
         device: where to run, a torch.device, a utils.core.device.Device or a string (OpenVINO always
             uses the CPU; TensorRT needs CUDA).
-        half: float16 inference (CUDA only; torch and torchscript -- the other formats keep the
+        half: float16 inference (CUDA only; the formats whose `half` is set -- the others keep the
             precision they were exported with).
 
     Returns:
         A callable backend: uint8 batch -> float32 logits (CPU), with `.meta` and `.model_type`.
     """
-    model_type = model_type or model_type_of(path)
-    if model_type not in MODEL_TYPES:
-        raise UserError(f"unknown --model_type '{model_type}'; choose one of {', '.join(MODEL_TYPES)}")
-    file = resolve_weights(path, model_type)
-    if model_type in TORCH_MODEL_TYPES:
-        torch = import_torch(f"--model_type {model_type}")
-        from utils.core.checkpoint import load_checkpoint
-        from utils.infer.torch_backends import TensorRTBackend, TorchBackend, TorchScriptBackend
-
-        device = torch.device(str(device))
-        if model_type == "torch":
-            return TorchBackend(load_checkpoint(file, what="model"), device, half)
-        if model_type == "torchscript":
-            return TorchScriptBackend(file, device, half)
-    if half:
-        raise UserError(f"--half applies to torch and torchscript models; a {model_type} model keeps the precision it was "
-                        "exported with (python export.py --half makes a float16 one)")
-    if model_type == "tensorrt":
-        return TensorRTBackend(file, device)
-    device = Device(*_parse_device(str(device)))
-    if model_type == "onnx":
-        return OnnxBackend(file, device)
-    return OpenVINOBackend(file, device)
-
-
-def _parse_device(text: str) -> tuple[str, int | None]:
-    """'cpu', 'cuda', 'cuda:1' -> (type, index)."""
-    kind, _, index = text.partition(":")
-    return kind, int(index) if index.isdigit() else None
+    fmt = get_format(model_type or model_type_of(path))
+    file = resolve_weights(path, fmt.flag)
+    if fmt.torch_runtime:
+        import_torch(f"--model_type {fmt.flag}")
+    return fmt.load(file, runtime_device(fmt.torch_runtime, device), half)
 
 
 def preprocess_images(meta: ModelMeta, images: Sequence[Image.Image], tta: bool = False) -> np.ndarray:

@@ -18,8 +18,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from utils.core.device import TORCH_MODEL_TYPES, compute_threads
+from utils.core.device import compute_threads
 from utils.core.schema import PreprocessSpec
+from utils.deploy.formats import FORMATS
 from utils.infer.backends import predict_probs
 
 # warm up, then time single calls until both minimums are met (or the cap)
@@ -105,7 +106,7 @@ def measure_backend(backend: Any, spec: PreprocessSpec, batch_size: int, tta: bo
     device = getattr(backend, "device", None)
     shape = (*((batch_size, 10) if tta else (batch_size,)), spec.channels, spec.crop, spec.crop)
     formats = ["-"]  # exported runtimes choose their own layout
-    if backend.model_type in TORCH_MODEL_TYPES:
+    if FORMATS[backend.model_type].torch_runtime:
         import torch
 
         x = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
