@@ -32,6 +32,23 @@ RESIZE_MODES = ("crop", "letterbox", "squash")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 TASKS = ("multiclass", "multilabel")
 CHECKPOINT_KINDS = ("best", "last", "swa")
+# The two numbers of the preprocessing that are not in a PreprocessSpec: both transforms
+# (utils.data.transforms, utils.data.transforms_np) read them here, at call time; the C++ side
+# (deploy/cpp/preprocess.cpp kLetterboxFill) repeats the fill, and tests/test_deploy.py compares them.
+LETTERBOX_FILL = 114  # grey borders, as YOLO-style letterboxing uses
+TTA_SCALE = 1.1  # pytorch-classifier resizes to crop * 1.1 before TenCrop (--test_tta), as training does before its random crop
+
+
+def scaled_resize(crop: int) -> int:
+    """The resize before TenCrop (and before training's random crop) for a crop size.
+
+    Args:
+        crop: the model's input size in pixels.
+
+    Returns:
+        int(crop * TTA_SCALE), e.g. 246 for 224.
+    """
+    return int(crop * TTA_SCALE)
 
 
 def _field(data: Mapping[str, Any], key: str, where: str) -> Any:
