@@ -19,6 +19,7 @@ from conftest import REPO, SUBPROCESS_ENV, assert_ok, describe, load_ckpt, run_s
 from utils.core.checkpoint import load_checkpoint
 from utils.core.log import UserError
 from utils.core.schema import VERSION, Checkpoint, ModelMeta, PreprocessSpec
+from utils.infer.ensemble import Member, resolve_weights_of
 from utils.models.weights import model_from_checkpoint
 from utils.train.state import ModuleState, TrainState
 
@@ -76,7 +77,8 @@ def test_version_1_checkpoints_still_load() -> None:
     assert best.version == 1 and best.kind == "best" and best.weights == "raw" and best.train_state is None
     assert best.meta.model_name == "test_efficientnet" and best.meta.class_names == ("cat", "dog")
     assert best.meta.image_size == 16 and best.meta.preprocess.resize_mode == "crop" and len(best.meta.preprocess.mean) == 3
-    assert best.epoch == 1 and best.metrics["val"]["acc"] == best.val_or_train_acc()[0]
+    assert best.epoch == 1 and Member("best", None, best.meta.preprocess, metrics=best.metrics).stored_accuracy() == (
+        best.metrics["val"]["acc"], "val")
     model = model_from_checkpoint(best)
     assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 2)
 
@@ -149,12 +151,12 @@ def test_version_1_run_resumes_predicts_and_exports(tmp_path: Path) -> None:
 # -------------------------------------------------------------------------------- TrainState
 def _parts(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, object, TrainState]:
     from utils.train.ema import EMA
-    from utils.train.schedule import EpochLR
+    from utils.train.schedule import LRSchedule
 
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(36, 2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    schedule = EpochLR(optimizer, 1e-2, 10, scheduler="ReduceLROnPlateau", scheduler_params={"patience": 0})
+    schedule = LRSchedule(optimizer, 1e-2, 10, scheduler="ReduceLROnPlateau", scheduler_params={"patience": 0})
     ema = EMA(model, 0.9)
     state = TrainState()
     state.add("model", ModuleState(model))
@@ -248,6 +250,20 @@ def test_metrice_and_predict_give_the_same_ensemble_probabilities(trained_runs: 
             shutil.rmtree(out, ignore_errors=True)
 
 
+def test_weights_default_to_the_stored_accuracy_val_before_train(caplog: pytest.LogCaptureFixture) -> None:
+    spec = PreprocessSpec.create(16, 3, [0.5] * 3, [0.25] * 3)
+    val = Member("a", None, spec, metrics={"train": {"acc": 0.99}, "val": {"acc": 0.75}})
+    train_only = Member("b", None, spec, metrics={"train": {"acc": 0.5}, "val": {}})
+    assert val.stored_accuracy() == (0.75, "val") and train_only.stored_accuracy() == (0.5, "train")
+    with caplog.at_level("WARNING"):
+        assert resolve_weights_of([val, train_only], "weighted", None) == [0.75, 0.5]
+    assert "b has no validation metrics" in caplog.text
+    assert resolve_weights_of([val, train_only], "weighted", [2, 1]) == [2.0, 1.0]
+    assert resolve_weights_of([val, train_only], "mean", None) is None
+    with pytest.raises(UserError, match="c stores no accuracy"):
+        resolve_weights_of([val, Member("c", None, spec)], "weighted", None)
+
+
 # ------------------------------------------------------------------------------ code shape
 # utils/'s packages, from the bottom up: a package imports only the packages before it.
 LAYERS = ("core", "draw", "data", "models", "infer", "evaluate", "explain", "train", "deploy", "serve")
@@ -296,6 +312,36 @@ def test_no_function_over_80_lines_and_thin_scripts() -> None:
     for script in ("main.py", "metrice.py", "predict.py", "processing.py", "export.py"):
         lines = len((REPO / script).read_text(encoding="utf-8").splitlines())
         assert lines < 300, f"{script} has {lines} lines"
+
+
+# Names the product never calls: hooks frameworks call (nn.Module.forward), and the library API
+# the README shows (utils.infer.ensemble.predict_pil).
+CALLED_FROM_OUTSIDE = {"forward", "predict_pil"}
+
+
+def test_every_public_name_of_utils_is_used_by_the_product() -> None:
+    """A function, class, method or constant of utils/ that only tests use is dead code (tests/ are
+    not the product); private names (_x) and CALLED_FROM_OUTSIDE aside."""
+    used: set[str] = set()
+    defined: list[tuple[Path, str]] = []
+    for file in _product_files() + sorted((REPO / "benchmarks").glob("*.py")):
+        tree = ast.parse(file.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+                used.add(node.id)
+            elif isinstance(node, ast.Attribute):
+                used.add(node.attr)
+            elif isinstance(node, ast.alias):
+                used.add(node.name.rsplit(".", 1)[-1])
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):  # getattr(x, "name")
+                used.add(node.value)
+        if file.parts[len(REPO.parts)] == "utils":
+            defined += [(file, n.name) for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+            defined += [(file, t.id) for n in tree.body if isinstance(n, ast.Assign) for t in n.targets
+                        if isinstance(t, ast.Name)]
+    unused = [f"{file.relative_to(REPO)}: {name}" for file, name in defined
+              if name not in used and not name.startswith("_") and name not in CALLED_FROM_OUTSIDE]
+    assert not unused, f"defined in utils/ but used by no script or module: {unused}"
 
 
 def test_one_cpu_policy() -> None:

@@ -183,9 +183,6 @@ class ModelMeta:
     def image_channel(self) -> int:
         return self.preprocess.channels
 
-    def with_preprocess(self, preprocess: PreprocessSpec) -> "ModelMeta":
-        return replace(self, preprocess=preprocess)
-
     def to_dict(self) -> dict[str, Any]:
         """Flat keys (model_name, num_classes, class_names, image_size, image_channel, mean, std,
         preprocess, task): what every checkpoint and exported file carries at its top level."""
@@ -270,15 +267,6 @@ class Checkpoint:
     train_state: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     version: int = VERSION
-
-    def val_or_train_acc(self) -> tuple[float | None, str]:
-        """The accuracy stored with the weights and where it came from ('val', or 'train' when the
-        run had no validation split); (None, '') when none is stored."""
-        for split in ("val", "train"):
-            acc = (self.metrics.get(split) or {}).get("acc")
-            if acc is not None:
-                return float(acc), split
-        return None, ""
 
     def to_dict(self) -> dict[str, Any]:
         out = {"format": FORMAT, "version": VERSION, "kind": self.kind, **self.meta.to_dict(), "model": self.model,
