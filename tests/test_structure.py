@@ -2,6 +2,7 @@
 TrainState, the one ensemble path of metrice.py and predict.py, and the shape rules of the code."""
 from __future__ import annotations
 
+import argparse
 import ast
 import csv
 import random
@@ -262,6 +263,51 @@ def test_weights_default_to_the_stored_accuracy_val_before_train(caplog: pytest.
     assert resolve_weights_of([val, train_only], "mean", None) is None
     with pytest.raises(UserError, match="c stores no accuracy"):
         resolve_weights_of([val, Member("c", None, spec)], "weighted", None)
+
+
+ENSEMBLE_CASES = [  # flags after --save_path a b -> (--ensemble, --ensemble_weights) or the refusal
+    ([], ("mean", None)),
+    (["--ensemble", "vote"], ("vote", None)),
+    (["--ensemble", "weighted"], ("weighted", None)),
+    (["--ensemble_weights", "2", "1"], ("weighted", [2.0, 1.0])),  # weights alone mean weighted
+    (["--ensemble", "weighted", "--ensemble_weights", "2", "1"], ("weighted", [2.0, 1.0])),
+    (["--ensemble", "vote", "--ensemble_weights", "2", "1"], "--ensemble_weights go with --ensemble weighted, not --ensemble vote"),
+    (["--ensemble", "mean", "--ensemble_weights", "2", "1"], "--ensemble_weights go with --ensemble weighted, not --ensemble mean"),
+    (["--ensemble_weights", "1"], "--ensemble_weights: 1 weight(s) for 2 model(s); give one per --save_path"),
+    (["--ensemble", "weighted", "--ensemble_weights", "1", "2", "3"], "--ensemble_weights: 3 weight(s) for 2 model(s)"),
+]
+
+
+@pytest.mark.parametrize("flags, expected", ENSEMBLE_CASES)
+def test_metrice_and_predict_read_the_ensemble_flags_alike(flags: list[str], expected: tuple | str) -> None:
+    import metrice
+    import predict
+
+    scripts = {"metrice": (metrice, []), "predict": (predict, ["--source", "img"])}
+    results = {}
+    for name, (script, extra) in scripts.items():  # --save_path is not opened while parsing
+        try:
+            args = script.parse_args(["--save_path", "a", "b", *extra, *flags])
+            results[name] = (args.ensemble, args.ensemble_weights)
+        except UserError as err:
+            results[name] = str(err)
+    assert results["metrice"] == results["predict"]
+    if isinstance(expected, str):
+        assert isinstance(results["predict"], str) and results["predict"].startswith(expected) and "\n" not in results["predict"]
+    else:
+        assert results["predict"] == expected
+
+
+def test_metrice_and_predict_define_the_ensemble_flags_alike() -> None:
+    import metrice
+    import predict
+
+    def flags(parser: argparse.ArgumentParser) -> dict[str, tuple]:
+        return {a.dest: (a.default, a.choices, a.nargs, a.type, a.help) for a in parser._actions
+                if a.dest.startswith("ensemble")}
+
+    assert flags(metrice.get_args_parser()) == flags(predict.get_args_parser())
+    assert set(flags(predict.get_args_parser())) == {"ensemble", "ensemble_weights"}
 
 
 # ------------------------------------------------------------------------------ code shape
