@@ -390,6 +390,13 @@ def test_every_public_name_of_utils_is_used_by_the_product() -> None:
     assert not unused, f"defined in utils/ but used by no script or module: {unused}"
 
 
+def test_the_explanations_probe_models_in_one_place() -> None:
+    """utils.explain's modules find their layers with utils.explain.probe: none hooks modules itself."""
+    hooking = [file.name for file in sorted((REPO / "utils" / "explain").glob("*.py"))
+               if "register_forward_hook" in file.read_text(encoding="utf-8")]
+    assert hooking == ["probe.py"]
+
+
 def test_one_cpu_policy() -> None:
     defined = [f"{file.relative_to(REPO)}" for file in _product_files() + sorted((REPO / "benchmarks").glob("*.py"))
                for node in ast.walk(ast.parse(file.read_text(encoding="utf-8")))
