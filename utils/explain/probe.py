@@ -28,6 +28,7 @@ class Record:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The output's shape (batch first)."""
         return tuple(self.output.shape)
 
 

@@ -52,7 +52,15 @@ def add_ensemble_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def check_weight_count(weights: Sequence[float], models: int) -> None:
-    """Refuse weights that are not one per model (UserError)."""
+    """Refuse weights that are not one per model.
+
+    Args:
+        weights: --ensemble_weights.
+        models: how many models they weight.
+
+    Raises:
+        UserError: another count.
+    """
     if len(weights) != models:
         raise UserError(f"--ensemble_weights: {len(weights)} weight(s) for {models} model(s); give one per --save_path")
 
