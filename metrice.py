@@ -22,7 +22,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from utils.core.config import ArgumentParser, args_to_dict, finite_float
+from utils.core.config import ArgumentParser, args_to_dict
 from utils.core.device import default_workers, share_cpu
 from utils.core.log import UserError, script_main, settle_heap
 from utils.core.names import CLASSICAL
@@ -32,7 +32,7 @@ from utils.data.sources import scan_split
 from utils.evaluate.split import measure_speed, predict_split, score_split
 from utils.deploy.formats import MODEL_TYPES
 from utils.infer.backends import model_device, models_from_flags
-from utils.infer.ensemble import ENSEMBLE_METHODS, Ensemble, load_ensemble
+from utils.infer.ensemble import Ensemble, add_ensemble_flags, ensemble_method, load_ensemble
 from utils.infer.speed import device_name
 
 LOGGER = logging.getLogger("metrice")
@@ -77,10 +77,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--test_tta", action="store_true", help="TenCrop test-time augmentation (probabilities averaged)")
     p("--visual", action="store_true", help="correct.csv, incorrect.csv and a gallery of the most confident mistakes")
     p("--tsne", action="store_true", help="t-SNE of the penultimate features (torch models)")
-    p("--ensemble", default=None, choices=list(ENSEMBLE_METHODS),  # None: mean, or weighted with weights
-      help="how several runs are combined (default mean; weighted with --ensemble_weights)")
-    p("--ensemble_weights", type=finite_float, nargs="+", default=None,
-      help="one weight per run for --ensemble weighted (default: each run's best validation accuracy)")
+    add_ensemble_flags(parser)
     p("--classical", default=None, help=f"--task features: comma-separated classifiers to fit on the features, "
       f"from {','.join(CLASSICAL)} (default: all)")
     return parser
@@ -96,14 +93,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             raise UserError(f"--{name} must be a positive number, got {value}")
     if args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
-    if args.ensemble_weights is not None:
-        if args.ensemble not in (None, "weighted"):
-            raise UserError(f"--ensemble_weights go with --ensemble weighted, not --ensemble {args.ensemble}")
-        args.ensemble = "weighted"
-        if len(args.ensemble_weights) != len(args.save_path):
-            raise UserError(f"--ensemble_weights: {len(args.ensemble_weights)} weight(s) for {len(args.save_path)} run(s); "
-                            "give one per --save_path")
-    args.ensemble = args.ensemble or "mean"
+    args.ensemble = ensemble_method(args.ensemble, args.ensemble_weights, len(args.save_path))
     if args.tsne and args.model_type != "torch":
         raise UserError("--tsne reads the penultimate features inside the network: it needs --model_type torch")
     check_features_args(args)

@@ -37,7 +37,7 @@ from utils.draw.labels import annotate
 from utils.explain.cam import CAM_TYPES
 from utils.deploy.formats import MODEL_TYPES
 from utils.infer.backends import model_device, models_from_flags
-from utils.infer.ensemble import ENSEMBLE_METHODS, Ensemble, InputPlan, load_ensemble
+from utils.infer.ensemble import Ensemble, InputPlan, add_ensemble_flags, ensemble_method, load_ensemble
 from utils.infer.loader import prediction_loader
 from utils.infer.rows import BoundedWriter, PredictionWriter, label_text, output_name, prediction_rows
 from utils.infer.sources import Source, find_images, relative_name
@@ -63,10 +63,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--workers", type=int, default=default_workers(), help="image-loading processes (0 = main process; none on 1-2 CPUs)")
     p("--test_tta", action="store_true", help="TenCrop test-time augmentation (the 10 crops' probabilities averaged)")
     p("--conf_threshold", type=finite_float, default=0.5, help="a top-1 probability below this marks the row uncertain")
-    p("--ensemble", default="mean", choices=list(ENSEMBLE_METHODS), help="how several --save_path models are combined: "
-      "mean of probabilities, vote (each model's top-1; ties broken by the mean), or weighted")
-    p("--ensemble_weights", type=finite_float, nargs="+", default=None,
-      help="--ensemble weighted: one weight per --save_path; none given = each run's best validation accuracy")
+    add_ensemble_flags(parser)
     p("--save_images", action="store_true", help="save a copy of each image with its label and probability drawn")
     p("--cam_visual", action="store_true", help="save a class activation map per image (input | heatmap | label)")
     p("--cam_type", default="GradCAM", choices=list(CAM_TYPES), help="CAM method (the grad-cam package)")
@@ -87,12 +84,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
     if not 0.0 <= args.conf_threshold <= 1.0:
         raise UserError(f"--conf_threshold must be in [0, 1], got {args.conf_threshold}")
-    if args.ensemble_weights is not None:
-        if args.ensemble != "weighted":
-            raise UserError(f"--ensemble_weights go with --ensemble weighted, not --ensemble {args.ensemble}")
-        if len(args.ensemble_weights) != len(args.save_path):
-            raise UserError(f"--ensemble_weights: {len(args.ensemble_weights)} weight(s) for {len(args.save_path)} model(s); "
-                            "give one per --save_path")
+    args.ensemble = ensemble_method(args.ensemble, args.ensemble_weights, len(args.save_path))
     if args.cam_visual and args.model_type != "torch":
         raise UserError(f"--cam_visual needs gradients through the PyTorch model: use --model_type torch (got {args.model_type})")
     if args.cam_visual and len(args.save_path) > 1:

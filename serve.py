@@ -27,47 +27,52 @@ from utils.core.log import UserError, script_main, settle_heap
 from utils.data.decode import MAX_IMAGE_PIXELS
 from utils.deploy.formats import MODEL_TYPES
 from utils.infer.backends import load_backend, model_device
+from utils.serve.settings import BATCH, HTTP, MODEL, QUEUE, WORKER, flag_defaults, shown
 
 LOGGER = logging.getLogger("serve")
 API_KEY_ENV = "SERVE_API_KEY"
-# Defaults of the flags that only some roles use (None in the parser, so a flag given to a role
-# that ignores it is an error rather than silently unused).
-MODEL_DEFAULTS = {"save_path": "runs/exp", "model_type": "torch", "device": "", "conf_threshold": 0.5}
-BATCH_DEFAULTS = {"max_batch": 16, "max_wait_ms": 2.0}
-HTTP_DEFAULTS = {"host": "127.0.0.1", "port": 8000, "max_bytes": 32 * 1024 * 1024, "max_pixels": 40_000_000,
-                 "timeout": 30.0}
-QUEUE_DEFAULTS = {"queue_name": "serve"}
-WORKER_DEFAULTS = {"heartbeat_s": 3.0, "max_deliveries": 3}
-ROLE_FLAGS = {**MODEL_DEFAULTS, **BATCH_DEFAULTS, **HTTP_DEFAULTS, **QUEUE_DEFAULTS, **WORKER_DEFAULTS, "threads": None}
+# The flags that only some roles use, with their defaults (utils.serve.settings); None in the
+# parser, so that a flag given to a role that ignores it is an error rather than silently unused.
+ROLE_FLAGS = {**flag_defaults(), "threads": None}
+
+
+def role_flag(parser: argparse.ArgumentParser, name: str, help: str, **kwargs: Any) -> None:
+    """Add --name with default None, its default (utils.serve.settings) shown at the end of its help.
+
+    Args:
+        parser: serve.py's parser.
+        name: a flag of ROLE_FLAGS.
+        help: what it does, without its default.
+        kwargs: more of add_argument (type, choices).
+    """
+    parser.add_argument(f"--{name}", default=None, help=f"{help} [{shown(ROLE_FLAGS[name])}]", **kwargs)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="Serve a trained run: REST API, web page, dynamic batching, Redis workers.")
     p = parser.add_argument
-    p("--save_path", default=None, help="run folder (its best.pt or export/) or model file [runs/exp]; "
-      "not for the API tier of --queue (its workers load the model)")
-    p("--model_type", default=None, choices=list(MODEL_TYPES), help="format of the model in --save_path [torch]")
-    p("--device", default=None, help="'' (GPU if any), cpu, or a GPU index such as 0 ['']")
+    role_flag(parser, "save_path", "run folder (its best.pt or export/) or model file; "
+              "not for the API tier of --queue (its workers load the model)")
+    role_flag(parser, "model_type", "format of the model in --save_path", choices=list(MODEL_TYPES))
+    role_flag(parser, "device", "'' (GPU if any), cpu, or a GPU index such as 0")
     p("--half", action="store_true", help="float16 inference (CUDA; torch and torchscript)")
     p("--threads", type=int, default=None, help="compute threads of the model (torch, onnxruntime, OpenVINO) [a server: CPU cores - 1; a --worker: "
       "PyTorch's default; $OMP_NUM_THREADS wins over both]")
-    p("--conf_threshold", type=float, default=None, help="a top-1 probability below this marks an image uncertain [0.5]")
-    p("--max_batch", type=int, default=None, help="most images run together [16]; 1 = no batching")
-    p("--max_wait_ms", type=float, default=None, help="how long a batch waits for more images once it has one [2]")
-    p("--host", default=None, help="address to bind [127.0.0.1]; any other needs --api_key")
-    p("--port", type=int, default=None, help="port [8000]")
+    role_flag(parser, "conf_threshold", "a top-1 probability below this marks an image uncertain", type=float)
+    role_flag(parser, "max_batch", "most images run together; 1 = no batching", type=int)
+    role_flag(parser, "max_wait_ms", "how long a batch waits for more images once it has one", type=float)
+    role_flag(parser, "host", "address to bind; any but loopback needs --api_key")
+    role_flag(parser, "port", "port", type=int)
     p("--api_key", default=None, help=f"bearer token required on /predict, /info, /metrics [${API_KEY_ENV}]")
-    p("--max_bytes", type=int, default=None, help="request body limit in bytes [33554432 = 32 MiB]")
-    p("--max_pixels", type=int, default=None, help="per-image pixel limit, checked before decoding [40000000]")
-    p("--timeout", type=float, default=None, help="seconds a request waits for its results before a 504 [30]")
+    role_flag(parser, "max_bytes", "request body limit in bytes", type=int)
+    role_flag(parser, "max_pixels", "per-image pixel limit, checked before decoding", type=int)
+    role_flag(parser, "timeout", "seconds a request waits for its results before a 504", type=float)
     p("--access_log", action="store_true", help="log every request (uvicorn's access log)")
     p("--queue", default=None, help="redis://HOST:6379/0: the API tier queues images there for --worker processes")
-    p("--queue_name", default=None, help="prefix of the Redis keys (one model per name) [serve]")
+    role_flag(parser, "queue_name", "prefix of the Redis keys (one model per name)")
     p("--worker", action="store_true", help="run a model worker of --queue instead of the HTTP server")
-    p("--heartbeat_s", type=float, default=None, help="a worker silent this long counts as dead: others "
-      "take over its images [3]")
-    p("--max_deliveries", type=int, default=None, help="an image whose workers died this many times is answered "
-      "with an error [3]")
+    role_flag(parser, "heartbeat_s", "a worker silent this long counts as dead: others take over its images", type=float)
+    role_flag(parser, "max_deliveries", "an image whose workers died this many times is answered with an error", type=int)
     return parser
 
 
@@ -99,16 +104,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = get_args_parser().parse_args(argv)
     if args.worker and not args.queue:
         raise UserError("--worker takes images from a queue: pass --queue redis://HOST:6379/0")
-    model = {**MODEL_DEFAULTS, "threads": None}
+    model = {**flag_defaults(MODEL), "threads": None}
     if args.worker:
-        _check_role(args, "a --worker (it serves no HTTP)", {**model, **BATCH_DEFAULTS, **QUEUE_DEFAULTS, **WORKER_DEFAULTS})
+        _check_role(args, "a --worker (it serves no HTTP)", {**model, **flag_defaults(BATCH, QUEUE, WORKER)})
         if args.api_key:
             raise UserError("--api_key does not apply to a --worker (it serves no HTTP)")
     elif args.queue:
         _check_role(args, "the API tier of --queue (its workers load the model and batch: pass it to serve.py --worker)",
-                    {**HTTP_DEFAULTS, **QUEUE_DEFAULTS})
+                    flag_defaults(HTTP, QUEUE))
     else:
-        _check_role(args, "a server without --queue", {**model, **BATCH_DEFAULTS, **HTTP_DEFAULTS})
+        _check_role(args, "a server without --queue", {**model, **flag_defaults(BATCH, HTTP)})
     checks = [("max_batch", 1), ("max_bytes", 1), ("max_pixels", 1), ("max_deliveries", 1), ("threads", 1)]
     for name, low in checks:
         value = getattr(args, name, None)

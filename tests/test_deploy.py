@@ -14,6 +14,7 @@ import csv
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from PIL import Image
 
 from conftest import (REPO, SUBPROCESS_ENV, TINY_CLASSES, assert_ok, assert_user_error, class_image, describe,
                       make_split_dataset, run_many, run_script, train_args)
+from utils.core import schema
 from utils.core.schema import INTERPOLATIONS, RESIZE_MODES, PreprocessSpec
 from utils.data import transforms as torch_side
 from utils.data import transforms_np as preprocess_np
@@ -173,6 +175,33 @@ def test_numpy_preprocessing_is_bit_identical_to_the_torch_transforms(mode: str)
             assert np.array_equal(got, want), (w, h, interpolation, channels, resize, crop, tta)
             checked += 1
     assert checked == len(sizes) * len(INTERPOLATIONS) * 2 * len(geometries) * 2
+
+
+def test_the_schema_owns_the_letterbox_fill_and_the_tta_scale(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both transforms read utils.core.schema's LETTERBOX_FILL and TTA_SCALE: changing the one value
+    changes both outputs alike (a copy of either number elsewhere would leave one side behind)."""
+    img = Image.fromarray(np.random.default_rng(2).integers(0, 256, (20, 40, 3), dtype=np.uint8))  # wide: borders
+    spec = PreprocessSpec.create(16, 3, [0.5] * 3, [0.25] * 3, "letterbox")
+
+    def both(tta: bool) -> np.ndarray:
+        want = torch_side.image_transform(spec, tta)(img).numpy()
+        got = preprocess_np.image_transform(spec, tta)(img)
+        assert np.array_equal(got, want)
+        return got
+
+    plain, tta = both(False), both(True)
+    assert (plain[:, 0, :] == schema.LETTERBOX_FILL).all()
+    monkeypatch.setattr(schema, "LETTERBOX_FILL", 7)
+    assert (both(False)[:, 0, :] == 7).all() and np.array_equal(both(False)[:, 8, :], plain[:, 8, :])
+    monkeypatch.setattr(schema, "TTA_SCALE", 1.5)
+    assert both(True).shape == tta.shape and not np.array_equal(both(True), tta)
+    assert torch_side.train_transform(16, "crop").transforms[0].size == [24]  # training's resize follows too
+
+
+def test_cpp_letterbox_fill_is_the_schemas() -> None:
+    """deploy/cpp cannot import Python: its copy of the fill is read from the source."""
+    found = re.findall(r"constexpr uint8_t kLetterboxFill = (\d+);", (CPP_SOURCE / "preprocess.cpp").read_text(encoding="utf-8"))
+    assert found == [str(schema.LETTERBOX_FILL)]
 
 
 def test_numpy_normalize_and_softmax_match_torch() -> None:

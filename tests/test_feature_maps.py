@@ -4,7 +4,8 @@ Checkpoints of untrained models are written directly (no training needed to look
 network): resnet10t (timm CNN), shufflenet_v2_x0_5 (torchvision CNN, with --test_tta) and
 test_vit (timm transformer at 160 px). The stages and channels each grid names (its PNG text
 chunk) and the pixels of its strongest tile are checked against forward hooks set here on the
-model rebuilt from the checkpoint.
+model rebuilt from the checkpoint. The probe both --feature_maps and the CAMs find their layers
+with (utils.explain.probe) is checked on a tiny model whose every output is known.
 """
 from __future__ import annotations
 
@@ -132,6 +133,48 @@ def test_channels_last_stages_and_a_model_without_stages() -> None:
     flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
     with pytest.raises(UserError, match="found no feature stages"):
         find_stages(flat, 8)
+
+
+class _Pair(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, -x
+
+
+class _Tiny(torch.nn.Module):
+    """conv -> relu -> a block (1x1 conv, batch norm) -> the same relu again -> a module returning a tuple -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.act = torch.nn.ReLU()
+        self.block = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 1), torch.nn.BatchNorm2d(6))
+        self.pair = _Pair()
+        self.head = torch.nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.block(self.act(self.conv(x))))
+        return self.head(self.pair(x)[0].mean((2, 3)))
+
+
+def test_probe_records_each_module_output_in_finishing_order() -> None:
+    from utils.explain.probe import probe, zero_input
+
+    torch.manual_seed(0)
+    model = _Tiny().eval().double()
+    x = zero_input(model, 8, 3)
+    assert x.shape == (1, 3, 8, 8) and x.dtype == torch.float64 and not x.any()
+    records, out = probe(model, lambda: model(x))
+    assert [(r.name, r.shape) for r in records] == [
+        ("conv", (1, 4, 4, 4)), ("act", (1, 4, 4, 4)),  # a module run twice is recorded twice
+        ("block.0", (1, 6, 4, 4)), ("block.1", (1, 6, 4, 4)), ("block", (1, 6, 4, 4)),  # a container after its children
+        ("act", (1, 6, 4, 4)), ("head", (1, 2))]  # the tuple of pair and the model itself: not recorded
+    assert [r.module for r in records] == [model.conv, model.act, model.block[0], model.block[1], model.block, model.act,
+                                           model.head]
+    assert records[-1].output is out and torch.equal(out, model(x)) and not out.requires_grad  # no graph kept
+    assert all(not m._forward_hooks for m in model.modules())  # every hook removed
+    with pytest.raises(RuntimeError):
+        probe(model, lambda: model(torch.zeros(1, 5, 8, 8, dtype=torch.float64)))
+    assert all(not m._forward_hooks for m in model.modules())  # also after a failed pass
 
 
 def test_feature_maps_refusals(images: Path, tmp_path: Path) -> Any:

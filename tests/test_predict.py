@@ -231,7 +231,7 @@ def test_glob_and_ensemble(run_dir: Path, mixed_folder: Path, tmp_path: Path) ->
     (["--cam_visual", "--cam_layer", "layer9"], "did you mean"),
     (["--cam_layer", "layer3"], "only applies with --cam_visual"),
     (["--batch_size", "0"], "--batch_size"),
-    (["--ensemble_weights", "1"], "--ensemble weighted"),
+    (["--ensemble", "vote", "--ensemble_weights", "1"], "--ensemble weighted"),
 ])
 def test_user_errors(run_dir: Path, mixed_folder: Path, argv: list[str], needle: str) -> None:
     with pytest.raises(UserError, match=needle):

@@ -299,6 +299,43 @@ def test_cli_user_errors(serve_run: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert serve.parse_args(["--host", "::1"]).api_key is None  # loopback needs no key
 
 
+def test_serve_defaults_have_one_owner() -> None:
+    """utils.serve.settings states every default once: serve.py's parsed flags (each role), its
+    --help, and the defaults of the library's constructors are all its values."""
+    import inspect
+
+    import serve
+    from utils.serve.app import Settings
+    from utils.serve.redis_queue import RedisService, RedisWorker
+    from utils.serve.service import Batcher, EmbeddedService, ModelRunner
+    from utils.serve.settings import flag_defaults
+
+    owner = flag_defaults()
+    assert set(owner) == set(serve.ROLE_FLAGS) - {"threads"} and len(owner) == 14
+    parsed: dict[str, Any] = {}
+    for argv in ([], ["--queue", "redis://127.0.0.1:1/0"], ["--queue", "redis://127.0.0.1:1/0", "--worker"]):  # the roles
+        parsed |= {k: v for k, v in vars(serve.parse_args(argv)).items() if k in owner and v is not None}
+    assert parsed == owner and all(type(parsed[k]) is type(v) for k, v in owner.items())
+
+    usage, options = serve.get_args_parser().format_help().split("options:")
+    text = " ".join(options.split())  # unwrapped
+    for name, value in owner.items():
+        shown = re.search(rf"--{name} \S+ [^[]*\[([^\]]*)\]", text)
+        assert shown, name
+        written = shown.group(1).split(" = ")[0]  # "33554432 = 32 MiB"
+        assert ("" if written == "''" else type(value)(written)) == value, (name, shown.group(1))
+
+    renamed = {"prefix": "queue_name"}  # the Redis classes' name for --queue_name
+    checked = []
+    for cls in (Settings, EmbeddedService, Batcher, ModelRunner, RedisService, RedisWorker):
+        for param in inspect.signature(cls).parameters.values():
+            flag = renamed.get(param.name, param.name)
+            if flag in owner:
+                assert param.default == owner[flag], f"{cls.__name__}({param.name}={param.default!r}): {owner[flag]!r}"
+                checked.append(flag)
+    assert len(checked) == 16 and set(checked) == set(owner) - {"save_path", "model_type", "device", "host", "port"}
+
+
 # ------------------------------------------------------------------------------ the browser
 def test_web_page_in_headless_chromium(server: Served, images: Path, expected: dict[str, dict[str, str]],
                                        tmp_path: Path) -> None:

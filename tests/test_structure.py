@@ -2,6 +2,7 @@
 TrainState, the one ensemble path of metrice.py and predict.py, and the shape rules of the code."""
 from __future__ import annotations
 
+import argparse
 import ast
 import csv
 import random
@@ -19,6 +20,7 @@ from conftest import REPO, SUBPROCESS_ENV, assert_ok, describe, load_ckpt, run_s
 from utils.core.checkpoint import load_checkpoint
 from utils.core.log import UserError
 from utils.core.schema import VERSION, Checkpoint, ModelMeta, PreprocessSpec
+from utils.infer.ensemble import Member, resolve_weights_of
 from utils.models.weights import model_from_checkpoint
 from utils.train.state import ModuleState, TrainState
 
@@ -76,7 +78,8 @@ def test_version_1_checkpoints_still_load() -> None:
     assert best.version == 1 and best.kind == "best" and best.weights == "raw" and best.train_state is None
     assert best.meta.model_name == "test_efficientnet" and best.meta.class_names == ("cat", "dog")
     assert best.meta.image_size == 16 and best.meta.preprocess.resize_mode == "crop" and len(best.meta.preprocess.mean) == 3
-    assert best.epoch == 1 and best.metrics["val"]["acc"] == best.val_or_train_acc()[0]
+    assert best.epoch == 1 and Member("best", None, best.meta.preprocess, metrics=best.metrics).stored_accuracy() == (
+        best.metrics["val"]["acc"], "val")
     model = model_from_checkpoint(best)
     assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 2)
 
@@ -149,12 +152,12 @@ def test_version_1_run_resumes_predicts_and_exports(tmp_path: Path) -> None:
 # -------------------------------------------------------------------------------- TrainState
 def _parts(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, object, TrainState]:
     from utils.train.ema import EMA
-    from utils.train.schedule import EpochLR
+    from utils.train.schedule import LRSchedule
 
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(36, 2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    schedule = EpochLR(optimizer, 1e-2, 10, scheduler="ReduceLROnPlateau", scheduler_params={"patience": 0})
+    schedule = LRSchedule(optimizer, 1e-2, 10, scheduler="ReduceLROnPlateau", scheduler_params={"patience": 0})
     ema = EMA(model, 0.9)
     state = TrainState()
     state.add("model", ModuleState(model))
@@ -248,6 +251,65 @@ def test_metrice_and_predict_give_the_same_ensemble_probabilities(trained_runs: 
             shutil.rmtree(out, ignore_errors=True)
 
 
+def test_weights_default_to_the_stored_accuracy_val_before_train(caplog: pytest.LogCaptureFixture) -> None:
+    spec = PreprocessSpec.create(16, 3, [0.5] * 3, [0.25] * 3)
+    val = Member("a", None, spec, metrics={"train": {"acc": 0.99}, "val": {"acc": 0.75}})
+    train_only = Member("b", None, spec, metrics={"train": {"acc": 0.5}, "val": {}})
+    assert val.stored_accuracy() == (0.75, "val") and train_only.stored_accuracy() == (0.5, "train")
+    with caplog.at_level("WARNING"):
+        assert resolve_weights_of([val, train_only], "weighted", None) == [0.75, 0.5]
+    assert "b has no validation metrics" in caplog.text
+    assert resolve_weights_of([val, train_only], "weighted", [2, 1]) == [2.0, 1.0]
+    assert resolve_weights_of([val, train_only], "mean", None) is None
+    with pytest.raises(UserError, match="c stores no accuracy"):
+        resolve_weights_of([val, Member("c", None, spec)], "weighted", None)
+
+
+ENSEMBLE_CASES = [  # flags after --save_path a b -> (--ensemble, --ensemble_weights) or the refusal
+    ([], ("mean", None)),
+    (["--ensemble", "vote"], ("vote", None)),
+    (["--ensemble", "weighted"], ("weighted", None)),
+    (["--ensemble_weights", "2", "1"], ("weighted", [2.0, 1.0])),  # weights alone mean weighted
+    (["--ensemble", "weighted", "--ensemble_weights", "2", "1"], ("weighted", [2.0, 1.0])),
+    (["--ensemble", "vote", "--ensemble_weights", "2", "1"], "--ensemble_weights go with --ensemble weighted, not --ensemble vote"),
+    (["--ensemble", "mean", "--ensemble_weights", "2", "1"], "--ensemble_weights go with --ensemble weighted, not --ensemble mean"),
+    (["--ensemble_weights", "1"], "--ensemble_weights: 1 weight(s) for 2 model(s); give one per --save_path"),
+    (["--ensemble", "weighted", "--ensemble_weights", "1", "2", "3"], "--ensemble_weights: 3 weight(s) for 2 model(s)"),
+]
+
+
+@pytest.mark.parametrize("flags, expected", ENSEMBLE_CASES)
+def test_metrice_and_predict_read_the_ensemble_flags_alike(flags: list[str], expected: tuple | str) -> None:
+    import metrice
+    import predict
+
+    scripts = {"metrice": (metrice, []), "predict": (predict, ["--source", "img"])}
+    results = {}
+    for name, (script, extra) in scripts.items():  # --save_path is not opened while parsing
+        try:
+            args = script.parse_args(["--save_path", "a", "b", *extra, *flags])
+            results[name] = (args.ensemble, args.ensemble_weights)
+        except UserError as err:
+            results[name] = str(err)
+    assert results["metrice"] == results["predict"]
+    if isinstance(expected, str):
+        assert isinstance(results["predict"], str) and results["predict"].startswith(expected) and "\n" not in results["predict"]
+    else:
+        assert results["predict"] == expected
+
+
+def test_metrice_and_predict_define_the_ensemble_flags_alike() -> None:
+    import metrice
+    import predict
+
+    def flags(parser: argparse.ArgumentParser) -> dict[str, tuple]:
+        return {a.dest: (a.default, a.choices, a.nargs, a.type, a.help) for a in parser._actions
+                if a.dest.startswith("ensemble")}
+
+    assert flags(metrice.get_args_parser()) == flags(predict.get_args_parser())
+    assert set(flags(predict.get_args_parser())) == {"ensemble", "ensemble_weights"}
+
+
 # ------------------------------------------------------------------------------ code shape
 # utils/'s packages, from the bottom up: a package imports only the packages before it.
 LAYERS = ("core", "draw", "data", "models", "deploy", "infer", "evaluate", "explain", "train", "serve")
@@ -296,6 +358,43 @@ def test_no_function_over_80_lines_and_thin_scripts() -> None:
     for script in ("main.py", "metrice.py", "predict.py", "processing.py", "export.py"):
         lines = len((REPO / script).read_text(encoding="utf-8").splitlines())
         assert lines < 300, f"{script} has {lines} lines"
+
+
+# Names the product never calls: hooks frameworks call (nn.Module.forward), and the library API
+# the README shows (utils.infer.ensemble.predict_pil).
+CALLED_FROM_OUTSIDE = {"forward", "predict_pil"}
+
+
+def test_every_public_name_of_utils_is_used_by_the_product() -> None:
+    """A function, class, method or constant of utils/ that only tests use is dead code (tests/ are
+    not the product); private names (_x) and CALLED_FROM_OUTSIDE aside."""
+    used: set[str] = set()
+    defined: list[tuple[Path, str]] = []
+    for file in _product_files() + sorted((REPO / "benchmarks").glob("*.py")):
+        tree = ast.parse(file.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+                used.add(node.id)
+            elif isinstance(node, ast.Attribute):
+                used.add(node.attr)
+            elif isinstance(node, ast.alias):
+                used.add(node.name.rsplit(".", 1)[-1])
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):  # getattr(x, "name")
+                used.add(node.value)
+        if file.parts[len(REPO.parts)] == "utils":
+            defined += [(file, n.name) for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+            defined += [(file, t.id) for n in tree.body if isinstance(n, ast.Assign) for t in n.targets
+                        if isinstance(t, ast.Name)]
+    unused = [f"{file.relative_to(REPO)}: {name}" for file, name in defined
+              if name not in used and not name.startswith("_") and name not in CALLED_FROM_OUTSIDE]
+    assert not unused, f"defined in utils/ but used by no script or module: {unused}"
+
+
+def test_the_explanations_probe_models_in_one_place() -> None:
+    """utils.explain's modules find their layers with utils.explain.probe: none hooks modules itself."""
+    hooking = [file.name for file in sorted((REPO / "utils" / "explain").glob("*.py"))
+               if "register_forward_hook" in file.read_text(encoding="utf-8")]
+    assert hooking == ["probe.py"]
 
 
 def test_one_cpu_policy() -> None:

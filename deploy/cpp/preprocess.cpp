@@ -304,7 +304,7 @@ void resized_size(int width, int height, const std::string& mode, int size, int*
 }
 
 std::vector<uint8_t> preprocess(const Image& image, const PreprocessSpec& spec) {
-    constexpr uint8_t kLetterboxFill = 114;
+    constexpr uint8_t kLetterboxFill = 114;  // utils.core.schema.LETTERBOX_FILL (tests/test_deploy.py compares them)
     int width = 0, height = 0;
     resized_size(image.width, image.height, spec.resize_mode, spec.resize, &width, &height);
     Image img = resize(image, width, height, spec.interpolation);

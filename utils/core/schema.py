@@ -32,6 +32,23 @@ RESIZE_MODES = ("crop", "letterbox", "squash")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 TASKS = ("multiclass", "multilabel")
 CHECKPOINT_KINDS = ("best", "last", "swa")
+# The two numbers of the preprocessing that are not in a PreprocessSpec: both transforms
+# (utils.data.transforms, utils.data.transforms_np) read them here, at call time; the C++ side
+# (deploy/cpp/preprocess.cpp kLetterboxFill) repeats the fill, and tests/test_deploy.py compares them.
+LETTERBOX_FILL = 114  # grey borders, as YOLO-style letterboxing uses
+TTA_SCALE = 1.1  # pytorch-classifier resizes to crop * 1.1 before TenCrop (--test_tta), as training does before its random crop
+
+
+def scaled_resize(crop: int) -> int:
+    """The resize before TenCrop (and before training's random crop) for a crop size.
+
+    Args:
+        crop: the model's input size in pixels.
+
+    Returns:
+        int(crop * TTA_SCALE), e.g. 246 for 224.
+    """
+    return int(crop * TTA_SCALE)
 
 
 def _field(data: Mapping[str, Any], key: str, where: str) -> Any:
@@ -166,9 +183,6 @@ class ModelMeta:
     def image_channel(self) -> int:
         return self.preprocess.channels
 
-    def with_preprocess(self, preprocess: PreprocessSpec) -> "ModelMeta":
-        return replace(self, preprocess=preprocess)
-
     def to_dict(self) -> dict[str, Any]:
         """Flat keys (model_name, num_classes, class_names, image_size, image_channel, mean, std,
         preprocess, task): what every checkpoint and exported file carries at its top level."""
@@ -253,15 +267,6 @@ class Checkpoint:
     train_state: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     version: int = VERSION
-
-    def val_or_train_acc(self) -> tuple[float | None, str]:
-        """The accuracy stored with the weights and where it came from ('val', or 'train' when the
-        run had no validation split); (None, '') when none is stored."""
-        for split in ("val", "train"):
-            acc = (self.metrics.get(split) or {}).get("acc")
-            if acc is not None:
-                return float(acc), split
-        return None, ""
 
     def to_dict(self) -> dict[str, Any]:
         out = {"format": FORMAT, "version": VERSION, "kind": self.kind, **self.meta.to_dict(), "model": self.model,

@@ -16,7 +16,8 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
 from utils.core.log import UserError
-from utils.core.schema import RESIZE_MODES, PreprocessSpec
+from utils.core import schema
+from utils.core.schema import RESIZE_MODES, PreprocessSpec, scaled_resize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
@@ -25,9 +26,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ------------------------------------------------------------------------------- transforms
-LETTERBOX_FILL = 114  # grey borders, as YOLO-style letterboxing uses
-
-
 INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
                  "nearest": InterpolationMode.NEAREST}
 
@@ -36,11 +34,12 @@ PIL_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest":
 
 
 class Letterbox:
-    """Resize the long side to `size` and pad the short side to a centred square."""
+    """Resize the long side to `size` and pad the short side to a centred square of `fill`
+    (default utils.core.schema.LETTERBOX_FILL)."""
 
-    def __init__(self, size: int, fill: int = LETTERBOX_FILL, interpolation: str = "bilinear") -> None:
+    def __init__(self, size: int, fill: int | None = None, interpolation: str = "bilinear") -> None:
         self.size = size
-        self.fill = fill
+        self.fill = schema.LETTERBOX_FILL if fill is None else fill
         self.interpolation = interpolation
 
     def __call__(self, img: Image.Image) -> Image.Image:
@@ -107,10 +106,10 @@ class PILToTensor:
 
 def train_transform(image_size: int, resize_mode: str = "crop", augment: Sequence[Any] = (),
                     interpolation: str = "bilinear") -> v2.Compose:
-    """pytorch-classifier's training geometry: resize to size*1.1 (by resize_mode), random crop of size,
-    then the augmentations, then a uint8 tensor."""
+    """pytorch-classifier's training geometry: resize to size * TTA_SCALE (by resize_mode, see
+    utils.core.schema.scaled_resize), random crop of size, then the augmentations, then a uint8 tensor."""
     return v2.Compose([
-        resize_step(resize_mode, int(image_size + image_size * 0.1), interpolation),
+        resize_step(resize_mode, scaled_resize(image_size), interpolation),
         RandomCrop(image_size),
         *augment,
         PILToTensor(),
@@ -132,13 +131,13 @@ class _StackCrops:
 
 
 def tta_transform(spec: PreprocessSpec) -> v2.Compose:
-    """Test-time augmentation (pytorch-classifier's --test_tta): resize to crop*1.1, then TenCrop --
+    """Test-time augmentation (pytorch-classifier's --test_tta): resize to crop * TTA_SCALE, then TenCrop --
     the four corners and the centre, and their mirror images: uint8 (10, C, H, W) per image.
 
     Average the ten predictions with `run_with_tta`.
     """
     return v2.Compose([
-        resize_step(spec.resize_mode, int(spec.crop + spec.crop * 0.1), spec.interpolation),
+        resize_step(spec.resize_mode, scaled_resize(spec.crop), spec.interpolation),
         v2.TenCrop(spec.crop),
         _StackCrops(),
     ])

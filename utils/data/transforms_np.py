@@ -23,11 +23,10 @@ import numpy as np
 from PIL import Image
 
 from utils.core.log import UserError
-from utils.core.schema import INTERPOLATIONS, RESIZE_MODES, PreprocessSpec
+from utils.core import schema
+from utils.core.schema import INTERPOLATIONS, RESIZE_MODES, PreprocessSpec, scaled_resize
 
-LETTERBOX_FILL = 114  # grey borders (utils.data.transforms.Letterbox uses the same)
 PIL_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
-TTA_SCALE = 1.1  # TenCrop: resize to crop * 1.1 first (pytorch-classifier's --test_tta)
 
 
 def resized_size(width: int, height: int, mode: str, size: int) -> tuple[int, int]:
@@ -62,7 +61,7 @@ def resize(img: Image.Image, mode: str, size: int, interpolation: str = "bilinea
     arr = to_array(img)
     if mode != "letterbox":
         return arr
-    canvas = np.full((arr.shape[0], size, size), LETTERBOX_FILL, dtype=np.uint8)
+    canvas = np.full((arr.shape[0], size, size), schema.LETTERBOX_FILL, dtype=np.uint8)
     top, left = (size - new[1]) // 2, (size - new[0]) // 2
     canvas[:, top:top + new[1], left:left + new[0]] = arr
     return canvas
@@ -100,7 +99,8 @@ class ImageTransform:
 
     Args:
         spec: the model's preprocessing.
-        tta: TenCrop: resize to crop * 1.1 by the resize mode, then the ten crops.
+        tta: TenCrop: resize to crop * TTA_SCALE by the resize mode (utils.core.schema.scaled_resize),
+            then the ten crops.
     """
 
     def __init__(self, spec: PreprocessSpec, tta: bool = False) -> None:
@@ -110,7 +110,7 @@ class ImageTransform:
     def __call__(self, img: Image.Image) -> np.ndarray:
         spec = self.spec
         if self.tta:
-            return ten_crop(resize(img, spec.resize_mode, int(spec.crop + spec.crop * 0.1), spec.interpolation), spec.crop)
+            return ten_crop(resize(img, spec.resize_mode, scaled_resize(spec.crop), spec.interpolation), spec.crop)
         return np.ascontiguousarray(center_crop(resize(img, spec.resize_mode, spec.resize, spec.interpolation), spec.crop))
 
     def __repr__(self) -> str:

@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw
 from utils.core.log import UserError
 from utils.core.names import CAM_TYPES
 from utils.draw.labels import load_font
+from utils.explain.probe import Record, probe, zero_input
 
 if TYPE_CHECKING:  # torch is imported where a map is computed: the names and drawing work without it
     import torch
@@ -90,45 +91,6 @@ class CamLayer:
         return f"{self.name} ({type(self.module).__name__}, output {tuple(self.shape[1:])}, {self.layout})"
 
 
-# ------------------------------------------------------------------------------ probing
-@dataclass
-class _Record:
-    name: str
-    module: nn.Module
-    output: torch.Tensor
-
-
-def _probe(model: nn.Module, run: Callable[[], Any]) -> tuple[list[_Record], Any]:
-    """Run `run()` with a forward hook on every sub-module; the tensor outputs in finishing order."""
-    import torch
-
-    records: list[_Record] = []
-    handles = []
-    for name, module in model.named_modules():
-        if not name:
-            continue
-
-        def hook(mod: nn.Module, inputs: Any, output: Any, name: str = name) -> None:
-            if isinstance(output, torch.Tensor):
-                records.append(_Record(name, mod, output))
-
-        handles.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            result = run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return records, result
-
-
-def _model_input(model: nn.Module, image_size: int, channels: int) -> torch.Tensor:
-    import torch
-
-    param = next(model.parameters())
-    return torch.zeros(1, channels, image_size, image_size, device=param.device, dtype=param.dtype)
-
-
 def output_layout(shape: Sequence[int], model: nn.Module) -> str | None:
     """tokens / NCHW / NHWC for a layer output shape (inputs are square, so the grid is H == W)."""
     if len(shape) == 3:
@@ -147,8 +109,8 @@ def _spatial(shape: Sequence[int], layout: str) -> int:
     return shape[2] * shape[3] if layout == "NCHW" else shape[1] * shape[2]
 
 
-def _make_layer(model: nn.Module, record: _Record) -> CamLayer:
-    shape = tuple(record.output.shape)
+def _make_layer(model: nn.Module, record: Record) -> CamLayer:
+    shape = record.shape
     layout = output_layout(shape, model)
     if layout is None:
         raise UserError(f"--cam_layer {record.name}: its output has shape {shape}; a CAM needs an image-shaped "
@@ -169,10 +131,10 @@ def _make_layer(model: nn.Module, record: _Record) -> CamLayer:
     return CamLayer(record.name, record.module, layout, shape, transform)
 
 
-def _is_candidate(record: _Record, model: nn.Module) -> bool:
+def _is_candidate(record: Record, model: nn.Module) -> bool:
     if isinstance(record.module, _pooling_types()) or type(record.module).__name__ in ("SelectAdaptivePool2d", "ClassifierHead"):
         return False
-    return output_layout(tuple(record.output.shape), model) is not None
+    return output_layout(record.shape, model) is not None
 
 
 def module_names(model: nn.Module) -> list[str]:
@@ -198,8 +160,8 @@ def find_cam_layer(model: nn.Module, image_size: int, channels: int = 3, name: s
     from torch import nn
 
     model.eval()
-    x = _model_input(model, image_size, channels)
-    records, _ = _probe(model, lambda: model(x))
+    x = zero_input(model, image_size, channels)
+    records, _ = probe(model, lambda: model(x))
     if name:
         modules = dict(model.named_modules())
         if name not in modules or not name:
@@ -212,12 +174,12 @@ def find_cam_layer(model: nn.Module, image_size: int, channels: int = 3, name: s
             raise UserError(f"--cam_layer '{name}' is not run by the model's forward pass (or returns no tensor); choose another layer")
         return _make_layer(model, mine[-1])
 
-    chosen: _Record | None = None
+    chosen: Record | None = None
     # timm: the module whose output *is* forward_features' output (the last one to finish: the outermost
     # container, not an in-place activation inside it)
     if callable(getattr(model, "forward_features", None)):
         try:
-            feat_records, feats = _probe(model, lambda: model.forward_features(x))
+            feat_records, feats = probe(model, lambda: model.forward_features(x))
         except Exception:  # noqa: BLE001 - a model whose forward_features needs more; fall back below
             feat_records, feats = [], None
         same = [r for r in feat_records if r.output is feats and not isinstance(r.module, nn.Identity)]
@@ -229,17 +191,17 @@ def find_cam_layer(model: nn.Module, image_size: int, channels: int = 3, name: s
         if not candidates:
             raise UserError(f"cannot find an image-shaped layer in {type(model).__name__} for a CAM: pass --cam_layer NAME")
         chosen = candidates[-1]
-    layout = output_layout(tuple(chosen.output.shape), model)
+    layout = output_layout(chosen.shape, model)
     if layout == "tokens":
         norms = [r for r in records if r.name.rsplit(".", 1)[-1] in _TOKEN_NORMS and r.output.ndim == 3]
         if norms:
             chosen = norms[-1]
-    elif layout is not None and _spatial(chosen.output.shape, layout) == 1:
+    elif layout is not None and _spatial(chosen.shape, layout) == 1:
         # At small input sizes the last stage is 1x1 and its map says nothing: take the last layer
         # before it that still has a grid.
         index = next(i for i, r in enumerate(records) if r.name == chosen.name)
         earlier = [r for r in records[:index] if _is_candidate(r, model)
-                   and output_layout(tuple(r.output.shape), model) == layout and _spatial(r.output.shape, layout) > 1]
+                   and output_layout(r.shape, model) == layout and _spatial(r.shape, layout) > 1]
         depth = chosen.name.count(".")
         # prefer a whole stage (a sibling of the chosen layer, or one level down) to a layer inside a block
         earlier = [r for r in earlier if r.name.count(".") <= depth + 1] or earlier

@@ -28,6 +28,7 @@ from torch import nn
 from utils.core.log import UserError
 from utils.draw.labels import load_font
 from utils.explain.cam import heatmap_colors, output_layout, to_hwc_rgb
+from utils.explain.probe import probe, zero_input
 from utils.models.features import FeatureRecorder, feature_taps
 
 BLOCKS_SHOWN = 4   # transformer blocks shown (evenly spaced)
@@ -54,22 +55,6 @@ class Stage:
             side = math.isqrt(x.shape[1])
             return x.reshape(x.shape[0], side, side, x.shape[2]).permute(0, 3, 1, 2)
         return out
-
-
-def _probe_shapes(model: nn.Module, image_size: int, channels: int) -> list[tuple[str, tuple[int, ...]]]:
-    """(module name, output shape) of every module, in the order they finish, for one zero image."""
-    records: list[tuple[str, tuple[int, ...]]] = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: records.append((n, tuple(out.shape)))
-                                     if isinstance(out, torch.Tensor) else None)
-             for n, m in model.named_modules() if n]
-    param = next(model.parameters())
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, channels, image_size, image_size, device=param.device, dtype=param.dtype))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return records
 
 
 def _token_blocks(model: nn.Module, records: list[tuple[str, tuple[int, ...]]]) -> list[Stage]:
@@ -108,7 +93,8 @@ def find_stages(model: nn.Module, image_size: int, channels: int = 3) -> list[St
         taps = feature_taps(model, channels)
     except Exception:  # noqa: BLE001 - a model that cannot take the 224 px probe: look for blocks below
         taps = {}
-    records = _probe_shapes(model, image_size, channels)
+    x = zero_input(model, image_size, channels)
+    records = [(r.name, r.shape) for r in probe(model, lambda: model(x))[0]]
     shapes = dict(records)
     stages = [Stage(f"stride {s}", name, output_layout(shapes[name], model) or "") for s, name in sorted(taps.items())
               if name in shapes and output_layout(shapes[name], model) in ("NCHW", "NHWC")]

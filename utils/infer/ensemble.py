@@ -13,6 +13,7 @@ with onnx / openvino models the whole path runs without PyTorch.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from utils.core.config import finite_float
 from utils.core.log import UserError
 from utils.core.names import ENSEMBLE_METHODS
 from utils.core.schema import ModelMeta, PreprocessSpec
@@ -32,6 +34,57 @@ from utils.infer.backends import load_backend, model_type_of, predict_probs, res
 
 LOGGER = logging.getLogger(__name__)
 
+
+# ------------------------------------------------------------------------------ flags
+def add_ensemble_flags(parser: argparse.ArgumentParser) -> None:
+    """--ensemble and --ensemble_weights, as metrice.py and predict.py both take them.
+
+    Args:
+        parser: the script's parser.
+    """
+    # --ensemble defaults to None, not mean: ensemble_method() must tell "not given" (weights alone
+    # then mean weighted) from an explicit method that the weights contradict.
+    parser.add_argument("--ensemble", default=None, choices=list(ENSEMBLE_METHODS),
+                        help="how several models are combined: mean of the probabilities (the default; weighted when "
+                             "--ensemble_weights are given), vote (each model's top-1; ties broken by the mean), or weighted")
+    parser.add_argument("--ensemble_weights", type=finite_float, nargs="+", default=None,
+                        help="one weight per model, for weighted (none given: each run's best validation accuracy)")
+
+
+def check_weight_count(weights: Sequence[float], models: int) -> None:
+    """Refuse weights that are not one per model.
+
+    Args:
+        weights: --ensemble_weights.
+        models: how many models they weight.
+
+    Raises:
+        UserError: another count.
+    """
+    if len(weights) != models:
+        raise UserError(f"--ensemble_weights: {len(weights)} weight(s) for {models} model(s); give one per --save_path")
+
+
+def ensemble_method(method: str | None, weights: Sequence[float] | None, models: int) -> str:
+    """The method of the flags of add_ensemble_flags, checked.
+
+    Args:
+        method: --ensemble (None when not given).
+        weights: --ensemble_weights (None when not given).
+        models: how many models were given (--save_path / --weight).
+
+    Returns:
+        The method: the one given, else weighted when weights are given, else mean.
+
+    Raises:
+        UserError: weights with another method, or not one weight per model.
+    """
+    if weights is None:
+        return method or "mean"
+    if method not in (None, "weighted"):
+        raise UserError(f"--ensemble_weights go with --ensemble weighted, not --ensemble {method}")
+    check_weight_count(weights, models)
+    return "weighted"
 
 
 def check_same_classes(metas: Sequence[ModelMeta], names: Sequence[str]) -> list[str]:
@@ -190,8 +243,7 @@ def resolve_weights_of(members: Sequence[Member], method: str, given: Sequence[f
     if method != "weighted" or len(members) < 2:
         return None
     if given is not None:
-        if len(given) != len(members):
-            raise UserError(f"--ensemble_weights: {len(given)} weight(s) for {len(members)} model(s); give one per --save_path")
+        check_weight_count(given, len(members))
         return [float(w) for w in given]
     weights = []
     for m in members:

@@ -29,7 +29,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from utils.explain.cam import CAM_TYPES
-from utils.serve.service import DEFAULT_MAX_PIXELS, Job, ServeError, Service, Upload
+from utils.serve.service import Job, ServeError, Service, Upload
+from utils.serve.settings import HTTP
 
 LOGGER = logging.getLogger(__name__)
 
@@ -53,9 +54,9 @@ class Settings:
     """
 
     api_key: str | None = None
-    max_bytes: int = 32 * 1024 * 1024
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    timeout: float = 30.0
+    max_bytes: int = HTTP.max_bytes
+    max_pixels: int = HTTP.max_pixels
+    timeout: float = HTTP.timeout
 
 
 # ------------------------------------------------------------------------------ request body

@@ -43,6 +43,7 @@ import numpy as np
 from utils.core.log import UserError
 from utils.core.schema import PreprocessSpec
 from utils.serve.service import Job, ModelRunner, Preprocessor, ServeError
+from utils.serve.settings import BATCH, HTTP, QUEUE, WORKER
 
 LOGGER = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ class RedisService:
 
     mode = "redis"
 
-    def __init__(self, url: str, prefix: str = "serve", max_pixels: int = 40_000_000) -> None:
+    def __init__(self, url: str, prefix: str = QUEUE.queue_name, max_pixels: int = HTTP.max_pixels) -> None:
         self.url = url
         self.prefix = prefix
         self.keys = keys(prefix)
@@ -281,8 +282,9 @@ class RedisWorker:
             with an error instead of being run again.
     """
 
-    def __init__(self, runner: ModelRunner, url: str, prefix: str = "serve", max_batch: int = 16,
-                 max_wait_ms: float = 2.0, heartbeat_s: float = 3.0, max_deliveries: int = 3) -> None:
+    def __init__(self, runner: ModelRunner, url: str, prefix: str = QUEUE.queue_name, max_batch: int = BATCH.max_batch,
+                 max_wait_ms: float = BATCH.max_wait_ms, heartbeat_s: float = WORKER.heartbeat_s,
+                 max_deliveries: int = WORKER.max_deliveries) -> None:
         self.runner = runner
         self.url = url
         self.keys = keys(prefix)

@@ -37,13 +37,12 @@ from utils.core.schema import PreprocessSpec
 from utils.data.decode import MAX_IMAGE_PIXELS, load_image
 from utils.infer.ensemble import Ensemble, InputPlan, Member
 from utils.infer.rows import prediction_rows
+from utils.serve.settings import BATCH, HTTP, MODEL
 
 if TYPE_CHECKING:  # torch only for CAM overlays: an exported model is served without it
     import torch
 
 LOGGER = logging.getLogger(__name__)
-
-DEFAULT_MAX_PIXELS = 40_000_000
 
 
 class ServeError(Exception):
@@ -161,7 +160,7 @@ class ModelRunner:
         conf_threshold: a top-1 probability below this marks a result uncertain (as predict.py).
     """
 
-    def __init__(self, backend: Any, conf_threshold: float = 0.5) -> None:
+    def __init__(self, backend: Any, conf_threshold: float = MODEL.conf_threshold) -> None:
         self.backend = backend
         self.meta = backend.meta
         self.class_names = list(backend.meta.class_names)
@@ -246,7 +245,8 @@ class Batcher:
         max_wait_ms: how long a batch waits to fill.
     """
 
-    def __init__(self, fn: Callable[[list[Job]], list[Any]], max_batch: int = 16, max_wait_ms: float = 2.0) -> None:
+    def __init__(self, fn: Callable[[list[Job]], list[Any]], max_batch: int = BATCH.max_batch,
+                 max_wait_ms: float = BATCH.max_wait_ms) -> None:
         self.fn = fn
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
@@ -347,8 +347,8 @@ class EmbeddedService:
 
     mode = "embedded"
 
-    def __init__(self, runner: ModelRunner, max_batch: int = 16, max_wait_ms: float = 2.0,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(self, runner: ModelRunner, max_batch: int = BATCH.max_batch, max_wait_ms: float = BATCH.max_wait_ms,
+                 max_pixels: int = HTTP.max_pixels) -> None:
         self.runner = runner
         self.batcher = Batcher(runner.run, max_batch, max_wait_ms)
         self._pre = Preprocessor(runner.meta.preprocess, max_pixels)

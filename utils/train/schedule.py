@@ -210,6 +210,3 @@ class LRSchedule:
             self.timm_scheduler.load_state_dict(state["timm_scheduler"])
         self.update, self.epoch_lr = state.get("update"), state.get("epoch_lr")
         self.last_val_loss = state.get("last_val_loss")
-
-
-EpochLR = LRSchedule  # the name before the schedule moved per update
