@@ -21,6 +21,7 @@ from typing import Any, Sequence
 from utils.core.config import ArgumentParser, finite_float
 from utils.core.log import UserError, script_main
 from utils.core.names import DEFAULT_OPSET
+from utils.core.options import Options
 from utils.core.run import RunFolder
 from utils.deploy.formats import EXPORT_FLAGS, FORMATS
 
@@ -58,7 +59,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> Options:
     """Parse and validate the options (no config file: an export's options are its own)."""
     args = get_args_parser().parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
@@ -72,10 +73,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.export = list(dict.fromkeys(args.export))  # each format once, in the order given
     if args.push_to_hub and "safetensors" not in args.export:
         args.export.append("safetensors")  # --push_to_hub uploads the Hub folder: export it first
-    return args
+    return Options.of(args)
 
 
-def main(args: argparse.Namespace) -> list[dict[str, Any]]:
+def main(args: Options) -> list[dict[str, Any]]:
     """Export; returns one export info dict per file written (see utils.deploy.export)."""
     from utils.deploy.export import ExportOptions, export_checkpoint
     from utils.deploy.formats import formats_table

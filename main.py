@@ -14,16 +14,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from utils.core.config import CONFIG_ONLY_KEYS, DEFAULT_CONFIG, ArgumentParser, finite_float, parse_with_config
 from utils.core.device import default_workers
 from utils.core.log import UserError, script_main, settle_heap
-from utils.core.names import (AUGMENT_CHOICES, CACHE_MODES, CLASS_BALANCE, KD_METHODS, LOSSES, METRICS, MIXUP_CHOICES,
-                              OPTIMIZERS, SAMPLERS, TASK_TYPES, TRACKERS, optimizer_name)
+from utils.core.names import (AUGMENT_CHOICES, CACHE_MODES, CLASS_BALANCE, KD_METHODS, MIXUP_CHOICES, OPTIMIZERS, SAMPLERS,
+                              TRACKERS, optimizer_name)
+from utils.core.options import Options
+from utils.core.run import RunFolder
 from utils.core.schema import RESIZE_MODES, Checkpoint
+from utils.core.task import ALL_LOSSES, ALL_METRICS, MULTICLASS, MULTILABEL, TASK_TYPES
 
 if TYPE_CHECKING:
     from utils.core.run import Run
@@ -63,7 +65,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--epoch", type=int, default=100, help="epochs to train")
     p("--save_path", default="runs/exp", help="run folder (incremented if it exists, unless --resume)")
     p("--resume", action="store_true", help="continue the run in --save_path from its last.pt")
-    p("--loss", default="CrossEntropyLoss", choices=list(LOSSES), help="loss function")
+    p("--loss", default=None, choices=list(ALL_LOSSES), help=f"loss function: {', '.join(MULTICLASS.losses)} (multiclass; "
+      f"default {MULTICLASS.losses[0]}), {', '.join(MULTILABEL.losses)} (multilabel; default {MULTILABEL.losses[0]})")
     p("--optimizer", default="AdamW", type=optimizer_name, metavar="NAME",
       help=f"{', '.join(OPTIMIZERS)}, or any timm optimizer (lion, lamb, adamp, sgdp, ...: timm.optim.list_optimizers()); any case")
     p("--layer_decay", type=finite_float, default=None, help="layer-wise lr decay of timm models, e.g. 0.75 (off when not given)")
@@ -75,7 +78,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--class_balance_beta", type=finite_float, default=0.999, help="beta of --class_balance effective")
     p("--sampler", default="shuffle", choices=list(SAMPLERS),
       help="training order: shuffle, or balanced (images drawn by inverse class frequency, with replacement)")
-    p("--task_type", default="auto", choices=list(TASK_TYPES),
+    p("--task_type", default="auto", choices=["auto", *TASK_TYPES],
       help="multiclass (one class per image, softmax) or multilabel (any number, a sigmoid per class); auto: "
            "multilabel when a training list gives several labels per image")
     p("--weight_decay", type=finite_float, default=5e-4, help="weight decay (not on biases and norm layers)")
@@ -89,12 +92,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--warmup", action="store_true", help="linear learning-rate warm-up, per optimizer step")
     p("--warmup_ratios", type=finite_float, default=0.05, help="fraction of the training steps spent warming up")
     p("--warmup_minlr", type=finite_float, default=1e-6, help="warm-up start lr and the end of the default decay")
-    p("--metrice", default="acc", choices=list(METRICS),
-      help="validation metric that picks best.pt: loss, acc, mean_acc (= balanced_acc), f1 (macro); "
-           "multilabel: map (the default there), f1, loss")
+    p("--metrice", default=None, choices=list(ALL_METRICS),
+      help=f"validation metric that picks best.pt: {', '.join(MULTICLASS.metrics)} (multiclass; default "
+           f"{MULTICLASS.metrics[0]}; mean_acc = balanced_acc, f1 = macro F1); {', '.join(MULTILABEL.metrics)} (multilabel; "
+           f"default {MULTILABEL.metrics[0]})")
     p("--patience", type=int, default=30, help="stop after this many epochs without improvement (0 = never)")
     p("--imagenet_meanstd", action="store_true", help="normalise with ImageNet's mean/std, not the train set's")
-    # recipes
+    add_recipe_flags(parser)
+    return parser
+
+
+def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    """The training recipes: augmentation, mixing, TTA, EMA/SWA, R-Drop, accumulation, freezing, distillation."""
+    p = parser.add_argument
     p("--Augment", default="none", choices=list(AUGMENT_CHOICES), help="torchvision augmentation policy (the config's custom_augment replaces it)")
     p("--resize_mode", default="crop", choices=list(RESIZE_MODES), help="crop: short side + crop; letterbox: pad to square; squash: ignore aspect")
     p("--mixup", default="none", choices=list(MIXUP_CHOICES), help="mix pairs of images in a batch, after the other augmentations")
@@ -114,10 +124,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--kd_method", default="SoftTarget", choices=list(KD_METHODS), help="distillation loss")
     p("--kd_ratio", type=finite_float, default=0.7, help="weight of the distillation loss")
     p("--kd_temperature", type=finite_float, default=4.0, help="SoftTarget temperature")
-    return parser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> Options:
     """Parse and validate the options (config file, then command line)."""
     args = parse_with_config(get_args_parser(), argv, CONFIG_ONLY_KEYS | {"custom_augment": []})
     if args.list_models:
@@ -152,10 +161,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not 0 < args.class_balance_beta < 1:
         raise UserError(f"--class_balance_beta must be in (0, 1), got {args.class_balance_beta}")
     check_combinations(args)
-    return args
+    return Options.of(args)
 
 
-def check_combinations(args: argparse.Namespace) -> None:
+def check_combinations(args: argparse.Namespace | Options) -> None:
     """Refuse at start the combinations that cannot work (not after an epoch)."""
     if args.kd and args.rdrop:
         raise UserError("--kd and --rdrop cannot be combined: both replace the training objective; choose one")
@@ -165,14 +174,15 @@ def check_combinations(args: argparse.Namespace) -> None:
         raise UserError("--teacher_path is only used with --kd: add --kd, or drop --teacher_path")
 
 
-def resume_options(args: argparse.Namespace) -> tuple[argparse.Namespace, Checkpoint]:
+def resume_options(args: Options) -> tuple[Options, Checkpoint]:
     """The options of the run being resumed, with the few a resume may change, and its last.pt."""
     from utils.core.checkpoint import load_checkpoint
 
     save_path = Path(args.save_path)
-    ckpt = load_checkpoint(save_path / "last.pt", what="--resume: last checkpoint")
+    last = RunFolder(save_path).last
+    ckpt = load_checkpoint(last, what="--resume: last checkpoint")
     if ckpt.kind != "last" or ckpt.train_state is None:
-        raise UserError(f"{save_path / 'last.pt'} holds no training state ({ckpt.kind} checkpoint): it cannot be resumed")
+        raise UserError(f"{last} holds no training state ({ckpt.kind} checkpoint): it cannot be resumed")
     # options added since the run was written take their defaults (a version-1 run has no --sync_bn)
     defaults = {a.dest: a.default for a in get_args_parser()._actions if a.dest not in ("help", "version")}
     saved = defaults | dict(CONFIG_ONLY_KEYS) | dict(ckpt.args)
@@ -185,8 +195,8 @@ def resume_options(args: argparse.Namespace) -> tuple[argparse.Namespace, Checkp
         if key in args.explicit:
             saved[key] = getattr(args, key)
     saved.update(resume=True, save_path=str(save_path))
-    resumed = argparse.Namespace(**saved)
-    resumed.explicit = {k for k in args.explicit if k in RESUME_OVERRIDES}  # what this command line chose
+    saved["explicit"] = {k for k in args.explicit if k in RESUME_OVERRIDES}  # what this command line chose
+    resumed = Options(saved)
     if ckpt.epoch >= resumed.epoch:
         raise UserError(f"{save_path} already trained all {ckpt.epoch} epochs; pass --epoch N (N > {ckpt.epoch}) to train longer")
     return resumed, ckpt
@@ -207,7 +217,7 @@ def print_model_zoo() -> None:
 
 
 @contextlib.contextmanager
-def claimed_run(args: argparse.Namespace, resumed: Checkpoint | None) -> Iterator[Run]:
+def claimed_run(args: Options, resumed: Checkpoint | None) -> Iterator[Run]:
     """The run folder: the resumed one, or a fresh one claimed now (runs/exp -> runs/exp2 ...).
     A fresh folder that is still empty when set-up fails is removed, so a mistake leaves nothing behind."""
     from utils.core.distributed import broadcast_object, is_main_process
@@ -225,7 +235,7 @@ def claimed_run(args: argparse.Namespace, resumed: Checkpoint | None) -> Iterato
         raise
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def main(args: Options) -> dict[str, Any]:
     """Train; returns the final metrics (best epoch, best value, test metrics if a test set exists)."""
     if args.list_models:
         print_model_zoo()
@@ -242,25 +252,23 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         distributed.shutdown()
 
 
-def train(args: argparse.Namespace, resumed: Checkpoint | None) -> dict[str, Any]:
+def train(args: Options, resumed: Checkpoint | None) -> dict[str, Any]:
     """One training run (in each process under torchrun)."""
     from utils.core import distributed
-    from utils.core.device import gpu_workers, select_device, share_cpu
-    from utils.train.trainer import Trainer, load_data, seed_everything, set_determinism
+    from utils.core.device import select_device, share_cpu
+    from utils.train.setup import load_data, resolve_options
+    from utils.train.trainer import Trainer, seed_everything, set_determinism
 
     device = distributed.init_from_env(args.device) or select_device(args.device)
     if args.sync_bn and not distributed.launched_by_torchrun():
         LOGGER.warning("--sync_bn applies to runs started with torchrun; ignored in one process")
     elif args.sync_bn and device.type != "cuda":
         raise UserError("--sync_bn synchronises batch norm across GPUs (NCCL); with --device cpu drop it")
-    if device.type == "cuda" and "workers" not in getattr(args, "explicit", {"workers"}):
-        args.workers = gpu_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # the CPU default starves a GPU
-        LOGGER.info("--workers %d (a GPU: the cores shared by this machine's processes; pass --workers to choose)",
-                    args.workers)
     seed_everything(args.random_seed)
     set_determinism(device, args.deterministic)
-    share_cpu(device, args.workers)
     data = load_data(args, resumed)
+    args = resolve_options(args, data, device)  # the task, loss, metric, loader processes, batch size: fixed from here on
+    share_cpu(device, args.workers)
     with claimed_run(args, resumed) as run:
         trainer = Trainer(args, data, run, device, resumed)
     settle_heap()  # the libraries, data and model: out of the collector's walks from here on

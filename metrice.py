@@ -26,11 +26,12 @@ from utils.core.config import ArgumentParser, args_to_dict
 from utils.core.device import default_workers, share_cpu
 from utils.core.log import UserError, script_main, settle_heap
 from utils.core.names import CLASSICAL
-from utils.core.run import Run, increment_path
+from utils.core.options import Options
+from utils.core.run import Run, RunFolder, increment_path
 from utils.data.imageset import read_label_file, report_skipped
 from utils.data.sources import scan_split
-from utils.evaluate.split import measure_speed, predict_split, score_split
 from utils.deploy.formats import MODEL_TYPES
+from utils.evaluate.split import measure_speed, predict_split, score_split
 from utils.infer.backends import model_device, models_from_flags
 from utils.infer.ensemble import Ensemble, add_ensemble_flags, ensemble_method, load_ensemble
 from utils.infer.speed import device_name
@@ -83,7 +84,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> Options:
     """Parse and check the options."""
     args = get_args_parser().parse_args(argv)
     args.save_path, args.model_type = models_from_flags(args.save_path, args.weight, args.model_type)
@@ -97,7 +98,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.tsne and args.model_type != "torch":
         raise UserError("--tsne reads the penultimate features inside the network: it needs --model_type torch")
     check_features_args(args)
-    return args
+    return Options.of(args)
 
 
 def check_features_args(args: argparse.Namespace) -> None:
@@ -119,7 +120,7 @@ def check_features_args(args: argparse.Namespace) -> None:
         raise UserError("--task features uses the model's own --image_size (predict.py --classical computes the same features)")
 
 
-def split_path(args: argparse.Namespace, run_args: dict[str, Any]) -> Path:
+def split_path(args: Options, run_args: dict[str, Any]) -> Path:
     """The folder of --task: the flag, else the run's own path for that split."""
     key = f"{args.task}_path"
     given = getattr(args, key)
@@ -140,13 +141,13 @@ def output_folder(first: str, task: str) -> Path:
     return increment_path((path if path.is_dir() else path.parent) / task)
 
 
-def load_models(args: argparse.Namespace) -> tuple[Ensemble, list[str], Any]:
+def load_models(args: Options) -> tuple[Ensemble, list[str], Any]:
     """The ensemble of --save_path, the class names to show (--label_path), and the device."""
     device = model_device(args.device, args.model_type)
     share_cpu(device, args.workers)
     for path in args.save_path:
-        if Path(path).is_dir() and args.model_type == "torch" and not (Path(path) / "best.pt").is_file():
-            raise UserError(f"no best.pt in {path}: is it a run folder of main.py? (pass the folder --save_path named when training)")
+        if args.model_type == "torch":
+            RunFolder.checkpoint(path)  # a folder without best.pt: one line naming the flag and the runs there
     ensemble = load_ensemble(args.save_path, args.model_type, device, args.half, args.ensemble, args.ensemble_weights,
                              args.image_size)
     class_names = list(ensemble.class_names)
@@ -160,13 +161,13 @@ def load_models(args: argparse.Namespace) -> tuple[Ensemble, list[str], Any]:
     return ensemble, class_names, device
 
 
-def run_speed(args: argparse.Namespace, ensemble: Ensemble, device: Any) -> dict[str, Any]:
+def run_speed(args: Options, ensemble: Ensemble, device: Any) -> dict[str, Any]:
     """--task fps: images/second of each model at batch 1 and its run's batch size (or --batch_size)."""
     for flag in ("visual", "tsne"):
         if getattr(args, flag):
             LOGGER.warning("--%s does nothing with --task fps", flag)
     out = Run(output_folder(args.save_path[0], "fps"))
-    out.write_yaml("args.yaml", args_to_dict(args) | {"class_names": list(ensemble.class_names)})
+    out.write_yaml(RunFolder.ARGS, args_to_dict(args) | {"class_names": list(ensemble.class_names)})
     sizes = {m.name: [args.batch_size] if args.batch_size else
              sorted({1, int(m.run_args.get("batch_size") or 1)}) for m in ensemble.members}
     rows = measure_speed(ensemble, sizes, args.test_tta)
@@ -177,19 +178,20 @@ def run_speed(args: argparse.Namespace, ensemble: Ensemble, device: Any) -> dict
     return {"output": out.path, "speed": rows}
 
 
-def run_features(args: argparse.Namespace, ensemble: Ensemble, class_names: list[str], device: Any) -> dict[str, Any]:
+def run_features(args: Options, ensemble: Ensemble, class_names: list[str], device: Any) -> dict[str, Any]:
     """--task features: features of train (and val) and test, classical classifiers fit on train, test metrics."""
     from utils.evaluate.classical import run_feature_task
 
-    if ensemble.meta.multilabel:
+    if ensemble.meta.task_type.multilabel:
         raise UserError("--task features fits classifiers that pick one class per image: not for a multilabel model")
     run_args = ensemble.members[0].run_args  # its args.yaml: the data paths of the run
     samples, folders = {}, {}
     for split in ("train", "val", "test"):
         if split == "val" and not (args.val_path or run_args.get("val_path")):
             continue  # a run without a val split: train and test are enough
-        folders[split] = split_path(argparse.Namespace(**(vars(args) | {"task": split})), run_args)
-        image_set = scan_split(folders[split], class_names=ensemble.class_names, what=f"{split} set")
+        folders[split] = split_path(args.replace(task=split), run_args)
+        image_set = scan_split(folders[split], class_names=ensemble.class_names, what=f"{split} set").as_task(
+            ensemble.meta.task_type)
         report_skipped(image_set.skipped, f"{split} set {folders[split]}")
         samples[split] = image_set.samples
     for flag in ("visual", "tsne"):
@@ -204,7 +206,7 @@ def run_features(args: argparse.Namespace, ensemble: Ensemble, class_names: list
     return result
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def main(args: Options) -> dict[str, Any]:
     """Evaluate (or time) the models in --save_path; returns the output folder and the metrics."""
     report = reports()
     ensemble, class_names, device = load_models(args)
@@ -217,12 +219,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     run_args = dict(first.run_args)
     folder = split_path(args, run_args)
     image_set = scan_split(folder, class_names=ensemble.class_names, what=f"{args.task} set",
-                           list_sep=args.list_sep if args.list_sep is not None else run_args.get("list_sep"))
+                           list_sep=args.list_sep if args.list_sep is not None else run_args.get("list_sep")
+                           ).as_task(ensemble.meta.task_type)
     report_skipped(image_set.skipped, f"{args.task} set {folder}")
     batch_size = args.batch_size or max(1, int(run_args.get("batch_size") or 32))
 
     out = Run(output_folder(args.save_path[0], args.task))
-    out.write_yaml("args.yaml", args_to_dict(args) | {"split": str(folder), "images": len(image_set.samples),
+    out.write_yaml(RunFolder.ARGS, args_to_dict(args) | {"split": str(folder), "images": len(image_set.samples),
                                                       "class_names": class_names, "members": [m.name for m in ensemble.members],
                                                       "ensemble_weights": ensemble.weights})
     print(f"evaluating {', '.join(m.name for m in ensemble.members)} ({args.model_type}) on {args.task} set {folder} "
@@ -234,19 +237,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     results = score_split(ensemble, split, class_names)
     name = next(iter(results))
     report.print_overall(results)
-    if ensemble.meta.multilabel:  # no confusion matrix: per-class AP and F1 at the stored thresholds
-        per_class = report.write_multilabel_reports(out, split, ensemble.meta.decision_thresholds(), class_names, results)
+    meta, task = ensemble.meta, ensemble.meta.task_type
+    if task.multilabel:  # no confusion matrix: per-class AP and F1 at the stored thresholds
+        per_class = report.write_multilabel_reports(out, split, task.thresholds(meta.num_classes, meta.thresholds), class_names,
+                                                    results)
     else:
         per_class = report.write_reports(out, split.targets, split.probs, class_names, results, f"{name}, {args.task}")
     report.print_per_class(per_class, f"per class: {name}, {args.task}")
     visual = None
-    if (args.visual or args.tsne) and ensemble.meta.multilabel:
+    if (args.visual or args.tsne) and task.multilabel:
         LOGGER.warning("--visual and --tsne show one class per image: not for a multilabel model (predictions.csv has "
                        "each image's labels)")
     elif args.visual:
         visual = report.write_visual(out, split, class_names, first.spec)
         print(f"--visual: {visual[0]} correct, {visual[1]} incorrect", flush=True)
-    if args.tsne and not ensemble.meta.multilabel:
+    if args.tsne and not task.multilabel:
         report.write_tsne(out, split, class_names, first.name)
     print(f"results: {out.path}", flush=True)
     return {"output": out.path, "metrics": results, "per_class": per_class, "visual": visual}

@@ -31,11 +31,12 @@ from utils.core.config import ArgumentParser, finite_float
 from utils.core.device import default_workers, share_cpu
 from utils.core.log import UserError, progress, script_main, settle_heap
 from utils.core.names import CLASSICAL
-from utils.core.run import increment_path
+from utils.core.options import Options
+from utils.core.run import RunFolder, increment_path
 from utils.data.decode import load_image
+from utils.deploy.formats import MODEL_TYPES
 from utils.draw.labels import annotate
 from utils.explain.cam import CAM_TYPES
-from utils.deploy.formats import MODEL_TYPES
 from utils.infer.backends import model_device, models_from_flags
 from utils.infer.ensemble import Ensemble, InputPlan, add_ensemble_flags, ensemble_method, load_ensemble
 from utils.infer.loader import prediction_loader
@@ -74,7 +75,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> Options:
     """Parse and validate the options."""
     args = get_args_parser().parse_args(argv)
     args.save_path, args.model_type = models_from_flags(args.save_path, args.weight, args.model_type)
@@ -97,7 +98,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for flag in ("cam_layer", "cam_class"):
         if getattr(args, flag) and not args.cam_visual:
             raise UserError(f"--{flag} only applies with --cam_visual")
-    return args
+    return Options.of(args)
 
 
 def save_annotated(path: str, text: str, dest: Path) -> None:
@@ -112,7 +113,7 @@ def save_panel(view: Any, cam: Any, lines: list[str], size: int, dest: Path) -> 
     cam_panel(view, cam, lines, size).save(dest, **SAVE_OPTIONS[".png"])
 
 
-def prepare_cam(args: argparse.Namespace, backend: Any, class_names: list[str]) -> dict[str, Any]:
+def prepare_cam(args: Options, backend: Any, class_names: list[str]) -> dict[str, Any]:
     """What --cam_visual needs: the model to explain, its layer, the class to explain, the view to draw."""
     from utils.data.transforms_np import image_transform
     from utils.explain.cam import find_cam_layer, import_grad_cam
@@ -138,7 +139,7 @@ def prepare_cam(args: argparse.Namespace, backend: Any, class_names: list[str]) 
     }
 
 
-def explain_batch(args: argparse.Namespace, cam_setup: dict[str, Any], batch: dict[str, Any], plan: InputPlan,
+def explain_batch(args: Options, cam_setup: dict[str, Any], batch: dict[str, Any], plan: InputPlan,
                   probs: Any, rows: list[dict[str, Any]], rels: list[Path], class_names: list[str],
                   folder: Path, images_out: BoundedWriter) -> None:
     """--cam_visual: the class activation map of each image of a batch, saved as a panel."""
@@ -148,7 +149,7 @@ def explain_batch(args: argparse.Namespace, cam_setup: dict[str, Any], batch: di
 
     backend = cam_setup["backend"]
     views = batch["views"] if batch["views"] is not None else batch["inputs"][plan.group_of[0]]
-    targets = [cam_setup["explain"] if cam_setup["explain"] is not None else row["index"] for row in rows]
+    targets = [cam_setup["explain"] if cam_setup["explain"] is not None else row.index for row in rows]
     try:
         x = backend.normalize(torch.from_numpy(views).to(backend.device))
         maps = cam_maps(cam_setup["model"], x, cam_setup["layer"], args.cam_type, targets, batch_size=args.batch_size)
@@ -158,12 +159,12 @@ def explain_batch(args: argparse.Namespace, cam_setup: dict[str, Any], batch: di
                         f"({str(err).splitlines()[0][:200]}); {hint}") from None
     for n, (view, cam, row, target, rel) in enumerate(zip(views, maps, rows, targets, rels)):
         lines = [label_text(row), f"{args.cam_type} of {class_names[target]}"
-                 + ("" if target == row["index"] else f" ({float(probs[n, target]):.2f})"),
+                 + ("" if target == row.index else f" ({float(probs[n, target]):.2f})"),
                  f"layer {cam_setup['layer'].name}"]
         images_out.submit(save_panel, view, cam, lines, cam_setup["size"], folder / "cam" / output_name(rel, keep_formats=(".png",)))
 
 
-def predict_files(args: argparse.Namespace, source: Source, ensemble: Ensemble, cam_setup: dict[str, Any],
+def predict_files(args: Options, source: Source, ensemble: Ensemble, cam_setup: dict[str, Any],
                   folder: Path, device: Any) -> tuple[PredictionWriter, list[tuple[str, str]], float]:
     """Predict every file of `source` in batches, streaming the rows and drawings into `folder`.
 
@@ -176,8 +177,8 @@ def predict_files(args: argparse.Namespace, source: Source, ensemble: Ensemble, 
                                cam_setup.get("channels", 3))
     files = loader.dataset.files
     meta = ensemble.meta
-    writer = PredictionWriter(folder, class_names, multilabel=meta.multilabel)
-    thresholds = meta.decision_thresholds() if meta.multilabel else None
+    task = meta.task_type
+    writer = PredictionWriter(folder, class_names, task=task)
     images_out = BoundedWriter(limit=4 * args.batch_size, threads=max(1, min(4, (os.cpu_count() or 1) // 2)))
     first_skips: list[tuple[str, str]] = list(source.skipped[:20])
     writer.skip(source.skipped)
@@ -192,12 +193,12 @@ def predict_files(args: argparse.Namespace, source: Source, ensemble: Ensemble, 
                 continue
             paths = [files[i] for i in batch["indices"]]
             probs = ensemble.predict(batch["inputs"], plan)[0]
-            rows = prediction_rows(paths, probs, class_names, args.conf_threshold, thresholds)
+            rows = prediction_rows(paths, probs, class_names, task, args.conf_threshold, meta.thresholds)
             writer.write(rows)
             rels = [relative_name(Path(p), source.root) for p in paths] if folder_outputs else []
             if args.save_images:
                 for row, rel in zip(rows, rels):
-                    images_out.submit(save_annotated, row["path"], label_text(row), folder / "images" / output_name(rel))
+                    images_out.submit(save_annotated, row.path, label_text(row), folder / "images" / output_name(rel))
             if args.cam_visual:
                 explain_batch(args, cam_setup, batch, plan, probs, rows, rels, class_names, folder, images_out)
             if "feature_maps" in cam_setup:
@@ -209,7 +210,7 @@ def predict_files(args: argparse.Namespace, source: Source, ensemble: Ensemble, 
     return writer, first_skips, time.perf_counter() - t0
 
 
-def predict_folder(args: argparse.Namespace) -> Path:
+def predict_folder(args: Options) -> Path:
     """Run predict.py; returns the predict folder."""
     source = find_images(args.source)
     if not source.files:
@@ -230,7 +231,7 @@ def predict_folder(args: argparse.Namespace) -> Path:
         print(f"feature maps: {cam_setup['feature_maps'].describe()}", flush=True)
 
     first = Path(args.save_path[0])
-    folder = increment_path((first if first.is_dir() else first.parent) / "predict" / "exp")
+    folder = increment_path((first if first.is_dir() else first.parent) / RunFolder.PREDICT_DIR / "exp")
     print(f"predict folder: {folder}", flush=True)
     if args.cam_visual:
         print(f"{args.cam_type} on layer {cam_setup['layer'].describe()}", flush=True)
@@ -241,14 +242,14 @@ def predict_folder(args: argparse.Namespace) -> Path:
 
 
 def print_summary(writer: PredictionWriter, folder: Path, root: Path, first_skips: list[tuple[str, str]],
-                  seconds: float, args: argparse.Namespace) -> None:
+                  seconds: float, args: Options) -> None:
     if writer.first_rows:
         table = PrettyTable(["path", "class", "prob", "2nd", "entropy", "uncertain"])
         table.title = f"first {len(writer.first_rows)} of {writer.rows} predictions"
         for row in writer.first_rows:
-            second = f"{row['top2_class']} {row['top2_prob']:.3f}" if "top2_class" in row else ""
-            table.add_row([str(relative_name(Path(row["path"]), root)), row["class"], f"{row['prob']:.3f}", second,
-                           f"{row['entropy']:.3f}", "yes" if row["uncertain"] else ""])
+            second = f"{row.top[1][0]} {row.top[1][1]:.3f}" if len(row.top) > 1 else ""
+            table.add_row([str(relative_name(Path(row.path), root)), row.class_name, f"{row.prob:.3f}", second,
+                           f"{row.entropy:.3f}", "yes" if row.uncertain else ""])
         table.align["path"] = "l"
         print(table, flush=True)
         counts = PrettyTable(["class", "images", "share", f"uncertain (<{args.conf_threshold:g})"])
@@ -269,7 +270,7 @@ def print_summary(writer: PredictionWriter, folder: Path, root: Path, first_skip
     print(f"results: {writer.predictions_path}, {writer.skipped_path.name}" + "".join(f", {e}" for e in extras), flush=True)
 
 
-def main(args: argparse.Namespace) -> Path:
+def main(args: Options) -> Path:
     return predict_folder(args)
 
 

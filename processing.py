@@ -24,6 +24,7 @@ from prettytable import PrettyTable
 from utils.core.config import ArgumentParser, finite_float
 from utils.core.files import atomic_write_text
 from utils.core.log import UserError, script_main
+from utils.core.options import Options
 from utils.data.folders import class_folders, resolve_class_names, scan_class_folders
 from utils.data.imageset import natural_key, report_skipped
 from utils.data.lists import write_list
@@ -52,14 +53,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> Options:
     args = get_args_parser().parse_args(argv)
     for name in ("val_size", "test_size"):
         if not 0.0 <= getattr(args, name) < 1.0:
             raise UserError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
     if args.val_size + args.test_size >= 1.0:
         raise UserError(f"--val_size + --test_size must leave images for training (got {args.val_size + args.test_size:g})")
-    return args
+    return Options.of(args)
 
 
 # ----------------------------------------------------------------------------------- sample
@@ -193,7 +194,7 @@ def place(src: Path, dst: Path, link: bool) -> None:
         shutil.copy2(src, dst)
 
 
-def write_sample(args: argparse.Namespace, source: Path) -> None:
+def write_sample(args: Options, source: Path) -> None:
     """--sample: the bundled digits into --data_path (a new or empty folder, or an earlier sample)."""
     marker = source / SAMPLE_MARKER
     if source.exists() and not source.is_dir():
@@ -224,7 +225,7 @@ def scan_source(source: Path) -> tuple[list[str], list[str], dict[str, int], dic
     return folders, class_names, folder_index, images, skipped
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def main(args: Options) -> dict[str, Any]:
     source = Path(args.data_path)
     output = Path(args.output_path)
     label_path = Path(args.label_path) if args.label_path else output / "label.txt"

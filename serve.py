@@ -24,6 +24,7 @@ from typing import Any, Sequence
 from utils.core.config import ArgumentParser
 from utils.core.device import compute_threads, set_threads
 from utils.core.log import UserError, script_main, settle_heap
+from utils.core.options import Options
 from utils.data.decode import MAX_IMAGE_PIXELS
 from utils.deploy.formats import MODEL_TYPES
 from utils.infer.backends import load_backend, model_device
@@ -99,7 +100,7 @@ def _check_role(args: argparse.Namespace, role: str, allowed: dict[str, Any]) ->
         raise UserError(f"--access_log does not apply to {role}")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> Options:
     """Parse and validate the options of the role (embedded server, API tier or worker)."""
     args = get_args_parser().parse_args(argv)
     if args.worker and not args.queue:
@@ -134,10 +135,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if not is_loopback(args.host) and not args.api_key:
             raise UserError(f"--host {args.host} is reachable from other machines: set --api_key KEY (or ${API_KEY_ENV}) "
                             "so that only clients with the key are served")
-    return args
+    return Options.of(args)
 
 
-def build_runner(args: argparse.Namespace) -> Any:
+def build_runner(args: Options) -> Any:
     """Load the model of --save_path behind a utils.serve.service.ModelRunner."""
     from utils.serve.service import ModelRunner
 
@@ -167,7 +168,7 @@ def check_port(host: str, port: int) -> None:
                             "pass another --port") from None
 
 
-def serve_http(args: argparse.Namespace, service: Any, what: str) -> None:
+def serve_http(args: Options, service: Any, what: str) -> None:
     """Run the FastAPI app on uvicorn until interrupted."""
     import uvicorn
 
@@ -188,7 +189,7 @@ def serve_http(args: argparse.Namespace, service: Any, what: str) -> None:
         raise UserError(f"could not start the server on {args.host}:{args.port}") from None
 
 
-def run_worker(args: argparse.Namespace) -> None:
+def run_worker(args: Options) -> None:
     """A model worker of --queue: until SIGTERM or Ctrl-C (the batch in hand is finished first)."""
     from utils.serve.redis_queue import RedisWorker, safe_url
 
@@ -206,7 +207,7 @@ def run_worker(args: argparse.Namespace) -> None:
     print(f"worker {worker.name} stopped after {worker.batches} batch(es), {worker.images} image(s)", flush=True)
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: Options) -> None:
     if args.worker:
         run_worker(args)
         return

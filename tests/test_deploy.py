@@ -211,7 +211,10 @@ def test_numpy_normalize_and_softmax_match_torch() -> None:
     want = torch_side.Normalize(mean, std)(torch.from_numpy(batch)).numpy()
     assert np.array_equal(preprocess_np.normalize(batch, mean, std), want)  # the same float32 steps: the same bits
     logits = rng.normal(0, 5, (6, 4)).astype(np.float32)
-    assert np.allclose(preprocess_np.softmax(logits), torch.from_numpy(logits).softmax(1).numpy(), atol=1e-7)
+    from utils.core.task import MULTICLASS, MULTILABEL
+
+    assert np.allclose(MULTICLASS.probabilities(logits), torch.from_numpy(logits).softmax(1).numpy(), atol=1e-7)
+    assert np.allclose(MULTILABEL.probabilities(logits), torch.from_numpy(logits).sigmoid().numpy(), atol=1e-7)
     tta = rng.random((2, 10, 4)).astype(np.float32)
     assert np.allclose(preprocess_np.run_with_tta(lambda x: x, tta.reshape(2, 10, 4, 1, 1, 1)).reshape(2, 4),
                        tta.mean(axis=1), atol=1e-7)

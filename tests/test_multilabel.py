@@ -182,13 +182,18 @@ def test_processing_writes_lists_main_trains_on(tmp_path: Path, tiny_data: Path)
 
 # --------------------------------------------------------------------------------- imbalance
 def test_balanced_sampler_draws_classes_equally() -> None:
-    from types import SimpleNamespace
-
+    from utils.core.task import MULTILABEL
+    from utils.data.imageset import ImageSet
     from utils.data.loaders import EpochSampler
-    from utils.train.trainer import balanced_weights
+    from utils.train.setup import balanced_weights
 
     targets = [0] * 80 + [1] * 15 + [2] * 5
-    weights = balanced_weights(SimpleNamespace(class_counts=lambda: [80, 15, 5], targets=targets))
+    image_set = ImageSet(Path("."), [(f"{i}.png", t) for i, t in enumerate(targets)], ["a", "b", "c"])
+    weights = balanced_weights(image_set)
+    # one label each, as a multilabel set: the same chances (the mean over an image's one label)
+    assert balanced_weights(image_set.as_task(MULTILABEL)) == pytest.approx(weights)
+    assert balanced_weights(ImageSet(Path("."), [("x", (0, 1)), ("y", (0,))], ["a", "b"], task=MULTILABEL)) == \
+        pytest.approx([(1 / 2 + 1 / 1) / 2, 1 / 2])
     sampler = EpochSampler(len(targets), True, seed=3, weights=weights)
     counts = np.zeros(3)
     for epoch in range(30):
@@ -204,6 +209,7 @@ def test_balanced_sampler_draws_classes_equally() -> None:
 
 
 def test_class_balance_modes_by_formula() -> None:
+    from utils.core.task import MULTILABEL
     from utils.train.losses import class_balance_weights
 
     targets = [0] * 50 + [1] * 10
@@ -216,7 +222,7 @@ def test_class_balance_modes_by_formula() -> None:
     assert class_balance_weights(targets, 3, "effective", beta).tolist() == pytest.approx(
         [*(effective / effective.mean()), 1.0])
     multi = [(0,), (0, 1), (0,), (0,)]  # multi-label: positives' weights from negatives / positives
-    assert class_balance_weights(multi, 2, "inverse").tolist() == pytest.approx([0.0 / 4, 3.0])
+    assert class_balance_weights(multi, 2, "inverse", task=MULTILABEL).tolist() == pytest.approx([0.0 / 4, 3.0])
 
 
 def test_metrice_f1_picks_best_pt_by_macro_f1(tmp_path: Path, tiny_data: Path) -> None:

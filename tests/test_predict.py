@@ -361,7 +361,7 @@ def test_full_distribution_sums_to_one(run_dir: Path, mixed_folder: Path) -> Non
     tta = predict_pil(ensemble, images, tta=True)
     assert np.allclose(tta.sum(axis=1), 1.0, atol=1e-5)
     rows = prediction_rows(["a", "b", "c", "d", "e"], probs, ensemble.class_names, conf_threshold=1.0)
-    assert all(r["uncertain"] == 1 for r in rows) and [r["index"] for r in rows] == probs.argmax(axis=1).tolist()
+    assert all(r.uncertain for r in rows) and [r.index for r in rows] == probs.argmax(axis=1).tolist()
 
 
 def test_find_images(mixed_folder: Path, tmp_path: Path) -> None:

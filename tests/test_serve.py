@@ -25,6 +25,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from conftest import TINY_CLASSES, assert_ok, assert_user_error, make_truncated_jpeg, run_script
 from serve_helpers import (  # noqa: F401
     TOL,
     Served,
@@ -38,8 +40,6 @@ from serve_helpers import (  # noqa: F401
     read,
     serve_run,
 )
-
-from conftest import TINY_CLASSES, assert_ok, assert_user_error, make_truncated_jpeg, run_script
 
 KEY = "test-key-0123456789"
 MAX_BYTES = 3_000_000
@@ -314,7 +314,7 @@ def test_serve_defaults_have_one_owner() -> None:
     assert set(owner) == set(serve.ROLE_FLAGS) - {"threads"} and len(owner) == 14
     parsed: dict[str, Any] = {}
     for argv in ([], ["--queue", "redis://127.0.0.1:1/0"], ["--queue", "redis://127.0.0.1:1/0", "--worker"]):  # the roles
-        parsed |= {k: v for k, v in vars(serve.parse_args(argv)).items() if k in owner and v is not None}
+        parsed |= {k: v for k, v in serve.parse_args(argv).to_dict().items() if k in owner and v is not None}
     assert parsed == owner and all(type(parsed[k]) is type(v) for k, v in owner.items())
 
     usage, options = serve.get_args_parser().format_help().split("options:")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from conftest import TrainedRun, assert_ok, run_inprocess, run_script, train_args
+from utils.core.run import RunFolder
 from utils.train.optim import build_optimizer
 
 
@@ -57,15 +58,14 @@ def test_fused_step_is_the_per_tensor_step(name: str) -> None:
 
 
 # ------------------------------------------------------------------------------ curve budget
-class FakeRun:
+class FakeRun(RunFolder):
+    """A run folder that records the figures saved into it instead of drawing them."""
+
     main = True
 
     def __init__(self, path: Path) -> None:
-        self.path = path
+        super().__init__(path)
         self.saved: list[str] = []
-
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
 
     def savefig(self, fig: object, name: str) -> None:
         self.saved.append(name)

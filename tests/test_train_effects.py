@@ -306,7 +306,7 @@ OPTIMIZER_STATE = {"SGD": {"momentum_buffer"}, "AdamW": {"step", "exp_avg", "exp
 
 @pytest.mark.parametrize("loss_name", ["CrossEntropyLoss", "FocalLoss", "PolyLoss"])
 def test_the_named_loss_and_optimizer_are_the_ones_used(trained_runs: dict, tiny_data: Path, loss_name: str) -> None:
-    from utils.core.names import MULTICLASS_LOSSES
+    from utils.core.task import MULTICLASS
     from utils.train.losses import build_loss
 
     run = trained_runs[loss_name]
@@ -318,7 +318,7 @@ def test_the_named_loss_and_optimizer_are_the_ones_used(trained_runs: dict, tiny
         assert group["nesterov"] is True and group["momentum"] == 0.9
     # the last epoch's val loss is the named loss of last.pt's weights, and not another loss
     logged = column(run.path, "test_loss")[-1]
-    values = {name: val_loss(run.path / "last.pt", tiny_data / "val", build_loss(name, 0.1)) for name in MULTICLASS_LOSSES}
+    values = {name: val_loss(run.path / "last.pt", tiny_data / "val", build_loss(name, 0.1)) for name in MULTICLASS.losses}
     assert logged == pytest.approx(values[loss_name], rel=1e-4), values
     for other, value in values.items():
         if other != loss_name:

@@ -275,6 +275,8 @@ def to_plain(value: Any) -> Any:
     return str(value)
 
 
-def args_to_dict(args: argparse.Namespace) -> dict[str, Any]:
-    """Every resolved option as plain data (what args.yaml and checkpoints store)."""
-    return {k: to_plain(v) for k, v in vars(args).items() if k != "explicit"}
+def args_to_dict(args: Any) -> dict[str, Any]:
+    """Every resolved option (a Namespace or utils.core.options.Options) as plain data: what args.yaml
+    and checkpoints store."""
+    values = args.to_dict() if hasattr(args, "to_dict") else vars(args)
+    return {k: to_plain(v) for k, v in values.items() if k != "explicit"}

@@ -2,15 +2,12 @@
 
 The scripts build their parsers from these, so `--help` (and a mistyped flag) answers at once,
 without importing PyTorch. The modules that implement each name import it from here and check
-at import that their registry covers exactly these names (utils.train.losses.LOSSES,
-utils.data.augment.POLICIES ...). The model formats are their own table, utils.deploy.formats.
+at import that their registry covers exactly these names (utils.data.augment.POLICIES ...). The
+model formats are their own table (utils.deploy.formats), and the losses and metrics belong to the
+task types (utils.core.task).
 """
 from __future__ import annotations
 
-LOSSES = ("CrossEntropyLoss", "FocalLoss", "PolyLoss", "BCEWithLogitsLoss", "AsymmetricLoss")
-MULTICLASS_LOSSES = ("CrossEntropyLoss", "FocalLoss", "PolyLoss")   # one softmax over the classes
-MULTILABEL_LOSSES = ("BCEWithLogitsLoss", "AsymmetricLoss")         # a sigmoid per class
-TASK_TYPES = ("auto", "multiclass", "multilabel")
 OPTIMIZERS = ("SGD", "AdamW", "RMSProp")  # pytorch-classifier's names (utils.train.optim maps them onto timm's)
 # timm.optim.list_optimizers() of timm 1.0.31 (tests/test_ecosystem.py checks it against the installed timm).
 # --optimizer takes these and OPTIMIZERS, in any case; utils.train.optim refuses the few that cannot run here.
@@ -36,10 +33,6 @@ AUGMENT_POLICIES = ("RandAugment", "AutoAugment", "TrivialAugmentWide", "AugMix"
 AUGMENT_CHOICES = (*AUGMENT_POLICIES, "none")
 MIXUP_CHOICES = ("mixup", "cutmix", "none")
 KD_METHODS = ("SoftTarget", "MGD", "SP", "AT")
-# --metrice: the validation metric that picks best.pt. mean_acc = balanced_acc (mean recall per
-# class); f1 = macro F1; map = mean average precision (multi-label)
-METRICS = ("loss", "acc", "mean_acc", "balanced_acc", "f1", "map")
-MULTILABEL_METRICS = ("loss", "map", "f1")
 SAMPLERS = ("shuffle", "balanced")
 CLASS_BALANCE = ("none", "sqrt", "inverse", "effective")
 ENSEMBLE_METHODS = ("mean", "vote", "weighted")

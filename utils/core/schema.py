@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from utils.core.log import UserError
+from utils.core.task import TASK_TYPES, TaskType
 
 FORMAT = "pytorch-classifier-ng"
 VERSION = 2
@@ -30,7 +31,6 @@ LEGACY_FORMATS = {"pytorch-classifier-ng/1": 1}  # the old one-string tag -> its
 
 RESIZE_MODES = ("crop", "letterbox", "squash")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-TASKS = ("multiclass", "multilabel")
 CHECKPOINT_KINDS = ("best", "last", "swa")
 # The two numbers of the preprocessing that are not in a PreprocessSpec: both transforms
 # (utils.data.transforms, utils.data.transforms_np) read them here, at call time; the C++ side
@@ -151,8 +151,9 @@ class ModelMeta:
         model_name: the --model_name it was built from (utils.models.registry.create_model).
         class_names: the class names in output order.
         preprocess: its test-time preprocessing.
-        task: what its outputs mean -- multiclass: one softmax over the classes; multilabel: a
-            sigmoid per class, each label present when its probability reaches its threshold.
+        task: what its outputs mean (utils.core.task: `task_type` is the object) -- multiclass: one
+            softmax over the classes; multilabel: a sigmoid per class, each label present when its
+            probability reaches its threshold.
         thresholds: multilabel only: one decision threshold per class (tuned on the validation
             split for the best F1; 0.5 each until then).
     """
@@ -164,12 +165,9 @@ class ModelMeta:
     thresholds: tuple[float, ...] | None = None
 
     @property
-    def multilabel(self) -> bool:
-        return self.task == "multilabel"
-
-    def decision_thresholds(self) -> tuple[float, ...]:
-        """The per-class thresholds of a multi-label model (0.5 where none were tuned)."""
-        return self.thresholds if self.thresholds is not None else (0.5,) * self.num_classes
+    def task_type(self) -> TaskType:
+        """The object of the task (how outputs become probabilities, decisions and rows)."""
+        return TASK_TYPES[self.task]
 
     @property
     def num_classes(self) -> int:
@@ -209,7 +207,7 @@ class ModelMeta:
         if "num_classes" in data and data["num_classes"] != len(classes):
             raise UserError(f"{where}: 'num_classes' is {data['num_classes']} but 'class_names' lists {len(classes)}")
         spec = PreprocessSpec.from_dict(_field(data, "preprocess", where), f"{where} (preprocess)")
-        task = _choice(data, "task", where, TASKS, default="multiclass")
+        task = _choice(data, "task", where, tuple(TASK_TYPES), default="multiclass")
         thresholds = None
         if data.get("thresholds") is not None:
             if task != "multilabel":

@@ -12,9 +12,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
+
+from utils.core.log import UserError
+from utils.core.task import MULTICLASS, TaskType
 
 if TYPE_CHECKING:
     from utils.data.scan_cache import ScanCache
@@ -32,8 +35,10 @@ def natural_key(text: str) -> list[Any]:
 class ImageSet:
     """The images of one split: samples, class names and what was skipped.
 
-    A sample's target is its class index, or for a multi-label set (`multilabel`) the tuple of
-    its class indices. `signature` identifies the samples with their sizes and modification times
+    A sample's target is as its task type encodes it (utils.core.task): a class index, or for a
+    multilabel set the sorted tuple of its class indices. A scanner sets the task its source says
+    (a list with several labels per row: multilabel); a run re-encodes its splits once for the task
+    it trains (`as_task`). `signature` identifies the samples with their sizes and modification times
     (it changes when a file is added, removed, relabelled or edited); `cache` holds values derived
     from them (the mean/std of the images), kept between runs.
     """
@@ -44,7 +49,7 @@ class ImageSet:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     signature: str = ""
     cache: "ScanCache | None" = None
-    multilabel: bool = False
+    task: TaskType = MULTICLASS
 
     @property
     def targets(self) -> list[Any]:
@@ -52,11 +57,21 @@ class ImageSet:
 
     def class_counts(self) -> list[int]:
         """Images per class (for a multi-label set, images carrying each label)."""
-        counts = [0] * len(self.class_names)
-        for _, t in self.samples:
-            for c in (t if isinstance(t, tuple) else (t,)):
-                counts[c] += 1
-        return counts
+        return self.task.class_counts(self.targets, len(self.class_names)).tolist()
+
+    def as_task(self, task: TaskType) -> ImageSet:
+        """The same images with their targets encoded for `task` (itself when they already are).
+
+        Raises:
+            UserError: an image with several labels for a multiclass task.
+        """
+        if task is self.task:
+            return self
+        several = next((p for p, t in self.samples if len(self.task.labels(t)) != 1), None)
+        if several is not None and not task.multilabel:
+            raise UserError(f"{self.root}: a list with several labels per image ({several}) needs --task_type multilabel")
+        samples = [(p, task.encode(self.task.labels(t))) for p, t in self.samples]
+        return replace(self, samples=samples, task=task)
 
 
 def read_label_file(path: str | Path) -> list[str]:

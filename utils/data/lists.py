@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from utils.core.log import UserError
+from utils.core.task import MULTICLASS, MULTILABEL
 from utils.data.decode import check_image_header
 from utils.data.imageset import ImageSet, natural_key, read_label_file, samples_signature
 from utils.data.scan_cache import ScanCache, gc_paused
@@ -118,10 +119,11 @@ def scan_list(list_path: str | Path, class_names: Sequence[str] | None = None, l
         sep: the separator of a text list (None: any whitespace).
 
     Returns:
-        The ImageSet; `multilabel` when rows carry several labels.
+        The ImageSet; its task is multilabel when rows carry several labels.
     """
     list_path = Path(list_path)
     rows, multi = read_rows(list_path, sep)
+    task = MULTILABEL if multi else MULTICLASS  # several labels per row: what the list says
     names = list(class_names) if class_names is not None else label_names(rows, label_path)
     by_name = {n: i for i, n in enumerate(names)}
     cache = ScanCache(list_path.parent) if use_cache and check_headers else None
@@ -140,14 +142,14 @@ def scan_list(list_path: str | Path, class_names: Sequence[str] | None = None, l
             skipped.append((str(path), f"{where}: {reason}"))
             continue
         first_line[str(path.resolve())] = line
-        samples.append((str(path), tuple(sorted(set(indices))) if multi else indices[0]))
+        samples.append((str(path), task.encode(indices)))
     if cache is not None:
         cache.save()
     if not samples:
         raise UserError(f"{what} list {list_path} has no usable row (first problem: "
                         f"{skipped[0][1] if skipped else 'it is empty'})")
     return ImageSet(root=list_path.parent, samples=samples, class_names=names, skipped=skipped,
-                    signature=samples_signature(samples, stamps), cache=cache, multilabel=multi)
+                    signature=samples_signature(samples, stamps), cache=cache, task=task)
 
 
 def _row_problem(path: Path, written: str, labels: list[str], first_line: dict[str, int], check_headers: bool,

@@ -18,6 +18,7 @@ from torchvision.transforms import v2
 
 from utils.core.log import UserError
 from utils.core.schema import PreprocessSpec
+from utils.core.task import MULTICLASS, TaskType
 from utils.data.decode import load_image
 from utils.data.transforms import eval_transform
 
@@ -36,19 +37,23 @@ class ImageDataset(Dataset):
     """Images of an ImageSet through a transform; keys are indices or (epoch, index) pairs.
 
     An image that fails to decode (a truncated JPEG, say) is returned as None with the reason;
-    `collate` drops it from the batch and reports it, so nothing is silently trained on. A
-    multi-label sample's target (a tuple of class indices) comes out multi-hot (`num_classes` floats).
+    `collate` drops it from the batch and reports it, so nothing is silently trained on. The
+    samples' targets are encoded for `task` (ImageSet.as_task): a multilabel target (a tuple of
+    class indices) comes out multi-hot (`num_classes` floats).
     With a `cache` (utils.data.image_cache), a cached image skips the decoding and the transform's first
     `cache.steps` steps, which it has been through already; the pixels are the same.
     """
 
     def __init__(self, samples: Sequence[tuple[str, Any]], transform: Any, channels: int = 3, seed: int | None = None,
-                 num_classes: int | None = None, cache: Any = None) -> None:
+                 num_classes: int | None = None, cache: Any = None, task: TaskType = MULTICLASS) -> None:
+        if task.multilabel and num_classes is None:
+            raise ValueError("a multilabel ImageDataset needs num_classes")
         self.samples = list(samples)
         self.transform = transform
         self.channels = channels
         self.seed = seed  # None: deterministic transform, no reseeding needed
         self.num_classes = num_classes
+        self.task = task
         self.cache = cache
         if cache is not None:
             rest = transform.transforms[cache.steps:]
@@ -60,9 +65,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int, str, str | None]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         path, target = self.samples[index]
-        if isinstance(target, tuple):
-            if self.num_classes is None:
-                raise ValueError("a multi-label ImageDataset needs num_classes")
+        if self.task.multilabel:
             hot = torch.zeros(self.num_classes)
             hot[list(target)] = 1.0
             target = hot

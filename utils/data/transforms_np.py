@@ -4,10 +4,10 @@ evaluation run, with or without torch.
     transform = image_transform(spec)                 # PIL image (RGB or L) -> uint8 (C, H, W)
     batch = np.stack([transform(load_image(f, spec.channels)) for f in files])
     x = normalize(batch, spec.mean, spec.std)         # float32 (pixel / 255 - mean) / std
-    probs = run_with_tta(lambda b: softmax(model(b)), batch)
+    probs = run_with_tta(lambda b: meta.task_type.probabilities(model(b)), batch)
 
-This is the second implementation of the one definition in utils.core.schema.PreprocessSpec; utils.data
-builds the same steps from torchvision for training. tests/test_deploy.py checks that both give
+This is the second implementation of the one definition in utils.core.schema.PreprocessSpec;
+utils.data.transforms builds the same steps from torchvision for training. tests/test_deploy.py checks that both give
 the same bytes for every resize mode and interpolation. Resizing calls Pillow exactly as
 torchvision's v2.Resize does on a PIL image (`Image.resize(size, resample)`: no reducing_gap, so
 Pillow's antialiased two-pass filter), and the sizes follow torchvision's rules (crop: the short
@@ -22,8 +22,8 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from utils.core.log import UserError
 from utils.core import schema
+from utils.core.log import UserError
 from utils.core.schema import INTERPOLATIONS, RESIZE_MODES, PreprocessSpec, scaled_resize
 
 PIL_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
@@ -128,23 +128,6 @@ def normalize(images: np.ndarray, mean: Any, std: Any) -> np.ndarray:
     m = (np.asarray(mean, dtype=np.float32) * np.float32(255.0)).reshape(1, -1, 1, 1)
     s = (np.asarray(std, dtype=np.float32) * np.float32(255.0)).reshape(1, -1, 1, 1)
     return (images.astype(np.float32) - m) / s
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of float logits (N, C), in float32."""
-    x = np.asarray(logits, dtype=np.float32)
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def probabilities(logits: Any, multilabel: bool = False) -> Any:
-    """A model's probabilities from its logits, numpy or torch: a softmax over the classes, or for
-    a multi-label model a sigmoid per class."""
-    if hasattr(logits, "softmax"):  # a torch tensor
-        return logits.float().sigmoid() if multilabel else logits.float().softmax(dim=1)
-    if multilabel:
-        return (1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float32)))).astype(np.float32)
-    return softmax(logits)
 
 
 def run_with_tta(fn: Callable[[Any], Any], images: Any) -> Any:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from utils.data.transforms_np import probabilities
+from utils.core.task import MULTICLASS, TaskType
 from utils.deploy.parity import PARITY_TOLERANCE
 
 # A step that moves any class probability further than a float32 export may is undone.
@@ -120,8 +120,9 @@ def reparameterize(model: nn.Module) -> tuple[nn.Module, int]:
 
 
 @torch.no_grad()
-def probs_of(model: nn.Module, x: torch.Tensor, multilabel: bool = False) -> torch.Tensor:
-    return probabilities(model(x), multilabel)
+def probs_of(model: nn.Module, x: torch.Tensor, task: TaskType = MULTICLASS) -> torch.Tensor:
+    """The class probabilities of `model` on a normalised batch, as the task reads its outputs."""
+    return task.probabilities(model(x))
 
 
 def deploy_model(model: nn.Module, x: torch.Tensor, tolerance: float = FOLD_TOLERANCE) -> tuple[nn.Module, dict[str, Any]]:

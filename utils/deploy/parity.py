@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from utils.core.log import UserError
-from utils.data.transforms_np import probabilities
 from utils.deploy.formats import ModelFormat
 from utils.deploy.runtime import runtime_device
 
@@ -87,6 +86,6 @@ def check_parity(file: Path, fmt: ModelFormat, precision: str, images: torch.Ten
     except Exception as err:  # noqa: BLE001 - the runtime cannot run the file: report, do not crash
         return {"ok": None, "skipped": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}", "precision": precision,
                 "tolerance": PARITY_TOLERANCE[precision]}
-    report = parity_report(reference, probabilities(logits, backend.meta.multilabel), precision)
+    report = parity_report(reference, backend.meta.task_type.probabilities(logits), precision)
     report["device"] = str(run_on)
     return report

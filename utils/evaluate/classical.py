@@ -32,7 +32,7 @@ from prettytable import PrettyTable
 from utils.core.files import atomic_write, atomic_write_text
 from utils.core.log import UserError
 from utils.core.names import CLASSICAL
-from utils.core.run import Run
+from utils.core.run import Run, RunFolder
 from utils.evaluate.metrics import overall_metrics
 from utils.evaluate.split import SplitPredictions, predict_split, torch_features
 from utils.infer.backends import resolve_weights
@@ -40,7 +40,6 @@ from utils.infer.ensemble import Ensemble, InputPlan
 
 LOGGER = logging.getLogger(__name__)
 
-FEATURES_DIR = "features"          # <run>/features: the npz files, the classifiers, the report
 INDEX_FILE = "classical.json"
 INDEX_FORMAT = "pytorch-classifier-ng/classical"
 SPLITS = ("train", "val", "test")
@@ -114,7 +113,7 @@ def file_sha256(path: str | Path) -> str:
 def features_folder(save_path: str | Path) -> Path:
     """<run>/features for a run folder or a checkpoint file inside one."""
     path = Path(save_path)
-    return (path if path.is_dir() else path.parent) / FEATURES_DIR
+    return (path if path.is_dir() else path.parent) / RunFolder.FEATURES_DIR
 
 
 # ---------------------------------------------------------------------------- classifiers
@@ -308,7 +307,7 @@ def run_feature_task(ensemble: Ensemble, class_names: Sequence[str], samples: di
     member = ensemble.members[0]
     folder = features_folder(member.name)
     out = Run(folder)
-    out.write_yaml("args.yaml", info)
+    out.write_yaml(RunFolder.ARGS, info)
     (folder / INDEX_FILE).unlink(missing_ok=True)  # a run cut short leaves no index of stale files
     sets, test = extract_features(ensemble, class_names, samples, batch_size, workers, tta, device)
     for split, fs in sets.items():

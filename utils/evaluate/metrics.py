@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from utils.core.distributed import gather_rows, reduce_sum
+from utils.core.task import MULTICLASS, MULTILABEL, TaskType
 
 if TYPE_CHECKING:
     import torch
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 
 class EpochSums:
     """Loss sum, sample count and confusion matrix (rows: true class, columns: predicted)."""
+
+    task = MULTICLASS
 
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
@@ -84,6 +87,8 @@ class MultiLabelSums:
     """Loss sum, sample count, and the epoch's probability and target rows of a multi-label model
     (mean average precision needs every score of a class, not a sum)."""
 
+    task = MULTILABEL
+
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self.loss_sum = 0.0
@@ -133,6 +138,14 @@ class MultiLabelSums:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loss_sum, self.count = float(state["loss_sum"]), int(state["count"])
         self.probs, self.targets = [state["probs"].clone()], [state["targets"] >= 0.5]
+
+
+SUMS: dict[str, type] = {"multiclass": EpochSums, "multilabel": MultiLabelSums}  # by task type
+
+
+def new_sums(task: TaskType, num_classes: int) -> EpochSums | MultiLabelSums:
+    """What an epoch's metrics of a model of this task are summed in (reducible across processes)."""
+    return SUMS[task.name](num_classes)
 
 
 def multilabel_metrics(targets: np.ndarray, probs: np.ndarray, thresholds: Sequence[float],

@@ -18,6 +18,7 @@ from prettytable import PrettyTable
 
 from utils.core.run import Run
 from utils.core.schema import PreprocessSpec
+from utils.core.task import MULTILABEL
 from utils.data.decode import load_image
 from utils.data.transforms_np import image_transform
 from utils.draw.figures import plot_confusion_matrix, plot_embedding, plot_gallery, plot_reliability
@@ -173,7 +174,7 @@ def write_multilabel_reports(out: Run, split: SplitPredictions, thresholds: Sequ
                    for key in METRIC_LABELS if any(key in r for r in results.values())])
     out.write_csv("per_class.csv", MULTILABEL_PER_CLASS_FIELDS,
                   [[row[f] for f in MULTILABEL_PER_CLASS_FIELDS] for row in per_class])
-    decided = split.probs >= np.asarray(thresholds, dtype=np.float32)
+    decided = MULTILABEL.decide(split.probs, thresholds)
 
     def names(mask: np.ndarray) -> str:
         return "|".join(class_names[c] for c in np.flatnonzero(mask))

@@ -29,7 +29,7 @@ class SplitPredictions:
     """The predictions of an ensemble on a labelled split.
 
     Attributes:
-        samples: the split's (path, class index) pairs.
+        samples: the split's (path, target) pairs, targets encoded for the models' task (ImageSet.as_task).
         keep: indices into samples of the images that decoded (the rows below).
         targets: their true classes (N,), or for a multi-label split their labels, multi-hot (N, C).
         probs: the ensemble's probabilities (N, C) (the model's own for a single model).
@@ -96,19 +96,9 @@ def predict_split(ensemble: Ensemble, samples: list[tuple[str, int]], batch_size
     if not keep:
         raise UserError("no image of the split could be decoded")
     probs = np.concatenate(combined)
-    return SplitPredictions(samples=samples, keep=keep, targets=split_targets([samples[i][1] for i in keep], probs.shape[1]),
+    return SplitPredictions(samples=samples, keep=keep, targets=ensemble.meta.task_type.target_array([samples[i][1] for i in keep], probs.shape[1]),
                             probs=probs, member_probs=[np.concatenate(p) for p in per_member],
                             features=np.concatenate(feats) if features else None)
-
-
-def split_targets(targets: Sequence[Any], num_classes: int) -> np.ndarray:
-    """Class indices (N,), or multi-hot rows (N, C) when the targets are tuples of labels."""
-    if targets and isinstance(targets[0], tuple):
-        hot = np.zeros((len(targets), num_classes), dtype=bool)
-        for row, labels in enumerate(targets):
-            hot[row, list(labels)] = True
-        return hot
-    return np.array(targets, dtype=np.int64)
 
 
 def score_split(ensemble: Ensemble, split: SplitPredictions, class_names: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -117,9 +107,12 @@ def score_split(ensemble: Ensemble, split: SplitPredictions, class_names: Sequen
     Returns:
         {label: metrics}; the first entry is the final prediction's ("ensemble (vote)" or the run).
     """
+    meta = ensemble.meta
+
     def score(probs: np.ndarray) -> dict[str, float]:
-        if ensemble.meta.multilabel:
-            return multilabel_metrics(split.targets, probs, ensemble.meta.decision_thresholds(), class_names)[0]
+        if meta.task_type.multilabel:  # mAP and F1 at the model's per-class thresholds
+            return multilabel_metrics(split.targets, probs, meta.task_type.thresholds(meta.num_classes, meta.thresholds),
+                                      class_names)[0]
         return overall_metrics(split.targets, probs, list(class_names))
 
     if len(ensemble) == 1:

@@ -33,7 +33,7 @@ from utils.core.device import import_torch, select_device
 from utils.core.log import UserError
 from utils.core.run import RunFolder
 from utils.core.schema import ModelMeta
-from utils.data.transforms_np import image_transform, probabilities, run_with_tta
+from utils.data.transforms_np import image_transform, run_with_tta
 from utils.deploy.formats import MODEL_TYPES, ModelFormat, format_of, get_format, is_hub_folder
 from utils.deploy.runtime import runtime_device
 
@@ -156,5 +156,5 @@ def predict_probs(backend: Any, images: Any) -> Any:
     """Class probabilities (N, num_classes) for a uint8 batch, numpy or torch (the same kind comes
     back): a softmax, or a sigmoid per class for a multi-label model; TenCrop batches are averaged
     over the crops' probabilities."""
-    multilabel = backend.meta.multilabel
-    return run_with_tta(lambda x: probabilities(backend(x), multilabel), images)
+    task = backend.meta.task_type
+    return run_with_tta(lambda x: task.probabilities(backend(x)), images)

@@ -26,6 +26,7 @@ from PIL import Image
 from utils.core.config import finite_float
 from utils.core.log import UserError
 from utils.core.names import ENSEMBLE_METHODS
+from utils.core.run import RunFolder
 from utils.core.schema import ModelMeta, PreprocessSpec
 from utils.data.decode import to_mode
 from utils.data.imageset import read_label_file
@@ -204,7 +205,7 @@ def run_folder_of(path: Path, backend: Any) -> Path | None:
     source = (getattr(backend, "info", None) or {}).get("source") or {}
     candidates = [Path(source["checkpoint"]).parent] if source.get("checkpoint") else []
     candidates += [path.parent, path.parent.parent] if path.parent.name == "export" else [path.parent]
-    return next((c for c in candidates if (c / "args.yaml").is_file()), None)
+    return next((c for c in candidates if RunFolder(c).args_file.is_file()), None)
 
 
 def run_record(path: Path, backend: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -223,10 +224,10 @@ def run_record(path: Path, backend: Any) -> tuple[dict[str, Any], dict[str, Any]
     if run is None:
         return {}, metrics
     try:
-        args = yaml.safe_load((run / "args.yaml").read_text(encoding="utf-8")) or {}
+        args = yaml.safe_load(RunFolder(run).args_file.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
         args = {}
-    labels = run / "label.txt"
+    labels = RunFolder(run).labels_file
     if labels.is_file() and read_label_file(labels) != list(backend.meta.class_names):
         raise UserError(f"the {backend.model_type} model of {path} has other classes than its run {run} (label.txt): "
                         "export it again")

@@ -12,7 +12,7 @@ processes on any machine. Either way the HTTP tier decodes each image with the l
 training (`decode_image` -> utils.data.decode.load_image: EXIF orientation, every mode, the bomb limit)
 under a pixel limit, and hands on only the model's uint8 input (`Preprocessor`, from the model's
 meta alone). `ModelRunner` is predict.py's code path: `InputPlan` -> `Ensemble.predict` ->
-`prediction_rows` (top-5, entropy, uncertain), plus CAM overlays (utils.explain.cam) as base64 PNGs.
+`prediction_rows` (top-5, entropy, uncertain: the PredictionRow predict.py writes, as JSON), plus CAM overlays (utils.explain.cam) as base64 PNGs.
 """
 from __future__ import annotations
 
@@ -191,9 +191,9 @@ class ModelRunner:
         t0 = time.perf_counter()
         batch = np.stack([j.tensor for j in jobs])
         probs = self.ensemble.predict([batch], self.plan)[0]
-        rows = prediction_rows([j.name for j in jobs], probs, self.class_names, self.conf_threshold,
-                               self.meta.decision_thresholds() if self.meta.multilabel else None)
-        results: list[dict[str, Any] | ServeError] = [result_of(row, len(jobs)) for row in rows]
+        rows = prediction_rows([j.name for j in jobs], probs, self.class_names, self.meta.task_type, self.conf_threshold,
+                               self.meta.thresholds)
+        results: list[dict[str, Any] | ServeError] = [row.to_json() | {"batch_size": len(jobs)} for row in rows]
         for cam_type in sorted({j.cam for j in jobs if j.cam}):
             idx = [i for i, j in enumerate(jobs) if j.cam == cam_type]
             try:
@@ -201,7 +201,7 @@ class ModelRunner:
                     raise ServeError(400, f"cam={cam_type} needs gradients through a PyTorch model: serve --model_type torch")
                 import torch
 
-                pngs = self.cam(torch.from_numpy(batch[idx]), [rows[i]["index"] for i in idx], cam_type)
+                pngs = self.cam(torch.from_numpy(batch[idx]), [rows[i].index for i in idx], cam_type)
             except Exception as err:  # noqa: BLE001 - a CAM failure fails the images that asked for it
                 error = err if isinstance(err, ServeError) else ServeError(500, f"{cam_type} failed ({type(err).__name__}: "
                                                                                  f"{str(err).splitlines()[0][:200]})")
@@ -209,26 +209,12 @@ class ModelRunner:
                     results[i] = error
                 continue
             for i, png in zip(idx, pngs):
-                results[i]["cam"] = {"type": cam_type, "class": rows[i]["class"], "png": png}  # type: ignore[index]
+                results[i]["cam"] = {"type": cam_type, "class": rows[i].class_name, "png": png}  # type: ignore[index]
         ms = round(1000 * (time.perf_counter() - t0), 3)
         for r in results:
             if isinstance(r, dict):
                 r["batch_ms"] = ms
         return results
-
-
-def result_of(row: dict[str, Any], batch_size: int) -> dict[str, Any]:
-    """A prediction_rows row -> the JSON of one image."""
-    k = sum(1 for key in row if key.startswith("top") and key.endswith("_class"))
-    out = {
-        "file": row["path"], "class": row["class"], "index": row["index"], "prob": row["prob"],
-        "top": [{"class": row[f"top{j}_class"], "prob": row[f"top{j}_prob"]} for j in range(1, k + 1)],
-        "entropy": row["entropy"], "uncertain": bool(row["uncertain"]), "batch_size": batch_size,
-    }
-    if "labels" in row:  # a multi-label model: every label at or above its threshold
-        out["labels"] = [{"class": c, "prob": float(p)} for c, p in
-                         zip(row["labels"].split("|"), row["label_probs"].split("|")) if c]
-    return out
 
 
 # ------------------------------------------------------------------------------ batching

@@ -20,6 +20,7 @@ from torch import nn
 from utils.core.checkpoint import load_checkpoint
 from utils.core.log import UserError
 from utils.core.names import KD_METHODS
+from utils.core.run import RunFolder
 from utils.core.schema import Checkpoint
 from utils.models.features import FeatureRecorder, feature_taps
 from utils.models.weights import model_from_checkpoint
@@ -194,7 +195,7 @@ def load_teacher(teacher_path: str | Path, class_names: list[str], image_channel
     if not teacher_path:
         raise UserError("--kd needs --teacher_path RUN_FOLDER (a run of main.py whose best.pt is the teacher)")
     path = Path(teacher_path)
-    ckpt = load_checkpoint(path / "best.pt" if path.is_dir() else path, what="--teacher_path")
+    ckpt = load_checkpoint(RunFolder.checkpoint(path, "--teacher_path"), what="--teacher_path")
     meta = ckpt.meta
     if list(meta.class_names) != list(class_names):
         raise UserError(f"--teacher_path {teacher_path} was trained on other classes ({meta.num_classes}) than this "

@@ -192,7 +192,7 @@ def evaluate(
         sums.metrics().
     """
     model.eval()
-    multilabel = isinstance(sums, MultiLabelSums)
+    task = sums.task
     for batch in progress(loader, desc=desc, leave=False, disable=not is_main_process()):
         if failed is not None:
             failed.extend(batch["failed"])
@@ -201,12 +201,9 @@ def evaluate(
         images = batch["images"].to(device, non_blocking=True)
         targets = batch["targets"].to(device, non_blocking=True)
         with autocast(device, amp_dtype):
-            if images.ndim == 5 and multilabel:  # TenCrop: average the crops' sigmoids, back to logits
-                probs = run_with_tta(lambda x: torch.sigmoid(model(normalize(x)).float()), images)
-                logits = torch.logit(probs.clamp(1e-6, 1 - 1e-6))
-            elif images.ndim == 5:  # TenCrop test-time augmentation: average the crops' probabilities
-                probs = run_with_tta(lambda x: model(normalize(x)).float().softmax(dim=1), images)
-                logits = probs.clamp_min(1e-12).log()  # log-probabilities: softmax(log p) == p for the loss
+            if images.ndim == 5:  # TenCrop: average the crops' probabilities, back to logits the loss takes
+                probs = run_with_tta(lambda x: task.probabilities(model(normalize(x))), images)
+                logits = task.as_logits(probs)
             else:
                 logits = model(normalize(images)).float()
         loss = criterion(logits, targets)

@@ -24,21 +24,22 @@ from typing import Any, Callable, Sequence
 import torch
 from prettytable import PrettyTable
 
-from utils.core.run import Run
+from utils.core.run import Run, RunFolder
+from utils.core.task import MULTICLASS, TaskType
 from utils.draw.figures import plot_curves
 from utils.draw.labels import batch_grid
 from utils.train.trackers import Tracker, epoch_metrics
 
 LOGGER = logging.getLogger(__name__)
 
-TRAIN_LOG_FIELDS = ["epoch", "lr", "loss", "acc", "mean_acc", "test_loss", "test_acc", "test_mean_acc"]
-LOG_METRICS = {"multiclass": ("acc", "mean_acc"), "multilabel": ("map", "f1")}  # train.log's two metric columns
 
-
-def log_fields(task: str = "multiclass") -> list[str]:
-    """train.log's columns: epoch,lr,loss,acc,mean_acc,test_loss,test_acc,test_mean_acc (multi-label: map, f1)."""
-    first, second = LOG_METRICS[task]
+def log_fields(task: TaskType = MULTICLASS) -> list[str]:
+    """train.log's columns: epoch,lr,loss,acc,mean_acc,test_loss,test_acc,test_mean_acc (the task's two
+    metrics: multilabel map, f1)."""
+    first, second = task.log_metrics
     return ["epoch", "lr", "loss", first, second, "test_loss", f"test_{first}", f"test_{second}"]
+
+
 CURVE_SHARE = 0.02  # at most this share of the run's time goes to redrawing loss.png, acc.png, lr.png
 
 
@@ -54,7 +55,7 @@ def truncate_train_log(path: str | Path, epochs_done: int) -> None:
     if not path.exists():
         return
     with path.open(newline="", encoding="utf-8") as fh:
-        fields = list(csv.DictReader(fh).fieldnames or TRAIN_LOG_FIELDS)
+        fields = list(csv.DictReader(fh).fieldnames or log_fields())
     rows = [r for r in read_train_log(path) if int(r["epoch"]) <= epochs_done]
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
@@ -100,16 +101,16 @@ class EpochLog:
         epochs: the number of epochs the run trains (for the console title).
         extra_fields: train.log columns after the standard ones (e.g. kd_loss).
         val_label: how the validation row is labelled in the console ("val", "val (EMA)").
-        task: multiclass (acc, mean_acc columns) or multilabel (map, f1).
+        task: the run's task type: its two metrics are train.log's columns (acc, mean_acc; multilabel: map, f1).
         tracker: an experiment tracker (utils.train.trackers) that also gets each epoch's metrics, or None.
     """
 
     def __init__(self, run: Run, epochs: int, extra_fields: Sequence[str] = (), val_label: str = "val",
-                 task: str = "multiclass", tracker: Tracker | None = None) -> None:
+                 task: TaskType = MULTICLASS, tracker: Tracker | None = None) -> None:
         self.run = run
         self.tracker = tracker  # --tracker: wandb or MLflow get each epoch's metrics too
         self.epochs = epochs
-        self.metrics = LOG_METRICS[task]
+        self.metrics = task.log_metrics
         self.fields = log_fields(task) + list(extra_fields)
         self.val_label = val_label
         self.tb = run.tensorboard()
@@ -121,13 +122,13 @@ class EpochLog:
     def resume(self, epochs_done: int) -> None:
         """Drop the rows of epochs a resumed run trains again."""
         if self.run.main:
-            truncate_train_log(self.run / "train.log", epochs_done)
+            truncate_train_log(self.run.log_file, epochs_done)
 
     def write(self, record: EpochRecord) -> None:
         """Append the train.log row and the TensorBoard scalars, print the table, and redraw the
         curves when it is their turn (see the module's docstring)."""
         row = record.row(self.metrics)
-        self.run.append_csv("train.log", row, self.fields)
+        self.run.append_csv(RunFolder.LOG, row, self.fields)
         self._rows += 1
         if self.tb is not None:
             for key, value in row.items():
@@ -143,13 +144,13 @@ class EpochLog:
     def draw_curves(self, force: bool = True) -> None:
         """loss.png, acc.png and lr.png from train.log: when due, or with `force` now; either way
         not again if no row was written since the last drawing."""
-        if not self.run.main or not (self.run / "train.log").exists():
+        if not self.run.main or not self.run.log_file.exists():
             return
         now = time.monotonic()
         if self._drawn_at is not None and (self._rows == self._drawn_rows or
                                            not force and now - self._drawn_at < self._draw_seconds / CURVE_SHARE):
             return
-        for name, fig in plot_curves(read_train_log(self.run / "train.log"), self.metrics).items():
+        for name, fig in plot_curves(read_train_log(self.run.log_file), self.metrics).items():
             self.run.savefig(fig, name)
         self._drawn_at = time.monotonic()
         self._draw_seconds = self._drawn_at - now

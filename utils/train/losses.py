@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.core.log import UserError
-from utils.core.names import LOSSES as LOSS_NAMES
+from utils.core.task import ALL_LOSSES, MULTICLASS, MULTILABEL, TaskType
 
 
 class _ClassificationLoss(nn.Module):
@@ -133,10 +133,16 @@ class AsymmetricLoss(_MultiLabelLoss):
 
 LOSSES = {"CrossEntropyLoss": CrossEntropyLoss, "FocalLoss": FocalLoss, "PolyLoss": PolyLoss,
           "BCEWithLogitsLoss": BCEWithLogitsLoss, "AsymmetricLoss": AsymmetricLoss}
-assert tuple(LOSSES) == LOSS_NAMES, "utils.core.names.LOSSES names every loss"
+# Every loss belongs to the family of one task type (utils.core.task), where --loss takes its names from:
+# a loss here and not there, or there and not here, stops the import.
+FAMILY: dict[TaskType, type] = {MULTICLASS: _ClassificationLoss, MULTILABEL: _MultiLabelLoss}
+assert set(LOSSES) == set(ALL_LOSSES) and all(issubclass(LOSSES[name], base) for task, base in FAMILY.items()
+                                              for name in task.losses), \
+    "each loss is registered here and listed in the family of its task type (utils.core.task)"
 
 
-def class_balance_weights(targets: Sequence[Any], num_classes: int, mode: str = "sqrt", beta: float = 0.999) -> torch.Tensor:
+def class_balance_weights(targets: Sequence[Any], num_classes: int, mode: str = "sqrt", beta: float = 0.999,
+                          task: TaskType = MULTICLASS) -> torch.Tensor:
     """Per-class loss weights against class imbalance (--class_balance).
 
     Multi-class: sqrt -- pytorch-classifier's rule, the square root of scikit-learn's 'balanced'
@@ -145,19 +151,16 @@ def class_balance_weights(targets: Sequence[Any], num_classes: int, mode: str = 
     effective number of samples (1 - beta) / (1 - beta^n_c) (Cui et al., 2019), scaled to mean 1
     over the present classes. Classes absent from `targets` get weight 1.
 
-    Multi-label (targets are tuples of class indices): BCE's positive weights from each class's
-    negatives / positives, by the same rule (sqrt, the ratio itself, or effective numbers).
+    Multi-label (`task` multilabel: targets are tuples of class indices): BCE's positive weights from
+    each class's negatives / positives, by the same rule (sqrt, the ratio itself, or effective numbers).
 
     Returns:
         (C,) float weights.
     """
     if mode not in ("sqrt", "inverse", "effective"):
         raise UserError(f"unknown --class_balance '{mode}'; choose one of sqrt, inverse, effective")
-    multilabel = bool(targets) and isinstance(targets[0], tuple)
-    counts = np.zeros(num_classes)
-    for t in targets:
-        for c in (t if multilabel else (t,)):
-            counts[c] += 1
+    multilabel = task.multilabel
+    counts = task.class_counts(targets, num_classes).astype(np.float64)
     present = counts > 0
     n = len(targets)
     if mode == "effective":
@@ -174,19 +177,26 @@ def class_balance_weights(targets: Sequence[Any], num_classes: int, mode: str = 
     return torch.as_tensor(weight, dtype=torch.float32)
 
 
-def build_loss(name: str, label_smoothing: float = 0.0, weight: torch.Tensor | None = None) -> nn.Module:
-    """The loss named by --loss.
+def build_loss(name: str, label_smoothing: float = 0.0, weight: torch.Tensor | None = None,
+               task: TaskType | None = None) -> nn.Module:
+    """The loss named by --loss, of the task's family.
 
     Args:
-        name: CrossEntropyLoss, FocalLoss, PolyLoss (multi-class); BCEWithLogitsLoss, AsymmetricLoss (multi-label).
+        name: CrossEntropyLoss, FocalLoss, PolyLoss (multiclass); BCEWithLogitsLoss, AsymmetricLoss (multilabel).
         label_smoothing: --label_smoothing.
         weight: per-class weights (--class_balance) or None.
+        task: the run's task type: a loss of another family is refused (None: not checked).
 
     Returns:
         The loss module.
+
+    Raises:
+        UserError: an unknown loss, or one of the other task's family.
     """
     if name not in LOSSES:
         raise UserError(f"unknown --loss '{name}'; choose one of {', '.join(LOSSES)}")
+    if task is not None:
+        task.loss(name)
     return LOSSES[name](label_smoothing=label_smoothing, weight=weight)
 
 

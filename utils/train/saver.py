@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from utils.core.checkpoint import half_state_dict
-from utils.core.run import Run
+from utils.core.run import Run, RunFolder
 from utils.core.schema import Checkpoint, ModelMeta
 from utils.train.state import TrainState
 
@@ -75,7 +75,7 @@ class CheckpointSaver:
             self.since += 1
             return False
         self.best_value, self.best_epoch, self.since = value, epoch, 0
-        self.run.save("best.pt", self._checkpoint("best", model, epoch, metrics, value, self.weights))
+        self.run.save(RunFolder.BEST, self._checkpoint("best", model, epoch, metrics, value, self.weights))
         return True
 
     @property
@@ -86,7 +86,7 @@ class CheckpointSaver:
         """last.pt: the whole training state. Its model is the state's own float32 weights (the
         same tensors, so torch.save writes them once)."""
         train_state = state.state_dict()
-        self.run.save("last.pt", Checkpoint(kind="last", meta=self.meta, model=train_state["model"], epoch=state.epoch,
+        self.run.save(RunFolder.LAST, Checkpoint(kind="last", meta=self.meta, model=train_state["model"], epoch=state.epoch,
                                             args=self.options, best=self.state_dict(), train_state=train_state))
 
     def offer_swa(self, model: nn.Module, epoch: int, metrics: dict[str, Any], value: float | None, swa_epochs: int) -> bool:
@@ -96,12 +96,12 @@ class CheckpointSaver:
             Whether it became best.pt.
         """
         ckpt = self._checkpoint("swa", model, epoch, metrics, value, "swa", swa_epochs=swa_epochs)
-        self.run.save("swa.pt", ckpt)
+        self.run.save(RunFolder.SWA, ckpt)
         if value is None or not self.is_better(value):
             return False
         self.best_value, self.best_epoch = value, epoch
         ckpt.kind = "best"
-        self.run.save("best.pt", ckpt)
+        self.run.save(RunFolder.BEST, ckpt)
         return True
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,11 +1,12 @@
 """A training run, from its data to the test score of best.pt (main.py's library).
 
-    data = load_data(args, resumed=None)                      # the splits, class names, mean/std, augmentation
+    data = load_data(args, resumed=None)                      # utils.train.setup: the splits, task, mean/std, augmentation
+    args = resolve_options(args, data, device)                # utils.train.setup: the options, resolved once
     trainer = Trainer(args, data, Run("runs/exp"), device)   # model, optimizer, schedule, EMA/SWA/KD, loaders
     result = trainer.fit()                                    # the epochs: train, validate, save, log
     test = trainer.test_best()                                # best.pt on the test split
 
-`Trainer` builds every part from the options and registers the stateful ones in a TrainState, so
+`Trainer` reads the options and never writes them; it builds every part from them and registers the stateful ones in a TrainState, so
 last.pt is one `state_dict()` and --resume one `load_state_dict()`. The epoch itself is
 utils.train.engine (no I/O); what is kept is utils.train.saver.CheckpointSaver; what is shown is
 utils.train.epoch_log.EpochLog. docs/architecture.md shows the whole flow.
@@ -13,7 +14,6 @@ utils.train.epoch_log.EpochLog. docs/architecture.md shows the whole flow.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import logging
 import os
@@ -21,7 +21,6 @@ import random
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +30,18 @@ from torch import nn
 
 from utils.core.checkpoint import float_weights, load_checkpoint
 from utils.core.config import args_to_dict
-from utils.core.device import amp_settings, autobatch, autocast
-from utils.core.distributed import (all_equal, any_true, broadcast_buffers, broadcast_module, broadcast_object, reduce_sum,
-                                    world_info)
+from utils.core.device import amp_settings
+from utils.core.distributed import all_equal, any_true, broadcast_buffers, broadcast_module, reduce_sum, world_info
 from utils.core.log import UserError
-from utils.core.names import MULTICLASS_LOSSES, MULTILABEL_LOSSES, MULTILABEL_METRICS
-from utils.core.run import Run
-from utils.core.schema import Checkpoint, ModelMeta, PreprocessSpec
-from utils.data.augment import BatchMix, train_augment
+from utils.core.run import Run, RunFolder
+from utils.core.schema import Checkpoint, ModelMeta
+from utils.data.augment import BatchMix
 from utils.data.image_cache import ImageCache, cache_budget
-from utils.data.imageset import ImageSet, report_skipped
-from utils.data.loaders import EpochSampler, ImageDataset, build_loader, compute_mean_std
+from utils.data.imageset import report_skipped
+from utils.data.loaders import EpochSampler, ImageDataset, build_loader
 from utils.data.sources import scan_split
-from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, image_transform, train_transform
-from utils.evaluate.metrics import EpochSums, MultiLabelSums, best_f1_thresholds, multilabel_scores
+from utils.data.transforms import Normalize, image_transform, train_transform
+from utils.evaluate.metrics import EpochSums, MultiLabelSums, best_f1_thresholds, multilabel_scores, new_sums
 from utils.models.registry import create_model
 from utils.models.weights import load_module_state, load_weights
 from utils.train.distill import Distiller, load_teacher
@@ -55,6 +52,7 @@ from utils.train.losses import RDrop, Supervised, build_loss, class_balance_weig
 from utils.train.optim import HeadFreezer, build_optimizer
 from utils.train.saver import CheckpointSaver
 from utils.train.schedule import LRSchedule
+from utils.train.setup import TrainData, balanced_weights
 from utils.train.state import ModuleState, TrainState
 from utils.train.trackers import create_tracker
 
@@ -125,126 +123,6 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-# ------------------------------------------------------------------------------------ data
-@dataclass
-class TrainData:
-    """The splits of a run and what is derived from them before any model exists.
-
-    Attributes:
-        train_set / val_set: the scanned splits (val_set None without a val folder).
-        spec: the test-time preprocessing (size, channels, the train set's or ImageNet's mean/std).
-        augment: the training augmentations (torchvision/albumentations transforms) and their description.
-    """
-
-    train_set: ImageSet
-    val_set: ImageSet | None
-    spec: PreprocessSpec
-    augment: list[Any] = field(default_factory=list)
-    augment_note: str = "none"
-    task: str = "multiclass"
-
-    @property
-    def multilabel(self) -> bool:
-        return self.task == "multilabel"
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.train_set.class_names
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.train_set.class_names)
-
-
-def train_mean_std(train_set: ImageSet, image_size: int, channels: int, seed: int) -> tuple[list[float], list[float]]:
-    """The train set's per-channel mean/std, computed once per set of files and size (then read
-    from the scan cache: a second start-up on the same folder decodes no image)."""
-    key = f"mean_std:v1:{train_set.signature}:{image_size}:{channels}:{seed}"
-    cached = train_set.cache.get(key) if train_set.cache is not None and train_set.signature else None
-    if cached is not None:
-        return list(cached[0]), list(cached[1])
-    mean, std = compute_mean_std(train_set.samples, image_size, channels, workers=0, seed=seed)
-    if train_set.cache is not None and train_set.signature:
-        train_set.cache.put(key, [mean, std])
-    return mean, std
-
-
-def load_data(args: argparse.Namespace, resumed: Checkpoint | None = None) -> TrainData:
-    """Scan the splits, check them, and settle the preprocessing (a resumed run keeps its own).
-
-    Raises:
-        UserError: missing or unusable splits, fewer than two classes, other classes than the resumed run's.
-    """
-    train_set = scan_split(args.train_path, label_path=args.label_path, what="train set", list_sep=args.list_sep)
-    class_names = train_set.class_names
-    if resumed is not None and list(resumed.meta.class_names) != class_names:
-        raise UserError(f"--resume: the classes in {args.train_path} differ from those the run was trained on")
-    report_skipped(train_set.skipped, f"train set {args.train_path}")
-    if len(class_names) < 2:
-        raise UserError(f"train set {args.train_path} has one class ({class_names[0]}): a classifier needs at least two")
-    val_set = None
-    if args.val_path and Path(args.val_path).exists():
-        val_set = scan_split(args.val_path, class_names=class_names, what="val set", list_sep=args.list_sep)
-        report_skipped(val_set.skipped, f"val set {args.val_path}")
-    else:
-        LOGGER.warning("no validation set at '%s': best.pt is chosen on the training metrics", args.val_path)
-
-    if resumed is not None:
-        mean, std = resumed.meta.preprocess.mean, resumed.meta.preprocess.std
-    elif args.imagenet_meanstd:
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-        if args.image_channel == 1:
-            mean, std = [sum(mean) / 3], [sum(std) / 3]
-    else:
-        mean, std = train_mean_std(train_set, args.image_size, args.image_channel, args.random_seed)
-        LOGGER.info("train set mean %s, std %s", [round(m, 4) for m in mean], [round(s, 4) for s in std])
-    spec = PreprocessSpec.create(args.image_size, args.image_channel, mean, std, args.resize_mode)
-    augment, note = train_augment(args.Augment, args.custom_augment)
-    task = settle_task(args, train_set, resumed)
-    for image_set in (train_set, val_set):
-        if image_set is not None and task == "multilabel" and not image_set.multilabel:  # one label each, as tuples
-            image_set.samples = [(p, t if isinstance(t, tuple) else (t,)) for p, t in image_set.samples]
-            image_set.multilabel = True
-        elif image_set is not None and task == "multiclass" and image_set.multilabel:
-            raise UserError(f"{image_set.root}: a list with several labels per image needs --task_type multilabel")
-    return TrainData(train_set, val_set, spec, augment, note, task)
-
-
-def settle_task(args: argparse.Namespace, train_set: ImageSet, resumed: Checkpoint | None) -> str:
-    """multiclass or multilabel (--task_type, or what the training list holds), and the loss and
-    --metrice that go with it: BCE and map by default for multilabel; a mismatch is refused.
-
-    Raises:
-        UserError: a multi-class loss or metric named for a multi-label run, or the other way round.
-    """
-    task = resumed.meta.task if resumed is not None else (
-        args.task_type if args.task_type != "auto" else ("multilabel" if train_set.multilabel else "multiclass"))
-    explicit = getattr(args, "explicit", set())
-    losses, metrics = (MULTILABEL_LOSSES, MULTILABEL_METRICS) if task == "multilabel" else (MULTICLASS_LOSSES, None)
-    if args.loss not in losses:
-        if "loss" in explicit:
-            raise UserError(f"--loss {args.loss} does not fit a {task} task: choose one of {', '.join(losses)}")
-        args.loss = losses[0]
-    if metrics is not None and args.metrice not in metrics:
-        if "metrice" in explicit:
-            raise UserError(f"--metrice {args.metrice} does not fit a multilabel task: choose one of {', '.join(metrics)}")
-        args.metrice = "map"
-    if task == "multiclass" and args.metrice == "map":
-        raise UserError("--metrice map is for multilabel runs (--task_type multilabel); use acc, mean_acc or f1")
-    if task == "multilabel" and args.rdrop:
-        raise UserError("--rdrop compares softmax distributions: it does not apply to a multilabel task")
-    args.task_type = task
-    return task
-
-
-def balanced_weights(image_set: ImageSet) -> list[float]:
-    """--sampler balanced: each image's chance, the inverse of its class's frequency (for several
-    labels, the mean over them), so every class is drawn about as often."""
-    counts = image_set.class_counts()
-    return [sum(1.0 / counts[c] for c in t) / len(t) if isinstance(t, tuple) else 1.0 / counts[t]
-            for t in image_set.targets]
-
-
 # --------------------------------------------------------------------------------- trainer
 class Trainer:
     """Builds every part of a training run from its options, and runs it.
@@ -265,17 +143,18 @@ class Trainer:
         self.amp_dtype, amp_note = amp_settings(device, args.amp)
         if args.amp:
             LOGGER.info("--amp: %s", amp_note)
-        self._settle_batch_size()
-        weight = (class_balance_weights(data.train_set.targets, data.num_classes, args.class_balance, args.class_balance_beta)
+        self._refuse_batch_of_one()
+        weight = (class_balance_weights(data.train_set.targets, data.num_classes, args.class_balance, args.class_balance_beta,
+                                        data.task)
                   if args.class_balance not in ("none", None, False) else None)
-        self.criterion = build_loss(args.loss, args.label_smoothing, weight).to(device)
+        self.criterion = build_loss(args.loss, args.label_smoothing, weight, data.task).to(device)
         self.optimizer = build_optimizer(self.model, args.optimizer, args.lr, args.weight_decay, args.momentum,
                                          getattr(args, "layer_decay", None))
         self.ema = EMA(self.model, args.ema_decay) if args.ema else None  # before any hooks are placed on the model
         self.swa = SWA(self.model, int(args.swa_start * args.epoch)) if args.swa else None
         self.objective, self.distiller = self._build_objective()
         self.freezer = HeadFreezer(self.model, args.freeze) if args.freeze else None
-        self.batch_mix = BatchMix(args.mixup, data.num_classes, multilabel=data.multilabel) if args.mixup != "none" else None
+        self.batch_mix = BatchMix(args.mixup, data.num_classes, multilabel=data.task.multilabel) if args.mixup != "none" else None
         self.rank, self.world = world_info()
         self.train_sampler, self.train_loader, self.val_loader = self._build_loaders()
         self.schedule = LRSchedule(self.optimizer, args.lr, args.epoch, args.warmup, args.warmup_ratios, args.warmup_minlr,
@@ -290,7 +169,7 @@ class Trainer:
                                     args.accumulate, args.clip_grad, self.ema,
                                     self.freezer.train_mode if self.freezer else None, shared, self.schedule.after_step)
 
-        self.meta = ModelMeta(args.model_name, tuple(data.class_names), data.spec, task=data.task)
+        self.meta = ModelMeta(args.model_name, tuple(data.class_names), data.spec, task=data.task.name)
         self.options = args_to_dict(args) | {"save_path": str(run.path)}
         self.saver = CheckpointSaver(run, self.meta, self.options, args.metrice, args.patience,
                                      weights="ema" if self.ema else "raw")
@@ -305,8 +184,8 @@ class Trainer:
             print(f"resuming {run.path} at epoch {self.state.epoch + 1}"
                   + (f", step {self.start_step}" if self.start_step else ""), flush=True)
         self.normalize = Normalize(data.spec.mean, data.spec.std, args.channels_last).to(device)
-        run.write_yaml("args.yaml", self.options | {"mean": list(data.spec.mean), "std": list(data.spec.std)})
-        run.write_lines("label.txt", data.class_names)
+        run.write_yaml(RunFolder.ARGS, self.options | {"mean": list(data.spec.mean), "std": list(data.spec.std)})
+        run.write_lines(RunFolder.LABELS, data.class_names)
         self.tracker = (create_tracker(getattr(args, "tracker", "none"), run.path,
                                        getattr(args, "tracker_project", "pytorch-classifier")) if run.main else None)
         if self.tracker is not None:
@@ -332,22 +211,11 @@ class Trainer:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model
 
-    def _settle_batch_size(self) -> None:
-        """Refuse a batch of one for batch norm; pick the batch size for --batch_size -1."""
+    def _refuse_batch_of_one(self) -> None:
+        """Batch norm cannot train on one image per batch: say so before the first step."""
         args = self.args
         if args.batch_size == 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
             raise UserError(f"--batch_size 1 cannot train {args.model_name}: batch norm needs at least 2 images per batch")
-        if args.batch_size != -1:
-            return
-
-        def probe_step(net: nn.Module, x: torch.Tensor) -> None:
-            with autocast(self.device, self.amp_dtype):
-                net(x).float().sum().backward()
-
-        chosen = autobatch(copy.deepcopy(self.model), args.image_size, args.image_channel, self.device, step=probe_step)
-        args.batch_size = broadcast_object(min(chosen, len(self.data.train_set.samples)))  # rank 0's choice for all
-        LOGGER.info("--batch_size -1: %s -> batch size %d", "80% of GPU memory" if self.device.type == "cuda" else "no GPU",
-                    args.batch_size)
 
     def _build_objective(self) -> tuple[Any, Distiller | None]:
         """Supervised, R-Drop, or distillation from a teacher (whose learnable layers join the optimizer)."""
@@ -357,11 +225,11 @@ class Trainer:
         if not args.kd:
             return Supervised(self.criterion), None
         teacher, teacher_ckpt = load_teacher(args.teacher_path, self.data.class_names, args.image_channel, self.device,
-                                             self.data.task)
+                                             self.data.task.name)
         spec, t_spec = self.data.spec, teacher_ckpt.meta.preprocess
         distiller = Distiller(self.criterion, self.model, teacher, args.kd_method, args.kd_ratio, args.image_channel,
                               (list(spec.mean), list(spec.std)), (list(t_spec.mean), list(t_spec.std)),
-                              args.kd_temperature, self.data.multilabel).to(self.device)
+                              args.kd_temperature, self.data.task.multilabel).to(self.device)
         learnable = [p for p in distiller.method.parameters() if p.requires_grad]
         if learnable:  # MGD's generation layers train with the student
             self.optimizer.add_param_group({"params": learnable, "weight_decay": args.weight_decay})
@@ -407,12 +275,12 @@ class Trainer:
         drop_last = per_rank % args.batch_size == 1 or (self.batch_mix is not None and per_rank > args.batch_size)
         caches = self._image_caches(transform)
         train_loader = build_loader(ImageDataset(data.train_set.samples, transform, args.image_channel, seed=args.random_seed,
-                                                 num_classes=data.num_classes, cache=caches[0]),
+                                                 num_classes=data.num_classes, cache=caches[0], task=data.task),
                                     args.batch_size, sampler, args.workers, pin, drop_last=drop_last)
         val_loader = None
         if data.val_set is not None:
             val_loader = build_loader(ImageDataset(data.val_set.samples, image_transform(data.spec, args.test_tta), args.image_channel,
-                                                   num_classes=data.num_classes, cache=caches[1]),
+                                                   num_classes=data.num_classes, cache=caches[1], task=data.task),
                                       args.batch_size, self.eval_sampler(len(data.val_set.samples)), args.workers, pin)
         return sampler, train_loader, val_loader
 
@@ -433,7 +301,7 @@ class Trainer:
 
     def new_sums(self) -> EpochSums | MultiLabelSums:
         """What an epoch's metrics are summed in: a confusion matrix, or a multi-label model's scores."""
-        return MultiLabelSums(self.data.num_classes) if self.data.multilabel else EpochSums(self.data.num_classes)
+        return new_sums(self.data.task, self.data.num_classes)
 
     def eval_sampler(self, size: int) -> EpochSampler:
         """Each process evaluates its share of a split once (no padding); metrics are summed over them."""
@@ -582,13 +450,13 @@ class Trainer:
         """best.pt's weights into the model, in every process (best.pt is on rank 0's disk)."""
         any_true()  # rank 0 has written best.pt
         if self.rank == 0:
-            load_module_state(self.model, float_weights(load_checkpoint(self.run / "best.pt").model))
+            load_module_state(self.model, float_weights(load_checkpoint(self.run.best).model))
         broadcast_module(self.model)
 
     def tune_thresholds(self) -> None:
         """Multi-label: per class, the threshold that gives best.pt its best F1 on the validation
         split, stored in best.pt (and used by metrice.py, predict.py, exports and serve.py)."""
-        if not self.data.multilabel or self.val_loader is None:
+        if not self.data.task.multilabel or self.val_loader is None:
             return
         self.load_best()
         sums = self.new_sums()
@@ -599,9 +467,9 @@ class Trainer:
         self.meta = dataclasses.replace(self.meta, thresholds=tuple(thresholds))
         self.saver.meta = self.meta
         if self.rank == 0:
-            best = load_checkpoint(self.run / "best.pt")
+            best = load_checkpoint(self.run.best)
             best.meta = self.meta
-            self.run.save("best.pt", best)
+            self.run.save(RunFolder.BEST, best)
         print(f"thresholds tuned on the val split for each class's best F1: macro F1 {before:.4f} at 0.5 -> {after:.4f} "
               "(stored in best.pt)", flush=True)
 
@@ -610,13 +478,12 @@ class Trainer:
         args = self.args
         if not args.test_path or not Path(args.test_path).exists():
             return None
-        test_set = scan_split(args.test_path, class_names=self.data.class_names, what="test set", list_sep=args.list_sep)
+        test_set = scan_split(args.test_path, class_names=self.data.class_names, what="test set",
+                              list_sep=args.list_sep).as_task(self.data.task)
         report_skipped(test_set.skipped, f"test set {args.test_path}")
         self.load_best()
-        if self.data.multilabel:
-            test_set.samples = [(p, t if isinstance(t, tuple) else (t,)) for p, t in test_set.samples]
         loader = build_loader(ImageDataset(test_set.samples, image_transform(self.data.spec, args.test_tta), args.image_channel,
-                                           num_classes=self.data.num_classes),
+                                           num_classes=self.data.num_classes, task=self.data.task),
                               args.batch_size, self.eval_sampler(len(test_set.samples)), 0, self.device.type == "cuda")
         test = evaluate(self.model, self.criterion, loader, self.device, self.new_sums(), self.normalize,
                         self.amp_dtype, desc="test")
@@ -636,7 +503,7 @@ class Trainer:
                 final = {f"test/{k}": float(v) for k, v in (result.get("test") or {}).items()}
                 final |= {"best/epoch": float(result["best_epoch"]), f"best/{result['best_metric']}": float(result["best_value"])}
                 tracker.log_metrics(final)
-                names = ["best.pt", "swa.pt", "train.log", "args.yaml", "label.txt"]
+                names = [RunFolder.BEST, RunFolder.SWA, RunFolder.LOG, RunFolder.ARGS, RunFolder.LABELS]
                 tracker.log_artifacts([self.run / n for n in names] + sorted(self.run.path.glob("*.png")))
         finally:
             tracker.close()
