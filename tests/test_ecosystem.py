@@ -452,3 +452,56 @@ def test_chinese_readme_lists_the_same_flags_as_the_english_one() -> None:
     assert english == chinese, (f"only in README.md: {sorted(english - chinese)}; "
                                 f"only in README.zh-CN.md: {sorted(chinese - english)}")
     assert "README.zh-CN.md" in (REPO / "README.md").read_text(encoding="utf-8").split("\n## ", 1)[0]  # linked at the top
+
+
+def _utils_mentions(text: str) -> list[tuple[str, str, list[str]]]:
+    """Every mention of the library in a document, as (what the document says, module, names in it):
+    `from utils.x import a, b`, `import utils.x`, a dotted `utils.x.y.name` (module and attributes
+    told apart later), and a path `utils/x/y.py` or `utils/x/` (module "", the path as its name)."""
+    import re
+
+    found: list[tuple[str, str, list[str]]] = []
+    for m in re.finditer(r"^\s*from\s+(utils(?:\.\w+)*)\s+import\s+([\w\s,()]+?)\s*(?:#.*)?$", text, re.M):
+        found.append((m.group(0).strip(), m.group(1), [n for n in re.split(r"[\s,()]+", m.group(2)) if n]))
+    for m in re.finditer(r"^\s*import\s+(utils(?:\.\w+)*)", text, re.M):
+        found.append((m.group(0).strip(), m.group(1), []))
+    dotted = re.sub(r"^\s*(from|import)\s+utils\b.*$", "", text, flags=re.M)  # the lines above, once
+    for m in re.finditer(r"(?<![\w./-])utils(?:\.\w+)+", dotted):  # not torch.utils.x
+        found.append((m.group(0), m.group(0), []))
+    for m in re.finditer(r"(?<![\w./-])utils/[\w./-]*", text):
+        found.append((m.group(0), "", [m.group(0).rstrip(".")]))
+    return found
+
+
+def _missing_utils_names(mention: tuple[str, str, list[str]]) -> str | None:
+    """Why a mention names nothing that exists (None when it does)."""
+    import importlib
+
+    said, dotted, names = mention
+    if not dotted:  # a path
+        return None if (REPO / names[0]).exists() else f"{said}: no such file or folder"
+    parts = dotted.split(".")
+    # the longest prefix that is a module or package of the checkout; the rest are attributes
+    depth = max(i for i in range(1, len(parts) + 1)
+                if (REPO / "/".join(parts[:i])).with_suffix(".py").is_file()
+                or (REPO / "/".join(parts[:i]) / "__init__.py").is_file())
+    obj = importlib.import_module(".".join(parts[:depth]))
+    for attr in parts[depth:]:
+        if not hasattr(obj, attr):
+            hint = "" if depth > 1 else " (a module path from before utils/ became packages?)"
+            return f"{said}: {'.'.join(parts[:depth])} has no {attr}{hint}"
+        obj = getattr(obj, attr)
+    for name in names:
+        if not hasattr(obj, name) and not (REPO / dotted.replace(".", "/") / f"{name}.py").is_file():
+            return f"{said}: {dotted} has no {name}"
+    return None
+
+
+@pytest.mark.parametrize("readme", ["README.md", "README.zh-CN.md"])
+def test_readme_names_only_library_modules_and_names_that_exist(readme: str) -> None:
+    """A README's module paths and imports (utils.a.b, from utils.x import y, utils/a/b.py) name what
+    the checkout has: a moved module fails here, not in a reader's notebook."""
+    mentions = _utils_mentions((REPO / readme).read_text(encoding="utf-8"))
+    assert len(mentions) > 20 and any(m[0].startswith("from utils.") for m in mentions)
+    missing = [why for why in map(_missing_utils_names, mentions) if why]
+    assert not missing, f"{readme} names what utils/ does not have: {missing}"
