@@ -346,7 +346,7 @@ def test_progress_bars_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(sys, "stderr", Terminal())
     assert not progress(range(3)).disable
     assert progress(range(3), disable=True).disable  # rank > 0
-    direct = [f.name for f in sorted(REPO.glob("*.py")) + sorted((REPO / "utils").glob("*.py"))
+    direct = [f.name for f in sorted(REPO.glob("*.py")) + sorted((REPO / "utils").rglob("*.py"))
               if f.name != "log.py" and "from tqdm import" in f.read_text(encoding="utf-8")]
     assert not direct, f"progress bars outside utils.core.log.progress: {direct}"
 
@@ -413,7 +413,7 @@ def test_every_import_is_declared_in_a_requirements_file() -> None:
     assert {"huggingface-hub", "safetensors"} <= set(training)
     assert training["albumentations"].endswith(">=1.4.21")  # A.set_random_seed
     assert training["torch"] == "torch==2.14.1" and training["torchvision"] == "torchvision==0.29.1"
-    files = sorted(REPO.glob("*.py")) + sorted((REPO / "utils").glob("*.py")) + sorted((REPO / "model").glob("*.py"))
+    files = sorted(REPO.glob("*.py")) + sorted((REPO / "utils").rglob("*.py")) + sorted((REPO / "model").glob("*.py"))
     imported = set()
     for file in files:
         for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
