@@ -446,6 +446,20 @@ def test_readme_documents_every_flag_of_every_script(script: str) -> None:
     assert len(flags) > 3 and not missing, f"{script}.py flags that README.md never names: {missing}"
 
 
+def test_readme_export_tables_are_the_format_table() -> None:
+    """The export table of both READMEs is utils.deploy.formats' (the English one verbatim, as
+    `formats_table(markdown=True)` prints it; the Chinese one row by row, its words translated)."""
+    from utils.deploy.formats import FORMATS, formats_table
+
+    english = (REPO / "README.md").read_text(encoding="utf-8")
+    assert formats_table(markdown=True) in english, "README.md's export table: paste formats_table(markdown=True) again"
+    chinese = (REPO / "README.zh-CN.md").read_text(encoding="utf-8")
+    for fmt in FORMATS.values():
+        cells = [f"`{fmt.flag}", f"`{fmt.file_name('best')}`", "是" if fmt.cpu else "-"]
+        assert any(line.startswith("| ") and all(c in line for c in cells) for line in chinese.splitlines()), \
+            f"README.zh-CN.md's export table lacks {fmt.flag} as the format table has it"
+
+
 def test_chinese_readme_lists_the_same_flags_as_the_english_one() -> None:
     english, chinese = _flags(REPO / "README.md"), _flags(REPO / "README.zh-CN.md")
     assert len(english) > 80 and {"--version", "--seed", "--tracker", "--layer_decay", "--push_to_hub"} <= english
