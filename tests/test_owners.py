@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -78,8 +79,9 @@ def test_encode_and_labels_round_trip() -> None:
 def test_multiclass_refuses_other_than_one_label(labels: list[int]) -> None:
     with pytest.raises(UserError) as err:
         MULTICLASS.encode(labels)
-    message = one_line_error(err, "--task_type multilabel")
-    assert message.startswith(f"a multiclass image has exactly one class, not {len(labels)}:")
+    message = one_line_error(err)
+    assert message == (f"a multiclass image has exactly one class, not {len(labels)}: several labels per image need "
+                       "--task_type multilabel")
 
 
 def test_target_array_indices_or_multi_hot() -> None:
@@ -155,6 +157,8 @@ def test_decide_argmax_or_thresholds_inclusive() -> None:
     assert MULTILABEL.decide(probs).tolist() == [[True, True, True], [False, False, True], [False, False, False],
                                                   [False, False, True]]  # 0.5 each by default
     assert MULTILABEL.decide(probs.tolist(), [0.4, 0.4, 0.4])[2].tolist() == [True, True, False]
+    # Python floats exactly at their thresholds (0.1 and 0.3 are not float32 numbers): given all the same
+    assert MULTILABEL.decide([[0.1, 0.3, 0.7]], [0.1, 0.3, 0.7]).tolist() == [[True, True, True]]
 
 
 def test_uncertainty_is_the_entropy() -> None:
@@ -174,6 +178,8 @@ def test_uncertainty_is_the_entropy() -> None:
     assert m.dtype == np.float32
     assert m.tolist() == pytest.approx([(binary(0.5) + binary(0.9)) / 2, (binary(0.1) + binary(0.3)) / 2, 0.0,
                                         math.log(2)], abs=1e-6)
+    # float32 probabilities (what the backends give) of 0 and 1: certain, not nan
+    assert MULTILABEL.uncertainty(np.array([[0.0, 1.0]], dtype=np.float32)).tolist() == pytest.approx([0.0], abs=1e-9)
 
 
 def test_loss_and_metric_defaults_and_the_other_tasks_refused() -> None:
@@ -196,8 +202,9 @@ def test_loss_and_metric_defaults_and_the_other_tasks_refused() -> None:
         allowed = TASK_TYPES[task].losses if flag == "--loss" else TASK_TYPES[task].metrics
         assert message.endswith(f"; choose one of {', '.join(allowed)}"), message
     with pytest.raises(UserError) as err:
-        MULTICLASS.loss("NoSuchLoss")
-    assert "it is for" not in one_line_error(err, "--loss NoSuchLoss", "CrossEntropyLoss, FocalLoss, PolyLoss")
+        MULTICLASS.loss("NoSuchLoss")  # no task's loss: no task to point to
+    assert one_line_error(err) == (f"--loss NoSuchLoss does not fit a multiclass task ({MULTICLASS.summary}); choose one "
+                                   "of CrossEntropyLoss, FocalLoss, PolyLoss")
 
 
 def test_all_losses_and_metrics_are_every_tasks_once() -> None:
@@ -380,6 +387,10 @@ def test_increment_path_claims_a_fresh_folder(tmp_path: Path) -> None:
 
 
 def test_run_writes_its_files(tmp_path: Path) -> None:
+    nested = Run(tmp_path / "a" / "b")
+    assert nested.path.is_dir()
+    nested.close()  # no TensorBoard writer opened: nothing to close
+    assert Run(tmp_path / "a" / "b").path == tmp_path / "a" / "b"  # an existing folder (a resumed run)
     run = Run(tmp_path / "exp")
     assert run.main and run.path.is_dir()
     run.write_yaml(RunFolder.ARGS, {"b": 1, "a": "é"})
@@ -390,13 +401,44 @@ def test_run_writes_its_files(tmp_path: Path) -> None:
     assert (run.path / "t.csv").read_bytes() == b"h1,h2\r\n1,2\r\n3,4\r\n"
     run.append_csv(RunFolder.LOG, {"epoch": 1, "loss": None, "extra": 9}, ["epoch", "loss"])
     run.append_csv(RunFolder.LOG, {"epoch": 2, "loss": 0.5}, ["epoch", "loss"])
-    assert run.log_file.read_bytes() == b"epoch,loss\r\n1,\r\n2,0.5\r\n"
+    run.append_csv(RunFolder.LOG, {"epoch": 3}, ["epoch", "loss"])  # a missing value: empty
+    assert run.log_file.read_bytes() == b"epoch,loss\r\n1,\r\n2,0.5\r\n3,\r\n"
 
     from PIL import Image
 
     run.savefig(Image.new("RGB", (3, 2), (255, 0, 0)), "img.png")
     with Image.open(run.path / "img.png") as img:
         assert img.format == "PNG" and img.size == (3, 2) and img.getpixel((0, 0)) == (255, 0, 0)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(4, 2))
+    fig.text(0.5, 0.5, "x")
+    run.savefig(fig, "fig.png")
+    plt.close(fig)
+    with Image.open(run.path / "fig.png") as img:  # 120 dpi, cropped to what is drawn (bbox_inches="tight")
+        assert img.format == "PNG" and img.info["dpi"] == pytest.approx((120, 120), abs=0.1)
+        assert img.size[0] < 120 and img.size[1] < 120  # the whole figure would be 480 x 240
+    assert [p.name for p in run.path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_run_saves_checkpoints_and_opens_tensorboard(tmp_path: Path) -> None:
+    from utils.core.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(V1_RUN / "best.pt")
+    run = Run(tmp_path / "exp")
+    run.save(RunFolder.BEST, ckpt)
+    saved = load_ckpt(run.best)
+    assert saved.keys() == ckpt.to_dict().keys() and saved["class_names"] == ["cat", "dog"]
+    assert all(torch.equal(saved["model"][k], v) for k, v in ckpt.to_dict()["model"].items())
+    writer = run.tensorboard()
+    assert writer is run.tensorboard() and Path(writer.log_dir) == run.path
+    writer.add_scalar("x", 1.0, 0)
+    run.close()
+    assert run._tb is None and list(run.path.glob("events.out.tfevents.*"))
 
 
 # =========================================================================== utils.deploy.formats
@@ -471,8 +513,8 @@ def test_get_format_refuses_unknown_names() -> None:
 def test_half_only_for_formats_that_run_half_and_refusals(tmp_path: Path) -> None:
     with pytest.raises(UserError) as err:
         FORMATS["onnx"].load(tmp_path / "m.onnx", "cpu", half=True)
-    message = one_line_error(err, "a onnx model keeps the precision")
-    assert message.startswith("--half applies to torch, torchscript models;"), message
+    assert one_line_error(err) == ("--half applies to torch, torchscript models; a onnx model keeps the precision it "
+                                   "was exported with (python export.py --half makes a float16 one)")
     from utils.core.schema import ModelMeta, PreprocessSpec
 
     spec = PreprocessSpec.create(32, 3, [0.5] * 3, [0.25] * 3)
@@ -496,6 +538,8 @@ def test_formats_table_has_one_line_per_format() -> None:
     assert [c[2] for c in cells] == [f"`{f.file_name('best')}`" for f in FORMATS.values()]
     plain = formats_table()
     assert plain.count("\n") == len(FORMATS) + 3  # rules above and below the header and below the rows
+    assert plain.splitlines()[1].startswith("| format ") and "| --export / --model_type " in plain.splitlines()[1]
+    assert plain.splitlines()[5].startswith("| ONNX ")  # left-aligned
     for fmt in FORMATS.values():
         assert fmt.name in plain and fmt.file_name("best") in plain
 
@@ -531,6 +575,12 @@ def test_a_new_format_is_one_row_and_one_module(tmp_path: Path, monkeypatch: pyt
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert got.argmax(axis=1).tolist() == want.argmax(axis=1).tolist()
     assert load_backend(run, "ts2", "cpu").file == file  # a run folder finds export/best.ts2
+    with pytest.raises(UserError, match="^--half needs a CUDA device"):  # --half reaches the format's runtime
+        TS2.load(file, torch.device("cpu"), half=True)
+    no_half = dataclasses.replace(TS2, half=False)  # a row without `half` refuses --half, and loads without it
+    with pytest.raises(UserError, match="^--half applies to "):
+        no_half.load(file, torch.device("cpu"), half=True)
+    assert no_half.load(file, torch.device("cpu")).half is False
 
 
 # ============================================================================== utils.infer.rows
@@ -570,6 +620,9 @@ def test_rows_uncertain_for_both_tasks() -> None:
     assert [r.uncertain for r in rows] == [False, True, False]  # multilabel: uncertain when no class is given
     assert [r.given() for r in rows] == [["r", "p"], [], ["p", "q", "r"]]
     assert [r.class_name for r in rows] == ["r", "r", "p"]  # the top class, given or not
+    tied = np.random.default_rng(0).choice([0.6, 0.7, 0.8], 20).astype(np.float32)[None]
+    (row,) = prediction_rows(["t"], tied, [f"c{i}" for i in range(20)], MULTILABEL)
+    assert [c for c, _ in row.labels] == [f"c{i}" for i in np.argsort(-tied[0], kind="stable")]  # ties: lower index first
     default = prediction_rows("x", multi[:1], ["p", "q", "r"], MULTILABEL)[0]  # 0.5 each
     assert [c for c, _ in default.labels] == ["r", "q"]
     assert [r.entropy for r in rows] == pytest.approx(MULTILABEL.uncertainty(multi).tolist())
@@ -635,12 +688,51 @@ def test_prediction_writer_header_rows_and_counts(tmp_path: Path) -> None:
         assert list(reader) == [{k: str(v) for k, v in r.csv_row().items()} for r in rows]
     assert (tmp_path / "skipped.csv").read_text().splitlines() == ["path,reason", "bad.png,not an image", "c.png,cut"]
 
+    again = PredictionWriter(tmp_path, names)
+    assert again.class_names == names and again.keep_rows == 10
+    uncertain_first = np.array([[0.4, 0.3, 0.3], [0.45, 0.3, 0.25], [0.9, 0.05, 0.05]] * 4, dtype=np.float32)
+    again.write(prediction_rows([f"{i}" for i in range(12)], uncertain_first, names))
+    again.skip([("a", "x")])
+    again.skip([("b", "y")])
+    again.close()
+    assert again.counts == {"x": 12} and again.uncertain == {"x": 8}  # summed over rows, whatever their order
+    assert (again.rows, again.skipped, len(again.first_rows)) == (12, 2, 10)
+
     multi = PredictionWriter(tmp_path, names, task=MULTILABEL)
     multi.write(prediction_rows(["m0", "m1"], [[0.9, 0.6, 0.1], [0.1, 0.2, 0.3]], names, MULTILABEL))
     multi.close()
     assert multi.counts == {"x": 1, "y": 1} and multi.uncertain == {"x": 0, "y": 0}  # each label given counts
     with (tmp_path / "predictions.csv").open(newline="") as fh:
         assert csv.DictReader(fh).fieldnames == csv_fields(3, MULTILABEL)
+
+
+def test_bounded_writer_runs_every_job_with_a_bounded_queue() -> None:
+    import threading
+
+    from utils.infer.rows import BoundedWriter
+
+    writer = BoundedWriter(limit=2)
+    assert writer.limit == 2 and writer.pool._max_workers == 1
+    gate, done = threading.Event(), []
+    writer.submit(gate.wait)
+    writer.submit(done.append, 1)
+    assert len(writer.pending) == 2
+    opener = threading.Timer(0.2, gate.set)
+    opener.start()
+    writer.submit(done.append, 2)  # waits for the oldest job: never more than `limit` pending
+    assert gate.is_set() and len(writer.pending) <= 2
+    for k in range(3, 8):
+        writer.submit(done.append, k)
+        assert len(writer.pending) <= 2
+    writer.close()
+    assert done == [1, 2, 3, 4, 5, 6, 7] and not writer.pending  # one thread: in order, all of them
+    failing = BoundedWriter(limit=4, threads=2)
+    assert failing.pool._max_workers == 2
+    failing.submit(done.append, 8)
+    failing.submit(int, "not a number")
+    with pytest.raises(ValueError):
+        failing.close()  # a failed save is not lost
+    assert done[-1] == 8 and failing.pool._shutdown
 
 
 def test_label_text_and_output_name() -> None:
@@ -702,6 +794,15 @@ def test_scan_split_passes_its_options_on(tiny_data: Path, tmp_path: Path) -> No
     assert labelled.class_names == TINY_CLASSES
     with pytest.raises(UserError, match="^val set folder not found: "):
         scan_split(tmp_path / "absent", what="val set")
+    with pytest.raises(UserError, match="^dataset folder not found: "):
+        scan_split(tmp_path / "absent")
+    assert checked.cache is not None and scan_split(root, use_cache=False).cache is None  # the scan cache, or none
+    listed = write_list(tmp_path / "with_junk.txt", unchecked.samples, unchecked.class_names)
+    assert len(scan_split(listed).samples) == 9 and len(scan_split(listed, check_headers=False).samples) == 10
+    assert scan_split(listed).cache is not None and scan_split(listed, use_cache=False).cache is None
+    (tmp_path / "unusable.txt").write_text("missing.png blue\n")
+    with pytest.raises(UserError, match="^val set list .* has no usable row"):
+        scan_split(tmp_path / "unusable.txt", what="val set")
     numeric = tmp_path / "numeric.txt"
     numeric.write_text("".join(f"{Path(p).relative_to(tmp_path).as_posix()} {t}\n" for p, t in labelled.samples))
     from_numbers = scan_split(numeric, label_path=label_file)
