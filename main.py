@@ -24,7 +24,7 @@ from utils.core.names import (AUGMENT_CHOICES, CACHE_MODES, CLASS_BALANCE, KD_ME
                               TRACKERS, optimizer_name)
 from utils.core.options import Options
 from utils.core.run import RunFolder
-from utils.core.schema import RESIZE_MODES, Checkpoint
+from utils.core.schema import MAX_IMAGE_SIZE, RESIZE_MODES, Checkpoint
 from utils.core.task import ALL_LOSSES, ALL_METRICS, MULTICLASS, MULTILABEL, TASK_TYPES
 
 if TYPE_CHECKING:
@@ -140,6 +140,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     for name in ("image_size", "epoch"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be a positive number, got {getattr(args, name)}")
+    if args.image_size > MAX_IMAGE_SIZE:
+        raise UserError(f"--image_size must be at most {MAX_IMAGE_SIZE} pixels, got {args.image_size}")
     if args.batch_size == 0 or args.batch_size < -1:
         raise UserError(f"--batch_size must be positive (or -1 for automatic), got {args.batch_size}")
     if args.workers < 0:

@@ -28,6 +28,7 @@ from utils.core.log import UserError, script_main, settle_heap
 from utils.core.names import CLASSICAL
 from utils.core.options import Options
 from utils.core.run import Run, RunFolder, increment_path
+from utils.core.schema import MAX_IMAGE_SIZE
 from utils.data.imageset import read_label_file, report_skipped
 from utils.data.sources import scan_split
 from utils.deploy.formats import MODEL_TYPES
@@ -92,6 +93,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name} must be a positive number, got {value}")
+    if (args.image_size or 0) > MAX_IMAGE_SIZE:
+        raise UserError(f"--image_size must be at most {MAX_IMAGE_SIZE} pixels, got {args.image_size}")
     if args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
     args.ensemble = ensemble_method(args.ensemble, args.ensemble_weights, len(args.save_path))
