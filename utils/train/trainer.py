@@ -19,7 +19,6 @@ import logging
 import os
 import random
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from utils.core.checkpoint import float_weights, load_checkpoint
 from utils.core.config import args_to_dict
 from utils.core.device import amp_settings
 from utils.core.distributed import all_equal, any_true, broadcast_buffers, broadcast_module, reduce_sum, world_info
-from utils.core.log import UserError
+from utils.core.log import StopFlag, UserError
 from utils.core.run import Run, RunFolder
 from utils.core.schema import Checkpoint, ModelMeta
 from utils.data.augment import BatchMix
@@ -92,35 +91,6 @@ def compile_model(model: nn.Module, backend: str, device: torch.device) -> nn.Mo
                         "install g++ (or set CXX), or pass --compile aot_eager")
     print(f"--compile: torch.compile, backend {backend} (the first steps are slow while it compiles)", flush=True)
     return torch.compile(model, backend=backend)
-
-
-class StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop polls, so last.pt is saved before exit.
-
-    A second Ctrl-C stops at once.
-    """
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopFlag":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signum
-        LOGGER.warning("\n%s received: saving last.pt at the end of this step ...", signal.Signals(signum).name)
-
-    def __call__(self) -> bool:
-        return self.signal is not None
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------------- trainer
@@ -321,7 +291,7 @@ class Trainer:
         args = self.args
         print(f"training {args.model_name} on {self.device} ({len(self.data.train_set.samples)} train images, "
               f"{self.data.num_classes} classes, batch {args.batch_size}, {args.epoch} epochs)", flush=True)
-        with StopFlag() as stop:
+        with StopFlag("saving last.pt at the end of this step") as stop:
             try:
                 for epoch in range(self.state.epoch, args.epoch):
                     self.run_epoch(epoch, stop)
