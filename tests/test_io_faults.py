@@ -197,3 +197,29 @@ def test_edited_metadata_is_refused_in_one_line_by_predict_and_metrice(edit: str
         line = assert_user_error(proc, *needles)
         assert "export the model again" in line or "write it again" in line, line  # and how to mend it
     assert not (model.parent / "predict").exists() and not (model.parent / "test").exists()  # refused before any output
+
+
+# ------------------------------------------------------------------------ 9: a full disk
+def test_a_disk_that_fills_while_main_saves_stops_it_in_one_line_with_the_checkpoints_intact(
+        trained_run: TrainedRun, mounts: None, tmp_path: Path) -> None:
+    """trained_run resumed for one more epoch on a tmpfs with room for everything but last.pt's
+    temporary: one line naming the folder and the space needed, the checkpoints as they were."""
+    files = [f for f in trained_run.path.iterdir() if f.is_file() and not TEMP_NAME.match(f.name)]
+    room = 12 << 20  # the new best.pt (10 MB) fits, last.pt (40 MB) does not
+    with tmpfs(tmp_path / "disk", sum(f.stat().st_size for f in files) + room) as disk:
+        run = copy_run(trained_run.path, disk / "exp")
+        before = {name: sha256(run / name) for name in ("last.pt", "best.pt")}
+        proc = run_script("main.py", "--save_path", run, "--resume", "--epoch", trained_run.epochs + 1)
+        line = assert_user_error(proc, "the disk is full: last.pt needs about", f"in {run} and", "MB are free",
+                                 f"python main.py --save_path {run} --resume --epoch {trained_run.epochs + 1}")
+        assert f"epoch {trained_run.epochs + 1}/{trained_run.epochs + 1}" in proc.stdout, describe(proc)  # it trained
+        needed = float(re.search(r"needs about ([\d.]+) MB", line).group(1))
+        assert needed >= 0.9 * (run / "last.pt").stat().st_size / 1e6, line  # the size of what did not fit
+        assert sha256(run / "last.pt") == before["last.pt"]  # the last epoch's state, to resume from
+        ckpt = load_checkpoint(run / "best.pt")  # the old best.pt, or the new one whole
+        assert ckpt.epoch in (trained_run.epochs, trained_run.epochs + 1)
+        assert load_checkpoint(run / "last.pt").epoch == trained_run.epochs
+        assert not [p.name for p in run.iterdir() if TEMP_NAME.match(p.name)]  # the temporary gave its space back
+        with (run / "train.log").open(newline="") as fh:
+            rows = list(csv.reader(fh))
+        assert {len(r) for r in rows} == {len(rows[0])}, rows  # whole rows only

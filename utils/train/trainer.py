@@ -14,6 +14,7 @@ utils.train.epoch_log.EpochLog. docs/architecture.md shows the whole flow.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -31,6 +32,7 @@ from utils.core.checkpoint import float_weights, load_checkpoint
 from utils.core.config import args_to_dict
 from utils.core.device import amp_settings
 from utils.core.distributed import all_equal, any_true, broadcast_buffers, broadcast_module, reduce_sum, world_info
+from utils.core.files import DiskFull
 from utils.core.log import StopFlag, UserError
 from utils.core.run import Run, RunFolder
 from utils.core.schema import Checkpoint, ModelMeta
@@ -303,8 +305,14 @@ class Trainer:
                         print(f"early stop: no improvement of val {args.metrice} for {args.patience} epochs "
                               f"(best {self.saver.best_value:.4f} at epoch {self.saver.best_epoch})", flush=True)
                         break
-            finally:
+            except DiskFull as err:
+                with contextlib.suppress(DiskFull):
+                    self.log.close()  # the curves too, if there is room left for them
+                raise self.full_disk(err) from None
+            except BaseException:
                 self.log.close()  # the curves are drawn however the loop ends
+                raise
+            self.log.close()
         if self.swa is not None:
             self.finish_swa()
         self.tune_thresholds()
@@ -317,6 +325,14 @@ class Trainer:
         print(f"best.pt: epoch {saver.best_epoch}, {'val' if self.val_loader else 'train'} {args.metrice} "
               f"{saver.best_value:.4f}", flush=True)
         return {"best_epoch": saver.best_epoch, "best_metric": args.metrice, "best_value": saver.best_value}
+
+    def full_disk(self, err: DiskFull) -> DiskFull:
+        """A full disk while training, with what is intact and how to go on: a checkpoint the disk
+        had no room for replaced nothing (utils.core.files.atomic_write)."""
+        if not self.run.last.is_file():
+            return err.with_hint("or pass --save_path on a larger disk; then train again")
+        return err.with_hint(f"the checkpoints in {self.run.path} are intact (a write that did not fit replaced "
+                             f"nothing); then continue with: python main.py --save_path {self.run.path} --resume --epoch {self.args.epoch}")
 
     def run_epoch(self, epoch: int, stop: StopFlag) -> EpochRecord:
         """Train one epoch (or the rest of it), validate, choose best.pt, log, save last.pt."""
