@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from utils.core.config import CONFIG_ONLY_KEYS, DEFAULT_CONFIG, ArgumentParser, finite_float, parse_with_config
 from utils.core.device import default_workers
+from utils.core.files import check_writable
 from utils.core.log import UserError, script_main, settle_heap
 from utils.core.names import (AUGMENT_CHOICES, CACHE_MODES, CLASS_BALANCE, KD_METHODS, MIXUP_CHOICES, OPTIMIZERS, SAMPLERS,
                               TRACKERS, optimizer_name)
@@ -244,6 +245,8 @@ def main(args: Options) -> dict[str, Any]:
         return {}
     from utils.core import distributed
 
+    save_path = Path(args.save_path)  # a new run goes beside an existing --save_path; --resume writes into it
+    check_writable(save_path.parent if save_path.exists() and not args.resume else save_path, "--save_path")
     resumed = None
     if args.resume:
         args, resumed = resume_options(args)

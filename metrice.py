@@ -33,7 +33,7 @@ from utils.data.imageset import read_label_file, report_skipped
 from utils.data.sources import scan_split
 from utils.deploy.formats import MODEL_TYPES
 from utils.evaluate.split import measure_speed, predict_split, score_split
-from utils.infer.backends import model_device, models_from_flags
+from utils.infer.backends import model_device, models_from_flags, results_folder
 from utils.infer.ensemble import Ensemble, add_ensemble_flags, ensemble_method, load_ensemble
 from utils.infer.speed import device_name
 
@@ -211,6 +211,7 @@ def run_features(args: Options, ensemble: Ensemble, class_names: list[str], devi
 
 def main(args: Options) -> dict[str, Any]:
     """Evaluate (or time) the models in --save_path; returns the output folder and the metrics."""
+    results_folder(args.save_path, args.task, "--weight" if args.weight else "--save_path")  # writable, before any work
     report = reports()
     ensemble, class_names, device = load_models(args)
     settle_heap()

@@ -37,7 +37,7 @@ from utils.data.decode import load_image
 from utils.deploy.formats import MODEL_TYPES
 from utils.draw.labels import annotate
 from utils.explain.cam import CAM_TYPES
-from utils.infer.backends import model_device, models_from_flags
+from utils.infer.backends import model_device, models_from_flags, results_folder
 from utils.infer.ensemble import Ensemble, InputPlan, add_ensemble_flags, ensemble_method, load_ensemble
 from utils.infer.loader import prediction_loader
 from utils.infer.rows import BoundedWriter, PredictionWriter, label_text, output_name, prediction_rows
@@ -212,6 +212,7 @@ def predict_files(args: Options, source: Source, ensemble: Ensemble, cam_setup: 
 
 def predict_folder(args: Options) -> Path:
     """Run predict.py; returns the predict folder."""
+    root = results_folder(args.save_path, RunFolder.PREDICT_DIR, "--weight" if args.weight else "--save_path")
     source = find_images(args.source)
     if not source.files:
         reasons = "; ".join(f"{p}: {r}" for p, r in source.skipped[:3])
@@ -230,8 +231,7 @@ def predict_folder(args: Options) -> Path:
         cam_setup["feature_maps"] = FeatureMapWriter(ensemble.members[0].backend, args.feature_maps)
         print(f"feature maps: {cam_setup['feature_maps'].describe()}", flush=True)
 
-    first = Path(args.save_path[0])
-    folder = increment_path((first if first.is_dir() else first.parent) / RunFolder.PREDICT_DIR / "exp")
+    folder = increment_path(root / "exp")
     print(f"predict folder: {folder}", flush=True)
     if args.cam_visual:
         print(f"{args.cam_type} on layer {cam_setup['layer'].describe()}", flush=True)

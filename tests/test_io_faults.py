@@ -223,3 +223,25 @@ def test_a_disk_that_fills_while_main_saves_stops_it_in_one_line_with_the_checkp
         with (run / "train.log").open(newline="") as fh:
             rows = list(csv.reader(fh))
         assert {len(r) for r in rows} == {len(rows[0])}, rows  # whole rows only
+
+
+# ------------------------------------------------------------------- 10: a read-only folder
+READ_ONLY_CALLS = {  # script -> its arguments, given the read-only run folder and a writable data folder
+    "main.py": lambda run, data: train_args(data, run.parent / "new"),
+    "predict.py": lambda run, data: ["--source", data / "test", "--save_path", run, "--device", "cpu"],
+    "export.py": lambda run, data: ["--save_path", run, "--export", "onnx", "--device", "cpu"],
+    "metrice.py": lambda run, data: ["--save_path", run, "--device", "cpu"],
+    "metrice.py --task features": lambda run, data: ["--save_path", run, "--device", "cpu", "--task", "features"],
+}
+
+
+@pytest.mark.parametrize("call", list(READ_ONLY_CALLS))
+def test_a_read_only_output_folder_is_one_line_before_any_work(call: str, trained_run: TrainedRun, tiny_data: Path,
+                                                               mounts: None, tmp_path: Path) -> None:
+    source = copy_run(trained_run.path, tmp_path / "source" / "run", ("best.pt", "args.yaml", "label.txt"))
+    with read_only(source.parent, tmp_path / "ro") as ro:
+        proc = run_inprocess(call.split()[0], *READ_ONLY_CALLS[call](ro / "run", tiny_data))
+        line = assert_user_error(proc, "Read-only file system", str(ro))
+        assert proc.stdout == "", describe(proc)  # nothing done before: no run folder, no model loaded, no scan
+        assert sorted(p.name for p in (ro / "run").iterdir()) == ["args.yaml", "best.pt", "label.txt"]
+    assert ("--save_path" in line) and ("pass" in line or "copy" in line), line  # the flag, and what to do

@@ -1,9 +1,10 @@
-"""Writing files so that nothing is ever half-written, cleaning up after a killed writer, and a
-full disk.
+"""Writing files so that nothing is ever half-written, cleaning up after a killed writer, and the
+two faults of an output folder: a full disk and a folder that cannot be written.
 
     atomic_write(path, lambda tmp: torch.save(obj, tmp), size)   # a temporary file beside, then os.replace
     atomic_write_text(path, json.dumps(info))
     remove_stale_temps(folder)                                # temporaries of writers that no longer run
+    check_writable(Path("runs/exp/predict"), "--save_path")  # before any work: one line if it cannot be written
 
 Temporary files and folders are hidden and carry the writer's process id
 (`.best.pt.tmp-<pid>-<random>`), so a later run can tell a temporary of a killed process from one
@@ -180,3 +181,29 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
         LOGGER.info("removed %d temporary file(s) left by an interrupted write in %s", len(removed), folder)
     return removed
 
+
+def check_writable(folder: str | Path, flag: str, fix: str = "") -> None:
+    """Check, before any work, that `folder` (or, while it does not exist, the folder it would be
+    made in) can be written: a file is made there and removed.
+
+    Args:
+        folder: the output folder a script will write into.
+        flag: the flag that chooses it, named in the error line.
+        fix: what to do (default: choose a folder you can write to with `flag`).
+
+    Raises:
+        UserError: one line naming the folder, why (read-only file system, permission denied) and what to do.
+    """
+    folder = Path(folder)
+    existing = folder
+    while not existing.is_dir() and existing != existing.parent:
+        if existing.exists():
+            raise UserError(f"{flag}: {existing} is a file, so {folder} cannot be made: choose another folder")
+        existing = existing.parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=temp_prefix("write-check"), dir=existing)
+    except OSError as err:
+        raise UserError(f"{flag}: cannot write in {existing} ({err.strerror}), where the results would go "
+                        f"({folder}): " + (fix or f"pass a folder you can write to with {flag}")) from None
+    os.close(fd)
+    os.remove(probe)
