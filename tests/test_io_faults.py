@@ -245,3 +245,71 @@ def test_a_read_only_output_folder_is_one_line_before_any_work(call: str, traine
         assert proc.stdout == "", describe(proc)  # nothing done before: no run folder, no model loaded, no scan
         assert sorted(p.name for p in (ro / "run").iterdir()) == ["args.yaml", "best.pt", "label.txt"]
     assert ("--save_path" in line) and ("pass" in line or "copy" in line), line  # the flag, and what to do
+
+
+# ------------------------------------------------------------------------ 12: a stopped predict.py
+def tiny_images(folder: Path, count: int) -> list[Path]:
+    """`count` 16x16 PNGs of noise."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    files = [folder / f"img{i:04d}.png" for i in range(count)]
+    for file in files:
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(file, compress_level=0)
+    return files
+
+
+def read_csv_strictly(path: Path) -> list[list[str]]:
+    """Every line of a CSV: whole lines only (each ends with its line break and has the header's fields)."""
+    text = path.read_text(encoding="utf-8")
+    assert text.endswith("\n"), text[-200:]
+    rows = list(csv.reader(text.splitlines()))
+    assert {len(r) for r in rows} == {len(rows[0])}, rows
+    return rows
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_predict_stopped_mid_run_leaves_whole_rows_and_says_what_is_left(sig: str, trained_run: TrainedRun,
+                                                                          tmp_path: Path) -> None:
+    """A real signal to a real predict.py once its first rows are on disk: SIGTERM stops after the
+    batch (exit 143) with the folder marked incomplete and the files left listed; even SIGKILL leaves
+    whole rows and the marker."""
+    files = tiny_images(tmp_path / "images", 600)
+    model = tmp_path / "model" / "best.pt"
+    model.parent.mkdir()
+    shutil.copy2(trained_run.path / "best.pt", model)
+    folder = model.parent / "predict" / "exp"
+    cmd = [sys.executable, str(REPO / "predict.py"), "--source", str(tmp_path / "images"), "--weight", str(model),
+           "--device", "cpu", "--batch_size", "2", "--workers", "0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ) | SUBPROCESS_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            csv_file = folder / "predictions.csv"
+            if csv_file.is_file() and csv_file.read_text().count("\n") >= 2:  # the header and a first batch
+                break
+            time.sleep(0.01)
+        proc.send_signal(getattr(signal, sig))
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    rows = read_csv_strictly(folder / "predictions.csv")[1:]
+    predicted = [Path(r[0]).name for r in rows]
+    assert 0 < len(rows) < len(files), describe(done)  # stopped mid-run
+    assert predicted == [f.name for f in files[:len(rows)]]  # in order, each once
+    marker = (folder / "incomplete.txt").read_text()
+    if sig == "SIGKILL":
+        assert proc.returncode == -signal.SIGKILL and "predict.py started writing this folder" in marker
+        return
+    assert proc.returncode == 128 + signal.SIGTERM, describe(done)
+    assert "Traceback" not in err, describe(done)
+    line = next(ln for ln in err.splitlines() if ln.startswith("stopped by SIGTERM"))
+    assert f"after {len(rows)} of {len(files)} files" in line and f"their {len(rows)} rows" in line, line
+    assert marker.strip() == line  # the folder says it too
+    left = [Path(r[0]) for r in read_csv_strictly(folder / "remaining.csv")[1:]]
+    assert [p.name for p in left] == [f.name for f in files[len(rows):]]  # nothing lost, nothing twice
+    assert f"--source {folder / 'remaining.csv'}" in line
+    assert f"{len(rows)} images predicted" in out, describe(done)  # the usual summary of what was written
