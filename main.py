@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from utils.core.config import CONFIG_ONLY_KEYS, DEFAULT_CONFIG, ArgumentParser, finite_float, parse_with_config
 from utils.core.device import default_workers
+from utils.core.files import check_writable
 from utils.core.log import UserError, script_main, settle_heap
 from utils.core.names import (AUGMENT_CHOICES, CACHE_MODES, CLASS_BALANCE, KD_METHODS, MIXUP_CHOICES, OPTIMIZERS, SAMPLERS,
                               TRACKERS, optimizer_name)
 from utils.core.options import Options
 from utils.core.run import RunFolder
-from utils.core.schema import RESIZE_MODES, Checkpoint
+from utils.core.schema import MAX_IMAGE_SIZE, RESIZE_MODES, Checkpoint
 from utils.core.task import ALL_LOSSES, ALL_METRICS, MULTICLASS, MULTILABEL, TASK_TYPES
 
 if TYPE_CHECKING:
@@ -140,6 +141,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     for name in ("image_size", "epoch"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be a positive number, got {getattr(args, name)}")
+    if args.image_size > MAX_IMAGE_SIZE:
+        raise UserError(f"--image_size must be at most {MAX_IMAGE_SIZE} pixels, got {args.image_size}")
     if args.batch_size == 0 or args.batch_size < -1:
         raise UserError(f"--batch_size must be positive (or -1 for automatic), got {args.batch_size}")
     if args.workers < 0:
@@ -242,6 +245,8 @@ def main(args: Options) -> dict[str, Any]:
         return {}
     from utils.core import distributed
 
+    save_path = Path(args.save_path)  # a new run goes beside an existing --save_path; --resume writes into it
+    check_writable(save_path.parent if save_path.exists() and not args.resume else save_path, "--save_path")
     resumed = None
     if args.resume:
         args, resumed = resume_options(args)

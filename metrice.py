@@ -28,11 +28,12 @@ from utils.core.log import UserError, script_main, settle_heap
 from utils.core.names import CLASSICAL
 from utils.core.options import Options
 from utils.core.run import Run, RunFolder, increment_path
+from utils.core.schema import MAX_IMAGE_SIZE
 from utils.data.imageset import read_label_file, report_skipped
 from utils.data.sources import scan_split
 from utils.deploy.formats import MODEL_TYPES
 from utils.evaluate.split import measure_speed, predict_split, score_split
-from utils.infer.backends import model_device, models_from_flags
+from utils.infer.backends import model_device, models_from_flags, results_folder
 from utils.infer.ensemble import Ensemble, add_ensemble_flags, ensemble_method, load_ensemble
 from utils.infer.speed import device_name
 
@@ -92,6 +93,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name} must be a positive number, got {value}")
+    if (args.image_size or 0) > MAX_IMAGE_SIZE:
+        raise UserError(f"--image_size must be at most {MAX_IMAGE_SIZE} pixels, got {args.image_size}")
     if args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
     args.ensemble = ensemble_method(args.ensemble, args.ensemble_weights, len(args.save_path))
@@ -208,6 +211,7 @@ def run_features(args: Options, ensemble: Ensemble, class_names: list[str], devi
 
 def main(args: Options) -> dict[str, Any]:
     """Evaluate (or time) the models in --save_path; returns the output folder and the metrics."""
+    results_folder(args.save_path, args.task, "--weight" if args.weight else "--save_path")  # writable, before any work
     report = reports()
     ensemble, class_names, device = load_models(args)
     settle_heap()

@@ -21,6 +21,7 @@ import copy
 import difflib
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,7 +30,7 @@ from prettytable import PrettyTable
 
 from utils.core.config import ArgumentParser, finite_float
 from utils.core.device import default_workers, share_cpu
-from utils.core.log import UserError, progress, script_main, settle_heap
+from utils.core.log import StopFlag, Stopped, UserError, progress, script_main, settle_heap
 from utils.core.names import CLASSICAL
 from utils.core.options import Options
 from utils.core.run import RunFolder, increment_path
@@ -37,7 +38,7 @@ from utils.data.decode import load_image
 from utils.deploy.formats import MODEL_TYPES
 from utils.draw.labels import annotate
 from utils.explain.cam import CAM_TYPES
-from utils.infer.backends import model_device, models_from_flags
+from utils.infer.backends import model_device, models_from_flags, results_folder
 from utils.infer.ensemble import Ensemble, InputPlan, add_ensemble_flags, ensemble_method, load_ensemble
 from utils.infer.loader import prediction_loader
 from utils.infer.rows import BoundedWriter, PredictionWriter, label_text, output_name, prediction_rows
@@ -165,11 +166,12 @@ def explain_batch(args: Options, cam_setup: dict[str, Any], batch: dict[str, Any
 
 
 def predict_files(args: Options, source: Source, ensemble: Ensemble, cam_setup: dict[str, Any],
-                  folder: Path, device: Any) -> tuple[PredictionWriter, list[tuple[str, str]], float]:
-    """Predict every file of `source` in batches, streaming the rows and drawings into `folder`.
+                  folder: Path, device: Any) -> tuple[PredictionWriter, list[tuple[str, str]], float, int]:
+    """Predict every file of `source` in batches, streaming the rows and drawings into `folder`;
+    SIGTERM or Ctrl-C stops before the next batch, the folder marked incomplete (PredictionWriter.finish).
 
     Returns:
-        (the closed writer, the first skipped files, seconds taken).
+        (the closed writer, the first skipped files, seconds taken, the signal that stopped it or 0).
     """
     class_names = list(ensemble.class_names)
     plan = ensemble.plan(args.test_tta)
@@ -178,40 +180,46 @@ def predict_files(args: Options, source: Source, ensemble: Ensemble, cam_setup: 
     files = loader.dataset.files
     meta = ensemble.meta
     task = meta.task_type
-    writer = PredictionWriter(folder, class_names, task=task)
+    writer = PredictionWriter(folder, class_names, task=task, total=len(files))
     images_out = BoundedWriter(limit=4 * args.batch_size, threads=max(1, min(4, (os.cpu_count() or 1) // 2)))
     first_skips: list[tuple[str, str]] = list(source.skipped[:20])
     writer.skip(source.skipped)
     folder_outputs = args.save_images or args.cam_visual or "feature_maps" in cam_setup  # files named after the source's
-    t0 = time.perf_counter()
+    t0, done, stop = time.perf_counter(), 0, StopFlag("finishing this batch, then stopping")
     try:
-        for batch in progress(loader, desc="predict", unit="batch", leave=False):
-            failed = [(files[i], reason) for i, reason in batch["failed"]]
-            writer.skip(failed)
-            first_skips += failed[: max(0, 20 - len(first_skips))]
-            if not batch["indices"]:
-                continue
-            paths = [files[i] for i in batch["indices"]]
-            probs = ensemble.predict(batch["inputs"], plan)[0]
-            rows = prediction_rows(paths, probs, class_names, task, args.conf_threshold, meta.thresholds)
-            writer.write(rows)
-            rels = [relative_name(Path(p), source.root) for p in paths] if folder_outputs else []
-            if args.save_images:
-                for row, rel in zip(rows, rels):
-                    images_out.submit(save_annotated, row.path, label_text(row), folder / "images" / output_name(rel))
-            if args.cam_visual:
-                explain_batch(args, cam_setup, batch, plan, probs, rows, rels, class_names, folder, images_out)
-            if "feature_maps" in cam_setup:
-                cam_setup["feature_maps"].submit(batch["inputs"][plan.group_of[0]], rows, rels, folder / "feature_maps",
-                                                 images_out.submit)
+        with stop:
+            for batch in progress(loader, desc="predict", unit="batch", leave=False):
+                if stop():  # a batch is written whole or not begun: the files from here on are left
+                    break
+                done += len(batch["indices"]) + len(batch["failed"])
+                failed = [(files[i], reason) for i, reason in batch["failed"]]
+                writer.skip(failed)
+                first_skips += failed[: max(0, 20 - len(first_skips))]
+                if not batch["indices"]:
+                    continue
+                paths = [files[i] for i in batch["indices"]]
+                probs = ensemble.predict(batch["inputs"], plan)[0]
+                rows = prediction_rows(paths, probs, class_names, task, args.conf_threshold, meta.thresholds)
+                writer.write(rows)
+                rels = [relative_name(Path(p), source.root) for p in paths] if folder_outputs else []
+                if args.save_images:
+                    for row, rel in zip(rows, rels):
+                        images_out.submit(save_annotated, row.path, label_text(row), folder / "images" / output_name(rel))
+                if args.cam_visual:
+                    explain_batch(args, cam_setup, batch, plan, probs, rows, rels, class_names, folder, images_out)
+                if "feature_maps" in cam_setup:
+                    cam_setup["feature_maps"].submit(batch["inputs"][plan.group_of[0]], rows, rels, folder / "feature_maps",
+                                                     images_out.submit)
     finally:
         images_out.close()
         writer.close()
-    return writer, first_skips, time.perf_counter() - t0
+    writer.finish(len(files), files[done:], signal.Signals(stop.signal).name if stop.signal else "")
+    return writer, first_skips, time.perf_counter() - t0, stop.signal or 0
 
 
 def predict_folder(args: Options) -> Path:
     """Run predict.py; returns the predict folder."""
+    root = results_folder(args.save_path, RunFolder.PREDICT_DIR, "--weight" if args.weight else "--save_path")
     source = find_images(args.source)
     if not source.files:
         reasons = "; ".join(f"{p}: {r}" for p, r in source.skipped[:3])
@@ -230,14 +238,16 @@ def predict_folder(args: Options) -> Path:
         cam_setup["feature_maps"] = FeatureMapWriter(ensemble.members[0].backend, args.feature_maps)
         print(f"feature maps: {cam_setup['feature_maps'].describe()}", flush=True)
 
-    first = Path(args.save_path[0])
-    folder = increment_path((first if first.is_dir() else first.parent) / RunFolder.PREDICT_DIR / "exp")
+    folder = increment_path(root / "exp")
     print(f"predict folder: {folder}", flush=True)
     if args.cam_visual:
         print(f"{args.cam_type} on layer {cam_setup['layer'].describe()}", flush=True)
     settle_heap()
-    writer, first_skips, seconds = predict_files(args, source, ensemble, cam_setup, folder, device)
+    writer, first_skips, seconds, signum = predict_files(args, source, ensemble, cam_setup, folder, device)
     print_summary(writer, folder, source.root, first_skips, seconds, args)
+    if writer.incomplete:  # stopped before the end: what was written, and how to finish
+        LOGGER.warning(writer.incomplete)
+        raise Stopped(signum)
     return folder
 
 

@@ -44,7 +44,9 @@ def test_preprocess_and_meta_round_trip() -> None:
     ({"std": [0.5, 0.0, 0.5]}, "'std' must be 3 finite positive"),
     ({"resize_mode": "stretch"}, "'resize_mode' is 'stretch'"),
     ({"interpolation": "lanczos9"}, "'interpolation'"),
-    ({"crop": 0}, "'crop' must be an integer >= 1"),
+    ({"crop": 0}, "'crop' must be an integer from 1 to 4096"),
+    ({"crop": 60000}, "'crop' must be an integer from 1 to 4096, not 60000"),  # MAX_IMAGE_SIZE: no 10 GB images
+    ({"resize": 4097}, "'resize' must be an integer from 1 to 4096"),
     ({"resize": None}, "'resize' must be an integer"),
 ])
 def test_preprocess_spec_refuses_bad_values(change: dict, needle: str) -> None:

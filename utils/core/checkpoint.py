@@ -24,10 +24,33 @@ if TYPE_CHECKING:  # torch is imported where a checkpoint is read or written: Ru
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save into a temporary file beside `path`, then rename over it (never half a file)."""
+    """torch.save into a temporary file beside `path`, then rename over it (never half a file).
+
+    Raises:
+        utils.core.files.DiskFull: no room for it (naming the size; `path` is as it was).
+    """
     import torch
 
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), size=tensor_bytes(obj))
+
+
+def tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
+    """The bytes torch.save writes for the tensors in `obj` (dicts and lists walked; a storage
+    shared by several tensors counted once, as torch.save writes it once)."""
+    import torch
+
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    return 0
 
 
 # ------------------------------------------------------------------------------ checkpoints

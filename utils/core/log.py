@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import signal
 import sys
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
@@ -21,6 +22,53 @@ _OWN_PROCESS = False  # True once script_main runs: this process is the script's
 
 class UserError(Exception):
     """A problem with the user's input: printed as one line, exit code 2."""
+
+
+class Stopped(Exception):
+    """A run that a signal stopped cleanly, having said what it kept and how to go on: the exit
+    code is 128 + the signal's number (143 for SIGTERM, 130 for Ctrl-C), as if it had been killed.
+
+    Args:
+        signum: the signal that stopped it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the work polls at a boundary it can stop at (a training
+    step, a batch of predictions). A second Ctrl-C stops at once. Processes forked meanwhile (image
+    loaders) inherit the handler, so a signal to the whole process group leaves them to the main
+    process, which stops them itself.
+
+    Args:
+        doing: what happens before it stops, for the line printed when the signal arrives.
+    """
+
+    def __init__(self, doing: str = "stopping at the next boundary") -> None:
+        self.doing = doing
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        LOGGER.warning("\n%s received: %s ...", signal.Signals(signum).name, self.doing)
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def progress(iterable: Iterable[T] | None = None, **kwargs: Any) -> Any:
@@ -74,6 +122,8 @@ def run_cli(
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Stopped as stop:  # the run said what it kept; the code tells a supervisor which signal ended it
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -14,6 +14,7 @@ process writes.
 from __future__ import annotations
 
 import csv
+import io
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,7 +23,7 @@ import yaml
 
 from utils.core.checkpoint import atomic_save
 from utils.core.distributed import is_main_process
-from utils.core.files import atomic_write, atomic_write_text, remove_stale_temps
+from utils.core.files import append_whole, atomic_write, atomic_write_text, remove_stale_temps
 from utils.core.schema import Checkpoint
 
 from utils.core.log import UserError
@@ -140,25 +141,27 @@ class Run(RunFolder):
             atomic_write_text(self.path / name, "".join(f"{ln}\n" for ln in lines))
 
     def write_csv(self, name: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        """Write a whole CSV file (header, then rows)."""
+        """Write a whole CSV file (header, then rows), atomically."""
         if not self.main:
             return
-        with (self.path / name).open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(header)
-            writer.writerows(rows)
+        out = io.StringIO(newline="")
+        writer = csv.writer(out)
+        writer.writerow(header)
+        writer.writerows(rows)
+        atomic_write_text(self.path / name, out.getvalue())
 
     def append_csv(self, name: str, row: dict[str, Any], fields: list[str]) -> None:
-        """Append a row, writing the header first when the file is new."""
+        """Append a row (the header first when the file is new), whole or not at all: a write the
+        disk has no room for is cut back off and raises DiskFull."""
         if not self.main:
             return
         path = self.path / name
-        new = not path.exists()
-        with path.open("a", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in fields})
+        out = io.StringIO(newline="")
+        writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
+        if not path.exists():
+            writer.writeheader()
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in fields})
+        append_whole(path, out.getvalue().encode("utf-8"))
 
     def save(self, name: str, ckpt: Checkpoint) -> None:
         """Write a checkpoint atomically (on the main process only)."""

@@ -37,6 +37,10 @@ CHECKPOINT_KINDS = ("best", "last", "swa")
 # (deploy/cpp/preprocess.cpp kLetterboxFill) repeats the fill, and tests/test_deploy.py compares them.
 LETTERBOX_FILL = 114  # grey borders, as YOLO-style letterboxing uses
 TTA_SCALE = 1.1  # pytorch-classifier resizes to crop * 1.1 before TenCrop (--test_tta), as training does before its random crop
+# The largest resize and crop a model may ask for (main.py --image_size, metrice.py --image_size, the metadata of
+# every checkpoint and exported file): one image of it is 48 MiB as RGB uint8 and 192 MiB as float32, so a batch of
+# 64 needs about 12 GiB. Larger values come from a damaged or edited file, never from a model of this toolkit.
+MAX_IMAGE_SIZE = 4096
 
 
 def scaled_resize(crop: int) -> int:
@@ -58,10 +62,12 @@ def _field(data: Mapping[str, Any], key: str, where: str) -> Any:
     return data[key]
 
 
-def _int(data: Mapping[str, Any], key: str, where: str, low: int = 1) -> int:
+def _int(data: Mapping[str, Any], key: str, where: str, low: int = 1, high: int | None = None) -> int:
     value = _field(data, key, where)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise UserError(f"{where}: '{key}' must be an integer >= {low}, not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"from {low} to {high}"
+        raise UserError(f"{where}: '{key}' must be an integer {bounds}, not {value!r}"
+                        + (" (a damaged or edited file: write it again with main.py / export.py)" if high is not None else ""))
     return value
 
 
@@ -85,6 +91,8 @@ def _choice(data: Mapping[str, Any], key: str, where: str, choices: tuple[str, .
 @dataclass(frozen=True)
 class PreprocessSpec:
     """The test-time preprocessing of a model.
+
+    resize and crop lie in [1, MAX_IMAGE_SIZE]; channels is 1 or 3 (from_dict checks them).
 
     Geometry by resize_mode -- crop: short side to `resize`, centre crop `crop`; letterbox: long
     side to `resize`, pad to a square, centre crop; squash: resize to resize x resize ignoring the
@@ -137,7 +145,8 @@ class PreprocessSpec:
         channels = _int(data, "channels", where)
         if channels not in (1, 3):
             raise UserError(f"{where}: 'channels' must be 1 or 3, not {channels}")
-        return cls(resize=_int(data, "resize", where), crop=_int(data, "crop", where), channels=channels,
+        return cls(resize=_int(data, "resize", where, high=MAX_IMAGE_SIZE), crop=_int(data, "crop", where, high=MAX_IMAGE_SIZE),
+                   channels=channels,
                    mean=_floats(data, "mean", where, channels), std=_floats(data, "std", where, channels, positive=True),
                    resize_mode=_choice(data, "resize_mode", where, RESIZE_MODES, default="crop"),
                    interpolation=_choice(data, "interpolation", where, INTERPOLATIONS, default="bilinear"))

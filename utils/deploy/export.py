@@ -31,7 +31,7 @@ from prettytable import PrettyTable
 
 from utils.core.checkpoint import load_checkpoint
 from utils.core.device import select_device
-from utils.core.files import remove_stale_temps, temp_prefix
+from utils.core.files import check_writable, remove_stale_temps, temp_prefix
 from utils.core.log import UserError
 from utils.core.run import RunFolder
 from utils.core.schema import FORMAT, Checkpoint
@@ -216,12 +216,14 @@ def export_checkpoint(weights: str | Path, opts: ExportOptions) -> list[dict[str
             kept and their JSON says "parity": {"ok": false}).
     """
     weights = Path(weights)
-    ckpt = load_checkpoint(weights, what="checkpoint")
-    device = check_request(opts, ckpt)
-    meta = ckpt.meta
     out_dir = Path(opts.output_dir) if opts.output_dir else weights.parent / RunFolder.EXPORT_DIR
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--output_path {out_dir} is a file: pass a folder")
+    check_writable(out_dir, "--output_path" if opts.output_dir else "--save_path",
+                   fix="" if opts.output_dir else "pass --output_path FOLDER, a folder you can write to")
+    ckpt = load_checkpoint(weights, what="checkpoint")
+    device = check_request(opts, ckpt)
+    meta = ckpt.meta
     check_targets(out_dir, weights.stem, opts)
     t0 = time.time()
 

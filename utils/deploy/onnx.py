@@ -21,7 +21,7 @@ import numpy as np
 from utils.core.device import compute_threads
 from utils.core.log import UserError
 from utils.deploy.context import INPUT_NAME, OUTPUT_NAME, ExportContext, load_batch, quiet
-from utils.deploy.runtime import EXPORT_INFO_KEY, NumpyBackend, fixed_batch, import_runtime, read_export_info
+from utils.deploy.runtime import EXPORT_INFO_KEY, NumpyBackend, import_runtime, read_export_info
 
 if TYPE_CHECKING:
     import torch
@@ -209,11 +209,10 @@ class Backend(NumpyBackend):
         except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types for bad files
             raise UserError(f"{file} cannot be loaded by onnxruntime ({str(err).splitlines()[0][:200]})") from None
         embedded = self.session.get_modelmeta().custom_metadata_map.get(EXPORT_INFO_KEY)
-        super().__init__(file, read_export_info(file, embedded))
         inp = self.session.get_inputs()[0]
+        super().__init__(file, read_export_info(file, embedded), inp.shape)
         self.input_name = inp.name
         self.input_dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
-        self.batch = fixed_batch(inp.shape[0])
         self.providers = self.session.get_providers()
         self.device = device
 

@@ -19,7 +19,7 @@ from utils.core.device import Device, compute_threads
 from utils.core.log import UserError
 from utils.deploy.context import ExportContext
 from utils.deploy.onnx import onnx_file_for
-from utils.deploy.runtime import EXPORT_INFO_KEY, NumpyBackend, fixed_batch, import_runtime, read_export_info
+from utils.deploy.runtime import EXPORT_INFO_KEY, NumpyBackend, import_runtime, read_export_info
 
 LOGGER = logging.getLogger(__name__)
 
@@ -61,9 +61,8 @@ class Backend(NumpyBackend):
         except Exception as err:  # noqa: BLE001 - openvino raises RuntimeError for bad/missing files
             raise UserError(f"{file} cannot be read by OpenVINO ({str(err).splitlines()[0][:200]})") from None
         embedded = model.get_rt_info(RT_INFO_PATH).astype(str) if model.has_rt_info(RT_INFO_PATH) else None
-        super().__init__(file, read_export_info(file, embedded))
-        batch_dim = model.inputs[0].get_partial_shape()[0]
-        self.batch = fixed_batch(batch_dim.get_length() if batch_dim.is_static else None)
+        shape = [d.get_length() if d.is_static else None for d in model.inputs[0].get_partial_shape()]
+        super().__init__(file, read_export_info(file, embedded), shape)
         self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32",
                                                           "INFERENCE_NUM_THREADS": compute_threads()})
         self.request = self.compiled.create_infer_request()

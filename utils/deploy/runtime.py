@@ -1,8 +1,9 @@
 """What the formats' runtimes share: the metadata every exported file carries, importing a runtime
 package, and the batch handling of a runtime that works on numpy.
 
-    info = read_export_info(Path("best.onnx"), embedded)   # the model's ModelMeta keys and how it was exported
-    runtime = import_runtime("onnxruntime", "onnx")         # or one line saying what to install
+    info, source = read_export_info(Path("best.onnx"), embedded)  # the model's ModelMeta keys and how it was exported
+    meta = export_meta(info, source, input_shape)                 # checked: bounds, and the model's own input shape
+    runtime = import_runtime("onnxruntime", "onnx")               # or one line saying what to install
 
 A runtime takes uint8 image batches (numpy or torch), normalises them itself, and returns float32
 logits on the CPU: numpy for a numpy batch, a tensor for a tensor batch. torch is not imported here:
@@ -14,13 +15,13 @@ import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from utils.core.device import Device
 from utils.core.log import UserError
-from utils.core.schema import ModelMeta
+from utils.core.schema import ModelMeta, PreprocessSpec
 from utils.data.transforms_np import normalize
 from utils.deploy.formats import FORMATS, info_path
 
@@ -28,7 +29,7 @@ from utils.deploy.formats import FORMATS, info_path
 EXPORT_INFO_KEY = "pytorch_classifier_ng"
 
 
-def read_export_info(file: str | Path, embedded: str | bytes | None = None) -> dict[str, Any]:
+def read_export_info(file: str | Path, embedded: str | bytes | None = None) -> tuple[dict[str, Any], str]:
     """An exported model's metadata: embedded in the file if given, else the JSON beside it.
 
     Args:
@@ -36,7 +37,8 @@ def read_export_info(file: str | Path, embedded: str | bytes | None = None) -> d
         embedded: the metadata read from inside the file (a JSON string), if the format has a place for it.
 
     Returns:
-        The metadata dict.
+        (the metadata dict, where it was read: '<file> (embedded metadata)' or the JSON's path), the
+        second for messages that name the file and the field.
     """
     file = Path(file)
     text, source = embedded, f"{file} (embedded metadata)"
@@ -52,7 +54,55 @@ def read_export_info(file: str | Path, embedded: str | bytes | None = None) -> d
         raise UserError(f"{source}: the model metadata is not valid JSON ({err})") from None
     if not isinstance(info, dict):
         raise UserError(f"{source}: the model metadata is not a JSON object")
-    return info
+    return info, source
+
+
+def fixed_dim(dim: Any) -> int | None:
+    """A dimension of a model's input as an int when it is fixed, None when dynamic (a name, -1, 0 or None)."""
+    return int(dim) if isinstance(dim, (int, np.integer)) and not isinstance(dim, bool) and int(dim) > 0 else None
+
+
+def input_mismatch(spec: PreprocessSpec, shape: Sequence[Any] | None) -> str | None:
+    """What of a preprocessing the model's own input cannot take, or None when it fits.
+
+    Args:
+        spec: the preprocessing the metadata (or a flag) asks for.
+        shape: the model's input shape (N, C, H, W) as its runtime reports it; a dim that is not a
+            positive int is dynamic and fits anything; None or another rank: nothing is known.
+
+    Returns:
+        e.g. "'channels' is 1 but the model's input has 3 channels (input shape [batch, 3, 32, 32])".
+    """
+    if shape is None or len(shape) != 4:
+        return None
+    _, channels, height, width = (fixed_dim(d) for d in shape)
+    shown = "[" + ", ".join(str(d) if fixed_dim(d) else str(d or "?") for d in shape) + "]"
+    if channels is not None and channels != spec.channels:
+        return f"'channels' is {spec.channels} but the model's input has {channels} channels (input shape {shown})"
+    if any(d is not None and d != spec.crop for d in (height, width)):
+        return (f"'crop' is {spec.crop} but the model's input is {height or spec.crop}x{width or spec.crop} pixels "
+                f"(input shape {shown})")
+    return None
+
+
+def export_meta(info: dict[str, Any], source: str, input_shape: Sequence[Any] | None = None) -> ModelMeta:
+    """The ModelMeta of an exported file's metadata, checked field by field (utils.core.schema:
+    bounds included) and against the model's own input shape where its runtime reports one.
+
+    Args:
+        info: the metadata (read_export_info).
+        source: where it was read (named in the error line).
+        input_shape: the model's input shape (N, C, H, W), None when the format does not tell.
+
+    Raises:
+        UserError: one line naming the file and the field, e.g. a crop or channels that the model cannot take.
+    """
+    meta = ModelMeta.from_dict(info, source)
+    problem = input_mismatch(meta.preprocess, input_shape)
+    if problem:
+        raise UserError(f"{source}: {problem}: the metadata does not belong to this model (edited, or copied from "
+                        "another export); export the model again with export.py")
+    return meta
 
 
 def import_runtime(module: str, model_type: str) -> Any:
@@ -62,11 +112,6 @@ def import_runtime(module: str, model_type: str) -> Any:
     except ImportError as err:
         packages = " ".join(FORMATS[model_type].runtime_packages) or module
         raise UserError(f"--model_type {model_type} needs the {module} package ({err}): pip install {packages}") from None
-
-
-def fixed_batch(dim: Any) -> int | None:
-    """A batch dimension as an int when it is fixed, None when dynamic (a name, -1, 0 or None)."""
-    return int(dim) if isinstance(dim, (int, np.integer)) and int(dim) > 0 else None
 
 
 def is_torch(array: Any) -> bool:
@@ -102,18 +147,19 @@ def torch_output(logits: Any, images: Any) -> Any:
 class NumpyBackend:
     """What the numpy runtimes (ONNX Runtime, OpenVINO) share: metadata, normalisation, fixed-batch handling.
 
-    Subclasses set `self.batch` (None when the model takes any batch size) and implement
+    Subclasses pass the metadata (read_export_info) and the model's input shape, and implement
     `_forward` (a normalised float32 batch of exactly `batch` images when the batch is fixed ->
-    float32 logits).
+    float32 logits). `batch` is None when the model takes any batch size.
     """
 
     model_type = ""
 
-    def __init__(self, file: Path, info: dict[str, Any]) -> None:
+    def __init__(self, file: Path, info: tuple[dict[str, Any], str], input_shape: Sequence[Any]) -> None:
         self.file = Path(file)
-        self.info = info
-        self.meta: ModelMeta = ModelMeta.from_dict(info, f"{file} (its metadata)")
-        self.batch: int | None = None
+        self.info = info[0]
+        self.input_shape = tuple(input_shape)
+        self.meta: ModelMeta = export_meta(info[0], info[1], self.input_shape)
+        self.batch: int | None = fixed_dim(self.input_shape[0]) if self.input_shape else None
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError

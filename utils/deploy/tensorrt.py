@@ -19,7 +19,7 @@ from utils.core.schema import ModelMeta
 from utils.data.transforms import Normalize
 from utils.deploy.context import INPUT_NAME, ExportContext
 from utils.deploy.onnx import onnx_file_for
-from utils.deploy.runtime import fixed_batch, import_runtime, read_export_info, torch_input, torch_output
+from utils.deploy.runtime import export_meta, fixed_dim, import_runtime, read_export_info, torch_input, torch_output
 
 MAX_BATCH = 32  # largest batch of a dynamic engine when --batch_size is not given
 
@@ -82,8 +82,7 @@ class Backend:
             raise UserError(f"{file} is a TensorRT engine: it runs only on a CUDA GPU (pass --device 0)")
         trt = import_runtime("tensorrt", "tensorrt")
         self.file = Path(file)
-        self.info = read_export_info(file)
-        self.meta: ModelMeta = ModelMeta.from_dict(self.info, f"{file} (its metadata)")
+        self.info, source = read_export_info(file)
         self.device = device
         logger = trt.Logger(trt.Logger.WARNING)
         with torch.cuda.device(device):
@@ -97,8 +96,9 @@ class Backend:
         self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
         self.input_half = self.engine.get_tensor_dtype(self.input_name) == trt.DataType.HALF
         self.output_half = self.engine.get_tensor_dtype(self.output_name) == trt.DataType.HALF
-        shape = tuple(self.engine.get_tensor_shape(self.input_name))
-        self.batch = fixed_batch(shape[0])
+        shape = tuple(self.engine.get_tensor_shape(self.input_name))  # -1 where the engine takes any size
+        self.meta: ModelMeta = export_meta(self.info, source, shape)
+        self.batch = fixed_dim(shape[0])
         # the most images one call takes: the fixed batch, or the optimization profile's largest
         self.max_batch = self.batch or int(self.engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
         spec = self.meta.preprocess

@@ -19,7 +19,7 @@ from utils.core.log import UserError
 from utils.core.schema import ModelMeta
 from utils.data.transforms import Normalize
 from utils.deploy.context import ExportContext, quiet
-from utils.deploy.runtime import read_export_info, torch_input, torch_output
+from utils.deploy.runtime import export_meta, read_export_info, torch_input, torch_output
 
 META_FILE = "meta.json"  # the extra file inside the archive that carries the metadata
 
@@ -55,8 +55,8 @@ class Backend:
             except Exception as err:  # noqa: BLE001 - a corrupt file or not TorchScript
                 raise UserError(f"{file} cannot be loaded as TorchScript ({str(err).splitlines()[0][:160]})") from None
         self.file = Path(file)
-        self.info = read_export_info(file, extra[META_FILE])
-        self.meta: ModelMeta = ModelMeta.from_dict(self.info, f"{file} (its metadata)")
+        self.info, source = read_export_info(file, extra[META_FILE])
+        self.meta: ModelMeta = export_meta(self.info, source)  # a TorchScript module does not tell its input shape
         if half and device.type != "cuda":
             raise UserError("--half needs a CUDA device (float16 inference on a CPU is slow and inexact): drop --half or "
                             "pass --device 0")

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from utils.core.device import import_torch, select_device
+from utils.core.files import check_writable
 from utils.core.log import UserError
 from utils.core.run import RunFolder
 from utils.core.schema import ModelMeta
@@ -115,6 +116,25 @@ def models_from_flags(save_path: Sequence[str] | None, weight: Sequence[str] | N
             raise UserError(f"--weight {file} is a folder: pass a model file (best.pt, export/best.onnx ...), "
                             "or the run folder with --save_path")
     return list(weight), model_type or model_type_of(weight[0])
+
+
+def results_folder(paths: Sequence[str | Path], name: str, flag: str) -> Path:
+    """Where predict.py and metrice.py write about the (first) model: <run>/<name> for a run folder,
+    <the model file's folder>/<name> for a file; checked to be writable before any work.
+
+    Args:
+        paths: --save_path / --weight.
+        name: the sub-folder (predict, test, val, fps, features).
+        flag: the flag that named the models (in the error line).
+
+    Raises:
+        UserError: the folder cannot be written (a read-only disk, no permission).
+    """
+    first = Path(paths[0])
+    folder = (first if first.is_dir() else first.parent) / name
+    check_writable(folder, flag, fix=f"the results go beside the model, so copy the run folder (or the model file with its "
+                   f".json) to a folder you can write to and pass that to {flag}")
+    return folder
 
 
 def model_device(spec: str, model_type: str) -> Any:

@@ -31,6 +31,7 @@ from utils.core.schema import ModelMeta, PreprocessSpec
 from utils.data.decode import to_mode
 from utils.data.imageset import read_label_file
 from utils.data.transforms_np import image_transform
+from utils.deploy.runtime import input_mismatch
 from utils.infer.backends import load_backend, model_type_of, predict_probs, resolve_weights
 
 LOGGER = logging.getLogger(__name__)
@@ -336,6 +337,10 @@ def load_ensemble(paths: Sequence[str | Path], model_type: str | None = "torch",
     for path, kind in zip(map(Path, paths), types):
         backend = load_backend(path, kind, device, half)
         spec = backend.meta.preprocess.with_size(image_size) if image_size else backend.meta.preprocess
+        problem = input_mismatch(spec, getattr(backend, "input_shape", None)) if image_size else None
+        if problem:
+            raise UserError(f"--image_size {image_size} does not fit {path}: {problem}; drop --image_size (an exported "
+                            "model keeps the size it was exported at)")
         run_args, metrics = run_record(path, backend)
         members.append(Member(str(path), backend, spec, run_args, metrics))
     check_same_classes([m.backend.meta for m in members], [m.name for m in members])

@@ -11,6 +11,9 @@ A row is typed once (PredictionRow) and each output serialises the same object.
 from __future__ import annotations
 
 import csv
+import io
+import os
+import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from utils.core.files import append_whole, atomic_write_text
 from utils.core.task import MULTICLASS, TaskType
 
 TOPK = 5
@@ -115,14 +119,23 @@ class PredictionWriter:
     """Streams predictions.csv and skipped.csv, and keeps only what the summary needs
     (the first rows and per-class counts), so memory does not grow with the number of images.
 
+    Each batch's rows are appended in one write, so the files hold whole rows only. While the
+    folder is being written it holds incomplete.txt; `finish` removes it when every image was
+    predicted, or says in it (and lists in remaining.csv) what a stopped run left undone.
+
     Args:
         folder: the predict folder.
         class_names: the model's classes.
         keep_rows: how many first rows to keep for the console table.
         task: the model's task type (a multilabel model's rows list its labels).
+        total: how many files will be predicted (for incomplete.txt).
     """
 
-    def __init__(self, folder: Path, class_names: Sequence[str], keep_rows: int = 10, task: TaskType = MULTICLASS) -> None:
+    INCOMPLETE = "incomplete.txt"  # present while the folder is written, and after a run that did not finish
+    REMAINING = "remaining.csv"    # a stopped run's files not predicted: a list predict.py --source takes
+
+    def __init__(self, folder: Path, class_names: Sequence[str], keep_rows: int = 10, task: TaskType = MULTICLASS,
+                 total: int = 0) -> None:
         self.class_names = list(class_names)
         self.fields = csv_fields(len(class_names), task)
         self.keep_rows = keep_rows
@@ -131,41 +144,76 @@ class PredictionWriter:
         self.uncertain: Counter[str] = Counter()
         self.rows = 0
         self.skipped = 0
-        self.predictions_path = folder / "predictions.csv"
-        self.skipped_path = folder / "skipped.csv"
-        self._pred = self.predictions_path.open("w", newline="", encoding="utf-8")
-        self._skip = self.skipped_path.open("w", newline="", encoding="utf-8")
-        self._pred_csv = csv.DictWriter(self._pred, fieldnames=self.fields)
-        self._skip_csv = csv.writer(self._skip)
-        self._pred_csv.writeheader()
-        self._skip_csv.writerow(["path", "reason"])
+        self.incomplete = ""  # after finish(): what a stopped run wrote and how to finish it
+        self.folder = Path(folder)
+        self.predictions_path = self.folder / "predictions.csv"
+        self.skipped_path = self.folder / "skipped.csv"
+        atomic_write_text(self.folder / self.INCOMPLETE, (
+            f"predict.py started writing this folder at {time.strftime('%Y-%m-%d %H:%M:%S')} to predict {total} files.\n"
+            "While this file is here the folder is incomplete: if no predict.py is running, it was killed before the "
+            "end, and predictions.csv holds whole rows for the images predicted until then; run predict.py again.\n"))
+        atomic_write_text(self.predictions_path, _csv_text([], self.fields, header=True))
+        atomic_write_text(self.skipped_path, _csv_text([], ["path", "reason"], header=True))
 
     def write(self, rows: Sequence[PredictionRow]) -> None:
+        """Append a batch's rows (one write: whole rows, or none when the disk is full)."""
+        append_whole(self.predictions_path, _csv_text([row.csv_row() for row in rows], self.fields).encode("utf-8"))
         for row in rows:
-            self._pred_csv.writerow(row.csv_row())
             for name in row.given():
                 self.counts[name] += 1
                 self.uncertain[name] += int(row.uncertain)
             if len(self.first_rows) < self.keep_rows:
                 self.first_rows.append(row)
         self.rows += len(rows)
-        self._pred.flush()
 
     def skip(self, items: Sequence[tuple[str, str]]) -> None:
-        for path, reason in items:
-            self._skip_csv.writerow([path, reason])
+        """Append files that were not predicted, with the reason."""
+        if items:
+            append_whole(self.skipped_path, _csv_text([{"path": p, "reason": r} for p, r in items],
+                                                      ["path", "reason"]).encode("utf-8"))
         self.skipped += len(items)
-        self._skip.flush()
+
+    def finish(self, total: int, remaining: Sequence[str] = (), stopped_by: str = "") -> None:
+        """Close the folder's record: complete (incomplete.txt removed), or stopped before `remaining`,
+        which remaining.csv lists; `incomplete` is then the line that says what was written and how
+        to finish (incomplete.txt holds it too).
+
+        Args:
+            total: the files there were to predict.
+            remaining: the files not reached (none: the run is complete).
+            stopped_by: what stopped it (SIGTERM ...).
+        """
+        marker = self.folder / self.INCOMPLETE
+        if not remaining:
+            marker.unlink(missing_ok=True)
+            return
+        listed = self.folder / self.REMAINING
+        atomic_write_text(listed, _csv_text([{"path": os.path.abspath(p), "label": ""} for p in remaining], ["path", "label"],
+                                            header=True))
+        line = (f"stopped by {stopped_by} after {total - len(remaining)} of {total} files: {self.predictions_path} holds "
+                f"their {self.rows} rows and is incomplete ({marker.name}); the {len(remaining)} files left are listed "
+                f"in {listed}: to finish, run predict.py again with --source {listed} and the same other flags")
+        atomic_write_text(marker, line + "\n")
+        self.incomplete = line
 
     def close(self) -> None:
-        self._pred.close()
-        self._skip.close()
+        """Nothing stays open between batches: kept for callers that close a writer."""
 
     def __enter__(self) -> "PredictionWriter":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _csv_text(rows: Sequence[dict[str, Any]], fields: Sequence[str], header: bool = False) -> str:
+    """CSV lines of `rows` (with a header line first when asked)."""
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, fieldnames=list(fields))
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
 
 
 # ------------------------------------------------------------------------------ drawing

@@ -15,6 +15,7 @@ epoch. Everything goes through the run folder's `Run`, so only the main process 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 from prettytable import PrettyTable
 
+from utils.core.files import atomic_write_text
 from utils.core.run import Run, RunFolder
 from utils.core.task import MULTICLASS, TaskType
 from utils.draw.figures import plot_curves
@@ -57,10 +59,11 @@ def truncate_train_log(path: str | Path, epochs_done: int) -> None:
     with path.open(newline="", encoding="utf-8") as fh:
         fields = list(csv.DictReader(fh).fieldnames or log_fields())
     rows = [r for r in read_train_log(path) if int(r["epoch"]) <= epochs_done]
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, out.getvalue())  # a kill or a full disk leaves the old rows, never none
 
 
 @dataclass

@@ -14,12 +14,12 @@ utils.train.epoch_log.EpochLog. docs/architecture.md shows the whole flow.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
 import random
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,8 @@ from utils.core.checkpoint import float_weights, load_checkpoint
 from utils.core.config import args_to_dict
 from utils.core.device import amp_settings
 from utils.core.distributed import all_equal, any_true, broadcast_buffers, broadcast_module, reduce_sum, world_info
-from utils.core.log import UserError
+from utils.core.files import DiskFull
+from utils.core.log import StopFlag, UserError
 from utils.core.run import Run, RunFolder
 from utils.core.schema import Checkpoint, ModelMeta
 from utils.data.augment import BatchMix
@@ -92,35 +93,6 @@ def compile_model(model: nn.Module, backend: str, device: torch.device) -> nn.Mo
                         "install g++ (or set CXX), or pass --compile aot_eager")
     print(f"--compile: torch.compile, backend {backend} (the first steps are slow while it compiles)", flush=True)
     return torch.compile(model, backend=backend)
-
-
-class StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop polls, so last.pt is saved before exit.
-
-    A second Ctrl-C stops at once.
-    """
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopFlag":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signum
-        LOGGER.warning("\n%s received: saving last.pt at the end of this step ...", signal.Signals(signum).name)
-
-    def __call__(self) -> bool:
-        return self.signal is not None
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------------- trainer
@@ -321,7 +293,7 @@ class Trainer:
         args = self.args
         print(f"training {args.model_name} on {self.device} ({len(self.data.train_set.samples)} train images, "
               f"{self.data.num_classes} classes, batch {args.batch_size}, {args.epoch} epochs)", flush=True)
-        with StopFlag() as stop:
+        with StopFlag("saving last.pt at the end of this step") as stop:
             try:
                 for epoch in range(self.state.epoch, args.epoch):
                     self.run_epoch(epoch, stop)
@@ -333,8 +305,14 @@ class Trainer:
                         print(f"early stop: no improvement of val {args.metrice} for {args.patience} epochs "
                               f"(best {self.saver.best_value:.4f} at epoch {self.saver.best_epoch})", flush=True)
                         break
-            finally:
+            except DiskFull as err:
+                with contextlib.suppress(DiskFull):
+                    self.log.close()  # the curves too, if there is room left for them
+                raise self.full_disk(err) from None
+            except BaseException:
                 self.log.close()  # the curves are drawn however the loop ends
+                raise
+            self.log.close()
         if self.swa is not None:
             self.finish_swa()
         self.tune_thresholds()
@@ -347,6 +325,14 @@ class Trainer:
         print(f"best.pt: epoch {saver.best_epoch}, {'val' if self.val_loader else 'train'} {args.metrice} "
               f"{saver.best_value:.4f}", flush=True)
         return {"best_epoch": saver.best_epoch, "best_metric": args.metrice, "best_value": saver.best_value}
+
+    def full_disk(self, err: DiskFull) -> DiskFull:
+        """A full disk while training, with what is intact and how to go on: a checkpoint the disk
+        had no room for replaced nothing (utils.core.files.atomic_write)."""
+        if not self.run.last.is_file():
+            return err.with_hint("or pass --save_path on a larger disk; then train again")
+        return err.with_hint(f"the checkpoints in {self.run.path} are intact (a write that did not fit replaced "
+                             f"nothing); then continue with: python main.py --save_path {self.run.path} --resume --epoch {self.args.epoch}")
 
     def run_epoch(self, epoch: int, stop: StopFlag) -> EpochRecord:
         """Train one epoch (or the rest of it), validate, choose best.pt, log, save last.pt."""
