@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import sys
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
@@ -75,7 +76,8 @@ def run_cli(
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun the first process alone says it (and where it stopped)
+            print("interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -31,7 +31,8 @@ from torch import nn
 from utils.core.checkpoint import float_weights, load_checkpoint
 from utils.core.config import args_to_dict
 from utils.core.device import amp_settings
-from utils.core.distributed import all_equal, any_true, broadcast_buffers, broadcast_module, reduce_sum, world_info
+from utils.core.distributed import (all_equal, any_true, broadcast_buffers, broadcast_module, reduce_sum, resume_command,
+                                    world_info)
 from utils.core.log import UserError
 from utils.core.run import Run, RunFolder
 from utils.core.schema import Checkpoint, ModelMeta
@@ -325,9 +326,9 @@ class Trainer:
             try:
                 for epoch in range(self.state.epoch, args.epoch):
                     self.run_epoch(epoch, stop)
-                    if stop():
+                    if any_true(stop())[0]:  # a signal may reach the processes a step apart: all stop together
                         print(f"stopped after epoch {epoch + 1}: saved {self.run / 'last.pt'}; "
-                              f"continue with: python main.py --save_path {self.run.path} --resume", flush=True)
+                              f"continue with: {self.resume_command()}", flush=True)
                         raise KeyboardInterrupt
                     if self.saver.patience_exhausted:
                         print(f"early stop: no improvement of val {args.metrice} for {args.patience} epochs "
@@ -373,7 +374,7 @@ class Trainer:
             self.saver.save_last(state)
             any_true()  # the other processes wait until rank 0 has written last.pt
             print(f"stopped at epoch {epoch + 1}, step {state.step}: saved {self.run / 'last.pt'}; "
-                  f"continue with: python main.py --save_path {self.run.path} --resume", flush=True)
+                  f"continue with: {self.resume_command()}", flush=True)
             raise KeyboardInterrupt
         # batch-norm statistics are each process's own: rank 0's are the run's (checkpoints hold them)
         broadcast_buffers(self.model)
@@ -397,6 +398,13 @@ class Trainer:
                  "logs and plots": t_log - t_best}
         self.timing.append(spent)
         return record
+
+    def resume_command(self) -> str | None:
+        """The command that continues this run from its last.pt, launched as this one was (torchrun
+        with its process count, or python); None while no last.pt has been written."""
+        if self.state.epoch == 0 and self.state.step == 0:
+            return None
+        return resume_command(self.run.path)
 
     def print_timing(self) -> None:
         """Where the epochs' time went, on average: training, validation, checkpoints, logs and plots."""
