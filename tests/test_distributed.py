@@ -13,7 +13,6 @@ with the torchrun command.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 import shlex
@@ -21,72 +20,18 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from conftest import (REPO, SUBPROCESS_ENV, TINY_CLASSES, assert_ok, describe, load_ckpt, make_split_dataset, run_inprocess,
-                      run_script, train_args)
+from conftest import (REPO, SUBPROCESS_ENV, TINY_CLASSES, assert_ok, describe, load_ckpt, make_split_dataset, reads, records,
+                      recording_main, run_inprocess, run_script, train_args)
 
 PROCESSES = 2
 STEPS_PER_EPOCH = 3   # 24 images / 2 processes / batch 4
 STOP_AFTER = STEPS_PER_EPOCH + 2  # rank 0 is signalled after step 2 of epoch 2
 TRAIN_IMAGES = 24
-
-# main.py (under torchrun, or alone), run as `python main.py` runs it, with two test additions:
-# - RECORD_DIR: each process appends to RECORD_DIR/rank<R>.jsonl what it read and summed: every
-#   training image it loaded ({"read": [epoch, index]}), and whenever an epoch's metrics are
-#   computed, its own sums before they are added up over the processes, and the metrics;
-# - STOP_AFTER_STEP: right after that optimizer step (counted from 1 in the process), rank 0 sends
-#   STOP_SIGNAL (default SIGTERM) to itself, or with STOP_TARGET=torchrun to its parent, torchrun.
-#   The other process is not signalled by the test: the processes must agree to stop together.
-WRAPPER = """
-import json, os, runpy, signal, sys, time
-script = sys.argv.pop(1)
-sys.argv[0] = script
-sys.path.insert(0, os.path.dirname(script))  # as `python main.py` would
-rank = os.environ.get("RANK", "0")
-if os.environ.get("RECORD_DIR"):
-    from utils.data.loaders import ImageDataset
-    from utils.evaluate.metrics import EpochSums
-    record = open(os.path.join(os.environ["RECORD_DIR"], f"rank{rank}.jsonl"), "a", buffering=1)
-    get_item, metrics = ImageDataset.__getitem__, EpochSums.metrics
-    def recorded_get_item(self, key):
-        if self.seed is not None:  # the training set (evaluation and the mean/std pass have no seed)
-            record.write(json.dumps({"read": list(key)}) + "\\n")
-        return get_item(self, key)
-    def recorded_metrics(self):
-        result = metrics(self)
-        record.write(json.dumps({"loss_sum": self.loss_sum, "count": self.count,
-                                 "correct": int(self.confusion.trace()), "metrics": result}) + "\\n")
-        return result
-    ImageDataset.__getitem__, EpochSums.metrics = recorded_get_item, recorded_metrics
-if os.environ.get("STOP_AFTER_STEP"):
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-    after, steps = int(os.environ["STOP_AFTER_STEP"]), [0]
-    sig = getattr(signal, os.environ.get("STOP_SIGNAL", "SIGTERM"))
-    def hook(optimizer, args, kwargs):
-        steps[0] += 1
-        if steps[0] == after and rank == "0":
-            if os.environ.get("STOP_TARGET") == "torchrun":
-                os.kill(os.getppid(), sig)
-                time.sleep(1)  # torchrun passes SIGTERM on to every process before this one polls for it
-            else:
-                os.kill(os.getpid(), sig)
-    register_optimizer_step_post_hook(hook)
-runpy.run_path(script, run_name="__main__")
-"""
-
-
-def records(folder: Path) -> dict[int, list[dict]]:
-    """What each process recorded (WRAPPER's RECORD_DIR): rank -> its lines, in order."""
-    return {int(f.stem[4:]): [json.loads(line) for line in f.read_text().splitlines()]
-            for f in sorted(folder.glob("rank*.jsonl"))}
-
-
-def reads(lines: list[dict], epoch: int) -> list[int]:
-    """The training images (indices) a process read in a 0-based epoch."""
-    return [r["read"][1] for r in lines if "read" in r and r["read"][0] == epoch]
 
 
 def our_traceback(proc: subprocess.CompletedProcess) -> bool:
@@ -103,8 +48,8 @@ def torchrun(*args: object, script: Path = REPO / "main.py", env: dict[str, str]
                           text=True, timeout=600)
 
 
-def recorded(wrapper: Path, record_dir: Path, env: dict[str, str] | None = None) -> dict[str, str]:
-    """torchrun's `script` and `env` arguments that run main.py through WRAPPER, recording into record_dir."""
+def recorded(wrapper: Path, record_dir: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """torchrun's `script` and `env` arguments that run main.py through RECORDING_MAIN, recording into record_dir."""
     record_dir.mkdir(parents=True, exist_ok=True)
     return {"script": wrapper, "env": {"RECORD_DIR": str(record_dir)} | (env or {})}
 
@@ -114,8 +59,7 @@ def ddp(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("ddp")
     data = make_split_dataset(root / "data", TINY_CLASSES, train=8, val=3, test=0)
     runs, reads_of = root / "runs", root / "records"
-    wrapper = root / "wrapper.py"
-    wrapper.write_text(WRAPPER)
+    wrapper = recording_main(root)
     main = str(REPO / "main.py")
 
     def args(name: str, epochs: int, under: Path = runs) -> list[str]:
