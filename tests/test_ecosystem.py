@@ -253,6 +253,35 @@ def test_safetensors_folder_runs_as_a_model_of_its_own(hub_folder: dict) -> None
     assert np.allclose(predict_probs(backend, images), want, atol=1e-6)
 
 
+def test_safetensors_folder_crop_pct_gives_timm_our_resize(tmp_path: Path) -> None:
+    """A model that resizes to 25 and crops 14: config.json's crop_pct makes timm resize to 25 too
+    (floor(14 / (14 / 25)) is 24), and timm's preprocessing from the folder gives our pixels."""
+    import timm
+    from PIL import Image
+
+    from utils.core.schema import Checkpoint, ModelMeta, PreprocessSpec
+    from utils.data.transforms import image_transform
+    from utils.deploy.export import ExportOptions, export_checkpoint
+    from utils.models.registry import create_model
+
+    spec = PreprocessSpec.from_dict({"resize": 25, "crop": 14, "channels": 3, "mean": [0.5, 0.4, 0.3],
+                                     "std": [0.25, 0.2, 0.3], "resize_mode": "crop", "interpolation": "bilinear"})
+    model = create_model(TINY_MODEL, 3, 3)
+    torch.save(Checkpoint("best", ModelMeta(TINY_MODEL, ("a", "b", "c"), spec), dict(model.state_dict())).to_dict(),
+               tmp_path / "best.pt")
+    (info,) = export_checkpoint(tmp_path / "best.pt", ExportOptions(formats=["safetensors"], device="cpu", parity_images=2))
+    cfg = json.loads((Path(info["path"]) / "config.json").read_text())["pretrained_cfg"]
+    assert cfg["crop_pct"] == pytest.approx(14 / 25, abs=1e-12) and cfg["input_size"] == [3, 14, 14]
+    loaded = timm.create_model(f"local-dir:{info['path']}", pretrained=True)
+    timm_transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=loaded))
+    resize = next(t for t in timm_transform.transforms if type(t).__name__ == "Resize")
+    assert resize.size == 25, timm_transform
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    ours = image_transform(spec)(image).float() / 255
+    ours = (ours - torch.tensor(spec.mean)[:, None, None]) / torch.tensor(spec.std)[:, None, None]
+    assert torch.allclose(timm_transform(image), ours, atol=1e-6)
+
+
 def test_safetensors_export_refuses_a_model_timm_cannot_build(tmp_path: Path) -> None:
     from utils.core.log import UserError
     from utils.core.schema import Checkpoint, ModelMeta, PreprocessSpec
