@@ -33,6 +33,8 @@ TRAIN_LOG_HEADER = ["epoch", "lr", "loss", "acc", "mean_acc", "test_loss", "test
 # Distinct colours: a tiny model separates them within an epoch or two.
 PALETTE = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 200, 20), (160, 40, 200), (20, 200, 200), (240, 120, 20)]
 
+pytest_plugins = ["system_deps"]  # tests/system_deps.py: with REQUIRE_SYSTEM_DEPS=1 (CI) a system_deps test may not skip
+
 # Set once per session by the `_session_env` fixture: what every subprocess gets on top of os.environ.
 SUBPROCESS_ENV: dict[str, str] = {}
 
@@ -203,9 +205,11 @@ def built_trainer(monkeypatch: pytest.MonkeyPatch, *args: Any) -> Any:
         raise _TrainingWouldStart
 
     monkeypatch.setattr(Trainer, "fit", stop_at_fit)
-    with pytest.raises(_TrainingWouldStart):
-        run_inprocess("main.py", *args)
-    return built[0]
+    try:
+        proc = run_inprocess("main.py", *args)
+    except _TrainingWouldStart:
+        return built[0]
+    pytest.fail(f"main.py ended before it would train:\n{describe(proc)}")
 
 
 def describe(proc: subprocess.CompletedProcess) -> str:
