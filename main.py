@@ -248,9 +248,11 @@ def main(args: Options) -> dict[str, Any]:
     distributed.refuse_device_list(args.device)
     try:
         result = train(args, resumed)
+    except distributed.LostProcess:
+        raise  # not leaving the process group: that would wait for the process that is gone
     except BaseException as err:
         lost = distributed.lost_process_error(err, distributed.resume_command(args.save_path) if resumed else None)
-        if lost is not None:  # not leaving the process group: that would wait for the process that is gone
+        if lost is not None:  # (lost before training started)
             raise lost from None
         distributed.shutdown()
         raise

@@ -202,6 +202,7 @@ def test_killed_process_leaves_the_other_one_line_and_the_torchrun_command_resum
     hint = f"{TORCHRUN_HINT} --save_path {run} --resume"
     assert line.startswith("error: process 1 of 2 stops: another process of the run ended (") and \
         line.endswith(f"continue from last.pt with: {hint}"), line
+    assert re.search(r"rank +: 1 \(local_rank: 1\)\n +exitcode +: 2 ", proc.stderr), describe(proc)  # a UserError's exit
     assert load_ckpt(run / "last.pt")["epoch"] == 1
     words = shlex.split(line.split(" with: ", 1)[1])
     resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", *words[1:]], cwd=REPO, capture_output=True,

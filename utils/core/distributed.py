@@ -238,7 +238,12 @@ def lost_process_reason(err: BaseException) -> str | None:
     return found.group(0).strip() if found else None
 
 
-def lost_process_error(err: BaseException, resume: str | None = None) -> UserError | None:
+class LostProcess(UserError):
+    """Another process of the run is gone: this one ends with one line (and without leaving the
+    process group, which would wait for the process that is gone)."""
+
+
+def lost_process_error(err: BaseException, resume: str | None = None) -> LostProcess | None:
     """The one line a surviving process ends with when another process of the run is gone (None when
     `err` is something else). From here the process only ends: torchrun's SIGTERM to the survivors
     is ignored, so it cannot cut the line off.
@@ -257,8 +262,8 @@ def lost_process_error(err: BaseException, resume: str | None = None) -> UserErr
     rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
     then = (f"continue from last.pt with: {resume}" if resume else
             f"no epoch was saved yet, so start the run again: {launch_command()} ...")
-    return UserError(f"process {rank} of {world} stops: another process of the run ended ({reason}; torchrun's report "
-                     f"says which and why); {then}")
+    return LostProcess(f"process {rank} of {world} stops: another process of the run ended ({reason}; torchrun's report "
+                       f"says which and why); {then}")
 
 
 def refuse_device_list(spec: str) -> None:
