@@ -53,7 +53,8 @@ demo: $(STAMP)
 		--save_path runs/demo
 
 # Installed with one apt-get when missing and apt-get can (root, or sudo without a password);
-# otherwise the tests that need them skip and say why.
+# otherwise the tests that need them skip and say why (with REQUIRE_SYSTEM_DEPS=1, as CI's .ci/run
+# sets it, they fail instead: tests/system_deps.py).
 system-deps:
 	@missing=""; for dep in $(SYSTEM_DEPS); do what=$${dep%%:*}; pkg=$${dep##*:}; \
 	  if [ "$${what#/}" = "$$what" ]; then command -v $$what >/dev/null 2>&1 || missing="$$missing $$pkg"; \

@@ -252,9 +252,17 @@ def main(args: Options) -> dict[str, Any]:
         args, resumed = resume_options(args)
     distributed.refuse_device_list(args.device)
     try:
-        return train(args, resumed)
-    finally:
+        result = train(args, resumed)
+    except distributed.LostProcess:
+        raise  # not leaving the process group: that would wait for the process that is gone
+    except BaseException as err:
+        lost = distributed.lost_process_error(err, distributed.resume_command(args.save_path) if resumed else None)
+        if lost is not None:  # (lost before training started)
+            raise lost from None
         distributed.shutdown()
+        raise
+    distributed.shutdown()
+    return result
 
 
 def train(args: Options, resumed: Checkpoint | None) -> dict[str, Any]:
@@ -282,8 +290,11 @@ def train(args: Options, resumed: Checkpoint | None) -> dict[str, Any]:
         test = trainer.test_best()
         if test is not None:
             result["test"] = test
-    except BaseException:
+    except BaseException as err:
         trainer.close_tracker()
+        lost = distributed.lost_process_error(err, trainer.resume_command())
+        if lost is not None:
+            raise lost from None
         raise
     trainer.close_tracker(result)
     print(f"done: {run.path}", flush=True)

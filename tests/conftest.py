@@ -33,6 +33,8 @@ TRAIN_LOG_HEADER = ["epoch", "lr", "loss", "acc", "mean_acc", "test_loss", "test
 # Distinct colours: a tiny model separates them within an epoch or two.
 PALETTE = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 200, 20), (160, 40, 200), (20, 200, 200), (240, 120, 20)]
 
+pytest_plugins = ["system_deps"]  # tests/system_deps.py: with REQUIRE_SYSTEM_DEPS=1 (CI) a system_deps test may not skip
+
 # Set once per session by the `_session_env` fixture: what every subprocess gets on top of os.environ.
 SUBPROCESS_ENV: dict[str, str] = {}
 
@@ -62,6 +64,86 @@ def run_main_stopped_after(step: int, args: Sequence[Any]) -> subprocess.Complet
     cmd = [sys.executable, "-c", _SIGTERM_AFTER_STEP, str(step), str(REPO / "main.py"), *map(str, args)]
     return subprocess.run(cmd, cwd=REPO, env=dict(os.environ) | SUBPROCESS_ENV, capture_output=True, text=True,
                           timeout=600)
+
+
+# main.py as `python main.py` runs it (alone, or as torchrun's script), with what a test records or
+# triggers:
+# - RECORD_DIR: the process appends to RECORD_DIR/rank<RANK>.jsonl every training image it loads
+#   ({"read": [epoch, index]}), and whenever an epoch's metrics are computed, its own sums before
+#   they are added up over the processes ({"loss_sum", "count", "correct"}; multi-label: the "probs"
+#   and "targets" rows the metrics come from) with the "metrics";
+# - STOP_AFTER_STEP: right after that optimizer step (counted from 1 in the process), rank 0 sends
+#   STOP_SIGNAL (default SIGTERM) to itself, or with STOP_TARGET=torchrun to its parent, torchrun.
+RECORDING_MAIN = """
+import json, os, runpy, signal, sys, time
+script = sys.argv.pop(1)
+sys.argv[0] = script
+sys.path.insert(0, os.path.dirname(script))  # as `python main.py` would
+rank = os.environ.get("RANK", "0")
+if os.environ.get("RECORD_DIR"):
+    from utils.data.loaders import ImageDataset
+    from utils.evaluate.metrics import EpochSums, MultiLabelSums
+    record = open(os.path.join(os.environ["RECORD_DIR"], f"rank{rank}.jsonl"), "a", buffering=1)
+    get_item, metrics, multilabel_metrics = ImageDataset.__getitem__, EpochSums.metrics, MultiLabelSums.metrics
+    def recorded_get_item(self, key):
+        if self.seed is not None:  # the training set (evaluation and the mean/std pass have no seed)
+            record.write(json.dumps({"read": list(key)}) + "\\n")
+        return get_item(self, key)
+    def recorded_metrics(self):
+        result = metrics(self)
+        record.write(json.dumps({"loss_sum": self.loss_sum, "count": self.count,
+                                 "correct": int(self.confusion.trace()), "metrics": result}) + "\\n")
+        return result
+    def recorded_multilabel_metrics(self):
+        result = multilabel_metrics(self)
+        probs, targets, _, _ = self.arrays()
+        record.write(json.dumps({"probs": probs.tolist(), "targets": targets.tolist(), "metrics": result}) + "\\n")
+        return result
+    ImageDataset.__getitem__, EpochSums.metrics = recorded_get_item, recorded_metrics
+    MultiLabelSums.metrics = recorded_multilabel_metrics
+if os.environ.get("STOP_AFTER_STEP"):
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    after, steps = int(os.environ["STOP_AFTER_STEP"]), [0]
+    sig = getattr(signal, os.environ.get("STOP_SIGNAL", "SIGTERM"))
+    def hook(optimizer, args, kwargs):
+        steps[0] += 1
+        if steps[0] == after and rank == "0":
+            if os.environ.get("STOP_TARGET") == "torchrun":
+                os.kill(os.getppid(), sig)
+                time.sleep(1)  # torchrun passes SIGTERM on to every process before this one polls for it
+            else:
+                os.kill(os.getpid(), sig)
+    register_optimizer_step_post_hook(hook)
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def recording_main(folder: Path) -> Path:
+    """RECORDING_MAIN written into `folder` (the script to run instead of main.py)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "recording_main.py"
+    path.write_text(RECORDING_MAIN)
+    return path
+
+
+def run_recorded(record_dir: Path, *args: Any, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python main.py args...` in a subprocess, recording what it reads and sums into record_dir (RECORDING_MAIN)."""
+    record_dir.mkdir(parents=True, exist_ok=True)
+    return run_script(str(recording_main(record_dir)), REPO / "main.py", *args,
+                      env={"RECORD_DIR": str(record_dir)} | (env or {}))
+
+
+def records(folder: Path) -> dict[int, list[dict[str, Any]]]:
+    """What each process of a recorded run wrote (RECORDING_MAIN's RECORD_DIR): rank -> its lines, in order."""
+    import json
+
+    return {int(f.stem[4:]): [json.loads(line) for line in f.read_text().splitlines()]
+            for f in sorted(folder.glob("rank*.jsonl"))}
+
+
+def reads(lines: list[dict[str, Any]], epoch: int) -> list[int]:
+    """The training images (indices) a recorded process read in a 0-based epoch, in order."""
+    return [r["read"][1] for r in lines if "read" in r and r["read"][0] == epoch]
 
 
 def run_script(script: str, *args: Any, env: dict[str, str] | None = None, timeout: float = 600,
@@ -105,6 +187,29 @@ def run_inprocess(script: str, *args: Any) -> subprocess.CompletedProcess:
 
             logging.getLogger().handlers.clear()  # run_cli's handler writes to the captured stderr
     return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
+
+
+class _TrainingWouldStart(Exception):
+    """Raised where main.py would start training (built_trainer)."""
+
+
+def built_trainer(monkeypatch: pytest.MonkeyPatch, *args: Any) -> Any:
+    """main.py's command line run in this process up to the start of training: the Trainer it built
+    from those flags (its model before any step, optimizer, schedule, loaders ...); nothing is trained."""
+    from utils.train.trainer import Trainer
+
+    built: list[Any] = []
+
+    def stop_at_fit(self: Any) -> None:
+        built.append(self)
+        raise _TrainingWouldStart
+
+    monkeypatch.setattr(Trainer, "fit", stop_at_fit)
+    try:
+        proc = run_inprocess("main.py", *args)
+    except _TrainingWouldStart:
+        return built[0]
+    pytest.fail(f"main.py ended before it would train:\n{describe(proc)}")
 
 
 def describe(proc: subprocess.CompletedProcess) -> str:

@@ -275,6 +275,7 @@ def test_weight_takes_any_model_file(deploy: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------- C++
+@pytest.mark.system_deps
 def test_cpp_preprocessing_is_bit_identical_to_python(cpp_build: Future, deploy: dict[str, Any], tmp_path: Path) -> None:
     classify = classify_binary(cpp_build)
     files = deploy["images"]
@@ -319,6 +320,7 @@ def parse_classify(stdout: str, class_names: list[str]) -> dict[str, dict[str, f
     return out
 
 
+@pytest.mark.system_deps
 def test_cpp_classify_matches_predict(cpp_build: Future, deploy: dict[str, Any], tmp_path: Path) -> None:
     classify = classify_binary(cpp_build)
     run, images = deploy["run"], deploy["images"]

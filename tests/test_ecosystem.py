@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (REPO, TINY_MODEL, assert_ok, assert_user_error, describe, load_ckpt, make_split_dataset, run_inprocess,
-                      run_main_stopped_after, run_many, train_args)
+from conftest import (REPO, TINY_MODEL, assert_ok, assert_user_error, built_trainer, describe, load_ckpt, make_split_dataset,
+                      run_inprocess, run_main_stopped_after, run_many, train_args)
 from utils.core.log import UserError
 from utils.core.names import OPTIMIZERS, TIMM_OPTIMIZERS, TIMM_SCHEDULERS
 
@@ -57,7 +57,9 @@ def _cannot_run_here(name: str) -> str:
 
 
 @pytest.mark.parametrize("name", [*OPTIMIZERS, *TIMM_OPTIMIZERS])
-def test_each_optimizer_runs_one_step(name: str) -> None:
+def test_each_optimizer_is_the_named_class_and_runs_one_step(name: str) -> None:
+    import timm.optim
+
     from utils.train.optim import build_optimizer
 
     torch.manual_seed(0)
@@ -68,6 +70,13 @@ def test_each_optimizer_runs_one_step(name: str) -> None:
             build_optimizer(model, name.upper(), 1e-2, 0.01, 0.9)
         return
     optimizer = build_optimizer(model, name.upper(), 1e-2, 0.01, 0.9)  # any case
+    # the class timm registers under that name, with the settings timm gives the name (clion: Lion with caution)
+    info = timm.optim.get_optimizer_info(CLASSIC_TIMM.get(name, name))
+    assert type(optimizer) is info.opt_class, (name, type(optimizer), info.opt_class)
+    if name.lower() not in {n.lower() for n in CLASSIC_TIMM}:  # (pytorch-classifier's names keep their own settings)
+        group = optimizer.param_groups[0]
+        assert {k: group[k] for k in info.defaults or {} if k in group} == \
+            {k: v for k, v in (info.defaults or {}).items() if k in group}, name
     before = [p.detach().clone() for p in model.parameters()]
     for _ in range(2):  # ADOPT only sets its second moment in the first step
         model(torch.randn(4, 3, 5, 5)).square().mean().backward()
@@ -76,6 +85,18 @@ def test_each_optimizer_runs_one_step(name: str) -> None:
     after = list(model.parameters())
     assert all(torch.isfinite(p).all() for p in after)
     assert any(not torch.equal(a, b) for a, b in zip(before, after)), f"{name} did not move the weights"
+
+
+def test_optimizer_flag_builds_that_optimizer_for_the_run(monkeypatch: pytest.MonkeyPatch, tiny_data: Path,
+                                                           tmp_path: Path) -> None:
+    """What main.py builds for --optimizer: timm's Lion for lion, torch's SGD (Nesterov, --momentum) for SGD."""
+    import timm.optim
+
+    lion = built_trainer(monkeypatch, *train_args(tiny_data, tmp_path / "lion", "--optimizer", "lion"))
+    assert type(lion.optimizer) is timm.optim.Lion
+    sgd = built_trainer(monkeypatch, *train_args(tiny_data, tmp_path / "sgd", "--optimizer", "sgd", "--momentum", "0.8"))
+    assert type(sgd.optimizer) is torch.optim.SGD
+    assert all(g["nesterov"] is True and g["momentum"] == 0.8 for g in sgd.optimizer.param_groups)
 
 
 def test_optimizer_flag_is_case_insensitive_and_keeps_pytorch_classifier_names() -> None:
@@ -112,6 +133,42 @@ def test_warmup_moves_every_step_and_timm_schedules_build() -> None:
         LRSchedule(optimizer(), 0.1, 10, scheduler="plateau")
     with pytest.raises(UserError, match="--warmup"):
         LRSchedule(optimizer(), 0.1, 10, scheduler="cosine", scheduler_params={"warmup_epochs": 3})
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # stepped here without training
+def test_layer_decay_scales_each_group_under_a_torch_scheduler(monkeypatch: pytest.MonkeyPatch, tiny_data: Path,
+                                                                tmp_path: Path) -> None:
+    """--layer_decay 0.75 with the config's StepLR: each layer's lr is the scheduled lr times 0.75 per
+    layer below the head, in every epoch (the torch scheduler scales the groups, it does not flatten them)."""
+    config = tmp_path / "steplr.yaml"
+    config.write_text("lr_scheduler: StepLR\nlr_scheduler_params: {step_size: 1, gamma: 0.5}\nrandom_seed: 0\n"
+                      "plot_train_batch_count: 0\n")
+    trainer = built_trainer(monkeypatch, *train_args(tiny_data, tmp_path / "run", "--layer_decay", "0.75", "--lr", "0.01",
+                                                     "--epoch", "3", "--config", config))
+    assert trainer.schedule.torch_scheduler is not None
+    groups = trainer.optimizer.param_groups
+    scales = sorted({g["lr_scale"] for g in groups})
+    depth = len(scales)
+    assert depth > 2 and scales == pytest.approx([0.75 ** k for k in reversed(range(depth))])
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    scale_of = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    assert scale_of["fc.weight"] == 1.0 and scale_of["conv1.0.weight"] == pytest.approx(0.75 ** (depth - 1))
+    for epoch, scheduled in enumerate([0.01, 0.005, 0.0025]):
+        assert trainer.schedule.start_epoch(epoch) == pytest.approx(scheduled)
+        assert [g["lr"] for g in groups] == pytest.approx([scheduled * g["lr_scale"] for g in groups]), epoch
+
+
+def test_seed_sets_the_initial_weights(monkeypatch: pytest.MonkeyPatch, tiny_data: Path, tmp_path: Path) -> None:
+    """The same --seed builds the same model, bit for bit (the second run takes its mean/std from the
+    scan cache); another --seed builds other weights."""
+    def first_weights(seed: int, name: str) -> dict[str, torch.Tensor]:
+        trainer = built_trainer(monkeypatch, *train_args(tiny_data, tmp_path / name, "--seed", seed))
+        return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+    one, again, two = first_weights(1, "one"), first_weights(1, "again"), first_weights(2, "two")
+    assert [k for k in one if not torch.equal(one[k], again[k])] == []
+    weights = [k for k, v in one.items() if v.is_floating_point() and v.ndim > 1]
+    assert weights and [k for k in weights if torch.equal(one[k], two[k])] == []
 
 
 RESUME_CONFIG = "lr_scheduler: cosine\nlr_scheduler_params: {k_decay: 1.5}\nrandom_seed: 0\nplot_train_batch_count: 0\n"
@@ -206,7 +263,7 @@ def hub_folder(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from utils.models.registry import create_model
 
     root = tmp_path_factory.mktemp("hub")
-    torch.manual_seed(0)
+    torch.manual_seed(7)  # not main.py's default seed: a run that ignored the folder's weights would not start from them
     model = create_model(TINY_MODEL, 3, 1).eval()  # grayscale: in_chans must travel in config.json
     spec = PreprocessSpec.create(32, 1, [0.4], [0.2], "letterbox")
     meta = ModelMeta(TINY_MODEL, ("cat", "dog", "bird"), spec)
@@ -253,6 +310,35 @@ def test_safetensors_folder_runs_as_a_model_of_its_own(hub_folder: dict) -> None
     assert np.allclose(predict_probs(backend, images), want, atol=1e-6)
 
 
+def test_safetensors_folder_crop_pct_gives_timm_our_resize(tmp_path: Path) -> None:
+    """A model that resizes to 25 and crops 14: config.json's crop_pct makes timm resize to 25 too
+    (floor(14 / (14 / 25)) is 24), and timm's preprocessing from the folder gives our pixels."""
+    import timm
+    from PIL import Image
+
+    from utils.core.schema import Checkpoint, ModelMeta, PreprocessSpec
+    from utils.data.transforms import image_transform
+    from utils.deploy.export import ExportOptions, export_checkpoint
+    from utils.models.registry import create_model
+
+    spec = PreprocessSpec.from_dict({"resize": 25, "crop": 14, "channels": 3, "mean": [0.5, 0.4, 0.3],
+                                     "std": [0.25, 0.2, 0.3], "resize_mode": "crop", "interpolation": "bilinear"})
+    model = create_model(TINY_MODEL, 3, 3)
+    torch.save(Checkpoint("best", ModelMeta(TINY_MODEL, ("a", "b", "c"), spec), dict(model.state_dict())).to_dict(),
+               tmp_path / "best.pt")
+    (info,) = export_checkpoint(tmp_path / "best.pt", ExportOptions(formats=["safetensors"], device="cpu", parity_images=2))
+    cfg = json.loads((Path(info["path"]) / "config.json").read_text())["pretrained_cfg"]
+    assert cfg["crop_pct"] == pytest.approx(14 / 25, abs=1e-12) and cfg["input_size"] == [3, 14, 14]
+    loaded = timm.create_model(f"local-dir:{info['path']}", pretrained=True)
+    timm_transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=loaded))
+    resize = next(t for t in timm_transform.transforms if type(t).__name__ == "Resize")
+    assert resize.size == 25, timm_transform
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    ours = image_transform(spec)(image).float() / 255
+    ours = (ours - torch.tensor(spec.mean)[:, None, None]) / torch.tensor(spec.std)[:, None, None]
+    assert torch.allclose(timm_transform(image), ours, atol=1e-6)
+
+
 def test_safetensors_export_refuses_a_model_timm_cannot_build(tmp_path: Path) -> None:
     from utils.core.log import UserError
     from utils.core.schema import Checkpoint, ModelMeta, PreprocessSpec
@@ -271,11 +357,30 @@ def test_safetensors_folder_trains_again_and_uploads_offline(hub_folder: dict, t
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from utils.deploy.hub import push_to_hub
 
+    from safetensors.torch import load_file
+
+    from utils.train.trainer import Trainer
+
     folder = hub_folder["folder"]
-    # local-dir: as --model_name: fine-tune the exported model (its weights with --pretrained)
+    # local-dir: as --model_name: fine-tune the exported model, starting from its weights with --pretrained
+    build, first = Trainer._build_model, {}
+
+    def recorded_build(self: Trainer, pretrained: bool) -> torch.nn.Module:
+        model = build(self, pretrained)
+        first.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return model
+
+    monkeypatch.setattr(Trainer, "_build_model", recorded_build)
     proc = run_inprocess("main.py", *train_args(tiny_data, tmp_path / "again", "--model_name", f"local-dir:{folder}",
                                                 "--pretrained", "--image_channel", "1"))
     assert_ok(proc)
+    stored = load_file(str(folder / "model.safetensors"))
+    assert [k for k in stored if not torch.equal(first[k], stored[k])] == []  # before any step: the folder's weights
+    from utils.models.registry import create_model
+
+    torch.manual_seed(0)  # what the run would have started from without them
+    random_start = create_model(TINY_MODEL, 3, 1).state_dict()
+    assert [k for k, v in stored.items() if v.ndim > 1 and torch.equal(v, random_start[k])] == []
 
     class FakeApi:  # records what would be sent: nothing leaves the machine
         calls: list = []

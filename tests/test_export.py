@@ -3,7 +3,7 @@
 One tiny run (resnet10t, one epoch at 32 px on 3 colour classes) is trained with main.py, then
 exported with export.py in subprocesses, the way a user runs them: TorchScript + ONNX + int8 ONNX
 + OpenVINO with a dynamic batch, and a RepVGG checkpoint (random weights and batch-norm
-statistics, so its branches differ) with a fixed batch and onnxslim. Each exported file is then
+statistics, so its branches differ) to ONNX (onnxslim) and OpenVINO with a fixed batch. Each exported file is then
 run through utils.infer.backends -- in a fresh process without timm for the deployment path -- and
 compared with PyTorch on real images.
 """
@@ -84,10 +84,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def exported(runs: dict[str, Path]) -> dict[str, Any]:
     """export.py runs, two at a time: the resnet run in every CPU format with int8, the RepVGG run
-    at a fixed batch with --simplify, and the requests that must fail before any work."""
+    at a fixed batch (ONNX with --simplify, OpenVINO), and the requests that must fail before any work."""
     jobs = {
         "resnet": ["--save_path", runs["resnet"], "--export", "torchscript", "onnx", "openvino", "--int8", "--device", "cpu"],
-        "repvgg": ["--save_path", runs["repvgg"], "--export", "onnx", "--batch_size", "2", "--simplify", "--device", "cpu"],
+        "repvgg": ["--save_path", runs["repvgg"], "--export", "onnx", "openvino", "--batch_size", "2", "--simplify",
+                   "--device", "cpu"],
     }
     procs = run_many([{"script": "export.py", "args": [str(a) for a in args]} for args in jobs.values()])
     return dict(zip(jobs, procs)) | {  # start-up errors: in this process
@@ -156,6 +157,11 @@ def test_onnx_dynamic_batch_matches_torch_and_metadata_round_trips(runs: dict[st
     assert json.loads(props["mean"]) == list(spec.mean) and json.loads(props["std"]) == list(spec.std)
     assert props["image_size"] == "32" and props["image_channel"] == "3" and props["resize_mode"] == spec.resize_mode
     assert props["model_name"] == "resnet10t" and json.loads(props["preprocess"]) == spec.to_dict()
+    session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    for key, port in (("input", session.get_inputs()[0]), ("output", session.get_outputs()[0])):
+        described = json.loads(props[key])  # what the metadata says the graph takes and gives ...
+        assert described["name"] == port.name and described["shape"] == port.shape, (key, described, port.shape)
+    assert json.loads(props["output"])["shape"] == ["batch", 3]  # ... the logits of the 3 classes, any batch
     backend = load_backend(file, "onnx")
     assert backend.meta == ckpt.meta
     assert load_backend(runs["resnet"], "onnx").file == file  # a run folder finds export/best.onnx
@@ -163,7 +169,6 @@ def test_onnx_dynamic_batch_matches_torch_and_metadata_round_trips(runs: dict[st
     # the raw model at batch 1 and 3 (normalised float input, as documented) against PyTorch
     images = split_images(runs)[:3]
     torch_logits = load_backend(runs["resnet"])(images)
-    session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].name == "images" and not isinstance(session.get_inputs()[0].shape[0], int)
     x = Normalize(spec.mean, spec.std)(images).numpy()
     for n in (1, 3):
@@ -230,6 +235,48 @@ def test_repvgg_exports_in_deploy_form_with_the_same_outputs(runs: dict[str, Pat
     reference = probs_of(runs["repvgg"], "torch", images)
     assert (reference - reference[0]).abs().max() > 1e-3, "the check needs outputs that differ between images"
     assert (probs_of(file, "onnx", images) - reference).abs().max().item() <= FP32_TOLERANCE
+    output = json.loads({p.key: p.value for p in onnx.load(str(file)).metadata_props}["output"])
+    assert output["shape"] == [2, 3] == [d.dim_value for d in onnx.load(str(file)).graph.output[0].type.tensor_type.shape.dim]
+
+
+def test_fixed_batch_openvino_predicts_any_number_of_images_as_torch_does(runs: dict[str, Path],
+                                                                           exported: dict[str, Any]) -> None:
+    """OpenVINO exported with --batch_size 2 and no --dynamic takes exactly 2 images; 1, 3 and 5
+    images (not multiples of 2) are run in padded chunks and give PyTorch's probabilities for each."""
+    import openvino as ov
+
+    assert_ok(exported["repvgg"])
+    file = runs["repvgg"] / "export" / "best.xml"
+    assert list(ov.Core().read_model(str(file)).inputs[0].get_partial_shape().to_shape()) == [2, 3, 32, 32]
+    info = json.loads((file.parent / "best.xml.json").read_text(encoding="utf-8"))
+    assert info["dynamic"] is False and info["input"]["shape"] == [2, 3, 32, 32] and info["parity"]["ok"] is True
+    images = split_images(runs)[:5]
+    reference = probs_of(runs["repvgg"], "torch", images)
+    for n in (1, 3, 5):
+        probs = probs_of(file, "openvino", images[:n])
+        assert probs.shape == (n, 3) and (probs - reference[:n]).abs().max().item() <= FP32_TOLERANCE, n
+
+
+def test_int8_onnx_is_quantised(runs: dict[str, Path], exported: dict[str, Any]) -> None:
+    """best_int8.onnx holds int8 weights behind DequantizeLinear nodes, and quantises the activations
+    (QuantizeLinear) before every convolution, unlike the float32 file."""
+    import onnx
+    from onnx import TensorProto
+
+    assert_ok(exported["resnet"])
+    graphs = {name: onnx.load(str(runs["resnet"] / "export" / name)).graph for name in ("best.onnx", "best_int8.onnx")}
+    ops = {name: [node.op_type for node in graph.node] for name, graph in graphs.items()}
+    assert "QuantizeLinear" not in ops["best.onnx"] and "DequantizeLinear" not in ops["best.onnx"]
+    graph = graphs["best_int8.onnx"]
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    assert len(convs) == ops["best.onnx"].count("Conv") > 0
+    assert ops["best_int8.onnx"].count("QuantizeLinear") >= len(convs), ops["best_int8.onnx"]
+    made_by = {out: node for node in graph.node for out in node.output}
+    int8 = {t.name for t in graph.initializer if t.data_type == TensorProto.INT8}
+    for conv in convs:  # input and weight both come through DequantizeLinear; the weight is stored as int8
+        data, weight = (made_by.get(name) for name in conv.input[:2])
+        assert data is not None and data.op_type == "DequantizeLinear", conv.name
+        assert weight is not None and weight.op_type == "DequantizeLinear" and weight.input[0] in int8, conv.name
 
 
 def test_requests_that_cannot_work_fail_before_any_work(runs: dict[str, Path], exported: dict[str, Any]) -> None:

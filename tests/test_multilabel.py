@@ -1,13 +1,17 @@
 """Beyond single-label folders: list-file datasets, multi-label training and evaluation, imbalance.
 
 A generated multi-label set (coloured squares, one to three per image, their colours the labels)
-trains to a mAP far above chance; the thresholds tuned on val are stored in best.pt and used by
-metrice.py and predict.py; every multi-label metric equals scikit-learn's; a list file and the
-same images as class folders train identical weights; balanced sampling draws classes equally.
+trains to a mAP far above chance; the mAP of train.log (and the one that chose best.pt) is
+scikit-learn's on the probabilities the run computed; the thresholds stored in best.pt are each
+class's best-F1 cut of best.pt's probabilities on the val split; metrice.py and predict.py use
+them; every multi-label metric equals scikit-learn's; a text list (with spaces and its separator
+in paths) and the same images as class folders train identical weights, and a text list's bad
+rows are reported by line; the balanced sampler is what the training loop draws from.
 """
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +19,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from conftest import TINY_CLASSES, assert_ok, describe, load_ckpt, run_inprocess, run_script, train_args
+from conftest import (TINY_CLASSES, assert_ok, class_image, describe, load_ckpt, make_class_folders, records, run_inprocess,
+                      run_recorded, run_script, train_args)
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 220), "yellow": (230, 200, 20)}
 
@@ -47,10 +52,10 @@ def multilabel(tmp_path_factory: pytest.TempPathFactory) -> dict:
     lists = {name: write_multilabel_split(root, name, n, seed) for name, n, seed in
              (("train", 96, 0), ("val", 32, 1), ("test", 32, 2))}
     run = root / "run"
-    proc = run_script("main.py", "--model_name", "resnet10t", "--image_size", "32", "--workers", "0", "--batch_size", "16",
-                      "--epoch", "6", "--lr", "0.003", "--device", "cpu", "--train_path", lists["train"],
-                      "--val_path", lists["val"], "--test_path", lists["test"], "--save_path", run, "--mixup", "mixup")
-    return {"root": root, "lists": lists, "run": run, "proc": proc}
+    proc = run_recorded(root / "records", "--model_name", "resnet10t", "--image_size", "32", "--workers", "0",
+                        "--batch_size", "16", "--epoch", "6", "--lr", "0.003", "--device", "cpu", "--train_path", lists["train"],
+                        "--val_path", lists["val"], "--test_path", lists["test"], "--save_path", run, "--mixup", "mixup")
+    return {"root": root, "lists": lists, "run": run, "proc": proc, "records": root / "records"}
 
 
 def true_labels(list_file: Path) -> dict[str, set[str]]:
@@ -71,6 +76,55 @@ def test_multilabel_training_learns_and_stores_thresholds(multilabel: dict) -> N
     thresholds = best["thresholds"]
     assert len(thresholds) == 4 and all(0 < t < 1 for t in thresholds) and len(set(thresholds)) > 1
     assert "thresholds tuned on the val split" in proc.stdout
+
+
+def test_training_map_is_sklearns_average_precision(multilabel: dict) -> None:
+    """train.log's map and test_map of every epoch, and the value that chose best.pt, are the mean of
+    scikit-learn's average_precision over the classes present, on the probabilities the run scored."""
+    from sklearn.metrics import average_precision_score
+
+    assert_ok(multilabel["proc"])
+    scored = [r for r in records(multilabel["records"])[0] if "metrics" in r]
+    assert len(scored) == 2 * 6 + 2  # each epoch's training and validation, then best.pt on val (thresholds) and test
+    log = list(csv.DictReader((multilabel["run"] / "train.log").open()))
+    for k, epoch_sums in enumerate(scored[:-2]):
+        y, p = np.array(epoch_sums["targets"], dtype=bool), np.array(epoch_sums["probs"])
+        assert len(y) == (96 if k % 2 == 0 else 32)
+        expected = np.mean([average_precision_score(y[:, c], p[:, c]) for c in np.flatnonzero(y.any(axis=0))])
+        assert float(log[k // 2]["map" if k % 2 == 0 else "test_map"]) == pytest.approx(expected, abs=1e-12), k
+    best = load_ckpt(multilabel["run"] / "best.pt")
+    chosen = max(range(6), key=lambda e: float(log[e]["test_map"]))
+    assert best["epoch"] == chosen + 1 and best["best"]["value"] == pytest.approx(float(log[chosen]["test_map"]), abs=1e-12)
+
+
+def best_f1_cut(y: np.ndarray, p: np.ndarray) -> float:
+    """The threshold t (one of the probabilities) whose decisions p >= t have scikit-learn's best F1;
+    the highest such t on a tie; 0.5 for a class without positives."""
+    from sklearn.metrics import f1_score
+
+    if not y.any():
+        return 0.5
+    scores = {float(t): f1_score(y, p >= t, zero_division=0) for t in np.unique(p)}
+    best = max(scores.values())
+    return max(t for t, f in scores.items() if f == best)
+
+
+def test_thresholds_are_each_class_best_f1_cut_on_the_val_split(multilabel: dict) -> None:
+    """best.pt's thresholds, worked out here from best.pt's probabilities on the val split images."""
+    from utils.data.decode import load_image
+    from utils.infer.backends import load_backend, predict_probs, preprocess_images
+
+    assert_ok(multilabel["proc"])
+    backend = load_backend(multilabel["run"] / "best.pt", "torch", "cpu")
+    truth = true_labels(multilabel["lists"]["val"])
+    files = sorted(truth)
+    probs = np.asarray(predict_probs(backend, preprocess_images(backend.meta, [load_image(f) for f in files])))
+    names = list(backend.meta.class_names)
+    y = np.array([[n in truth[f] for n in names] for f in files])
+    expected = [best_f1_cut(y[:, c], probs[:, c]) for c in range(len(names))]
+    stored = load_ckpt(multilabel["run"] / "best.pt")["thresholds"]
+    assert stored == pytest.approx(expected, abs=1e-5)
+    assert len(set(expected)) > 1
 
 
 def test_metrice_multilabel_metrics_equal_sklearn(multilabel: dict) -> None:
@@ -121,29 +175,59 @@ def test_predict_lists_every_label_above_its_threshold(multilabel: dict) -> None
 
 
 # ------------------------------------------------------------------------------- list files
-def test_list_file_and_folders_train_identical_weights(tmp_path: Path, tiny_data: Path) -> None:
+def test_text_list_with_its_separator_in_paths_trains_as_the_folders(tmp_path: Path, tiny_data: Path) -> None:
+    """A text list with --list_sep ',' whose paths hold spaces and commas (a folder 'my data, v2')
+    trains the same weights as the class folders it lists."""
     from utils.data.sources import scan_split
 
+    (tmp_path / "my data, v2").symlink_to(tiny_data, target_is_directory=True)
     lists = {}
     for split in ("train", "val"):
         image_set = scan_split(tiny_data / split)
         lists[split] = tmp_path / f"{split}.txt"
-        lists[split].write_text("".join(f"{Path(p).relative_to(tiny_data).as_posix()}\t{image_set.class_names[t]}\n"
+        lists[split].write_text("".join(f"my data, v2/{Path(p).relative_to(tiny_data).as_posix()},{image_set.class_names[t]}\n"
                                         for p, t in image_set.samples))
-        lists[split] = lists[split].rename(tiny_data.parent / f"{tiny_data.name}_{split}.txt")  # beside the data
-        text = lists[split].read_text().replace(f"{split}/", f"{tiny_data.name}/{split}/")
-        lists[split].write_text(text)
-    common = ["--epoch", "1", "--test_path", tmp_path / "none", "--list_sep", "\t"]
+    common = ["--epoch", "1", "--test_path", tmp_path / "none"]
     folder = run_script("main.py", *train_args(tiny_data, tmp_path / "folder", *common))
     listed = run_script("main.py", *train_args(None, tmp_path / "list", "--train_path", lists["train"],
-                                               "--val_path", lists["val"], *common))
+                                               "--val_path", lists["val"], "--list_sep", ",", *common))
     for proc in (folder, listed):
         assert_ok(proc)
+    assert "skipped" not in listed.stderr, listed.stderr
     a, b = load_ckpt(tmp_path / "folder" / "last.pt"), load_ckpt(tmp_path / "list" / "last.pt")
     assert a["class_names"] == b["class_names"] == TINY_CLASSES
     assert [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])] == []
     assert (tmp_path / "folder" / "train.log").read_text().splitlines()[1] == \
         (tmp_path / "list" / "train.log").read_text().splitlines()[1]
+
+
+def test_text_list_paths_with_spaces_and_the_line_of_each_bad_row(tmp_path: Path) -> None:
+    """`path label` lines split at the last whitespace (a path may hold spaces); comments and blank
+    lines count in the line numbers of the rows reported."""
+    from utils.data.lists import scan_list
+
+    folder = tmp_path / "my images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        class_image(i, rng).save(folder / f"photo {i}.png")
+    (tmp_path / "l.txt").write_text("\n".join([
+        "# a photo shoot",                  # line 1
+        "",                                 # 2
+        "my images/photo 0.png red",        # 3
+        "my images/photo 1.png \t  green",  # 4: tab and spaces before the label
+        "my images/missing one.png red",    # 5
+        "my images/photo 2.png purple",     # 6
+        "unlabelled.png",                   # 7
+        "my images/photo 0.png red",        # 8
+    ]) + "\n")
+    image_set = scan_list(tmp_path / "l.txt", class_names=TINY_CLASSES)
+    assert image_set.samples == [(str(folder / "photo 0.png"), 2), (str(folder / "photo 1.png"), 1)]
+    by_line = {int(re.search(r" line (\d+)$", where).group(1)): reason
+               for where, reason in (r.split(": ", 1) for _, r in image_set.skipped)}
+    assert sorted(by_line) == [5, 6, 7, 8], image_set.skipped
+    assert by_line[5] == f"file not found: {folder / 'missing one.png'}" and by_line[6].startswith("unknown label 'purple'")
+    assert by_line[7] == "no label" and by_line[8] == "the same image as line 3 (a duplicate row)"
 
 
 def test_list_problems_are_reported_with_line_numbers(tmp_path: Path, tiny_data: Path) -> None:
@@ -206,6 +290,40 @@ def test_balanced_sampler_draws_classes_equally() -> None:
     again.set_epoch(7, skip=40)
     sampler.set_epoch(7)
     assert [i for _, i in again] == [i for _, i in sampler][40:]
+
+
+def test_balanced_sampler_is_what_the_training_loop_draws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """main.py --sampler balanced on 18/3/3 images: the images the training loop loaded, in order, are
+    the balanced sampler's draws (with replacement, by inverse class frequency), so the two small
+    classes come far more often than their 3 of 24."""
+    from utils.data.loaders import EpochSampler, ImageDataset
+    from utils.data.sources import scan_split
+    from utils.train.setup import balanced_weights
+
+    data = tmp_path / "data"
+    colours = {c: i for i, c in enumerate(TINY_CLASSES)}
+    make_class_folders(data / "train", dict(zip(TINY_CLASSES, (18, 3, 3))), seed=0, colour_of=colours)
+    make_class_folders(data / "val", dict(zip(TINY_CLASSES, (2, 2, 2))), seed=1, colour_of=colours)
+    drawn, get_item = [], ImageDataset.__getitem__
+
+    def recorded(self: ImageDataset, key: object) -> object:
+        if self.seed is not None:  # the training set
+            drawn.append(key)
+        return get_item(self, key)
+
+    monkeypatch.setattr(ImageDataset, "__getitem__", recorded)
+    proc = run_inprocess("main.py", *train_args(data, tmp_path / "run", "--sampler", "balanced", "--epoch", "2",
+                                                "--test_path", tmp_path / "none"))
+    assert_ok(proc)
+    train_set = scan_split(data / "train")
+    sampler = EpochSampler(24, True, seed=0, weights=balanced_weights(train_set))
+    expected = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        expected += list(sampler)
+    assert drawn == expected
+    counts = np.bincount([train_set.samples[i][1] for _, i in drawn], minlength=3)
+    assert counts.sum() == 48 and counts[0] < 24 and min(counts[1], counts[2]) > 9, counts  # shuffled: 36, 6, 6
 
 
 def test_class_balance_modes_by_formula() -> None:

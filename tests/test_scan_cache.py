@@ -1,5 +1,6 @@
 """The scan cache (utils.data.scan_cache.ScanCache): a second scan of an unchanged folder opens no image and
-lists no folder, yet sees every change -- added, removed, rewritten and re-linked files."""
+lists no folder, yet sees every change -- added, removed, rewritten and re-linked files; the train
+set's mean/std it keeps are computed again when an image is replaced, even by one of the same size."""
 from __future__ import annotations
 
 import os
@@ -110,3 +111,37 @@ def test_cache_off_and_unreadable_cache(dataset: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("PYTORCH_CLASSIFIER_CACHE", "off")
     assert scan_folder(dataset).samples == expected
     assert not (Path("off") / "scan").exists()
+
+
+def test_mean_std_is_computed_again_when_an_image_is_replaced_by_one_of_the_same_size(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cached mean/std is used while the images are unchanged; an image replaced under the same
+    name by another of exactly the same size (a BMP of the same dimensions) is seen by its time, and
+    the mean/std becomes that of the new images."""
+    import numpy as np
+
+    import utils.train.setup
+    from utils.data.loaders import compute_mean_std
+    from utils.data.sources import scan_split
+    from utils.train.setup import train_mean_std
+
+    monkeypatch.setenv("PYTORCH_CLASSIFIER_CACHE", str(tmp_path / "cache"))
+    root = make_class_folders(tmp_path / "train", {"cat": 3, "dog": 3}, size=8, ext=".bmp")
+    age(root)
+    first = train_mean_std(scan_split(root), 8, 3, 0)
+    computed = utils.train.setup.compute_mean_std
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("computed again, though no image changed")
+
+    monkeypatch.setattr(utils.train.setup, "compute_mean_std", refuse)
+    assert train_mean_std(scan_split(root), 8, 3, 0) == first  # from the cache
+    monkeypatch.setattr(utils.train.setup, "compute_mean_std", computed)
+    image = root / "dog" / "img1.bmp"
+    size, mtime_ns = image.stat().st_size, image.stat().st_mtime_ns
+    Image.fromarray(np.full((8, 8, 3), 250, dtype=np.uint8)).save(image)  # replaced: same name, same size
+    os.utime(image, ns=(mtime_ns + 10**9, mtime_ns + 10**9))  # a second later, whatever the file system's clock grain
+    assert image.stat().st_size == size
+    image_set = scan_split(root)
+    again = train_mean_std(image_set, 8, 3, 0)
+    assert again == compute_mean_std(image_set.samples, 8, 3, seed=0) and again != first

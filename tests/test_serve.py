@@ -337,6 +337,7 @@ def test_serve_defaults_have_one_owner() -> None:
 
 
 # ------------------------------------------------------------------------------ the browser
+@pytest.mark.system_deps
 def test_web_page_in_headless_chromium(server: Served, images: Path, expected: dict[str, dict[str, str]],
                                        tmp_path: Path) -> None:
     if chromium_paths() is None:

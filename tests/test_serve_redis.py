@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 from serve_helpers import Proc, RedisServer, Served, check_result, expected, images, read, redis_server_binary, serve_run  # noqa: F401
 
-pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="redis-server is not installed: "
-                                "apt-get install -y redis-server (make test installs it when apt-get is available)")
+pytestmark = [pytest.mark.system_deps,
+              pytest.mark.skipif(redis_server_binary() is None, reason="redis-server is not installed: "
+                                 "apt-get install -y redis-server (make test installs it when apt-get is available)")]
 
 TIMEOUT = 6.0  # the API tier's --timeout
 HEARTBEAT = 2.0  # the workers' --heartbeat_s

@@ -1,4 +1,5 @@
-"""main.py end to end: every --loss and --optimizer, the run folder, checkpoints, --weight."""
+"""main.py end to end: every --loss and --optimizer, the run folder, checkpoints, --weight (a run's best.pt or
+last.pt, a plain state_dict: the tensors the model starts from)."""
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import (TINY_CLASSES, TINY_MODEL, TRAIN_LOG_HEADER, TrainedRun, assert_ok, assert_user_error, load_ckpt,
-                      make_split_dataset, run_many, train_args)
+from conftest import (TINY_CLASSES, TINY_MODEL, TRAIN_LOG_HEADER, TrainedRun, assert_ok, assert_user_error, built_trainer,
+                      load_ckpt, make_split_dataset, run_many, train_args)
 
 LOSS_OPTIMIZER = [("CrossEntropyLoss", "SGD"), ("FocalLoss", "AdamW"), ("PolyLoss", "RMSProp")]
 
@@ -152,6 +153,27 @@ def test_weight_from_run_with_other_classes(weight_cases: dict) -> None:
     assert convs
     for key in convs:  # lr 1e-30 moves no float32 weight: the convolutions still hold the loaded values exactly
         assert torch.equal(new["model"][key], source[key]), key
+
+
+def test_weight_loads_every_tensor_of_a_last_pt_or_a_plain_state_dict(monkeypatch: pytest.MonkeyPatch,
+                                                                      trained_run: TrainedRun, tiny_data: Path,
+                                                                      tmp_path: Path) -> None:
+    """--weight last.pt (float32 weights beside the training state), a plain state_dict file, and one
+    under 'state_dict' with DistributedDataParallel's 'module.' prefix: the model main.py builds
+    holds exactly their tensors before any step."""
+    from utils.models.registry import create_model
+
+    last = load_ckpt(trained_run.path / "last.pt")["model"]
+    torch.manual_seed(5)  # not the run's seed: other weights than the model main.py would start from
+    other = {k: v.clone() for k, v in create_model(TINY_MODEL, num_classes=3).state_dict().items()}
+    torch.save(other, tmp_path / "plain.pt")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in other.items()}, "epoch": 9}, tmp_path / "wrapped.pth")
+    for source, expected in ((trained_run.path / "last.pt", last), (tmp_path / "plain.pt", other),
+                             (tmp_path / "wrapped.pth", other)):
+        trainer = built_trainer(monkeypatch, *train_args(tiny_data, tmp_path / f"from_{source.stem}", "--weight", source))
+        start = trainer.model.state_dict()
+        assert start.keys() == expected.keys()
+        assert [k for k in expected if not torch.equal(start[k], expected[k])] == [], source.name
 
 
 def test_weight_that_is_a_pickled_object_is_refused(weight_cases: dict) -> None:

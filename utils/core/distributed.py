@@ -15,6 +15,9 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
+import shlex
+import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -192,6 +195,75 @@ def shutdown() -> None:
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def launch_command(script: str = "main.py") -> str:
+    """How this process was started, as the user types it again: `torchrun --standalone
+    --nproc_per_node N main.py` under torchrun on one machine (N its processes), torchrun with
+    --nnodes on several, `python main.py` in a single process."""
+    if not launched_by_torchrun():
+        return f"python {script}"
+    world = int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", max(1, world // max(1, local))))
+    if nodes <= 1:
+        return f"torchrun --standalone --nproc_per_node {local} {script}"
+    return f"torchrun --nnodes {nodes} --nproc_per_node {local} --rdzv_backend c10d --rdzv_endpoint HOST:PORT {script}"
+
+
+def resume_command(run_path: str | os.PathLike, script: str = "main.py") -> str:
+    """The command that continues the run in `run_path` from its last.pt, launched as this one was."""
+    return f"{launch_command(script)} --save_path {shlex.quote(str(run_path))} --resume"
+
+
+# What a collective (or DistributedDataParallel's gradient all-reduce) raises when another process of
+# the run is gone: an error of the communication library (gloo, NCCL, c10d) that says the connection
+# was reset or closed, a broken pipe, a timeout, NCCL's remote error.
+_COMMUNICATION = re.compile(r"gloo|nccl|c10d", re.IGNORECASE)
+_LOST_PROCESS = re.compile(r"connection (?:reset|closed|refused)[a-z ]*|broken pipe|timed? ?out|"
+                           r"remote process exited|nccl error[^.\n]*", re.IGNORECASE)
+
+
+def lost_process_reason(err: BaseException) -> str | None:
+    """The short reason when `err` means another process of this torchrun job is gone (killed,
+    crashed, out of memory, its machine stopped); None for any other error, or in one process."""
+    if not launched_by_torchrun() or "torch.distributed" not in sys.modules or not isinstance(err, RuntimeError):
+        return None
+    import torch.distributed as dist
+
+    text = str(err)
+    if not (isinstance(err, getattr(dist, "DistError", ())) or _COMMUNICATION.search(text)):
+        return None
+    found = _LOST_PROCESS.search(text)
+    return found.group(0).strip() if found else None
+
+
+class LostProcess(UserError):
+    """Another process of the run is gone: this one ends with one line (and without leaving the
+    process group, which would wait for the process that is gone)."""
+
+
+def lost_process_error(err: BaseException, resume: str | None = None) -> LostProcess | None:
+    """The one line a surviving process ends with when another process of the run is gone (None when
+    `err` is something else). From here the process only ends: torchrun's SIGTERM to the survivors
+    is ignored, so it cannot cut the line off.
+
+    Args:
+        err: what the training raised.
+        resume: the command that continues the run from its last.pt, or None when there is no last.pt yet.
+    """
+    reason = lost_process_reason(err)
+    if reason is None:
+        return None
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:  # not the main thread: nothing to protect
+        pass
+    rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
+    then = (f"continue from last.pt with: {resume}" if resume else
+            f"no epoch was saved yet, so start the run again: {launch_command()} ...")
+    return LostProcess(f"process {rank} of {world} stops: another process of the run ended ({reason}; torchrun's report "
+                       f"says which and why); {then}")
 
 
 def refuse_device_list(spec: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import signal
 import sys
 from typing import Any, Callable, Iterable, Sequence, TypeVar
@@ -125,7 +126,8 @@ def run_cli(
     except Stopped as stop:  # the run said what it kept; the code tells a supervisor which signal ended it
         return 128 + stop.signum
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun the first process alone says it (and where it stopped)
+            print("interrupted", file=sys.stderr)
         return 130
     return 0
 

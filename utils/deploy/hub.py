@@ -16,6 +16,7 @@ preprocessing can be rebuilt exactly. Only models that timm builds can be writte
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,20 @@ CROP_MODES = {"crop": "center", "squash": "squash", "letterbox": "border"}
 SOURCE_KEYS = ("tag", "license", "origin_url", "paper_ids", "paper_name", "description", "notes", "hf_hub_id", "url")
 
 
+def crop_pct(crop: int, resize: int) -> float:
+    """crop / resize as timm reads it back: timm resizes to floor(crop / crop_pct), and the plain
+    quotient falls a pixel short for many sizes (floor(14 / (14 / 25)) is 24), so it is lowered by
+    the few units in the last place that make the floor `resize`."""
+    pct = crop / resize
+    while math.floor(crop / pct) < resize:
+        pct = math.nextafter(pct, 0.0)
+    return pct
+
+
 def data_config(spec: PreprocessSpec) -> dict[str, Any]:
     """timm's data config (input_size, mean, std, interpolation, crop_pct, crop_mode) of our preprocessing."""
     return {"input_size": (spec.channels, spec.crop, spec.crop), "mean": tuple(spec.mean), "std": tuple(spec.std),
-            "interpolation": spec.interpolation, "crop_pct": spec.crop / spec.resize,
+            "interpolation": spec.interpolation, "crop_pct": crop_pct(spec.crop, spec.resize),
             "crop_mode": CROP_MODES.get(spec.resize_mode, "center")}
 
 

@@ -69,7 +69,7 @@ def onnx_metadata(info: dict[str, Any]) -> dict[str, str]:
         "class_names": json.dumps(info["class_names"], ensure_ascii=False),
         "mean": json.dumps(info["mean"]), "std": json.dumps(info["std"]),
         "preprocess": json.dumps(info["preprocess"]),
-        "input": json.dumps(info["input"]),
+        "input": json.dumps(info["input"]), "output": json.dumps(info["output"]),
         EXPORT_INFO_KEY: json.dumps(info, ensure_ascii=False),
     }
 

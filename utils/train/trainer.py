@@ -31,7 +31,8 @@ from torch import nn
 from utils.core.checkpoint import float_weights, load_checkpoint
 from utils.core.config import args_to_dict
 from utils.core.device import amp_settings
-from utils.core.distributed import all_equal, any_true, broadcast_buffers, broadcast_module, reduce_sum, world_info
+from utils.core.distributed import (all_equal, any_true, broadcast_buffers, broadcast_module, reduce_sum, resume_command,
+                                    world_info)
 from utils.core.files import DiskFull
 from utils.core.log import StopFlag, UserError
 from utils.core.run import Run, RunFolder
@@ -297,9 +298,9 @@ class Trainer:
             try:
                 for epoch in range(self.state.epoch, args.epoch):
                     self.run_epoch(epoch, stop)
-                    if stop():
+                    if any_true(stop())[0]:  # a signal may reach the processes a step apart: all stop together
                         print(f"stopped after epoch {epoch + 1}: saved {self.run / 'last.pt'}; "
-                              f"continue with: python main.py --save_path {self.run.path} --resume", flush=True)
+                              f"continue with: {self.resume_command()}", flush=True)
                         raise KeyboardInterrupt
                     if self.saver.patience_exhausted:
                         print(f"early stop: no improvement of val {args.metrice} for {args.patience} epochs "
@@ -332,7 +333,7 @@ class Trainer:
         if not self.run.last.is_file():
             return err.with_hint("or pass --save_path on a larger disk; then train again")
         return err.with_hint(f"the checkpoints in {self.run.path} are intact (a write that did not fit replaced "
-                             f"nothing); then continue with: python main.py --save_path {self.run.path} --resume --epoch {self.args.epoch}")
+                             f"nothing); then continue with: {resume_command(self.run.path)} --epoch {self.args.epoch}")
 
     def run_epoch(self, epoch: int, stop: StopFlag) -> EpochRecord:
         """Train one epoch (or the rest of it), validate, choose best.pt, log, save last.pt."""
@@ -359,7 +360,7 @@ class Trainer:
             self.saver.save_last(state)
             any_true()  # the other processes wait until rank 0 has written last.pt
             print(f"stopped at epoch {epoch + 1}, step {state.step}: saved {self.run / 'last.pt'}; "
-                  f"continue with: python main.py --save_path {self.run.path} --resume", flush=True)
+                  f"continue with: {self.resume_command()}", flush=True)
             raise KeyboardInterrupt
         # batch-norm statistics are each process's own: rank 0's are the run's (checkpoints hold them)
         broadcast_buffers(self.model)
@@ -383,6 +384,13 @@ class Trainer:
                  "logs and plots": t_log - t_best}
         self.timing.append(spent)
         return record
+
+    def resume_command(self) -> str | None:
+        """The command that continues this run from its last.pt, launched as this one was (torchrun
+        with its process count, or python); None while no last.pt has been written."""
+        if self.state.epoch == 0 and self.state.step == 0:
+            return None
+        return resume_command(self.run.path)
 
     def print_timing(self) -> None:
         """Where the epochs' time went, on average: training, validation, checkpoints, logs and plots."""

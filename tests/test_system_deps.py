@@ -1,0 +1,89 @@
+"""REQUIRE_SYSTEM_DEPS=1 (CI): a test that needs redis-server, Chromium or the C++ toolchain fails
+where it would skip (tests/system_deps.py); without it, it skips. Checked on a tiny test file run by
+pytest in a subprocess, and on the marks of the suite's own tests that need those parts."""
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, describe
+
+TINY = '''
+import shutil
+import pytest
+
+@pytest.mark.system_deps
+@pytest.mark.skipif(shutil.which("no-such-server-xyz") is None, reason="no-such-server-xyz is not installed")
+def test_needs_a_server():
+    pass
+
+@pytest.mark.system_deps
+def test_needs_a_compiler():
+    if shutil.which("no-such-compiler-xyz") is None:
+        pytest.skip("no-such-compiler-xyz is not installed")
+
+def test_optional():
+    pytest.skip("an optional extra")
+
+def test_runs():
+    assert True
+'''
+
+
+def run_tiny(tmp_path: Path, required: str | None) -> subprocess.CompletedProcess:
+    (tmp_path / "test_tiny.py").write_text(TINY)
+    env = {k: v for k, v in os.environ.items() if k != "REQUIRE_SYSTEM_DEPS"}
+    if required is not None:
+        env["REQUIRE_SYSTEM_DEPS"] = required
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests"), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "system_deps", "-p", "no:cacheprovider",
+                           "-c", os.devnull, "--rootdir", str(tmp_path), "test_tiny.py"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_a_missing_part_skips_without_the_variable(tmp_path: Path) -> None:
+    proc = run_tiny(tmp_path, None)
+    assert proc.returncode == 0, describe(proc)
+    assert "1 passed, 3 skipped" in proc.stdout, describe(proc)
+
+
+def test_a_missing_part_fails_with_the_variable(tmp_path: Path) -> None:
+    """Both marked tests fail (the one skipped by its skipif mark shows as an error of its set-up); the
+    unmarked skip stays a skip."""
+    proc = run_tiny(tmp_path, "1")
+    assert proc.returncode == 1, describe(proc)
+    assert "1 failed, 1 passed, 1 skipped, 1 error" in proc.stdout, describe(proc)
+    failed = sorted(line.split()[1] for line in proc.stdout.splitlines() if line.startswith(("FAILED ", "ERROR ")))
+    assert failed == ["test_tiny.py::test_needs_a_compiler", "test_tiny.py::test_needs_a_server"], describe(proc)
+    for reason in ("no-such-server-xyz is not installed", "no-such-compiler-xyz is not installed"):
+        assert f"REQUIRE_SYSTEM_DEPS=1: this test needs what `make system-deps` installs, and it skipped: {reason}" \
+            in proc.stdout, describe(proc)
+
+
+# the suite's tests that need the parts `make system-deps` installs: a module, or test functions in one
+NEEDS_SYSTEM = {"test_serve_redis.py": None, "test_serve.py": ["test_web_page_in_headless_chromium"],
+                "test_deploy.py": ["test_cpp_preprocessing_is_bit_identical_to_python", "test_cpp_classify_matches_predict"]}
+
+
+def _marked(node: ast.AST) -> bool:
+    return "pytest.mark.system_deps" in ast.unparse(node)
+
+
+def test_the_tests_that_need_system_parts_are_marked_and_ci_requires_them() -> None:
+    for name, functions in NEEDS_SYSTEM.items():
+        tree = ast.parse((REPO / "tests" / name).read_text(encoding="utf-8"))
+        if functions is None:
+            marks = [n.value for n in tree.body if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "pytestmark"]
+            assert marks and _marked(marks[0]), f"{name}: its pytestmark lacks pytest.mark.system_deps"
+            continue
+        defs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+        for function in functions:
+            assert any(_marked(d) for d in defs[function].decorator_list), f"{name}::{function} lacks pytest.mark.system_deps"
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    assert "REQUIRE_SYSTEM_DEPS=1 make test" in ci
+    assert "system-deps" in (REPO / "Makefile").read_text(encoding="utf-8").split("\ntest:", 1)[1].splitlines()[0]
