@@ -12,10 +12,9 @@ The library behind it is utils.train.trainer (docs/architecture.md).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from utils.core.config import CONFIG_ONLY_KEYS, DEFAULT_CONFIG, ArgumentParser, finite_float, parse_with_config
 from utils.core.device import default_workers
@@ -29,7 +28,7 @@ from utils.core.schema import MAX_IMAGE_SIZE, RESIZE_MODES, Checkpoint
 from utils.core.task import ALL_LOSSES, ALL_METRICS, MULTICLASS, MULTILABEL, TASK_TYPES
 
 if TYPE_CHECKING:
-    from utils.core.run import Run
+    pass
 
 # PyTorch and the library behind it are imported in main(): `--help` and a mistyped flag answer at once.
 
@@ -219,25 +218,6 @@ def print_model_zoo() -> None:
     print("Any timm model name works as well (timm.list_models()), and the models in model/.")
 
 
-@contextlib.contextmanager
-def claimed_run(args: Options, resumed: Checkpoint | None) -> Iterator[Run]:
-    """The run folder: the resumed one, or a fresh one claimed now (runs/exp -> runs/exp2 ...).
-    A fresh folder that is still empty when set-up fails is removed, so a mistake leaves nothing behind."""
-    from utils.core.distributed import broadcast_object, is_main_process
-    from utils.core.run import Run, increment_path
-
-    path = Path(args.save_path)
-    if resumed is None:  # the first process claims the folder; the others are told which
-        path = broadcast_object(increment_path(path) if is_main_process() else None)
-    print(f"run folder: {path}", flush=True)
-    try:
-        yield Run(path)
-    except BaseException:
-        if resumed is None and is_main_process() and path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
-        raise
-
-
 def main(args: Options) -> dict[str, Any]:
     """Train; returns the final metrics (best epoch, best value, test metrics if a test set exists)."""
     if args.list_models:
@@ -269,6 +249,7 @@ def train(args: Options, resumed: Checkpoint | None) -> dict[str, Any]:
     """One training run (in each process under torchrun)."""
     from utils.core import distributed
     from utils.core.device import select_device, share_cpu
+    from utils.core.run import claimed_run
     from utils.train.setup import load_data, resolve_options
     from utils.train.trainer import Trainer, seed_everything, set_determinism
 
@@ -282,7 +263,7 @@ def train(args: Options, resumed: Checkpoint | None) -> dict[str, Any]:
     data = load_data(args, resumed)
     args = resolve_options(args, data, device)  # the task, loss, metric, loader processes, batch size: fixed from here on
     share_cpu(device, args.workers)
-    with claimed_run(args, resumed) as run:
+    with claimed_run(args.save_path, fresh=resumed is None) as run:
         trainer = Trainer(args, data, run, device, resumed)
     settle_heap()  # the libraries, data and model: out of the collector's walks from here on
     try:

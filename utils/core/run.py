@@ -13,16 +13,17 @@ process writes.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import yaml
 
 from utils.core.checkpoint import atomic_save
-from utils.core.distributed import is_main_process
+from utils.core.distributed import broadcast_object, is_main_process
 from utils.core.files import append_whole, atomic_write, atomic_write_text, remove_stale_temps
 from utils.core.schema import Checkpoint
 
@@ -95,6 +96,28 @@ class RunFolder:
         if not path.exists():
             raise UserError(f"{flag} {path}: not found; pass a run folder of main.py (e.g. runs/exp) or a model file")
         return path
+
+
+@contextlib.contextmanager
+def claimed_run(save_path: str | Path, fresh: bool = True) -> Iterator[Run]:
+    """The run folder a training run writes: `save_path` itself (a resumed run), or a fresh folder
+    claimed now (runs/exp -> runs/exp2 ...) by the first process and told to the others. A fresh
+    folder that is still empty when set-up fails is removed, so a mistake leaves nothing behind.
+
+    Args:
+        save_path: --save_path.
+        fresh: claim a new folder (False: --resume writes into save_path).
+    """
+    path = Path(save_path)
+    if fresh:  # the first process claims the folder; the others are told which
+        path = broadcast_object(increment_path(path) if is_main_process() else None)
+    print(f"run folder: {path}", flush=True)
+    try:
+        yield Run(path)
+    except BaseException:
+        if fresh and is_main_process() and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        raise
 
 
 def increment_path(path: str | Path) -> Path:
