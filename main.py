@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from utils.core.config import CONFIG_ONLY_KEYS, DEFAULT_CONFIG, ArgumentParser, finite_float, parse_with_config
 from utils.core.device import default_workers
@@ -26,9 +26,6 @@ from utils.core.options import Options
 from utils.core.run import RunFolder
 from utils.core.schema import MAX_IMAGE_SIZE, RESIZE_MODES, Checkpoint
 from utils.core.task import ALL_LOSSES, ALL_METRICS, MULTICLASS, MULTILABEL, TASK_TYPES
-
-if TYPE_CHECKING:
-    pass
 
 # PyTorch and the library behind it are imported in main(): `--help` and a mistyped flag answer at once.
 
