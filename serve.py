@@ -197,8 +197,8 @@ def run_worker(args: Options) -> None:
     worker = RedisWorker(runner, args.queue, args.queue_name, args.max_batch, args.max_wait_ms,
                          args.heartbeat_s, args.max_deliveries)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
-    print(f"worker {worker.name}: {args.save_path} ({runner.meta.model_name}, {runner.backend.model_type}) "
-          f"on {safe_url(args.queue)} '{args.queue_name}', batches of up to {args.max_batch}", flush=True)
+    print(f"worker {worker.name}: {args.save_path} ({runner.meta.model_name}, {runner.backend.model_type}, model id "
+          f"{worker.model_id}) on {safe_url(args.queue)} '{args.queue_name}', batches of up to {args.max_batch}", flush=True)
     settle_heap()
     try:
         worker.run()

@@ -206,18 +206,26 @@ def redis_server_binary() -> str | None:
 
 
 class RedisServer:
-    """redis-server on a free loopback port, in-memory only, its files in `folder`."""
+    """redis-server on a free loopback port, in-memory only (no persistence, as the README starts
+    it), its files in `folder`; stop() and start() again on the same port: a restart that loses
+    every key."""
 
     def __init__(self, folder: Path) -> None:
         self.port = free_port()
         self.url = f"redis://{HOST}:{self.port}/0"
         folder.mkdir(parents=True, exist_ok=True)
-        self.log = (folder / "redis.log").open("w")
-        self.proc = subprocess.Popen([redis_server_binary() or "redis-server", "--bind", HOST, "--port", str(self.port),
-                                      "--save", "", "--appendonly", "no", "--dir", str(folder), "--protected-mode", "yes"],
-                                     cwd=folder, stdout=self.log, stderr=subprocess.STDOUT)
+        self.folder = folder
+        self.log = (folder / "redis.log").open("a")
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        """Start redis-server (again) on self.port and wait until it answers."""
         import redis
 
+        self.proc = subprocess.Popen([redis_server_binary() or "redis-server", "--bind", HOST, "--port", str(self.port),
+                                      "--save", "", "--appendonly", "no", "--dir", str(self.folder),
+                                      "--protected-mode", "yes"], cwd=self.folder, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             with contextlib.suppress(redis.RedisError):
@@ -227,8 +235,13 @@ class RedisServer:
         self.close()
         raise AssertionError("redis-server did not answer within 20s")
 
+    def stop(self) -> None:
+        """Stop redis-server (SIGTERM; without persistence it keeps nothing)."""
+        if self.proc is not None:
+            stop_process(self.proc)
+
     def close(self) -> None:
-        stop_process(self.proc)
+        self.stop()
         self.log.close()
 
     def __enter__(self) -> "RedisServer":
