@@ -184,6 +184,36 @@ def expected(serve_run: Path, images: Path) -> dict[str, dict[str, str]]:
     return rows
 
 
+@pytest.fixture(scope="module")
+def multilabel_served(multilabel_run: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """conftest's multi-label run (its best.pt copied: nothing is written beside the original), 12 of
+    its test images, and predict.py's rows for them by file name: {"run", "images", "rows"}."""
+    folder = tmp_path_factory.mktemp("serve_multilabel")
+    run, pictures = folder / "run", folder / "images"
+    run.mkdir()
+    pictures.mkdir()
+    shutil.copy(multilabel_run["run"] / "best.pt", run / "best.pt")
+    for path in sorted((multilabel_run["root"] / "test").glob("*.png"), key=lambda p: int(p.stem))[:12]:
+        shutil.copy(path, pictures / path.name)
+    assert_ok(run_script("predict.py", "--source", pictures, "--save_path", run, "--device", "cpu", "--workers", 0))
+    with (run / "predict" / "exp" / "predictions.csv").open(newline="", encoding="utf-8") as fh:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(fh)}
+    counts = [len(r["labels"].split("|")) if r["labels"] else 0 for r in rows.values()]
+    assert len(rows) == 12 and max(counts) >= 2, counts  # images with several labels: a labels list to check
+    return {"run": run, "images": pictures, "rows": rows}
+
+
+def check_labels(result: dict[str, Any], row: dict[str, str]) -> None:
+    """A multi-label API result equals predict.py's row: its labels in order, their probabilities,
+    the top-1, uncertain (no label given)."""
+    want = row["labels"].split("|") if row["labels"] else []
+    assert [label["class"] for label in result["labels"]] == want, (result["file"], result["labels"], row["labels"])
+    probs = [float(v) for v in row["label_probs"].split("|")] if row["label_probs"] else []
+    assert all(abs(label["prob"] - p) < TOL for label, p in zip(result["labels"], probs))
+    assert result["class"] == row["class"] and abs(result["prob"] - float(row["prob"])) < TOL
+    assert int(result["uncertain"]) == int(row["uncertain"])
+
+
 def read(path: Path) -> bytes:
     return path.read_bytes()
 

@@ -1,7 +1,9 @@
-"""serve.py in one process: the API against predict.py, bad inputs, batching, the limits (images
-per request; the time for a body to arrive; a client that goes away; the memory decoded at once;
---timeout while decoding), the API key, CAM overlays, /info /metrics /docs, the access log, the
-ONNX backend, the CLI's user errors, and the web page in a real headless Chromium.
+"""serve.py in one process: the API against predict.py, bad inputs, batching (each concurrent
+request gets its own image's result), the limits (body size, chunked too; images per request;
+the time for a body to arrive; a client that goes away; the pixels decoded at once; --timeout
+while decoding), the API key, CAM overlays, /info /metrics /docs, the access log, the ONNX
+backend, a multi-label model, the CLI's user errors, and the web page in a real headless Chromium
+(its probabilities and bars against the API's).
 
 One real server (uvicorn in a subprocess on a free 127.0.0.1 port) serves the module; it runs a
 copy of conftest's 2-epoch tiny run, with an API key, small limits, the access log, and a long
@@ -35,11 +37,13 @@ from serve_helpers import (  # noqa: F401
     HOST,
     TOL,
     Served,
+    check_labels,
     check_result,
     chromium,
     chromium_paths,
     expected,
     images,
+    multilabel_served,
     noise_image,
     png_bytes,
     read,
@@ -182,6 +186,18 @@ def test_uploads_never_touch_the_disk(server: Served) -> None:
     assert written == []
 
 
+def test_chunked_body_over_max_bytes_is_refused(server: Served) -> None:
+    """Transfer-Encoding: chunked, no Content-Length: refused as soon as the body passes --max_bytes."""
+    head = http_head("/predict", {"Content-Type": "multipart/form-data; boundary=b", "Transfer-Encoding": "chunked"})
+    chunk = b"\0" * 65536
+    body = b"".join(b"%x\r\n%b\r\n" % (len(chunk), chunk) for _ in range(MAX_BYTES // len(chunk) + 16)) + b"0\r\n\r\n"
+    answer, waited = raw_request(server.port, head + body, read_timeout=30)
+    status, error = json_of(answer)
+    assert status == 413 and f"over the limit of {MAX_BYTES} bytes (--max_bytes)" in error["error"], answer[:300]
+    assert waited < 10  # answered and closed at once, not left open for the rest of the body
+    assert server.post([("x.png", png_bytes(Image.new("RGB", (20, 20))))]).status_code == 200
+
+
 def test_more_images_than_max_images_are_refused(server: Served, images: Path) -> None:
     f = sorted(images.glob("red_*.png"))[0]
     refused = server.post([(f"{i}.png", read(f)) for i in range(MAX_IMAGES + 1)])
@@ -220,8 +236,10 @@ def test_access_log_has_each_request(server: Served) -> None:
     assert re.search(r'127\.0\.0\.1:\d+ - "POST /predict HTTP/1\.1" 200', log)  # the requests of the tests before
 
 
-def test_concurrent_requests_are_batched(server: Served, images: Path) -> None:
+def test_concurrent_requests_are_batched_and_each_gets_its_own_result(server: Served, images: Path,
+                                                                     expected: dict[str, dict[str, str]]) -> None:
     files = sorted(images.glob("*_img*.png"))[:8]
+    assert len({expected[f.name]["class"] for f in files}) >= 2  # results given to the wrong request would show
     batches0, images0 = server.metric("serve_batches_total"), server.metric("serve_images_total")
     barrier = threading.Barrier(len(files))
 
@@ -233,6 +251,9 @@ def test_concurrent_requests_are_batched(server: Served, images: Path) -> None:
 
     with ThreadPoolExecutor(len(files)) as pool:
         results = list(pool.map(one, files))
+    for path, result in zip(files, results):
+        assert result["file"] == path.name
+        check_result(result, expected[path.name])  # its own image's probabilities, not a neighbour's in the batch
     batches = server.metric("serve_batches_total") - batches0
     assert server.metric("serve_images_total") - images0 == len(files)
     assert 1 <= batches < len(files), f"{len(files)} concurrent requests ran in {batches} batches"
@@ -295,9 +316,13 @@ def test_info_metrics_and_docs(server: Served) -> None:
     for needle in ('serve_requests_total{path="/predict",code="200"}', "serve_request_duration_seconds_bucket{le=",
                    "serve_batch_size_bucket{le=", "# TYPE serve_batches_total counter", "serve_queue_depth 0"):
         assert needle in text, needle
-    requests_before = server.metric("serve_request_duration_seconds_count")
-    server.post([("x.png", png_bytes(Image.new("RGB", (20, 20))))])
+    requests_before, images_before = server.metric("serve_request_duration_seconds_count"), server.metric("serve_images_total")
+    run_before = server.metric("serve_batch_size_sum")
+    three = [(f"x{i}.png", png_bytes(Image.new("RGB", (20, 20), (80 * i, 10, 10)))) for i in range(3)]
+    assert server.post(three).status_code == 200  # one request of three images
     assert server.metric("serve_request_duration_seconds_count") == requests_before + 1
+    assert server.metric("serve_images_total") == images_before + 3  # images, not requests
+    assert server.metric("serve_batch_size_sum") == run_before + 3
     assert info["max_images"] == MAX_IMAGES and info["body_timeout"] == BODY_TIMEOUT
     spec = server.client.get("/openapi.json").json()
     assert spec["openapi"].startswith("3.0")
@@ -402,6 +427,24 @@ def test_timeout_holds_while_decoding(runner: Any) -> None:
         while budget.used and time.monotonic() < deadline:
             time.sleep(0.05)
         assert budget.used == 0 and budget.waiting() == 0
+
+
+def test_multilabel_model_serves_its_labels(multilabel_served: dict[str, Any]) -> None:
+    """A multi-label model in one process: each image's labels (every class at or above its tuned
+    threshold) and their probabilities equal predict.py's."""
+    from fastapi.testclient import TestClient
+
+    from utils.infer.backends import load_backend
+    from utils.serve.app import Settings, create_app
+    from utils.serve.service import EmbeddedService, ModelRunner
+
+    service = EmbeddedService(ModelRunner(load_backend(multilabel_served["run"], "torch", "cpu")), max_wait_ms=0)
+    files = sorted(multilabel_served["images"].iterdir())
+    with TestClient(create_app(service, Settings())) as client:
+        response = client.post("/predict", files=[("file", (f.name, read(f))) for f in files])
+    assert response.status_code == 200, response.text
+    for result in response.json()["results"]:
+        check_labels(result, multilabel_served["rows"][result["file"]])
 
 
 def test_batcher_groups_waiting_jobs_and_drops_cancelled_ones() -> None:
@@ -531,8 +574,23 @@ def test_web_page_in_headless_chromium(server: Served, images: Path, expected: d
         shown = {card.get_attribute("data-name"): card.find_element(By.CSS_SELECTOR, ".top1").text.split()[0]
                  for card in driver.find_elements(By.CSS_SELECTOR, "#grid .card")}
         assert shown == {p.name: expected[p.name]["class"] for p in picked}
-        for card in driver.find_elements(By.CSS_SELECTOR, "#grid .card"):
-            assert len(card.find_elements(By.CSS_SELECTOR, ".bar")) == len(TINY_CLASSES)
+        api = {p.name: server.post([(p.name, read(p))]).json()["results"][0] for p in picked}
+        for card in driver.find_elements(By.CSS_SELECTOR, "#grid .card"):  # what the page shows is the API's answer
+            want = api[card.get_attribute("data-name")]
+            top1 = card.find_element(By.CSS_SELECTOR, ".top1")
+            word, percent = re.match(r"(\S+) ([\d.]+)%", top1.text).groups()
+            assert word == want["class"] and abs(float(percent) - 100 * want["prob"]) <= 0.05 + 1e-9, (top1.text, want)
+            assert bool(top1.find_elements(By.CSS_SELECTOR, ".uncertain-mark")) == want["uncertain"]
+            bars = card.find_elements(By.CSS_SELECTOR, ".bar")
+            assert len(bars) == len(want["top"]) == len(TINY_CLASSES)
+            for bar, top in zip(bars, want["top"]):
+                assert bar.find_element(By.CSS_SELECTOR, ".cls").text == top["class"]
+                shown = float(bar.find_element(By.CSS_SELECTOR, ".pct").text.rstrip("%"))
+                assert abs(shown - 100 * top["prob"]) <= 0.05 + 1e-9, (top, shown)
+                fill, track = driver.execute_script(
+                    "const b = arguments[0]; return [b.querySelector('.fill').getBoundingClientRect().width, "
+                    "b.querySelector('.track').getBoundingClientRect().width];", bar)
+                assert track > 20 and abs(fill / track - top["prob"]) < 0.01 + 1 / track, (top, fill, track)
         counts = {row.get_attribute("data-class"): int(row.find_elements(By.TAG_NAME, "td")[1].text)
                   for row in driver.find_elements(By.CSS_SELECTOR, "#stat-classes tbody tr")}
         assert sum(counts.values()) == 2 and set(counts) == {expected[p.name]["class"] for p in picked}

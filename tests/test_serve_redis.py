@@ -23,7 +23,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_helpers import Proc, RedisServer, Served, check_result, expected, images, read, redis_server_binary, serve_run  # noqa: F401
+from serve_helpers import (  # noqa: F401
+    Proc,
+    RedisServer,
+    Served,
+    check_labels,
+    check_result,
+    expected,
+    images,
+    multilabel_served,
+    read,
+    redis_server_binary,
+    serve_run,
+)
 
 pytestmark = pytest.mark.skipif(redis_server_binary() is None, reason="redis-server is not installed: "
                                 "apt-get install -y redis-server (make test installs it when apt-get is available)")
@@ -300,3 +312,35 @@ def test_worker_takes_over_dead_consumers_and_gives_up_after_max_deliveries(clus
     assert int(r.get("unit:stats:failed")) == 1 and int(r.get("unit:stats:retried")) == 1
     names = {c["name"].decode() for c in r.xinfo_consumers(stream, GROUP)}
     assert not names & {"ghost-2", "ghost-3"}  # dead consumers with nothing pending are forgotten
+
+
+def test_multilabel_model_through_redis(cluster: dict[str, Any], multilabel_served: dict[str, Any]) -> None:
+    """A multi-label model behind the queue (the API tier and a worker in this process, under their
+    own prefix, on the real Redis): each image's labels and probabilities equal predict.py's."""
+    from fastapi.testclient import TestClient
+
+    from utils.infer.backends import load_backend
+    from utils.serve.app import Settings, create_app
+    from utils.serve.redis_queue import RedisService, RedisWorker
+    from utils.serve.service import ModelRunner
+
+    url = cluster["redis"].url
+    worker = RedisWorker(ModelRunner(load_backend(multilabel_served["run"], "torch", "cpu")), url, prefix="multilabel",
+                         max_batch=8, heartbeat_s=1.0)
+    thread = threading.Thread(target=worker.run, name="multilabel-worker", daemon=True)
+    thread.start()
+    files = sorted(multilabel_served["images"].iterdir())
+    try:
+        with TestClient(create_app(RedisService(url, "multilabel"), Settings(timeout=30))) as api:
+            deadline = time.monotonic() + 20
+            while api.get("/ready").status_code != 200 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            response = api.post("/predict", files=[("file", (f.name, read(f))) for f in files])
+    finally:
+        worker.stop()
+        thread.join(10)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["file"] for r in results] == [f.name for f in files]
+    for result in results:
+        check_labels(result, multilabel_served["rows"][result["file"]])
