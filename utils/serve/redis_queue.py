@@ -31,8 +31,10 @@ which never waits past --timeout. Ages come from stream IDs and Redis' clock, so
 need not agree.
 
 Redis may restart and lose everything (it is started without persistence, as the README does):
-workers and the API tier wait while it is away, then create the stream, the group and their keys
-again and carry on; only the images queued at that moment are lost (their requests get a 504).
+workers and the API tier wait while it is away, then carry on: the API tier's XADD creates the
+stream again, the workers create their group (from the stream's first entry, so that nothing
+queued meanwhile is missed), and the heartbeats bring back the workers' keys and the queue's
+model; only the images queued at that moment are lost (their requests get a 504).
 """
 from __future__ import annotations
 
@@ -276,16 +278,8 @@ class RedisService:
             was = now
 
     async def _refresh_workers(self) -> None:
-        """Read the queue's model and its live workers; create the stream and group again if Redis
-        lost them (it restarted without its data), so that images queued now are read."""
-        if not await self.client.exists(self.keys["jobs"]):
-            try:
-                await self.client.xgroup_create(self.keys["jobs"], GROUP, id="0", mkstream=True)
-                LOGGER.warning("the queue %s was missing in Redis (restarted without its data?): created it again",
-                               self.keys["jobs"])
-            except Exception as err:  # noqa: BLE001 - a worker created it meanwhile (BUSYGROUP)
-                if "BUSYGROUP" not in str(err):
-                    raise
+        """Read the queue's model and its live workers. (After Redis lost its data, XADD creates the
+        stream again; the workers, its readers, create their group, from its first entry.)"""
         claim = parse_claim(await self.client.get(self.keys["model"]))
         names = [k async for k in self.client.scan_iter(match=self.keys["worker"] + "*", count=1000)]
         values = await self.client.mget(names) if names else []
@@ -519,6 +513,9 @@ class RedisWorker:
         now_ms = self._redis_ms()
         jobs, live, replies = [], [], []
         for entry_id, fields in entries:
+            if not {b"id", b"reply", b"timeout_ms"} <= fields.keys():  # no one to answer: dropped, not fatal
+                LOGGER.warning("dropped %s of %s: not an image queued by serve.py", entry_id.decode(), self.keys["jobs"])
+                continue
             age_ms = now_ms - int(entry_id.split(b"-")[0])
             if age_ms > int(fields[b"timeout_ms"]):
                 continue  # its request was already answered 504
