@@ -114,6 +114,7 @@ def http_head(path: str, headers: dict[str, str]) -> bytes:
 
 def json_of(answer: bytes) -> tuple[int, dict[str, Any]]:
     """(status, JSON body) of a raw HTTP/1.1 answer."""
+    assert answer.startswith(b"HTTP/1.1 "), f"no answer before the connection closed or the read timed out: {answer[:200]!r}"
     head, _, body = answer.partition(b"\r\n\r\n")
     return int(head.split()[1]), json.loads(body)
 
@@ -413,14 +414,16 @@ def test_timeout_holds_while_decoding(runner: Any) -> None:
     from utils.serve.app import Settings, create_app
     from utils.serve.service import EmbeddedService
 
-    big = png_bytes(Image.new("RGB", (4000, 4000), (200, 30, 30)))  # 16 MP in 56 KB: about 0.4 s each to decode here
-    timeout = 1.0
+    big = png_bytes(Image.new("RGB", (4000, 4000), (200, 30, 30)))  # 16 MP in 56 KB: 0.2-0.4 s each to decode here
+    timeout, count = 1.0, 40
     settings = Settings(max_decode_mb=100, timeout=timeout)  # one 16 MP RGB image at a time
     with TestClient(create_app(EmbeddedService(runner, max_wait_ms=0), settings)) as client:
         t0 = time.monotonic()
-        response = client.post("/predict", files=[("file", (f"big{i}.png", big)) for i in range(12)])
+        response = client.post("/predict", files=[("file", (f"big{i}.png", big)) for i in range(count)])
         waited = time.monotonic() - t0
-        assert response.status_code == 504 and "--timeout" in response.json()["error"], response.text
+        error = response.json()["error"]
+        assert response.status_code == 504 and f"decoding {count} image(s) took over 1s (--timeout" in error, error
+        assert int(re.search(r"; (\d+) done\)", error).group(1)) < count  # it gave up mid-way
         assert waited < timeout + 2.0, f"answered after {waited:.1f}s against --timeout {timeout}"
         budget = client.app.state.decode_budget
         deadline = time.monotonic() + 20
