@@ -66,8 +66,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     role_flag(parser, "port", "port", type=int)
     p("--api_key", default=None, help=f"bearer token required on /predict, /info, /metrics [${API_KEY_ENV}]")
     role_flag(parser, "max_bytes", "request body limit in bytes", type=int)
+    role_flag(parser, "max_images", "most images in one request (more: 413)", type=int)
     role_flag(parser, "max_pixels", "per-image pixel limit, checked before decoding", type=int)
-    role_flag(parser, "timeout", "seconds a request waits for its results before a 504", type=float)
+    role_flag(parser, "max_decode_mb", "most memory (MiB) of images decoded at once, all requests together: an image "
+              "waits its turn (503 with Retry-After at --timeout); 0 = no bound", type=int)
+    role_flag(parser, "timeout", "seconds from a request's complete body to its results (then 504)", type=float)
+    role_flag(parser, "body_timeout", "seconds for a request's body to arrive (then 408)", type=float)
     p("--access_log", action="store_true", help="log every request (uvicorn's access log)")
     p("--queue", default=None, help="redis://HOST:6379/0: the API tier queues images there for --worker processes")
     role_flag(parser, "queue_name", "prefix of the Redis keys (one model per name)")
@@ -100,6 +104,19 @@ def _check_role(args: argparse.Namespace, role: str, allowed: dict[str, Any]) ->
         raise UserError(f"--access_log does not apply to {role}")
 
 
+def check_decode_budget(args: argparse.Namespace) -> None:
+    """Refuse a --max_decode_mb in which an 8-bit RGB image at --max_pixels could never be decoded."""
+    if args.max_pixels is None or not args.max_decode_mb:
+        return
+    from utils.serve.service import MIB, decode_bytes
+
+    need = decode_bytes(args.max_pixels, "RGB")
+    if args.max_decode_mb * MIB < need:
+        raise UserError(f"--max_decode_mb {args.max_decode_mb}: an 8-bit RGB image of --max_pixels {args.max_pixels} takes "
+                        f"about {need / MIB:.0f} MiB to decode, so it could never be; raise it (0: no bound) or lower "
+                        "--max_pixels")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> Options:
     """Parse and validate the options of the role (embedded server, API tier or worker)."""
     args = get_args_parser().parse_args(argv)
@@ -115,12 +132,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                     flag_defaults(HTTP, QUEUE))
     else:
         _check_role(args, "a server without --queue", {**model, **flag_defaults(BATCH, HTTP)})
-    checks = [("max_batch", 1), ("max_bytes", 1), ("max_pixels", 1), ("max_deliveries", 1), ("threads", 1)]
+    checks = [("max_batch", 1), ("max_bytes", 1), ("max_images", 1), ("max_pixels", 1), ("max_decode_mb", 0),
+              ("max_deliveries", 1), ("threads", 1)]
     for name, low in checks:
         value = getattr(args, name, None)
         if value is not None and value < low:
             raise UserError(f"--{name} must be at least {low}, got {value}")
-    for name in ("max_wait_ms", "timeout", "heartbeat_s"):
+    for name in ("max_wait_ms", "timeout", "body_timeout", "heartbeat_s"):
         value = getattr(args, name, None)
         if value is not None and not (value >= 0 and (name == "max_wait_ms" or value > 0)):
             raise UserError(f"--{name} must be {'0 or more' if name == 'max_wait_ms' else 'positive'}, got {value}")
@@ -128,6 +146,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         raise UserError(f"--conf_threshold must be in [0, 1], got {args.conf_threshold}")
     if args.max_pixels is not None and args.max_pixels > MAX_IMAGE_PIXELS:
         raise UserError(f"--max_pixels {args.max_pixels} is over the loader's decompression-bomb limit of {MAX_IMAGE_PIXELS}")
+    check_decode_budget(args)
     if args.port is not None and not 0 < args.port < 65536:
         raise UserError(f"--port must be 1..65535, got {args.port}")
     if not args.worker:
@@ -173,11 +192,17 @@ def serve_http(args: Options, service: Any, what: str) -> None:
     import uvicorn
 
     from utils.serve.app import Settings, create_app
+    from utils.serve.service import map_large_allocations
 
-    settings = Settings(api_key=args.api_key, max_bytes=args.max_bytes, max_pixels=args.max_pixels, timeout=args.timeout)
+    settings = Settings(api_key=args.api_key, max_bytes=args.max_bytes, max_images=args.max_images,
+                        max_pixels=args.max_pixels, max_decode_mb=args.max_decode_mb, timeout=args.timeout,
+                        body_timeout=args.body_timeout)
     app = create_app(service, settings)
+    map_large_allocations()  # decoded images' memory goes back to the system when freed
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=args.access_log,
                             timeout_graceful_shutdown=5)
+    if args.access_log:  # uvicorn logs each request at INFO, under the warning level set for its other lines
+        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
     server = uvicorn.Server(config)
     url = f"http://{args.host}:{args.port}"
     print(f"serving {what} on {url} (web page {url}/, API docs {url}/docs"
@@ -197,8 +222,8 @@ def run_worker(args: Options) -> None:
     worker = RedisWorker(runner, args.queue, args.queue_name, args.max_batch, args.max_wait_ms,
                          args.heartbeat_s, args.max_deliveries)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
-    print(f"worker {worker.name}: {args.save_path} ({runner.meta.model_name}, {runner.backend.model_type}) "
-          f"on {safe_url(args.queue)} '{args.queue_name}', batches of up to {args.max_batch}", flush=True)
+    print(f"worker {worker.name}: {args.save_path} ({runner.meta.model_name}, {runner.backend.model_type}, model id "
+          f"{worker.model_id}) on {safe_url(args.queue)} '{args.queue_name}', batches of up to {args.max_batch}", flush=True)
     settle_heap()
     try:
         worker.run()

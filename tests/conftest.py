@@ -7,6 +7,7 @@ two at a time (`run_many`) to keep the suite short.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 import subprocess
@@ -32,6 +33,7 @@ TINY_CLASSES = ["blue", "green", "red"]  # already in natural order
 TRAIN_LOG_HEADER = ["epoch", "lr", "loss", "acc", "mean_acc", "test_loss", "test_acc", "test_mean_acc"]
 # Distinct colours: a tiny model separates them within an epoch or two.
 PALETTE = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 200, 20), (160, 40, 200), (20, 200, 200), (240, 120, 20)]
+MULTILABEL_COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 220), "yellow": (230, 200, 20)}
 
 pytest_plugins = ["system_deps"]  # tests/system_deps.py: with REQUIRE_SYSTEM_DEPS=1 (CI) a system_deps test may not skip
 
@@ -299,6 +301,29 @@ def add_junk_files(folder: Path) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------- folders
+def write_multilabel_split(root: Path, name: str, n: int, seed: int) -> Path:
+    """root/<name>.csv (path,labels) and its 32 px images: 1-3 squares of distinct colours each."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    names = list(MULTILABEL_COLOURS)
+    rows = [["path", "labels"]]
+    for i in range(n):
+        labels = sorted(rng.choice(len(names), rng.integers(1, 4), replace=False))
+        img = Image.new("RGB", (32, 32), (128, 128, 128))
+        draw = ImageDraw.Draw(img)
+        for c in labels:
+            x, y = rng.integers(0, 22, 2)
+            draw.rectangle([int(x), int(y), int(x) + 9, int(y) + 9], fill=MULTILABEL_COLOURS[names[c]])
+        path = root / name / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path)
+        rows.append([f"{name}/{i}.png", "|".join(names[c] for c in labels)])
+    with (root / f"{name}.csv").open("w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    return root / f"{name}.csv"
+
+
 def snapshot(root: Path) -> dict[str, tuple[str, int, int]]:
     """Every file, link and folder under root: relative path -> (kind/hash, size, mtime_ns)."""
     out: dict[str, tuple[str, int, int]] = {}
@@ -382,6 +407,21 @@ def trained_runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     out["first_before"] = before
     out["first_after"] = snapshot(runs / "exp")
     return out
+
+
+@pytest.fixture(scope="session")
+def multilabel_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A multi-label run (list files of 1-3 coloured squares per image, 6 epochs, thresholds tuned
+    on val), recorded by run_recorded: {"root", "lists": {split: list file}, "run", "proc", "records"}.
+    test_multilabel checks it (the records: what the epochs scored); the serve tests serve it."""
+    root = tmp_path_factory.mktemp("multilabel")
+    lists = {name: write_multilabel_split(root, name, n, seed) for name, n, seed in
+             (("train", 96, 0), ("val", 32, 1), ("test", 32, 2))}
+    run = root / "run"
+    proc = run_recorded(root / "records", "--model_name", "resnet10t", "--image_size", "32", "--workers", "0",
+                        "--batch_size", "16", "--epoch", "6", "--lr", "0.003", "--device", "cpu", "--train_path", lists["train"],
+                        "--val_path", lists["val"], "--test_path", lists["test"], "--save_path", run, "--mixup", "mixup")
+    return {"root": root, "lists": lists, "run": run, "proc": proc, "records": root / "records"}
 
 
 @pytest.fixture(scope="session")

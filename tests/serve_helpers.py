@@ -184,6 +184,36 @@ def expected(serve_run: Path, images: Path) -> dict[str, dict[str, str]]:
     return rows
 
 
+@pytest.fixture(scope="module")
+def multilabel_served(multilabel_run: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """conftest's multi-label run (its best.pt copied: nothing is written beside the original), 12 of
+    its test images, and predict.py's rows for them by file name: {"run", "images", "rows"}."""
+    folder = tmp_path_factory.mktemp("serve_multilabel")
+    run, pictures = folder / "run", folder / "images"
+    run.mkdir()
+    pictures.mkdir()
+    shutil.copy(multilabel_run["run"] / "best.pt", run / "best.pt")
+    for path in sorted((multilabel_run["root"] / "test").glob("*.png"), key=lambda p: int(p.stem))[:12]:
+        shutil.copy(path, pictures / path.name)
+    assert_ok(run_script("predict.py", "--source", pictures, "--save_path", run, "--device", "cpu", "--workers", 0))
+    with (run / "predict" / "exp" / "predictions.csv").open(newline="", encoding="utf-8") as fh:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(fh)}
+    counts = [len(r["labels"].split("|")) if r["labels"] else 0 for r in rows.values()]
+    assert len(rows) == 12 and max(counts) >= 2, counts  # images with several labels: a labels list to check
+    return {"run": run, "images": pictures, "rows": rows}
+
+
+def check_labels(result: dict[str, Any], row: dict[str, str]) -> None:
+    """A multi-label API result equals predict.py's row: its labels in order, their probabilities,
+    the top-1, uncertain (no label given)."""
+    want = row["labels"].split("|") if row["labels"] else []
+    assert [label["class"] for label in result["labels"]] == want, (result["file"], result["labels"], row["labels"])
+    probs = [float(v) for v in row["label_probs"].split("|")] if row["label_probs"] else []
+    assert all(abs(label["prob"] - p) < TOL for label, p in zip(result["labels"], probs))
+    assert result["class"] == row["class"] and abs(result["prob"] - float(row["prob"])) < TOL
+    assert int(result["uncertain"]) == int(row["uncertain"])
+
+
 def read(path: Path) -> bytes:
     return path.read_bytes()
 
@@ -206,18 +236,26 @@ def redis_server_binary() -> str | None:
 
 
 class RedisServer:
-    """redis-server on a free loopback port, in-memory only, its files in `folder`."""
+    """redis-server on a free loopback port, in-memory only (no persistence, as the README starts
+    it), its files in `folder`; stop() and start() again on the same port: a restart that loses
+    every key."""
 
     def __init__(self, folder: Path) -> None:
         self.port = free_port()
         self.url = f"redis://{HOST}:{self.port}/0"
         folder.mkdir(parents=True, exist_ok=True)
-        self.log = (folder / "redis.log").open("w")
-        self.proc = subprocess.Popen([redis_server_binary() or "redis-server", "--bind", HOST, "--port", str(self.port),
-                                      "--save", "", "--appendonly", "no", "--dir", str(folder), "--protected-mode", "yes"],
-                                     cwd=folder, stdout=self.log, stderr=subprocess.STDOUT)
+        self.folder = folder
+        self.log = (folder / "redis.log").open("a")
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        """Start redis-server (again) on self.port and wait until it answers."""
         import redis
 
+        self.proc = subprocess.Popen([redis_server_binary() or "redis-server", "--bind", HOST, "--port", str(self.port),
+                                      "--save", "", "--appendonly", "no", "--dir", str(self.folder),
+                                      "--protected-mode", "yes"], cwd=self.folder, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             with contextlib.suppress(redis.RedisError):
@@ -227,8 +265,13 @@ class RedisServer:
         self.close()
         raise AssertionError("redis-server did not answer within 20s")
 
+    def stop(self) -> None:
+        """Stop redis-server (SIGTERM; without persistence it keeps nothing)."""
+        if self.proc is not None:
+            stop_process(self.proc)
+
     def close(self) -> None:
-        stop_process(self.proc)
+        self.stop()
         self.log.close()
 
     def __enter__(self) -> "RedisServer":

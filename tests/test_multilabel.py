@@ -17,45 +17,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
-from conftest import (TINY_CLASSES, assert_ok, class_image, describe, load_ckpt, make_class_folders, records, run_inprocess,
-                      run_recorded, run_script, train_args)
+from conftest import (MULTILABEL_COLOURS, TINY_CLASSES, assert_ok, class_image, describe, load_ckpt, make_class_folders, records,
+                      run_inprocess, run_script, train_args)
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 60, 220), "yellow": (230, 200, 20)}
-
-
-def write_multilabel_split(root: Path, name: str, n: int, seed: int) -> Path:
-    """root/<name>.csv (path,labels) and its 32 px images: 1-3 squares of distinct colours each."""
-    rng = np.random.default_rng(seed)
-    names = list(COLOURS)
-    rows = [["path", "labels"]]
-    for i in range(n):
-        labels = sorted(rng.choice(len(names), rng.integers(1, 4), replace=False))
-        img = Image.new("RGB", (32, 32), (128, 128, 128))
-        draw = ImageDraw.Draw(img)
-        for c in labels:
-            x, y = rng.integers(0, 22, 2)
-            draw.rectangle([int(x), int(y), int(x) + 9, int(y) + 9], fill=COLOURS[names[c]])
-        path = root / name / f"{i}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        img.save(path)
-        rows.append([f"{name}/{i}.png", "|".join(names[c] for c in labels)])
-    with (root / f"{name}.csv").open("w", newline="") as fh:
-        csv.writer(fh).writerows(rows)
-    return root / f"{name}.csv"
+COLOURS = MULTILABEL_COLOURS
 
 
 @pytest.fixture(scope="module")
-def multilabel(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("multilabel")
-    lists = {name: write_multilabel_split(root, name, n, seed) for name, n, seed in
-             (("train", 96, 0), ("val", 32, 1), ("test", 32, 2))}
-    run = root / "run"
-    proc = run_recorded(root / "records", "--model_name", "resnet10t", "--image_size", "32", "--workers", "0",
-                        "--batch_size", "16", "--epoch", "6", "--lr", "0.003", "--device", "cpu", "--train_path", lists["train"],
-                        "--val_path", lists["val"], "--test_path", lists["test"], "--save_path", run, "--mixup", "mixup")
-    return {"root": root, "lists": lists, "run": run, "proc": proc, "records": root / "records"}
+def multilabel(multilabel_run: dict) -> dict:
+    """conftest's multi-label run (shared with the serve tests)."""
+    return multilabel_run
 
 
 def true_labels(list_file: Path) -> dict[str, set[str]]:

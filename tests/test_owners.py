@@ -284,7 +284,7 @@ def test_options_of_namespace_mapping_or_options() -> None:
 @pytest.fixture(scope="module")
 def multilabel_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One tiny multilabel run (a CSV with several labels per image), started without --loss or --metrice."""
-    from test_multilabel import write_multilabel_split
+    from conftest import write_multilabel_split
 
     root = tmp_path_factory.mktemp("owners_multilabel")
     lists = {name: write_multilabel_split(root, name, n, seed) for name, n, seed in (("train", 12, 0), ("val", 6, 1))}

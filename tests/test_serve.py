@@ -1,17 +1,23 @@
-"""serve.py in one process: the API against predict.py, bad inputs, batching, the API key, CAM
-overlays, /info /metrics /docs, the ONNX backend, the CLI's user errors, and the web page in a
-real headless Chromium.
+"""serve.py in one process: the API against predict.py, bad inputs, batching (each concurrent
+request gets its own image's result), the limits (body size, chunked too; images per request;
+the time for a body to arrive; a client that goes away; the pixels decoded at once; --timeout
+while decoding), the API key, CAM overlays, /info /metrics /docs, the access log, the ONNX
+backend, a multi-label model, the CLI's user errors, and the web page in a real headless Chromium
+(its probabilities and bars against the API's).
 
 One real server (uvicorn in a subprocess on a free 127.0.0.1 port) serves the module; it runs a
-copy of conftest's 2-epoch tiny run, with an API key, small limits, and a long batching window so
-concurrent requests group reliably. The browser test skips, saying why, only when Debian's
-chromium and chromium-driver are not installed (`make test` installs them when apt-get is there).
+copy of conftest's 2-epoch tiny run, with an API key, small limits, the access log, and a long
+batching window so concurrent requests group reliably. The in-process tests run the same app
+(utils.serve.app.create_app) under Starlette's TestClient. The browser test skips, saying why,
+only when Debian's chromium and chromium-driver are not installed (`make test` installs them when
+apt-get is there).
 """
 from __future__ import annotations
 
 import base64
 import csv
 import io
+import json
 import re
 import shutil
 import socket
@@ -28,13 +34,16 @@ from PIL import Image
 
 from conftest import TINY_CLASSES, assert_ok, assert_user_error, make_truncated_jpeg, run_script
 from serve_helpers import (  # noqa: F401
+    HOST,
     TOL,
     Served,
+    check_labels,
     check_result,
     chromium,
     chromium_paths,
     expected,
     images,
+    multilabel_served,
     noise_image,
     png_bytes,
     read,
@@ -44,6 +53,8 @@ from serve_helpers import (  # noqa: F401
 KEY = "test-key-0123456789"
 MAX_BYTES = 3_000_000
 MAX_PIXELS = 1_000_000
+MAX_IMAGES = 16
+BODY_TIMEOUT = 3.0
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -54,10 +65,58 @@ def server(serve_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     tmpdir = logs / "tmp"
     tmpdir.mkdir()
     with Served(["--save_path", serve_run, "--device", "cpu", "--max_batch", 8, "--max_wait_ms", 150,
-                 "--max_bytes", MAX_BYTES, "--max_pixels", MAX_PIXELS, "--timeout", 60],
+                 "--max_bytes", MAX_BYTES, "--max_pixels", MAX_PIXELS, "--max_images", MAX_IMAGES, "--timeout", 60,
+                 "--body_timeout", BODY_TIMEOUT, "--access_log"],
                 logs / "server.log", api_key=KEY, env={"TMPDIR": str(tmpdir)}) as served:
         served.tmpdir = tmpdir
         yield served
+
+
+@pytest.fixture(scope="module")
+def runner(serve_run: Path) -> Any:
+    """The module's model in this process, for the in-process apps."""
+    from utils.infer.backends import load_backend
+    from utils.serve.service import ModelRunner
+
+    return ModelRunner(load_backend(serve_run, "torch", "cpu"))
+
+
+def raw_request(port: int, data: bytes, read_timeout: float, close_after_send: bool = False) -> tuple[bytes, float]:
+    """Send bytes on a new connection, then read until the server closes it: (what came, seconds)."""
+    with socket.create_connection((HOST, port), timeout=read_timeout) as sock:
+        t0 = time.monotonic()
+
+        def send() -> None:  # in a thread: the server may answer (and close) before it has read everything
+            try:
+                sock.sendall(data)
+            except OSError:
+                pass
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        if close_after_send:
+            sender.join(10)
+            return b"", time.monotonic() - t0
+        got = b""
+        try:
+            while chunk := sock.recv(65536):
+                got += chunk
+        except OSError:  # a reset after the answer
+            pass
+        sender.join(10)
+        return got, time.monotonic() - t0
+
+
+def http_head(path: str, headers: dict[str, str]) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {KEY}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()
+
+
+def json_of(answer: bytes) -> tuple[int, dict[str, Any]]:
+    """(status, JSON body) of a raw HTTP/1.1 answer."""
+    assert answer.startswith(b"HTTP/1.1 "), f"no answer before the connection closed or the read timed out: {answer[:200]!r}"
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
 
 
 # ------------------------------------------------------------------------------ the API
@@ -128,8 +187,60 @@ def test_uploads_never_touch_the_disk(server: Served) -> None:
     assert written == []
 
 
-def test_concurrent_requests_are_batched(server: Served, images: Path) -> None:
+def test_chunked_body_over_max_bytes_is_refused(server: Served) -> None:
+    """Transfer-Encoding: chunked, no Content-Length: refused as soon as the body passes --max_bytes."""
+    head = http_head("/predict", {"Content-Type": "multipart/form-data; boundary=b", "Transfer-Encoding": "chunked"})
+    chunk = b"\0" * 65536
+    body = b"".join(b"%x\r\n%b\r\n" % (len(chunk), chunk) for _ in range(MAX_BYTES // len(chunk) + 16)) + b"0\r\n\r\n"
+    answer, waited = raw_request(server.port, head + body, read_timeout=30)
+    status, error = json_of(answer)
+    assert status == 413 and f"over the limit of {MAX_BYTES} bytes (--max_bytes)" in error["error"], answer[:300]
+    assert waited < 10  # answered and closed at once, not left open for the rest of the body
+    assert server.post([("x.png", png_bytes(Image.new("RGB", (20, 20))))]).status_code == 200
+
+
+def test_more_images_than_max_images_are_refused(server: Served, images: Path) -> None:
+    f = sorted(images.glob("red_*.png"))[0]
+    refused = server.post([(f"{i}.png", read(f)) for i in range(MAX_IMAGES + 1)])
+    assert refused.status_code == 413, refused.text
+    assert f"more than {MAX_IMAGES} images in one request (--max_images)" in refused.json()["error"]
+    assert len(server.post([(f"{i}.png", read(f)) for i in range(MAX_IMAGES)]).json()["results"]) == MAX_IMAGES
+
+
+def test_a_slow_body_gets_408_and_a_client_that_leaves_one_log_line(server: Served) -> None:
+    head = http_head("/predict", {"Content-Type": "multipart/form-data; boundary=b", "Content-Length": "1000"})
+    # headers and 8 of 1,000 body bytes, then nothing: a clear 408 at --body_timeout, and the connection closed
+    answer, waited = raw_request(server.port, head + b"--b\r\nCon", read_timeout=BODY_TIMEOUT + 30)
+    status, error = json_of(answer)
+    assert status == 408 and "--body_timeout" in error["error"] and "8 of 1000 bytes came" in error["error"], answer
+    assert BODY_TIMEOUT - 0.5 < waited < BODY_TIMEOUT + 5
+    # the same 8 bytes, then the client goes away: one line in the log, no traceback
+    gone = re.compile(r"^127\.0\.0\.1:\d+ disconnected after [08] of 1000 bytes of its POST /predict body$", re.M)
+    raw_request(server.port, head + b"--b\r\nCon", read_timeout=5, close_after_send=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not gone.search(server.proc.tail(100_000)):
+        time.sleep(0.1)
+    log = server.proc.tail(1_000_000)
+    assert len(gone.findall(log)) == 1, log[-3000:]  # (uvicorn drops what came once it knows the client left)
+    assert "Traceback" not in log and "ClientDisconnect" not in log
+
+
+def test_access_log_has_each_request(server: Served) -> None:
+    before = server.proc.tail(1_000_000).count('"GET /health HTTP/1.1" 200')
+    for _ in range(3):
+        assert server.client.get("/health").status_code == 200
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and server.proc.tail(1_000_000).count('"GET /health HTTP/1.1" 200') < before + 3:
+        time.sleep(0.1)
+    log = server.proc.tail(1_000_000)
+    assert log.count('"GET /health HTTP/1.1" 200') == before + 3
+    assert re.search(r'127\.0\.0\.1:\d+ - "POST /predict HTTP/1\.1" 200', log)  # the requests of the tests before
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_result(server: Served, images: Path,
+                                                                     expected: dict[str, dict[str, str]]) -> None:
     files = sorted(images.glob("*_img*.png"))[:8]
+    assert len({expected[f.name]["class"] for f in files}) >= 2  # results given to the wrong request would show
     batches0, images0 = server.metric("serve_batches_total"), server.metric("serve_images_total")
     barrier = threading.Barrier(len(files))
 
@@ -141,6 +252,9 @@ def test_concurrent_requests_are_batched(server: Served, images: Path) -> None:
 
     with ThreadPoolExecutor(len(files)) as pool:
         results = list(pool.map(one, files))
+    for path, result in zip(files, results):
+        assert result["file"] == path.name
+        check_result(result, expected[path.name])  # its own image's probabilities, not a neighbour's in the batch
     batches = server.metric("serve_batches_total") - batches0
     assert server.metric("serve_images_total") - images0 == len(files)
     assert 1 <= batches < len(files), f"{len(files)} concurrent requests ran in {batches} batches"
@@ -203,9 +317,14 @@ def test_info_metrics_and_docs(server: Served) -> None:
     for needle in ('serve_requests_total{path="/predict",code="200"}', "serve_request_duration_seconds_bucket{le=",
                    "serve_batch_size_bucket{le=", "# TYPE serve_batches_total counter", "serve_queue_depth 0"):
         assert needle in text, needle
-    requests_before = server.metric("serve_request_duration_seconds_count")
-    server.post([("x.png", png_bytes(Image.new("RGB", (20, 20))))])
+    requests_before, images_before = server.metric("serve_request_duration_seconds_count"), server.metric("serve_images_total")
+    run_before = server.metric("serve_batch_size_sum")
+    three = [(f"x{i}.png", png_bytes(Image.new("RGB", (20, 20), (80 * i, 10, 10)))) for i in range(3)]
+    assert server.post(three).status_code == 200  # one request of three images
     assert server.metric("serve_request_duration_seconds_count") == requests_before + 1
+    assert server.metric("serve_images_total") == images_before + 3  # images, not requests
+    assert server.metric("serve_batch_size_sum") == run_before + 3
+    assert info["max_images"] == MAX_IMAGES and info["body_timeout"] == BODY_TIMEOUT
     spec = server.client.get("/openapi.json").json()
     assert spec["openapi"].startswith("3.0")
     assert "multipart/form-data" in spec["paths"]["/predict"]["post"]["requestBody"]["content"]
@@ -238,6 +357,97 @@ def test_onnx_backend_serves_the_same_predictions(serve_run: Path, images: Path,
             check_result(result, expected[result["file"]])
         refused = client.post("/predict", params={"cam": "GradCAM"}, files=[("file", (files[0].name, read(files[0])))])
         assert refused.status_code == 400 and "PyTorch model" in refused.json()["error"]
+
+
+def test_decoding_waits_its_turn_under_max_decode_mb(runner: Any, images: Path,
+                                                    expected: dict[str, dict[str, str]]) -> None:
+    """The memory of the images decoded at once is bounded: an image that would pass the bound waits
+    for its turn (decoded once memory is given back), a request still waiting at --timeout gets a 503
+    with Retry-After, having taken nothing, and an image that needs more than the whole bound on its
+    own (by its mode: transparency costs 4x) is refused. Other requests' decoding is held here
+    through the app's budget."""
+    from fastapi.testclient import TestClient
+
+    from utils.serve.app import Settings, create_app
+    from utils.serve.service import EmbeddedService, decode_bytes
+
+    f = sorted(images.glob("green_*.png"))[0]
+    with Image.open(f) as img:
+        cost = decode_bytes(img.width * img.height, img.mode)
+    for timeout in (0.5, 60.0):
+        settings = Settings(max_decode_mb=1, timeout=timeout)
+        with TestClient(create_app(EmbeddedService(runner, max_wait_ms=0), settings)) as client:
+            budget = client.app.state.decode_budget
+            others = budget.limit - cost + 1  # other requests' images being decoded: room for all but this one
+            client.portal.call(budget.acquire, others)
+            if timeout < 1:  # it waits, then gives up: 503, Retry-After, the budget as it was
+                refused = client.post("/predict", files=[("file", (f.name, read(f)))])
+                assert refused.status_code == 503 and refused.headers["retry-after"] == "2", refused.text
+                assert "--max_decode_mb 1" in refused.json()["error"] and f.name in refused.json()["error"]
+                assert (budget.used, budget.waiting(), budget.peak) == (others, 0, others)
+                continue
+            with ThreadPoolExecutor(1) as pool:  # it waits its turn, then is decoded and answered
+                answer = pool.submit(client.post, "/predict", files=[("file", (f.name, read(f)))])
+                deadline = time.monotonic() + 30
+                while budget.waiting() == 0 and time.monotonic() < deadline and not answer.done():
+                    time.sleep(0.01)
+                assert budget.waiting() == 1 and not answer.done()
+                client.portal.call(budget.release, others)
+                response = answer.result(30)
+            assert response.status_code == 200, response.text
+            check_result(response.json()["results"][0], expected[f.name])
+            assert budget.peak == others and budget.used == 0  # never both at once
+            # 300 x 300: as RGB it fits in 1 MiB, with an alpha channel it never would
+            rgb = png_bytes(Image.new("RGB", (300, 300), (30, 200, 40)))
+            assert client.post("/predict", files=[("file", ("rgb.png", rgb))]).status_code == 200
+            rgba = png_bytes(Image.new("RGBA", (300, 300), (30, 200, 40, 128)))
+            refused = client.post("/predict", files=[("file", ("rgba.png", rgba))])
+            assert refused.status_code == 413 and "300x300 RGBA" in refused.json()["error"], refused.text
+            assert "--max_decode_mb" in refused.json()["error"] and budget.used == 0
+
+
+def test_timeout_holds_while_decoding(runner: Any) -> None:
+    """A request whose images take longer to decode than --timeout is answered 504 at --timeout,
+    not after decoding them all; the image being decoded then gives its pixels back."""
+    from fastapi.testclient import TestClient
+
+    from utils.serve.app import Settings, create_app
+    from utils.serve.service import EmbeddedService
+
+    big = png_bytes(Image.new("RGB", (4000, 4000), (200, 30, 30)))  # 16 MP in 56 KB: 0.2-0.4 s each to decode here
+    timeout, count = 1.0, 40
+    settings = Settings(max_decode_mb=100, timeout=timeout)  # one 16 MP RGB image at a time
+    with TestClient(create_app(EmbeddedService(runner, max_wait_ms=0), settings)) as client:
+        t0 = time.monotonic()
+        response = client.post("/predict", files=[("file", (f"big{i}.png", big)) for i in range(count)])
+        waited = time.monotonic() - t0
+        error = response.json()["error"]
+        assert response.status_code == 504 and f"decoding {count} image(s) took over 1s (--timeout" in error, error
+        assert int(re.search(r"; (\d+) done\)", error).group(1)) < count  # it gave up mid-way
+        assert waited < timeout + 2.0, f"answered after {waited:.1f}s against --timeout {timeout}"
+        budget = client.app.state.decode_budget
+        deadline = time.monotonic() + 20
+        while budget.used and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert budget.used == 0 and budget.waiting() == 0
+
+
+def test_multilabel_model_serves_its_labels(multilabel_served: dict[str, Any]) -> None:
+    """A multi-label model in one process: each image's labels (every class at or above its tuned
+    threshold) and their probabilities equal predict.py's."""
+    from fastapi.testclient import TestClient
+
+    from utils.infer.backends import load_backend
+    from utils.serve.app import Settings, create_app
+    from utils.serve.service import EmbeddedService, ModelRunner
+
+    service = EmbeddedService(ModelRunner(load_backend(multilabel_served["run"], "torch", "cpu")), max_wait_ms=0)
+    files = sorted(multilabel_served["images"].iterdir())
+    with TestClient(create_app(service, Settings())) as client:
+        response = client.post("/predict", files=[("file", (f.name, read(f))) for f in files])
+    assert response.status_code == 200, response.text
+    for result in response.json()["results"]:
+        check_labels(result, multilabel_served["rows"][result["file"]])
 
 
 def test_batcher_groups_waiting_jobs_and_drops_cancelled_ones() -> None:
@@ -284,6 +494,11 @@ def test_cli_user_errors(serve_run: Path, monkeypatch: pytest.MonkeyPatch) -> No
         (["--queue", "redis://127.0.0.1:1/0", "--worker", "--port", "9000"], "--port does not apply to a --worker"),
         (["--heartbeat_s", "2"], "--heartbeat_s does not apply to a server without --queue"),
         (["--max_batch", "0"], "--max_batch must be at least 1"),
+        (["--max_images", "0"], "--max_images must be at least 1"),
+        (["--body_timeout", "0"], "--body_timeout must be positive"),
+        (["--max_decode_mb", "-1"], "--max_decode_mb must be at least 0"),
+        (["--max_decode_mb", "100"], "an 8-bit RGB image of --max_pixels 40000000 takes about 191 MiB to decode"),
+        (["--queue", "redis://127.0.0.1:1/0", "--worker", "--max_images", "4"], "--max_images does not apply to a --worker"),
         (["--max_pixels", str(10**12)], "decompression-bomb"),
     ]
     for argv, needle in cases:
@@ -307,11 +522,11 @@ def test_serve_defaults_have_one_owner() -> None:
     import serve
     from utils.serve.app import Settings
     from utils.serve.redis_queue import RedisService, RedisWorker
-    from utils.serve.service import Batcher, EmbeddedService, ModelRunner
+    from utils.serve.service import Batcher, EmbeddedService, ModelRunner, DecodeBudget
     from utils.serve.settings import flag_defaults
 
     owner = flag_defaults()
-    assert set(owner) == set(serve.ROLE_FLAGS) - {"threads"} and len(owner) == 14
+    assert set(owner) == set(serve.ROLE_FLAGS) - {"threads"} and len(owner) == 17
     parsed: dict[str, Any] = {}
     for argv in ([], ["--queue", "redis://127.0.0.1:1/0"], ["--queue", "redis://127.0.0.1:1/0", "--worker"]):  # the roles
         parsed |= {k: v for k, v in serve.parse_args(argv).to_dict().items() if k in owner and v is not None}
@@ -327,13 +542,13 @@ def test_serve_defaults_have_one_owner() -> None:
 
     renamed = {"prefix": "queue_name"}  # the Redis classes' name for --queue_name
     checked = []
-    for cls in (Settings, EmbeddedService, Batcher, ModelRunner, RedisService, RedisWorker):
+    for cls in (Settings, EmbeddedService, Batcher, ModelRunner, DecodeBudget, RedisService, RedisWorker):
         for param in inspect.signature(cls).parameters.values():
             flag = renamed.get(param.name, param.name)
             if flag in owner:
                 assert param.default == owner[flag], f"{cls.__name__}({param.name}={param.default!r}): {owner[flag]!r}"
                 checked.append(flag)
-    assert len(checked) == 16 and set(checked) == set(owner) - {"save_path", "model_type", "device", "host", "port"}
+    assert len(checked) == 20 and set(checked) == set(owner) - {"save_path", "model_type", "device", "host", "port"}
 
 
 # ------------------------------------------------------------------------------ the browser
@@ -363,8 +578,23 @@ def test_web_page_in_headless_chromium(server: Served, images: Path, expected: d
         shown = {card.get_attribute("data-name"): card.find_element(By.CSS_SELECTOR, ".top1").text.split()[0]
                  for card in driver.find_elements(By.CSS_SELECTOR, "#grid .card")}
         assert shown == {p.name: expected[p.name]["class"] for p in picked}
-        for card in driver.find_elements(By.CSS_SELECTOR, "#grid .card"):
-            assert len(card.find_elements(By.CSS_SELECTOR, ".bar")) == len(TINY_CLASSES)
+        api = {p.name: server.post([(p.name, read(p))]).json()["results"][0] for p in picked}
+        for card in driver.find_elements(By.CSS_SELECTOR, "#grid .card"):  # what the page shows is the API's answer
+            want = api[card.get_attribute("data-name")]
+            top1 = card.find_element(By.CSS_SELECTOR, ".top1")
+            word, percent = re.match(r"(\S+) ([\d.]+)%", top1.text).groups()
+            assert word == want["class"] and abs(float(percent) - 100 * want["prob"]) <= 0.05 + 1e-9, (top1.text, want)
+            assert bool(top1.find_elements(By.CSS_SELECTOR, ".uncertain-mark")) == want["uncertain"]
+            bars = card.find_elements(By.CSS_SELECTOR, ".bar")
+            assert len(bars) == len(want["top"]) == len(TINY_CLASSES)
+            for bar, top in zip(bars, want["top"]):
+                assert bar.find_element(By.CSS_SELECTOR, ".cls").text == top["class"]
+                shown = float(bar.find_element(By.CSS_SELECTOR, ".pct").text.rstrip("%"))
+                assert abs(shown - 100 * top["prob"]) <= 0.05 + 1e-9, (top, shown)
+                fill, track = driver.execute_script(
+                    "const b = arguments[0]; return [b.querySelector('.fill').getBoundingClientRect().width, "
+                    "b.querySelector('.track').getBoundingClientRect().width];", bar)
+                assert track > 20 and abs(fill / track - top["prob"]) < 0.01 + 1 / track, (top, fill, track)
         counts = {row.get_attribute("data-class"): int(row.find_elements(By.TAG_NAME, "td")[1].text)
                   for row in driver.find_elements(By.CSS_SELECTOR, "#stat-classes tbody tr")}
         assert sum(counts.values()) == 2 and set(counts) == {expected[p.name]["class"] for p in picked}

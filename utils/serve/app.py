@@ -6,11 +6,15 @@
 Routes: GET / (the web page of utils/web/, offline), POST /predict (multipart field `file`,
 repeatable; `?cam=GradCAM` adds overlays), GET /health, /ready, /info, /metrics (Prometheus text)
 and /docs (Swagger UI from the swagger-ui-bundle package when installed, so it works offline).
-The body is read here, in memory and never past `max_bytes`; multipart parts are parsed in
-memory (nothing a client sends touches the disk). Every error is JSON {"error", "status"}.
+The body is read here, in memory, never past `max_bytes` nor `body_timeout` (408); multipart
+parts are parsed in memory (nothing a client sends touches the disk), at most `max_images` of
+them. The images are decoded under a memory budget shared by all requests
+(utils.serve.service.decode_uploads), and a request is answered within `timeout` of its body's
+arrival. Every error is JSON {"error", "status"}; a client that disconnects is logged in one line.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import threading
@@ -25,11 +29,11 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from utils.explain.cam import CAM_TYPES
-from utils.serve.service import Job, ServeError, Service, Upload
+from utils.serve.service import Job, DecodeBudget, ServeError, Service, Upload, decode_uploads
 from utils.serve.settings import HTTP
 
 LOGGER = logging.getLogger(__name__)
@@ -49,41 +53,85 @@ class Settings:
     Args:
         api_key: bearer token required on /predict, /info and /metrics (None = open).
         max_bytes: request body limit.
+        max_images: most images in one request (then 413).
         max_pixels: per-image pixel limit (width x height, checked before decoding).
-        timeout: seconds a /predict request may wait for its results (then 504).
+        max_decode_mb: most MiB of images decoded at once, all requests together (0 = no bound).
+        timeout: seconds from a /predict request's complete body to its results (then 504, or 503
+            with Retry-After if it is still waiting for its turn to decode).
+        body_timeout: seconds for a request's body to arrive (then 408).
     """
 
     api_key: str | None = None
     max_bytes: int = HTTP.max_bytes
+    max_images: int = HTTP.max_images
     max_pixels: int = HTTP.max_pixels
+    max_decode_mb: int = HTTP.max_decode_mb
     timeout: float = HTTP.timeout
+    body_timeout: float = HTTP.body_timeout
 
 
 # ------------------------------------------------------------------------------ request body
-async def read_body(request: Any, max_bytes: int) -> bytes:
-    """The request body, in memory, refused (413) as soon as it passes max_bytes."""
+async def read_body(request: Any, max_bytes: int, body_timeout: float = HTTP.body_timeout) -> bytes:
+    """The request body, in memory.
+
+    Args:
+        request: the Starlette request.
+        max_bytes: refused (413) as soon as the body passes this, from Content-Length or as it arrives.
+        body_timeout: seconds for the whole body to arrive (then 408).
+
+    Returns:
+        The body.
+
+    Raises:
+        ServeError: 400 (a bad Content-Length), 408, 413, or 499 when the client disconnected
+            (logged in one line; nobody reads the answer); each closes the connection, whose
+            unread body would otherwise hold it open.
+    """
+    close = {"Connection": "close"}
     length = request.headers.get("content-length")
     if length is not None:
         if not length.isdigit():
-            raise ServeError(400, f"invalid Content-Length header: {length[:40]!r}")
+            raise ServeError(400, f"invalid Content-Length header: {length[:40]!r}", close)
         if int(length) > max_bytes:
-            raise ServeError(413, f"request body of {int(length)} bytes is over the limit of {max_bytes} bytes (--max_bytes)")
+            raise ServeError(413, f"request body of {int(length)} bytes is over the limit of {max_bytes} bytes (--max_bytes)",
+                             close)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise ServeError(413, f"request body is over the limit of {max_bytes} bytes (--max_bytes)")
-        chunks.append(chunk)
+    of = f"of {length} " if length is not None else ""
+    try:
+        async with asyncio.timeout(body_timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ServeError(413, f"request body is over the limit of {max_bytes} bytes (--max_bytes)", close)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ServeError(408, f"the request body did not arrive within {body_timeout:g}s (--body_timeout): "
+                              f"{size} {of}bytes came", close) from None
+    except ClientDisconnect:
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        LOGGER.warning("%s disconnected after %d %sbytes of its %s %s body", client, size, of, request.method,
+                       request.url.path)
+        raise ServeError(499, "the client disconnected before its body arrived", close) from None
     return b"".join(chunks)
 
 
-def parse_multipart(content_type: str, body: bytes, field_name: str = FIELD) -> list[Upload]:
+def parse_multipart(content_type: str, body: bytes, field_name: str = FIELD,
+                    max_images: int = HTTP.max_images) -> list[Upload]:
     """The files of a multipart/form-data body, all in field `field_name`, kept in memory.
+
+    Args:
+        content_type: the request's Content-Type header.
+        body: the request body.
+        field_name: the form field of the images.
+        max_images: most parts (images) accepted.
+
+    Returns:
+        The uploads, in the order sent.
 
     Raises:
         ServeError: an empty body (400), another content type (415), a malformed or cut-off body
-            (400), another form field (400), or no file at all (400).
+            (400), another form field (400), no file at all (400), more than max_images (413).
     """
     from python_multipart import MultipartParser
     from python_multipart.multipart import parse_options_header
@@ -101,6 +149,9 @@ def parse_multipart(content_type: str, body: bytes, field_name: str = FIELD) -> 
     state: dict[str, Any] = {"part": None, "field": b"", "value": b""}
 
     def on_part_begin() -> None:
+        if len(parts) >= max_images:
+            raise ServeError(413, f"more than {max_images} images in one request (--max_images): "
+                                  "send them in several requests")
         state["part"] = {"headers": {}, "data": []}
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
@@ -126,6 +177,8 @@ def parse_multipart(content_type: str, body: bytes, field_name: str = FIELD) -> 
         parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
         parser.write(body)
         parser.finalize()
+    except ServeError:
+        raise
     except Exception as err:  # noqa: BLE001 - python-multipart raises its own error types
         raise ServeError(400, f"malformed multipart body ({err})") from None
     if state["part"] is not None or not parts:
@@ -251,9 +304,10 @@ def check_cam(cam: str, info: dict[str, Any]) -> str | None:
     return cam
 
 
-def error_response(status: int, message: str) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error as JSON {"error", "status"} (401 asks for a bearer token)."""
+    headers = {**(headers or {}), **({"WWW-Authenticate": "Bearer"} if status == 401 else {})}
+    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers or None)
 
 
 def check_key(request: Request, api_key: str | None) -> None:
@@ -285,25 +339,27 @@ def create_app(service: Service, settings: Settings) -> FastAPI:
         finally:
             await service.stop()
 
+    budget = DecodeBudget(settings.max_decode_mb)
     docs = offline_docs()
     app = FastAPI(title="pytorch-classifier-ng serve", version="1", lifespan=lifespan, redoc_url=None,
                   docs_url=None if docs else "/docs",
                   description="Predict images with a trained run: POST them to /predict as multipart field `file`.")
+    app.state.decode_budget = budget  # shared by every request of this app
     app.openapi_version = "3.0.3"  # what the bundled Swagger UI 4 renders; the schema uses nothing of 3.1
     app.add_middleware(CountRequests, metrics=metrics)
     _add_error_handlers(app)
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
     if docs:
         _mount_docs(app, docs)
-    _add_status_routes(app, service, settings, metrics)
-    _add_predict_route(app, service, settings, metrics)
+    _add_status_routes(app, service, settings, metrics, budget)
+    _add_predict_route(app, service, settings, metrics, budget)
     return app
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServeError)
     async def serve_error(_: Request, err: ServeError) -> JSONResponse:
-        return error_response(err.status, err.message)
+        return error_response(err.status, err.message, err.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -315,7 +371,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response(422, f"{'.'.join(map(str, first.get('loc', ())))}: {first.get('msg', 'invalid request')}")
 
 
-def _add_status_routes(app: FastAPI, service: Service, settings: Settings, metrics: Metrics) -> None:
+def _add_status_routes(app: FastAPI, service: Service, settings: Settings, metrics: Metrics, budget: DecodeBudget) -> None:
     def auth(request: Request) -> None:
         check_key(request, settings.api_key)
 
@@ -334,16 +390,20 @@ def _add_status_routes(app: FastAPI, service: Service, settings: Settings, metri
 
     @app.get("/info", dependencies=[Depends(auth)], summary="the model: name, classes, image size, backend")
     async def info() -> dict[str, Any]:
-        return {**service.info(), "max_bytes": settings.max_bytes, "max_pixels": settings.max_pixels,
-                "timeout": settings.timeout, "auth": settings.api_key is not None}
+        return {**service.info(), "max_bytes": settings.max_bytes, "max_images": settings.max_images,
+                "max_pixels": settings.max_pixels, "max_decode_mb": settings.max_decode_mb,
+                "timeout": settings.timeout, "body_timeout": settings.body_timeout, "auth": settings.api_key is not None}
 
     @app.get("/metrics", dependencies=[Depends(auth)], response_class=PlainTextResponse,
              summary="request counts, latency and batch sizes (Prometheus text format)")
     async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(await service.stats()), media_type="text/plain; version=0.0.4")
+        stats = await service.stats()  # a ServeError (503) when its counts cannot be read
+        stats["gauges"] = {**stats.get("gauges", {}), "serve_decode_bytes": budget.used,
+                           "serve_decode_bytes_peak": budget.peak, "serve_decode_waiting": budget.waiting()}
+        return PlainTextResponse(metrics.render(stats), media_type="text/plain; version=0.0.4")
 
 
-def _add_predict_route(app: FastAPI, service: Service, settings: Settings, metrics: Metrics) -> None:
+def _add_predict_route(app: FastAPI, service: Service, settings: Settings, metrics: Metrics, budget: DecodeBudget) -> None:
     def auth(request: Request) -> None:
         check_key(request, settings.api_key)
 
@@ -356,13 +416,14 @@ def _add_predict_route(app: FastAPI, service: Service, settings: Settings, metri
         if not ok:
             raise ServeError(503, f"not ready: {reason}")
         cam_type = check_cam(cam, service.info())
-        body = await read_body(request, settings.max_bytes)
-        uploads = parse_multipart(request.headers.get("content-type", ""), body)
+        body = await read_body(request, settings.max_bytes, settings.body_timeout)
+        uploads = parse_multipart(request.headers.get("content-type", ""), body, max_images=settings.max_images)
         del body
-        pre = service.preprocessor()
-        tensors = await run_in_threadpool(lambda: [pre(u) for u in uploads])
+        arrived = time.perf_counter()  # --timeout counts from here: a slow body is --body_timeout's
+        tensors = await decode_uploads(uploads, service.preprocessor(), budget, settings.timeout)
         jobs = [Job(u.name, t, cam_type) for u, t in zip(uploads, tensors)]
-        results = await service.predict(jobs, max(0.001, settings.timeout - (time.perf_counter() - t0)))
+        del uploads, tensors
+        results = await service.predict(jobs, max(0.001, settings.timeout - (time.perf_counter() - arrived)))
         metrics.predicted(len(results))
         model = service.info()
         return {"model": model["model_name"], "model_type": model["model_type"],

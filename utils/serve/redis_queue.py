@@ -9,9 +9,14 @@ Keys, under a prefix (--queue_name, default `serve`):
   input, name, CAM type, timeout and the reply list to answer on). A worker takes up to
   max_batch entries at once (XREADGROUP), runs them as one batch, pushes each result to its reply
   list, then acknowledges and deletes the entries.
-- `<p>:worker:<id>`, each worker's heartbeat (its model's meta), refreshed every heartbeat/3 s and
-  expiring after the heartbeat: the API tier is ready while one exists, and reads the model's
-  meta from it (the API tier never loads the model).
+- `<p>:model`, the model the queue serves: its id (a SHA-256 of its file(s), meta and
+  --conf_threshold) and meta, claimed by the first worker and kept by every worker's heartbeat
+  (it expires a heartbeat after the last worker stops). A worker whose model is another refuses
+  to start, in one line; the API tier reads the model's meta from it (it never loads the model)
+  and stamps each image with the id, and a worker refuses an image stamped with another id, so
+  no image is ever answered by another model.
+- `<p>:worker:<id>`, each worker's heartbeat (its model's id), refreshed every heartbeat/3 s and
+  expiring after the heartbeat: the API tier is ready while one serves the queue's model.
 - `<p>:reply:<api id>`, one list per API process, read by one BLPOP loop that wakes the waiting
   requests.
 - `<p>:stats:batches`, a hash of batch size -> batches run (for /metrics); `<p>:stats:retried` and
@@ -24,10 +29,17 @@ times is answered with an error instead (an image that kills workers). An entry 
 timeout is dropped unanswered, because its request has already been answered 504 by the API tier,
 which never waits past --timeout. Ages come from stream IDs and Redis' clock, so machine clocks
 need not agree.
+
+Redis may restart and lose everything (it is started without persistence, as the README does):
+workers and the API tier wait while it is away, then carry on: the API tier's XADD creates the
+stream again, the workers create their group (from the stream's first entry, so that nothing
+queued meanwhile is missed), and the heartbeats bring back the workers' keys and the queue's
+model; only the images queued at that moment are lost (their requests get a 504).
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -36,12 +48,14 @@ import threading
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from utils.core.log import UserError
 from utils.core.schema import PreprocessSpec
+from utils.deploy.formats import get_format
 from utils.serve.service import Job, ModelRunner, Preprocessor, ServeError
 from utils.serve.settings import BATCH, HTTP, QUEUE, WORKER
 
@@ -50,11 +64,18 @@ LOGGER = logging.getLogger(__name__)
 GROUP = "workers"
 STREAM_MAXLEN = 100_000  # approximate cap on queued images (old entries are trimmed first)
 REPLY_TTL_S = 60  # reply lists of API processes that went away expire
+# <p>:model: set it (with its time to live) unless another model holds it; else return the holder
+CLAIM_SCRIPT = """
+local held = redis.call('GET', KEYS[1])
+if held and string.sub(held, 1, string.len(ARGV[1]) + 1) ~= ARGV[1] .. '\\n' then return held end
+redis.call('SET', KEYS[1], ARGV[1] .. '\\n' .. ARGV[2], 'PX', ARGV[3])
+return false
+"""
 
 
 def keys(prefix: str) -> dict[str, str]:
     """The Redis key names under a prefix."""
-    return {"jobs": f"{prefix}:jobs", "worker": f"{prefix}:worker:", "reply": f"{prefix}:reply:",
+    return {"jobs": f"{prefix}:jobs", "model": f"{prefix}:model", "worker": f"{prefix}:worker:", "reply": f"{prefix}:reply:",
             "batches": f"{prefix}:stats:batches", "retried": f"{prefix}:stats:retried", "failed": f"{prefix}:stats:failed"}
 
 
@@ -92,21 +113,74 @@ def connect(url: str, asyncio_client: bool = False) -> Any:
     return client
 
 
-def ensure_group(client: Any, stream: str) -> None:
-    """Create the stream and its consumer group if missing (sync client)."""
+def ensure_group(client: Any, stream: str) -> bool:
+    """Create the stream and its consumer group if missing (sync client).
+
+    Args:
+        client: a sync Redis client.
+        stream: the stream's key.
+
+    Returns:
+        True when they were created (missing: a new queue, or a Redis that restarted without its data).
+    """
     import redis
 
     try:
-        client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        client.xgroup_create(stream, GROUP, id="0", mkstream=True)  # id 0: images queued before it are read too
     except redis.ResponseError as err:
         if "BUSYGROUP" not in str(err):
             raise
+        return False
+    return True
 
 
-def encode_job(job: Job, job_id: str, reply: str, timeout_ms: int) -> dict[str, Any]:
-    """The stream fields of one image."""
+def model_id(runner: ModelRunner) -> str:
+    """What tells the models of a queue apart: a SHA-256 of the model's file(s), its meta and its
+    --conf_threshold (two runs of one architecture and classes differ in their weights).
+
+    Args:
+        runner: the loaded model (its backend's `.file`, when it has one, is hashed).
+
+    Returns:
+        16 hex digits.
+    """
+    digest = hashlib.sha256(json.dumps([runner.meta.to_dict(), runner.conf_threshold], sort_keys=True,
+                                       default=str).encode())
+    file = getattr(runner.backend, "file", None)
+    files: list[Path] = []
+    if file is not None:
+        file = Path(file)
+        companions = (file.with_suffix(s) for s in get_format(runner.backend.model_type).companions)
+        files = sorted(p for p in file.rglob("*") if p.is_file()) if file.is_dir() else \
+            [file, *(p for p in companions if p.is_file())]
+    for path in files:
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def model_label(claim: dict[str, Any]) -> str:
+    """A queue's model in words: 'resnet10t (torch, runs/exp/best.pt, id 0123abcd...)'."""
+    meta = claim.get("meta", {})
+    return f"{meta.get('model_name', '?')} ({meta.get('model_type', '?')}, {claim.get('file', '?')}, id {claim.get('id', '?')})"
+
+
+def parse_claim(raw: bytes | None) -> dict[str, Any] | None:
+    """The value of <p>:model ('ID\\nJSON') as a dict with 'id', or None."""
+    if not raw:
+        return None
+    ident, _, rest = raw.decode("utf-8", "replace").partition("\n")
+    try:
+        return {**json.loads(rest), "id": ident}
+    except ValueError:
+        return {"id": ident}
+
+
+def encode_job(job: Job, job_id: str, reply: str, timeout_ms: int, model: str) -> dict[str, Any]:
+    """The stream fields of one image; `model` is the id of the model it was prepared for."""
     return {"id": job_id, "reply": reply, "name": job.name.encode("utf-8", "replace"), "cam": job.cam or "",
-            "timeout_ms": str(timeout_ms), "shape": ",".join(map(str, job.tensor.shape)),
+            "timeout_ms": str(timeout_ms), "shape": ",".join(map(str, job.tensor.shape)), "model": model,
             "data": np.ascontiguousarray(job.tensor, dtype=np.uint8).tobytes()}
 
 
@@ -142,6 +216,8 @@ class RedisService:
         self.waiting: dict[str, asyncio.Future] = {}
         self.workers: dict[str, dict[str, Any]] = {}
         self.meta: dict[str, Any] | None = None
+        self.model_id = ""  # the id of the model self.meta describes (utils.serve.redis_queue.model_id)
+        self.model_label = ""
         self._pre: Preprocessor | None = None
         self._problem = "no worker has registered yet (start: serve.py --worker --queue URL --save_path RUN)"
         self._tasks: list[asyncio.Task] = []
@@ -185,6 +261,8 @@ class RedisService:
                 future.set_result(message)
 
     async def _watch_workers(self) -> None:
+        """Every second: the queue's model and workers; a change of readiness is logged in one line."""
+        was = self.ready()
         while True:
             await asyncio.sleep(1.0)
             try:
@@ -194,29 +272,35 @@ class RedisService:
             except Exception as err:  # noqa: BLE001
                 self.workers = {}
                 self._problem = f"Redis at {safe_url(self.url)} does not answer ({err})"
+            now = self.ready()
+            if now[0] != was[0] or (not now[0] and now[1] != was[1]):
+                LOGGER.warning("%s: %s", "ready" if now[0] else "not ready", now[1])
+            was = now
 
     async def _refresh_workers(self) -> None:
+        """Read the queue's model and its live workers. (After Redis lost its data, XADD creates the
+        stream again; the workers, its readers, create their group, from its first entry.)"""
+        claim = parse_claim(await self.client.get(self.keys["model"]))
         names = [k async for k in self.client.scan_iter(match=self.keys["worker"] + "*", count=1000)]
         values = await self.client.mget(names) if names else []
         workers = {n.decode(): json.loads(v) for n, v in zip(names, values) if v}
-        self.workers = workers
-        if not workers:
+        # only workers of the queue's model count (a worker of another model refuses to start)
+        self.workers = {n: w for n, w in workers.items() if claim and w.get("model_id") == claim["id"]}
+        if claim is None or not self.workers:
             self._problem = "no live worker (start: serve.py --worker --queue URL --save_path RUN)"
             return
-        metas = {json.dumps(w["meta"], sort_keys=True) for w in workers.values()}
-        if len(metas) > 1:
-            self._problem = "the live workers serve different models: run one model per --queue_name"
+        if "preprocess" not in claim.get("meta", {}):
+            self._problem = f"the record of the queue's model ({self.keys['model']}) is unreadable"
             return
-        meta = next(iter(workers.values()))["meta"]
-        if meta != self.meta:
-            self.meta = meta
-            self._pre = Preprocessor(PreprocessSpec.from_dict(meta["preprocess"], "the workers' model"), self.max_pixels)
+        if claim["id"] != self.model_id:
+            self.model_id, self.meta, self.model_label = claim["id"], claim["meta"], model_label(claim)
+            self._pre = Preprocessor(PreprocessSpec.from_dict(self.meta["preprocess"], "the workers' model"), self.max_pixels)
         self._problem = ""
 
     def ready(self) -> tuple[bool, str]:
         if self._problem or self.meta is None:
             return False, self._problem or "no worker"
-        return True, f"{len(self.workers)} worker(s)"
+        return True, f"{len(self.workers)} worker(s) of {self.model_label}"
 
     def preprocessor(self) -> Preprocessor:
         if self._pre is None:
@@ -226,7 +310,7 @@ class RedisService:
     def info(self) -> dict[str, Any]:
         base = dict(self.meta or {})
         return {**base, "mode": self.mode, "queue": safe_url(self.url), "queue_name": self.prefix,
-                "workers": len(self.workers),
+                "model_id": self.model_id, "workers": len(self.workers),
                 "max_batch": sorted({w.get("max_batch") for w in self.workers.values()}),
                 "max_wait_ms": sorted({w.get("max_wait_ms") for w in self.workers.values()})}
 
@@ -238,7 +322,7 @@ class RedisService:
         try:
             pipe = self.client.pipeline(transaction=False)
             for job, job_id in zip(jobs, ids):
-                pipe.xadd(self.keys["jobs"], encode_job(job, job_id, self.reply_key, int(timeout * 1000)),
+                pipe.xadd(self.keys["jobs"], encode_job(job, job_id, self.reply_key, int(timeout * 1000), self.model_id),
                           maxlen=STREAM_MAXLEN, approximate=True)
             await pipe.execute()
             messages = await asyncio.wait_for(asyncio.gather(*futures), timeout)
@@ -258,12 +342,23 @@ class RedisService:
         return [m["result"] for m in messages]
 
     async def stats(self) -> dict[str, Any]:
-        raw = await self.client.hgetall(self.keys["batches"])
-        retried, failed = await self.client.mget([self.keys["retried"], self.keys["failed"]])
+        """The counts /metrics shows, kept in Redis.
+
+        Raises:
+            ServeError: 503 when Redis does not answer (logged in one line).
+        """
+        try:
+            raw = await self.client.hgetall(self.keys["batches"])
+            retried, failed = await self.client.mget([self.keys["retried"], self.keys["failed"]])
+            length = await self.client.xlen(self.keys["jobs"])
+        except Exception as err:  # noqa: BLE001 - Redis down or refusing: a clear answer, not a traceback
+            why = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            LOGGER.warning("/metrics: Redis at %s does not answer (%s)", safe_url(self.url), why)
+            raise ServeError(503, f"/metrics: the counts are kept in Redis at {safe_url(self.url)}, which does not "
+                                  f"answer ({why}); try again when it is back") from None
         return {"batch_sizes": Counter({int(k): int(v) for k, v in raw.items()}),
                 "gauges": {"serve_workers": len(self.workers), "serve_queue_retried_total": int(retried or 0),
-                           "serve_queue_failed_total": int(failed or 0),
-                           "serve_queue_length": await self.client.xlen(self.keys["jobs"])}}
+                           "serve_queue_failed_total": int(failed or 0), "serve_queue_length": length}}
 
 
 # ------------------------------------------------------------------------------ worker
@@ -293,51 +388,91 @@ class RedisWorker:
         self.heartbeat_s = heartbeat_s
         self.max_deliveries = max_deliveries
         self.name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.prefix = prefix
         self.client = connect(url)
         self.shape = runner.input_shape()
         self.stop_event = threading.Event()
         self.batches = 0
         self.images = 0
+        self.model_id = model_id(runner)
+        self.claim = {"id": self.model_id, "meta": runner.describe(), "file": str(getattr(runner.backend, "file", "?"))}
+        self.refusal = ""  # why this worker stopped: the queue serves another model
+        self._claim_script = self.client.register_script(CLAIM_SCRIPT)
+        self._claim()
         ensure_group(self.client, self.keys["jobs"])
 
-    # -- heartbeat
+    # -- the queue's model, and the heartbeat
+    def _claim(self) -> None:
+        """Claim the queue for this worker's model, or keep the claim alive.
+
+        Raises:
+            UserError: the queue serves another model (one line: which, and what to do).
+        """
+        held = self._claim_script(keys=[self.keys["model"]], args=[
+            self.model_id, json.dumps({k: v for k, v in self.claim.items() if k != "id"}), int(self.heartbeat_s * 1000)])
+        if held:
+            raise UserError(f"--queue_name '{self.prefix}' at {safe_url(self.url)} serves {model_label(parse_claim(held) or {})}, "
+                            f"but this worker's model is {model_label(self.claim)}: serve it under another --queue_name "
+                            f"(or stop that queue's workers: the queue is free {self.heartbeat_s:g} s after the last one stops)")
+
     def _beat(self) -> None:
-        payload = json.dumps({"meta": self.runner.describe(), "pid": os.getpid(), "host": socket.gethostname(),
-                              "max_batch": self.max_batch, "max_wait_ms": self.max_wait_ms})
+        self._claim()
+        payload = json.dumps({"model_id": self.model_id, "model_name": self.runner.meta.model_name, "pid": os.getpid(),
+                              "host": socket.gethostname(), "max_batch": self.max_batch, "max_wait_ms": self.max_wait_ms})
         self.client.set(self.keys["worker"] + self.name, payload, px=int(self.heartbeat_s * 1000))
 
     def _heartbeat_loop(self) -> None:
         while not self.stop_event.wait(self.heartbeat_s / 3):
             try:
                 self._beat()
+            except UserError as err:  # another model took the queue while Redis was away: stop taking images
+                self.refusal = str(err)
+                self.stop_event.set()
             except Exception as err:  # noqa: BLE001 - Redis away for a moment: the next beat may succeed
                 LOGGER.warning("heartbeat failed: %s", err)
 
     # -- the loop
     def run(self) -> None:
         """Serve until stop() (SIGTERM / Ctrl-C): the batch in hand is finished first. While Redis
-        is unreachable the worker waits and tries again (its images stay pending there)."""
+        is unreachable the worker waits and tries again (its images stay pending there); when Redis
+        comes back without its data, the stream and group are created again.
+
+        Raises:
+            UserError: the queue came to serve another model (see _claim).
+        """
         import redis
 
-        self._beat()
         beater = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beater.start()
-        last_claim = 0.0
+        last_claim, missing = 0.0, False
         try:
             while not self.stop_event.is_set():
                 try:
+                    if missing and ensure_group(self.client, self.keys["jobs"]):
+                        LOGGER.warning("the queue %s was missing in Redis (restarted without its data?): created it "
+                                       "again", self.keys["jobs"])
+                    if missing or not last_claim:
+                        self._beat()  # at once: the API tier is ready again only with a heartbeat
+                    missing = False
                     if time.monotonic() - last_claim > self.heartbeat_s / 3:
                         last_claim = time.monotonic()
                         self.reclaim()
                     entries = self.read_batch()
                     if entries:
                         self.process(entries)
-                except (redis.ConnectionError, redis.TimeoutError) as err:
-                    LOGGER.warning("Redis at %s: %s; trying again in 1 s", safe_url(self.url), err)
-                    self.stop_event.wait(1.0)
+                except redis.RedisError as err:
+                    missing = True  # Redis may come back empty (NOGROUP: it did)
+                    if "NOGROUP" not in str(err):
+                        LOGGER.warning("Redis at %s: %s; trying again in 1 s", safe_url(self.url),
+                                       str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+                        self.stop_event.wait(1.0)
+        except UserError as err:
+            self.refusal = str(err)
         finally:
             self.stop_event.set()
             self._leave()
+        if self.refusal:
+            raise UserError(self.refusal)
 
     def _leave(self) -> None:
         """Drop the heartbeat and, when it holds no image, this consumer (deleting a consumer would
@@ -378,9 +513,15 @@ class RedisWorker:
         now_ms = self._redis_ms()
         jobs, live, replies = [], [], []
         for entry_id, fields in entries:
+            if not {b"id", b"reply", b"timeout_ms"} <= fields.keys():  # no one to answer: dropped, not fatal
+                LOGGER.warning("dropped %s of %s: not an image queued by serve.py", entry_id.decode(), self.keys["jobs"])
+                continue
             age_ms = now_ms - int(entry_id.split(b"-")[0])
             if age_ms > int(fields[b"timeout_ms"]):
                 continue  # its request was already answered 504
+            if fields.get(b"model", b"").decode() != self.model_id:
+                replies.append((fields, {"ok": False, "status": 503, "error": self._not_my_model(fields)}))
+                continue
             try:
                 jobs.append(decode_job(fields, self.shape))
                 live.append(fields)
@@ -398,6 +539,14 @@ class RedisWorker:
                 replies += [(f, {"ok": False, "status": 500, "error": f"the model failed: {type(err).__name__}: {err}"})
                             for f in live]
         self._answer(replies, [e[0] for e in entries], len(jobs), retried=len(jobs) if retried else 0)
+
+    def _not_my_model(self, fields: dict[bytes, bytes]) -> str:
+        """Why this worker refuses an image prepared for another model (one line)."""
+        name = fields.get(b"name", b"image").decode("utf-8", "replace")
+        sent = fields.get(b"model", b"").decode() or "none"
+        LOGGER.warning("refused %s: prepared for model id %s, this worker serves %s", name, sent, model_label(self.claim))
+        return (f"{name}: the API tier prepared it for the model with id {sent}, but the worker that took it serves "
+                f"{model_label(self.claim)}; it was not run (one model per --queue_name '{self.prefix}')")
 
     def _answer(self, replies: Sequence[tuple[dict[bytes, bytes], dict[str, Any]]], ids: Sequence[bytes], batch: int,
                 retried: int = 0, failed: int = 0) -> None:

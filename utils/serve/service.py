@@ -11,22 +11,28 @@ The HTTP tier and the model meet at the `Service` interface (`preprocessor`, `in
 processes on any machine. Either way the HTTP tier decodes each image with the loader used for
 training (`decode_image` -> utils.data.decode.load_image: EXIF orientation, every mode, the bomb limit)
 under a pixel limit, and hands on only the model's uint8 input (`Preprocessor`, from the model's
-meta alone). `ModelRunner` is predict.py's code path: `InputPlan` -> `Ensemble.predict` ->
+meta alone). `decode_uploads` decodes a request's images one after another, each waiting its
+turn (first come, first served) until the memory it takes to decode (estimated from its header:
+`decode_bytes`) fits in a budget shared by all requests (`DecodeBudget`, --max_decode_mb), so
+that the memory of decoding is bounded whatever the number of requests, and gives up at --timeout. `ModelRunner` is predict.py's code path: `InputPlan` -> `Ensemble.predict` ->
 `prediction_rows` (top-5, entropy, uncertain: the PredictionRow predict.py writes, as JSON), plus CAM overlays (utils.explain.cam) as base64 PNGs.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import ctypes
+import ctypes.util
 import io
 import logging
 import queue
 import threading
 import time
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -43,15 +49,30 @@ if TYPE_CHECKING:  # torch only for CAM overlays: an exported model is served wi
     import torch
 
 LOGGER = logging.getLogger(__name__)
+RETRY_AFTER_S = 2  # the Retry-After of a request that waited --timeout for its turn to decode
+MIB = 1024 * 1024
+# Bytes a pixel takes at the peak of decoding an image of this mode and converting it to the
+# model's 8-bit RGB or L (utils.data.decode.load_image), the larger of the two; measured with
+# Pillow 12 by benchmarks/serve_memory.py --modes. Modes not listed count as the largest.
+DECODE_BYTES = {"1": 6, "L": 5, "P": 6, "RGB": 5, "RGBA": 20, "RGBa": 20, "LA": 20, "La": 20, "PA": 20,
+                "CMYK": 9, "YCbCr": 9, "LAB": 9, "HSV": 9, "RGBX": 9, "I;16": 26, "I;16B": 26, "I;16L": 26,
+                "I;16N": 26, "I": 28, "F": 28}
 
 
 class ServeError(Exception):
-    """A request that cannot be served: answered as {"error": message, "status": status}."""
+    """A request that cannot be served: answered as {"error": message, "status": status}.
 
-    def __init__(self, status: int, message: str) -> None:
+    Args:
+        status: the HTTP status.
+        message: one line: what, where, how to fix.
+        headers: HTTP headers of the answer (Retry-After).
+    """
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 @dataclass
@@ -71,12 +92,32 @@ class Job:
     cam: str | None = None
 
 
-def decode_image(data: bytes, name: str, channels: Sequence[int], max_pixels: int) -> dict[int, Image.Image]:
-    """Decode one uploaded image as training does (utils.data.decode.load_image), per channel count.
+@dataclass(frozen=True)
+class Header:
+    """What an image file's header says: its format, size and Pillow mode."""
+
+    format: str
+    width: int
+    height: int
+    mode: str
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height} {self.mode}"
+
+
+def check_header(data: bytes, name: str, max_pixels: int) -> Header:
+    """An uploaded image's format and pixel count, from its header (nothing is decoded).
+
+    Args:
+        data: the file as uploaded.
+        name: its name, for the messages.
+        max_pixels: the per-image pixel limit.
+
+    Returns:
+        The header.
 
     Raises:
-        ServeError: an empty file (400), not an image (415), too many pixels (413), or an image
-            that fails to decode, such as a truncated one (422).
+        ServeError: an empty file (400), not an image (415), too many pixels (413).
     """
     if not data:
         raise ServeError(400, f"{name}: empty file")
@@ -85,7 +126,7 @@ def decode_image(data: bytes, name: str, channels: Sequence[int], max_pixels: in
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 width, height = img.size
-                fmt = img.format or "image"
+                fmt, mode = img.format or "image", img.mode
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ServeError(413, f"{name}: larger than the decompression-bomb limit of {MAX_IMAGE_PIXELS} pixels") from None
     except UnidentifiedImageError:
@@ -95,6 +136,51 @@ def decode_image(data: bytes, name: str, channels: Sequence[int], max_pixels: in
     if width * height > max_pixels:
         raise ServeError(413, f"{name}: {width}x{height} = {width * height} pixels is over the limit of "
                               f"{max_pixels} pixels (--max_pixels)")
+    return Header(fmt, width, height, mode)
+
+
+def decode_bytes(pixels: int, mode: str) -> int:
+    """The memory decoding an image takes at its peak (DECODE_BYTES), from its header's size and mode.
+
+    Args:
+        pixels: width x height.
+        mode: the Pillow mode of the file (its header's).
+
+    Returns:
+        Bytes.
+    """
+    return pixels * DECODE_BYTES.get(mode, max(DECODE_BYTES.values()))
+
+
+def map_large_allocations(threshold: int = 4 * MIB) -> bool:
+    """Have glibc's malloc take blocks of `threshold` bytes or more straight from the system (mmap),
+    so that the memory of a decoded image goes back to it when the image is freed.
+
+    glibc raises that threshold by itself, up to 32 MiB, after the first such block is freed; from
+    then on Pillow's 16 MiB image blocks come from the arena of the thread that decodes, which keeps
+    them. Here two 39.6 MP PNGs decoded at a time by 16 threads took the process to 1.65 GB, and
+    1.9 GB stayed; with the threshold fixed, 0.34 GB, and nothing stayed.
+
+    Args:
+        threshold: the size from which a block is mapped.
+
+    Returns:
+        Whether it was set (glibc only; elsewhere nothing changes).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def decode_image(data: bytes, name: str, channels: Sequence[int], max_pixels: int) -> dict[int, Image.Image]:
+    """Decode one uploaded image as training does (utils.data.decode.load_image), per channel count.
+
+    Raises:
+        ServeError: as check_header, or an image that fails to decode, such as a truncated one (422).
+    """
+    fmt = check_header(data, name, max_pixels).format
     try:
         return {c: load_image(io.BytesIO(data), c) for c in channels}  # type: ignore[arg-type]
     except Exception as err:  # noqa: BLE001 - any decoder failure is the client's file
@@ -115,9 +201,131 @@ class Preprocessor:
         self.channels = sorted(set(self.plan.channels))
         self.max_pixels = max_pixels
 
+    def cost(self, upload: Upload) -> tuple[int, Header]:
+        """The memory decoding the upload takes (decode_bytes), and its header (raises as check_header)."""
+        head = check_header(upload.data, upload.name, self.max_pixels)
+        return decode_bytes(head.width * head.height, head.mode), head
+
     def __call__(self, upload: Upload) -> np.ndarray:
         images = decode_image(upload.data, upload.name, self.channels, self.max_pixels)
         return self.plan.inputs(images)[0]
+
+
+# ------------------------------------------------------------------------------ decoding, bounded
+class DecodeBudget:
+    """The memory of the images being decoded at once, all requests together (--max_decode_mb): an
+    image waits, first come first served, until its decode_bytes fit. Used from the event loop only.
+
+    Args:
+        max_decode_mb: most MiB decoded at once; 0 = no bound (decode_uploads refuses an image
+            that needs more on its own).
+    """
+
+    def __init__(self, max_decode_mb: int = HTTP.max_decode_mb) -> None:
+        self.limit = max_decode_mb * MIB
+        self.used = 0
+        self.peak = 0  # the most bytes taken at once so far
+        self._waiters: deque[tuple[int, asyncio.Future]] = deque()
+
+    def waiting(self) -> int:
+        """Images waiting for their turn."""
+        return sum(not future.done() for _, future in self._waiters)
+
+    def _fits(self, size: int) -> bool:
+        return self.limit <= 0 or self.used + size <= self.limit
+
+    def _take(self, size: int) -> None:
+        self.used += size
+        self.peak = max(self.peak, self.used)
+
+    def _grant(self) -> None:
+        while self._waiters:
+            size, future = self._waiters[0]
+            if future.done():  # its request gave up
+                self._waiters.popleft()
+            elif self._fits(size):
+                self._waiters.popleft()
+                self._take(size)
+                future.set_result(None)
+            else:
+                break  # first come, first served: a large image is not overtaken for ever by small ones
+
+    async def acquire(self, size: int) -> None:
+        """Wait until `size` more bytes fit; a wait that is cancelled takes nothing."""
+        if not self._waiters and self._fits(size):
+            self._take(size)
+            return
+        entry = (size, asyncio.get_running_loop().create_future())
+        self._waiters.append(entry)
+        try:
+            await entry[1]
+        except asyncio.CancelledError:
+            if entry[1].done() and not entry[1].cancelled():  # granted just as it was cancelled
+                self.release(size)
+            else:
+                self._grant()  # the head of the line may have left
+            raise
+
+    def release(self, size: int) -> None:
+        """Give back the bytes of an image decoded (or failed)."""
+        self.used -= size
+        self._grant()
+
+
+def _decoded(budget: DecodeBudget, size: int, work: asyncio.Future) -> None:
+    """The decoding thread is done: its bytes go back to the budget (even if its request gave up)."""
+    budget.release(size)
+    if not work.cancelled():
+        work.exception()  # retrieved: a failure of a request that gave up is not logged as unhandled
+
+
+async def decode_uploads(uploads: Sequence[Upload], pre: Preprocessor, budget: DecodeBudget,
+                         timeout: float) -> list[np.ndarray]:
+    """The model inputs of a request's uploads: headers first (a bad image is refused before anything
+    is decoded), then one image after another, each once the memory it takes fits in the budget.
+
+    Args:
+        uploads: the request's images.
+        pre: the model's preprocessor.
+        budget: the memory decoded at once, shared by all requests.
+        timeout: seconds for all of it.
+
+    Returns:
+        One uint8 model input per upload, in order.
+
+    Raises:
+        ServeError: a bad image (4xx), or one that needs more than the whole budget (413); 503 with
+            Retry-After when `timeout` passes while an image waits for its turn; 504 when it passes
+            while this request's images are decoded.
+    """
+    from starlette.concurrency import run_in_threadpool  # (the HTTP tier's threads, as for any blocking call)
+
+    inputs: list[np.ndarray] = []
+    waiting: tuple[Upload, int] | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            costs = await run_in_threadpool(lambda: [pre.cost(u) for u in uploads])
+            for upload, (size, head) in zip(uploads, costs):
+                if budget.limit and size > budget.limit:
+                    raise ServeError(413, f"{upload.name}: decoding this {head} image takes about {size / MIB:.0f} MiB, "
+                                          f"over the {budget.limit // MIB} MiB decoded at once (--max_decode_mb): send "
+                                          "it smaller, or as 8-bit RGB")
+            for upload, (size, _) in zip(uploads, costs):
+                waiting = (upload, size)
+                await budget.acquire(size)
+                waiting = None
+                work = asyncio.ensure_future(run_in_threadpool(pre, upload))
+                work.add_done_callback(partial(_decoded, budget, size))
+                inputs.append(await asyncio.shield(work))  # a request that gives up leaves the thread its bytes
+    except TimeoutError:
+        if waiting is not None:
+            raise ServeError(503, f"{waiting[0].name} waited {timeout:g}s (--timeout) for its turn to be decoded: "
+                                  f"{budget.used / MIB:.0f} MiB of other images are being decoded (--max_decode_mb "
+                                  f"{budget.limit // MIB}); retry after {RETRY_AFTER_S} s",
+                             headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        raise ServeError(504, f"decoding {len(uploads)} image(s) took over {timeout:g}s (--timeout; {len(inputs)} done): "
+                              "send fewer or smaller images per request") from None
+    return inputs
 
 
 # ------------------------------------------------------------------------------ the model side

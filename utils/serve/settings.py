@@ -41,8 +41,13 @@ class HttpDefaults:
     host: str = "127.0.0.1"  # loopback: any other address needs an API key
     port: int = 8000
     max_bytes: int = 32 * 1024 * 1024
+    max_images: int = 64  # per request
     max_pixels: int = 40_000_000  # under utils.data.decode.MAX_IMAGE_PIXELS, the loader's bomb limit
-    timeout: float = 30.0
+    # MiB of images being decoded at once, all requests together (0: no bound): five 8-bit RGB
+    # images at --max_pixels (5 bytes a pixel at the peak, utils.serve.service.DECODE_BYTES)
+    max_decode_mb: int = 1024
+    timeout: float = 30.0  # from a request's complete body to its answer
+    body_timeout: float = 30.0  # for the body to arrive
 
 
 @dataclass(frozen=True)
