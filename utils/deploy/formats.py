@@ -106,6 +106,9 @@ class ModelFormat:
             raise UserError(f"--half applies to {', '.join(f.flag for f in FORMATS.values() if f.half)} models; a "
                             f"{self.flag} model keeps the precision it was exported with (python export.py --half makes "
                             "a float16 one)")
+        if half and getattr(device, "type", str(device).split(":")[0]) != "cuda":
+            raise UserError("--half needs a CUDA device (float16 inference on a CPU is slow and inexact): drop --half or "
+                            "pass --device 0")
         return self._module().Backend(Path(file), device, half)
 
 

@@ -127,8 +127,6 @@ class Backend:
 
         from utils.data.transforms import Normalize
 
-        if half and device.type != "cuda":
-            raise UserError("--half needs a CUDA device (float16 inference on a CPU is slow and inexact): drop --half or pass --device 0")
         self.file = Path(folder)
         try:
             config = json.loads((self.file / CONFIG_FILE).read_text(encoding="utf-8"))

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from utils.core.checkpoint import load_checkpoint
-from utils.core.log import UserError
 from utils.core.schema import ModelMeta
 from utils.data.transforms import Normalize
 from utils.deploy.runtime import torch_input, torch_output
@@ -34,8 +33,6 @@ class Backend:
     model_type = "torch"
 
     def __init__(self, file: Path, device: torch.device, half: bool = False) -> None:
-        if half and device.type != "cuda":
-            raise UserError("--half needs a CUDA device (float16 inference on a CPU is slow and inexact): drop --half or pass --device 0")
         ckpt = load_checkpoint(file, what="model")
         self.file = Path(file)
         self.meta: ModelMeta = ckpt.meta

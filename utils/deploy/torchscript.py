@@ -57,9 +57,6 @@ class Backend:
         self.file = Path(file)
         self.info, source = read_export_info(file, extra[META_FILE])
         self.meta: ModelMeta = export_meta(self.info, source)  # a TorchScript module does not tell its input shape
-        if half and device.type != "cuda":
-            raise UserError("--half needs a CUDA device (float16 inference on a CPU is slow and inexact): drop --half or "
-                            "pass --device 0")
         self.device = device
         self.half = half
         self.model = module.half() if half else module.float()
