@@ -53,12 +53,13 @@ demo: $(STAMP)
 		--save_path runs/demo
 
 # Installed with one apt-get when missing and apt-get can (root, or sudo without a password);
-# otherwise the tests that need them skip and say why (with REQUIRE_SYSTEM_DEPS=1, as CI's .ci/run
-# sets it, they fail instead: tests/system_deps.py).
+# otherwise the tests that need them skip and say why.
+MISSING_DEPS = missing=""; for dep in $(SYSTEM_DEPS); do what=$${dep%%:*}; pkg=$${dep\#\#*:}; \
+	  if [ "$${what\#/}" = "$$what" ]; then command -v $$what >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	  else [ -f $$what ] || missing="$$missing $$pkg"; fi; done
+
 system-deps:
-	@missing=""; for dep in $(SYSTEM_DEPS); do what=$${dep%%:*}; pkg=$${dep##*:}; \
-	  if [ "$${what#/}" = "$$what" ]; then command -v $$what >/dev/null 2>&1 || missing="$$missing $$pkg"; \
-	  else [ -f $$what ] || missing="$$missing $$pkg"; fi; done; \
+	@$(MISSING_DEPS); \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi; \
 		if command -v apt-get >/dev/null 2>&1 && [ "$$SUDO" != none ]; then \
@@ -68,8 +69,11 @@ system-deps:
 		else echo "missing:$$missing and no apt-get to install them: the tests that need them will skip"; fi; \
 	fi
 
+# Once every system dependency is there, a test that needs one may not skip (REQUIRE_SYSTEM_DEPS=1,
+# tests/system_deps.py): a broken install or skip condition fails, as in CI, instead of passing as skips.
 test: $(DEV_STAMP) system-deps
-	$(PY) -m pytest -q
+	@$(MISSING_DEPS); if [ -z "$$missing" ]; then export REQUIRE_SYSTEM_DEPS=$${REQUIRE_SYSTEM_DEPS:-1}; \
+	else echo "missing:$$missing: the tests that need them skip"; fi; $(PY) -m pytest -q
 
 # The tracker tests with wandb and MLflow installed (offline; `make test` skips them without the packages).
 test-trackers: $(DEV_STAMP) $(TRACKERS_STAMP)

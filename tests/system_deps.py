@@ -1,7 +1,8 @@
 """A pytest plugin (loaded by conftest.py): tests marked `system_deps` need what `make system-deps`
 installs (redis-server, headless Chromium, the C++ toolchain and headers) and skip, saying why,
-where it is missing. With REQUIRE_SYSTEM_DEPS=1 (CI sets it in .ci/run: there `make test`
-installs them) such a skip is a failure, so a broken install cannot pass unnoticed as skips.
+where it is missing. With REQUIRE_SYSTEM_DEPS=1 (which `make test` sets once it finds them all
+installed, as in CI, where it installs them) such a skip is a failure, so a broken install or skip
+condition cannot pass unnoticed as skips.
 
     REQUIRE_SYSTEM_DEPS=1 python -m pytest -q      # as CI runs the suite
 """

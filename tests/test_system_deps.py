@@ -1,10 +1,12 @@
 """REQUIRE_SYSTEM_DEPS=1 (CI): a test that needs redis-server, Chromium or the C++ toolchain fails
 where it would skip (tests/system_deps.py); without it, it skips. Checked on a tiny test file run by
-pytest in a subprocess, and on the marks of the suite's own tests that need those parts."""
+pytest in a subprocess, on the marks of the suite's own tests that need those parts, and on `make test`,
+which sets it once every part is installed."""
 from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +86,24 @@ def test_the_tests_that_need_system_parts_are_marked_and_ci_requires_them() -> N
         defs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
         for function in functions:
             assert any(_marked(d) for d in defs[function].decorator_list), f"{name}::{function} lacks pytest.mark.system_deps"
-    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
-    assert "REQUIRE_SYSTEM_DEPS=1 make test" in ci
+    ci = [line for line in (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines() if line and line[0] not in "#sc"]
+    assert ci == ["make test"], "CI runs exactly the README's test command"
     assert "system-deps" in (REPO / "Makefile").read_text(encoding="utf-8").split("\ntest:", 1)[1].splitlines()[0]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.parametrize(("system_deps", "given", "required"), [
+    ("sh:dash", None, "1"),                         # every part there (CI, after make system-deps): no skip allowed
+    ("no-such-command-here:x", None, ""),           # a part missing (no root to install it): its tests skip
+    ("sh:dash", "0", "0"),                          # the caller's choice wins
+])
+def test_make_test_requires_the_parts_once_they_are_all_there(system_deps: str, given: str | None, required: str) -> None:
+    """`make test` (CI's command) runs pytest with REQUIRE_SYSTEM_DEPS=1 when every system part is
+    installed. The recipe runs with its prerequisites taken as done (-o) and PY a probe that prints
+    what pytest would have been given."""
+    probe = f"{sys.executable} -c 'import os; print(\"REQUIRE=\" + os.environ.get(\"REQUIRE_SYSTEM_DEPS\", \"\"))'"
+    env = {k: v for k, v in os.environ.items() if k != "REQUIRE_SYSTEM_DEPS"} | ({"REQUIRE_SYSTEM_DEPS": given} if given else {})
+    proc = subprocess.run(["make", "-s", "-o", ".venv/.installed-dev", "-o", "system-deps", "test", f"PY={probe}",
+                           f"SYSTEM_DEPS={system_deps}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == f"REQUIRE={required}", proc.stdout
