@@ -23,7 +23,7 @@ from utils.core.log import UserError, script_main
 from utils.core.names import DEFAULT_OPSET
 from utils.core.options import Options
 from utils.core.run import RunFolder
-from utils.deploy.formats import EXPORT_FLAGS, FORMATS
+from utils.deploy.formats import EXPORT_FLAGS, FORMATS, format_of
 
 # PyTorch and the exporters are imported in main(): `--help` answers at once.
 
@@ -85,6 +85,10 @@ def main(args: Options) -> list[dict[str, Any]]:
         print(formats_table())
         return []
     weights = RunFolder.checkpoint(args.save_path)
+    found = format_of(weights)
+    if found is not None and found.flag != "torch":
+        raise UserError(f"--save_path {weights} is a model in the {found.name} format: export.py exports a checkpoint of "
+                        "main.py; pass the run folder or its best.pt")
     if args.image_size is not None or args.image_channel is not None:
         from utils.core.checkpoint import load_checkpoint
 

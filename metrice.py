@@ -33,7 +33,7 @@ from utils.data.imageset import read_label_file, report_skipped
 from utils.data.sources import scan_split
 from utils.deploy.formats import MODEL_TYPES
 from utils.evaluate.split import measure_speed, predict_split, score_split
-from utils.infer.backends import model_device, models_from_flags, results_folder
+from utils.infer.backends import model_device, models_from_flags, results_folder, results_home
 from utils.infer.ensemble import Ensemble, add_ensemble_flags, ensemble_method, load_ensemble
 from utils.infer.speed import device_name
 
@@ -41,6 +41,8 @@ LOGGER = logging.getLogger("metrice")
 
 TASKS = ("train", "val", "test", "fps", "features")
 # What utils.evaluate.reports draws and computes with (module -> package); a deployment machine may lack them.
+# What to do when a split's labels do not fit the model's task (utils.data.imageset.ImageSet.as_task).
+MODEL_TASK_HINT = "evaluate it with a model of that task, or pass a split with one label per image"
 REPORT_PACKAGES = {"matplotlib": "matplotlib", "sklearn": "scikit-learn", "pycm": "pycm"}
 
 
@@ -138,10 +140,14 @@ def split_path(args: Options, run_args: dict[str, Any]) -> Path:
     return path
 
 
+def list_sep(args: Options, run_args: dict[str, Any]) -> str | None:
+    """The separator of a text list given as a split: --list_sep, else the run's own."""
+    return args.list_sep if args.list_sep is not None else run_args.get("list_sep")
+
+
 def output_folder(first: str, task: str) -> Path:
     """<run>/<task> (incremented: test, test2 ...) beside the first model."""
-    path = Path(first)
-    return increment_path((path if path.is_dir() else path.parent) / task)
+    return increment_path(results_home(first) / task)
 
 
 def load_models(args: Options) -> tuple[Ensemble, list[str], Any]:
@@ -193,8 +199,8 @@ def run_features(args: Options, ensemble: Ensemble, class_names: list[str], devi
         if split == "val" and not (args.val_path or run_args.get("val_path")):
             continue  # a run without a val split: train and test are enough
         folders[split] = split_path(args.replace(task=split), run_args)
-        image_set = scan_split(folders[split], class_names=ensemble.class_names, what=f"{split} set").as_task(
-            ensemble.meta.task_type)
+        image_set = scan_split(folders[split], class_names=ensemble.class_names, what=f"{split} set",
+                               list_sep=list_sep(args, run_args)).as_task(ensemble.meta.task_type, MODEL_TASK_HINT)
         report_skipped(image_set.skipped, f"{split} set {folders[split]}")
         samples[split] = image_set.samples
     for flag in ("visual", "tsne"):
@@ -223,8 +229,7 @@ def main(args: Options) -> dict[str, Any]:
     run_args = dict(first.run_args)
     folder = split_path(args, run_args)
     image_set = scan_split(folder, class_names=ensemble.class_names, what=f"{args.task} set",
-                           list_sep=args.list_sep if args.list_sep is not None else run_args.get("list_sep")
-                           ).as_task(ensemble.meta.task_type)
+                           list_sep=list_sep(args, run_args)).as_task(ensemble.meta.task_type, MODEL_TASK_HINT)
     report_skipped(image_set.skipped, f"{args.task} set {folder}")
     batch_size = args.batch_size or max(1, int(run_args.get("batch_size") or 32))
 

@@ -212,7 +212,6 @@ def predict_files(args: Options, source: Source, ensemble: Ensemble, cam_setup: 
                                                      images_out.submit)
     finally:
         images_out.close()
-        writer.close()
     writer.finish(len(files), files[done:], signal.Signals(stop.signal).name if stop.signal else "")
     return writer, first_skips, time.perf_counter() - t0, stop.signal or 0
 

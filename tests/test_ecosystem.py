@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -337,6 +338,32 @@ def test_safetensors_folder_crop_pct_gives_timm_our_resize(tmp_path: Path) -> No
     ours = image_transform(spec)(image).float() / 255
     ours = (ours - torch.tensor(spec.mean)[:, None, None]) / torch.tensor(spec.std)[:, None, None]
     assert torch.allclose(timm_transform(image), ours, atol=1e-6)
+
+
+def test_a_hub_folder_is_replaced_only_when_it_holds_only_export_pys_files(hub_folder: dict, tmp_path: Path) -> None:
+    """Exporting again replaces best_hub/ whole, so a file the user put there refuses the export (the
+    folder left as it was); and predict.py's results on a Hub folder go beside it, never inside it."""
+    from utils.core.log import UserError
+    from utils.deploy.export import ExportOptions, export_checkpoint
+
+    shutil.copy(hub_folder["root"] / "best.pt", tmp_path / "best.pt")
+    options = ExportOptions(formats=["safetensors"], device="cpu", parity_images=2)
+    folder = Path(export_checkpoint(tmp_path / "best.pt", options)[0]["path"])
+    (folder / "README.md").write_text("edited", encoding="utf-8")
+    (folder / "notes.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(UserError, match=r"best_hub holds files export.py did not write \(notes.txt\)"):
+        export_checkpoint(tmp_path / "best.pt", options)
+    assert (folder / "notes.txt").read_text(encoding="utf-8") == "mine" and (folder / "model.safetensors").is_file()
+    (folder / "notes.txt").unlink()
+    export_checkpoint(tmp_path / "best.pt", options)  # only its own files: replaced whole
+    assert (folder / "README.md").read_text(encoding="utf-8").startswith("---")
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["best_hub", "best_hub.json"]  # no leftover
+    from PIL import Image
+
+    Image.new("L", (32, 32), 90).save(tmp_path / "img.png")
+    proc = run_inprocess("predict.py", "--source", tmp_path / "img.png", "--weight", folder, "--device", "cpu")
+    assert_ok(proc)
+    assert not (folder / "predict").exists() and (folder.parent / "predict" / "exp" / "predictions.csv").is_file()
 
 
 def test_safetensors_export_refuses_a_model_timm_cannot_build(tmp_path: Path) -> None:

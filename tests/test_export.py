@@ -347,6 +347,17 @@ def test_deploy_model_folds_batchnorm_without_changing_outputs() -> None:
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()), "the trained model is left as it was"
 
 
+def test_export_of_an_exported_file_is_one_line(runs: dict[str, Path], exported: dict[str, Any]) -> None:
+    """export.py exports checkpoints: given an exported file it says so, not torch's unpickling message."""
+    import export
+
+    from utils.core.log import UserError
+
+    assert_ok(exported["resnet"])
+    with pytest.raises(UserError, match=r"best.onnx is a model in the ONNX format: export.py exports a checkpoint"):
+        export.main(export.parse_args(["--save_path", str(runs["resnet"] / "export" / "best.onnx"), "--device", "cpu"]))
+
+
 def test_backend_errors_say_what_to_do(runs: dict[str, Path], exported: dict[str, Any], tmp_path: Path) -> None:
     from utils.core.log import UserError
     from utils.deploy.formats import MODEL_TYPES

@@ -304,12 +304,18 @@ def test_user_errors_are_one_line(metric_runs: dict, metric_data: Path, tmp_path
     ckpt["class_names"] = list(reversed(ckpt["class_names"]))
     torch.save(ckpt, other / "best.pt")
 
+    several = tmp_path / "several.csv"
+    first = sorted((metric_data / "test" / CLASSES[0]).iterdir())[0]
+    several.write_text(f"path,labels\n{first},{CLASSES[0]}|{CLASSES[1]}\n", encoding="utf-8")
     cases = [
         (("--save_path", tmp_path / "not_a_run"), ("no best.pt", "not_a_run")),
         (("--save_path", timm_run, "--test_path", tmp_path / "missing"), ("test folder", "missing", "--test_path")),
         (("--save_path", timm_run, "--test_path", unknown), ("purple", "does not know")),
         (("--save_path", timm_run, "--test_path", empty), ("no readable images", str(empty))),
         (("--save_path", timm_run, other), ("other classes", "other_classes")),
+        # a multiclass model on a list with several labels per image: the image, and what to do
+        (("--save_path", timm_run, "--test_path", several), ("several.csv", "0.png", "exactly one class, not 2",
+                                                             "evaluate it with a model of that task")),
     ]
     procs = [run_inprocess("metrice.py", *args, "--workers", 0) for args, _ in cases]  # start-up errors: in process
     for proc, (_, needles) in zip(procs, cases):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -440,3 +441,31 @@ def test_gradcam_on_a_channels_last_swin() -> None:
     assert maps.shape == (1, 32, 32) and np.isfinite(maps).all()
     panel = cam_panel(torch.zeros(3, 32, 32, dtype=torch.uint8), maps[0], ["red (0.90)"], size=64)
     assert panel.size == (192, 64)
+
+
+def test_outputs_of_a_list_that_climbs_out_never_land_on_a_source_image(run_dir: Path, tmp_path: Path) -> None:
+    """A list's `../x.png` rows: the drawn copies stay inside the predict folder (named after the file),
+    and the source images are left byte for byte as they were."""
+    import hashlib
+
+    from utils.infer.sources import relative_name
+
+    assert relative_name(tmp_path / "lists" / ".." / "img" / "a.png", tmp_path / "lists") == Path("a.png")
+    assert relative_name(tmp_path / "lists" / "sub" / "a.png", tmp_path / "lists") == Path("sub/a.png")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(3)
+    for k, colour in enumerate(COLOURS.values()):
+        colour_image(colour, rng).save(images / f"{k}.png")
+    before = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in images.iterdir()}
+    lists = tmp_path / "deep" / "lists"
+    lists.mkdir(parents=True)
+    (lists / "source.txt").write_text("".join(f"../../images/{k}.png\n" for k in range(len(COLOURS))))
+    folder = predict_main("--source", lists / "source.txt", "--save_path", run_dir, "--device", "cpu", "--workers", 0,
+                          "--save_images")
+    try:
+        assert {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in images.iterdir()} == before
+        drawn = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+        assert drawn == [f"images/{k}.png" for k in range(len(COLOURS))]
+    finally:
+        shutil.rmtree(folder.parent)

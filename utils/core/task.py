@@ -57,8 +57,7 @@ class TaskType:
         if self.multilabel:
             return tuple(sorted(set(int(c) for c in labels)))
         if len(labels) != 1:
-            raise UserError(f"a multiclass image has exactly one class, not {len(labels)}: several labels per image need "
-                            "--task_type multilabel")
+            raise UserError(f"a multiclass image has exactly one class, not {len(labels)}")
         return int(labels[0])
 
     def labels(self, target: Any) -> tuple[int, ...]:

@@ -50,6 +50,7 @@ class ImageSet:
     signature: str = ""
     cache: "ScanCache | None" = None
     task: TaskType = MULTICLASS
+    source: Path | None = None  # what the split was read from when not `root` itself (a list file)
 
     @property
     def targets(self) -> list[Any]:
@@ -59,18 +60,24 @@ class ImageSet:
         """Images per class (for a multi-label set, images carrying each label)."""
         return self.task.class_counts(self.targets, len(self.class_names)).tolist()
 
-    def as_task(self, task: TaskType) -> ImageSet:
+    def as_task(self, task: TaskType, hint: str = "train it with --task_type multilabel") -> ImageSet:
         """The same images with their targets encoded for `task` (itself when they already are).
 
+        Args:
+            task: the task type the targets are for.
+            hint: what to do when they do not fit it (the error's end).
+
         Raises:
-            UserError: an image with several labels for a multiclass task.
+            UserError: an image whose labels the task cannot take (several, for multiclass), naming it.
         """
         if task is self.task:
             return self
-        several = next((p for p, t in self.samples if len(self.task.labels(t)) != 1), None)
-        if several is not None and not task.multilabel:
-            raise UserError(f"{self.root}: a list with several labels per image ({several}) needs --task_type multilabel")
-        samples = [(p, task.encode(self.task.labels(t))) for p, t in self.samples]
+        samples = []
+        for path, target in self.samples:
+            try:
+                samples.append((path, task.encode(self.task.labels(target))))
+            except UserError as err:
+                raise UserError(f"{path} (split {self.source or self.root}): {err}; {hint}") from None
         return replace(self, samples=samples, task=task)
 
 

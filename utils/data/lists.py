@@ -149,7 +149,7 @@ def scan_list(list_path: str | Path, class_names: Sequence[str] | None = None, l
         raise UserError(f"{what} list {list_path} has no usable row (first problem: "
                         f"{skipped[0][1] if skipped else 'it is empty'})")
     return ImageSet(root=list_path.parent, samples=samples, class_names=names, skipped=skipped,
-                    signature=samples_signature(samples, stamps), cache=cache, task=task)
+                    signature=samples_signature(samples, stamps), cache=cache, task=task, source=list_path)
 
 
 def _row_problem(path: Path, written: str, labels: list[str], first_line: dict[str, int], check_headers: bool,

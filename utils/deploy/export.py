@@ -178,6 +178,11 @@ def check_targets(out_dir: Path, stem: str, opts: ExportOptions) -> None:
                 if part.exists() and not is_our_export(out_dir / name):
                     raise UserError(f"{part} exists and was not written by export.py: export.py only replaces its own "
                                     "files; move it away or pass another --output_path")
+            folder = out_dir / name
+            others = sorted(p.name for p in folder.iterdir() if p.name not in fmt.folder_files()) if folder.is_dir() else []
+            if others:
+                raise UserError(f"{folder} holds files export.py did not write ({', '.join(others[:5])}): it replaces the "
+                                "whole folder, so move them away (or pass another --output_path)")
 
 
 # ------------------------------------------------------------------------------ export
@@ -305,13 +310,18 @@ def _export_all(ctx: ExportContext, images: torch.Tensor, reference: torch.Tenso
 
 
 def commit_export(fmt: ModelFormat, staged: Path, out_dir: Path) -> Path:
-    """Move a staged export into `out_dir`, each file by an atomic rename (a folder replaces the
-    earlier one it was checked to be ours); returns its new path."""
+    """Move a staged export into `out_dir`, each file by an atomic rename; a folder replaces the
+    earlier one (checked to hold only its own files) by renaming that one aside first, so the place
+    is never empty of a whole folder for longer than two renames. Returns its new path."""
     for part in fmt.files_of(staged):
         target = out_dir / part.name
+        old = None
         if part.is_dir() and target.is_dir():
-            shutil.rmtree(target)
+            old = target.with_name(temp_prefix(target.name) + "replaced")  # removed by a later export if killed here
+            os.replace(target, old)
         os.replace(part, target)
+        if old is not None:
+            shutil.rmtree(old)
     return out_dir / staged.name
 
 

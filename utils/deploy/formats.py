@@ -93,6 +93,10 @@ class ModelFormat:
         """`export(ctx)` of the format's module."""
         return self._module().export
 
+    def folder_files(self) -> tuple[str, ...]:
+        """A folder format's own files (FOLDER_FILES of its module): what export.py may replace in it."""
+        return tuple(getattr(self._module(), "FOLDER_FILES", ())) if self.folder else ()
+
     def refusal(self, meta: Any) -> str | None:
         """Why this format cannot hold the model `meta` describes (None when it can): the module's
         optional `refusal(meta)`, asked before any work."""

@@ -33,6 +33,8 @@ from utils.deploy.runtime import torch_input, torch_output
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"
+FOLDER_FILES = (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE)  # what export.py writes in the folder, and all it replaces there
 FORMAT_SUFFIX = FORMATS["safetensors"].suffix  # best_hub/
 # resize_mode -> timm's crop_mode (resize the short side and crop / resize both sides / fit and pad)
 CROP_MODES = {"crop": "center", "squash": "squash", "letterbox": "border"}
@@ -87,7 +89,7 @@ def save_hub_folder(ckpt: Checkpoint, model: nn.Module, folder: Path, source: st
     for key in SOURCE_KEYS:  # they describe timm's ImageNet weights, not these
         config["pretrained_cfg"].pop(key, None)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
-    (folder / "README.md").write_text(model_card(ckpt, config["architecture"]), encoding="utf-8")
+    (folder / CARD_FILE).write_text(model_card(ckpt, config["architecture"]), encoding="utf-8")
 
 
 def refusal(meta: ModelMeta) -> str | None:

@@ -35,7 +35,7 @@ from utils.core.names import CLASSICAL
 from utils.core.run import Run, RunFolder
 from utils.evaluate.metrics import overall_metrics
 from utils.evaluate.split import SplitPredictions, predict_split, torch_features
-from utils.infer.backends import resolve_weights
+from utils.infer.backends import resolve_weights, results_home
 from utils.infer.ensemble import Ensemble, InputPlan
 
 LOGGER = logging.getLogger(__name__)
@@ -112,8 +112,7 @@ def file_sha256(path: str | Path) -> str:
 
 def features_folder(save_path: str | Path) -> Path:
     """<run>/features for a run folder or a checkpoint file inside one."""
-    path = Path(save_path)
-    return (path if path.is_dir() else path.parent) / RunFolder.FEATURES_DIR
+    return results_home(save_path) / RunFolder.FEATURES_DIR
 
 
 # ---------------------------------------------------------------------------- classifiers

@@ -118,6 +118,13 @@ def models_from_flags(save_path: Sequence[str] | None, weight: Sequence[str] | N
     return list(weight), model_type or model_type_of(weight[0])
 
 
+def results_home(path: str | Path) -> Path:
+    """The folder a model's results go into (predict/, test/, features/ ...): a run folder itself; the
+    folder of a model file, or of a Hub folder (never inside it: the folder is what a Hub upload sends)."""
+    path = Path(path)
+    return path if path.is_dir() and not is_hub_folder(path) else path.parent
+
+
 def results_folder(paths: Sequence[str | Path], name: str, flag: str) -> Path:
     """Where predict.py and metrice.py write about the (first) model: <run>/<name> for a run folder,
     <the model file's folder>/<name> for a file; checked to be writable before any work.
@@ -130,8 +137,7 @@ def results_folder(paths: Sequence[str | Path], name: str, flag: str) -> Path:
     Raises:
         UserError: the folder cannot be written (a read-only disk, no permission).
     """
-    first = Path(paths[0])
-    folder = (first if first.is_dir() else first.parent) / name
+    folder = results_home(paths[0]) / name
     check_writable(folder, flag, fix=f"the results go beside the model, so copy the run folder (or the model file with its "
                    f".json) to a folder you can write to and pass that to {flag}")
     return folder

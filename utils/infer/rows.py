@@ -2,8 +2,9 @@
 the server's JSON.
 
     rows = prediction_rows(paths, probs, class_names, meta.task_type)   # PredictionRow: top-5, entropy, uncertain, labels
-    with PredictionWriter(folder, class_names, task=meta.task_type) as writer:   # predictions.csv, flat memory
-        writer.write(rows)
+    writer = PredictionWriter(folder, class_names, task=meta.task_type, total=n)   # predictions.csv, flat memory
+    writer.write(rows)                                                  # each batch's rows, appended whole
+    writer.finish(n)                                                    # complete: incomplete.txt removed
     rows[0].to_json()                                                   # what serve.py answers for the image
 
 A row is typed once (PredictionRow) and each output serialises the same object.
@@ -195,16 +196,6 @@ class PredictionWriter:
                 f"in {listed}: to finish, run predict.py again with --source {listed} and the same other flags")
         atomic_write_text(marker, line + "\n")
         self.incomplete = line
-
-    def close(self) -> None:
-        """Nothing stays open between batches: kept for callers that close a writer."""
-
-    def __enter__(self) -> "PredictionWriter":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
 
 def _csv_text(rows: Sequence[dict[str, Any]], fields: Sequence[str], header: bool = False) -> str:
     """CSV lines of `rows` (with a header line first when asked)."""

@@ -92,9 +92,13 @@ def find_images(source: str | Path) -> Source:
 
 
 def relative_name(path: Path, root: Path) -> Path:
-    """`path` relative to `root` (output files mirror the source tree), or its name when outside."""
+    """`path` relative to `root` (output files mirror the source tree), or its name when outside.
+    Never a name that climbs out (`..`, a list's ../x.png): an output built from it stays in its
+    folder, and never lands on a source image."""
     try:
-        return path.relative_to(root)  # found under root as given: no file-system call
+        rel = path.relative_to(root)  # found under root as given: no file-system call
+        if ".." not in rel.parts:
+            return rel
     except ValueError:
         pass
     try:
