@@ -10,7 +10,9 @@ and an image over the decompression-bomb limit is refused. Imports only Pillow a
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -75,6 +77,62 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert(target) if img.mode != target else img
 
 
+@dataclass(frozen=True)
+class Header:
+    """What an image file's header says: its format, size and Pillow mode."""
+
+    format: str
+    width: int
+    height: int
+    mode: str
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height} {self.mode}"
+
+
+class HeaderError(ValueError):
+    """Why a file's header is not a readable image.
+
+    Attributes:
+        kind: empty, bomb (over the decompression-bomb limit), unknown (no format Pillow knows),
+            unreadable, or no pixels.
+    """
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+def read_header(source: str | Path | IO[bytes]) -> Header:
+    """An image's header, read without decoding its pixels (a file, or a seekable stream of its bytes).
+
+    Raises:
+        HeaderError: what is wrong with it.
+    """
+    stream = not isinstance(source, (str, Path))
+    try:
+        size = source.seek(0, 2) if stream else Path(source).stat().st_size
+        if stream:
+            source.seek(0)
+        if size == 0:
+            raise HeaderError("empty", "empty file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as img:
+                header = Header(img.format or "image", *img.size, img.mode)
+    except HeaderError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise HeaderError("bomb", f"larger than the decompression-bomb limit of {MAX_IMAGE_PIXELS} pixels") from None
+    except UnidentifiedImageError:
+        raise HeaderError("unknown", "not an image Pillow can read") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise HeaderError("unreadable", f"unreadable image ({err})") from None
+    if header.width < 1 or header.height < 1:
+        raise HeaderError("no pixels", "image has no pixels")
+    return header
+
+
 def check_image_header(path: Path) -> str | None:
     """Cheap check that a file is an image Pillow can read (header only).
 
@@ -82,18 +140,7 @@ def check_image_header(path: Path) -> str | None:
         None when it looks readable, else the reason it is not.
     """
     try:
-        if path.stat().st_size == 0:
-            return "empty file"
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
-        if width < 1 or height < 1:
-            return "image has no pixels"
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return f"larger than the decompression-bomb limit of {MAX_IMAGE_PIXELS} pixels"
-    except UnidentifiedImageError:
-        return "not an image Pillow can read"
-    except (OSError, ValueError, SyntaxError) as err:
-        return f"unreadable image ({err})"
+        read_header(path)
+    except HeaderError as err:
+        return str(err)
     return None

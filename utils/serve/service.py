@@ -28,7 +28,6 @@ import logging
 import queue
 import threading
 import time
-import warnings
 from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -36,11 +35,11 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from utils.core.names import CAM_TYPES
 from utils.core.schema import PreprocessSpec
-from utils.data.decode import MAX_IMAGE_PIXELS, load_image
+from utils.data.decode import Header, HeaderError, load_image, read_header
 from utils.infer.ensemble import Ensemble, InputPlan, Member
 from utils.infer.rows import prediction_rows
 from utils.serve.settings import BATCH, HTTP, MODEL
@@ -92,17 +91,8 @@ class Job:
     cam: str | None = None
 
 
-@dataclass(frozen=True)
-class Header:
-    """What an image file's header says: its format, size and Pillow mode."""
-
-    format: str
-    width: int
-    height: int
-    mode: str
-
-    def __str__(self) -> str:
-        return f"{self.width}x{self.height} {self.mode}"
+# What each kind of bad header is answered with (utils.data.decode.HeaderError.kind); otherwise 415.
+HEADER_STATUS = {"empty": 400, "bomb": 413}
 
 
 def check_header(data: bytes, name: str, max_pixels: int) -> Header:
@@ -119,24 +109,14 @@ def check_header(data: bytes, name: str, max_pixels: int) -> Header:
     Raises:
         ServeError: an empty file (400), not an image (415), too many pixels (413).
     """
-    if not data:
-        raise ServeError(400, f"{name}: empty file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-                fmt, mode = img.format or "image", img.mode
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ServeError(413, f"{name}: larger than the decompression-bomb limit of {MAX_IMAGE_PIXELS} pixels") from None
-    except UnidentifiedImageError:
-        raise ServeError(415, f"{name}: not an image (Pillow cannot identify its format)") from None
-    except (OSError, ValueError, SyntaxError) as err:
-        raise ServeError(415, f"{name}: unreadable image header ({err})") from None
-    if width * height > max_pixels:
-        raise ServeError(413, f"{name}: {width}x{height} = {width * height} pixels is over the limit of "
-                              f"{max_pixels} pixels (--max_pixels)")
-    return Header(fmt, width, height, mode)
+        header = read_header(io.BytesIO(data))
+    except HeaderError as err:
+        raise ServeError(HEADER_STATUS.get(err.kind, 415), f"{name}: {err}") from None
+    if header.width * header.height > max_pixels:
+        raise ServeError(413, f"{name}: {header.width}x{header.height} = {header.width * header.height} pixels is over the "
+                              f"limit of {max_pixels} pixels (--max_pixels)")
+    return header
 
 
 def decode_bytes(pixels: int, mode: str) -> int:
