@@ -46,6 +46,12 @@ class RunFolder:
     EXPORT_DIR = "export"     # export.py's files
     PREDICT_DIR = "predict"   # predict.py's folders (predict/exp, exp2 ...)
     FEATURES_DIR = "features" # metrice.py --task features
+    # main.py --kfold K: one sub-folder per fold (fold1 ... foldK, each a whole run folder) and, beside them:
+    KFOLD = "kfold.json"      # the folds: K, seed, which training image is in which fold, the folds finished
+    KFOLD_SUMMARY = "kfold_summary.csv"  # each metric per fold, and its mean and standard deviation
+    OOF = "oof.csv"           # out-of-fold class probabilities of every training image: path,label,fold,<class>...
+    FOLD_PREFIX = "fold"
+    LABEL_ISSUES_DIR = "label_issues"  # metrice.py --task label_issues
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -76,6 +82,15 @@ class RunFolder:
     @property
     def export_dir(self) -> Path:
         return self.path / self.EXPORT_DIR
+
+    def fold(self, k: int) -> Path:
+        """The folder of fold k (1-based) of a --kfold run."""
+        return self.path / f"{self.FOLD_PREFIX}{k}"
+
+    @property
+    def is_kfold(self) -> bool:
+        """Whether this is the parent folder of a main.py --kfold run."""
+        return (self.path / self.KFOLD).is_file()
 
     @classmethod
     def checkpoint(cls, path: str | Path, flag: str = "--save_path") -> Path:
