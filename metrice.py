@@ -33,7 +33,7 @@ from utils.data.imageset import read_label_file, report_skipped
 from utils.data.sources import scan_split
 from utils.deploy.formats import MODEL_TYPES
 from utils.evaluate.split import measure_speed, predict_split, score_split
-from utils.infer.backends import model_device, models_from_flags, results_folder, results_home
+from utils.infer.backends import kfold_members, model_device, models_from_flags, results_folder, results_home
 from utils.infer.ensemble import Ensemble, add_ensemble_flags, ensemble_method, load_ensemble
 from utils.infer.speed import device_name
 
@@ -99,7 +99,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         raise UserError(f"--image_size must be at most {MAX_IMAGE_SIZE} pixels, got {args.image_size}")
     if args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
-    args.ensemble = ensemble_method(args.ensemble, args.ensemble_weights, len(args.save_path))
+    args.ensemble = ensemble_method(args.ensemble, args.ensemble_weights, len(kfold_members(args.save_path)))
     if args.tsne and args.model_type != "torch":
         raise UserError("--tsne reads the penultimate features inside the network: it needs --model_type torch")
     check_features_args(args)
@@ -118,9 +118,9 @@ def check_features_args(args: argparse.Namespace) -> None:
         raise UserError(f"--classical {args.classical}: unknown {', '.join(unknown) or 'empty list'}; "
                         f"choose from {','.join(CLASSICAL)}")
     args.classical = list(dict.fromkeys(names))
-    if args.model_type != "torch" or len(args.save_path) > 1:
+    if args.model_type != "torch" or len(kfold_members(args.save_path)) > 1:
         raise UserError("--task features reads the penultimate features inside the network: pass one --save_path "
-                        "with --model_type torch")
+                        "(one fold of a --kfold run: RUN/foldN) with --model_type torch")
     if args.image_size is not None:
         raise UserError("--task features uses the model's own --image_size (predict.py --classical computes the same features)")
 
@@ -154,7 +154,7 @@ def load_models(args: Options) -> tuple[Ensemble, list[str], Any]:
     """The ensemble of --save_path, the class names to show (--label_path), and the device."""
     device = model_device(args.device, args.model_type)
     share_cpu(device, args.workers)
-    for path in args.save_path:
+    for path in kfold_members(args.save_path):
         if args.model_type == "torch":
             RunFolder.checkpoint(path)  # a folder without best.pt: one line naming the flag and the runs there
     ensemble = load_ensemble(args.save_path, args.model_type, device, args.half, args.ensemble, args.ensemble_weights,
