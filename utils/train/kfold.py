@@ -413,10 +413,6 @@ def kfold_resume_source(path: Path, args: Options) -> tuple[dict[str, Any], Chec
         raise UserError(f"--kfold with --resume: {path} is not a --kfold run (no {RunFolder.KFOLD}); drop --kfold to resume "
                         "it as it was, or start the cross-validation without --resume")
     record = folder.kfold_record()
-    if (len(record.get("finished") or []) == record["k"] and (folder / RunFolder.OOF).is_file()
-            and (folder / RunFolder.KFOLD_SUMMARY).is_file()):
-        raise UserError(f"{path}: all {record['k']} folds of this --kfold run are finished ({RunFolder.KFOLD_SUMMARY}, "
-                        f"{RunFolder.OOF}): nothing to resume")
     try:
         saved = yaml.safe_load(folder.args_file.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as err:
@@ -428,6 +424,10 @@ def kfold_resume_source(path: Path, args: Options) -> tuple[dict[str, Any], Chec
         if key in args.get("explicit", ()) and args.get(key) != saved.get(key):
             raise UserError(f"--{key} {args.get(key)} with --resume: {path} is a --kfold run of --{key} {saved.get(key)}, "
                             f"which a resume keeps; drop --{key}")
+    if (len(record.get("finished") or []) == record["k"] and (folder / RunFolder.OOF).is_file()
+            and (folder / RunFolder.KFOLD_SUMMARY).is_file()):
+        raise UserError(f"{path}: all {record['k']} folds of this --kfold run are finished ({RunFolder.KFOLD_SUMMARY}, "
+                        f"{RunFolder.OOF}): nothing to resume")
     for fold in range(1, record["k"] + 1):
         for file in (RunFolder(folder.fold(fold)).last, RunFolder(folder.fold(fold)).best):
             if file.is_file():
