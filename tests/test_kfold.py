@@ -186,7 +186,8 @@ def test_resume_after_fold_1_finishes_the_others_without_retraining_it(kfold_run
     resumed = run_script("main.py", "--save_path", run, "--resume")
     assert_ok(resumed)
     assert "fold 1/3: finished before, kept" in resumed.stdout and f"resuming {run / 'fold2'} at epoch 1, step 1" in resumed.stdout
-    assert (best1.read_bytes(), best1.stat().st_mtime_ns) == before  # fold 1 not trained again
+    assert (best1.read_bytes(), best1.stat().st_mtime_ns) == before  # fold 1 not trained again, not even opened
+    assert resumed.stdout.count(f"training {TINY_MODEL} on cpu (") == 2 and f"run folder: {run / 'fold1'}" not in resumed.stdout
     oof, reference = read_oof(run / RunFolder.OOF), read_oof(kfold_run.path / RunFolder.OOF)
     assert oof.paths == reference.paths and oof.folds.tolist() == reference.folds.tolist()
     assert np.allclose(oof.probs, reference.probs, atol=1e-6)
