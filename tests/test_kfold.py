@@ -3,11 +3,15 @@ what metrice.py, predict.py and export.py do with a --kfold run, and the refusal
 
 One K=3 run (1 epoch, resnet10t at 32 px, --metrice loss so that the best fold is not a tie) is
 trained once for the module and read by every test; the resume test trains one more, stopped after
-fold 1 by a SIGTERM at the first step of fold 2 and resumed.
+fold 1 by a SIGTERM at the first step of fold 2 and resumed, and one --kfold 2 run goes through
+torchrun with 2 CPU processes.
 """
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from subprocess import CompletedProcess
@@ -16,8 +20,9 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import (TINY_CLASSES, TINY_MODEL, assert_ok, assert_user_error, describe, load_ckpt, run_inprocess,
-                      run_main_stopped_after, run_many, run_script, train_args, write_multilabel_split)
+from conftest import (REPO, SUBPROCESS_ENV, TINY_CLASSES, TINY_MODEL, assert_ok, assert_user_error, describe, load_ckpt,
+                      make_split_dataset, run_inprocess, run_main_stopped_after, run_many, run_script, train_args,
+                      write_multilabel_split)
 from utils.core.log import UserError
 from utils.core.run import RunFolder
 from utils.data.decode import load_image
@@ -245,6 +250,28 @@ def test_metrice_and_predict_average_the_folds_export_takes_the_best(kfold_run: 
         weights = load_ckpt(run / f"fold{fold}" / RunFolder.BEST)["model"]
         same = all(np.array_equal(exported[k].numpy(), weights[k].float().numpy()) for k in exported)
         assert same == (fold == best), fold
+
+
+def test_torchrun_trains_every_fold_in_every_process(tmp_path: Path) -> None:
+    """--kfold 2 under torchrun with 2 CPU processes on 21 images (folds of 10 and 11: an odd share):
+    the fold loop is collective (each fold's weights identical in both processes), and the held-out
+    metrics, summed over the processes, count each held-out image once: they are the accuracy of
+    oof.csv, which the first process alone predicted."""
+    data = make_split_dataset(tmp_path / "data", TINY_CLASSES, train=7, val=2, test=0)
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "main.py"),
+           *train_args(data, run, "--kfold", 2, "--batch_size", 4, "--test_path", tmp_path / "none")]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ) | SUBPROCESS_ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, describe(proc)
+    assert proc.stdout.count("weights identical on all 2 processes") == 2, describe(proc)
+    rec, oof = record(run), read_oof(run / RunFolder.OOF)
+    assert oof.paths == [p for p, _ in scan_split(data / "train", what="train set").samples]
+    assert sorted(rec["folds"][str(f)]["held_out_images"] for f in (1, 2)) == [10, 11]
+    for fold in (1, 2):
+        rows = oof.folds == fold
+        assert rec["folds"][str(fold)]["held_out_images"] == int(rows.sum())
+        assert rec["folds"][str(fold)]["held_out"]["acc"] == pytest.approx(
+            float(np.mean(oof.probs[rows].argmax(axis=1) == oof.labels[rows])))
 
 
 # ------------------------------------------------------------------------------------ refusals
