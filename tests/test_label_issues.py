@@ -289,13 +289,25 @@ def test_the_page_shows_the_suspects_in_headless_chromium(kfold_run: dict[str, A
 
 
 # ======================================================================= a run without --kfold
-def test_a_run_without_kfold_checks_val_and_test_with_metrices_probabilities(trained_run: Any, tmp_path: Path) -> None:
+def noisy_list(split: Path, out: Path, wrong: dict[str, str]) -> Path:
+    """A list file of a split's images (absolute paths) with the labels of `wrong` ({file: label}) changed."""
+    rows = [[str(p), wrong.get(f"{c.name}/{p.name}", c.name)] for c in sorted(split.iterdir()) for p in sorted(c.glob("*.png"))]
+    with out.open("w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows([["path", "label"], *rows])
+    return out
+
+
+def test_a_run_without_kfold_checks_val_and_test_with_metrices_probabilities(trained_run: Any, tiny_data: Path,
+                                                                             tmp_path: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
     for name in ("best.pt", "args.yaml", "label.txt"):
         (run / name).write_bytes((trained_run.path / name).read_bytes())
+    wrong = {"blue/img0.png": "green", "green/img1.png": "blue"}  # in val and in test: 4 planted wrong labels
+    lists = {s: noisy_list(tiny_data / s, tmp_path / f"{s}.csv", wrong) for s in ("val", "test")}
     issues, test = run_many([
-        {"script": "metrice.py", "args": ["--save_path", run, "--task", "label_issues", "--write_fixed_list", "--workers", "0"]},
+        {"script": "metrice.py", "args": ["--save_path", run, "--task", "label_issues", "--write_fixed_list", "--workers",
+                                          "0", "--val_path", lists["val"], "--test_path", lists["test"]]},
         {"script": "metrice.py", "args": ["--save_path", run, "--task", "test", "--visual", "--workers", "0"]}])
     assert_ok(issues)
     assert_ok(test)
@@ -303,18 +315,30 @@ def test_a_run_without_kfold_checks_val_and_test_with_metrices_probabilities(tra
     out = run / RunFolder.LABEL_ISSUES_DIR
     used = read_oof(out / "probabilities.csv")
     assert len(used.paths) == 18 and set(used.folds) == {0}  # 3 classes x 3 val + 3 test images
-    metrice = {r["path"]: r for name in ("correct.csv", "incorrect.csv") for r in read_csv(run / "test" / name)}
-    assert len(metrice) == 9 and set(metrice) <= set(used.paths)
+    assert sorted(Path(p).name for p, t in zip(used.paths, used.labels)
+                  if used.class_names[t] != Path(p).parent.name) == ["img0.png", "img0.png", "img1.png", "img1.png"]
+    index = {Path(p).resolve(): i for i, p in enumerate(used.paths)}
+    metrice = {Path(r["path"]).resolve(): r for name in ("correct.csv", "incorrect.csv") for r in read_csv(run / "test" / name)}
+    assert len(metrice) == 9 and set(metrice) <= set(index)
     for path, row in metrice.items():  # the probabilities used are metrice --task test's
-        mine = used.probs[used.paths.index(path)]
         for k in (1, 2, 3):
-            assert mine[used.class_names.index(row[f"top{k}_class"])] == pytest.approx(float(row[f"top{k}_probability"]), abs=2e-6)
+            assert used.probs[index[path], used.class_names.index(row[f"top{k}_class"])] == pytest.approx(
+                float(row[f"top{k}_probability"]), abs=2e-6)
     found = find_label_issues(used.labels, used.probs)
     rows = read_csv(out / "label_issues.csv")
     assert [r["path"] for r in rows] == [used.paths[i] for i in found.issues]  # exactly what the core finds in them
-    assert {r["split"] for r in rows} <= {"val", "test"} and all(r["fold"] == "" for r in rows)
+    # The tiny 2-epoch model is barely sure of anything (its probabilities are near 1/3), so which images it
+    # flags is its own business (the planted-flip and kfold tests check what is found); here: that the
+    # files say what the core found. With 4 of 18 labels wrong it finds something.
+    assert rows and {r["split"] for r in rows} <= {"val", "test"} and all(r["fold"] == "" for r in rows)
     assert {p.name for p in out.glob("fixed_*.csv")} == {"fixed_val.csv", "fixed_test.csv"}
-    assert len(scan_split(out / "fixed_val.csv").samples) == len(scan_split(out / "fixed_test.csv").samples) == 9
+    suggested = {used.paths[i]: used.class_names[s] for i, s in zip(found.issues, found.suggested)}
+    for split in ("val", "test"):  # the fixed lists: the suggested label for a flagged image, else the given one
+        fixed = scan_split(out / f"fixed_{split}.csv")
+        expected = {Path(p).resolve(): suggested.get(p, used.class_names[t])
+                    for p, t in zip(used.paths, used.labels) if Path(p).parts[-3] == split}
+        assert len(expected) == len(fixed.samples) == 9
+        assert {Path(p).resolve(): fixed.class_names[t] for p, t in fixed.samples} == expected
     assert "id='kfold-note'" in (out / "label_issues.html").read_text(encoding="utf-8")
 
 

@@ -340,5 +340,4 @@ def print_summary(images: CheckedImages, found: LabelIssues, folder: Path, fixed
         print(f"training images are not checked: they need out-of-fold probabilities: {KFOLD_HINT}", flush=True)
     for path in fixed:
         print(f"--write_fixed_list: {path} (every checked image, the flagged ones relabelled)", flush=True)
-    print(f"results: {folder} (label_issues.csv, label_issues.html, label_issues.png, per_class.csv, joint.csv, "
-          "noise_matrix.csv)", flush=True)
+    print(f"results: {folder} ({', '.join(sorted(p.name for p in folder.iterdir() if p.suffix != '.yaml'))})", flush=True)
