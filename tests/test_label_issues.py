@@ -22,8 +22,8 @@ from conftest import (REPO, TINY_CLASSES, assert_ok, assert_user_error, built_tr
 from utils.core.log import UserError
 from utils.core.run import RunFolder
 from utils.data.sources import scan_split
-from utils.evaluate.label_issues import (confident_joint, confident_thresholds, counts_to_prune, find_label_issues,
-                                         round_keeping_total)
+from utils.evaluate.label_issues import (calibrate, confident_joint, confident_thresholds, counts_to_prune,
+                                         find_label_issues, round_keeping_total)
 from utils.evaluate.label_report import ISSUE_COLUMNS, checked_splits
 from utils.evaluate.oof import OofTable, read_oof, write_oof
 
@@ -101,14 +101,15 @@ def test_hand_computed_details() -> None:
     # entry rounded down the most (ties: the later one), an extra one comes off the entry rounded up the
     # most (ties: the earlier one).
     assert round_keeping_total(np.array([.5, 1.5, 2.0])).tolist() == [0, 2, 2]
+    assert round_keeping_total(np.array([1.5, .5, 1.0])).tolist() == [2, 0, 1]  # half up would give 2 1 1, then 1 1 1
     assert round_keeping_total(np.array([.4, .4, .2])).tolist() == [0, 1, 0]  # 0 + 0 + 0 < 1
     assert round_keeping_total(np.array([.6, .6, .8])).tolist() == [0, 1, 1]  # 1 + 1 + 1 > 2
-    # Each class keeps one image: a calibrated diagonal of 0 becomes 1, taken off the non-zero
-    # off-diagonal counts of the class (divided by their number less one, at least 1, as cleanlab
-    # does), rounded down:
-    #   [0, 3, 2, 2]: 1 / (3 - 1) = .5 off each -> [1, 2.5, 1.5, 1.5] -> prune [0, 2, 1, 1]
-    #   [0, 3, 2, 0]: 1 / (2 - 1) = 1 off each  -> [1, 2, 1, 0]
-    #   [0, 4, 0, 0]: 1 / max(1 - 1, 1) = 1     -> [1, 3, 0, 0]
+    # Calibration: the diagonal at least 1 first: [0, 2] -> [1, 2], scaled to the class's 2 images
+    # [2/3, 4/3] -> [1, 1]; the row of 3 images stays [0, 3].
+    assert calibrate(np.array([[0, 2], [0, 3]]), np.array([2, 3])).tolist() == [[1, 1], [0, 3]]
+    # Each class keeps one image: where a calibrated diagonal is 0, each non-zero off-diagonal count
+    # of the class gives one up (cleanlab: 1 / (non-zero counts - 1) off each, then truncated):
+    #   [0, 3, 2, 2] -> prune [0, 2, 1, 1];  [0, 3, 2, 0] -> [0, 2, 1, 0];  [0, 4, 0, 0] -> [0, 3, 0, 0]
     prune = counts_to_prune(np.array([[0, 3, 2, 2], [0, 3, 2, 0], [4, 0, 0, 0], [0, 0, 0, 5]]))
     assert prune[0].tolist() == [0, 2, 1, 1] and prune[1].tolist() == [0, 0, 2, 0]  # row 1: diagonal 3, untouched
     prune = counts_to_prune(np.array([[0, 3, 2, 0], [0, 4, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))
@@ -121,7 +122,9 @@ def test_hand_computed_details() -> None:
 
 
 # ======================================================================= against cleanlab
-@pytest.mark.parametrize("seed", range(12))
+# Seeds 40 and 226 calibrate to exact halves whose rounding the float noise of the total decides: they
+# fail when the total is summed in another order than cleanlab's.
+@pytest.mark.parametrize("seed", [*range(12), 40, 226])
 def test_same_issues_as_cleanlab(seed: int) -> None:
     cleanlab = pytest.importorskip("cleanlab", reason="cleanlab is the reference (pip install -r requirements/dev.txt)")
     from cleanlab.count import compute_confident_joint
@@ -346,7 +349,7 @@ def test_a_run_without_kfold_checks_val_and_test_with_metrices_probabilities(tra
 def test_refusals_are_one_line(multilabel_run: dict[str, Any], tmp_path: Path, trained_run: Any) -> None:
     assert_ok(multilabel_run["proc"])
     assert_user_error(run_inprocess("metrice.py", "--save_path", multilabel_run["run"], "--task", "label_issues"),
-                      "multilabel")
+                      "not for a multilabel model")
     assert_user_error(run_inprocess("metrice.py", "--save_path", trained_run.path, "--write_fixed_list"),
                       "--write_fixed_list", "--task label_issues")
     unfinished = tmp_path / "cv"

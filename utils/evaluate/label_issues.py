@@ -140,33 +140,30 @@ def calibrate(joint_counts: np.ndarray, given_counts: np.ndarray) -> np.ndarray:
 def counts_to_prune(calibrated_counts: np.ndarray) -> np.ndarray:
     """How many images of given label i to prune toward each true label j: the calibrated
     off-diagonal counts, except that each class keeps at least one image: where a calibrated
-    diagonal is 0 it becomes 1, taken evenly off that class's non-zero off-diagonal counts
-    (divided among their number less one, at least one, as cleanlab does), rounded down (C, C)."""
-    counts = np.asarray(calibrated_counts, dtype=np.float64).copy()
-    for i in range(len(counts)):
-        deficit = max(1.0 - counts[i, i], 0.0)
-        if deficit > 0:
-            share = deficit / max(np.count_nonzero(counts[i]) - 1, 1)
-            counts[i] = np.maximum(counts[i] - share, 0.0)
-            counts[i, i] = 1.0
-    out = np.floor(counts).astype(np.int64)
+    diagonal is 0 (all of a class's images look like other classes), each non-zero off-diagonal
+    count of that class gives up one (C, C; 0 on the diagonal).
+
+    cleanlab raises the diagonal to 1 and takes 1 / max(k - 1, 1) off each of the class's k non-zero
+    counts, then truncates: on whole counts that is one less each, as here. A class of one image
+    (its row sums to 1) is therefore never pruned.
+    """
+    out = np.asarray(calibrated_counts, dtype=np.int64).copy()
+    for i in range(len(out)):
+        if out[i, i] < 1:
+            out[i] = np.maximum(out[i] - 1, 0)
     np.fill_diagonal(out, 0)
     return out
 
 
 def prune_by_noise_rate(labels: np.ndarray, probs: np.ndarray, prune: np.ndarray) -> np.ndarray:
-    """The flagged rows (a boolean mask, N): for each given label i with more than one image and each
-    j != i, the prune[i][j] images of label i with the largest p_j(x) - p_i(x); then every image
-    whose given label is (within FUZZ) its top prediction is cleared again."""
+    """The flagged rows (a boolean mask, N): for each given label i and each j != i, the prune[i][j]
+    images of label i with the largest p_j(x) - p_i(x) (`prune` from counts_to_prune, 0 on the
+    diagonal); then every image whose given label is (within FUZZ) its top prediction is cleared again."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
     flagged = np.zeros(len(labels), dtype=bool)
     for i in range(probs.shape[1]):
         rows = np.flatnonzero(labels == i)
-        if len(rows) <= 1:
-            continue  # a class of one image keeps it
-        for j in np.flatnonzero(prune[i]):
-            if j == i:
-                continue
+        for j in np.flatnonzero(prune[i]):  # the diagonal is 0
             margin = probs[rows, j] - probs[rows, i]
             flagged[rows[np.argsort(-margin, kind="stable")[:prune[i, j]]]] = True
     nudged = probs.copy()
