@@ -346,7 +346,8 @@ def test_a_run_without_kfold_checks_val_and_test_with_metrices_probabilities(tra
 
 
 # ======================================================================= refusals
-def test_refusals_are_one_line(multilabel_run: dict[str, Any], tmp_path: Path, trained_run: Any) -> None:
+def test_refusals_are_one_line(multilabel_run: dict[str, Any], tmp_path: Path, trained_run: Any,
+                                kfold_run: dict[str, Any]) -> None:
     assert_ok(multilabel_run["proc"])
     assert_user_error(run_inprocess("metrice.py", "--save_path", multilabel_run["run"], "--task", "label_issues"),
                       "not for a multilabel model")
@@ -359,6 +360,9 @@ def test_refusals_are_one_line(multilabel_run: dict[str, Any], tmp_path: Path, t
                       "unfinished", f"python main.py --save_path {unfinished} --resume")
     assert_user_error(run_inprocess("metrice.py", "--save_path", unfinished, trained_run.path, "--task", "label_issues"),
                       "one --kfold run")
+    assert_ok(kfold_run["proc"])  # oof.csv's relative paths, read from another folder:
+    assert_user_error(run_inprocess("metrice.py", "--save_path", kfold_run["run"], "--task", "label_issues"),
+                      "none of its images is found from here", "the folder main.py ran in")
     assert not (unfinished / RunFolder.LABEL_ISSUES_DIR).exists()
     with pytest.raises(UserError, match="neither a val nor a test split.*--kfold"):
         checked_splits({"val": None, "test": None}, {"train_path": "data/train"})

@@ -107,6 +107,13 @@ def kfold_images(run: str | Path) -> CheckedImages:
     table = read_oof(path)
     if not table.paths:
         raise UserError(f"{path} holds no image: nothing to check")
+    missing = [p for p in table.paths if not Path(p).is_file()]
+    if len(missing) == len(table.paths):  # relative paths, read from another folder than main.py ran in
+        raise UserError(f"{path}: none of its images is found from here (the first: {missing[0]}); its paths are as "
+                        "main.py was given them: run metrice.py from the folder main.py ran in")
+    if missing:
+        LOGGER.warning("%d image(s) of %s are gone (the first: %s): they are checked but cannot be shown",
+                       len(missing), path, missing[0])
     return CheckedImages(table, ["train"] * len(table.paths), f"the out-of-fold probabilities of {path}", True)
 
 
