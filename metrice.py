@@ -96,7 +96,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> Options:
     """Parse and check the options."""
     args = get_args_parser().parse_args(argv)
-    args.oof_run = label_issues_run(args.task, args.save_path, args.weight, args.write_fixed_list)  # before runs expand
+    args.oof_run = label_issues_run(args.task, args.save_path, args.weight, args.write_fixed_list)  # as given: not expanded
     args.save_path, args.model_type = models_from_flags(args.save_path, args.weight, args.model_type)
     for name in ("image_size", "batch_size"):
         value = getattr(args, name)

@@ -15,14 +15,16 @@ is its own code, numpy only: cleanlab is AGPL and serves only as the tests' refe
 2. the confident joint C[i][j]: each image of given label i whose p_j(x) >= t_j for some j counts
    once, toward that j; when several classes reach their threshold, toward the argmax of p(x)
    (cleanlab's choice: the paper takes the largest p_j among the classes that reach it; the two
-   differ only when the argmax class is itself under its threshold);
+   differ only when the argmax class is itself under its threshold: 14 of 64,000 images of random
+   test data);
 3. calibration: each row scaled to the number of images given that label, rounded to whole
    counts keeping each row's total (at least one count on the diagonal first), then divided by N:
    the joint Q of (given label, true label);
-4. pruning by noise rate: for each off-diagonal (i, j), the round(N * Q[i][j]) images of given
-   label i with the largest margin p_j(x) - p_i(x) are flagged (ties: the earlier row first). A
-   class keeps at least one image (a class of one image is never pruned); an image whose given
-   label is also its top prediction is never flagged;
+4. pruning by noise rate: for each off-diagonal (i, j), the N * Q[i][j] images (the calibrated
+   whole count) of given label i with the largest margin p_j(x) - p_i(x) are flagged (exact ties:
+   the earlier row first, where cleanlab's sort leaves their order open). A class keeps at least
+   one image (a class of one image is never pruned); an image whose given label is also its top
+   prediction is never flagged;
 5. ranking: by self-confidence p_given(x), lowest first (cleanlab's default ranking); the
    suggested label is the most probable class other than the given one.
 """
