@@ -17,6 +17,7 @@ import processing
 from conftest import (add_junk_files, assert_ok, assert_user_error, class_image, files_under, make_class_folders, run_many,
                       snapshot)
 from utils.core.log import run_cli
+from utils.data.split import split_counts
 
 # class folder -> images (dog has one more in a sub-folder); expected (train, val, test) at 6:2:2
 COUNTS = {"cat": 10, "dog": 7, "10": 5, "2": 3}
@@ -219,8 +220,8 @@ def test_force_replaces_an_earlier_split(raw_copy: Path, tmp_path: Path) -> None
 
 
 def test_split_counts_rule() -> None:
-    assert processing.split_counts(10, 0.2, 0.2) == (6, 2, 2)
-    assert processing.split_counts(7, 0.2, 0.2) == (5, 1, 1)
-    assert processing.split_counts(2, 0.2, 0.2) == (2, 0, 0)
-    assert processing.split_counts(1, 0.4, 0.4) == (1, 0, 0)  # always one training image
-    assert processing.split_counts(10, 0.0, 0.5) == (5, 0, 5)
+    assert split_counts(10, 0.2, 0.2) == (6, 2, 2)
+    assert split_counts(7, 0.2, 0.2) == (5, 1, 1)
+    assert split_counts(2, 0.2, 0.2) == (2, 0, 0)
+    assert split_counts(1, 0.4, 0.4) == (1, 0, 0)  # always one training image
+    assert split_counts(10, 0.0, 0.5) == (5, 0, 5)
