@@ -233,8 +233,10 @@ def main(args: Options) -> dict[str, Any]:
         write_sample(args, source)
     folders, class_names, folder_index, images, skipped = scan_source(source)
 
-    remove_outputs(check_paths(source, output, label_path, args.force), output)
-    split = split_dataset(images, args.val_size, args.test_size, args.seed, kept_together(images, args))
+    stale = check_paths(source, output, label_path, args.force)  # refusals first, the hashing after
+    groups = kept_together(images, args)
+    remove_outputs(stale, output)  # an earlier split is replaced only once the new one is decided
+    split = split_dataset(images, args.val_size, args.test_size, args.seed, groups)
     if args.write_lists:
         planned = [output / f"{s}.csv" for s in SPLITS if any(split[s][f] for f in folders)]
     else:

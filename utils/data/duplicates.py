@@ -33,8 +33,10 @@ The index is multi-index hashing (Norouzi et al.): the 64 bits are cut into m ch
 within r bits differ by at most r // m bits in one chunk (pigeonhole), so each code's chunk values
 with up to r // m bits flipped are looked up in a table per chunk, and only those bucket-mates are
 compared (numpy popcount). m is chosen from the counts by a cost model (lookups vs candidates).
-Measured against a BK-tree (pure Python, the usual alternative) on the same 10,000 generated
-images x 3 crop levels at radius 12: see benchmarks/audit_speed.py and the README.
+A BK-tree (the usual alternative, pure Python) visits nearly the whole tree at radius 12 in 64
+bits (26,211 of 30,000 nodes per query on random hashes): on the pHashes of 10,000 generated
+images it needed 280 s (1,000 queries, extrapolated) where this whole search took 2.6 s, and
+100,000 images take 64 s (benchmarks/audit_speed.py). No package: the index is 40 lines of numpy.
 """
 from __future__ import annotations
 

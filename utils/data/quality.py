@@ -92,9 +92,9 @@ def inspect_image(item: tuple[str, str, str]) -> ImageRecord:
         return ImageRecord(path, split, label, error=str(err))
     try:
         img = load_image(path, 3)
-    except (OSError, ValueError, SyntaxError) as err:  # a truncated file, a bomb: Pillow's errors
+    except Exception as err:  # noqa: BLE001 - whatever a decoder raises on a corrupt file is a finding, not a crash
         return ImageRecord(path, split, label, header.width, header.height, header.mode,
-                           error=f"cannot be decoded ({err})")
+                           error=f"cannot be decoded ({err or type(err).__name__})")
     work = shrink(img)
     r, g, b = (np.asarray(channel, dtype=np.int16) for channel in work.split())
     spread = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)  # per pixel, faster than axis=-1

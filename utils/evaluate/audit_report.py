@@ -43,8 +43,8 @@ KIND_HELP = {
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d1d1f;background:#fafafa}
 h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
-table{border-collapse:collapse;margin:8px 0}th,td{border:1px solid #ccc;padding:3px 10px;text-align:right}
-th:first-child,td:first-child{text-align:left}thead th{background:#eee}
+table{border-collapse:collapse;margin:8px 0}th,td{border:1px solid #ccc;padding:3px 10px;text-align:left}
+td.n,th.n{text-align:right}thead th{background:#eee}
 .cards{display:flex;flex-wrap:wrap;gap:10px}
 .finding{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px;max-width:330px;font-size:12px}
 .finding .head{font-weight:600;margin-bottom:4px}.pair{display:flex;gap:6px}
@@ -104,27 +104,30 @@ class Thumbnails:
     """Small JPEG data URIs of images, each made once (a representative shows in many cards)."""
 
     def __init__(self) -> None:
-        self.made: dict[str, str | None] = {}
+        self.made: dict[str, tuple[str, str] | None] = {}
 
-    def uri(self, path: str) -> str | None:
+    def uri(self, path: str) -> tuple[str, str] | None:
+        """(data URI, "width x height" of the image), or None when it cannot be decoded."""
         if path not in self.made:
             try:
                 img = load_image(path, 3)
+                size = f"{img.width}x{img.height}"
                 img.thumbnail((THUMB_SIDE, THUMB_SIDE))
                 buffer = io.BytesIO()
                 img.save(buffer, format="JPEG", quality=80)
-                self.made[path] = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-            except (OSError, ValueError, SyntaxError):
+                self.made[path] = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), size
+            except Exception:  # noqa: BLE001 - a file that changed since it was inspected: no thumbnail
                 self.made[path] = None
         return self.made[path]
 
 
 def _figure(thumbs: Thumbnails, path: str, split: str, label: str, error: str = "") -> str:
-    uri = None if error else thumbs.uri(path)
-    picture = (f'<img src="{uri}" alt="{html.escape(Path(path).name)}">' if uri
+    made = None if error else thumbs.uri(path)
+    picture = (f'<img src="{made[0]}" alt="{html.escape(Path(path).name)}">' if made
                else f'<div class="noimg">{"cannot be decoded" if error else "no image"}</div>')
+    size = f" · {made[1]}" if made else ""
     return (f"<figure>{picture}<figcaption>{html.escape(path)}<br><span class=muted>{html.escape(split)} · "
-            f"{html.escape(label)}</span></figcaption></figure>")
+            f"{html.escape(label)}{size}</span></figcaption></figure>")
 
 
 def finding_card(f: Finding, thumbs: Thumbnails) -> str:
@@ -144,13 +147,15 @@ def counts_table(records: Sequence[ImageRecord]) -> str:
     splits = list(dict.fromkeys(r.split for r in records))
     labels = list(dict.fromkeys(r.label for r in records))
     counts = Counter((r.label, r.split) for r in records)
-    rows = ["<table id=counts><thead><tr><th>class</th>" + "".join(f"<th>{html.escape(s)}</th>" for s in splits)
-            + "<th>total</th></tr></thead><tbody>"]
+    rows = ["<table id=counts><thead><tr><th>class</th>" + "".join(f"<th class=n>{html.escape(s)}</th>" for s in splits)
+            + "<th class=n>total</th></tr></thead><tbody>"]
     for label in labels:
         cells = [counts[label, s] for s in splits]
-        rows.append(f"<tr><td>{html.escape(label)}</td>" + "".join(f"<td>{c}</td>" for c in cells) + f"<td>{sum(cells)}</td></tr>")
+        rows.append(f"<tr><td>{html.escape(label)}</td>" + "".join(f"<td class=n>{c}</td>" for c in cells)
+                    + f"<td class=n>{sum(cells)}</td></tr>")
     totals = [sum(counts[label, s] for label in labels) for s in splits]
-    rows.append("<tr><th>total</th>" + "".join(f"<th>{t}</th>" for t in totals) + f"<th>{sum(totals)}</th></tr></tbody></table>")
+    rows.append("<tr><th>total</th>" + "".join(f"<th class=n>{t}</th>" for t in totals)
+                + f"<th class=n>{sum(totals)}</th></tr></tbody></table>")
     return "".join(rows)
 
 
@@ -167,7 +172,7 @@ def write_report(path: Path, records: Sequence[ImageRecord], findings: Sequence[
     """
     thumbs = Thumbnails()
     by_kind = {kind: [f for f in findings if f.kind == kind] for kind in KINDS}
-    summary = "".join(f'<tr><td><a href="#{k}">{k}</a></td><td>{len(v)}</td><td>{html.escape(KIND_HELP[k])}</td></tr>'
+    summary = "".join(f'<tr><td><a href="#{k}">{k}</a></td><td class=n>{len(v)}</td><td>{html.escape(KIND_HELP[k])}</td></tr>'
                       for k, v in by_kind.items())
     parts = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>Data audit: {html.escape(title)}</title>"
              f"<style>{CSS}</style></head><body><h1>Data audit: {html.escape(title)}</h1>",
@@ -186,10 +191,4 @@ def write_report(path: Path, records: Sequence[ImageRecord], findings: Sequence[
             parts.append(f'<p class="more">and {len(found) - max_shown} more, see findings.csv</p>')
     parts.append("</body></html>\n")
     atomic_write_text(path, "\n".join(parts))
-
-
-def describe_counts(findings: Sequence[Finding]) -> str:
-    """A one-line count of the findings by kind ("3 leak, 1 tiny"), or "no findings"."""
-    counts = Counter(f.kind for f in findings)
-    return ", ".join(f"{counts[k]} {k}" for k in KINDS if counts[k]) or "no findings"
 
