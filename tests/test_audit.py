@@ -208,16 +208,16 @@ def test_index_edges_the_threshold_and_repeated_hashes() -> None:
 
 
 def test_groups_are_connected_sets_and_flat_images_match_only_exactly() -> None:
-    sets = UnionFind(7)
-    for a, b in ((5, 1), (1, 3), (4, 6)):
+    sets = UnionFind(8)
+    for a, b in ((0, 1), (2, 3), (1, 3), (6, 5)):  # (1, 3) joins two sets through members that are not roots
         sets.union(a, b)
-    assert sets.groups() == [[1, 3, 5], [4, 6]]
+    assert sets.groups() == [[0, 1, 2, 3], [5, 6]]
     base, other = synthetic_image(11), synthetic_image(12)
-    red, blue = Image.new("RGB", (64, 64), (200, 0, 0)), Image.new("RGB", (64, 64), (0, 0, 200))
+    dark, light = Image.new("RGB", (64, 64), (20, 20, 20)), Image.new("RGB", (64, 64), (235, 235, 235))
     prints: list[Fingerprint | None] = [fingerprint(im) for im in
-                                        (base, other, planted_copy(base, "half"), red, blue, red.copy())]
+                                        (base, other, planted_copy(base, "half"), dark, light, dark.copy())]
     assert prints[3].flat and prints[3].phash == prints[4].phash  # a flat image's hashes say nothing
-    assert duplicate_groups(prints + [None]) == [[0, 2], [3, 5]]  # red and blue are not copies; None is no image
+    assert duplicate_groups(prints + [None]) == [[0, 2], [3, 5]]  # dark and light are not copies; None is no image
 
 
 def test_processes_give_what_one_process_gives(audited: dict) -> None:

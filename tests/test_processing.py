@@ -315,5 +315,15 @@ def test_split_places_groups_whole_with_exact_counts() -> None:
         assert {"val", "test"} <= set(homes)  # copies are not all pushed into train
         assert tuple(len(split[s]["d"]) for s in SPLITS) == (8, 2, 0)  # over by the difference; val filled before test
         assert split == split_dataset(images, 0.2, 0.2, seed, pairs + big)  # seeded
+    cross = {"e": [Path(f"e/{i}.png") for i in range(10)], "f": [Path(f"f/{i}.png") for i in range(10)]}
+    homes = set()
+    for seed in range(8):  # a group of e/0 and f/0 counts toward e, its first image's class: e has 11 images, f 9
+        split = split_dataset(cross, 0.2, 0.2, seed, [[cross["e"][0], cross["f"][0]]])
+        home = next(s for s in SPLITS if cross["f"][0] in split[s]["f"])
+        homes.add(home)
+        assert cross["e"][0] in split[home]["e"]
+        assert tuple(len(split[s]["e"]) + (s == home) for s in SPLITS) == split_counts(11, 0.2, 0.2)
+        assert tuple(len(split[s]["f"]) - (s == home) for s in SPLITS) == split_counts(9, 0.2, 0.2)
+    assert len(homes) > 1
     for seed in range(3):  # without groups: the per-image split of earlier versions, image for image
         assert split_dataset(images, 0.2, 0.25, seed) == old_per_image_split(images, 0.2, 0.25, seed)
