@@ -3,6 +3,7 @@
     python main.py --model_name resnet18 --image_size 224 --epoch 50       # dataset/train, val, test
     python main.py --model_name convnext_tiny --pretrained --amp --warmup
     python main.py --save_path runs/exp --resume                           # continue an interrupted run
+    python main.py --kfold 5 --save_path runs/cv                           # 5-fold cross-validation (utils.train.kfold)
     python main.py --list_models                                           # the model zoo
 
 Everything the run writes goes into its own folder (--save_path, incremented if it exists:
@@ -62,6 +63,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--epoch", type=int, default=100, help="epochs to train")
     p("--save_path", default="runs/exp", help="run folder (incremented if it exists, unless --resume)")
     p("--resume", action="store_true", help="continue the run in --save_path from its last.pt")
+    p("--kfold", type=int, default=0, metavar="K",
+      help="cross-validation: train K models on K stratified folds of the training set into one run folder (fold1 ... "
+           "foldK) and write every training image's out-of-fold probabilities (oof.csv); multiclass; 0 = off")
     p("--loss", default=None, choices=list(ALL_LOSSES), help=f"loss function: {', '.join(MULTICLASS.losses)} (multiclass; "
       f"default {MULTICLASS.losses[0]}), {', '.join(MULTILABEL.losses)} (multilabel; default {MULTILABEL.losses[0]})")
     p("--optimizer", default="AdamW", type=optimizer_name, metavar="NAME",
@@ -147,6 +151,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         raise UserError(f"--lr must be positive, got {args.lr}")
     if not 0 <= args.warmup_ratios < 1:
         raise UserError(f"--warmup_ratios must be in [0, 1), got {args.warmup_ratios}")
+    if args.kfold < 0 or args.kfold == 1:
+        raise UserError(f"--kfold must be 2 or more (the number of folds; 0 = off), got {args.kfold}")
     if args.patience < 0:
         raise UserError(f"--patience must be 0 (off) or positive, got {args.patience}")
     if args.accumulate < 1:
@@ -173,18 +179,28 @@ def check_combinations(args: argparse.Namespace | Options) -> None:
         raise UserError("--teacher_path is only used with --kd: add --kd, or drop --teacher_path")
 
 
-def resume_options(args: Options) -> tuple[Options, Checkpoint]:
-    """The options of the run being resumed, with the few a resume may change, and its last.pt."""
+def resume_options(args: Options) -> tuple[Options, Checkpoint | None]:
+    """The options of the run being resumed, with the few a resume may change, and its last.pt (a
+    --kfold run: the options in its args.yaml and a checkpoint of a fold, utils.train.kfold)."""
     from utils.core.checkpoint import load_checkpoint
+    from utils.train.kfold import kfold_resume_source
 
     save_path = Path(args.save_path)
-    last = RunFolder(save_path).last
-    ckpt = load_checkpoint(last, what="--resume: last checkpoint")
-    if ckpt.kind != "last" or ckpt.train_state is None:
-        raise UserError(f"{last} holds no training state ({ckpt.kind} checkpoint): it cannot be resumed")
+    kfold = RunFolder(save_path).is_kfold
+    if kfold or args.kfold:
+        run_args, ckpt = kfold_resume_source(save_path, args)
+    else:
+        last = RunFolder(save_path).last
+        ckpt = load_checkpoint(last, what="--resume: last checkpoint")
+        if ckpt.kind != "last" or ckpt.train_state is None:
+            raise UserError(f"{last} holds no training state ({ckpt.kind} checkpoint): it cannot be resumed")
+        if ckpt.args.get("fold"):
+            raise UserError(f"{save_path} is fold {ckpt.args['fold']} of the --kfold run {save_path.parent}: resume the "
+                            f"whole run with --save_path {save_path.parent} --resume")
+        run_args = dict(ckpt.args)
     # options added since the run was written take their defaults (a version-1 run has no --sync_bn)
     defaults = {a.dest: a.default for a in get_args_parser()._actions if a.dest not in ("help", "version")}
-    saved = defaults | dict(CONFIG_ONLY_KEYS) | dict(ckpt.args)
+    saved = defaults | dict(CONFIG_ONLY_KEYS) | run_args
     if isinstance(saved.get("class_balance"), bool):  # runs from before --class_balance took a mode
         saved["class_balance"] = "sqrt" if saved["class_balance"] else "none"
     ignored = sorted(k for k in args.explicit if k not in RESUME_OVERRIDES + ("resume", "save_path", "config"))
@@ -196,29 +212,18 @@ def resume_options(args: Options) -> tuple[Options, Checkpoint]:
     saved.update(resume=True, save_path=str(save_path))
     saved["explicit"] = {k for k in args.explicit if k in RESUME_OVERRIDES}  # what this command line chose
     resumed = Options(saved)
-    if ckpt.epoch >= resumed.epoch:
+    if not kfold and ckpt.epoch >= resumed.epoch:
         raise UserError(f"{save_path} already trained all {ckpt.epoch} epochs; pass --epoch N (N > {ckpt.epoch}) to train longer")
     return resumed, ckpt
 
 
-def print_model_zoo() -> None:
-    """--list_models: pytorch-classifier's model names and what builds them."""
-    from prettytable import PrettyTable
-
-    from utils.models.registry import model_table
-
-    table = PrettyTable(["family", "model_name", "implementation"])
-    for row in model_table():
-        table.add_row(row)
-    table.align = "l"
-    print(table)
-    print("Any timm model name works as well (timm.list_models()), and the models in model/.")
-
-
 def main(args: Options) -> dict[str, Any]:
-    """Train; returns the final metrics (best epoch, best value, test metrics if a test set exists)."""
+    """Train; returns the final metrics (best epoch, best value, test metrics if a test set exists; with
+    --kfold the summary of utils.train.kfold.train_kfold)."""
     if args.list_models:
-        print_model_zoo()
+        from utils.models.registry import model_zoo_text
+
+        print(model_zoo_text())
         return {}
     from utils.core import distributed
 
@@ -233,7 +238,7 @@ def main(args: Options) -> dict[str, Any]:
     except distributed.LostProcess:
         raise  # not leaving the process group: that would wait for the process that is gone
     except BaseException as err:
-        lost = distributed.lost_process_error(err, distributed.resume_command(args.save_path) if resumed else None)
+        lost = distributed.lost_process_error(err, distributed.resume_command(args.save_path) if args.resume else None)
         if lost is not None:  # (lost before training started)
             raise lost from None
         distributed.shutdown()
@@ -260,6 +265,10 @@ def train(args: Options, resumed: Checkpoint | None) -> dict[str, Any]:
     data = load_data(args, resumed)
     args = resolve_options(args, data, device)  # the task, loss, metric, loader processes, batch size: fixed from here on
     share_cpu(device, args.workers)
+    if args.kfold:  # K runs in one folder: the loop, its resume and its summary are utils.train.kfold's
+        from utils.train.kfold import train_kfold
+
+        return train_kfold(args, data, device, resume=bool(args.resume))
     with claimed_run(args.save_path, fresh=resumed is None) as run:
         trainer = Trainer(args, data, run, device, resumed)
     settle_heap()  # the libraries, data and model: out of the collector's walks from here on

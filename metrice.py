@@ -6,10 +6,12 @@
     python metrice.py --save_path runs/exp runs/exp2 --ensemble vote     # an ensemble, side by side with its members
     python metrice.py --weight runs/exp/export/best_int8.onnx            # any model file (onnx/openvino: no torch needed)
     python metrice.py --save_path runs/exp --task features --classical svm,knn   # classifiers on the CNN's features
+    python metrice.py --save_path runs/cv --task label_issues            # mislabeled images (a main.py --kfold run: all)
 
 Data paths, image size, preprocessing and class names come from the run (best.pt); flags
 override them. Everything goes into <first run>/<task>/, a new folder per call (test, test2 ...);
---task features writes <run>/features/ (utils.evaluate.classical), replaced by each call.
+--task features writes <run>/features/ (utils.evaluate.classical) and --task label_issues
+<run>/label_issues/ (utils.evaluate.label_report), each replaced by each call.
 The library behind it: utils.evaluate.split (predict and score a split, speed), utils.evaluate.reports (what
 is written), utils.infer.ensemble (the models). torch is imported only for the formats that need it
 and for --tsne: onnx and openvino models are evaluated without PyTorch.
@@ -32,14 +34,15 @@ from utils.core.schema import MAX_IMAGE_SIZE
 from utils.data.imageset import read_label_file, report_skipped
 from utils.data.sources import scan_split
 from utils.deploy.formats import MODEL_TYPES
+from utils.evaluate.label_report import label_issues_run, label_issues_task
 from utils.evaluate.split import measure_speed, predict_split, score_split
-from utils.infer.backends import model_device, models_from_flags, results_folder, results_home
+from utils.infer.backends import kfold_members, model_device, models_from_flags, results_folder, results_home
 from utils.infer.ensemble import Ensemble, add_ensemble_flags, ensemble_method, load_ensemble
 from utils.infer.speed import device_name
 
 LOGGER = logging.getLogger("metrice")
 
-TASKS = ("train", "val", "test", "fps", "features")
+TASKS = ("train", "val", "test", "fps", "features", "label_issues")
 # What utils.evaluate.reports draws and computes with (module -> package); a deployment machine may lack them.
 # What to do when a split's labels do not fit the model's task (utils.data.imageset.ImageSet.as_task).
 MODEL_TASK_HINT = "evaluate it with a model of that task, or pass a split with one label per image"
@@ -63,8 +66,9 @@ def get_args_parser() -> argparse.ArgumentParser:
       help="run folder(s), default runs/exp; several = an ensemble (same classes)")
     p("--weight", nargs="+", default=None, help="model file(s) instead of --save_path: a checkpoint or any exported "
       "file (export/best_int8.onnx ...); the format comes from the suffix")
-    p("--task", default="test", choices=TASKS, help="split to evaluate, fps to measure speed, or features: penultimate "
-      "features of train/val/test and --classical classifiers fit on them (default test)")
+    p("--task", default="test", choices=TASKS, help="split to evaluate, fps to measure speed, features: penultimate "
+      "features of train/val/test and --classical classifiers fit on them, or label_issues: probably mislabeled images "
+      "(a --kfold run's training images, else val and test) (default test)")
     p("--train_path", default=None, help="train split (default: the run's)")
     p("--val_path", default=None, help="val split (default: the run's)")
     p("--test_path", default=None, help="test split (default: the run's)")
@@ -84,12 +88,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_ensemble_flags(parser)
     p("--classical", default=None, help=f"--task features: comma-separated classifiers to fit on the features, "
       f"from {','.join(CLASSICAL)} (default: all)")
+    p("--write_fixed_list", action="store_true", help="--task label_issues: also write label_issues/fixed_<split>.csv, "
+      "each checked image with the suggested label for the flagged ones (a list main.py trains on)")
     return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
     """Parse and check the options."""
     args = get_args_parser().parse_args(argv)
+    args.oof_run = label_issues_run(args.task, args.save_path, args.weight, args.write_fixed_list)  # as given: not expanded
     args.save_path, args.model_type = models_from_flags(args.save_path, args.weight, args.model_type)
     for name in ("image_size", "batch_size"):
         value = getattr(args, name)
@@ -99,7 +106,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         raise UserError(f"--image_size must be at most {MAX_IMAGE_SIZE} pixels, got {args.image_size}")
     if args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
-    args.ensemble = ensemble_method(args.ensemble, args.ensemble_weights, len(args.save_path))
+    args.ensemble = ensemble_method(args.ensemble, args.ensemble_weights, len(kfold_members(args.save_path)))
     if args.tsne and args.model_type != "torch":
         raise UserError("--tsne reads the penultimate features inside the network: it needs --model_type torch")
     check_features_args(args)
@@ -118,9 +125,9 @@ def check_features_args(args: argparse.Namespace) -> None:
         raise UserError(f"--classical {args.classical}: unknown {', '.join(unknown) or 'empty list'}; "
                         f"choose from {','.join(CLASSICAL)}")
     args.classical = list(dict.fromkeys(names))
-    if args.model_type != "torch" or len(args.save_path) > 1:
+    if args.model_type != "torch" or len(kfold_members(args.save_path)) > 1:
         raise UserError("--task features reads the penultimate features inside the network: pass one --save_path "
-                        "with --model_type torch")
+                        "(one fold of a --kfold run: RUN/foldN) with --model_type torch")
     if args.image_size is not None:
         raise UserError("--task features uses the model's own --image_size (predict.py --classical computes the same features)")
 
@@ -154,7 +161,7 @@ def load_models(args: Options) -> tuple[Ensemble, list[str], Any]:
     """The ensemble of --save_path, the class names to show (--label_path), and the device."""
     device = model_device(args.device, args.model_type)
     share_cpu(device, args.workers)
-    for path in args.save_path:
+    for path in kfold_members(args.save_path):
         if args.model_type == "torch":
             RunFolder.checkpoint(path)  # a folder without best.pt: one line naming the flag and the runs there
     ensemble = load_ensemble(args.save_path, args.model_type, device, args.half, args.ensemble, args.ensemble_weights,
@@ -217,6 +224,8 @@ def run_features(args: Options, ensemble: Ensemble, class_names: list[str], devi
 
 def main(args: Options) -> dict[str, Any]:
     """Evaluate (or time) the models in --save_path; returns the output folder and the metrics."""
+    if args.task == "label_issues":  # a --kfold run's oof.csv, else val and test predicted (utils.evaluate.label_report)
+        return label_issues_task(args, load_models)
     results_folder(args.save_path, args.task, "--weight" if args.weight else "--save_path")  # writable, before any work
     report = reports()
     ensemble, class_names, device = load_models(args)

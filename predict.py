@@ -38,7 +38,7 @@ from utils.data.decode import load_image
 from utils.deploy.formats import MODEL_TYPES
 from utils.draw.labels import annotate
 from utils.explain.cam import CAM_TYPES
-from utils.infer.backends import model_device, models_from_flags, results_folder
+from utils.infer.backends import kfold_members, model_device, models_from_flags, results_folder
 from utils.infer.ensemble import Ensemble, InputPlan, add_ensemble_flags, ensemble_method, load_ensemble
 from utils.infer.loader import prediction_loader
 from utils.infer.rows import BoundedWriter, PredictionWriter, label_text, output_name, prediction_rows
@@ -86,7 +86,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
     if not 0.0 <= args.conf_threshold <= 1.0:
         raise UserError(f"--conf_threshold must be in [0, 1], got {args.conf_threshold}")
-    args.ensemble = ensemble_method(args.ensemble, args.ensemble_weights, len(args.save_path))
+    args.ensemble = ensemble_method(args.ensemble, args.ensemble_weights, len(kfold_members(args.save_path)))
     if args.cam_visual and args.model_type != "torch":
         raise UserError(f"--cam_visual needs gradients through the PyTorch model: use --model_type torch (got {args.model_type})")
     if args.cam_visual and len(args.save_path) > 1:

@@ -3,7 +3,7 @@ run, never another run's).
 
     folder = RunFolder("runs/exp")
     folder.best, folder.last, folder.args_file      # runs/exp/best.pt, last.pt, args.yaml ...
-    RunFolder.checkpoint("runs/exp", "--save_path") # a run folder -> its best.pt; a file -> itself
+    RunFolder.checkpoint("runs/exp", "--save_path") # a run folder -> its best.pt (a --kfold run: its best fold's); a file -> itself
     path = increment_path("runs/exp")               # runs/exp if free, else runs/exp2, exp3 ... (claimed by mkdir)
     run = Run(path)                                 # every file of a training run is written through it (rank 0 only)
     run.write_yaml(RunFolder.ARGS, options)
@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import re
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -92,9 +93,49 @@ class RunFolder:
         """Whether this is the parent folder of a main.py --kfold run."""
         return (self.path / self.KFOLD).is_file()
 
+    def kfold_record(self) -> dict[str, Any]:
+        """What kfold.json holds (utils.train.kfold writes it): k, seed, the training set, each image's
+        fold, the folds finished with their metrics, and once all are, the best fold.
+
+        Raises:
+            UserError: the file cannot be read or is not such a record.
+        """
+        file = self.path / self.KFOLD
+        try:
+            record = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise UserError(f"{file}: cannot read the --kfold record ({getattr(err, 'strerror', None) or err})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("k"), int):
+            raise UserError(f"{file}: not the record of a main.py --kfold run (no fold count k)")
+        return record
+
+    @classmethod
+    def model_folder(cls, path: str | Path, flag: str = "--save_path") -> Path:
+        """The run folder whose model a folder names: itself, or for a --kfold run its best fold
+        (the highest held-out --metrice; one model for deployment, as K folds are K times the compute),
+        which is printed with the reason.
+
+        Raises:
+            UserError: a --kfold run whose folds are not all finished.
+        """
+        path = Path(path)
+        if not cls(path).is_kfold:
+            return path
+        record = cls(path).kfold_record()
+        best = record.get("best_fold")
+        if not isinstance(best, dict):
+            raise UserError(f"{flag} {path}: a --kfold run whose {record['k']} folds are not all finished: resume it with "
+                            f"python main.py --save_path {path} --resume, or pass {flag} {cls(path).fold(1)} (one fold)")
+        folder = cls(path).fold(int(best["fold"]))
+        print(f"{flag} {path}: a --kfold run of {record['k']} folds; using its best fold, {folder.name} (held-out "
+              f"{best['metric']} {best['value']:.4f}, {best['rule']}); pass {flag} {folder.parent / 'foldN'} for "
+              "another", flush=True)
+        return folder
+
     @classmethod
     def checkpoint(cls, path: str | Path, flag: str = "--save_path") -> Path:
-        """The checkpoint a path names: a run folder's best.pt, or the file itself.
+        """The checkpoint a path names: a run folder's best.pt (a --kfold run's: its best fold's, see
+        model_folder), or the file itself.
 
         Raises:
             UserError: nothing there, or a folder without best.pt (naming the flag, and the runs
@@ -102,6 +143,7 @@ class RunFolder:
         """
         path = Path(path)
         if path.is_dir():
+            path = cls.model_folder(path, flag)
             best = path / cls.BEST
             if best.is_file():
                 return best
@@ -173,6 +215,11 @@ class Run(RunFolder):
     def write_yaml(self, name: str, data: dict[str, Any]) -> None:
         if self.main:
             atomic_write_text(self.path / name, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+    def write_text(self, name: str, text: str) -> None:
+        """Write a text file (kfold.json ...) atomically."""
+        if self.main:
+            atomic_write_text(self.path / name, text)
 
     def write_lines(self, name: str, lines: list[str]) -> None:
         if self.main:

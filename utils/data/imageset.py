@@ -60,6 +60,17 @@ class ImageSet:
         """Images per class (for a multi-label set, images carrying each label)."""
         return self.task.class_counts(self.targets, len(self.class_names)).tolist()
 
+    def subset(self, indices: Sequence[int]) -> ImageSet:
+        """The images at `indices` (in that order), the same files and classes: no file is copied.
+        Its signature identifies the parent's files and the indices taken.
+
+        Args:
+            indices: positions in `samples`.
+        """
+        indices = [int(i) for i in indices]
+        signature = (hashlib.sha1(f"{self.signature}:{indices}".encode()).hexdigest() if self.signature else "")
+        return replace(self, samples=[self.samples[i] for i in indices], skipped=[], signature=signature)
+
     def as_task(self, task: TaskType, hint: str = "train it with --task_type multilabel") -> ImageSet:
         """The same images with their targets encoded for `task` (itself when they already are).
 

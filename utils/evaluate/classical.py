@@ -374,8 +374,8 @@ def classical_ensemble(ensemble: Ensemble, save_path: str | Path, name: str, tta
     """
     backend = ensemble.members[0].backend
     if len(ensemble) != 1 or getattr(backend, "model_type", None) != "torch":
-        raise UserError("--classical reads the penultimate features inside the network: pass one --save_path with "
-                        "--model_type torch")
+        raise UserError("--classical reads the penultimate features inside the network: pass one --save_path (one fold "
+                        "of a --kfold run: RUN/foldN) with --model_type torch")
     folder = features_folder(save_path)
     pipeline, index = load_classifier(folder, name)
     checkpoint = resolve_weights(save_path, "torch")

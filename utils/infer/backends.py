@@ -65,8 +65,8 @@ def resolve_weights(path: str | Path, model_type: str = "torch") -> Path:
     a file -> itself (after checking that it fits model_type)."""
     path = Path(path)
     fmt = get_format(model_type)
-    if path.is_dir() and not is_hub_folder(path):
-        return RunFolder.checkpoint(path) if fmt.flag == "torch" else find_export(path, fmt)
+    if path.is_dir() and not is_hub_folder(path):  # a --kfold run: its best fold's (RunFolder.model_folder)
+        return RunFolder.checkpoint(path) if fmt.flag == "torch" else find_export(RunFolder.model_folder(path), fmt)
     if not path.exists():
         raise UserError(f"model not found: {path}")
     found = format_of(path)
@@ -116,6 +116,33 @@ def models_from_flags(save_path: Sequence[str] | None, weight: Sequence[str] | N
             raise UserError(f"--weight {file} is a folder: pass a model file (best.pt, export/best.onnx ...), "
                             "or the run folder with --save_path")
     return list(weight), model_type or model_type_of(weight[0])
+
+
+def kfold_members(paths: Sequence[str | Path]) -> list[str]:
+    """The models that model paths stand for: each main.py --kfold run folder as its K folds (RUN/fold1
+    ... RUN/foldK), so metrice.py and predict.py average them as an ensemble (each fold saw (K-1)/K of
+    the training set: their mean is the usual, stronger estimate than any one fold); other paths as
+    they are. The one place a --kfold run becomes its folds (export.py and serve.py take its best
+    fold instead: utils.core.run.RunFolder.model_folder).
+
+    Raises:
+        UserError: a --kfold run whose folds are not all finished.
+    """
+    models: list[str] = []
+    for path in paths:
+        folder = RunFolder(path)
+        if not (Path(path).is_dir() and folder.is_kfold):
+            models.append(str(path))
+            continue
+        record = folder.kfold_record()
+        k, finished = record["k"], set(record.get("finished") or [])
+        missing = [f for f in range(1, k + 1) if f not in finished]
+        if missing:
+            raise UserError(f"{path} is a --kfold run whose fold(s) {', '.join(map(str, missing))} of {k} are not finished: "
+                            f"resume it with python main.py --save_path {path} --resume, or pass one finished fold "
+                            f"({folder.fold(1)} ...)")
+        models += [str(folder.fold(f)) for f in range(1, k + 1)]
+    return models
 
 
 def results_home(path: str | Path) -> Path:

@@ -32,7 +32,7 @@ from utils.data.decode import to_mode
 from utils.data.imageset import read_label_file
 from utils.data.transforms_np import image_transform
 from utils.deploy.runtime import input_mismatch
-from utils.infer.backends import load_backend, model_type_of, predict_probs, resolve_weights
+from utils.infer.backends import kfold_members, load_backend, model_type_of, predict_probs, resolve_weights
 
 LOGGER = logging.getLogger(__name__)
 
@@ -316,7 +316,8 @@ def load_ensemble(paths: Sequence[str | Path], model_type: str | None = "torch",
     """Load one or more models (run folders or model files) as an Ensemble.
 
     Args:
-        paths: run folders or model files, of the same classes.
+        paths: run folders or model files, of the same classes; a main.py --kfold run folder stands for
+            its K folds (utils.infer.backends.kfold_members).
         model_type: the format of every model (utils.infer.backends.MODEL_TYPES); None: each path's
             own (utils.infer.backends.model_type_of: a file's suffix, torch for a run folder).
         device: where to run.
@@ -328,6 +329,7 @@ def load_ensemble(paths: Sequence[str | Path], model_type: str | None = "torch",
     Returns:
         The Ensemble.
     """
+    paths = kfold_members(paths)
     if len({str(Path(p)) for p in paths}) != len(paths):
         raise UserError(f"--save_path names a model twice: {' '.join(map(str, paths))}")
     types = [model_type or model_type_of(p) for p in paths]

@@ -134,6 +134,17 @@ def model_table() -> list[tuple[str, str, str]]:
     return rows
 
 
+def model_zoo_text() -> str:
+    """main.py --list_models: the zoo (model_table) as a table, and what else a name may be."""
+    from prettytable import PrettyTable
+
+    table = PrettyTable(["family", "model_name", "implementation"])
+    for row in model_table():
+        table.add_row(row)
+    table.align = "l"
+    return f"{table}\nAny timm model name works as well (timm.list_models()), and the models in model/."
+
+
 # -------------------------------------------------------------------------- pretrained weights
 def _reachable(host: str, timeout: float = 3.0) -> bool:
     """Whether a TCP connection to host:443 opens quickly (offline machines answer at once)."""

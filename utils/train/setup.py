@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -53,6 +53,19 @@ class TrainData:
     @property
     def class_names(self) -> list[str]:
         return self.train_set.class_names
+
+    def fold(self, train_indices: Sequence[int], held_out: ImageSet) -> TrainData:
+        """The data of one fold of --kfold (utils.train.kfold): the training images at `train_indices`
+        (a subset of the same files, nothing copied), validated on the val split, or without one on
+        the `held_out` images. The preprocessing is the whole training set's (its mean/std, computed
+        once for every fold), so the K models see their inputs alike.
+
+        Args:
+            train_indices: the images of the training set this fold trains on (the other folds').
+            held_out: the fold's own images (train_set.subset of the rest).
+        """
+        return replace(self, train_set=self.train_set.subset(train_indices),
+                       val_set=self.val_set if self.val_set is not None else held_out)
 
     @property
     def num_classes(self) -> int:
@@ -101,7 +114,7 @@ def load_data(args: Options, resumed: Checkpoint | None = None) -> TrainData:
     if args.val_path and Path(args.val_path).exists():
         val_set = scan_split(args.val_path, class_names=class_names, what="val set", list_sep=args.list_sep).as_task(task)
         report_skipped(val_set.skipped, f"val set {args.val_path}")
-    else:
+    elif not args.get("kfold"):  # --kfold validates each fold on its held-out images instead (and says so)
         LOGGER.warning("no validation set at '%s': best.pt is chosen on the training metrics", args.val_path)
 
     if resumed is not None:

@@ -39,7 +39,7 @@ from utils.core.run import Run, RunFolder
 from utils.core.schema import Checkpoint, ModelMeta
 from utils.data.augment import BatchMix
 from utils.data.image_cache import ImageCache, cache_budget
-from utils.data.imageset import report_skipped
+from utils.data.imageset import ImageSet, report_skipped
 from utils.data.loaders import EpochSampler, ImageDataset, build_loader
 from utils.data.sources import scan_split
 from utils.data.transforms import Normalize, image_transform, train_transform
@@ -333,7 +333,7 @@ class Trainer:
         if not self.run.last.is_file():
             return err.with_hint("or pass --save_path on a larger disk; then train again")
         return err.with_hint(f"the checkpoints in {self.run.path} are intact (a write that did not fit replaced "
-                             f"nothing); then continue with: {resume_command(self.run.path)} --epoch {self.args.epoch}")
+                             f"nothing); then continue with: {resume_command(self.resume_path)} --epoch {self.args.epoch}")
 
     def run_epoch(self, epoch: int, stop: StopFlag) -> EpochRecord:
         """Train one epoch (or the rest of it), validate, choose best.pt, log, save last.pt."""
@@ -385,12 +385,18 @@ class Trainer:
         self.timing.append(spent)
         return record
 
+    @property
+    def resume_path(self) -> Path:
+        """The folder --resume continues: the run's own, or for a fold of --kfold (options `fold`) the
+        whole cross-validation's, its parent (a fold is never resumed alone)."""
+        return self.run.path.parent if self.args.get("fold") else self.run.path
+
     def resume_command(self) -> str | None:
         """The command that continues this run from its last.pt, launched as this one was (torchrun
         with its process count, or python); None while no last.pt has been written."""
         if self.state.epoch == 0 and self.state.step == 0:
             return None
-        return resume_command(self.run.path)
+        return resume_command(self.resume_path)
 
     def print_timing(self) -> None:
         """Where the epochs' time went, on average: training, validation, checkpoints, logs and plots."""
@@ -475,16 +481,27 @@ class Trainer:
         test_set = scan_split(args.test_path, class_names=self.data.class_names, what="test set",
                               list_sep=args.list_sep).as_task(self.data.task)
         report_skipped(test_set.skipped, f"test set {args.test_path}")
+        return self.score_best(test_set, "test")
+
+    def score_best(self, image_set: ImageSet, what: str) -> dict[str, float]:
+        """best.pt's metrics on a labelled split as validation computes them (the run's loss, acc,
+        mean_acc ...; the test-time transform, TenCrop with --test_tta), summed over the processes.
+
+        Args:
+            image_set: the images (encoded for the run's task).
+            what: its name in the progress bar and the printed line (test, held-out).
+        """
+        args = self.args
         self.load_best()
-        loader = build_loader(ImageDataset(test_set.samples, image_transform(self.data.spec, args.test_tta), args.image_channel,
+        loader = build_loader(ImageDataset(image_set.samples, image_transform(self.data.spec, args.test_tta), args.image_channel,
                                            num_classes=self.data.num_classes, task=self.data.task),
-                              args.batch_size, self.eval_sampler(len(test_set.samples)), 0, self.device.type == "cuda")
-        test = evaluate(self.model, self.criterion, loader, self.device, self.new_sums(), self.normalize,
-                        self.amp_dtype, desc="test")
+                              args.batch_size, self.eval_sampler(len(image_set.samples)), 0, self.device.type == "cuda")
+        scores = evaluate(self.model, self.criterion, loader, self.device, self.new_sums(), self.normalize,
+                          self.amp_dtype, desc=what)
         first, second = self.log.metrics
-        print(f"test ({len(test_set.samples)} images, best.pt): {first} {test[first]:.4f}, {second} {test[second]:.4f}, "
-              f"loss {test['loss']:.4f}", flush=True)
-        return test
+        print(f"{what} ({len(image_set.samples)} images, best.pt): {first} {scores[first]:.4f}, {second} "
+              f"{scores[second]:.4f}, loss {scores['loss']:.4f}", flush=True)
+        return scores
 
     def close_tracker(self, result: dict[str, Any] | None = None) -> None:
         """Send the final metrics and files (best.pt, swa.pt, train.log, args.yaml, label.txt, the plots)
