@@ -5,8 +5,10 @@
 
 The source folder is never changed: images are copied (or symlinked with --link). Each class is
 split in the asked ratios, rounded per class; the three splits are disjoint and together hold every
-readable image. `--sample digits` first writes scikit-learn's bundled handwritten digits
-(1,797 real 8x8 images, 10 classes) as PNG class folders into --data_path.
+readable image. Exact and near copies of an image (found as audit.py finds them) go into one split
+together, so none leaks into val or test (--allow_duplicates_across_splits: image by image); the
+rule and its rounding: utils.data.split. `--sample digits` first writes scikit-learn's bundled
+handwritten digits (1,797 real 8x8 images, 10 classes) as PNG class folders into --data_path.
 """
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ import argparse
 import json
 import logging
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,12 +26,13 @@ from utils.core.config import ArgumentParser, finite_float
 from utils.core.files import atomic_write_text
 from utils.core.log import UserError, script_main
 from utils.core.options import Options
+from utils.data.duplicates import HASH_DISTANCE
 from utils.data.folders import class_folders, resolve_class_names, scan_class_folders
-from utils.data.imageset import natural_key, report_skipped
+from utils.data.imageset import report_skipped
 from utils.data.lists import write_list
+from utils.data.split import SPLITS, copy_groups, split_dataset
 
 LOGGER = logging.getLogger("processing")
-SPLITS = ("train", "val", "test")
 MANIFEST = ".processing.json"  # in --output_path: the files this script wrote there (only those are replaced)
 SAMPLE_MARKER = ".sample.json"  # in --data_path: written by --sample
 SAMPLES = ("digits",)
@@ -50,6 +52,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--write_lists", action="store_true",
       help="write train.csv, val.csv, test.csv (path,label rows pointing into --data_path) instead of copying images")
     p("--sample", choices=SAMPLES, default=None, help="first write a bundled sample dataset into --data_path")
+    p("--allow_duplicates_across_splits", action="store_true",
+      help="split image by image: exact and near copies of an image may land in different splits")
+    p("--hash_distance", type=int, default=HASH_DISTANCE, help="pHash bits within which two images are near copies "
+                                                               "(as audit.py's)")
+    p("--workers", type=int, default=os.cpu_count() or 1, help="processes that decode and hash images (0 = this one)")
     return parser
 
 
@@ -60,6 +67,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
             raise UserError(f"--{name} must be in [0, 1), got {getattr(args, name)}")
     if args.val_size + args.test_size >= 1.0:
         raise UserError(f"--val_size + --test_size must leave images for training (got {args.val_size + args.test_size:g})")
+    if not 0 <= args.hash_distance <= 32 or args.workers < 0:
+        raise UserError(f"--hash_distance must be from 0 to 32 bits and --workers at least 0, got {args.hash_distance} "
+                        f"and {args.workers}")
     return Options.of(args)
 
 
@@ -87,32 +97,22 @@ def write_digits(folder: Path) -> int:
 
 
 # ------------------------------------------------------------------------------------ split
-def split_counts(n: int, val_size: float, test_size: float) -> tuple[int, int, int]:
-    """Images of one class per split: val and test rounded, train the rest (at least one)."""
-    n_val = int(round(n * val_size))
-    n_test = int(round(n * test_size))
-    while n_val + n_test >= n and (n_val or n_test):  # keep at least one training image
-        if n_val >= n_test and n_val:
-            n_val -= 1
-        else:
-            n_test -= 1
-    return n - n_val - n_test, n_val, n_test
-
-
-def split_dataset(images: dict[str, list[Path]], val_size: float, test_size: float, seed: int) -> dict[str, dict[str, list[Path]]]:
-    """Stratified split: {split: {class folder: [paths]}}, each class shuffled with its own seeded RNG.
-
-    A class's split depends only on the seed, the class name and its files, not on the other classes.
-    """
-    out: dict[str, dict[str, list[Path]]] = {s: {} for s in SPLITS}
-    for name, paths in images.items():
-        order = sorted(paths, key=lambda p: natural_key(str(p)))
-        random.Random(f"{seed}:{name}").shuffle(order)
-        n_train, n_val, _ = split_counts(len(order), val_size, test_size)
-        out["train"][name] = order[:n_train]
-        out["val"][name] = order[n_train:n_train + n_val]
-        out["test"][name] = order[n_train + n_val:]
-    return out
+def kept_together(images: dict[str, list[Path]], args: Options) -> list[list[Path]]:
+    """The groups of copies the split keeps in one split (none with --allow_duplicates_across_splits),
+    said in a line, with a warning naming an example of a group that spans class folders."""
+    if args.allow_duplicates_across_splits:
+        return []
+    groups = copy_groups(images, args.hash_distance, args.workers)
+    print(f"kept {len(groups)} group(s) of exact or near copies each in one split ({sum(map(len, groups))} images)",
+          flush=True)
+    folder_of = {path: folder for folder, paths in images.items() for path in paths}
+    mixed = [g for g in groups if len({folder_of[p] for p in g}) > 1]
+    if mixed:
+        a = mixed[0][0]
+        b = next(p for p in mixed[0] if folder_of[p] != folder_of[a])
+        LOGGER.warning("warning: %d group(s) of copies hold images of different classes, each kept in one split, "
+                       "e.g. %s and %s; python audit.py --data_path <data_path> lists them all", len(mixed), a, b)
+    return groups
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -233,8 +233,10 @@ def main(args: Options) -> dict[str, Any]:
         write_sample(args, source)
     folders, class_names, folder_index, images, skipped = scan_source(source)
 
-    remove_outputs(check_paths(source, output, label_path, args.force), output)
-    split = split_dataset(images, args.val_size, args.test_size, args.seed)
+    stale = check_paths(source, output, label_path, args.force)  # refusals first, the hashing after
+    groups = kept_together(images, args)
+    remove_outputs(stale, output)  # an earlier split is replaced only once the new one is decided
+    split = split_dataset(images, args.val_size, args.test_size, args.seed, groups)
     if args.write_lists:
         planned = [output / f"{s}.csv" for s in SPLITS if any(split[s][f] for f in folders)]
     else:

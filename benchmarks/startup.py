@@ -1,6 +1,6 @@
 """Start-up costs (not a test): each script's --help, and main.py on a folder of 100,000 images.
 
-    python benchmarks/startup.py                      # --help of the five scripts, then the 100,000-image folder
+    python benchmarks/startup.py                      # --help of each script, then the 100,000-image folder
     python benchmarks/startup.py --images 20000 --skip help
 
   --help      wall seconds of `python <script>.py --help` (median of --repeat runs).
@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.train_throughput import ensure_digits  # noqa: E402
 
-SCRIPTS = ("main.py", "metrice.py", "predict.py", "export.py", "processing.py", "serve.py")
+SCRIPTS = ("main.py", "metrice.py", "predict.py", "export.py", "audit.py", "processing.py", "serve.py")
 SCAN = """
 import resource, sys, time, tracemalloc
 sys.path.insert(0, sys.argv[1])

@@ -17,6 +17,7 @@ import processing
 from conftest import (add_junk_files, assert_ok, assert_user_error, class_image, files_under, make_class_folders, run_many,
                       snapshot)
 from utils.core.log import run_cli
+from utils.data.split import split_counts
 
 # class folder -> images (dog has one more in a sub-folder); expected (train, val, test) at 6:2:2
 COUNTS = {"cat": 10, "dog": 7, "10": 5, "2": 3}
@@ -219,8 +220,110 @@ def test_force_replaces_an_earlier_split(raw_copy: Path, tmp_path: Path) -> None
 
 
 def test_split_counts_rule() -> None:
-    assert processing.split_counts(10, 0.2, 0.2) == (6, 2, 2)
-    assert processing.split_counts(7, 0.2, 0.2) == (5, 1, 1)
-    assert processing.split_counts(2, 0.2, 0.2) == (2, 0, 0)
-    assert processing.split_counts(1, 0.4, 0.4) == (1, 0, 0)  # always one training image
-    assert processing.split_counts(10, 0.0, 0.5) == (5, 0, 5)
+    assert split_counts(10, 0.2, 0.2) == (6, 2, 2)
+    assert split_counts(7, 0.2, 0.2) == (5, 1, 1)
+    assert split_counts(2, 0.2, 0.2) == (2, 0, 0)
+    assert split_counts(1, 0.4, 0.4) == (1, 0, 0)  # always one training image
+    assert split_counts(10, 0.0, 0.5) == (5, 0, 5)
+
+
+# ----------------------------------------------------------------- copies kept in one split
+def old_per_image_split(images: dict[str, list[Path]], val: float, test: float, seed: int) -> dict[str, dict[str, list[Path]]]:
+    """The split of earlier versions, image by image (the reference of --allow_duplicates_across_splits)."""
+    import random
+
+    out: dict[str, dict[str, list[Path]]] = {s: {} for s in SPLITS}
+    for name, paths in images.items():
+        order = sorted(paths, key=lambda p: [(0, int(t), "") if t.isdigit() else (1, 0, t.casefold())
+                                             for t in __import__("re").split(r"(\d+)", str(p)) if t])
+        random.Random(f"{seed}:{name}").shuffle(order)
+        n_train, n_val, _ = split_counts(len(order), val, test)
+        out["train"][name], out["val"][name], out["test"][name] = (order[:n_train], order[n_train:n_train + n_val],
+                                                                   order[n_train + n_val:])
+    return out
+
+
+@pytest.fixture(scope="module")
+def with_copies(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """a/: 20 distinct images and 9 byte copies of a00 (a group of 10); b/: 15 distinct, 3 near copies of
+    b00 (JPEG, half size, cropped: a group of 4) and a copy of a05 (a group across classes)."""
+    from benchmarks.audit_speed import planted_copy, synthetic_image
+
+    raw = tmp_path_factory.mktemp("copies") / "raw"
+    (raw / "a").mkdir(parents=True)
+    (raw / "b").mkdir()
+    for k in range(20):
+        synthetic_image(200 + k).save(raw / "a" / f"a{k:02d}.png")
+    for k in range(15):
+        synthetic_image(300 + k).save(raw / "b" / f"b{k:02d}.png")
+    for k in range(1, 10):
+        (raw / "a" / f"a_copy{k}.png").write_bytes((raw / "a" / "a00.png").read_bytes())
+    with Image.open(raw / "b" / "b00.png") as img:
+        for how, name in (("jpeg60", "b_jpeg.jpg"), ("half", "b_half.png"), ("crop5", "b_crop.png")):
+            planted_copy(img.convert("RGB"), how).save(raw / "b" / name)
+    (raw / "b" / "b_from_a.png").write_bytes((raw / "a" / "a05.png").read_bytes())
+    groups = [{"a00.png"} | {f"a_copy{k}.png" for k in range(1, 10)}, {"b00.png", "b_jpeg.jpg", "b_half.png", "b_crop.png"},
+              {"a05.png", "b_from_a.png"}]
+    return {"raw": raw, "groups": groups}
+
+
+def split_of_each(output: Path) -> dict[str, str]:
+    """file name -> the split it was copied into."""
+    return {p.name: split for split in SPLITS for p in (output / split).rglob("*") if p.is_file()}
+
+
+def test_each_group_of_copies_lands_in_one_split(with_copies: dict, tmp_path: Path) -> None:
+    proc = run_in_process("--data_path", with_copies["raw"], "--output_path", tmp_path / "out", "--workers", "2")
+    assert proc.returncode == 0, proc.stderr
+    where = split_of_each(tmp_path / "out")
+    assert len(where) == 48
+    for group in with_copies["groups"]:
+        assert len({where[name] for name in group}) == 1, {name: where[name] for name in group}
+    assert "kept 3 group(s) of exact or near copies each in one split (16 images)" in proc.stdout
+    warning = [ln for ln in proc.stderr.splitlines() if "different classes" in ln]
+    assert len(warning) == 1 and "1 group(s)" in warning[0] and "a05.png" in warning[0] and "b_from_a.png" in warning[0]
+    # exact per class: a group counts toward the class of its first image (b_from_a toward a)
+    homed = {"a": [n for n in where if n.startswith("a")] + ["b_from_a.png"],
+             "b": [n for n in where if n.startswith("b") and n != "b_from_a.png"]}
+    for name, files in homed.items():
+        got = tuple(sum(where[f] == s for f in files) for s in SPLITS)
+        assert got == split_counts(len(files), 0.2, 0.2), (name, got)
+
+
+def test_allow_duplicates_across_splits_is_the_per_image_split(with_copies: dict, tmp_path: Path) -> None:
+    raw = with_copies["raw"]
+    proc = run_in_process("--data_path", raw, "--output_path", tmp_path / "out", "--allow_duplicates_across_splits")
+    assert proc.returncode == 0 and "kept" not in proc.stdout, proc.stdout
+    where = split_of_each(tmp_path / "out")
+    assert len({where[name] for name in with_copies["groups"][0]}) > 1  # the 10 identical copies spread
+    images = {f: sorted(p for p in (raw / f).iterdir()) for f in ("a", "b")}
+    reference = old_per_image_split(images, 0.2, 0.2, 0)
+    assert where == {p.name: s for s in SPLITS for paths in reference[s].values() for p in paths}
+
+
+def test_split_places_groups_whole_with_exact_counts() -> None:
+    from utils.data.split import split_dataset
+
+    images = {"c": [Path(f"c/{i}.png") for i in range(100)], "d": [Path(f"d/{i}.png") for i in range(10)]}
+    pairs = [images["c"][i:i + 2] for i in range(0, 60, 2)]  # 30 groups of two, 40 single images
+    big = [images["d"][:8]]  # larger than val's and test's room (2 each) and train's (6)
+    for seed in range(3):
+        split = split_dataset(images, 0.2, 0.2, seed, pairs + big)
+        assert tuple(len(split[s]["c"]) for s in SPLITS) == (60, 20, 20)
+        homes = [next(s for s in SPLITS if group[0] in split[s]["c"]) for group in pairs]
+        assert all(group[1] in split[home]["c"] for group, home in zip(pairs, homes))
+        assert {"val", "test"} <= set(homes)  # copies are not all pushed into train
+        assert tuple(len(split[s]["d"]) for s in SPLITS) == (8, 2, 0)  # over by the difference; val filled before test
+        assert split == split_dataset(images, 0.2, 0.2, seed, pairs + big)  # seeded
+    cross = {"e": [Path(f"e/{i}.png") for i in range(10)], "f": [Path(f"f/{i}.png") for i in range(10)]}
+    homes = set()
+    for seed in range(8):  # a group of e/0 and f/0 counts toward e, its first image's class: e has 11 images, f 9
+        split = split_dataset(cross, 0.2, 0.2, seed, [[cross["e"][0], cross["f"][0]]])
+        home = next(s for s in SPLITS if cross["f"][0] in split[s]["f"])
+        homes.add(home)
+        assert cross["e"][0] in split[home]["e"]
+        assert tuple(len(split[s]["e"]) + (s == home) for s in SPLITS) == split_counts(11, 0.2, 0.2)
+        assert tuple(len(split[s]["f"]) - (s == home) for s in SPLITS) == split_counts(9, 0.2, 0.2)
+    assert len(homes) > 1
+    for seed in range(3):  # without groups: the per-image split of earlier versions, image for image
+        assert split_dataset(images, 0.2, 0.25, seed) == old_per_image_split(images, 0.2, 0.25, seed)
