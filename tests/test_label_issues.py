@@ -199,7 +199,7 @@ def kfold_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     run = root / "runs" / "cv"
     run.mkdir(parents=True)
     (run / RunFolder.LABELS).write_text("".join(f"{c}\n" for c in TINY_CLASSES))
-    (run / RunFolder.KFOLD).write_text(json.dumps({"k": 3}))
+    (run / RunFolder.KFOLD).write_text(json.dumps({"k": 3, "finished": [1, 2, 3]}))  # as main.py --kfold leaves it
     true = np.repeat(np.arange(3), 10)
     paths = [f"data/{TINY_CLASSES[t]}/img{i % 10}.png" for i, t in enumerate(true)]
     probs = noisy_softmax(true, 3, np.random.default_rng(0), 5.0)
@@ -357,7 +357,7 @@ def test_refusals_are_one_line(multilabel_run: dict[str, Any], tmp_path: Path, t
     unfinished.mkdir()
     (unfinished / RunFolder.KFOLD).write_text(json.dumps({"k": 3}))
     assert_user_error(run_inprocess("metrice.py", "--save_path", unfinished, "--task", "label_issues"),
-                      "unfinished", f"python main.py --save_path {unfinished} --resume")
+                      "not finished", f"python main.py --save_path {unfinished} --resume")
     assert_user_error(run_inprocess("metrice.py", "--save_path", unfinished, trained_run.path, "--task", "label_issues"),
                       "one --kfold run")
     assert_ok(kfold_run["proc"])  # oof.csv's relative paths, read from another folder:
