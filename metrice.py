@@ -19,7 +19,6 @@ and for --tsne: onnx and openvino models are evaluated without PyTorch.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,34 +28,31 @@ from utils.core.device import default_workers, share_cpu
 from utils.core.log import UserError, script_main, settle_heap
 from utils.core.names import CLASSICAL
 from utils.core.options import Options
-from utils.core.run import Run, RunFolder, increment_path
+from utils.core.run import Run, RunFolder
 from utils.core.schema import MAX_IMAGE_SIZE
 from utils.data.imageset import read_label_file, report_skipped
 from utils.data.sources import scan_split
 from utils.deploy.formats import MODEL_TYPES
 from utils.evaluate.label_report import label_issues_run, label_issues_task
-from utils.evaluate.split import measure_speed, predict_split, score_split
-from utils.infer.backends import kfold_members, model_device, models_from_flags, results_folder, results_home
-from utils.infer.ensemble import Ensemble, add_ensemble_flags, ensemble_method, load_ensemble
-from utils.infer.speed import device_name
+from utils.evaluate.split import predict_split, score_split
+from utils.evaluate.tasks import (MODEL_TASK_HINT, check_features_args, list_sep, output_folder, reports, run_features,
+                                  run_speed, split_path)
+from utils.infer.backends import (
+    kfold_members,
+    model_device,
+    models_from_flags,
+    results_folder,
+)
+from utils.infer.ensemble import (
+    Ensemble,
+    add_ensemble_flags,
+    ensemble_method,
+    load_ensemble,
+)
 
 LOGGER = logging.getLogger("metrice")
 
 TASKS = ("train", "val", "test", "fps", "features", "label_issues")
-# What utils.evaluate.reports draws and computes with (module -> package); a deployment machine may lack them.
-# What to do when a split's labels do not fit the model's task (utils.data.imageset.ImageSet.as_task).
-MODEL_TASK_HINT = "evaluate it with a model of that task, or pass a split with one label per image"
-REPORT_PACKAGES = {"matplotlib": "matplotlib", "sklearn": "scikit-learn", "pycm": "pycm"}
-
-
-def reports() -> Any:
-    """utils.evaluate.reports, once the packages of its tables and figures are known to be there."""
-    missing = [package for module, package in REPORT_PACKAGES.items() if importlib.util.find_spec(module) is None]
-    if missing:
-        raise UserError(f"metrice.py's reports need {', '.join(missing)}: pip install {' '.join(missing)}")
-    import utils.evaluate.reports
-
-    return utils.evaluate.reports
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -113,50 +109,6 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     return Options.of(args)
 
 
-def check_features_args(args: argparse.Namespace) -> None:
-    """--task features and --classical: one PyTorch model at its own size; names from CLASSICAL."""
-    if args.classical is not None and args.task != "features":
-        raise UserError(f"--classical goes with --task features, not --task {args.task}")
-    if args.task != "features":
-        return
-    names = [n.strip() for n in (args.classical or ",".join(CLASSICAL)).split(",") if n.strip()]
-    unknown = [n for n in names if n not in CLASSICAL]
-    if unknown or not names:
-        raise UserError(f"--classical {args.classical}: unknown {', '.join(unknown) or 'empty list'}; "
-                        f"choose from {','.join(CLASSICAL)}")
-    args.classical = list(dict.fromkeys(names))
-    if args.model_type != "torch" or len(kfold_members(args.save_path)) > 1:
-        raise UserError("--task features reads the penultimate features inside the network: pass one --save_path "
-                        "(one fold of a --kfold run: RUN/foldN) with --model_type torch")
-    if args.image_size is not None:
-        raise UserError("--task features uses the model's own --image_size (predict.py --classical computes the same features)")
-
-
-def split_path(args: Options, run_args: dict[str, Any]) -> Path:
-    """The folder of --task: the flag, else the run's own path for that split."""
-    key = f"{args.task}_path"
-    given = getattr(args, key)
-    value = given if given is not None else run_args.get(key)
-    if not value:
-        raise UserError(f"--task {args.task}: the run has no {key}; pass --{key} DIR")
-    path = Path(value)
-    if not path.exists():
-        origin = f"--{key}" if given is not None else f"the run's {key}"
-        raise UserError(f"--task {args.task}: the {args.task} folder {path} ({origin}) does not exist; "
-                        f"pass --{key} DIR (or a list file)")
-    return path
-
-
-def list_sep(args: Options, run_args: dict[str, Any]) -> str | None:
-    """The separator of a text list given as a split: --list_sep, else the run's own."""
-    return args.list_sep if args.list_sep is not None else run_args.get("list_sep")
-
-
-def output_folder(first: str, task: str) -> Path:
-    """<run>/<task> (incremented: test, test2 ...) beside the first model."""
-    return increment_path(results_home(first) / task)
-
-
 def load_models(args: Options) -> tuple[Ensemble, list[str], Any]:
     """The ensemble of --save_path, the class names to show (--label_path), and the device."""
     device = model_device(args.device, args.model_type)
@@ -175,51 +127,6 @@ def load_models(args: Options) -> tuple[Ensemble, list[str], Any]:
             raise UserError(f"--label_path {args.label_path} lists {len(class_names)} names; the model has "
                             f"{len(ensemble.class_names)} classes")
     return ensemble, class_names, device
-
-
-def run_speed(args: Options, ensemble: Ensemble, device: Any) -> dict[str, Any]:
-    """--task fps: images/second of each model at batch 1 and its run's batch size (or --batch_size)."""
-    for flag in ("visual", "tsne"):
-        if getattr(args, flag):
-            LOGGER.warning("--%s does nothing with --task fps", flag)
-    out = Run(output_folder(args.save_path[0], "fps"))
-    out.write_yaml(RunFolder.ARGS, args_to_dict(args) | {"class_names": list(ensemble.class_names)})
-    sizes = {m.name: [args.batch_size] if args.batch_size else
-             sorted({1, int(m.run_args.get("batch_size") or 1)}) for m in ensemble.members}
-    rows = measure_speed(ensemble, sizes, args.test_tta)
-    title = (f"speed: {args.model_type} on {device_name(device)}{', float16' if args.half else ''}"
-             f"{', TenCrop TTA' if args.test_tta else ''}")
-    reports().write_speed(out, rows, title, {"device": device_name(device), "half": args.half, "test_tta": args.test_tta})
-    print(f"results: {out.path}", flush=True)
-    return {"output": out.path, "speed": rows}
-
-
-def run_features(args: Options, ensemble: Ensemble, class_names: list[str], device: Any) -> dict[str, Any]:
-    """--task features: features of train (and val) and test, classical classifiers fit on train, test metrics."""
-    from utils.evaluate.classical import run_feature_task
-
-    if ensemble.meta.task_type.multilabel:
-        raise UserError("--task features fits classifiers that pick one class per image: not for a multilabel model")
-    run_args = ensemble.members[0].run_args  # its args.yaml: the data paths of the run
-    samples, folders = {}, {}
-    for split in ("train", "val", "test"):
-        if split == "val" and not (args.val_path or run_args.get("val_path")):
-            continue  # a run without a val split: train and test are enough
-        folders[split] = split_path(args.replace(task=split), run_args)
-        image_set = scan_split(folders[split], class_names=ensemble.class_names, what=f"{split} set",
-                               list_sep=list_sep(args, run_args)).as_task(ensemble.meta.task_type, MODEL_TASK_HINT)
-        report_skipped(image_set.skipped, f"{split} set {folders[split]}")
-        samples[split] = image_set.samples
-    for flag in ("visual", "tsne"):
-        if getattr(args, flag):
-            LOGGER.warning("--%s does nothing with --task features", flag)
-    print(f"features of {ensemble.members[0].name} on " + ", ".join(f"{s} ({len(v)} images)" for s, v in samples.items())
-          + f"; classifiers: {', '.join(args.classical)}", flush=True)
-    batch_size = args.batch_size or max(1, int(run_args.get("batch_size") or 32))
-    result = run_feature_task(ensemble, class_names, samples, args.classical, batch_size, args.workers, args.test_tta, device,
-                              {"args": args_to_dict(args), "folders": {s: str(f) for s, f in folders.items()}})
-    print(f"results: {result['output']}", flush=True)
-    return result
 
 
 def main(args: Options) -> dict[str, Any]:

@@ -53,6 +53,7 @@ class RunFolder:
     OOF = "oof.csv"           # out-of-fold class probabilities of every training image: path,label,fold,<class>...
     FOLD_PREFIX = "fold"
     LABEL_ISSUES_DIR = "label_issues"  # metrice.py --task label_issues
+    RESULTS = "results.json"  # in each metrice.py output folder: every metric it printed, machine-readable
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)

@@ -26,12 +26,18 @@ from utils.core.log import UserError
 from utils.core.task import TASK_TYPES, TaskType
 
 FORMAT = "pytorch-classifier-ng"
-VERSION = 2
+VERSION = 3  # 3: ModelMeta.temperature and ModelMeta.ood (a version 2 file loads uncalibrated, without them)
 LEGACY_FORMATS = {"pytorch-classifier-ng/1": 1}  # the old one-string tag -> its version
 
 RESIZE_MODES = ("crop", "letterbox", "squash")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 CHECKPOINT_KINDS = ("best", "last", "swa")
+# The out-of-distribution scores (utils.infer.ood), each oriented so that higher = further from the
+# training images: 1 - the maximum softmax probability, the energy -logsumexp(logits) (Liu et al.,
+# NeurIPS 2020), and the Mahalanobis distance of the penultimate features to the nearest class mean
+# (Lee et al., NeurIPS 2018; PyTorch checkpoints only: exported graphs give the logits).
+OOD_SCORES = ("msp", "energy", "mahalanobis")
+LOGIT_OOD_SCORES = ("msp", "energy")  # computed from the logits alone: every format can compute them
 # The two numbers of the preprocessing that are not in a PreprocessSpec: both transforms
 # (utils.data.transforms, utils.data.transforms_np) read them here, at call time; the C++ side
 # (deploy/cpp/preprocess.cpp kLetterboxFill) repeats the fill, and tests/test_deploy.py compares them.
@@ -153,6 +159,46 @@ class PreprocessSpec:
 
 
 @dataclass(frozen=True)
+class OodSpec:
+    """How a model says "unknown": which out-of-distribution score it uses and where each score's
+    threshold lies (an image whose score is above it is unknown).
+
+    Args:
+        score: the score --reject uses by default (one of OOD_SCORES).
+        tpr: the share of the validation split's images each threshold keeps as known (--reject_tpr).
+        thresholds: {score name: threshold} for every score fitted (at least `score`).
+    """
+
+    score: str
+    tpr: float
+    thresholds: tuple[tuple[str, float], ...]
+
+    def threshold(self, score: str) -> float | None:
+        """The threshold of a score, None when it was not fitted."""
+        return dict(self.thresholds).get(score)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"score": self.score, "tpr": self.tpr, "thresholds": dict(self.thresholds)}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "model metadata (ood)") -> "OodSpec":
+        if not isinstance(data, Mapping):
+            raise UserError(f"{where}: must be a mapping, not {type(data).__name__}")
+        score = _choice(data, "score", where, OOD_SCORES)
+        tpr = data.get("tpr")
+        if isinstance(tpr, bool) or not isinstance(tpr, (int, float)) or not 0.0 < tpr <= 1.0:
+            raise UserError(f"{where}: 'tpr' must be a share in (0, 1], not {tpr!r}")
+        thresholds = _field(data, "thresholds", where)
+        if (not isinstance(thresholds, Mapping) or score not in thresholds or any(k not in OOD_SCORES for k in thresholds)
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                           for v in thresholds.values())):
+            raise UserError(f"{where}: 'thresholds' must map scores of {', '.join(OOD_SCORES)} (with {score!r}) to "
+                            f"finite numbers, not {thresholds!r}")
+        return cls(score=score, tpr=float(tpr), thresholds=tuple((k, float(thresholds[k])) for k in OOD_SCORES
+                                                                  if k in thresholds))
+
+
+@dataclass(frozen=True)
 class ModelMeta:
     """A model's description: what it is, what it predicts, what input it takes.
 
@@ -165,6 +211,10 @@ class ModelMeta:
             probability reaches its threshold.
         thresholds: multilabel only: one decision threshold per class (tuned on the validation
             split for the best F1; 0.5 each until then).
+        temperature: the calibration temperature the logits are divided by before the softmax (one
+            value) or the sigmoids (one per class), fitted on the validation split
+            (utils.infer.calibration); None = uncalibrated (1).
+        ood: how the model rejects images of no trained class (OodSpec), None when not fitted.
     """
 
     model_name: str
@@ -172,6 +222,12 @@ class ModelMeta:
     preprocess: PreprocessSpec
     task: str = "multiclass"
     thresholds: tuple[float, ...] | None = None
+    temperature: tuple[float, ...] | None = None
+    ood: OodSpec | None = None
+
+    def probabilities(self, logits: Any) -> Any:
+        """The model's (calibrated) class probabilities of its logits (numpy or torch)."""
+        return self.task_type.probabilities(logits, self.temperature)
 
     @property
     def task_type(self) -> TaskType:
@@ -199,6 +255,10 @@ class ModelMeta:
                "mean": list(spec.mean), "std": list(spec.std), "preprocess": spec.to_dict()}
         if self.thresholds is not None:
             out["thresholds"] = list(self.thresholds)
+        if self.temperature is not None:
+            out["temperature"] = list(self.temperature)
+        if self.ood is not None:
+            out["ood"] = self.ood.to_dict()
         return out
 
     @classmethod
@@ -225,7 +285,12 @@ class ModelMeta:
             if not all(0.0 <= v <= 1.0 for v in values):
                 raise UserError(f"{where}: 'thresholds' must lie in [0, 1]")
             thresholds = values
-        return cls(model_name=name, class_names=tuple(classes), preprocess=spec, task=task, thresholds=thresholds)
+        temperature = None
+        if data.get("temperature") is not None:
+            temperature = _floats(data, "temperature", where, len(classes) if task == "multilabel" else 1, positive=True)
+        ood = OodSpec.from_dict(data["ood"], f"{where} (ood)") if data.get("ood") is not None else None
+        return cls(model_name=name, class_names=tuple(classes), preprocess=spec, task=task, thresholds=thresholds,
+                   temperature=temperature, ood=ood)
 
 
 def format_version(data: Any) -> int | None:

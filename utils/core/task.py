@@ -112,14 +112,26 @@ class TaskType:
         return name
 
     # ---------------------------------------------------------------------------- outputs
-    def probabilities(self, logits: Any) -> Any:
+    def probabilities(self, logits: Any, temperature: Sequence[float] | None = None) -> Any:
         """Logits (N, C) -> probabilities: a softmax over the classes, or a sigmoid per class.
-        numpy in, float32 numpy out; a torch tensor in, a float tensor out."""
+        numpy in, float32 numpy out; a torch tensor in, a float tensor out.
+
+        Args:
+            logits: the model's outputs.
+            temperature: the calibration temperature (utils.infer.calibration; ModelMeta.temperature):
+                the logits are divided by it first. One value for a multiclass model, one per class for
+                a multilabel one; None = 1 (uncalibrated).
+        """
         import numpy as np
 
         if hasattr(logits, "softmax"):  # a torch tensor
-            return logits.float().sigmoid() if self.multilabel else logits.float().softmax(dim=1)
+            x = logits.float()
+            if temperature is not None:
+                x = x / x.new_tensor(list(temperature))
+            return x.sigmoid() if self.multilabel else x.softmax(dim=1)
         x = np.asarray(logits, dtype=np.float32)
+        if temperature is not None:
+            x = x / np.asarray(temperature, dtype=np.float32)
         if self.multilabel:
             return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
         x = x - x.max(axis=1, keepdims=True)

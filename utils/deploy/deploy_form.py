@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -120,9 +120,11 @@ def reparameterize(model: nn.Module) -> tuple[nn.Module, int]:
 
 
 @torch.no_grad()
-def probs_of(model: nn.Module, x: torch.Tensor, task: TaskType = MULTICLASS) -> torch.Tensor:
-    """The class probabilities of `model` on a normalised batch, as the task reads its outputs."""
-    return task.probabilities(model(x))
+def probs_of(model: nn.Module, x: torch.Tensor, task: TaskType = MULTICLASS,
+             temperature: Sequence[float] | None = None) -> torch.Tensor:
+    """The class probabilities of `model` on a normalised batch, as the task reads its outputs (with
+    the model's calibration temperature, when given)."""
+    return task.probabilities(model(x), temperature)
 
 
 def deploy_model(model: nn.Module, x: torch.Tensor, tolerance: float = FOLD_TOLERANCE) -> tuple[nn.Module, dict[str, Any]]:

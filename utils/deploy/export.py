@@ -287,7 +287,7 @@ def prepare_models(ckpt: Checkpoint, images: torch.Tensor, device: torch.device,
     trained = model_from_checkpoint(ckpt)
     x = Normalize(meta.preprocess.mean, meta.preprocess.std)(images)
     with torch.no_grad():
-        reference = torch.cat([probs_of(trained, x[i:i + 64], meta.task_type) for i in range(0, len(x), 64)])
+        reference = torch.cat([probs_of(trained, x[i:i + 64], meta.task_type, meta.temperature) for i in range(0, len(x), 64)])
     model_cpu, deploy = deploy_model(trained, x)
     for note in deploy["notes"]:
         LOGGER.warning("deploy form: %s", note)

@@ -86,6 +86,6 @@ def check_parity(file: Path, fmt: ModelFormat, precision: str, images: torch.Ten
     except Exception as err:  # noqa: BLE001 - the runtime cannot run the file: report, do not crash
         return {"ok": None, "skipped": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}", "precision": precision,
                 "tolerance": PARITY_TOLERANCE[precision]}
-    report = parity_report(reference, backend.meta.task_type.probabilities(logits), precision)
+    report = parity_report(reference, backend.meta.probabilities(logits), precision)
     report["device"] = str(run_on)
     return report

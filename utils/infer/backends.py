@@ -207,7 +207,8 @@ def preprocess_images(meta: ModelMeta, images: Sequence[Image.Image], tta: bool 
 
 def predict_probs(backend: Any, images: Any) -> Any:
     """Class probabilities (N, num_classes) for a uint8 batch, numpy or torch (the same kind comes
-    back): a softmax, or a sigmoid per class for a multi-label model; TenCrop batches are averaged
-    over the crops' probabilities."""
-    task = backend.meta.task_type
-    return run_with_tta(lambda x: task.probabilities(backend(x)), images)
+    back): a softmax, or a sigmoid per class for a multi-label model, of the logits divided by the
+    model's calibration temperature (ModelMeta.temperature); TenCrop batches are averaged over the
+    crops' probabilities."""
+    meta = backend.meta
+    return run_with_tta(lambda x: meta.probabilities(backend(x)), images)
