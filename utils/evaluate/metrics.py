@@ -4,7 +4,7 @@ Sums (loss, count, confusion matrix) are what a distributed run all-reduces, thr
 utils.core.distributed.reduce_sum, before any metric is computed.
 
 The second half evaluates the predicted probabilities of a whole split (metrice.py): overall
-and per-class metrics, calibration, the most confused class pairs: numpy only (EpochSums
+and per-class metrics, the ECE (utils.infer.calibration), the most confused class pairs: numpy only (EpochSums
 imports torch itself), so metrice.py evaluates an exported model without PyTorch.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 
 from utils.core.distributed import gather_rows, reduce_sum
 from utils.core.task import MULTICLASS, MULTILABEL, TaskType
+from utils.infer.calibration import calibration_bins
 
 if TYPE_CHECKING:
     import torch
@@ -256,7 +257,6 @@ MULTILABEL_PER_CLASS_FIELDS = ["class", "ap", "precision", "recall", "f1", "thre
 PER_CLASS_FIELDS = ["class", "precision", "recall", "accuracy", "f0.5", "f1", "f2", "auc", "aupr", "support"]
 # pycm's names of the per-class statistics reported
 _PYCM_CLASS_STATS = {"precision": "PPV", "recall": "TPR", "accuracy": "ACC", "f0.5": "F0.5", "f1": "F1", "f2": "F2"}
-CALIBRATION_BINS = 15
 
 
 def confusion_matrix_from(targets: Any, preds: Any, num_classes: int) -> np.ndarray:
@@ -295,35 +295,6 @@ def pycm_matrix(confusion: Any, class_names: list[str]) -> Any:
 def _number(value: Any, undefined: float) -> float:
     """pycm writes undefined statistics as the string 'None'."""
     return undefined if value is None or isinstance(value, str) else float(value)
-
-
-def calibration_bins(targets: Any, probs: Any, bins: int = CALIBRATION_BINS) -> dict[str, Any]:
-    """Reliability of the top-1 confidence: equal-width bins over [0, 1].
-
-    Args:
-        targets: true class indices (N,).
-        probs: probabilities (N, C).
-        bins: number of bins.
-
-    Returns:
-        {"edges": (bins+1,), "confidence": mean confidence per bin, "accuracy": accuracy per bin
-        (nan where empty), "count": images per bin, "ece": sum over bins of
-        count/N * |accuracy - confidence|}.
-    """
-    probs = np.asarray(probs, dtype=np.float64)
-    targets = np.asarray(targets, dtype=np.int64)
-    confidence = probs.max(axis=1)
-    correct = (probs.argmax(axis=1) == targets).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    # bin b holds (edges[b], edges[b+1]]; a confidence of exactly 0 goes to the first bin
-    which = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, bins - 1)
-    count = np.bincount(which, minlength=bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_conf = np.bincount(which, weights=confidence, minlength=bins) / count
-        accuracy = np.bincount(which, weights=correct, minlength=bins) / count
-    filled = count > 0
-    ece = float(np.sum(count[filled] / max(1, len(targets)) * np.abs(accuracy[filled] - mean_conf[filled])))
-    return {"edges": edges, "confidence": mean_conf, "accuracy": accuracy, "count": count, "ece": ece}
 
 
 def per_class_metrics(targets: Any, probs: Any, class_names: list[str], cm: Any = None) -> list[dict[str, Any]]:
