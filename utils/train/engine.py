@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from utils.core.device import autocast
-from utils.core.distributed import any_true, is_main_process, reduce_sum, world_info
+from utils.core.distributed import any_true, gather_rows, is_main_process, reduce_sum, world_info
 from utils.core.log import progress
 from utils.data.transforms import run_with_tta
 from utils.evaluate.metrics import EpochSums, MultiLabelSums
@@ -209,6 +209,58 @@ def evaluate(
         loss = criterion(logits, targets)
         sums.update(loss.item(), logits, targets)
     return sums.metrics()
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, loader: Any, device: torch.device, normalize: nn.Module, task: Any, num_classes: int,
+                   amp_dtype: torch.dtype | None = None, desc: str = "logits") -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of `model` on every image of `loader` and their targets, from every process.
+
+    TenCrop batches (N, 10, C, H, W) give the logits of the crops' mean probabilities (task.as_logits),
+    as evaluate() scores them.
+
+    Args:
+        task: the model's task type (utils.core.task).
+        num_classes: the model's classes (the shape of a process's rows when its share is empty).
+
+    Returns:
+        (float32 logits (N, C), targets: class indices (N,) or multi-hot (N, C)) on the CPU, every
+        process's rows in rank order (each evaluates its share of the split).
+    """
+    model.eval()
+    logits, targets = [], []
+    for batch in progress(loader, desc=desc, leave=False, disable=not is_main_process()):
+        if len(batch["targets"]) == 0:
+            continue
+        images = batch["images"].to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            if images.ndim == 5:
+                out = task.as_logits(run_with_tta(lambda x: task.probabilities(model(normalize(x))), images))
+            else:
+                out = model(normalize(images))
+        logits.append(out.float().cpu())
+        targets.append(batch["targets"].cpu())
+    z = torch.cat(logits) if logits else torch.zeros(0, num_classes)
+    y = torch.cat(targets) if targets else (torch.zeros(0, num_classes) if task.multilabel else torch.zeros(0, dtype=torch.long))
+    return gather_rows(z), gather_rows(y)
+
+
+class TemperatureScaled(nn.Module):
+    """A model whose logits are divided by its calibration temperature (one value, or one per class),
+    so that evaluate() scores the probabilities predict.py gives (utils.core.task.TaskType.probabilities).
+
+    Args:
+        model: the network.
+        temperature: ModelMeta.temperature (None = 1).
+    """
+
+    def __init__(self, model: nn.Module, temperature: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("temperature", torch.tensor(list(temperature or [1.0]), dtype=torch.float32), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).float() / self.temperature
 
 
 @torch.no_grad()

@@ -31,8 +31,8 @@ from torch import nn
 from utils.core.checkpoint import float_weights, load_checkpoint
 from utils.core.config import args_to_dict
 from utils.core.device import amp_settings
-from utils.core.distributed import (all_equal, any_true, broadcast_buffers, broadcast_module, reduce_sum, resume_command,
-                                    world_info)
+from utils.core.distributed import (all_equal, any_true, broadcast_buffers, broadcast_module, broadcast_object, reduce_sum,
+                                    resume_command, world_info)
 from utils.core.files import DiskFull
 from utils.core.log import StopFlag, UserError
 from utils.core.run import Run, RunFolder
@@ -44,11 +44,13 @@ from utils.data.loaders import EpochSampler, ImageDataset, build_loader
 from utils.data.sources import scan_split
 from utils.data.transforms import Normalize, image_transform, train_transform
 from utils.evaluate.metrics import EpochSums, MultiLabelSums, best_f1_thresholds, multilabel_scores, new_sums
+from utils.infer.calibration import calibration_scores, fit_temperature, fit_text
 from utils.models.registry import create_model
 from utils.models.weights import load_module_state, load_weights
 from utils.train.distill import Distiller, load_teacher
 from utils.train.ema import EMA, SWA
-from utils.train.engine import NonFiniteLoss, StepParts, evaluate, train_one_epoch, update_bn
+from utils.train.engine import (NonFiniteLoss, StepParts, TemperatureScaled, evaluate, predict_logits, train_one_epoch,
+                                update_bn)
 from utils.train.epoch_log import EpochLog, EpochRecord
 from utils.train.losses import RDrop, Supervised, build_loss, class_balance_weights
 from utils.train.optim import HeadFreezer, build_optimizer
@@ -316,6 +318,7 @@ class Trainer:
             self.log.close()
         if self.swa is not None:
             self.finish_swa()
+        self.calibrate()  # before the thresholds: they are tuned on the calibrated probabilities
         self.tune_thresholds()
         if self.world > 1:  # DistributedDataParallel keeps the copies equal; say so, or say it did not
             same = all_equal([t for t in self.model.state_dict().values() if t.is_floating_point()])
@@ -453,14 +456,44 @@ class Trainer:
             load_module_state(self.model, float_weights(load_checkpoint(self.run.best).model))
         broadcast_module(self.model)
 
+    def calibrate(self) -> None:
+        """Fit best.pt's temperature on the validation split (the NLL minimiser, Guo et al., ICML 2017;
+        utils.infer.calibration) and store it in best.pt (and the saver's meta): predict.py, metrice.py,
+        serve.py and every export then give calibrated probabilities. Without a val split best.pt stays
+        uncalibrated (temperature 1)."""
+        if self.val_loader is None:
+            print("calibration: no val split, so best.pt stays uncalibrated (temperature 1); metrice.py --task calibrate "
+                  "--val_path DIR fits one later", flush=True)
+            return
+        self.load_best()
+        task = self.data.task
+        logits, targets = predict_logits(self.model, self.val_loader, self.device, self.normalize, task,
+                                         self.data.num_classes, self.amp_dtype, desc="calibration")
+        if not len(logits):
+            print("calibration: no val image could be read, so best.pt stays uncalibrated (temperature 1)", flush=True)
+            return
+        fit = broadcast_object(fit_temperature(logits.numpy(), targets.numpy(), task))  # rank 0's, for all
+        before = calibration_scores(targets.numpy(), task.probabilities(logits.numpy()), task)
+        after = calibration_scores(targets.numpy(), task.probabilities(logits.numpy(), fit.stored), task)
+        self.meta = dataclasses.replace(self.meta, temperature=fit.stored)
+        self.saver.meta = self.meta
+        if self.rank == 0:
+            best = load_checkpoint(self.run.best)
+            best.meta = self.meta
+            self.run.save(RunFolder.BEST, best)
+        print(fit_text(fit, before, after, self.data.class_names) + (" (stored in best.pt)" if fit.stored else ""),
+              flush=True)
+
     def tune_thresholds(self) -> None:
         """Multi-label: per class, the threshold that gives best.pt its best F1 on the validation
-        split, stored in best.pt (and used by metrice.py, predict.py, exports and serve.py)."""
+        split (of its calibrated probabilities), stored in best.pt (and used by metrice.py, predict.py,
+        exports and serve.py)."""
         if not self.data.task.multilabel or self.val_loader is None:
             return
         self.load_best()
         sums = self.new_sums()
-        evaluate(self.model, self.criterion, self.val_loader, self.device, sums, self.normalize, self.amp_dtype, desc="thresholds")
+        scored = TemperatureScaled(self.model, self.meta.temperature).to(self.device)  # the probabilities predict.py gives
+        evaluate(scored, self.criterion, self.val_loader, self.device, sums, self.normalize, self.amp_dtype, desc="thresholds")
         probs, targets, _, _ = sums.arrays()
         thresholds = best_f1_thresholds(targets, probs)
         before, after = multilabel_scores(targets, probs)["f1"], multilabel_scores(targets, probs, thresholds)["f1"]
