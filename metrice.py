@@ -7,11 +7,14 @@
     python metrice.py --weight runs/exp/export/best_int8.onnx            # any model file (onnx/openvino: no torch needed)
     python metrice.py --save_path runs/exp --task features --classical svm,knn   # classifiers on the CNN's features
     python metrice.py --save_path runs/cv --task label_issues            # mislabeled images (a main.py --kfold run: all)
+    python metrice.py --save_path runs/exp --task calibrate              # refit best.pt's temperature on the val split
 
 Data paths, image size, preprocessing and class names come from the run (best.pt); flags
 override them. Everything goes into <first run>/<task>/, a new folder per call (test, test2 ...);
 --task features writes <run>/features/ (utils.evaluate.classical) and --task label_issues
-<run>/label_issues/ (utils.evaluate.label_report), each replaced by each call.
+<run>/label_issues/ (utils.evaluate.label_report), each replaced by each call; --task calibrate
+rewrites best.pt's temperature (utils.evaluate.calibrate_task). --task val and test report the
+calibration before (temperature 1) and after (the stored temperature), and write results.json.
 The library behind it: utils.evaluate.split (predict and score a split, speed), utils.evaluate.reports (what
 is written), utils.infer.ensemble (the models). torch is imported only for the formats that need it
 and for --tsne: onnx and openvino models are evaluated without PyTorch.
@@ -33,10 +36,11 @@ from utils.core.schema import MAX_IMAGE_SIZE
 from utils.data.imageset import read_label_file, report_skipped
 from utils.data.sources import scan_split
 from utils.deploy.formats import MODEL_TYPES
+from utils.evaluate.calibrate_task import calibrate_task, check_calibrate_args
 from utils.evaluate.label_report import label_issues_run, label_issues_task
-from utils.evaluate.split import predict_split, score_split
+from utils.evaluate.split import predict_split, score_calibration, score_split
 from utils.evaluate.tasks import (MODEL_TASK_HINT, check_features_args, list_sep, output_folder, reports, run_features,
-                                  run_speed, split_path)
+                                  run_speed, split_path, update_results)
 from utils.infer.backends import (
     kfold_members,
     model_device,
@@ -52,7 +56,7 @@ from utils.infer.ensemble import (
 
 LOGGER = logging.getLogger("metrice")
 
-TASKS = ("train", "val", "test", "fps", "features", "label_issues")
+TASKS = ("train", "val", "test", "fps", "features", "label_issues", "calibrate")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -63,10 +67,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--weight", nargs="+", default=None, help="model file(s) instead of --save_path: a checkpoint or any exported "
       "file (export/best_int8.onnx ...); the format comes from the suffix")
     p("--task", default="test", choices=TASKS, help="split to evaluate, fps to measure speed, features: penultimate "
-      "features of train/val/test and --classical classifiers fit on them, or label_issues: probably mislabeled images "
-      "(a --kfold run's training images, else val and test) (default test)")
+      "features of train/val/test and --classical classifiers fit on them, label_issues: probably mislabeled images "
+      "(a --kfold run's training images, else val and test), or calibrate: refit the run's temperature on its val split "
+      "(or --val_path) and rewrite best.pt (default test)")
     p("--train_path", default=None, help="train split (default: the run's)")
-    p("--val_path", default=None, help="val split (default: the run's)")
+    p("--val_path", default=None, help="val split (default: the run's; --task calibrate fits on it)")
     p("--test_path", default=None, help="test split (default: the run's)")
     p("--label_path", default=None, help="class names to show, one per line (default: the run's class names)")
     p("--list_sep", default=None, help="separator of a text list given as a split (default: the run's, else any whitespace)")
@@ -106,6 +111,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     if args.tsne and args.model_type != "torch":
         raise UserError("--tsne reads the penultimate features inside the network: it needs --model_type torch")
     check_features_args(args)
+    check_calibrate_args(args)
     return Options.of(args)
 
 
@@ -135,6 +141,8 @@ def main(args: Options) -> dict[str, Any]:
         return label_issues_task(args, load_models)
     results_folder(args.save_path, args.task, "--weight" if args.weight else "--save_path")  # writable, before any work
     report = reports()
+    if args.task == "calibrate":  # refit and rewrite best.pt (utils.evaluate.calibrate_task)
+        return calibrate_task(args)
     ensemble, class_names, device = load_models(args)
     settle_heap()
     if args.task == "fps":
@@ -169,6 +177,10 @@ def main(args: Options) -> dict[str, Any]:
     else:
         per_class = report.write_reports(out, split.targets, split.probs, class_names, results, f"{name}, {args.task}")
     report.print_per_class(per_class, f"per class: {name}, {args.task}")
+    calibration, curves = score_calibration(ensemble, split)  # before (temperature 1) and after (the stored one)
+    report.print_calibration(calibration)
+    report.write_calibration(out, curves, calibration, f"{name}, {args.task}")
+    update_results(out.path, metrics=results, per_class=per_class, calibration=calibration)
     visual = None
     if (args.visual or args.tsne) and task.multilabel:
         LOGGER.warning("--visual and --tsne show one class per image: not for a multilabel model (predictions.csv has "
@@ -179,7 +191,7 @@ def main(args: Options) -> dict[str, Any]:
     if args.tsne and not task.multilabel:
         report.write_tsne(out, split, class_names, first.name)
     print(f"results: {out.path}", flush=True)
-    return {"output": out.path, "metrics": results, "per_class": per_class, "visual": visual}
+    return {"output": out.path, "metrics": results, "per_class": per_class, "visual": visual, "calibration": calibration}
 
 
 if __name__ == "__main__":

@@ -113,36 +113,37 @@ def plot_confusion_matrix(confusion: Any, class_names: Sequence[str], normalize:
     return fig
 
 
-def plot_reliability(calibration: dict[str, Any], title: str = "") -> Any:
-    """Reliability diagram: accuracy against top-1 confidence per bin, with the gap to the
-    diagonal, and the number of images per bin below.
+def plot_reliability(curves: dict[str, dict[str, Any]], title: str = "") -> Any:
+    """Reliability diagram: accuracy against confidence per bin for one or more probability sets of the
+    same images (metrice.py: before and after calibration), each with its ECE, the diagonal of perfect
+    calibration, and the number of predictions per bin below.
 
     Args:
-        calibration: utils.evaluate.metrics.calibration_bins output.
-        title: figure title (the ECE is appended).
+        curves: {label: utils.infer.calibration.reliability output}, drawn in order.
+        title: figure title.
 
     Returns:
         The matplotlib figure.
     """
-    edges = np.asarray(calibration["edges"])
-    centres = (edges[:-1] + edges[1:]) / 2
-    width = edges[1] - edges[0]
-    accuracy = np.nan_to_num(np.asarray(calibration["accuracy"], dtype=np.float64))
-    confidence = np.asarray(calibration["confidence"], dtype=np.float64)
-    filled = np.asarray(calibration["count"]) > 0
     fig, (ax, ax_count) = subplots(2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    ax.bar(centres[filled], accuracy[filled], width=width, edgecolor="black", color="tab:blue", label="accuracy")
-    ax.bar(centres[filled], confidence[filled] - accuracy[filled], bottom=accuracy[filled], width=width,
-           edgecolor="tab:red", color="tab:red", alpha=0.3, hatch="//", label="gap to confidence")
     ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    colours = ["tab:red", "tab:blue", "tab:green", "tab:purple"]
+    for k, (label, bins) in enumerate(curves.items()):
+        edges = np.asarray(bins["edges"])
+        filled = np.asarray(bins["count"]) > 0
+        confidence = np.asarray(bins["confidence"], dtype=np.float64)[filled]
+        accuracy = np.asarray(bins["accuracy"], dtype=np.float64)[filled]
+        colour = colours[k % len(colours)]
+        ax.plot(confidence, accuracy, "o-", color=colour, linewidth=1.5, markersize=4, label=f"{label}: ECE {bins['ece']:.4f}")
+        ax.fill_between(confidence, accuracy, confidence, color=colour, alpha=0.12)  # the gap to the diagonal
+        ax_count.stairs(np.asarray(bins["count"]), edges, color=colour, linewidth=1.5, label=label)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
     ax.legend(loc="upper left", fontsize=8)
-    ax.set_title(f"{title + '  ' if title else ''}ECE {calibration['ece']:.4f}")
-    ax_count.bar(centres, np.asarray(calibration["count"]), width=width, edgecolor="black", color="grey")
-    ax_count.set_xlabel("confidence (top-1 probability)")
-    ax_count.set_ylabel("images")
+    ax.set_title(title)
+    ax_count.set_xlabel("confidence (top-1 probability; multi-label: each label's yes or no)")
+    ax_count.set_ylabel("predictions")
     fig.tight_layout()
     return fig
 

@@ -3,9 +3,11 @@
     per_class = write_reports(out, split.targets, split.probs, class_names, results, "runs/exp, test")
     write_visual(out, split, class_names, spec)        # correct.csv, incorrect.csv, incorrect.png
     write_tsne(out, split, class_names, "runs/exp")    # tsne.csv, tsne.png
+    print_calibration(section); write_calibration(out, curves, section, "runs/exp, test")   # calibration.png
 
 Every file goes through a utils.core.run.Run (the output folder), so a distributed run writes
-on rank 0 only. The metrics themselves are computed in utils.evaluate.metrics.
+on rank 0 only. The metrics themselves are computed in utils.evaluate.metrics (calibration:
+utils.evaluate.split.score_calibration).
 """
 from __future__ import annotations
 
@@ -22,9 +24,8 @@ from utils.core.task import MULTILABEL
 from utils.data.decode import load_image
 from utils.data.transforms_np import image_transform
 from utils.draw.figures import plot_confusion_matrix, plot_embedding, plot_gallery, plot_reliability
-from utils.evaluate.metrics import (METRIC_LABELS, MULTILABEL_PER_CLASS_FIELDS, PER_CLASS_FIELDS, calibration_bins,
-                                    confusion_matrix_from, most_confused_pairs, multilabel_metrics, per_class_metrics,
-                                    pycm_matrix)
+from utils.evaluate.metrics import (METRIC_LABELS, MULTILABEL_PER_CLASS_FIELDS, PER_CLASS_FIELDS, confusion_matrix_from,
+                                    most_confused_pairs, multilabel_metrics, per_class_metrics, pycm_matrix)
 from utils.evaluate.split import SplitPredictions
 
 LOGGER = logging.getLogger(__name__)
@@ -149,7 +150,6 @@ def write_reports(out: Run, targets: np.ndarray, probs: np.ndarray, class_names:
     out.savefig(plot_confusion_matrix(confusion, class_names, False, f"confusion matrix: {title}"), "confusion_matrix.png")
     out.savefig(plot_confusion_matrix(confusion, class_names, True, f"confusion matrix, rows normalised: {title}"),
                 "confusion_matrix_normalized.png")
-    out.savefig(plot_reliability(calibration_bins(targets, probs), title), "calibration.png")
     status = cm.save_html(str(out / "pycm_report"))  # pycm adds .html
     if not status.get("Status", False):
         LOGGER.warning("pycm report not written: %s", status.get("Message"))
@@ -157,6 +157,46 @@ def write_reports(out: Run, targets: np.ndarray, probs: np.ndarray, class_names:
         shown = ", ".join(f"{p['true']} -> {p['predicted']} ({p['count']})" for p in pairs[:5])
         print(f"most confused: {shown}", flush=True)
     return per_class
+
+
+UNCALIBRATED = ("uncalibrated (temperature 1): main.py fits one at the end of training; metrice.py --task calibrate "
+                "fits one for this run")
+CALIBRATION_ROWS = {"ece": "ECE (15 equal-width bins)", "nll": "negative log-likelihood", "brier": "Brier score"}
+
+
+def temperature_label(temperature: Any) -> str:
+    """'temperature 1.52', 'temperatures per class', or 'temperatures per model' for a table column."""
+    if isinstance(temperature, dict):
+        return "temperatures per model"
+    return "temperatures per class" if isinstance(temperature, list) else f"temperature {temperature:.4g}"
+
+
+def print_calibration(section: dict[str, Any]) -> None:
+    """The calibration table (metrice.py): ECE, NLL and Brier score before (temperature 1) and after
+    (the stored temperature), or the line that says the model is uncalibrated.
+
+    Args:
+        section: utils.evaluate.split.score_calibration's results.json section.
+    """
+    table = PrettyTable(["metric", "before (temperature 1)", f"after ({temperature_label(section['temperature'])})"])
+    table.title = "calibration"
+    for key, label in CALIBRATION_ROWS.items():
+        table.add_row([label, fmt(section[f"{key}_before"]), fmt(section[f"{key}_after"])])
+    table.align["metric"] = "l"
+    print(table, flush=True)
+    if not section["calibrated"]:
+        print(UNCALIBRATED, flush=True)
+    elif isinstance(section["temperature"], (list, dict)):
+        print(f"temperature: {section['temperature']}", flush=True)
+
+
+def write_calibration(out: Run, curves: dict[str, dict[str, Any]], section: dict[str, Any], title: str) -> None:
+    """calibration.png: the reliability diagram before and after calibration (one curve when the
+    model is uncalibrated: both are the same)."""
+    label = temperature_label(section["temperature"])
+    shown = ({"before (temperature 1)": curves["before"], f"after ({label})": curves["after"]} if section["calibrated"]
+             else {"uncalibrated (temperature 1)": curves["after"]})
+    out.savefig(plot_reliability(shown, f"reliability: {title}"), "calibration.png")
 
 
 def write_multilabel_reports(out: Run, split: SplitPredictions, thresholds: Sequence[float], class_names: list[str],

@@ -19,7 +19,8 @@ import numpy as np
 from utils.core.log import UserError, progress
 from utils.data.imageset import report_skipped
 from utils.evaluate.metrics import multilabel_metrics, overall_metrics
-from utils.infer.ensemble import Ensemble
+from utils.infer.calibration import CALIBRATION_BINS, at_temperature, calibration_scores, reliability
+from utils.infer.ensemble import Ensemble, combine_probs
 from utils.infer.loader import prediction_loader
 from utils.infer.speed import measure_backend
 
@@ -121,6 +122,42 @@ def score_split(ensemble: Ensemble, split: SplitPredictions, class_names: Sequen
     for member, probs in zip(ensemble.members, split.member_probs):
         results[member.name] = score(probs)
     return results
+
+
+def stored_temperature(meta: Any) -> float | list[float]:
+    """A model's temperature as results.json writes it: one number (1 when uncalibrated), or one per
+    class for a calibrated multi-label model."""
+    t = meta.temperature
+    return 1.0 if t is None else (float(t[0]) if len(t) == 1 and not meta.task_type.multilabel else [float(v) for v in t])
+
+
+def score_calibration(ensemble: Ensemble, split: SplitPredictions) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The final prediction's calibration before (every model at temperature 1) and after (each with
+    its stored temperature, as predicted): ECE, NLL, Brier score (utils.infer.calibration).
+
+    The "before" probabilities are the predicted ones taken back through each model's temperature
+    (utils.infer.calibration.at_temperature), then combined as the ensemble combines; with TenCrop
+    (--test_tta) the crops were averaged after the temperature, so "before" is then that average taken
+    back, not the average of the uncalibrated crops.
+
+    Returns:
+        (results.json's calibration section: temperature (one model: its value; several: {name: value}),
+        calibrated, bins, ece/nll/brier _before and _after; the reliability bins {"before", "after"}).
+    """
+    task = ensemble.meta.task_type
+    raw = [p if m.backend.meta.temperature is None else at_temperature(p, task, m.backend.meta.temperature)
+           for m, p in zip(ensemble.members, split.member_probs)]
+    before_probs = raw[0] if len(raw) == 1 else combine_probs(raw, ensemble.method, ensemble.weights)
+    before = calibration_scores(split.targets, before_probs, task)
+    after = calibration_scores(split.targets, split.probs, task)
+    temperatures = {m.name: stored_temperature(m.backend.meta) for m in ensemble.members}
+    section: dict[str, Any] = {
+        "temperature": next(iter(temperatures.values())) if len(temperatures) == 1 else temperatures,
+        "calibrated": any(m.backend.meta.temperature is not None for m in ensemble.members), "bins": CALIBRATION_BINS}
+    for key in ("ece", "nll", "brier"):
+        section[f"{key}_before"], section[f"{key}_after"] = before[key], after[key]
+    curves = {"before": reliability(split.targets, before_probs, task), "after": reliability(split.targets, split.probs, task)}
+    return section, curves
 
 
 def measure_speed(ensemble: Ensemble, batch_sizes: dict[str, list[int]], tta: bool = False) -> list[dict[str, Any]]:
