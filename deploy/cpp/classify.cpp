@@ -6,8 +6,9 @@
 //
 // Prints one `path,class,probability` line per image (CSV; with --all, every class's probability
 // follows in the model's class order). The preprocessing (size, resize mode, interpolation,
-// channels, mean, std) and the class names come from the JSON export.py writes beside the model
-// (MODEL.json), else from the meta.json inside the TorchScript file. An image that cannot be read
+// channels, mean, std), the class names and the calibration temperature (the logits are divided by
+// it before the softmax) come from the JSON export.py writes beside the model (MODEL.json), else
+// from the meta.json inside the TorchScript file. An image that cannot be read
 // is reported on stderr and skipped; the exit code is then 1. A usage error or an unusable model is
 // one `error: ...` line on stderr and exit code 2. The throughput (decoding, preprocessing and
 // inference, after the model has loaded) goes to stderr.
@@ -109,6 +110,7 @@ Options parse_args(int argc, char** argv) {
 struct Meta {
     pcng::PreprocessSpec spec;
     std::vector<std::string> class_names;
+    std::vector<float> temperature;  // the logits are divided by it before the softmax (one value); empty = 1
     int fixed_batch = 0;  // > 0: the model takes exactly this many images per call
     bool half = false;
 };
@@ -133,6 +135,8 @@ Meta parse_meta(const json& info, const std::string& where) {
         m.spec.mean = p.at("mean").get<std::vector<float>>();
         m.spec.std = p.at("std").get<std::vector<float>>();
         m.class_names = info.at("class_names").get<std::vector<std::string>>();
+        if (info.contains("temperature") && !info["temperature"].is_null())  // calibration (metrice.py --task calibrate)
+            m.temperature = info["temperature"].get<std::vector<float>>();
         if (info.contains("input") && info["input"].contains("shape") && info["input"]["shape"][0].is_number_integer() &&
             !info.value("dynamic", true))
             m.fixed_batch = info["input"]["shape"][0].get<int>();
@@ -144,6 +148,9 @@ Meta parse_meta(const json& info, const std::string& where) {
     if ((c != 1 && c != 3) || m.spec.mean.size() != c || m.spec.std.size() != c || m.spec.resize < 1 || m.spec.crop < 1 ||
         m.class_names.size() < 2)
         throw UsageError(where + ": inconsistent preprocessing or class names in the model metadata");
+    if (m.temperature.size() > 1 || (m.temperature.size() == 1 && !(m.temperature[0] > 0.0f)))
+        throw UsageError(where + ": the temperature must be one positive number (classify computes a softmax: a "
+                         "multi-label model's one per class is not supported)");
     int w = 0, h = 0;
     try {
         pcng::resized_size(1, 1, m.spec.resize_mode, 1, &w, &h);
@@ -183,13 +190,16 @@ void print_rows(const std::vector<std::string>& paths, const torch::Tensor& prob
 }
 
 // ------------------------------------------------------------------------------------ model
-torch::Tensor forward(torch::jit::script::Module& model, const torch::Tensor& batch, int fixed_batch) {
+// The calibrated probabilities: softmax(logits / T), T from the metadata (1 when the model has none).
+torch::Tensor forward(torch::jit::script::Module& model, const torch::Tensor& batch, const Meta& meta) {
     const int64_t n = batch.size(0);
     torch::Tensor x = batch;
-    if (fixed_batch > 0 && n < fixed_batch) {  // a fixed-batch export: pad with zeros
-        x = torch::cat({batch, torch::zeros({fixed_batch - n, batch.size(1), batch.size(2), batch.size(3)})});
+    if (meta.fixed_batch > 0 && n < meta.fixed_batch) {  // a fixed-batch export: pad with zeros
+        x = torch::cat({batch, torch::zeros({meta.fixed_batch - n, batch.size(1), batch.size(2), batch.size(3)})});
     }
-    return model.forward({x}).toTensor().to(torch::kFloat32).softmax(1).slice(0, 0, n).contiguous();
+    torch::Tensor logits = model.forward({x}).toTensor().to(torch::kFloat32);
+    if (!meta.temperature.empty()) logits = logits / meta.temperature[0];
+    return logits.softmax(1).slice(0, 0, n).contiguous();
 }
 
 int run(const Options& o) {
@@ -251,7 +261,7 @@ int run(const Options& o) {
             continue;
         }
         const auto before = clock::now();
-        const torch::Tensor probs = forward(model, batch.slice(0, 0, static_cast<int64_t>(paths.size())), meta.fixed_batch);
+        const torch::Tensor probs = forward(model, batch.slice(0, 0, static_cast<int64_t>(paths.size())), meta);
         model_seconds += std::chrono::duration<double>(clock::now() - before).count();
         print_rows(paths, probs, meta, o.all);
         done += static_cast<int>(paths.size());

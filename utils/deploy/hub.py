@@ -73,7 +73,21 @@ def model_card(ckpt: Checkpoint, architecture: str) -> str:
         f"std {list(meta.preprocess.std)}, resize mode {meta.preprocess.resize_mode}.", "",
         "```python", "import timm", "model = timm.create_model('hf-hub:REPO', pretrained=True).eval()  # or 'local-dir:FOLDER'",
         "config = timm.data.resolve_data_config({}, model=model)", "transform = timm.data.create_transform(**config)",
-        "```", ""])
+        *calibration_lines(meta), "```", ""])
+
+
+def calibration_lines(meta: ModelMeta) -> list[str]:
+    """The model card's lines (inside its code block) that turn the logits into the calibrated
+    probabilities, as predict.py gives them: the logits divided by the temperature (config.json:
+    pytorch_classifier.temperature) before the softmax, or each class's before its sigmoid."""
+    if meta.temperature is None:
+        return []
+    first = ["logits = model(transform(image).unsqueeze(0))  # image: a PIL image"]
+    if meta.task_type.multilabel:
+        values = ", ".join(f"{t:.6g}" for t in meta.temperature)
+        return ["import torch", *first,
+                f"probs = (logits / torch.tensor([{values}])).sigmoid()  # calibrated: a temperature per class"]
+    return first + [f"probs = (logits / {meta.temperature[0]:.6g}).softmax(-1)  # calibrated: the temperature"]
 
 
 def save_hub_folder(ckpt: Checkpoint, model: nn.Module, folder: Path, source: str) -> None:
