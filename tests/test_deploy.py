@@ -349,3 +349,29 @@ def test_cpp_classify_matches_predict(cpp_build: Future, deploy: dict[str, Any],
         bad = run_classify(classify, *args)
         lines = [ln for ln in bad.stderr.splitlines() if ln.startswith("error:")]
         assert bad.returncode == 2 and len(lines) == 1 and needle in lines[0], describe(bad)
+
+
+@pytest.mark.system_deps
+def test_cpp_classify_divides_the_logits_by_the_temperature(cpp_build: Future, deploy: dict[str, Any], tmp_path: Path) -> None:
+    """The metadata's calibration temperature T: classify prints softmax(logits / T), as predict.py does
+    (T = 2.5 written into a copy of the JSON; the reference is predict.py at the model's own T)."""
+    classify = classify_binary(cpp_build)
+    run, images = deploy["run"], deploy["images"]
+    info = json.loads((run / "export" / "best.torchscript.json").read_text(encoding="utf-8"))
+    classes, own = info["class_names"], (info.get("temperature") or [1.0])[0]
+    meta = tmp_path / "calibrated.json"
+    meta.write_text(json.dumps(info | {"temperature": [2.5]}), encoding="utf-8")
+    proc = run_classify(classify, run / "export" / "best.torchscript", *images, "--all", "--meta", meta)
+    assert proc.returncode == 0, describe(proc)
+    got = parse_classify(proc.stdout, classes)
+    moved = 0.0
+    for name, reference in deploy["reference"].items():
+        logits = np.log([reference[c] for c in classes]) * own  # the logits, up to a constant
+        expected = np.exp(logits / 2.5) / np.exp(logits / 2.5).sum()
+        assert np.allclose([got[name][c] for c in classes], expected, atol=FP32_TOLERANCE), name
+        moved = max(moved, max(abs(got[name][c] - reference[c]) for c in classes))
+    assert moved > 0.01  # the temperature changed the probabilities
+    meta.write_text(json.dumps(info | {"temperature": [1.0, 2.0, 3.0]}), encoding="utf-8")
+    bad = run_classify(classify, run / "export" / "best.torchscript", images[0], "--meta", meta)
+    lines = [ln for ln in bad.stderr.splitlines() if ln.startswith("error:")]
+    assert bad.returncode == 2 and len(lines) == 1 and "the temperature must be one positive number" in lines[0], describe(bad)
