@@ -28,7 +28,7 @@ from utils.core.run import RunFolder
 from utils.data.decode import load_image
 from utils.data.sources import scan_split
 from utils.evaluate.metrics import overall_metrics
-from utils.evaluate.oof import read_oof
+from utils.evaluate.oof import OofTable, read_oof
 from utils.infer.backends import load_backend, predict_probs, preprocess_images
 from utils.train.kfold import assign_folds, best_fold
 
@@ -70,6 +70,18 @@ def fold_probs(fold_dir: Path, paths: list[str]) -> np.ndarray:
     backend = load_backend(fold_dir)
     images = [load_image(p, backend.meta.image_channel) for p in paths]
     return np.asarray(predict_probs(backend, preprocess_images(backend.meta, images)), dtype=np.float64)
+
+
+def uncalibrated(oof: OofTable, run: Path) -> np.ndarray:
+    """Out-of-fold probabilities at temperature 1: each fold's rows taken back through its best.pt's temperature."""
+    from utils.core.task import MULTICLASS
+    from utils.infer.calibration import at_temperature
+
+    probs = np.array(oof.probs, dtype=np.float64)
+    for fold in np.unique(oof.folds):
+        temperature = load_ckpt(run / f"fold{fold}" / RunFolder.BEST).get("temperature")
+        probs[oof.folds == fold] = at_temperature(probs[oof.folds == fold], MULTICLASS, temperature)
+    return probs
 
 
 # ------------------------------------------------------------------------------------ the folds
@@ -195,7 +207,9 @@ def test_resume_after_fold_1_finishes_the_others_without_retraining_it(kfold_run
     assert resumed.stdout.count(f"training {TINY_MODEL} on cpu (") == 2 and f"run folder: {run / 'fold1'}" not in resumed.stdout
     oof, reference = read_oof(run / RunFolder.OOF), read_oof(kfold_run.path / RunFolder.OOF)
     assert oof.paths == reference.paths and oof.folds.tolist() == reference.folds.tolist()
-    assert np.allclose(oof.probs, reference.probs, atol=1e-6)
+    # each fold calibrates on the images it validates on (here its held-out fold, there the val split):
+    # the weights are the same, so are the probabilities at temperature 1
+    assert np.allclose(uncalibrated(oof, run), uncalibrated(reference, kfold_run.path), atol=1e-5)
     assert np.array_equal(oof.probs[oof.folds == 1], fold1_rows.probs)
     # no val split: the held-out fold chose best.pt (said in kfold.json and the log), so best.pt's
     # validation metrics are its held-out metrics

@@ -74,7 +74,8 @@ def write_images(root: Path, classes: list[str], per_class: int, seed: int) -> N
 @functools.lru_cache(maxsize=None)
 def independent_probs(run_dir: Path, folder: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(paths, targets, probabilities) of best.pt on a split, without metrice's code paths: the
-    model rebuilt from the checkpoint, each image through the stored preprocessing, softmax here."""
+    model rebuilt from the checkpoint, each image through the stored preprocessing, softmax here (of
+    the logits divided by the stored calibration temperature, as every predictor does)."""
     from utils.core.checkpoint import load_checkpoint
     from utils.data.decode import load_image
     from utils.data.transforms import eval_transform
@@ -94,7 +95,7 @@ def independent_probs(run_dir: Path, folder: Path) -> tuple[list[str], np.ndarra
             images.append(transform(load_image(path, spec.channels)))
     x = (torch.stack(images).float() / 255.0 - mean) / std
     with torch.no_grad():
-        probs = model(x).softmax(dim=1).numpy()
+        probs = (model(x) / torch.tensor(ckpt.meta.temperature or [1.0])).softmax(dim=1).numpy()
     return paths, np.array(targets), probs
 
 

@@ -164,7 +164,7 @@ def test_top1_matches_a_direct_forward_pass(cli_runs: dict[str, Any], run_dir: P
     spec = ckpt.meta.preprocess
     x = torch.stack([eval_transform(spec)(load_image(r["path"], spec.channels)) for r in rows])
     with torch.no_grad():
-        probs = model(Normalize(spec.mean, spec.std)(x)).softmax(dim=1)
+        probs = (model(Normalize(spec.mean, spec.std)(x)) / torch.tensor(ckpt.meta.temperature or [1.0])).softmax(dim=1)
     for row, p in zip(rows, probs):
         assert row["class"] == ckpt.meta.class_names[int(p.argmax())]
         assert float(row["prob"]) == pytest.approx(float(p.max()), abs=1e-4)

@@ -71,7 +71,7 @@ def test_checkpoints_load_safely_with_documented_keys(trained_run: TrainedRun) -
     best = load_ckpt(trained_run.path / "best.pt")
     last = load_ckpt(trained_run.path / "last.pt")
 
-    assert best["format"] == "pytorch-classifier-ng" and best["version"] == 2 and best["kind"] == "best"
+    assert best["format"] == "pytorch-classifier-ng" and best["version"] == 3 and best["kind"] == "best"
     for key in ("model", "model_name", "num_classes", "class_names", "image_size", "image_channel", "mean", "std",
                 "preprocess", "args", "epoch", "metrics", "best", "weights"):
         assert key in best, f"best.pt lacks {key}"
