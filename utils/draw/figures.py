@@ -115,8 +115,8 @@ def plot_confusion_matrix(confusion: Any, class_names: Sequence[str], normalize:
 
 def plot_reliability(curves: dict[str, dict[str, Any]], title: str = "") -> Any:
     """Reliability diagram: accuracy against confidence per bin for one or more probability sets of the
-    same images (metrice.py: before and after calibration), each with its ECE, the diagonal of perfect
-    calibration, and the number of predictions per bin below.
+    same images (metrice.py: before and after calibration), each with its ECE (a dot's area: the bin's
+    share of the predictions), the diagonal of perfect calibration, and the predictions per bin below.
 
     Args:
         curves: {label: utils.infer.calibration.reliability output}, drawn in order.
@@ -134,7 +134,9 @@ def plot_reliability(curves: dict[str, dict[str, Any]], title: str = "") -> Any:
         confidence = np.asarray(bins["confidence"], dtype=np.float64)[filled]
         accuracy = np.asarray(bins["accuracy"], dtype=np.float64)[filled]
         colour = colours[k % len(colours)]
-        ax.plot(confidence, accuracy, "o-", color=colour, linewidth=1.5, markersize=4, label=f"{label}: ECE {bins['ece']:.4f}")
+        count = np.asarray(bins["count"])[filled]
+        ax.plot(confidence, accuracy, "-", color=colour, linewidth=1, alpha=0.6, label=f"{label}: ECE {bins['ece']:.4f}")
+        ax.scatter(confidence, accuracy, s=8 + 80 * count / max(1, count.max()), color=colour, zorder=3)  # area: predictions
         ax.fill_between(confidence, accuracy, confidence, color=colour, alpha=0.12)  # the gap to the diagonal
         ax_count.stairs(np.asarray(bins["count"]), edges, color=colour, linewidth=1.5, label=label)
     ax.set_xlim(0, 1)
