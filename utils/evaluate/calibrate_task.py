@@ -200,4 +200,8 @@ def calibrate_task(args: Options) -> dict[str, Any]:
                            member.checkpoint.parent, " ".join(flags))
         done[str(member.checkpoint)] = member.meta
         outputs.append(member.out.path)
+    for path in args.save_path:
+        if Path(path).is_dir() and RunFolder(path).is_kfold and (Path(path) / RunFolder.OOF).is_file():
+            LOGGER.warning("%s still holds the out-of-fold probabilities at the folds' earlier temperatures (what "
+                           "--task label_issues reads)", Path(path) / RunFolder.OOF)
     return {"output": outputs[0], "models": done}
