@@ -25,7 +25,7 @@ from utils.draw.figures import plot_score_histogram
 from utils.evaluate.split import SplitPredictions, predict_split
 from utils.evaluate.tasks import update_results
 from utils.infer.ensemble import Ensemble
-from utils.infer.ood import DEFAULT_REASON, OodScorer, ensemble_threshold
+from utils.infer.ood import BEST_LOGIT_SCORE, DEFAULT_REASON, OodScorer, ensemble_threshold
 from utils.infer.sources import find_images
 
 TPR = 0.95  # the in images' share at which the false-positive rate is read
@@ -71,9 +71,12 @@ def report_ood(out: Run, ensemble: Ensemble, scorer: OodScorer, split: SplitPred
     far = predict_split(ensemble, [(str(f), 0) for f in source.files], batch_size, workers, tta, device,
                         desc="ood", scorer=scorer)
     spec = ensemble.meta.ood
-    section: dict[str, Any] = {"default": spec.score if spec else None,
-                               "reason": DEFAULT_REASON if spec else "no rejection fitted: train again, or refit it with "
-                               "metrice.py --task calibrate",
+    default, reason = (spec.score, DEFAULT_REASON) if spec else (None, "no rejection fitted: train again, or refit it with "
+                                                                       "metrice.py --task calibrate")
+    if default is not None and default not in scorer.names:  # an exported model: what --reject uses instead
+        default, reason = BEST_LOGIT_SCORE, (f"the model's default {spec.score} needs the PyTorch checkpoint's features; "
+                                             f"{BEST_LOGIT_SCORE} is the better logit score ({DEFAULT_REASON})")
+    section: dict[str, Any] = {"default": default, "reason": reason,
                                "images": {"in": len(split.keep), "out": len(far.keep)}}
     rows = [["path", "set", *scorer.names]]
     for name, part in (("in", split), ("out", far)):
@@ -88,7 +91,7 @@ def report_ood(out: Run, ensemble: Ensemble, scorer: OodScorer, split: SplitPred
             values |= {"threshold": threshold, "in_known": float(np.mean(split.ood[name] <= threshold)),
                        "out_unknown": float(np.mean(far.ood[name] > threshold))}
         section[name] = values
-        table.add_row([name + (" (default)" if spec and name == spec.score else ""), f"{values['auroc']:.4f}",
+        table.add_row([name + (" (default)" if name == default else ""), f"{values['auroc']:.4f}",
                        f"{values['fpr95']:.4f}", *(f"{values[k]:.4g}" if k in values else "-"
                                                   for k in ("threshold", "in_known", "out_unknown"))])
         out.savefig(plot_score_histogram(split.ood[name], far.ood[name], name, threshold,
