@@ -110,29 +110,10 @@ def test_auroc_and_fpr95_known_answers_and_scikit_learn() -> None:
     assert got["fpr95"] == pytest.approx(brute, abs=1e-12)
 
 
-def test_rows_name_unknown_images_in_every_output() -> None:
-    from utils.infer.rows import UNKNOWN, csv_fields, label_text, prediction_rows
-
-    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]], np.float32)
-    rows = prediction_rows(["a.png", "b.png"], probs, ["cat", "dog", "owl"], ood=(np.array([0.5, 7.25]), np.array([False, True])))
-    known, unknown = rows
-    assert known.csv_row()["class"] == "cat" and known.csv_row()["unknown"] == 0 and known.csv_row()["ood_score"] == "0.500000"
-    assert unknown.csv_row()["class"] == UNKNOWN and unknown.csv_row()["top1_class"] == "dog"
-    assert unknown.csv_row()["unknown"] == 1 and unknown.csv_row()["ood_score"] == "7.250000"
-    assert unknown.to_json()["class"] == UNKNOWN and unknown.to_json()["unknown"] is True
-    assert unknown.to_json()["ood_score"] == 7.25 and unknown.to_json()["top"][0]["class"] == "dog"
-    assert known.to_json()["unknown"] is False and known.to_json()["class"] == "cat"
-    assert label_text(unknown) == "unknown (nearest: dog 0.80)" and label_text(known) == "cat (0.70)"
-    assert unknown.given() == [UNKNOWN]
-    assert csv_fields(3, reject=True)[-2:] == ["unknown", "ood_score"] and "unknown" not in csv_fields(3)
-    plain = prediction_rows(["a.png"], probs[:1], ["cat", "dog", "owl"])[0]
-    assert "unknown" not in plain.csv_row() and "unknown" not in plain.to_json()
-
-
-def _member(task: str = "multiclass", spec: Any = None, model_type: str = "onnx") -> Any:
+def _member(task: str = "multiclass", spec: Any = None, model_type: str = "onnx", classes: tuple = ("a", "b")) -> Any:
     from utils.infer.ensemble import Member
 
-    meta = ModelMeta("resnet10t", ("a", "b"), SPEC, task=task, ood=spec)
+    meta = ModelMeta("resnet10t", classes, SPEC, task=task, ood=spec)
     return Member("m", SimpleNamespace(meta=meta, model_type=model_type), SPEC)
 
 
@@ -157,6 +138,8 @@ def test_rejection_refusals_are_one_line() -> None:
     assert "needs the PyTorch checkpoint's features" in fallback.describe
     chosen = ood.Rejector(Ensemble([_member(spec=spec)]), "energy")
     assert (chosen.score, chosen.threshold) == ("energy", -2.5) and "--ood_score energy" in chosen.describe
+    with pytest.raises(UserError, match="has a class named 'unknown'"):
+        ood.Rejector(Ensemble([_member(spec=spec, classes=("cat", "unknown"))]))
     for argv, needle in ((["--ood_score", "msp"], "add --reject"), (["--reject", "--classical", "svm"], "--classical svm")):
         with pytest.raises(UserError, match=needle):
             import predict
@@ -198,7 +181,7 @@ def independent_scores(run: Path, files: list[Path], stats: OodStats) -> dict[st
 def test_main_stores_the_rejection_and_its_statistics_in_best_pt(trained_run: Any, tiny_data: Path) -> None:
     from utils.core.checkpoint import load_checkpoint
 
-    assert "unknown images (--reject): 9 images kept 95% known" in trained_run.proc.stdout
+    assert "unknown images (--reject): thresholds keeping 95% of 9 images known" in trained_run.proc.stdout
     raw = load_ckpt(trained_run.path / "best.pt")  # weights_only
     assert raw["ood"]["score"] == ood.DEFAULT_SCORE and raw["ood"]["tpr"] == 0.95
     assert set(raw["ood"]["thresholds"]) == set(OOD_SCORES)
@@ -246,7 +229,7 @@ def test_without_a_val_split_the_training_images_fit_the_thresholds(tiny_data: P
                                                 "--test_path", tmp_path / "none", "--reject_tpr", "0.5"))
     assert proc.returncode == 0, describe(proc)
     assert "no val split, so the rejection thresholds are fitted on the training images" in proc.stdout
-    assert "24 images kept 50% known" in proc.stdout
+    assert "thresholds keeping 50% of 24 images known" in proc.stdout
     assert load_ckpt(tmp_path / "run" / "best.pt")["ood"]["tpr"] == 0.5
     assert_user_error(run_inprocess("main.py", *train_args(tiny_data, tmp_path / "bad", "--reject_tpr", "0")),
                       "--reject_tpr must be a share in (0, 1]")
