@@ -214,12 +214,14 @@ def plot_score_histogram(inside: Any, outside: Any, name: str, threshold: float 
     low, high = (float(both.min()), float(both.max())) if len(both) else (0.0, 1.0)
     bins = np.linspace(low, high if high > low else low + 1.0, 41)
     fig, ax = subplots(figsize=(6.5, 4))
-    ax.hist(inside, bins=bins, alpha=0.6, color="tab:blue", label=f"in: trained classes ({len(inside)})")
-    ax.hist(outside, bins=bins, alpha=0.6, color="tab:red", label=f"out: --ood_path ({len(outside)})")
+    for values, colour, label in ((inside, "tab:blue", f"in: trained classes ({len(inside)})"),
+                                  (outside, "tab:red", f"out: --ood_path ({len(outside)})")):
+        if len(values):  # each set's share per bin: sets of any size compare
+            ax.hist(values, bins=bins, weights=np.full(len(values), 1.0 / len(values)), alpha=0.6, color=colour, label=label)
     if threshold is not None:
         ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:.4g}")
     ax.set_xlabel(f"{name} (higher = further from the training images)")
-    ax.set_ylabel("images")
+    ax.set_ylabel("share of the set's images")
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)

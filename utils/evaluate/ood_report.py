@@ -25,7 +25,7 @@ from utils.draw.figures import plot_score_histogram
 from utils.evaluate.split import SplitPredictions, predict_split
 from utils.evaluate.tasks import update_results
 from utils.infer.ensemble import Ensemble
-from utils.infer.ood import BEST_LOGIT_SCORE, DEFAULT_REASON, OodScorer, ensemble_threshold
+from utils.infer.ood import BEST_LOGIT_SCORE, DEFAULT_REASON, DEFAULT_SCORE, OodScorer, ensemble_threshold
 from utils.infer.sources import find_images
 
 TPR = 0.95  # the in images' share at which the false-positive rate is read
@@ -73,6 +73,8 @@ def report_ood(out: Run, ensemble: Ensemble, scorer: OodScorer, split: SplitPred
     spec = ensemble.meta.ood
     default, reason = (spec.score, DEFAULT_REASON) if spec else (None, "no rejection fitted: train again, or refit it with "
                                                                        "metrice.py --task calibrate")
+    if spec and spec.score != DEFAULT_SCORE:  # fitted by another version, or chosen by the refit
+        reason = f"stored with the model; the toolkit's default is now {DEFAULT_SCORE}: {DEFAULT_REASON}"
     if default is not None and default not in scorer.names:  # an exported model: what --reject uses instead
         default, reason = BEST_LOGIT_SCORE, (f"the model's default {spec.score} needs the PyTorch checkpoint's features; "
                                              f"{BEST_LOGIT_SCORE} is the better logit score ({DEFAULT_REASON})")
@@ -99,7 +101,7 @@ def report_ood(out: Run, ensemble: Ensemble, scorer: OodScorer, split: SplitPred
                     f"ood_{name}.png")
     print(table, flush=True)
     best = max(scorer.names, key=lambda n: section[n]["auroc"])
-    print(f"default score: {section['default']} ({section['reason']}); on these images {best} separates best "
+    print(f"default score: {section['default']} -- {section['reason']}; on these images {best} separates best "
           f"(AUROC {section[best]['auroc']:.4f})", flush=True)
     update_results(out.path, ood=section)
     return section

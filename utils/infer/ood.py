@@ -41,13 +41,14 @@ from utils.core.log import UserError, progress
 from utils.core.schema import LOGIT_OOD_SCORES, OOD_SCORES, Checkpoint, ModelMeta, OodSpec
 from utils.data.transforms_np import run_with_tta
 from utils.infer.ensemble import Ensemble, InputPlan, combine_probs
+from utils.infer.rows import UNKNOWN
 
 STATS_KEY = "ood_stats"  # Checkpoint.extra: {"means": (K, D), "precision": (D, D)} float32 tensors
 # Measured by benchmarks/ood_digits.py: resnet18, 32 px, 12 epochs on scikit-learn's digits 0-4 (the toolkit's
 # defaults: AdamW, label smoothing 0.1), 3 seeds; the test split's 0-4 (in) against every 5-9 (near, 896 images)
 # and against noise and photo tiles (far, 320). Mean AUROC and FPR at 95% TPR, near / far:
 #   msp          0.923 / 0.846    0.359 / 0.355
-#   energy       0.908 / 0.587    0.405 / 0.641   (noise and photos: a logsumexp as large as the digits')
+#   energy       0.908 / 0.587    0.405 / 0.641   (many noise images: a logsumexp as large as a digit's, or larger)
 #   mahalanobis  0.958 / 1.000    0.198 / 0.000
 #   (kNN, k=1    0.951 / 1.000    0.327 / 0.000: no better, and it needs every training feature)
 # At the thresholds fitted on the val split (--reject_tpr 0.95) mahalanobis kept 93% of the test digits known and
@@ -281,9 +282,10 @@ def fit_model_ood(model: Any, meta: ModelMeta, train: Sequence[tuple[str, int]],
         raise UserError("no image of the split the thresholds are fitted on could be decoded")
     thresholds = fit_thresholds({name: table[:, i] for i, name in enumerate(OOD_SCORES)}, tpr)
     spec = OodSpec(score=default, tpr=float(tpr), thresholds=tuple(thresholds.items()))
-    line = (f"{len(table)} images kept {tpr:.0%} known at " + ", ".join(f"{k} {v:.4g}" for k, v in thresholds.items())
-            + f" (mahalanobis: {len(stats.means)} class means, {stats.means.shape[1]}-d, OAS shrinkage {shrinkage:.3g}); "
-            f"default {default}")
+    line = (f"thresholds keeping {tpr:.0%} of {len(table)} images known: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in thresholds.items())
+            + f" (mahalanobis: {len(stats.means)} class means of {stats.means.shape[1]}-d features, OAS shrinkage "
+            f"{shrinkage:.3g}); default {default}")
     return spec, stats, line
 
 
@@ -351,7 +353,8 @@ class OodScorer:
         if missing:
             lacking = next(m.name for m, s in zip(ensemble.members, self.stats) if s is None)
             raise UserError(f"{missing[0]} needs the training statistics of a PyTorch checkpoint (best.pt's "
-                            f"'{STATS_KEY}'), which {lacking} lacks: refit it (python metrice.py --task calibrate) or retrain")
+                            f"'{STATS_KEY}'), which {lacking} lacks: refit it (python metrice.py --task calibrate) "
+                            "or retrain")
         self.weights = ensemble.weights if ensemble.method == "weighted" else None
 
     def predict(self, inputs: Sequence[np.ndarray], plan: InputPlan
@@ -382,8 +385,13 @@ def rejection_score(ensemble: Ensemble, requested: str | None) -> tuple[str, str
         if m.backend.meta.ood is None:
             raise UserError(f"{m.name} has no fitted rejection (trained before it existed, or it was not fitted): refit "
                             "it with python metrice.py --task calibrate, or train again with main.py")
+    if UNKNOWN in ensemble.class_names:
+        raise UserError(f"the model has a class named '{UNKNOWN}', the name --reject gives images of no trained class: "
+                        "rename that class (its folder) and train again to use --reject")
     spec = ensemble.meta.ood
-    score, note = requested or spec.score, f"--ood_score {requested}" if requested else f"the model's default ({DEFAULT_REASON})"
+    score = requested or spec.score
+    why = f" ({DEFAULT_REASON})" if score == DEFAULT_SCORE else ""
+    note = f"--ood_score {requested}" if requested else f"the model's default{why}"
     exported = [m.name for m in ensemble.members if getattr(m.backend, "checkpoint", None) is None]
     if score not in LOGIT_OOD_SCORES and exported:
         if requested:
