@@ -491,8 +491,10 @@ class Trainer:
                                           args.get("reject_tpr", 0.95), args.batch_size, args.workers, self.device)
         self.meta = dataclasses.replace(self.meta, ood=spec)
         self.saver.meta = self.meta
-        if self.rank == 0:
-            self.run.save(RunFolder.BEST, with_ood(load_checkpoint(self.run.best), spec, stats))
+        if self.rank == 0:  # the run's meta as it stands (a temperature, thresholds), with the rejection
+            best = load_checkpoint(self.run.best)
+            best.meta = self.meta
+            self.run.save(RunFolder.BEST, with_ood(best, spec, stats))
         print(f"unknown images (--reject): {line} (stored in best.pt)", flush=True)
 
     def test_best(self) -> dict[str, float] | None:
