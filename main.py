@@ -99,6 +99,8 @@ def get_args_parser() -> argparse.ArgumentParser:
            f"default {MULTILABEL.metrics[0]})")
     p("--patience", type=int, default=30, help="stop after this many epochs without improvement (0 = never)")
     p("--imagenet_meanstd", action="store_true", help="normalise with ImageNet's mean/std, not the train set's")
+    p("--reject_tpr", type=finite_float, default=0.95, help="share of the val images the unknown-image thresholds keep "
+      "known (predict.py --reject)")
     add_recipe_flags(parser)
     return parser
 
@@ -149,6 +151,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
     if args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
+    if not 0 < args.reject_tpr <= 1:
+        raise UserError(f"--reject_tpr must be a share in (0, 1], got {args.reject_tpr}")
     if not 0 <= args.warmup_ratios < 1:
         raise UserError(f"--warmup_ratios must be in [0, 1), got {args.warmup_ratios}")
     if args.kfold < 0 or args.kfold == 1:

@@ -8,6 +8,7 @@
     python metrice.py --save_path runs/exp --task features --classical svm,knn   # classifiers on the CNN's features
     python metrice.py --save_path runs/cv --task label_issues            # mislabeled images (a main.py --kfold run: all)
     python metrice.py --save_path runs/exp --task calibrate              # refit best.pt's temperature on the val split
+    python metrice.py --save_path runs/exp --task test --ood_path unknown/   # AUROC of the unknown-image scores
 
 Data paths, image size, preprocessing and class names come from the run (best.pt); flags
 override them. Everything goes into <first run>/<task>/, a new folder per call (test, test2 ...);
@@ -38,6 +39,7 @@ from utils.data.sources import scan_split
 from utils.deploy.formats import MODEL_TYPES
 from utils.evaluate.calibrate_task import calibrate_task, check_calibrate_args
 from utils.evaluate.label_report import label_issues_run, label_issues_task
+from utils.evaluate.ood_report import report_ood
 from utils.evaluate.split import predict_split, score_calibration, score_split
 from utils.evaluate.tasks import (MODEL_TASK_HINT, check_features_args, list_sep, output_folder, reports, run_features,
                                   run_speed, split_path, update_results)
@@ -53,6 +55,7 @@ from utils.infer.ensemble import (
     ensemble_method,
     load_ensemble,
 )
+from utils.infer.ood import OodScorer
 
 LOGGER = logging.getLogger("metrice")
 
@@ -89,6 +92,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_ensemble_flags(parser)
     p("--classical", default=None, help=f"--task features: comma-separated classifiers to fit on the features, "
       f"from {','.join(CLASSICAL)} (default: all)")
+    p("--ood_path", default=None, help="--task val/test: a folder of images of no trained class (sub-folders and labels "
+      "ignored): AUROC and FPR at 95%% TPR of each unknown-image score, in = the split's images")
     p("--write_fixed_list", action="store_true", help="--task label_issues: also write label_issues/fixed_<split>.csv, "
       "each checked image with the suggested label for the flagged ones (a list main.py trains on)")
     return parser
@@ -112,6 +117,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         raise UserError("--tsne reads the penultimate features inside the network: it needs --model_type torch")
     check_features_args(args)
     check_calibrate_args(args)
+    if args.ood_path is not None and args.task not in ("val", "test"):
+        raise UserError(f"--ood_path compares the images of a split with it: use --task val or test, not {args.task}")
     return Options.of(args)
 
 
@@ -150,6 +157,7 @@ def main(args: Options) -> dict[str, Any]:
     if args.task == "features":
         return run_features(args, ensemble, class_names, device)
     first = ensemble.members[0]
+    scorer = OodScorer(ensemble) if args.ood_path else None  # a multilabel model is refused here, before any file
     run_args = dict(first.run_args)
     folder = split_path(args, run_args)
     image_set = scan_split(folder, class_names=ensemble.class_names, what=f"{args.task} set",
@@ -166,7 +174,8 @@ def main(args: Options) -> dict[str, Any]:
           + (", TenCrop TTA" if args.test_tta else ""), flush=True)
     if ensemble.describe():
         print(ensemble.describe(), flush=True)
-    split = predict_split(ensemble, image_set.samples, batch_size, args.workers, args.test_tta, device, args.tsne, args.task)
+    split = predict_split(ensemble, image_set.samples, batch_size, args.workers, args.test_tta, device, args.tsne, args.task,
+                          scorer)
     results = score_split(ensemble, split, class_names)
     name = next(iter(results))
     report.print_overall(results)
@@ -190,8 +199,11 @@ def main(args: Options) -> dict[str, Any]:
         print(f"--visual: {visual[0]} correct, {visual[1]} incorrect", flush=True)
     if args.tsne and not task.multilabel:
         report.write_tsne(out, split, class_names, first.name)
+    ood = None if scorer is None else report_ood(out, ensemble, scorer, split, args.ood_path, batch_size, args.workers,
+                                                 args.test_tta, device)
     print(f"results: {out.path}", flush=True)
-    return {"output": out.path, "metrics": results, "per_class": per_class, "visual": visual, "calibration": calibration}
+    return {"output": out.path, "metrics": results, "per_class": per_class, "visual": visual, "calibration": calibration,
+            "ood": ood}
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
     python predict.py --source img/ --save_path runs/exp --cam_visual --cam_type GradCAMPlusPlus
     python predict.py --source img/ --weight runs/exp/export/best_int8.onnx       # any model file, no torch needed
     python predict.py --source img/ --save_path runs/exp --feature_maps --classical svm  # stage grids; svm on features
+    python predict.py --source img/ --save_path runs/exp --reject          # images of no trained class named unknown
 
 Everything goes into a new folder runs/exp/predict/exp (then exp2 ...): predictions.csv (one row
 per image), skipped.csv (files that are not images or cannot be decoded, with the reason),
@@ -34,6 +35,7 @@ from utils.core.log import StopFlag, Stopped, UserError, progress, script_main, 
 from utils.core.names import CLASSICAL
 from utils.core.options import Options
 from utils.core.run import RunFolder, increment_path
+from utils.core.schema import OOD_SCORES
 from utils.data.decode import load_image
 from utils.deploy.formats import MODEL_TYPES
 from utils.draw.labels import annotate
@@ -41,6 +43,7 @@ from utils.explain.cam import CAM_TYPES
 from utils.infer.backends import kfold_members, model_device, models_from_flags, results_folder
 from utils.infer.ensemble import Ensemble, InputPlan, add_ensemble_flags, ensemble_method, load_ensemble
 from utils.infer.loader import prediction_loader
+from utils.infer.ood import Rejector, check_reject_flags, predict_maybe_rejecting
 from utils.infer.rows import BoundedWriter, PredictionWriter, label_text, output_name, prediction_rows
 from utils.infer.sources import Source, find_images, relative_name
 
@@ -65,6 +68,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--workers", type=int, default=default_workers(), help="image-loading processes (0 = main process; none on 1-2 CPUs)")
     p("--test_tta", action="store_true", help="TenCrop test-time augmentation (the 10 crops' probabilities averaged)")
     p("--conf_threshold", type=finite_float, default=0.5, help="a top-1 probability below this marks the row uncertain")
+    p("--reject", action="store_true", help="name images of no trained class unknown (columns unknown, ood_score)")
+    p("--ood_score", default=None, choices=list(OOD_SCORES), help="the score --reject uses [the model's default]")
     add_ensemble_flags(parser)
     p("--save_images", action="store_true", help="save a copy of each image with its label and probability drawn")
     p("--cam_visual", action="store_true", help="save a class activation map per image (input | heatmap | label)")
@@ -99,6 +104,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     for flag in ("cam_layer", "cam_class"):
         if getattr(args, flag) and not args.cam_visual:
             raise UserError(f"--{flag} only applies with --cam_visual")
+    check_reject_flags(args.reject, args.ood_score, f"--classical {args.classical}" if args.classical else "")
     return Options.of(args)
 
 
@@ -166,9 +172,10 @@ def explain_batch(args: Options, cam_setup: dict[str, Any], batch: dict[str, Any
 
 
 def predict_files(args: Options, source: Source, ensemble: Ensemble, cam_setup: dict[str, Any],
-                  folder: Path, device: Any) -> tuple[PredictionWriter, list[tuple[str, str]], float, int]:
+                  folder: Path, rejector: Rejector | None) -> tuple[PredictionWriter, list[tuple[str, str]], float, int]:
     """Predict every file of `source` in batches, streaming the rows and drawings into `folder`;
-    SIGTERM or Ctrl-C stops before the next batch, the folder marked incomplete (PredictionWriter.finish).
+    SIGTERM or Ctrl-C stops before the next batch, the folder marked incomplete (PredictionWriter.finish);
+    with a `rejector` (--reject) each row says whether the image is unknown.
 
     Returns:
         (the closed writer, the first skipped files, seconds taken, the signal that stopped it or 0).
@@ -180,7 +187,7 @@ def predict_files(args: Options, source: Source, ensemble: Ensemble, cam_setup: 
     files = loader.dataset.files
     meta = ensemble.meta
     task = meta.task_type
-    writer = PredictionWriter(folder, class_names, task=task, total=len(files))
+    writer = PredictionWriter(folder, class_names, task=task, total=len(files), reject=rejector is not None)
     images_out = BoundedWriter(limit=4 * args.batch_size, threads=max(1, min(4, (os.cpu_count() or 1) // 2)))
     first_skips: list[tuple[str, str]] = list(source.skipped[:20])
     writer.skip(source.skipped)
@@ -198,8 +205,8 @@ def predict_files(args: Options, source: Source, ensemble: Ensemble, cam_setup: 
                 if not batch["indices"]:
                     continue
                 paths = [files[i] for i in batch["indices"]]
-                probs = ensemble.predict(batch["inputs"], plan)[0]
-                rows = prediction_rows(paths, probs, class_names, task, args.conf_threshold, meta.thresholds)
+                probs, ood = predict_maybe_rejecting(ensemble, rejector, batch["inputs"], plan)
+                rows = prediction_rows(paths, probs, class_names, task, args.conf_threshold, meta.thresholds, ood)
                 writer.write(rows)
                 rels = [relative_name(Path(p), source.root) for p in paths] if folder_outputs else []
                 if args.save_images:
@@ -229,8 +236,10 @@ def predict_folder(args: Options) -> Path:
     if args.classical:
         from utils.evaluate.classical import classical_ensemble
         ensemble = classical_ensemble(ensemble, args.save_path[0], args.classical, args.test_tta)
-    if ensemble.describe():
-        print(ensemble.describe(), flush=True)
+    rejector = Rejector(ensemble, args.ood_score) if args.reject else None
+    for line in (ensemble.describe(), rejector.describe if rejector else ""):
+        if line:
+            print(line, flush=True)
     cam_setup = prepare_cam(args, ensemble.members[0].backend, list(ensemble.class_names)) if args.cam_visual else {}
     if args.feature_maps:  # the stage grids ride with the CAM's set-up into predict_files
         from utils.explain.feature_maps import FeatureMapWriter
@@ -242,7 +251,7 @@ def predict_folder(args: Options) -> Path:
     if args.cam_visual:
         print(f"{args.cam_type} on layer {cam_setup['layer'].describe()}", flush=True)
     settle_heap()
-    writer, first_skips, seconds, signum = predict_files(args, source, ensemble, cam_setup, folder, device)
+    writer, first_skips, seconds, signum = predict_files(args, source, ensemble, cam_setup, folder, rejector)
     print_summary(writer, folder, source.root, first_skips, seconds, args)
     if writer.incomplete:  # stopped before the end: what was written, and how to finish
         LOGGER.warning(writer.incomplete)
@@ -257,7 +266,7 @@ def print_summary(writer: PredictionWriter, folder: Path, root: Path, first_skip
         table.title = f"first {len(writer.first_rows)} of {writer.rows} predictions"
         for row in writer.first_rows:
             second = f"{row.top[1][0]} {row.top[1][1]:.3f}" if len(row.top) > 1 else ""
-            table.add_row([str(relative_name(Path(row.path), root)), row.class_name, f"{row.prob:.3f}", second,
+            table.add_row([str(relative_name(Path(row.path), root)), row.shown_class, f"{row.prob:.3f}", second,
                            f"{row.entropy:.3f}", "yes" if row.uncertain else ""])
         table.align["path"] = "l"
         print(table, flush=True)

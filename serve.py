@@ -60,6 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--threads", type=int, default=None, help="compute threads of the model (torch, onnxruntime, OpenVINO) [a server: CPU cores - 1; a --worker: "
       "PyTorch's default; $OMP_NUM_THREADS wins over both]")
     role_flag(parser, "conf_threshold", "a top-1 probability below this marks an image uncertain", type=float)
+    p("--reject", action="store_true", help="answer unknown (with unknown and ood_score) for images of no trained class")
     role_flag(parser, "max_batch", "most images run together; 1 = no batching", type=int)
     role_flag(parser, "max_wait_ms", "how long a batch waits for more images once it has one", type=float)
     role_flag(parser, "host", "address to bind; any but loopback needs --api_key")
@@ -98,8 +99,9 @@ def _check_role(args: argparse.Namespace, role: str, allowed: dict[str, Any]) ->
     for name, default in allowed.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
-    if args.half and "save_path" not in allowed:
-        raise UserError(f"--half does not apply to {role}")
+    for flag in ("half", "reject"):  # switches of the model
+        if getattr(args, flag) and "save_path" not in allowed:
+            raise UserError(f"--{flag} does not apply to {role}")
     if args.access_log and "host" not in allowed:
         raise UserError(f"--access_log does not apply to {role}")
 
@@ -168,7 +170,10 @@ def build_runner(args: Options) -> Any:
         # next to it served 52 requests/s at 8 clients where 1 served 78 (benchmarks/serve_load.py)
         set_threads(max(1, min(compute_threads(), (os.cpu_count() or 1) - 1)))
     backend = load_backend(args.save_path, args.model_type, model_device(args.device, args.model_type), args.half)
-    return ModelRunner(backend, args.conf_threshold)
+    runner = ModelRunner(backend, args.conf_threshold, args.reject)
+    if runner.rejector is not None:
+        print(runner.rejector.describe, flush=True)
+    return runner
 
 
 def check_port(host: str, port: int) -> None:

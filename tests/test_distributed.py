@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,6 +109,29 @@ def test_validation_accuracy_is_the_whole_split(ddp: dict) -> None:
     measured = {r["metric"]: r["value"] for r in csv.DictReader((run / "val" / "metrics.csv").open())}
     assert float(measured["acc"]) == pytest.approx(logged, abs=1e-9)
     assert int(float(measured["images"])) == 9  # every val image once: no padded duplicate counted
+
+
+def test_rejection_fitted_by_two_processes_is_what_one_process_fits(ddp: dict) -> None:
+    """Trainer.fit_ood under torchrun: each process ran its share of the training and val images,
+    the sums and the scores were combined; one process refitting best.pt on the whole splits gets
+    the same statistics and thresholds (utils.infer.ood.fit_model_ood)."""
+    from utils.core.checkpoint import load_checkpoint
+    from utils.data.sources import scan_split
+    from utils.infer.ood import OodStats, fit_model_ood
+    from utils.models.weights import model_from_checkpoint
+
+    line = "unknown images (--reject): thresholds keeping 95% of 9 images known"
+    assert ddp["straight"].stdout.count(line) == 1  # rank 0 prints
+    ckpt = load_checkpoint(ddp["runs"] / "straight" / "best.pt")
+    splits = {s: scan_split(ddp["data"] / s, class_names=list(ckpt.meta.class_names)).samples for s in ("train", "val")}
+    spec, stats, _ = fit_model_ood(model_from_checkpoint(ckpt), ckpt.meta, splits["train"], splits["val"], 0.95, 4, 0,
+                                   torch.device("cpu"))
+    assert [k for k, _ in spec.thresholds] == [k for k, _ in ckpt.meta.ood.thresholds]
+    for (name, one), (_, two) in zip(spec.thresholds, ckpt.meta.ood.thresholds):
+        assert one == pytest.approx(two, rel=1e-5, abs=1e-6), name
+    stored = OodStats.of_checkpoint(ckpt, "best.pt")
+    assert np.allclose(stats.means, stored.means, atol=1e-5)
+    assert np.allclose(stats.precision, stored.precision, rtol=1e-4, atol=1e-4)
 
 
 def test_resume_mid_epoch_with_two_processes_equals_the_straight_run(ddp: dict) -> None:

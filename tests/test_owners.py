@@ -706,6 +706,34 @@ def test_prediction_writer_header_rows_and_counts(tmp_path: Path) -> None:
         assert csv.DictReader(fh).fieldnames == csv_fields(3, MULTILABEL)
 
 
+def test_rows_name_unknown_images_in_every_output(tmp_path: Path) -> None:
+    """--reject (utils.infer.ood.Rejector): each row's unknown flag and score, in every output."""
+    from utils.infer.rows import UNKNOWN
+
+    probs = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]], np.float32)
+    rows = prediction_rows(["a.png", "b.png"], probs, ["cat", "dog", "owl"], ood=(np.array([0.5, 7.25]), np.array([False, True])))
+    known, unknown = rows
+    assert (known.unknown, known.ood_score, unknown.unknown, unknown.ood_score) == (False, 0.5, True, 7.25)
+    assert known.csv_row()["class"] == "cat" and known.csv_row()["unknown"] == 0 and known.csv_row()["ood_score"] == "0.500000"
+    assert unknown.csv_row()["class"] == UNKNOWN == "unknown" and unknown.csv_row()["top1_class"] == "dog"
+    assert unknown.csv_row()["unknown"] == 1 and unknown.csv_row()["ood_score"] == "7.250000"
+    assert unknown.to_json()["class"] == UNKNOWN and unknown.to_json()["unknown"] is True
+    assert unknown.to_json()["ood_score"] == 7.25 and unknown.to_json()["top"][0]["class"] == "dog"
+    assert unknown.to_json()["index"] == 1 and unknown.to_json()["prob"] == pytest.approx(0.8)  # the nearest class's
+    assert known.to_json()["unknown"] is False and known.to_json()["class"] == "cat"
+    assert label_text(unknown) == "unknown (nearest: dog 0.80)" and label_text(known) == "cat (0.70)"
+    assert (unknown.given(), unknown.shown_class, known.given(), known.shown_class) == ([UNKNOWN], UNKNOWN, ["cat"], "cat")
+    assert csv_fields(3, reject=True) == [*csv_fields(3), "unknown", "ood_score"]
+    plain = prediction_rows(["a.png"], probs[:1], ["cat", "dog", "owl"])[0]
+    assert plain.unknown is None and "unknown" not in plain.csv_row() and "unknown" not in plain.to_json()
+    writer = PredictionWriter(tmp_path, ["cat", "dog", "owl"], reject=True)
+    assert writer.class_names == ["cat", "dog", "owl", UNKNOWN] and writer.fields == csv_fields(3, reject=True)
+    writer.write(rows)
+    assert writer.counts == {"cat": 1, UNKNOWN: 1}
+    with (tmp_path / "predictions.csv").open(newline="") as fh:
+        assert list(csv.DictReader(fh)) == [{k: str(v) for k, v in r.csv_row().items()} for r in rows]
+
+
 def test_bounded_writer_runs_every_job_with_a_bounded_queue() -> None:
     import threading
 

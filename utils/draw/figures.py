@@ -1,5 +1,5 @@
 """matplotlib figures of a run: the training curves, and metrice.py's figures (confusion matrix,
-reliability diagram, a gallery of mistakes, t-SNE).
+reliability diagram, a gallery of mistakes, t-SNE, the histograms of an unknown-image score).
 
     fig = plot_confusion_matrix(confusion, class_names, normalize=True)
     run.savefig(fig, "confusion_matrix.png")
@@ -201,5 +201,32 @@ def plot_embedding(points: Any, targets: Sequence[int], class_names: Sequence[st
     ax.set_yticks([])
     if title:
         ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_score_histogram(inside: Any, outside: Any, name: str, threshold: float | None = None, title: str = "") -> Any:
+    """Histograms of an out-of-distribution score on images of the trained classes (in) and of none
+    (out), on shared bins, with the model's threshold (metrice.py --ood_path).
+
+    Returns:
+        The matplotlib figure.
+    """
+    inside, outside = np.asarray(inside, dtype=np.float64), np.asarray(outside, dtype=np.float64)
+    both = np.concatenate([inside, outside])
+    low, high = (float(both.min()), float(both.max())) if len(both) else (0.0, 1.0)
+    bins = np.linspace(low, high if high > low else low + 1.0, 41)
+    fig, ax = subplots(figsize=(6.5, 4))
+    for values, colour, label in ((inside, "tab:blue", f"in: trained classes ({len(inside)})"),
+                                  (outside, "tab:red", f"out: --ood_path ({len(outside)})")):
+        if len(values):  # each set's share per bin: sets of any size compare
+            ax.hist(values, bins=bins, weights=np.full(len(values), 1.0 / len(values)), alpha=0.6, color=colour, label=label)
+    if threshold is not None:
+        ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:.4g}")
+    ax.set_xlabel(f"{name} (higher = further from the training images)")
+    ax.set_ylabel("share of the set's images")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig

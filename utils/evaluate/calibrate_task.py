@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,6 +39,7 @@ from utils.infer.calibration import (CALIBRATION_BINS, calibration_scores, fit_t
                                      reliability, temperature_text)
 from utils.infer.ensemble import InputPlan
 from utils.infer.loader import prediction_loader
+from utils.infer.ood import STATS_KEY, fit_model_ood
 
 LOGGER = logging.getLogger("metrice")
 
@@ -71,6 +72,8 @@ class MemberRefit:
         meta: the model's metadata so far (the stored one, then each step's).
         out: the output folder (<run>/calibrate, calibrate2 ...).
         args: metrice.py's options (--test_tta, --batch_size, --workers).
+        extra: what the steps add to the checkpoint besides its metadata (Checkpoint.extra: the
+            out-of-distribution statistics).
     """
 
     checkpoint: Path
@@ -79,6 +82,7 @@ class MemberRefit:
     meta: ModelMeta
     out: Run
     args: Options
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -138,8 +142,33 @@ def refit_temperature(member: MemberRefit) -> ModelMeta:
     return dataclasses.replace(meta, temperature=fit.stored)
 
 
+def refit_ood(member: MemberRefit) -> ModelMeta:
+    """Step 2 (multiclass): what predict.py --reject needs, as main.py fits it at the end of training
+    (utils.infer.ood.fit_model_ood): the Mahalanobis statistics of the run's training split, and each
+    score's threshold keeping --reject_tpr (the stored share, else the run's) of the validation images
+    known, on the probabilities at the temperature step 1 fitted. Writes results.json's ood_fit section."""
+    meta = member.meta
+    if meta.task_type.multilabel:
+        print("unknown images: not fitted (--reject is for multiclass models)", flush=True)
+        return meta
+    run_args = dict(member.backend.checkpoint.args)
+    folder = split_path(member.args.replace(task="train"), run_args)
+    train = scan_split(folder, class_names=meta.class_names, what="train set",
+                       list_sep=list_sep(member.args, run_args)).as_task(meta.task_type, MODEL_TASK_HINT)
+    report_skipped(train.skipped, f"train set {folder}")
+    tpr = meta.ood.tpr if meta.ood is not None else float(run_args.get("reject_tpr") or 0.95)
+    backend = member.backend
+    spec, stats, line = fit_model_ood(backend.model, meta, train.samples, member.samples, tpr, member.batch_size,
+                                      member.args.workers, backend.device)
+    print(f"unknown images (--reject): {line}", flush=True)
+    member.extra[STATS_KEY] = stats.to_extra()
+    update_results(member.out.path, ood_fit={"train_images": len(train.samples), "val_images": len(member.samples)}
+                   | spec.to_dict())
+    return dataclasses.replace(meta, ood=spec)
+
+
 # What --task calibrate refits, in order; each step returns the metadata the next one starts from.
-REFIT_STEPS: tuple[Callable[[MemberRefit], ModelMeta], ...] = (refit_temperature,)
+REFIT_STEPS: tuple[Callable[[MemberRefit], ModelMeta], ...] = (refit_temperature, refit_ood)
 
 
 def stale_exports(run: Path) -> list[Path]:
@@ -190,12 +219,13 @@ def calibrate_task(args: Options) -> dict[str, Any]:
             member.meta = step(member)
         ckpt = load_checkpoint(member.checkpoint)  # as it is on disk: only the metadata changes
         ckpt.meta = member.meta
+        ckpt.extra = {**ckpt.extra, **member.extra}
         Run(member.checkpoint.parent).save(member.checkpoint.name, ckpt)
         print(f"rewrote {member.checkpoint} (the weights unchanged); results: {member.out.path}", flush=True)
         stale = stale_exports(member.checkpoint.parent) if member.checkpoint.name == RunFolder.BEST else []
         if stale:
             flags = sorted({fmt.flag for fmt in FORMATS.values() for f in stale if f.name in fmt.run_files()})
-            LOGGER.warning("files export.py made before still carry the old temperature: %s; export them again: "
+            LOGGER.warning("files export.py made before still carry the old temperature and rejection: %s; export them again: "
                            "python export.py --save_path %s --export %s", ", ".join(map(str, stale)),
                            member.checkpoint.parent, " ".join(flags))
         done[str(member.checkpoint)] = member.meta

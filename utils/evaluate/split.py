@@ -22,6 +22,7 @@ from utils.evaluate.metrics import multilabel_metrics, overall_metrics
 from utils.infer.calibration import CALIBRATION_BINS, at_temperature, calibration_scores, reliability
 from utils.infer.ensemble import Ensemble, combine_probs
 from utils.infer.loader import prediction_loader
+from utils.infer.ood import OodScorer
 from utils.infer.speed import measure_backend
 
 
@@ -36,6 +37,7 @@ class SplitPredictions:
         probs: the ensemble's probabilities (N, C) (the model's own for a single model).
         member_probs: each member's probabilities (N, C).
         features: penultimate features of the first member (N, D), when asked for.
+        ood: the out-of-distribution scores {name: (N,)} (utils.infer.ood.OodScorer), when asked for.
     """
 
     samples: list[tuple[str, int]]
@@ -44,6 +46,7 @@ class SplitPredictions:
     probs: np.ndarray
     member_probs: list[np.ndarray]
     features: np.ndarray | None = None
+    ood: dict[str, np.ndarray] | None = None
 
     def path(self, row: int) -> str:
         """The image file of a row."""
@@ -65,8 +68,10 @@ def torch_features(backend: Any, images: np.ndarray) -> np.ndarray:
 
 
 def predict_split(ensemble: Ensemble, samples: list[tuple[str, int]], batch_size: int, workers: int, tta: bool = False,
-                  device: Any = None, features: bool = False, desc: str = "eval") -> SplitPredictions:
-    """Probabilities of every model of `ensemble` on every image of a labelled split.
+                  device: Any = None, features: bool = False, desc: str = "eval", scorer: OodScorer | None = None
+                  ) -> SplitPredictions:
+    """Probabilities of every model of `ensemble` on every image of a labelled split (and with a
+    `scorer`, the out-of-distribution scores of the same pass: metrice.py --ood_path).
 
     Images that fail to decode are reported and left out.
 
@@ -81,13 +86,18 @@ def predict_split(ensemble: Ensemble, samples: list[tuple[str, int]], batch_size
     combined: list[np.ndarray] = []
     per_member: list[list[np.ndarray]] = [[] for _ in ensemble.members]
     feats: list[np.ndarray] = []
+    scores: list[dict[str, np.ndarray]] = []
     failed: list[tuple[str, str]] = []
     for batch in progress(loader, desc=desc, leave=False):
         failed.extend((samples[i][0], reason) for i, reason in batch["failed"])
         if not batch["indices"]:
             continue
         keep.extend(batch["indices"])
-        probs, member_probs = ensemble.predict(batch["inputs"], plan)
+        if scorer is not None:
+            probs, member_probs, batch_scores = scorer.predict(batch["inputs"], plan)
+            scores.append(batch_scores)
+        else:
+            probs, member_probs = ensemble.predict(batch["inputs"], plan)
         combined.append(np.asarray(probs, dtype=np.float32))
         for store, p in zip(per_member, member_probs):
             store.append(np.asarray(p, dtype=np.float32))
@@ -99,7 +109,8 @@ def predict_split(ensemble: Ensemble, samples: list[tuple[str, int]], batch_size
     probs = np.concatenate(combined)
     return SplitPredictions(samples=samples, keep=keep, targets=ensemble.meta.task_type.target_array([samples[i][1] for i in keep], probs.shape[1]),
                             probs=probs, member_probs=[np.concatenate(p) for p in per_member],
-                            features=np.concatenate(feats) if features else None)
+                            features=np.concatenate(feats) if features else None,
+                            ood={n: np.concatenate([s[n] for s in scores]) for n in scorer.names} if scorer else None)
 
 
 def score_split(ensemble: Ensemble, split: SplitPredictions, class_names: Sequence[str]) -> dict[str, dict[str, float]]:

@@ -27,6 +27,7 @@ from utils.core.files import append_whole, atomic_write_text
 from utils.core.task import MULTICLASS, TaskType
 
 TOPK = 5
+UNKNOWN = "unknown"  # the class an image of no trained class is given (--reject)
 
 
 # ---------------------------------------------------------------------------------- rows
@@ -45,6 +46,10 @@ class PredictionRow:
         uncertain: multiclass: the top probability is below --conf_threshold; multilabel: no class given.
         labels: multilabel only: every class at or above its threshold, as (class, probability),
             most probable first (None for multiclass).
+        unknown: with --reject: the image is of no trained class (its out-of-distribution score is
+            above the model's threshold, utils.infer.ood); its outputs name it UNKNOWN, and `top`
+            keeps the nearest trained classes. None without --reject.
+        ood_score: with --reject: that score (higher = further from the training images).
     """
 
     path: str
@@ -55,9 +60,19 @@ class PredictionRow:
     entropy: float
     uncertain: bool
     labels: list[tuple[str, float]] | None = None
+    unknown: bool | None = None
+    ood_score: float | None = None
+
+    @property
+    def shown_class(self) -> str:
+        """The class its outputs name: UNKNOWN for an image --reject rejects, else the top class."""
+        return UNKNOWN if self.unknown else self.class_name
 
     def given(self) -> list[str]:
-        """The classes this image was given: its labels (multilabel), else its top class."""
+        """The classes this image was given: its labels (multilabel), else its top class (UNKNOWN
+        for an image --reject rejects)."""
+        if self.unknown:
+            return [UNKNOWN]
         return [c for c, _ in self.labels] if self.labels is not None else [self.class_name]
 
     def csv_row(self) -> dict[str, Any]:
@@ -66,34 +81,43 @@ class PredictionRow:
         if self.labels is not None:
             row["labels"] = "|".join(c for c, _ in self.labels)
             row["label_probs"] = "|".join(f"{p:.6f}" for _, p in self.labels)
-        row |= {"class": self.class_name, "prob": f"{self.prob:.6f}"}
+        row |= {"class": self.shown_class, "prob": f"{self.prob:.6f}"}
         for j, (name, p) in enumerate(self.top, start=1):
             row[f"top{j}_class"], row[f"top{j}_prob"] = name, f"{p:.6f}"
-        return row | {"entropy": f"{self.entropy:.6f}", "uncertain": int(self.uncertain)}
+        row |= {"entropy": f"{self.entropy:.6f}", "uncertain": int(self.uncertain)}
+        if self.unknown is not None:
+            row |= {"unknown": int(self.unknown), "ood_score": f"{self.ood_score:.6f}"}
+        return row
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON of one image (serve.py's answer)."""
-        out: dict[str, Any] = {"file": self.path, "class": self.class_name, "index": self.index, "prob": self.prob,
+        """The JSON of one image (serve.py's answer); with --reject also `unknown` and `ood_score`, and
+        an unknown image's class is UNKNOWN (`index`, `prob` and `top` stay the nearest trained class's)."""
+        out: dict[str, Any] = {"file": self.path, "class": self.shown_class,
+                               "index": self.index, "prob": self.prob,
                                "top": [{"class": c, "prob": p} for c, p in self.top], "entropy": self.entropy,
                                "uncertain": self.uncertain}
         if self.labels is not None:
             out["labels"] = [{"class": c, "prob": p} for c, p in self.labels]
+        if self.unknown is not None:
+            out |= {"unknown": bool(self.unknown), "ood_score": float(self.ood_score)}
         return out
 
 
-def csv_fields(num_classes: int, task: TaskType = MULTICLASS) -> list[str]:
+def csv_fields(num_classes: int, task: TaskType = MULTICLASS, reject: bool = False) -> list[str]:
     """The columns of predictions.csv for a model of num_classes classes (a multilabel model's rows
-    also list every class it was given, with its probability)."""
+    also list every class it was given, with its probability; with --reject, `unknown` and `ood_score`)."""
     tops = [f"top{i}_{what}" for i in range(1, min(TOPK, num_classes) + 1) for what in ("class", "prob")]
     labels = ["labels", "label_probs"] if task.multilabel else []
-    return ["path", *labels, "class", "prob", *tops, "entropy", "uncertain"]
+    return ["path", *labels, "class", "prob", *tops, "entropy", "uncertain", *(["unknown", "ood_score"] if reject else [])]
 
 
 def prediction_rows(paths: Sequence[str], probs: Any, class_names: Sequence[str], task: TaskType = MULTICLASS,
-                    conf_threshold: float = 0.5, thresholds: Sequence[float] | None = None) -> list[PredictionRow]:
+                    conf_threshold: float = 0.5, thresholds: Sequence[float] | None = None,
+                    ood: tuple[Any, Any] | None = None) -> list[PredictionRow]:
     """One row per image: the top-1 class and probability, the top-5 (or all, if fewer classes),
     the task's entropy and `uncertain`; for a multilabel model the classes at or above their
-    thresholds (`thresholds`: the model's tuned ones, else 0.5 each).
+    thresholds (`thresholds`: the model's tuned ones, else 0.5 each); with `ood` (--reject: each
+    image's score and unknown flag, utils.infer.ood.Rejector) `ood_score` and `unknown`.
 
     Returns:
         The rows, in the order of `paths`.
@@ -112,7 +136,8 @@ def prediction_rows(paths: Sequence[str], probs: Any, class_names: Sequence[str]
         rows.append(PredictionRow(
             path=str(path), index=int(top_i[n, 0]), class_name=class_names[int(top_i[n, 0])], prob=float(top_p[n, 0]),
             top=[(class_names[int(c)], float(p)) for c, p in zip(top_i[n], top_p[n])], entropy=float(uncertainty[n]),
-            uncertain=not labels if labels is not None else float(top_p[n, 0]) < conf_threshold, labels=labels))
+            uncertain=not labels if labels is not None else float(top_p[n, 0]) < conf_threshold, labels=labels,
+            unknown=bool(ood[1][n]) if ood is not None else None, ood_score=float(ood[0][n]) if ood is not None else None))
     return rows
 
 
@@ -130,15 +155,16 @@ class PredictionWriter:
         keep_rows: how many first rows to keep for the console table.
         task: the model's task type (a multilabel model's rows list its labels).
         total: how many files will be predicted (for incomplete.txt).
+        reject: the rows carry `unknown` and `ood_score` (predict.py --reject).
     """
 
     INCOMPLETE = "incomplete.txt"  # present while the folder is written, and after a run that did not finish
     REMAINING = "remaining.csv"    # a stopped run's files not predicted: a list predict.py --source takes
 
     def __init__(self, folder: Path, class_names: Sequence[str], keep_rows: int = 10, task: TaskType = MULTICLASS,
-                 total: int = 0) -> None:
-        self.class_names = list(class_names)
-        self.fields = csv_fields(len(class_names), task)
+                 total: int = 0, reject: bool = False) -> None:
+        self.class_names = [*class_names, *([UNKNOWN] if reject else [])]  # the names the summary counts
+        self.fields = csv_fields(len(class_names), task, reject)
         self.keep_rows = keep_rows
         self.first_rows: list[PredictionRow] = []
         self.counts: Counter[str] = Counter()
@@ -209,7 +235,10 @@ def _csv_text(rows: Sequence[dict[str, Any]], fields: Sequence[str], header: boo
 
 # ------------------------------------------------------------------------------ drawing
 def label_text(row: PredictionRow) -> str:
-    """'class (probability)', with a mark when the prediction is uncertain."""
+    """'class (probability)', with a mark when the prediction is uncertain; 'unknown (nearest: class
+    probability)' for an image --reject rejects."""
+    if row.unknown:
+        return f"{UNKNOWN} (nearest: {row.class_name} {row.prob:.2f})"
     return f"{row.class_name} ({row.prob:.2f})" + (" uncertain" if row.uncertain else "")
 
 

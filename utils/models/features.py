@@ -1,6 +1,7 @@
 """What a model computes inside: penultimate features and feature maps, without editing its code.
 
-- `penultimate_features`: what the last linear layer sees (metrice.py --tsne). timm models give
+- `penultimate_features`: what the last linear layer sees (metrice.py --tsne); `features_and_logits`
+  gives the logits of the same pass too (the out-of-distribution scores). timm models give
   them through `forward_features` + `forward_head(pre_logits=True)`; other models (torchvision,
   model/ ones without forward_head) through a forward hook on the input of their last nn.Linear,
   the classifier that utils.models.registry.create_model puts in place.
@@ -56,16 +57,33 @@ def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Returns:
         (N, D) float32 features on the CPU.
     """
+    return features_and_logits(model, x)[0]
+
+
+@torch.inference_mode()
+def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The penultimate features and the logits of one forward pass (the out-of-distribution scores
+    of utils.infer.ood need both): timm models run their trunk once and their head twice (with and
+    without pre_logits); other models are hooked at the input of their last nn.Linear.
+
+    Args:
+        model: the classifier (eval mode).
+        x: a normalised float batch (N, C, H, W) on the model's device.
+
+    Returns:
+        ((N, D) features, (N, C) logits), float32 on the CPU.
+    """
     if _has_pre_logits_head(model):
-        feats = model.forward_head(model.forward_features(x), pre_logits=True)
-        return feats.flatten(1).float().cpu()
+        trunk = model.forward_features(x)
+        feats, logits = model.forward_head(trunk, pre_logits=True), model.forward_head(trunk)
+        return feats.flatten(1).float().cpu(), logits.float().cpu()
     seen: list[torch.Tensor] = []
     handle = last_linear(model).register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
     try:
-        model(x)
+        logits = model(x)
     finally:
         handle.remove()
-    return seen[-1].flatten(1).float().cpu()
+    return seen[-1].flatten(1).float().cpu(), logits.float().cpu()
 
 
 # ------------------------------------------------------------------------------ feature taps

@@ -135,8 +135,8 @@ def ensure_group(client: Any, stream: str) -> bool:
 
 
 def model_id(runner: ModelRunner) -> str:
-    """What tells the models of a queue apart: a SHA-256 of the model's file(s), its meta and its
-    --conf_threshold (two runs of one architecture and classes differ in their weights).
+    """What tells the models of a queue apart: a SHA-256 of the model's file(s), its meta, its
+    --conf_threshold and its --reject (two runs of one architecture and classes differ in their weights).
 
     Args:
         runner: the loaded model (its backend's `.file`, when it has one, is hashed).
@@ -144,8 +144,8 @@ def model_id(runner: ModelRunner) -> str:
     Returns:
         16 hex digits.
     """
-    digest = hashlib.sha256(json.dumps([runner.meta.to_dict(), runner.conf_threshold], sort_keys=True,
-                                       default=str).encode())
+    digest = hashlib.sha256(json.dumps([runner.meta.to_dict(), runner.conf_threshold, runner.describe()["reject"]],
+                                       sort_keys=True, default=str).encode())
     file = getattr(runner.backend, "file", None)
     files: list[Path] = []
     if file is not None:

@@ -41,6 +41,7 @@ from utils.core.names import CAM_TYPES
 from utils.core.schema import PreprocessSpec
 from utils.data.decode import Header, HeaderError, load_image, read_header
 from utils.infer.ensemble import Ensemble, InputPlan, Member
+from utils.infer.ood import Rejector, predict_maybe_rejecting
 from utils.infer.rows import prediction_rows
 from utils.serve.settings import BATCH, HTTP, MODEL
 
@@ -346,15 +347,17 @@ class ModelRunner:
     Args:
         backend: from utils.infer.backends.load_backend (torch, torchscript, onnx, openvino, tensorrt).
         conf_threshold: a top-1 probability below this marks a result uncertain (as predict.py).
+        reject: name images of no trained class unknown (as predict.py --reject: utils.infer.ood.Rejector).
     """
 
-    def __init__(self, backend: Any, conf_threshold: float = MODEL.conf_threshold) -> None:
+    def __init__(self, backend: Any, conf_threshold: float = MODEL.conf_threshold, reject: bool = False) -> None:
         self.backend = backend
         self.meta = backend.meta
         self.class_names = list(backend.meta.class_names)
         self.conf_threshold = conf_threshold
         self.ensemble = Ensemble([Member(backend.meta.model_name, backend, backend.meta.preprocess)])
         self.plan = self.ensemble.plan()
+        self.rejector = Rejector(self.ensemble) if reject else None
         self.cam = CamRenderer(backend) if getattr(backend, "model_type", "") == "torch" else None
 
     def describe(self) -> dict[str, Any]:
@@ -363,7 +366,8 @@ class ModelRunner:
         return {**{k: described[k] for k in ("model_name", "num_classes", "class_names", "image_size", "image_channel",
                                              "preprocess")},
                 "model_type": self.backend.model_type, "cam_types": list(CAM_TYPES) if self.cam else [],
-                "conf_threshold": self.conf_threshold}
+                "conf_threshold": self.conf_threshold,
+                "reject": {"score": self.rejector.score, "threshold": self.rejector.threshold} if self.rejector else None}
 
     def input_shape(self) -> tuple[int, ...]:
         spec = self.meta.preprocess
@@ -378,9 +382,9 @@ class ModelRunner:
         """
         t0 = time.perf_counter()
         batch = np.stack([j.tensor for j in jobs])
-        probs = self.ensemble.predict([batch], self.plan)[0]
+        probs, ood = predict_maybe_rejecting(self.ensemble, self.rejector, [batch], self.plan)
         rows = prediction_rows([j.name for j in jobs], probs, self.class_names, self.meta.task_type, self.conf_threshold,
-                               self.meta.thresholds)
+                               self.meta.thresholds, ood)
         results: list[dict[str, Any] | ServeError] = [row.to_json() | {"batch_size": len(jobs)} for row in rows]
         for cam_type in sorted({j.cam for j in jobs if j.cam}):
             idx = [i for i, j in enumerate(jobs) if j.cam == cam_type]

@@ -45,6 +45,7 @@ from utils.data.sources import scan_split
 from utils.data.transforms import Normalize, image_transform, train_transform
 from utils.evaluate.metrics import EpochSums, MultiLabelSums, best_f1_thresholds, multilabel_scores, new_sums
 from utils.infer.calibration import calibration_scores, fit_temperature, fit_text
+from utils.infer.ood import fit_model_ood, with_ood
 from utils.models.registry import create_model
 from utils.models.weights import load_module_state, load_weights
 from utils.train.distill import Distiller, load_teacher
@@ -320,6 +321,7 @@ class Trainer:
             self.finish_swa()
         self.calibrate()  # before the thresholds: they are tuned on the calibrated probabilities
         self.tune_thresholds()
+        self.fit_ood()
         if self.world > 1:  # DistributedDataParallel keeps the copies equal; say so, or say it did not
             same = all_equal([t for t in self.model.state_dict().values() if t.is_floating_point()])
             print(f"weights {'identical' if same else 'DIFFERENT (a bug: please report it)'} on all {self.world} "
@@ -505,6 +507,28 @@ class Trainer:
             self.run.save(RunFolder.BEST, best)
         print(f"thresholds tuned on the val split for each class's best F1: macro F1 {before:.4f} at 0.5 -> {after:.4f} "
               "(stored in best.pt)", flush=True)
+
+    def fit_ood(self) -> None:
+        """Unknown images (predict.py --reject): best.pt's Mahalanobis statistics on the training split,
+        and each out-of-distribution score's threshold keeping --reject_tpr of the validation split
+        known (of the training split, said, without one), stored in best.pt (utils.infer.ood)."""
+        if self.data.task.multilabel:
+            return
+        args, data = self.args, self.data
+        self.load_best()
+        held_out = data.val_set if data.val_set is not None else data.train_set
+        if data.val_set is None:
+            print("--reject_tpr: no val split, so the rejection thresholds are fitted on the training images (which the "
+                  "model has seen: it will call more new images unknown than --reject_tpr says)", flush=True)
+        spec, stats, line = fit_model_ood(self.model, self.meta, data.train_set.samples, held_out.samples,
+                                          args.get("reject_tpr", 0.95), args.batch_size, args.workers, self.device)
+        self.meta = dataclasses.replace(self.meta, ood=spec)
+        self.saver.meta = self.meta
+        if self.rank == 0:  # the run's meta as it stands (a temperature, thresholds), with the rejection
+            best = load_checkpoint(self.run.best)
+            best.meta = self.meta
+            self.run.save(RunFolder.BEST, with_ood(best, spec, stats))
+        print(f"unknown images (--reject): {line} (stored in best.pt)", flush=True)
 
     def test_best(self) -> dict[str, float] | None:
         """best.pt's loss, acc and mean_acc on the test split (None when there is no test folder)."""

@@ -166,7 +166,10 @@ function describe(item, box) {
   if (item.status === "done") {
     const top = document.createElement("div");
     top.className = "top1";
-    top.textContent = `${item.result.class} ${(100 * item.result.prob).toFixed(1)}%`;
+    // serve.py --reject: an image of no trained class is "unknown"; top[0] is the nearest trained class
+    top.textContent = item.result.unknown
+      ? `unknown (nearest: ${item.result.top[0].class} ${(100 * item.result.prob).toFixed(1)}%)`
+      : `${item.result.class} ${(100 * item.result.prob).toFixed(1)}%`;
     if (item.result.uncertain) {
       const mark = document.createElement("span");
       mark.className = "uncertain-mark";
