@@ -186,14 +186,15 @@ def find_label_issues(labels: np.ndarray, probs: np.ndarray) -> LabelIssues:
         LabelIssues.
 
     Raises:
-        ValueError: shapes that do not match, or a label outside [0, C).
+        ValueError: shapes that do not match, or a label that is not a whole number in [0, C).
     """
-    labels = np.asarray(labels, dtype=np.int64)
+    labels = np.asarray(labels)
     probs = np.asarray(probs, dtype=np.float64)
-    if probs.ndim != 2 or len(labels) != len(probs) or probs.shape[1] < 2:
+    if labels.ndim != 1 or probs.ndim != 2 or len(labels) != len(probs) or probs.shape[1] < 2:
         raise ValueError(f"labels {labels.shape} and probabilities {probs.shape} do not fit: (N,) and (N, C >= 2)")
-    if len(labels) and (labels.min() < 0 or labels.max() >= probs.shape[1]):
+    if len(labels) and (labels.min() < 0 or labels.max() >= probs.shape[1] or np.any(labels % 1)):
         raise ValueError(f"labels must be class indices in [0, {probs.shape[1]})")
+    labels = labels.astype(np.int64)  # whole floats (1.0) are class indices too
     given_counts = np.bincount(labels, minlength=probs.shape[1])
     thresholds = confident_thresholds(labels, probs)
     counted = confident_joint(labels, probs, thresholds)
