@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import dataclasses
 import json
 import shutil
 import warnings
@@ -22,8 +23,9 @@ from conftest import (REPO, TINY_CLASSES, assert_ok, assert_user_error, built_tr
 from utils.core.log import UserError
 from utils.core.run import RunFolder
 from utils.data.sources import scan_split
-from utils.evaluate.label_issues import (calibrate, confident_joint, confident_thresholds, counts_to_prune,
-                                         find_label_issues, round_keeping_total)
+from utils.evaluate.label_issues import (FUZZ, UNREACHABLE, LabelIssues, calibrate, confident_joint,
+                                         confident_thresholds, counts_to_prune, find_label_issues,
+                                         prune_by_noise_rate, round_keeping_total)
 from utils.evaluate.label_report import ISSUE_COLUMNS, checked_splits
 from utils.evaluate.oof import OofTable, read_oof, write_oof
 
@@ -70,6 +72,8 @@ def test_hand_computed_three_classes() -> None:
     assert found.noise_rate == pytest.approx(2 / 11)
     assert found.issue_counts(labels).tolist() == [1, 0, 1] and found.estimated_wrong.tolist() == [1, 0, 1]
     np.testing.assert_allclose(found.noise_matrix()[:, 0], [3 / 4, 0, 1 / 4])  # P(given | true 0)
+    for counts in (found.confident_joint, found.calibrated, found.prune_counts, found.given_counts):
+        assert counts.dtype == np.int64  # whole counts, as their docstrings say
 
 
 def test_hand_computed_a_pruned_image_whose_given_label_is_its_top_prediction_stays() -> None:
@@ -88,6 +92,7 @@ def test_hand_computed_a_pruned_image_whose_given_label_is_its_top_prediction_st
     np.testing.assert_array_equal(found.calibrated, [[2, 2], [0, 4]])
     assert found.issues.tolist() == [3] and found.suggested.tolist() == [1]
     assert found.noise_rate == pytest.approx(0.25)
+    assert found.issue_counts(labels).tolist() == [1, 0]  # one count per class, the unflagged last one too
 
 
 def test_hand_computed_details() -> None:
@@ -95,6 +100,9 @@ def test_hand_computed_details() -> None:
     # p = (.4, .35, .25), t = (.9, .3, .25): classes 1 and 2 reach theirs, argmax 0 -> C[2][0].
     counted = confident_joint(np.array([2]), np.array([[.4, .35, .25]]), np.array([.9, .3, .25]))
     assert counted[2].tolist() == [1, 0, 0]
+    # A probability exactly FUZZ under its threshold still reaches it (t0 = .7: p0 = .7 - FUZZ counts; .5 misses t1 = .6).
+    t = np.array([.7, .6])
+    assert confident_joint(np.array([0]), np.array([[t[0] - FUZZ, .5]]), t).tolist() == [[1, 0], [0, 0]]
     # A class no image is given is never confident: its threshold is unreachable.
     assert confident_thresholds(np.array([0, 0, 2]), np.array([[.5, .5, 0], [.7, .3, 0], [.1, .1, .8]]))[1] > 1
     # Whole counts keeping the total: halves to even first (.5 -> 0, 1.5 -> 2); a missing unit goes to the
@@ -107,6 +115,9 @@ def test_hand_computed_details() -> None:
     # Calibration: the diagonal at least 1 first: [0, 2] -> [1, 2], scaled to the class's 2 images
     # [2/3, 4/3] -> [1, 1]; the row of 3 images stays [0, 3].
     assert calibrate(np.array([[0, 2], [0, 3]]), np.array([2, 3])).tolist() == [[1, 1], [0, 3]]
+    # ... raised to 1, not more: [0, 3] -> [1, 3] of 4 images stays [1, 3] (a diagonal of 2 would give [2, 2]);
+    # a class none of whose images is counted (a row of zeros) keeps all its images: [0, 0] -> [0, 1] -> [0, 2].
+    assert calibrate(np.array([[0, 3], [0, 0]]), np.array([4, 2])).tolist() == [[1, 3], [0, 2]]
     # Each class keeps one image: where a calibrated diagonal is 0, each non-zero off-diagonal count
     # of the class gives one up (cleanlab: 1 / (non-zero counts - 1) off each, then truncated):
     #   [0, 3, 2, 2] -> prune [0, 2, 1, 1];  [0, 3, 2, 0] -> [0, 2, 1, 0];  [0, 4, 0, 0] -> [0, 3, 0, 0]
@@ -116,9 +127,106 @@ def test_hand_computed_details() -> None:
     assert prune[0].tolist() == [0, 2, 1, 0]
     prune = counts_to_prune(np.array([[0, 4, 0, 0], [0, 4, 0, 0], [0, 0, 4, 0], [0, 0, 0, 4]]))
     assert prune[0].tolist() == [0, 3, 0, 0]
+    # A calibrated diagonal of exactly 1 already keeps one image: nothing is given up.
+    assert counts_to_prune(np.array([[1, 3], [0, 4]])).tolist() == [[0, 3], [0, 0]]
+    # Cleared again: an image whose given label is its top prediction (a tie, or within FUZZ of the top),
+    # whatever its margin; the mask is boolean.
+    labels = np.array([1, 1, 1, 0])
+    probs = np.array([[.5, .5], [.5 + .4 * FUZZ, .5 - .4 * FUZZ], [.6, .4], [.9, .1]])
+    flagged = prune_by_noise_rate(labels, probs, np.array([[0, 0], [3, 0]]))
+    assert flagged.dtype == bool and flagged.tolist() == [False, False, True, False]
     # A class of one image is never pruned, however wrong it looks.
     found = find_label_issues(np.array([0, 0, 0, 1]), np.array([[.9, .1], [.8, .2], [.9, .1], [.95, .05]]))
-    assert found.issues.tolist() == []
+    assert found.issues.tolist() == [] and found.suggested.tolist() == []
+
+
+def test_hand_computed_a_class_no_image_is_given() -> None:
+    """Three classes, labels only 0 and 1; row 2 is given 0 but looks like 1.
+
+    t0 = (.8 + .7 + .1) / 3 = .5333, t1 = (.8 + .7 + .9) / 3 = .8, t2 unreachable (no image is given 2)
+    confident: r0 r1 -> 0, r2 -> 1, r3 r5 -> 1, r4 none: confident joint [[2, 1, 0], [0, 2, 0], [0, 0, 0]]
+    calibrated [[2, 1, 0], [0, 3, 0], [0, 0, 0]] (class 2 has no image to scale to); prune r2 (p1 - p0 = +.7)
+    noise matrix: column totals 2/6, 4/6, 0 -> columns [1, 0, 0], [1/4, 3/4, 0] and zeros, not NaN, for class 2.
+    """
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    probs = np.array([[.8, .1, .1], [.7, .2, .1], [.1, .8, .1], [.1, .8, .1], [.2, .7, .1], [.1, .9, 0]])
+    found = find_label_issues(labels, probs)
+    assert found.given_counts.tolist() == [3, 3, 0] and found.thresholds[2] == UNREACHABLE
+    np.testing.assert_array_equal(found.confident_joint, [[2, 1, 0], [0, 2, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(found.calibrated, [[2, 1, 0], [0, 3, 0], [0, 0, 0]])
+    assert found.issues.tolist() == [2] and found.suggested.tolist() == [1]
+    assert found.issue_counts(labels).tolist() == [1, 0, 0] and found.noise_rate == pytest.approx(1 / 6)
+    # An entry noise_matrix() left unwritten would be NaN: numpy hands this freed 3 x 3 buffer to the next one.
+    np.full_like(found.joint, np.nan)
+    np.testing.assert_allclose(found.noise_matrix(), [[1, .25, 0], [0, .75, 0], [0, 0, 0]])
+
+
+def test_hand_computed_a_single_image() -> None:
+    """One image: never pruned (its class keeps it); the joint is 1 on its class, the noise rate 0."""
+    found = find_label_issues(np.array([0]), np.array([[.9, .1]]))
+    assert found.issues.tolist() == [] and found.suggested.tolist() == [] and found.suggested.dtype == np.int64
+    np.testing.assert_array_equal(found.joint, [[1, 0], [0, 0]])
+    assert found.noise_rate == 0 and found.noise_matrix().tolist() == [[1, 0], [0, 0]]
+
+
+def test_hand_computed_exact_ties_keep_the_row_order() -> None:
+    """Given 0: four right [.9, .1], four clearly wrong A [.2, .8], eight B [.45, .55] whose margins
+    p1 - p0 tie exactly, interleaved; given 1: four [.3, .7].
+
+    t0 = (4 * .9 + 4 * .2 + 8 * .45) / 16 = .5, t1 = .7: the A rows count toward 1, the B rows toward
+    nothing: confident joint [[4, 4], [0, 4]], calibrated (16 images) [[8, 8], [0, 4]]: prune 8 of label 0,
+    the four A (margin .6) and four of the eight tied B (margin .1): the earliest four. Ranked by
+    p(given): the A rows (.2) before the B rows (.45), each group in row order. (The rows are laid out so
+    that numpy 2's default, unstable argsort picks other tied rows: measured.)
+    """
+    kinds = "cbAbcbbbbAbccAbA"
+    rows = {"c": [.9, .1], "A": [.2, .8], "b": [.45, .55]}
+    labels = np.array([0] * 16 + [1] * 4)
+    found = find_label_issues(labels, np.array([rows[k] for k in kinds] + [[.3, .7]] * 4))
+    np.testing.assert_array_equal(found.calibrated, [[8, 8], [0, 4]])
+    a_rows, b_rows = [i for i, k in enumerate(kinds) if k == "A"], [i for i, k in enumerate(kinds) if k == "b"]
+    assert found.issues.tolist() == a_rows + b_rows[:4] == [2, 9, 13, 15, 1, 3, 5, 6]
+
+
+def test_hand_computed_input_types_give_the_same_answer() -> None:
+    """float32 probabilities, integer (one-hot) probabilities, whole-float labels and lists: the same
+    result, field by field and dtype by dtype, as int64 labels and float64 probabilities."""
+    def same(found: LabelIssues, expected: LabelIssues) -> None:
+        for field in dataclasses.fields(LabelIssues):
+            got, want = getattr(found, field.name), getattr(expected, field.name)
+            assert got.dtype == want.dtype, field.name
+            np.testing.assert_array_equal(got, want, err_msg=field.name)
+
+    rng = np.random.default_rng(3)
+    true = rng.integers(0, 3, 60)
+    labels = np.where(rng.random(60) < .2, rng.integers(0, 3, 60), true)
+    probs32 = noisy_softmax(true, 3, rng, 2.0).astype(np.float32)
+    expected = find_label_issues(labels, probs32.astype(np.float64))
+    assert len(expected.issues) and expected.scores.dtype == np.float64
+    same(find_label_issues(labels, probs32), expected)
+    same(find_label_issues(labels.astype(np.float64), probs32.astype(np.float64)), expected)
+    same(find_label_issues(labels.tolist(), probs32.astype(np.float64).tolist()), expected)
+    # Hard predictions, one-hot integers: row 2 is given 0 and predicted 1 (t0 = 2/3, t1 = 1: C = [[2, 1], [0, 3]]).
+    labels, predicted = np.array([0, 0, 0, 1, 1, 1]), np.array([0, 0, 1, 1, 1, 1])
+    one_hot = np.eye(2, dtype=np.int64)[predicted]
+    found = find_label_issues(labels, one_hot)
+    assert found.issues.tolist() == [2] and found.suggested.tolist() == [1]
+    same(found, find_label_issues(labels, one_hot.astype(np.float64)))
+
+
+@pytest.mark.parametrize("labels, probs, message", [
+    ([0, 1, 1], np.full((3, 1), 1.0), r"labels \(3,\) and probabilities \(3, 1\) do not fit: \(N,\) and \(N, C >= 2\)"),
+    ([0, 1, 1], np.full(3, .5), r"probabilities \(3,\) do not fit"),
+    ([0, 1, 1], np.full((3, 2, 1), .5), r"probabilities \(3, 2, 1\) do not fit"),
+    ([0, 1], np.full((3, 2), .5), r"labels \(2,\) and probabilities \(3, 2\) do not fit"),
+    ([[0], [1], [1]], np.full((3, 2), .5), r"labels \(3, 1\) and probabilities \(3, 2\) do not fit"),
+    ([-1, 1, 1], np.full((3, 2), .5), r"labels must be class indices in \[0, 2\)"),
+    ([0, 2, 1], np.full((3, 2), .5), r"labels must be class indices in \[0, 2\)"),
+    ([0, .5, 1], np.full((3, 2), .5), r"labels must be class indices in \[0, 2\)"),
+], ids=["one-column", "probs-1d", "probs-3d", "lengths-differ", "labels-2d", "label-minus-1", "label-C", "label-0.5"])
+def test_hand_computed_inputs_that_do_not_fit_are_refused(labels: Any, probs: np.ndarray, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        find_label_issues(labels, probs)
 
 
 # ======================================================================= against cleanlab
@@ -153,6 +261,25 @@ def test_same_issues_as_cleanlab(seed: int) -> None:
     np.fill_diagonal(counted, np.maximum(counted.diagonal(), 1))  # cleanlab reports the diagonal at least 1
     np.testing.assert_array_equal(counted, expected_joint)
     np.testing.assert_array_equal(found.calibrated, calibrated)
+
+
+def test_same_issues_as_cleanlab_where_a_calibrated_diagonal_is_1() -> None:
+    """Given 0: one right image, three that look like class 1 (t1 = .7): calibrated [[1, 3], [0, 4]]. The
+    class keeps its one right image and all three others are flagged (cleanlab's keep-at-least-one rule
+    takes nothing off a diagonal of 1)."""
+    pytest.importorskip("cleanlab", reason="cleanlab is the reference (pip install -r requirements/dev.txt)")
+    from cleanlab.filter import find_label_issues as cleanlab_issues
+
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    probs = np.array([[.9, .1], [.2, .8], [.25, .75], [.3, .7]] + [[.3, .7]] * 4)
+    found = find_label_issues(labels, probs)
+    np.testing.assert_array_equal(found.calibrated, [[1, 3], [0, 4]])
+    np.testing.assert_array_equal(found.prune_counts, [[0, 3], [0, 0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ranked = cleanlab_issues(labels, probs, filter_by="prune_by_noise_rate", return_indices_ranked_by="self_confidence",
+                                 n_jobs=1)
+    assert found.issues.tolist() == ranked.tolist() == [1, 2, 3]
 
 
 def test_the_product_never_imports_cleanlab() -> None:

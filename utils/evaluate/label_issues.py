@@ -131,8 +131,8 @@ def calibrate(joint_counts: np.ndarray, given_counts: np.ndarray) -> np.ndarray:
     """The confident joint calibrated to whole counts: at least 1 on the diagonal, each row scaled
     to the images given that label, the whole to N, rounded keeping each row's total (C, C)."""
     joint = np.asarray(joint_counts, dtype=np.float64).copy()
-    np.fill_diagonal(joint, np.maximum(joint.diagonal(), 1))  # every class is partly labelled right
-    joint = joint / np.maximum(joint.sum(axis=1, keepdims=True), 1e-100) * np.asarray(given_counts, dtype=np.float64)[:, None]
+    np.fill_diagonal(joint, np.maximum(joint.diagonal(), 1))  # every class is partly labelled right: no row sums to 0
+    joint = joint / joint.sum(axis=1, keepdims=True) * np.asarray(given_counts, dtype=np.float64)[:, None]
     # The total is N up to float noise, and that noise decides an exact half (4.5 -> 4 or 5): summed
     # column by column, as cleanlab sums its (column-major) matrix, so both round halves alike.
     joint = joint / max(float(np.sum(joint.ravel(order="F"))), 1e-100) * float(np.sum(given_counts))
@@ -186,14 +186,15 @@ def find_label_issues(labels: np.ndarray, probs: np.ndarray) -> LabelIssues:
         LabelIssues.
 
     Raises:
-        ValueError: shapes that do not match, or a label outside [0, C).
+        ValueError: shapes that do not match, or a label that is not a whole number in [0, C).
     """
-    labels = np.asarray(labels, dtype=np.int64)
+    labels = np.asarray(labels)
     probs = np.asarray(probs, dtype=np.float64)
-    if probs.ndim != 2 or len(labels) != len(probs) or probs.shape[1] < 2:
+    if labels.ndim != 1 or probs.ndim != 2 or len(labels) != len(probs) or probs.shape[1] < 2:
         raise ValueError(f"labels {labels.shape} and probabilities {probs.shape} do not fit: (N,) and (N, C >= 2)")
-    if len(labels) and (labels.min() < 0 or labels.max() >= probs.shape[1]):
+    if len(labels) and (labels.min() < 0 or labels.max() >= probs.shape[1] or np.any(labels % 1)):
         raise ValueError(f"labels must be class indices in [0, {probs.shape[1]})")
+    labels = labels.astype(np.int64)  # whole floats (1.0) are class indices too
     given_counts = np.bincount(labels, minlength=probs.shape[1])
     thresholds = confident_thresholds(labels, probs)
     counted = confident_joint(labels, probs, thresholds)
@@ -204,6 +205,6 @@ def find_label_issues(labels: np.ndarray, probs: np.ndarray) -> LabelIssues:
     issues = flagged[np.argsort(scores[flagged], kind="stable")]
     others = probs[issues].copy()
     others[np.arange(len(issues)), labels[issues]] = -np.inf
-    return LabelIssues(issues=issues, suggested=others.argmax(axis=1) if len(issues) else np.zeros(0, dtype=np.int64),
+    return LabelIssues(issues=issues, suggested=others.argmax(axis=1),
                        scores=scores, thresholds=thresholds, confident_joint=counted, calibrated=calibrated,
                        joint=calibrated / max(calibrated.sum(), 1), prune_counts=prune, given_counts=given_counts)
