@@ -119,6 +119,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     check_calibrate_args(args)
     if args.ood_path is not None and args.task not in ("val", "test"):
         raise UserError(f"--ood_path compares the images of a split with it: use --task val or test, not {args.task}")
+    if args.ood_path is not None and not Path(args.ood_path).exists():  # before the split is predicted
+        raise UserError(f"--ood_path {args.ood_path}: no such folder; pass a folder of images of no trained class")
     return Options.of(args)
 
 

@@ -382,9 +382,11 @@ def test_a_second_call_replaces_the_folder(kfold_run: dict[str, Any], monkeypatc
     shutil.copytree(kfold_run["run"], kfold_run["root"] / "runs" / "again")  # with the first call's label_issues/
     out = kfold_run["root"] / "runs" / "again" / RunFolder.LABEL_ISSUES_DIR
     assert (out / "fixed_train.csv").is_file()
+    (out / "fixed_train_edited.csv").write_text("mine\n")  # the user's own file beside them
     monkeypatch.chdir(kfold_run["root"])
     assert_ok(run_inprocess("metrice.py", "--save_path", "runs/again", "--task", "label_issues"))
     assert not (out / "fixed_train.csv").exists()  # not asked for this time: the earlier one is gone
+    assert (out / "fixed_train_edited.csv").read_text() == "mine\n"  # what the tool did not write stays
     assert read_csv(out / "label_issues.csv") == read_csv(kfold_run["out"] / "label_issues.csv")
 
 

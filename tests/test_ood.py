@@ -428,6 +428,8 @@ def test_metrice_ood_path_writes_auroc_equal_to_scikit_learn(rejecting: dict[str
     assert section[ood.DEFAULT_SCORE]["auroc"] > 0.9, section
     assert_user_error(run_inprocess("metrice.py", "--save_path", run, "--task", "fps", "--ood_path", rejecting["images"]),
                       "--ood_path compares the images of a split")
+    assert_user_error(run_inprocess("metrice.py", "--save_path", run, "--task", "test", "--ood_path", tmp_path / "missing"),
+                      "--ood_path", "no such folder")  # said at once, not after the split is predicted
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_user_error(run_inprocess("metrice.py", "--save_path", run, "--task", "test", "--test_path", tiny_data / "test",

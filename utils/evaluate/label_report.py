@@ -64,7 +64,9 @@ TOP_CLASSES = 3         # probabilities shown per suspect in the page
 ISSUE_COLUMNS = ["path", "given", "suggested", "score", "suggested_probability", "split", "fold"]
 KFOLD_HINT = "python main.py --save_path RUN --kfold 5 ... (then metrice.py --save_path RUN --task label_issues)"
 # The files of an earlier call that this one may not write again (the rest are always rewritten).
-OPTIONAL_FILES = ("probabilities.csv", "label_issues.png")
+# What one call writes and another may not: removed before each call (only these names: a file of the
+# user's in label_issues/, e.g. an edited copy of a fixed list under another name, is never touched).
+OPTIONAL_FILES = ("probabilities.csv", "label_issues.png", "fixed_train.csv", "fixed_val.csv", "fixed_test.csv")
 
 
 @dataclass
@@ -192,7 +194,7 @@ def report_label_issues(folder: Path, images: CheckedImages, write_fixed: bool, 
     table = images.table
     found = find_label_issues(table.labels, table.probs)
     out = Run(folder)
-    for stale in [*OPTIONAL_FILES, *(p.name for p in folder.glob("fixed_*.csv"))]:  # an earlier call's, not this one's
+    for stale in OPTIONAL_FILES:  # an earlier call's, not this one's
         (folder / stale).unlink(missing_ok=True)
     names = table.class_names
     out.write_csv("label_issues.csv", ISSUE_COLUMNS, [
