@@ -1,0 +1,83 @@
+"""main.py's training recipes as flags (augmentation, mixing, TTA, EMA/SWA, R-Drop, accumulation,
+freezing, distillation) and the checks of every main.py option's value, refused at start with one
+line each. Light: argparse and utils.core only, so `main.py --help` answers before PyTorch loads.
+"""
+from __future__ import annotations
+
+import argparse
+
+from utils.core.config import finite_float
+from utils.core.log import UserError
+from utils.core.names import AUGMENT_CHOICES, KD_METHODS, MIXUP_CHOICES
+from utils.core.options import Options
+from utils.core.schema import MAX_IMAGE_SIZE, RESIZE_MODES
+
+
+def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    """The training recipes: augmentation, mixing, TTA, EMA/SWA, R-Drop, accumulation, freezing, distillation."""
+    p = parser.add_argument
+    p("--Augment", default="none", choices=list(AUGMENT_CHOICES), help="torchvision augmentation policy (the config's custom_augment replaces it)")
+    p("--resize_mode", default="crop", choices=list(RESIZE_MODES), help="crop: short side + crop; letterbox: pad to square; squash: ignore aspect")
+    p("--mixup", default="none", choices=list(MIXUP_CHOICES), help="mix pairs of images in a batch, after the other augmentations")
+    p("--test_tta", action="store_true", help="validate with TenCrop test-time augmentation")
+    p("--sync_bn", action="store_true", help="under torchrun: batch-norm statistics over all processes (CUDA)")
+    p("--ema", action="store_true", help="keep an exponential moving average of the weights; validate and save it")
+    p("--ema_decay", type=finite_float, default=0.9998, help="EMA decay (warmed up from 0)")
+    p("--rdrop", action="store_true", help="R-Drop: two forward passes with a KL consistency term")
+    p("--rdrop_alpha", type=finite_float, default=0.3, help="weight of R-Drop's KL term")
+    p("--accumulate", type=int, default=1, help="optimizer step every N batches (gradient accumulation)")
+    p("--freeze", type=int, default=0, help="train only the classifier head for the first N epochs (-1: always)")
+    p("--clip_grad", type=finite_float, default=0.0, help="clip the gradient norm to this value (0 = off)")
+    p("--swa", action="store_true", help="stochastic weight averaging over the last epochs (saved as swa.pt)")
+    p("--swa_start", type=finite_float, default=0.75, help="fraction of the epochs after which SWA averaging starts")
+    p("--kd", action="store_true", help="knowledge distillation from --teacher_path")
+    p("--teacher_path", default="", help="run folder (or best.pt) of the teacher")
+    p("--kd_method", default="SoftTarget", choices=list(KD_METHODS), help="distillation loss")
+    p("--kd_ratio", type=finite_float, default=0.7, help="weight of the distillation loss")
+    p("--kd_temperature", type=finite_float, default=4.0, help="SoftTarget temperature")
+
+
+def check_values(args: argparse.Namespace) -> None:
+    """Refuse the option values that cannot work, one line each (after the config and command line)."""
+    if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
+        raise UserError(f"--layer_decay must be in (0, 1], got {args.layer_decay}")
+    for name in ("image_size", "epoch"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be a positive number, got {getattr(args, name)}")
+    if args.image_size > MAX_IMAGE_SIZE:
+        raise UserError(f"--image_size must be at most {MAX_IMAGE_SIZE} pixels, got {args.image_size}")
+    if args.batch_size == 0 or args.batch_size < -1:
+        raise UserError(f"--batch_size must be positive (or -1 for automatic), got {args.batch_size}")
+    if args.workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {args.workers}")
+    if args.lr <= 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+    if not 0 < args.reject_tpr <= 1:
+        raise UserError(f"--reject_tpr must be a share in (0, 1], got {args.reject_tpr}")
+    if not 0 <= args.warmup_ratios < 1:
+        raise UserError(f"--warmup_ratios must be in [0, 1), got {args.warmup_ratios}")
+    if args.kfold < 0 or args.kfold == 1:
+        raise UserError(f"--kfold must be 2 or more (the number of folds; 0 = off), got {args.kfold}")
+    if args.patience < 0:
+        raise UserError(f"--patience must be 0 (off) or positive, got {args.patience}")
+    if args.accumulate < 1:
+        raise UserError(f"--accumulate must be 1 or more, got {args.accumulate}")
+    if args.freeze < -1:
+        raise UserError(f"--freeze must be -1 (always), 0 (off) or a number of epochs, got {args.freeze}")
+    if not 0 <= args.swa_start < 1:
+        raise UserError(f"--swa_start must be in [0, 1), got {args.swa_start}")
+    if not 0 < args.ema_decay < 1:
+        raise UserError(f"--ema_decay must be in (0, 1), got {args.ema_decay}")
+    if not 0 < args.class_balance_beta < 1:
+        raise UserError(f"--class_balance_beta must be in (0, 1), got {args.class_balance_beta}")
+    check_combinations(args)
+
+
+def check_combinations(args: argparse.Namespace | Options) -> None:
+    """Refuse at start the combinations that cannot work (not after an epoch)."""
+    if args.kd and args.rdrop:
+        raise UserError("--kd and --rdrop cannot be combined: both replace the training objective; choose one")
+    if args.swa and args.ema:
+        raise UserError("--swa and --ema both average the weights: choose one")
+    if args.teacher_path and not args.kd:
+        raise UserError("--teacher_path is only used with --kd: add --kd, or drop --teacher_path")
