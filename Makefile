@@ -1,6 +1,7 @@
 # Quick start: `make demo` trains on the bundled digits sample; `make test` runs the test suite.
 # Both create the virtual environment .venv on first use; `make demo` installs the training
 # requirements (requirements.txt), `make test` everything the tests use (requirements/dev.txt).
+# `make docs` builds the documentation site into site/ (mkdocs).
 # `make cpp` builds the C++ classifier deploy/cpp/build/classify against the torch wheel's libtorch.
 PYTHON ?= python3
 VENV := .venv
@@ -8,6 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-train
 DEV_STAMP := $(VENV)/.installed-dev
 TRACKERS_STAMP := $(VENV)/.installed-trackers
+DOCS_STAMP := $(VENV)/.installed-docs
 
 CPP_BUILD := deploy/cpp/build
 # What the tests start or build, from Debian, as "a command or a header:its package": serve.py's
@@ -16,7 +18,7 @@ CPP_BUILD := deploy/cpp/build
 SYSTEM_DEPS := chromium:chromium chromedriver:chromium-driver redis-server:redis-server cmake:cmake g++:g++ \
 	/usr/include/stb/stb_image.h:libstb-dev /usr/include/nlohmann/json.hpp:nlohmann-json3-dev
 
-.PHONY: demo test test-zoo test-trackers bench install install-dev clean cpp system-deps
+.PHONY: demo test test-zoo test-trackers bench install install-dev clean cpp system-deps docs docs-serve
 
 # PyTorch's CPU-only wheels (without NVIDIA's CUDA libraries and triton: about 4 GB less) when this
 # machine has no NVIDIA GPU and their index answers; otherwise the default wheels of the same pinned
@@ -34,9 +36,13 @@ $(STAMP): requirements.txt | $(VENV)/bin/python
 	$(PIP) -r requirements.txt
 	touch $(STAMP)
 
-$(DEV_STAMP): requirements.txt requirements/deploy.txt requirements/dev.txt | $(VENV)/bin/python
+$(DEV_STAMP): requirements.txt requirements/deploy.txt requirements/docs.txt requirements/dev.txt | $(VENV)/bin/python
 	$(PIP) -r requirements/dev.txt
-	touch $(STAMP) $(DEV_STAMP)
+	touch $(STAMP) $(DOCS_STAMP) $(DEV_STAMP)
+
+$(DOCS_STAMP): requirements/docs.txt | $(VENV)/bin/python
+	$(PIP) -r requirements/docs.txt
+	touch $(DOCS_STAMP)
 
 $(TRACKERS_STAMP): requirements/trackers.txt | $(VENV)/bin/python
 	$(PIP) -r requirements/trackers.txt
@@ -83,6 +89,15 @@ test-trackers: $(DEV_STAMP) $(TRACKERS_STAMP)
 test-zoo: $(DEV_STAMP)
 	$(PY) -m pytest -q -m zoo
 
+# The documentation site (mkdocs.yml, docs/): built into site/ with --strict, so a broken link, a missing
+# anchor or a flags marker naming no script fails. `make test` builds it too (tests/test_docs.py).
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+# The site at http://127.0.0.1:8000, rebuilt on every save.
+docs-serve: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
+
 bench: $(DEV_STAMP)
 	$(PY) benchmarks/train_throughput.py
 
@@ -92,4 +107,4 @@ cpp: $(STAMP) system-deps
 	cmake --build $(CPP_BUILD) -j 2
 
 clean:
-	rm -rf $(VENV) sample runs/demo* $(CPP_BUILD)
+	rm -rf $(VENV) sample runs/demo* $(CPP_BUILD) site
