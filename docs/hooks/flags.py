@@ -77,8 +77,8 @@ def _shown(action: argparse.Action) -> bool:
 
 def flag_tables(parser: argparse.ArgumentParser) -> str:
     """Markdown tables of a parser's flags: one per argument group that has a flag to show, with
-    the group's title (and description) above it; a parser without groups of its own gets one
-    untitled table. Flags whose help is argparse.SUPPRESS, and --help, are left out.
+    the group's title (and description) above it; argparse's own group (the flags added to the
+    parser itself) is untitled, so a parser without groups of its own gets one untitled table. Flags whose help is argparse.SUPPRESS, and --help, are left out.
 
     Args:
         parser: the script's parser (get_args_parser()).
@@ -92,7 +92,7 @@ def flag_tables(parser: argparse.ArgumentParser) -> str:
     blocks = []
     for group, actions in groups:
         lines = []
-        if titled:
+        if titled and group.title not in DEFAULT_TITLES:  # argparse's own group (--version ...) comes first, untitled
             lines.append(f"**{_cell(group.title or '')}**" + (f": {_cell(group.description)}" if group.description else ""))
             lines.append("")
         lines += ["| flag | aliases | default | choices | help |", "| --- | --- | --- | --- | --- |"]
