@@ -561,42 +561,23 @@ def test_every_import_is_declared_in_a_requirements_file() -> None:
 
 
 # ------------------------------------------------------------------------------------ README
-def _flags(path: Path) -> set[str]:
-    """Every `--flag` a document names (in tables, prose and commands)."""
+# The flags, commands and tables of the documentation are checked in tests/test_docs.py; the READMEs
+# are the newcomer's page: what it is, the quick start, and a map of docs/.
+def _doc_links(path: Path) -> list[str]:
     import re
 
-    return set(re.findall(r"(?<![\w-])--[A-Za-z][\w-]*", path.read_text(encoding="utf-8")))
+    return re.findall(r"\]\((docs/[\w./-]+\.md)(?:#[\w-]+)?\)", path.read_text(encoding="utf-8"))
 
 
-@pytest.mark.parametrize("script", ["main", "audit", "processing", "metrice", "predict", "export", "serve"])
-def test_readme_documents_every_flag_of_every_script(script: str) -> None:
-    import importlib
-
-    parser = importlib.import_module(script).get_args_parser()
-    flags = {o for a in parser._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
-    missing = sorted(flags - _flags(REPO / "README.md"))
-    assert len(flags) > 3 and not missing, f"{script}.py flags that README.md never names: {missing}"
-
-
-def test_readme_export_tables_are_the_format_table() -> None:
-    """The export table of both READMEs is utils.deploy.formats' (the English one verbatim, as
-    `formats_table(markdown=True)` prints it; the Chinese one row by row, its words translated)."""
-    from utils.deploy.formats import FORMATS, formats_table
-
-    english = (REPO / "README.md").read_text(encoding="utf-8")
-    assert formats_table(markdown=True) in english, "README.md's export table: paste formats_table(markdown=True) again"
-    chinese = (REPO / "README.zh-CN.md").read_text(encoding="utf-8")
-    for fmt in FORMATS.values():
-        cells = [f"`{fmt.flag}", f"`{fmt.file_name('best')}`", "是" if fmt.cpu else "-"]
-        assert any(line.startswith("| ") and all(c in line for c in cells) for line in chinese.splitlines()), \
-            f"README.zh-CN.md's export table lacks {fmt.flag} as the format table has it"
-
-
-def test_chinese_readme_lists_the_same_flags_as_the_english_one() -> None:
-    english, chinese = _flags(REPO / "README.md"), _flags(REPO / "README.zh-CN.md")
-    assert len(english) > 80 and {"--version", "--seed", "--tracker", "--layer_decay", "--push_to_hub"} <= english
-    assert english == chinese, (f"only in README.md: {sorted(english - chinese)}; "
-                                f"only in README.zh-CN.md: {sorted(chinese - english)}")
+def test_readmes_map_the_same_documentation_pages_and_they_exist() -> None:
+    english, chinese = _doc_links(REPO / "README.md"), _doc_links(REPO / "README.zh-CN.md")
+    pages = {p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md")
+             if not p.name.endswith(".zh.md")} - {"docs/index.md"}  # the site's home page is the README's own text
+    assert set(english) == pages, f"README.md's map of docs/ lacks {sorted(pages - set(english))}, or names a missing page"
+    assert set(chinese) == pages, f"README.zh-CN.md's map of docs/ lacks {sorted(pages - set(chinese))}, or names a missing page"
+    for readme in ("README.md", "README.zh-CN.md"):
+        text = (REPO / readme).read_text(encoding="utf-8")
+        assert "make demo" in text and "make test" in text and "make docs" in text, readme
     assert "README.zh-CN.md" in (REPO / "README.md").read_text(encoding="utf-8").split("\n## ", 1)[0]  # linked at the top
 
 
@@ -643,11 +624,19 @@ def _missing_utils_names(mention: tuple[str, str, list[str]]) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("readme", ["README.md", "README.zh-CN.md"])
-def test_readme_names_only_library_modules_and_names_that_exist(readme: str) -> None:
-    """A README's module paths and imports (utils.a.b, from utils.x import y, utils/a/b.py) name what
-    the checkout has: a moved module fails here, not in a reader's notebook."""
+DOCUMENTS = ["README.md", "README.zh-CN.md"] + sorted(p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md"))
+
+
+@pytest.mark.parametrize("readme", DOCUMENTS)
+def test_readme_and_docs_name_only_library_modules_and_names_that_exist(readme: str) -> None:
+    """A README's or docs page's module paths and imports (utils.a.b, from utils.x import y,
+    utils/a/b.py) name what the checkout has: a moved module fails here, not in a reader's notebook."""
     mentions = _utils_mentions((REPO / readme).read_text(encoding="utf-8"))
-    assert len(mentions) > 20 and any(m[0].startswith("from utils.") for m in mentions)
     missing = [why for why in map(_missing_utils_names, mentions) if why]
     assert not missing, f"{readme} names what utils/ does not have: {missing}"
+
+
+def test_the_docs_mention_the_library_at_all() -> None:
+    """The test above checks something: the pages name the library often, imports included."""
+    mentions = [m for page in DOCUMENTS for m in _utils_mentions((REPO / page).read_text(encoding="utf-8"))]
+    assert len(mentions) > 100 and sum(m[0].startswith("from utils.") for m in mentions) > 5
