@@ -30,6 +30,7 @@ FOREIGN_FLAGS = {
     "--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_backend", "--rdzv_endpoint", "--standalone",  # torchrun
     "--backend-store-uri",  # mlflow ui
     "--logdir", "--bind",  # tensorboard
+    "--strict",  # mkdocs build
     "--all", "--batch", "--meta", "--build",  # classify (C++), cmake --build
     "--compare", "--timm_train", "--epochs", "--modes", "--bktree", "--save",  # benchmarks/*.py
 }
