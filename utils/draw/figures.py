@@ -5,12 +5,16 @@ reliability diagram, a gallery of mistakes, t-SNE, the histograms of an unknown-
     run.savefig(fig, "confusion_matrix.png")
 
 Figures are made without pyplot (no global state: any thread, no closing), and matplotlib is
-imported on first use. Images with text drawn by Pillow are utils.draw.labels.
+imported on first use. Every figure writes in DejaVu Sans with a CJK font behind it glyph by glyph
+(utils.draw.fonts), so any class name shows. Images with text drawn by Pillow are utils.draw.labels.
 """
 from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
+
+from utils.draw.fonts import check_glyphs, configure_matplotlib
+
 if TYPE_CHECKING:  # matplotlib and torch are imported where they are used: metrice.py draws without torch
     pass
 
@@ -20,6 +24,7 @@ def subplots(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
     in any thread and need no closing; matplotlib is imported on first use (it takes a second)."""
     from matplotlib.figure import Figure
 
+    configure_matplotlib()  # the font families, once per process
     figsize = kwargs.pop("figsize", None)
     fig = Figure(figsize=figsize)
     return fig, fig.subplots(*args, **kwargs)
@@ -94,6 +99,7 @@ def plot_confusion_matrix(confusion: Any, class_names: Sequence[str], normalize:
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     font = max(5.0, min(10.0, 300.0 / max(n, 1)))
     labels = [str(c)[:24] for c in class_names]
+    check_glyphs(labels)
     ax.set_xticks(range(n), labels, rotation=90, fontsize=font)
     ax.set_yticks(range(n), labels, fontsize=font)
     ax.set_xlabel("predicted class", fontsize=max(10.0, side * 0.4))
@@ -156,6 +162,7 @@ def plot_gallery(images: Sequence[Any], titles: Sequence[str], title: str = "", 
     Returns:
         The matplotlib figure.
     """
+    check_glyphs([title, *titles])
     n = max(1, len(images))
     cols = min(cols, n)
     rows = math.ceil(n / cols)
@@ -188,6 +195,7 @@ def plot_embedding(points: Any, targets: Sequence[int], class_names: Sequence[st
     n = len(class_names)
     from matplotlib import colormaps
 
+    check_glyphs(class_names)
     cmap = colormaps["tab10" if n <= 10 else "tab20" if n <= 20 else "turbo"]
     fig, ax = subplots(figsize=(7.5, 6.5))
     for c in range(n):
