@@ -13,10 +13,11 @@ DOCS_STAMP := $(VENV)/.installed-docs
 
 CPP_BUILD := deploy/cpp/build
 # What the tests start or build, from Debian, as "a command or a header:its package": serve.py's
-# browser and Redis tests (chromium, chromium-driver, redis-server) and the C++ classifier
-# (cmake, g++, stb_image, nlohmann-json).
+# browser and Redis tests (chromium, chromium-driver, redis-server), the C++ classifier
+# (cmake, g++, stb_image, nlohmann-json) and a CJK font for class names such as 猫 (tests/test_fonts.py).
 SYSTEM_DEPS := chromium:chromium chromedriver:chromium-driver redis-server:redis-server cmake:cmake g++:g++ \
-	/usr/include/stb/stb_image.h:libstb-dev /usr/include/nlohmann/json.hpp:nlohmann-json3-dev
+	/usr/include/stb/stb_image.h:libstb-dev /usr/include/nlohmann/json.hpp:nlohmann-json3-dev \
+	/usr/share/fonts/truetype/wqy/wqy-microhei.ttc:fonts-wqy-microhei
 
 .PHONY: demo test test-zoo test-trackers bench install install-dev clean cpp system-deps docs docs-serve
 

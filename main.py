@@ -229,6 +229,7 @@ def train(args: Options, resumed: Checkpoint | None) -> dict[str, Any]:
         test = trainer.test_best()
         if test is not None:
             result["test"] = test
+        trainer.write_results(result, test)  # results.json, results.png
     except BaseException as err:
         trainer.close_tracker()
         lost = distributed.lost_process_error(err, trainer.resume_command())

@@ -38,6 +38,7 @@ from utils.data.imageset import read_label_file, report_skipped
 from utils.data.sources import scan_split
 from utils.deploy.formats import MODEL_TYPES
 from utils.evaluate.calibrate_task import calibrate_task, check_calibrate_args
+from utils.evaluate.html_report import write_html_report
 from utils.evaluate.label_report import label_issues_run, label_issues_task
 from utils.evaluate.ood_report import report_ood
 from utils.evaluate.split import predict_split, score_calibration, score_split
@@ -203,6 +204,7 @@ def main(args: Options) -> dict[str, Any]:
         report.write_tsne(out, split, class_names, first.name)
     ood = None if scorer is None else report_ood(out, ensemble, scorer, split, args.ood_path, batch_size, args.workers,
                                                  args.test_tta, device)
+    write_html_report(out, ensemble, split, class_names, run_args, args_to_dict(args) | {"split": str(folder)})  # report.html
     print(f"results: {out.path}", flush=True)
     return {"output": out.path, "metrics": results, "per_class": per_class, "visual": visual, "calibration": calibration,
             "ood": ood}

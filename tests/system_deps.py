@@ -23,7 +23,7 @@ def required() -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", f"{MARKER}: needs redis-server, headless Chromium or the C++ toolchain "
+    config.addinivalue_line("markers", f"{MARKER}: needs redis-server, headless Chromium, the C++ toolchain or a CJK font "
                             f"(make system-deps); skips without them, fails instead with {VARIABLE}=1 (CI)")
 
 

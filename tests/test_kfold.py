@@ -184,6 +184,24 @@ def test_summary_mean_and_sample_std_are_numpys_over_the_folds(kfold_run: KfoldR
     assert f"best fold: fold{rec['best_fold']['fold']}" in kfold_run.proc.stdout and "mean ± std" in kfold_run.proc.stdout
 
 
+def test_results_json_summary_of_the_folds_and_each_folds_own(kfold_run: KfoldRun) -> None:
+    """RUN/results.json's kfold section holds kfold_summary.csv's mean and std and kfold.json's folds and best
+    fold; each fold's own results.json holds its best.pt's epoch and metrics (utils.train.results)."""
+    import json
+
+    run, rec = kfold_run.path, record(kfold_run.path)
+    section = json.loads((run / RunFolder.RESULTS).read_text(encoding="utf-8"))["kfold"]
+    header, rows = summary(run)
+    assert section["mean"] == pytest.approx(dict(zip(header[1:], map(float, rows[K][1:]))), rel=1e-12)
+    assert section["std"] == pytest.approx(dict(zip(header[1:], map(float, rows[K + 1][1:]))), rel=1e-12)
+    assert section["folds"] == rec["folds"] and section["best_fold"] == rec["best_fold"] and section["k"] == K
+    for fold in range(1, K + 1):
+        own = json.loads((run / f"fold{fold}" / RunFolder.RESULTS).read_text(encoding="utf-8"))
+        best = load_ckpt(run / f"fold{fold}" / "best.pt")
+        assert own["train"]["best_epoch"] == best["epoch"] == rec["folds"][str(fold)]["best"]["epoch"]
+        assert own["train"]["best_metrics"] == best["metrics"] and own["test"] == rec["folds"][str(fold)]["test"]
+
+
 def test_resume_after_fold_1_finishes_the_others_without_retraining_it(kfold_run: KfoldRun, tmp_path: Path) -> None:
     """Stopped at the first step of fold 2, resumed: fold 1 kept as it was, fold 2 continued from its
     last.pt, fold 3 trained. This run has no val split (each fold validates on its held-out images);

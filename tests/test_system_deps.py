@@ -68,7 +68,7 @@ def test_a_missing_part_fails_with_the_variable(tmp_path: Path) -> None:
 
 
 # the suite's tests that need the parts `make system-deps` installs: a module, or test functions in one
-NEEDS_SYSTEM = {"test_serve_redis.py": None, "test_serve.py": ["test_web_page_in_headless_chromium"],
+NEEDS_SYSTEM = {"test_serve_redis.py": None, "test_fonts.py": None, "test_serve.py": ["test_web_page_in_headless_chromium"],
                 "test_audit.py": ["test_report_in_headless_chromium"],
                 "test_deploy.py": ["test_cpp_preprocessing_is_bit_identical_to_python", "test_cpp_classify_matches_predict"]}
 

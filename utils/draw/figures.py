@@ -5,12 +5,16 @@ reliability diagram, a gallery of mistakes, t-SNE, the histograms of an unknown-
     run.savefig(fig, "confusion_matrix.png")
 
 Figures are made without pyplot (no global state: any thread, no closing), and matplotlib is
-imported on first use. Images with text drawn by Pillow are utils.draw.labels.
+imported on first use. Every figure writes in DejaVu Sans with a CJK font behind it glyph by glyph
+(utils.draw.fonts), so any class name shows. Images with text drawn by Pillow are utils.draw.labels.
 """
 from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
+
+from utils.draw.fonts import check_glyphs, configure_matplotlib
+
 if TYPE_CHECKING:  # matplotlib and torch are imported where they are used: metrice.py draws without torch
     pass
 
@@ -20,9 +24,34 @@ def subplots(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
     in any thread and need no closing; matplotlib is imported on first use (it takes a second)."""
     from matplotlib.figure import Figure
 
+    configure_matplotlib()  # the font families, once per process
     figsize = kwargs.pop("figsize", None)
     fig = Figure(figsize=figsize)
     return fig, fig.subplots(*args, **kwargs)
+
+
+def curve_panels(metrics: tuple[str, str] = ("acc", "mean_acc")) -> list[tuple[str, list[tuple[str, str]], str]]:
+    """The training curves: (file name, [(train.log column, legend label)], y label) of loss, the two
+    metrics and the learning rate."""
+    return [
+        ("loss.png", [("loss", "train"), ("test_loss", "val")], "loss"),
+        ("acc.png", [(metrics[0], f"train {metrics[0]}"), (f"test_{metrics[0]}", f"val {metrics[0]}"),
+                     (metrics[1], f"train {metrics[1]}"), (f"test_{metrics[1]}", f"val {metrics[1]}")],
+         "accuracy" if metrics[0] == "acc" else "score"),
+        ("lr.png", [("lr", "learning rate")], "learning rate"),
+    ]
+
+
+def draw_curves(ax: Any, rows: Sequence[dict[str, str]], keys: Sequence[tuple[str, str]], ylabel: str) -> None:
+    """Each train.log column of `keys` against the epoch, on one axes."""
+    for key, label in keys:
+        pts = [(int(r["epoch"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None, markersize=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
 
 
 def plot_curves(rows: Sequence[dict[str, str]], metrics: tuple[str, str] = ("acc", "mean_acc")) -> dict[str, Any]:
@@ -35,30 +64,37 @@ def plot_curves(rows: Sequence[dict[str, str]], metrics: tuple[str, str] = ("acc
     Returns:
         {"loss.png": fig, "acc.png": fig, "lr.png": fig}
     """
-    def series(key: str) -> tuple[list[int], list[float]]:
-        pts = [(int(r["epoch"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
-        return [p[0] for p in pts], [p[1] for p in pts]
-
     figs = {}
-    for name, keys, ylabel in (
-        ("loss.png", [("loss", "train"), ("test_loss", "val")], "loss"),
-        ("acc.png", [(metrics[0], f"train {metrics[0]}"), (f"test_{metrics[0]}", f"val {metrics[0]}"),
-                     (metrics[1], f"train {metrics[1]}"), (f"test_{metrics[1]}", f"val {metrics[1]}")],
-         "accuracy" if metrics[0] == "acc" else "score"),
-        ("lr.png", [("lr", "learning rate")], "learning rate"),
-    ):
+    for name, keys, ylabel in curve_panels(metrics):
         fig, ax = subplots(figsize=(6, 4))
-        for key, label in keys:
-            x, y = series(key)
-            if x:
-                ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, label=label)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend()
+        draw_curves(ax, rows, keys, ylabel)
         fig.tight_layout()
         figs[name] = fig
     return figs
+
+
+def plot_results(rows: Sequence[dict[str, str]], metrics: tuple[str, str], best_epoch: int, best_metric: str) -> Any:
+    """results.png: the loss, metric and learning-rate curves of train.log side by side, each with a
+    dashed line at the epoch best.pt comes from.
+
+    Args:
+        rows: train.log rows.
+        metrics: train.log's two metric columns.
+        best_epoch: best.pt's epoch (1-based).
+        best_metric: the --metrice that chose it (in the title).
+
+    Returns:
+        The matplotlib figure.
+    """
+    panels = curve_panels(metrics)
+    fig, axes = subplots(1, len(panels), figsize=(5.2 * len(panels), 4))
+    for ax, (_, keys, ylabel) in zip(axes, panels):
+        draw_curves(ax, rows, keys, ylabel)
+        ax.axvline(best_epoch, color="black", linestyle="--", linewidth=1, label=f"best epoch {best_epoch}")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"best.pt: epoch {best_epoch} of {len(rows)} (best {best_metric})", fontsize=11)
+    fig.tight_layout()
+    return fig
 
 
 # ---------------------------------------------------------------------------- evaluation figures
@@ -94,6 +130,7 @@ def plot_confusion_matrix(confusion: Any, class_names: Sequence[str], normalize:
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     font = max(5.0, min(10.0, 300.0 / max(n, 1)))
     labels = [str(c)[:24] for c in class_names]
+    check_glyphs(labels)
     ax.set_xticks(range(n), labels, rotation=90, fontsize=font)
     ax.set_yticks(range(n), labels, fontsize=font)
     ax.set_xlabel("predicted class", fontsize=max(10.0, side * 0.4))
@@ -156,6 +193,7 @@ def plot_gallery(images: Sequence[Any], titles: Sequence[str], title: str = "", 
     Returns:
         The matplotlib figure.
     """
+    check_glyphs([title, *titles])
     n = max(1, len(images))
     cols = min(cols, n)
     rows = math.ceil(n / cols)
@@ -188,6 +226,7 @@ def plot_embedding(points: Any, targets: Sequence[int], class_names: Sequence[st
     n = len(class_names)
     from matplotlib import colormaps
 
+    check_glyphs(class_names)
     cmap = colormaps["tab10" if n <= 10 else "tab20" if n <= 20 else "turbo"]
     fig, ax = subplots(figsize=(7.5, 6.5))
     for c in range(n):

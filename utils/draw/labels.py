@@ -1,5 +1,5 @@
 """Images with text drawn on them, with Pillow: batch grids with their labels, a prediction's banner
-on an image, and the font they are written in.
+on an image, and the font they are written in (utils.draw.fonts: one with CJK and Latin-1 glyphs).
 
     grid = batch_grid(images, ["cat", "dog"])            # uint8 (N, C, H, W) -> one RGB image
     drawn = annotate(load_image("cat.jpg"), "cat (0.97)")
@@ -10,18 +10,18 @@ import math
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+from utils.draw.fonts import check_glyphs, pillow_font
 
 if TYPE_CHECKING:  # torch is imported where it is used: predict.py draws without torch
     import torch
 
 
 def load_font(size: int) -> Any:
-    """Pillow's bundled font at `size` px (the bitmap default on Pillow builds without FreeType)."""
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):
-        return ImageFont.load_default()
+    """The font of every text Pillow draws, at `size` px: the CJK and Latin-1 font of utils.draw.fonts
+    (Pillow's bundled one where the machine has none)."""
+    return pillow_font(size)
 
 
 def batch_grid(images: torch.Tensor, labels: Sequence[str], title: str = "", max_images: int = 32, tile: int = 96) -> Image.Image:
@@ -35,6 +35,7 @@ def batch_grid(images: torch.Tensor, labels: Sequence[str], title: str = "", max
     cols = min(8, n)
     rows = math.ceil(n / cols)
     font = load_font(11)
+    check_glyphs([title, *map(str, labels[:n])])
     label_h, title_h, gap = 16, 20 if title else 0, 6
     cell = tile + gap
     grid = Image.new("RGB", (cols * cell, title_h + rows * (cell + label_h)), (255, 255, 255))
@@ -56,8 +57,7 @@ def batch_grid(images: torch.Tensor, labels: Sequence[str], title: str = "", max
 def annotate(image: Image.Image, text: str, min_side: int = 128) -> Image.Image:
     """A copy of `image` (RGB) with `text` on a banner at the top; images smaller than min_side
     are enlarged (nearest neighbour) first so the text stays readable."""
-    from utils.draw.labels import load_font
-
+    check_glyphs([text])
     image = image.convert("RGB")
     short = min(image.size)
     if short < min_side:

@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw
 
 from utils.core.log import UserError
 from utils.core.names import CAM_TYPES
+from utils.draw.fonts import check_glyphs
 from utils.draw.labels import load_font
 from utils.explain.probe import Record, probe, zero_input
 
@@ -447,6 +448,7 @@ def cam_panel(view: torch.Tensor | np.ndarray, cam: np.ndarray, lines: Sequence[
     draw = ImageDraw.Draw(panel)
     font_size = max(10, size // 12)
     font = load_font(font_size)
+    check_glyphs(lines)
     y = font_size // 2
     for k, line in enumerate(lines):
         draw.text((2 * size + font_size // 2, y), line, fill=(0, 0, 0) if k else (200, 0, 0), font=font)

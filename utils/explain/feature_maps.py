@@ -26,6 +26,7 @@ from PIL.PngImagePlugin import PngInfo
 from torch import nn
 
 from utils.core.log import UserError
+from utils.draw.fonts import check_glyphs
 from utils.draw.labels import load_font
 from utils.explain.cam import heatmap_colors, output_layout, to_hwc_rgb
 from utils.explain.probe import probe, zero_input
@@ -146,6 +147,7 @@ def feature_map_grid(view: torch.Tensor, picked: Sequence[tuple[torch.Tensor, li
     """
     k = max((len(ch) for _, ch, _ in picked), default=1)
     font = load_font(11)
+    check_glyphs(lines)
     height = TILE + 2 * GAP + len(picked) * (TILE + LABEL_H + GAP) + GAP
     text_width = TILE + 4 * GAP + max((int(font.getlength(line)) for line in lines), default=0)
     grid = Image.new("RGB", (max(LEFT + k * (TILE + GAP) + GAP, text_width), height), (255, 255, 255))

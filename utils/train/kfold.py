@@ -10,6 +10,7 @@ The run folder (its names: utils.core.run.RunFolder):
     RUN/kfold.json             K, the seed, the training set (size, signature), each image's fold, the folds
                                finished with their metrics and, once all are, the best fold
     RUN/kfold_summary.csv      a row per fold (held-out, best val and test metrics), then mean and std rows
+    RUN/results.json           its `kfold` section: each fold's results, their mean and std, the best fold
     RUN/oof.csv                every training image once, in training-set order: path,label,fold,<class>...
                                (utils.evaluate.oof; what metrice.py --task label_issues reads)
     RUN/fold1 ... foldK/       each a whole run folder (args.yaml, best.pt, last.pt, train.log ...) trained on
@@ -56,6 +57,7 @@ from utils.core.schema import Checkpoint
 from utils.data.imageset import ImageSet
 from utils.evaluate.oof import OofTable, read_oof, write_oof
 from utils.evaluate.split import predict_split
+from utils.evaluate.tasks import update_results
 from utils.infer.ensemble import load_ensemble
 from utils.train.saver import LOWER_IS_BETTER
 from utils.train.setup import TrainData
@@ -289,6 +291,7 @@ def train_fold(args: Options, data: TrainData, device: torch.device, run: Run, p
             write_oof(folder / RunFolder.OOF, predict_held_out(folder, held_out, fold, args, device))
         distributed.any_true()  # the other processes wait for the first one's predictions
         test = trainer.test_best()
+        trainer.write_results(best, test)  # the fold's results.json and results.png
     except BaseException as err:
         trainer.close_tracker()
         lost = distributed.lost_process_error(err, distributed.resume_command(run.path))
@@ -387,12 +390,17 @@ def finish(run: Run, plan: KfoldPlan, class_names: Sequence[str]) -> dict[str, A
     run.write_csv(RunFolder.KFOLD_SUMMARY, header, rows)
     print(summary_table(header, rows), flush=True)
     best = best_fold(plan.results, plan.metric)
+    mean, std = dict(zip(header[1:], rows[-2][1:])), dict(zip(header[1:], rows[-1][1:]))
+    if run.main:  # beside what metrice.py may add to this folder's results.json: the same file, its own section
+        folds = {str(fold): result for fold, result in sorted(plan.results.items())}
+        update_results(run.path, kfold={"k": plan.k, "metric": plan.metric, "folds": folds, "mean": mean, "std": std,
+                                        "best_fold": best})
     print(f"best fold: fold{best['fold']} (held-out {best['metric']} {best['value']:.4f}, {best['rule']}): export.py and "
           f"serve.py use it for --save_path {run.path}; metrice.py and predict.py average all {plan.k} folds", flush=True)
     print(f"out-of-fold probabilities of the {len(plan.paths)} training images: {run / RunFolder.OOF}", flush=True)
     print(f"done: {run.path}", flush=True)
-    return {"run": run.path, "k": plan.k, "folds": dict(plan.results), "mean": dict(zip(header[1:], rows[-2][1:])),
-            "std": dict(zip(header[1:], rows[-1][1:])), "best_fold": best, "oof": run / RunFolder.OOF}
+    return {"run": run.path, "k": plan.k, "folds": dict(plan.results), "mean": mean, "std": std, "best_fold": best,
+            "oof": run / RunFolder.OOF}
 
 
 def kfold_resume_source(path: Path, args: Options) -> tuple[dict[str, Any], Checkpoint | None]:

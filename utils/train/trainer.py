@@ -55,6 +55,7 @@ from utils.train.engine import (NonFiniteLoss, StepParts, TemperatureScaled, eva
 from utils.train.epoch_log import EpochLog, EpochRecord
 from utils.train.losses import RDrop, Supervised, build_loss, class_balance_weights
 from utils.train.optim import HeadFreezer, build_optimizer
+from utils.train.results import EpochTimes, forward_speed, model_section, write_run_results
 from utils.train.saver import CheckpointSaver
 from utils.train.schedule import LRSchedule
 from utils.train.setup import TrainData, balanced_weights
@@ -151,7 +152,8 @@ class Trainer:
                                      weights="ema" if self.ema else "raw")
         self.state = self._build_state()
         self.start_step = self.start_samples = 0
-        self.timing: list[dict[str, float]] = []  # seconds per epoch: train, val, checkpoints, logs and plots
+        self.timing = EpochTimes()  # seconds per epoch: train, val, checkpoints, logs and plots (kept in last.pt)
+        self.state.add("timing", self.timing, required=False)  # absent from runs written before results.json
         if resumed is not None:
             self.state.load_state_dict(resumed.train_state)
             # where the epoch stopped, over all processes (files without `samples` come from one process)
@@ -383,11 +385,11 @@ class Trainer:
         record = EpochRecord(epoch + 1, lr, t_val - t0, train, val, improved, notes)
         self.log.write(record)  # before last.pt: a kill in between redoes this epoch, and its row with it
         t_log = time.perf_counter()
+        spent = {"train": t_train - t0, "val": t_val - t_train, "checkpoints": t_best - t_val, "logs and plots": t_log - t_best}
+        self.timing.epochs.append(spent)  # before last.pt, which keeps it for a resumed run's results.json
         state.epoch, state.step, state.samples, state.sums, state.extra = epoch + 1, 0, 0, None, None
         self.saver.save_last(state)
-        spent = {"train": t_train - t0, "val": t_val - t_train, "checkpoints": t_best - t_val + time.perf_counter() - t_log,
-                 "logs and plots": t_log - t_best}
-        self.timing.append(spent)
+        spent["checkpoints"] += time.perf_counter() - t_log
         return record
 
     @property
@@ -405,9 +407,10 @@ class Trainer:
 
     def print_timing(self) -> None:
         """Where the epochs' time went, on average: training, validation, checkpoints, logs and plots."""
-        if not self.timing:
+        epochs = self.timing.epochs
+        if not epochs:
             return
-        mean = {k: sum(t[k] for t in self.timing) / len(self.timing) for k in self.timing[0]}
+        mean = {k: sum(t.get(k, 0.0) for t in epochs) / len(epochs) for k in epochs[0]}
         total = sum(mean.values())
         print("time per epoch: " + ", ".join(f"{k} {v:.2f}s ({v / total:.0%})" for k, v in mean.items()), flush=True)
 
@@ -559,6 +562,21 @@ class Trainer:
         print(f"{what} ({len(image_set.samples)} images, best.pt): {first} {scores[first]:.4f}, {second} "
               f"{scores[second]:.4f}, loss {scores['loss']:.4f}", flush=True)
         return scores
+
+    def write_results(self, summary: dict[str, Any], test: dict[str, float] | None) -> None:
+        """results.json (train, test and model sections, kept beside metrice.py's) and results.png in the
+        run folder (utils.train.results); the first process alone, with a short speed measurement.
+
+        Args:
+            summary: fit's {"best_epoch", "best_metric", "best_value"}.
+            test: test_best's metrics, or None.
+        """
+        if not self.run.main:
+            return
+        speed = forward_speed(self.model, self.data.spec, self.args.batch_size, self.device, self.amp_dtype)
+        write_run_results(self.run, load_checkpoint(self.run.best), summary, test,
+                          model_section(self.model, self.run, speed), self.state.epoch, self.timing, self.device,
+                          self.log.metrics)
 
     def close_tracker(self, result: dict[str, Any] | None = None) -> None:
         """Send the final metrics and files (best.pt, swa.pt, train.log, args.yaml, label.txt, the plots)
