@@ -18,11 +18,11 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-from utils.core.config import ArgumentParser, finite_float
+from utils.core.config import ArgumentParser, finite_float, group_flags
 from utils.core.log import UserError, script_main
 from utils.core.names import DEFAULT_OPSET
 from utils.core.options import Options
-from utils.core.run import RunFolder
+from utils.core.run import RunFolder, model_not_found
 from utils.deploy.formats import EXPORT_FLAGS, FORMATS, format_of
 
 # PyTorch and the exporters are imported in main(): `--help` answers at once.
@@ -56,12 +56,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--image_size", type=int, default=None, help="pytorch-classifier's flag: the size comes from the run; must match if given")
     p("--image_channel", type=int, default=None, help="pytorch-classifier's flag: the channels come from the run; must match if given")
     p("--list_formats", action="store_true", help="print the export formats and exit")
-    return parser
+    return group_flags(parser, "export")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
     """Parse and validate the options (no config file: an export's options are its own)."""
     args = get_args_parser().parse_args(argv)
+    if not args.list_formats and not Path(args.save_path).exists():  # before the exporters load
+        raise model_not_found(args.save_path, "--save_path")
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch_size must be positive, got {args.batch_size}")
     if args.parity_images < 1:

@@ -19,12 +19,14 @@ import logging
 import os
 import signal
 import socket
+from pathlib import Path
 from typing import Any, Sequence
 
-from utils.core.config import ArgumentParser
+from utils.core.config import ArgumentParser, group_flags
 from utils.core.device import compute_threads, set_threads
 from utils.core.log import UserError, script_main, settle_heap
 from utils.core.options import Options
+from utils.core.run import model_not_found
 from utils.data.decode import MAX_IMAGE_PIXELS
 from utils.deploy.formats import MODEL_TYPES
 from utils.infer.backends import load_backend, model_device
@@ -46,7 +48,7 @@ def role_flag(parser: argparse.ArgumentParser, name: str, help: str, **kwargs: A
         help: what it does, without its default.
         kwargs: more of add_argument (type, choices).
     """
-    parser.add_argument(f"--{name}", default=None, help=f"{help} [{shown(ROLE_FLAGS[name])}]", **kwargs)
+    parser.add_argument(f"--{name}", default=None, help=f"{help} (default: {shown(ROLE_FLAGS[name])})", **kwargs)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -57,15 +59,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     role_flag(parser, "model_type", "format of the model in --save_path", choices=list(MODEL_TYPES))
     role_flag(parser, "device", "'' (GPU if any), cpu, or a GPU index such as 0")
     p("--half", action="store_true", help="float16 inference (CUDA; torch and torchscript)")
-    p("--threads", type=int, default=None, help="compute threads of the model (torch, onnxruntime, OpenVINO) [a server: CPU cores - 1; a --worker: "
-      "PyTorch's default; $OMP_NUM_THREADS wins over both]")
+    p("--threads", type=int, default=None, help="compute threads of the model (torch, onnxruntime, OpenVINO) (default: a server, CPU cores - 1; a --worker, "
+      "PyTorch's default; $OMP_NUM_THREADS wins over both)")
     role_flag(parser, "conf_threshold", "a top-1 probability below this marks an image uncertain", type=float)
     p("--reject", action="store_true", help="answer unknown (with unknown and ood_score) for images of no trained class")
     role_flag(parser, "max_batch", "most images run together; 1 = no batching", type=int)
     role_flag(parser, "max_wait_ms", "how long a batch waits for more images once it has one", type=float)
     role_flag(parser, "host", "address to bind; any but loopback needs --api_key")
     role_flag(parser, "port", "port", type=int)
-    p("--api_key", default=None, help=f"bearer token required on /predict, /info, /metrics [${API_KEY_ENV}]")
+    p("--api_key", default=None, help=f"bearer token required on /predict, /info, /metrics (default: ${API_KEY_ENV})")
     role_flag(parser, "max_bytes", "request body limit in bytes", type=int)
     role_flag(parser, "max_images", "most images in one request (more: 413)", type=int)
     role_flag(parser, "max_pixels", "per-image pixel limit, checked before decoding", type=int)
@@ -79,7 +81,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--worker", action="store_true", help="run a model worker of --queue instead of the HTTP server")
     role_flag(parser, "heartbeat_s", "a worker silent this long counts as dead: others take over its images", type=float)
     role_flag(parser, "max_deliveries", "an image whose workers died this many times is answered with an error", type=int)
-    return parser
+    return group_flags(parser, "serve")
 
 
 def is_loopback(host: str) -> bool:
@@ -134,6 +136,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                     flag_defaults(HTTP, QUEUE))
     else:
         _check_role(args, "a server without --queue", {**model, **flag_defaults(BATCH, HTTP)})
+    if args.save_path is not None and not Path(args.save_path).exists():  # before the model loads
+        raise model_not_found(args.save_path, "--save_path")
     checks = [("max_batch", 1), ("max_bytes", 1), ("max_images", 1), ("max_pixels", 1), ("max_decode_mb", 0),
               ("max_deliveries", 1), ("threads", 1)]
     for name, low in checks:
