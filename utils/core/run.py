@@ -148,8 +148,8 @@ class RunFolder:
             best = path / cls.BEST
             if best.is_file():
                 return best
-            runs = nearby_runs(path / cls.BEST)
-            hint = f"; runs here, newest first: {', '.join(map(str, runs))}" if runs else ""
+            runs = sorted(str(p.parent) for p in path.glob(f"*/{cls.BEST}"))
+            hint = f"; runs here: {', '.join(runs[:10])}" if runs else ""
             raise UserError(f"{flag} {path}: no {cls.BEST} in it: pass the run folder main.py wrote (its --save_path){hint}")
         if not path.exists():
             raise model_not_found(path, flag)
@@ -182,11 +182,9 @@ def model_not_found(path: str | Path, flag: str) -> UserError:
         flag: the flag it was given to (--save_path, --weight ...).
     """
     runs = nearby_runs(path)
-    if runs:
-        where = f"; runs in {runs[0].parent}, newest first: {', '.join(map(str, runs))}"
-    else:
-        where = "; no runs found beside it or in runs/: train one with main.py (its --save_path is the run folder)"
-    return UserError(f"{flag} {path}: not found{where}")
+    where = (f"runs in {runs[0].parent}, newest first: {', '.join(map(str, runs))}" if runs
+             else "no run beside it or in runs/ (main.py --save_path makes one)")
+    return UserError(f"{flag} {path}: not found; pass a run folder of main.py (e.g. runs/exp) or a model file; {where}")
 
 
 @contextlib.contextmanager
