@@ -136,11 +136,10 @@ def one_line_error(parser: argparse.ArgumentParser, message: str) -> str:
         flags = [w.split("=", 1)[0] for w in words if w.startswith("-")]
         if not flags:
             return f"unexpected argument{'s' if len(words) > 1 else ''} {' '.join(words)}: a value follows its flag" + every
-        parts = []
-        for flag in flags:
-            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
-            parts.append(f"{flag}" + (f"; did you mean {close[0]}?" if close else ""))
-        return f"unknown flag{'s' if len(flags) > 1 else ''} " + ", ".join(parts) + more
+        close = [difflib.get_close_matches(flag, known, n=1, cutoff=0.6) for flag in flags]
+        if len(flags) == 1:
+            return f"unknown flag {flags[0]}" + (f"; did you mean {close[0][0]}?" if close[0] else "") + more
+        return "unknown flags " + ", ".join(f + (f" ({c[0]}?)" if c else "") for f, c in zip(flags, close)) + more
     if message.startswith("argument "):
         flag, _, what = message[len("argument "):].partition(": ")
         flag = flag.split("/")[0]  # "--epochs/--epoch": a flag of several names is named by its first
@@ -346,6 +345,7 @@ def config_scalar(action: argparse.Action, value: Any, wrong: UserError) -> Any:
         value = str(value)  # device: 0, a class named 10
     elif convert is not int:
         raise wrong  # a name checker (--optimizer) takes names only
+    value = canonical_choice(action, value)  # any case, as on the command line
     if action.choices is not None and value not in action.choices:
         raise wrong
     return value
