@@ -22,7 +22,7 @@ from utils.core.config import ArgumentParser, finite_float, group_flags
 from utils.core.log import UserError, script_main
 from utils.core.names import DEFAULT_OPSET
 from utils.core.options import Options
-from utils.core.run import RunFolder, model_not_found
+from utils.core.run import RunFolder, check_model_paths
 from utils.deploy.formats import EXPORT_FLAGS, FORMATS, format_of
 
 # PyTorch and the exporters are imported in main(): `--help` answers at once.
@@ -62,8 +62,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> Options:
     """Parse and validate the options (no config file: an export's options are its own)."""
     args = get_args_parser().parse_args(argv)
-    if not args.list_formats and not Path(args.save_path).exists():  # before the exporters load
-        raise model_not_found(args.save_path, "--save_path")
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch_size must be positive, got {args.batch_size}")
     if args.parity_images < 1:
@@ -80,6 +78,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
 
 def main(args: Options) -> list[dict[str, Any]]:
     """Export; returns one export info dict per file written (see utils.deploy.export)."""
+    if not args.list_formats:
+        check_model_paths([args.save_path], "--save_path")  # one line, before the exporters load
     from utils.deploy.export import ExportOptions, export_checkpoint
     from utils.deploy.formats import formats_table
 

@@ -131,7 +131,6 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
             raise UserError(f"--seed must be 0 or more, got {args.seed}")
         args.random_seed = args.seed
     check_values(args)
-    check_inputs(args)
     return Options.of(args)
 
 
@@ -181,6 +180,7 @@ def main(args: Options) -> dict[str, Any]:
 
         print(model_zoo_text())
         return {}
+    check_inputs(args)  # paths and the model name: one line now, before PyTorch loads and the data is scanned
     from utils.core import distributed
 
     save_path = Path(args.save_path)  # a new run goes beside an existing --save_path; --resume writes into it

@@ -32,7 +32,7 @@ from utils.core.device import default_workers, share_cpu
 from utils.core.log import UserError, script_main, settle_heap
 from utils.core.names import CLASSICAL
 from utils.core.options import Options
-from utils.core.run import Run, RunFolder
+from utils.core.run import Run, RunFolder, check_model_paths
 from utils.core.schema import MAX_IMAGE_SIZE
 from utils.data.imageset import read_label_file, report_skipped
 from utils.data.sources import scan_split
@@ -151,6 +151,7 @@ def load_models(args: Options) -> tuple[Ensemble, list[str], Any]:
 
 def main(args: Options) -> dict[str, Any]:
     """Evaluate (or time) the models in --save_path; returns the output folder and the metrics."""
+    check_model_paths(args.save_path, "--weight" if args.weight else "--save_path")  # one line, before the models load
     if args.task == "label_issues":  # a --kfold run's oof.csv, else val and test predicted (utils.evaluate.label_report)
         return label_issues_task(args, load_models)
     results_folder(args.save_path, args.task, "--weight" if args.weight else "--save_path")  # writable, before any work

@@ -34,7 +34,7 @@ from utils.core.device import default_workers, share_cpu
 from utils.core.log import StopFlag, Stopped, UserError, progress, script_main, settle_heap
 from utils.core.names import CLASSICAL
 from utils.core.options import Options
-from utils.core.run import RunFolder, increment_path
+from utils.core.run import RunFolder, check_model_paths, increment_path
 from utils.core.schema import OOD_SCORES
 from utils.data.decode import load_image
 from utils.deploy.formats import MODEL_TYPES
@@ -289,6 +289,7 @@ def print_summary(writer: PredictionWriter, folder: Path, root: Path, first_skip
 
 
 def main(args: Options) -> Path:
+    check_model_paths(args.save_path, "--weight" if args.weight else "--save_path")  # one line, before the models load
     return predict_folder(args)
 
 

@@ -19,14 +19,13 @@ import logging
 import os
 import signal
 import socket
-from pathlib import Path
 from typing import Any, Sequence
 
 from utils.core.config import ArgumentParser, group_flags
 from utils.core.device import compute_threads, set_threads
 from utils.core.log import UserError, script_main, settle_heap
 from utils.core.options import Options
-from utils.core.run import model_not_found
+from utils.core.run import check_model_paths
 from utils.data.decode import MAX_IMAGE_PIXELS
 from utils.deploy.formats import MODEL_TYPES
 from utils.infer.backends import load_backend, model_device
@@ -136,8 +135,6 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                     flag_defaults(HTTP, QUEUE))
     else:
         _check_role(args, "a server without --queue", {**model, **flag_defaults(BATCH, HTTP)})
-    if args.save_path is not None and not Path(args.save_path).exists():  # before the model loads
-        raise model_not_found(args.save_path, "--save_path")
     checks = [("max_batch", 1), ("max_bytes", 1), ("max_images", 1), ("max_pixels", 1), ("max_decode_mb", 0),
               ("max_deliveries", 1), ("threads", 1)]
     for name, low in checks:
@@ -242,6 +239,8 @@ def run_worker(args: Options) -> None:
 
 
 def main(args: Options) -> None:
+    if args.save_path is not None:  # a role that loads the model: one line now, not after the imports
+        check_model_paths([args.save_path], "--save_path")
     if args.worker:
         run_worker(args)
         return

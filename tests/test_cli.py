@@ -192,7 +192,7 @@ start = time.perf_counter()
 import main
 from utils.core.log import UserError
 try:
-    main.parse_args(sys.argv[1:])
+    main.main(main.parse_args(sys.argv[1:]))
 except UserError as err:
     print(err)
 print("torch" in sys.modules, "timm" in sys.modules, round(time.perf_counter() - start, 2))

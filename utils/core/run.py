@@ -174,6 +174,17 @@ def nearby_runs(path: str | Path, limit: int = 10) -> list[Path]:
     return []
 
 
+def check_model_paths(paths: Sequence[str | Path], flag: str) -> None:
+    """The run folders or model files a script was given exist (checked before the models load).
+
+    Raises:
+        UserError: the first that does not, naming the flag and the runs nearby (model_not_found).
+    """
+    for path in paths:
+        if not Path(path).exists():
+            raise model_not_found(path, flag)
+
+
 def model_not_found(path: str | Path, flag: str) -> UserError:
     """The one line for a run or model path that does not exist: the flag, and the runs that do.
 

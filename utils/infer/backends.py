@@ -109,10 +109,6 @@ def models_from_flags(save_path: Sequence[str] | None, weight: Sequence[str] | N
     """
     if weight and save_path:
         raise UserError("pass either --save_path (run folders) or --weight (model files), not both")
-    for flag, paths in (("--save_path", save_path or ([] if weight else ["runs/exp"])), ("--weight", weight or [])):
-        for path in paths:
-            if not Path(path).exists():
-                raise model_not_found(path, flag)
     if not weight:
         return list(save_path or ["runs/exp"]), model_type or "torch"
     for file in weight:
