@@ -39,7 +39,7 @@ CONFIG_ONLY_KEYS: dict[str, Any] = {
 # What a run writes into args.yaml beside its options (utils.train.trainer, utils.train.kfold): derived from
 # the data or the run, never read back as options. A config file holding them (a run's own args.yaml) is
 # taken with one note naming them; any other unknown key is refused.
-RUN_KEYS = ("mean", "std", "fold", "task", "version", "explicit")
+RUN_KEYS = ("mean", "std", "fold")  # a key added to args.yaml beside the options goes here too
 # --data ROOT: the split flags it sets, and the name each takes under ROOT (timm's --data-dir).
 DATA_ROOT_PATHS = {"train_path": "train", "val_path": "val", "test_path": "test", "label_path": "label.txt"}
 # What each config-only key takes: (accepted types, description for the error, lowest number or None).

@@ -8,7 +8,6 @@ a missing file is one clear error instead of a long retrying download.
 """
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import socket
