@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from utils.core.config import ArgumentParser, finite_float
+from utils.core.config import ArgumentParser, finite_float, group_flags
 from utils.core.log import UserError, script_main, settle_heap
 from utils.core.options import Options
 from utils.data.duplicates import HASH_DISTANCE
@@ -34,8 +34,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="Check a dataset: duplicates, leaks across splits, label conflicts, broken "
                                         "and odd images.")
     p = parser.add_argument
-    p("--data_path", default=None,
-      help="a folder of class folders, or a split root holding train/, val/, test/ class folders")
+    p("--data_path", "--data", dest="data_path", default=None, metavar="ROOT",
+      help="a folder of class folders, or a split root holding train/, val/, test/ class folders (--data: main.py's name)")
     p("--train_path", default=None, help="instead of --data_path: the train split (a folder or a list file)")
     p("--val_path", default=None, help="the val split (a folder or a list file)")
     p("--test_path", default=None, help="the test split (a folder or a list file)")
@@ -49,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--min_size", type=int, default=32, help="a shorter side under this many pixels is 'tiny'")
     p("--max_aspect", type=finite_float, default=4.0, help="a longer side over this many times the shorter is 'aspect'")
     p("--max_shown", type=int, default=200, help="findings of each kind shown in report.html (all are in findings.csv)")
-    return parser
+    return group_flags(parser, "audit")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:

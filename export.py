@@ -18,11 +18,11 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-from utils.core.config import ArgumentParser, finite_float
+from utils.core.config import ArgumentParser, finite_float, group_flags
 from utils.core.log import UserError, script_main
 from utils.core.names import DEFAULT_OPSET
 from utils.core.options import Options
-from utils.core.run import RunFolder
+from utils.core.run import RunFolder, check_model_paths
 from utils.deploy.formats import EXPORT_FLAGS, FORMATS, format_of
 
 # PyTorch and the exporters are imported in main(): `--help` answers at once.
@@ -56,7 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--image_size", type=int, default=None, help="pytorch-classifier's flag: the size comes from the run; must match if given")
     p("--image_channel", type=int, default=None, help="pytorch-classifier's flag: the channels come from the run; must match if given")
     p("--list_formats", action="store_true", help="print the export formats and exit")
-    return parser
+    return group_flags(parser, "export")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -78,6 +78,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
 
 def main(args: Options) -> list[dict[str, Any]]:
     """Export; returns one export info dict per file written (see utils.deploy.export)."""
+    if not args.list_formats:
+        check_model_paths([args.save_path], "--save_path")  # one line, before the exporters load
     from utils.deploy.export import ExportOptions, export_checkpoint
     from utils.deploy.formats import formats_table
 

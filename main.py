@@ -22,6 +22,7 @@ from utils.core.config import (
     DEFAULT_CONFIG,
     ArgumentParser,
     finite_float,
+    group_flags,
     parse_with_config,
 )
 from utils.core.device import default_workers
@@ -39,7 +40,7 @@ from utils.core.options import Options
 from utils.core.run import RunFolder
 from utils.core.schema import Checkpoint
 from utils.core.task import ALL_LOSSES, ALL_METRICS, MULTICLASS, MULTILABEL, TASK_TYPES
-from utils.train.flags import add_recipe_flags, check_values
+from utils.train.flags import add_recipe_flags, check_inputs, check_values
 
 # PyTorch and the library behind it are imported in main(): `--help` and a mistyped flag answer at once.
 
@@ -61,6 +62,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--seed", type=int, default=None, help="seed of python, numpy and torch (default: the config's random_seed)")
     p("--tracker", default="none", choices=list(TRACKERS), help="also log to Weights & Biases or MLflow (offline unless WANDB_MODE or MLFLOW_TRACKING_URI say otherwise)")
     p("--tracker_project", default="pytorch-classifier", help="the tracker's project (wandb) or experiment (mlflow)")
+    p("--data", default=None, metavar="ROOT", help="dataset root holding train/, val/, test/ and label.txt (timm's "
+      "--data-dir): the default of the four paths below; those given win")
     p("--train_path", default="dataset/train", help="training images: <train_path>/<class>/<images>, or a CSV / text list")
     p("--val_path", default="dataset/val", help="validation images (chooses best.pt); may be absent")
     p("--test_path", default="dataset/test", help="test images, evaluated with best.pt when training ends")
@@ -73,7 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
       help="decode and resize each image once and keep it in memory for every epoch: auto (if the set fits in a quarter of the "
            "free memory), ram (as many as fit), off")
     p("--batch_size", type=int, default=64, help="images per step; -1 picks one filling ~80%% of GPU memory")
-    p("--epoch", type=int, default=100, help="epochs to train")
+    p("--epochs", "--epoch", dest="epoch", metavar="N", type=int, default=100, help="epochs to train")
     p("--save_path", default="runs/exp", help="run folder (incremented if it exists, unless --resume)")
     p("--resume", action="store_true", help="continue the run in --save_path from its last.pt")
     p("--kfold", type=int, default=0, metavar="K",
@@ -106,7 +109,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--warmup", action="store_true", help="linear learning-rate warm-up, per optimizer step")
     p("--warmup_ratios", type=finite_float, default=0.05, help="fraction of the training steps spent warming up")
     p("--warmup_minlr", type=finite_float, default=1e-6, help="warm-up start lr and the end of the default decay")
-    p("--metrice", default=None, choices=list(ALL_METRICS),
+    p("--metric", "--metrice", dest="metrice", metavar="METRIC", default=None, choices=list(ALL_METRICS),
       help=f"validation metric that picks best.pt: {', '.join(MULTICLASS.metrics)} (multiclass; default "
            f"{MULTICLASS.metrics[0]}; mean_acc = balanced_acc, f1 = macro F1); {', '.join(MULTILABEL.metrics)} (multilabel; "
            f"default {MULTILABEL.metrics[0]})")
@@ -115,7 +118,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--reject_tpr", type=finite_float, default=0.95, help="share of the val images the unknown-image thresholds keep "
       "known (predict.py --reject)")
     add_recipe_flags(parser)
-    return parser
+    return group_flags(parser, "main")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -177,6 +180,7 @@ def main(args: Options) -> dict[str, Any]:
 
         print(model_zoo_text())
         return {}
+    check_inputs(args)  # paths and the model name: one line now, before PyTorch loads and the data is scanned
     from utils.core import distributed
 
     save_path = Path(args.save_path)  # a new run goes beside an existing --save_path; --resume writes into it

@@ -27,12 +27,12 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from utils.core.config import ArgumentParser, args_to_dict
+from utils.core.config import ArgumentParser, args_to_dict, data_root_paths, group_flags
 from utils.core.device import default_workers, share_cpu
 from utils.core.log import UserError, script_main, settle_heap
 from utils.core.names import CLASSICAL
 from utils.core.options import Options
-from utils.core.run import Run, RunFolder
+from utils.core.run import Run, RunFolder, check_model_paths
 from utils.core.schema import MAX_IMAGE_SIZE
 from utils.data.imageset import read_label_file, report_skipped
 from utils.data.sources import scan_split
@@ -74,6 +74,8 @@ def get_args_parser() -> argparse.ArgumentParser:
       "features of train/val/test and --classical classifiers fit on them, label_issues: probably mislabeled images "
       "(a --kfold run's training images, else val and test), or calibrate: refit the run's temperature on its val split "
       "(or --val_path) and rewrite best.pt (default test)")
+    p("--data", default=None, metavar="ROOT", help="dataset root holding train/, val/, test/ (and label.txt): the default of "
+      "the split paths below; those given win")
     p("--train_path", default=None, help="train split (default: the run's)")
     p("--val_path", default=None, help="val split (default: the run's; --task calibrate fits on it)")
     p("--test_path", default=None, help="test split (default: the run's)")
@@ -97,12 +99,15 @@ def get_args_parser() -> argparse.ArgumentParser:
       "ignored): AUROC and FPR at 95%% TPR of each unknown-image score, in = the split's images")
     p("--write_fixed_list", action="store_true", help="--task label_issues: also write label_issues/fixed_<split>.csv, "
       "each checked image with the suggested label for the flagged ones (a list main.py trains on)")
-    return parser
+    return group_flags(parser, "metrice")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
     """Parse and check the options."""
     args = get_args_parser().parse_args(argv)
+    for dest, path in data_root_paths(args.data).items() if args.data else ():  # a label.txt only where there is one
+        if getattr(args, dest) is None and (dest != "label_path" or Path(path).is_file()):
+            setattr(args, dest, path)
     args.oof_run = label_issues_run(args.task, args.save_path, args.weight, args.write_fixed_list)  # as given: not expanded
     args.save_path, args.model_type = models_from_flags(args.save_path, args.weight, args.model_type)
     for name in ("image_size", "batch_size"):
@@ -147,6 +152,7 @@ def load_models(args: Options) -> tuple[Ensemble, list[str], Any]:
 
 def main(args: Options) -> dict[str, Any]:
     """Evaluate (or time) the models in --save_path; returns the output folder and the metrics."""
+    check_model_paths(args.save_path, "--weight" if args.weight else "--save_path")  # one line, before the models load
     if args.task == "label_issues":  # a --kfold run's oof.csv, else val and test predicted (utils.evaluate.label_report)
         return label_issues_task(args, load_models)
     results_folder(args.save_path, args.task, "--weight" if args.weight else "--save_path")  # writable, before any work

@@ -29,12 +29,12 @@ from typing import Any, Sequence
 
 from prettytable import PrettyTable
 
-from utils.core.config import ArgumentParser, finite_float
+from utils.core.config import ArgumentParser, finite_float, group_flags
 from utils.core.device import default_workers, share_cpu
 from utils.core.log import StopFlag, Stopped, UserError, progress, script_main, settle_heap
 from utils.core.names import CLASSICAL
 from utils.core.options import Options
-from utils.core.run import RunFolder, increment_path
+from utils.core.run import RunFolder, check_model_paths, increment_path
 from utils.core.schema import OOD_SCORES
 from utils.data.decode import load_image
 from utils.deploy.formats import MODEL_TYPES
@@ -57,11 +57,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = parser.add_argument
     p("--source", required=True, help="an image, a folder of images (recursive), or a quoted glob such as 'img/*.jpg'")
     p("--save_path", nargs="+", default=None,
-      help="run folder (its best.pt) or model file; several = an ensemble of models of the same classes [runs/exp]")
+      help="run folder (its best.pt) or model file; several = an ensemble of models of the same classes (default: runs/exp)")
     p("--weight", nargs="+", default=None, help="model file(s) instead of --save_path: a checkpoint or any exported "
       "file (export/best_int8.onnx ...); the format comes from the suffix")
     p("--model_type", default=None, choices=list(MODEL_TYPES),
-      help="format of the model [torch; with --weight: from the file's suffix]")
+      help="format of the model (default: torch; with --weight: the file's suffix)")
     p("--device", default="", help="'' (GPU if any), cpu, or a GPU index such as 0")
     p("--half", action="store_true", help="float16 inference (CUDA only)")
     p("--batch_size", type=int, default=64, help="images per batch")
@@ -69,7 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--test_tta", action="store_true", help="TenCrop test-time augmentation (the 10 crops' probabilities averaged)")
     p("--conf_threshold", type=finite_float, default=0.5, help="a top-1 probability below this marks the row uncertain")
     p("--reject", action="store_true", help="name images of no trained class unknown (columns unknown, ood_score)")
-    p("--ood_score", default=None, choices=list(OOD_SCORES), help="the score --reject uses [the model's default]")
+    p("--ood_score", default=None, choices=list(OOD_SCORES), help="the score --reject uses (default: the model's)")
     add_ensemble_flags(parser)
     p("--save_images", action="store_true", help="save a copy of each image with its label and probability drawn")
     p("--cam_visual", action="store_true", help="save a class activation map per image (input | heatmap | label)")
@@ -78,7 +78,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--cam_class", default="", help="class to explain for every image; '' = the predicted class")
     p("--feature_maps", type=int, nargs="?", const=8, default=0, metavar="K", help="grid of the K (8) strongest channels per stage")
     p("--classical", choices=list(CLASSICAL), help="predict with this classifier on the features (metrice.py --task features)")
-    return parser
+    return group_flags(parser, "predict")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -289,6 +289,7 @@ def print_summary(writer: PredictionWriter, folder: Path, root: Path, first_skip
 
 
 def main(args: Options) -> Path:
+    check_model_paths(args.save_path, "--weight" if args.weight else "--save_path")  # one line, before the models load
     return predict_folder(args)
 
 

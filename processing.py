@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from prettytable import PrettyTable
 
-from utils.core.config import ArgumentParser, finite_float
+from utils.core.config import ArgumentParser, finite_float, group_flags
 from utils.core.files import atomic_write_text
 from utils.core.log import UserError, script_main
 from utils.core.options import Options
@@ -57,7 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--hash_distance", type=int, default=HASH_DISTANCE, help="pHash bits within which two images are near copies "
                                                                "(as audit.py's)")
     p("--workers", type=int, default=os.cpu_count() or 1, help="processes that decode and hash images (0 = this one)")
-    return parser
+    return group_flags(parser, "processing")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:

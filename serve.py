@@ -21,10 +21,11 @@ import signal
 import socket
 from typing import Any, Sequence
 
-from utils.core.config import ArgumentParser
+from utils.core.config import ArgumentParser, group_flags
 from utils.core.device import compute_threads, set_threads
 from utils.core.log import UserError, script_main, settle_heap
 from utils.core.options import Options
+from utils.core.run import check_model_paths
 from utils.data.decode import MAX_IMAGE_PIXELS
 from utils.deploy.formats import MODEL_TYPES
 from utils.infer.backends import load_backend, model_device
@@ -46,7 +47,7 @@ def role_flag(parser: argparse.ArgumentParser, name: str, help: str, **kwargs: A
         help: what it does, without its default.
         kwargs: more of add_argument (type, choices).
     """
-    parser.add_argument(f"--{name}", default=None, help=f"{help} [{shown(ROLE_FLAGS[name])}]", **kwargs)
+    parser.add_argument(f"--{name}", default=None, help=f"{help} (default: {shown(ROLE_FLAGS[name])})", **kwargs)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -57,15 +58,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     role_flag(parser, "model_type", "format of the model in --save_path", choices=list(MODEL_TYPES))
     role_flag(parser, "device", "'' (GPU if any), cpu, or a GPU index such as 0")
     p("--half", action="store_true", help="float16 inference (CUDA; torch and torchscript)")
-    p("--threads", type=int, default=None, help="compute threads of the model (torch, onnxruntime, OpenVINO) [a server: CPU cores - 1; a --worker: "
-      "PyTorch's default; $OMP_NUM_THREADS wins over both]")
+    p("--threads", type=int, default=None, help="compute threads of the model (torch, onnxruntime, OpenVINO) (default: a server, CPU cores - 1; a --worker, "
+      "PyTorch's default; $OMP_NUM_THREADS wins over both)")
     role_flag(parser, "conf_threshold", "a top-1 probability below this marks an image uncertain", type=float)
     p("--reject", action="store_true", help="answer unknown (with unknown and ood_score) for images of no trained class")
     role_flag(parser, "max_batch", "most images run together; 1 = no batching", type=int)
     role_flag(parser, "max_wait_ms", "how long a batch waits for more images once it has one", type=float)
     role_flag(parser, "host", "address to bind; any but loopback needs --api_key")
     role_flag(parser, "port", "port", type=int)
-    p("--api_key", default=None, help=f"bearer token required on /predict, /info, /metrics [${API_KEY_ENV}]")
+    p("--api_key", default=None, help=f"bearer token required on /predict, /info, /metrics (default: ${API_KEY_ENV})")
     role_flag(parser, "max_bytes", "request body limit in bytes", type=int)
     role_flag(parser, "max_images", "most images in one request (more: 413)", type=int)
     role_flag(parser, "max_pixels", "per-image pixel limit, checked before decoding", type=int)
@@ -79,7 +80,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--worker", action="store_true", help="run a model worker of --queue instead of the HTTP server")
     role_flag(parser, "heartbeat_s", "a worker silent this long counts as dead: others take over its images", type=float)
     role_flag(parser, "max_deliveries", "an image whose workers died this many times is answered with an error", type=int)
-    return parser
+    return group_flags(parser, "serve")
 
 
 def is_loopback(host: str) -> bool:
@@ -238,6 +239,8 @@ def run_worker(args: Options) -> None:
 
 
 def main(args: Options) -> None:
+    if args.save_path is not None:  # a role that loads the model: one line now, not after the imports
+        check_model_paths([args.save_path], "--save_path")
     if args.worker:
         run_worker(args)
         return

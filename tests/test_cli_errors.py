@@ -6,7 +6,6 @@ case), in one module fixture; each test checks one.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +53,7 @@ def error_runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
         "val_unknown_class": train(unknown_val),
         "batch_size_0": train(tiny_data, "--batch_size", "0"),
         "image_size_0": train(tiny_data, "--image_size", "0"),
-        "mistyped_flag": train(tiny_data, "--epochs", "3"),
+        "mistyped_flag": train(tiny_data, "--epohcs", "3"),
         "resume_no_last": ["--save_path", str(no_last), "--resume"],
         "resume_corrupt_last": ["--save_path", str(corrupt), "--resume"],
         "config_unknown_key": train(tiny_data, "--config", config),
@@ -85,12 +84,7 @@ def test_bad_input_is_one_error_line(error_runs: dict, case: str) -> None:
 def test_mistyped_flag_is_refused_with_a_hint(error_runs: dict) -> None:
     proc = error_runs["mistyped_flag"]
     assert proc.returncode == 2, describe(proc)
-    assert "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("usage:")
-    error = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(error) == 1 and "--epochs" in error[0]
-    assert "did you mean" in error[0]
-    assert re.search(r"--epochs -> (\S+ or )?--epoch\?", error[0]), error[0]
+    assert proc.stderr == "error: unknown flag --epohcs; did you mean --epochs? (--help lists them all)\n", describe(proc)
 
 
 def test_refused_runs_leave_no_run_folder(error_runs: dict) -> None:

@@ -32,7 +32,7 @@ FOREIGN_FLAGS = {
     "--logdir", "--bind",  # tensorboard
     "--strict",  # mkdocs build
     "--all", "--batch", "--meta", "--build",  # classify (C++), cmake --build
-    "--compare", "--timm_train", "--epochs", "--modes", "--bktree", "--save",  # benchmarks/*.py
+    "--compare", "--timm_train", "--modes", "--bktree", "--save",  # benchmarks/*.py
 }
 FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")
 

@@ -342,7 +342,8 @@ def test_checkpoint_refusals_name_the_flag(tmp_path: Path) -> None:
     with pytest.raises(UserError) as err:
         RunFolder.checkpoint(tmp_path / "nothing", "--teacher_path")
     assert one_line_error(err) == (f"--teacher_path {tmp_path / 'nothing'}: not found; pass a run folder of main.py "
-                                   "(e.g. runs/exp) or a model file")
+                                   "(e.g. runs/exp) or a model file; no run beside it or in runs/ (main.py --save_path "
+                                   "makes one)")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError) as err:

@@ -1,8 +1,14 @@
 """Options: YAML config file -> argparse defaults -> command line (the command line wins).
 
 The config file is data, read with yaml.safe_load; nothing in it is executed. Its keys are either
-flag names (they change that flag's default) or config-only keys such as lr_scheduler (listed in
-CONFIG_ONLY_KEYS). An unknown key is an error that lists the known ones.
+flag names (they change that flag's default; a flag's alias works too: `epochs:` for `epoch:`),
+config-only keys such as lr_scheduler (listed in CONFIG_ONLY_KEYS), or what a run writes into its
+args.yaml beside its options (RUN_KEYS: mean, std ...; ignored with one note, so that
+`main.py --config RUN/args.yaml` trains the run again). Any other key is an error that names the
+close known one.
+
+The one command line of every script (ArgumentParser): one help format (HelpFormatter), options in
+titled groups (group_flags), choices in any case, and a mistake answered in one line.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from typing import Any, Sequence
 import yaml
 
 from utils.core.log import UserError
+from utils.core.names import FLAG_GROUPS
 
 LOGGER = logging.getLogger(__name__)
 
@@ -29,6 +36,12 @@ CONFIG_ONLY_KEYS: dict[str, Any] = {
     "random_seed": 0,
     "plot_train_batch_count": 5,
 }
+# What a run writes into args.yaml beside its options (utils.train.trainer, utils.train.kfold): derived from
+# the data or the run, never read back as options. A config file holding them (a run's own args.yaml) is
+# taken with one note naming them; any other unknown key is refused.
+RUN_KEYS = ("mean", "std", "fold")  # a key added to args.yaml beside the options goes here too
+# --data ROOT: the split flags it sets, and the name each takes under ROOT (timm's --data-dir).
+DATA_ROOT_PATHS = {"train_path": "train", "val_path": "val", "test_path": "test", "label_path": "label.txt"}
 # What each config-only key takes: (accepted types, description for the error, lowest number or None).
 CONFIG_ONLY_TYPES: dict[str, tuple[tuple[type, ...], str, int | None]] = {
     "lr_scheduler": ((str, type(None)), "a torch.optim.lr_scheduler class name or null", None),
@@ -50,16 +63,34 @@ def finite_float(text: str) -> float:
     return value
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """The one help format of every script: each flag's default printed once.
+def canonical_choice(action: argparse.Action, value: Any) -> Any:
+    """A flag's value spelled as its choices spell it, whatever the case (`randaugment` ->
+    `RandAugment`); other values unchanged (refused after as not a choice)."""
+    if isinstance(value, str) and action.choices is not None and value not in action.choices:
+        folded = {c.lower(): c for c in action.choices if isinstance(c, str)}
+        return folded.get(value.lower(), value)
+    return value
 
-    "(default: ...)" is added unless the help already says what the default is, and not for
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """The one help format of every script: `help (choices: a, b) (default: x)`.
+
+    A flag with choices shows a name (its metavar) in the usage, and its choices once at the end of
+    its help, unless the help already names them all. "(default: ...)" is added unless the help
+    already says it (as "(default: the run's)" when no literal value is the default), and not for
     switches, empty defaults or None (a flag that is off unless given).
     """
 
+    def _metavar_formatter(self, action: argparse.Action, default_metavar: str) -> Any:
+        if action.choices is not None and action.metavar is None:
+            return super()._metavar_formatter(argparse.Action(action.option_strings, action.dest), default_metavar)
+        return super()._metavar_formatter(action, default_metavar)
+
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("(default" in text or "%(default)" in text or action.default in (None, "", [], argparse.SUPPRESS)
+        if action.choices is not None and not all(str(c) in text for c in action.choices):
+            text += " (choices: " + ", ".join(map(str, action.choices)) + ")"
+        if ("(default" in text or action.default in (None, "", [], argparse.SUPPRESS)
                 or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))):
             return text
         if isinstance(action.default, (list, tuple)):  # as typed: --export onnx torchscript
@@ -68,8 +99,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a 'did you mean' hint for mistyped flags, no abbreviated flags, the one help
-    format (HelpFormatter) and --version."""
+    """argparse with the one help format (HelpFormatter), --version, no abbreviated flags, choices
+    in any case, and every mistake in one line (exit code 2): an unknown flag with the close one,
+    a bad value with the flag, the value and what it takes; --help shows the rest."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         from utils import __version__
@@ -80,20 +112,69 @@ class ArgumentParser(argparse.ArgumentParser):
         self.add_argument("--version", action="version", version=f"pytorch-classifier-ng {__version__}",
                           help="print the version and exit")
 
+    def _get_value(self, action: argparse.Action, arg_string: str) -> Any:
+        return canonical_choice(action, super()._get_value(action, arg_string))
+
     def error(self, message: str) -> None:  # noqa: D401 - argparse's signature
-        if message.startswith("unrecognized arguments:"):
-            known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
-            hints = []
-            for arg in message.split(":", 1)[1].split():
-                flag = arg.split("=", 1)[0]
-                if flag.startswith("-"):
-                    close = difflib.get_close_matches(flag, known, n=2, cutoff=0.6)
-                    if close:
-                        hints.append(f"{flag} -> {' or '.join(close)}?")
-            if hints:
-                message += " (did you mean: " + "; ".join(hints) + ")"
-        self.print_usage(sys.stderr)
-        self.exit(2, f"error: {message}\n")
+        self.exit(2, f"error: {one_line_error(self, message)}\n")
+
+
+def one_line_error(parser: argparse.ArgumentParser, message: str) -> str:
+    """argparse's error message as one line that names the flag and how to go on.
+
+    Args:
+        parser: the parser that refused the command line.
+        message: argparse's message ("unrecognized arguments: --lrr 3", "argument --x: invalid choice ...").
+
+    Returns:
+        The line, without "error: ".
+    """
+    more, every = " (--help lists them all)", " (--help lists every flag)"
+    if message.startswith("unrecognized arguments:"):
+        known = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+        words = message.split(":", 1)[1].split()
+        flags = [w.split("=", 1)[0] for w in words if w.startswith("-")]
+        if not flags:
+            return f"unexpected argument{'s' if len(words) > 1 else ''} {' '.join(words)}: a value follows its flag" + every
+        close = [difflib.get_close_matches(flag, known, n=1, cutoff=0.6) for flag in flags]
+        if len(flags) == 1:
+            return f"unknown flag {flags[0]}" + (f"; did you mean {close[0][0]}?" if close[0] else "") + more
+        return "unknown flags " + ", ".join(f + (f" ({c[0]}?)" if c else "") for f, c in zip(flags, close)) + more
+    if message.startswith("argument "):
+        flag, _, what = message[len("argument "):].partition(": ")
+        flag = flag.split("/")[0]  # "--epochs/--epoch": a flag of several names is named by its first
+        action = next((a for a in parser._actions if flag in a.option_strings), None)
+        if "invalid choice" in what and action is not None:
+            value = what.split("'")[1] if what.count("'") >= 2 else what
+            return f"{flag} {value}: not one of {', '.join(map(str, action.choices))} (any case)"
+        return f"{flag}: {what}" + every
+    return message + every
+
+
+def group_flags(parser: argparse.ArgumentParser, script: str) -> argparse.ArgumentParser:
+    """Put a script's flags into the titled argument groups of utils.core.names.FLAG_GROUPS (--help's
+    sections; the docs' table sections, read as argparse's parser._action_groups).
+
+    Args:
+        parser: a parser whose flags are all defined.
+        script: its FLAG_GROUPS entry (main, predict ...).
+
+    Returns:
+        The parser; its flags in no group stay under argparse's "options" (with --help and --version).
+
+    Raises:
+        ValueError: a destination the parser does not have (a programming error).
+    """
+    by_dest = {a.dest: a for a in parser._actions}
+    general = parser._optionals
+    for title, dests in FLAG_GROUPS[script].items():
+        group = parser.add_argument_group(title)
+        for dest in dests:
+            if dest not in by_dest:
+                raise ValueError(f"group {title!r}: the parser has no flag {dest!r}")
+            general._group_actions.remove(by_dest[dest])
+            group._group_actions.append(by_dest[dest])
+    return parser
 
 
 def _config_path_from_argv(argv: Sequence[str]) -> str | None:
@@ -145,23 +226,14 @@ def parse_with_config(
 
     Returns:
         The resolved namespace: flags, then config-only keys. `args.explicit` is the set of flag
-        destinations the user typed on the command line.
+        destinations the user typed on the command line. A parser with --data (DATA_ROOT_PATHS):
+        the split paths that neither the command line nor the config gives are under it.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     config_only = dict(CONFIG_ONLY_KEYS if config_only is None else config_only)
     cfg_path = _config_path_from_argv(argv) or parser.get_default("config")
-    cfg = load_yaml(cfg_path) if cfg_path else {}
-
+    cfg = config_keys(parser, load_yaml(cfg_path) if cfg_path else {}, config_only, cfg_path)
     dests = {a.dest for a in parser._actions if a.dest not in ("help", "version")}
-    unknown = [k for k in cfg if k not in dests and k not in config_only]
-    if unknown:
-        known = sorted(dests | set(config_only))
-        hint = difflib.get_close_matches(unknown[0], known, n=1)
-        raise UserError(
-            f"config {cfg_path}: unknown key '{unknown[0]}'"
-            + (f" (did you mean '{hint[0]}'?)" if hint else "")
-            + f"; known keys: {', '.join(known)}"
-        )
     actions = {a.dest: a for a in parser._actions}
     parser.set_defaults(**{k: config_value(actions[k], v, cfg_path) for k, v in cfg.items() if k in dests})
     args = parser.parse_args(argv)
@@ -171,7 +243,46 @@ def parse_with_config(
             check_config_only(key, value, cfg_path)
         setattr(args, key, value)
     args.explicit = explicit_dests(parser, argv)
+    if getattr(args, "data", None):
+        for dest, path in data_root_paths(args.data).items():
+            if dest not in args.explicit and dest not in cfg:
+                setattr(args, dest, path)
     return args
+
+
+def config_keys(parser: argparse.ArgumentParser, cfg: dict[str, Any], config_only: dict[str, Any],
+                path: str | Path) -> dict[str, Any]:
+    """A config file's keys as the parser's destinations: a flag's alias (`epochs:`) as its flag
+    (`epoch`), a run's own keys (RUN_KEYS: a run's args.yaml) dropped with one note.
+
+    Raises:
+        UserError: an unknown key (with the close known one), or a flag given under two names.
+    """
+    names = {s[2:]: a.dest for a in parser._actions for s in a.option_strings
+             if s.startswith("--") and a.dest not in ("help", "version")}
+    out: dict[str, Any] = {}
+    derived = []
+    for key, value in cfg.items():
+        dest = names.get(key, key if key in config_only else None)
+        if dest is None and key in RUN_KEYS:
+            derived.append(key)
+            continue
+        if dest is None:
+            hint = difflib.get_close_matches(key, sorted(names) + sorted(config_only), n=1)
+            raise UserError(f"config {path}: unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                            + f"; known keys: {', '.join(sorted(set(names.values()) | set(config_only)))}")
+        if dest in out:
+            raise UserError(f"config {path}: '{key}' and another name of the same flag (--{dest}) are both given; keep one")
+        out[dest] = value
+    if derived:
+        LOGGER.info("config %s: ignoring what a run wrote beside its options (recomputed): %s", path, ", ".join(derived))
+    return out
+
+
+def data_root_paths(root: str | Path) -> dict[str, str]:
+    """--data ROOT: the split paths under it (ROOT/train, ROOT/val, ROOT/test, ROOT/label.txt), as
+    timm's --data-dir; an absent val/ or test/ is an absent split."""
+    return {dest: str(Path(root) / name) for dest, name in DATA_ROOT_PATHS.items()}
 
 
 def _describe(action: argparse.Action) -> str:
@@ -234,6 +345,7 @@ def config_scalar(action: argparse.Action, value: Any, wrong: UserError) -> Any:
         value = str(value)  # device: 0, a class named 10
     elif convert is not int:
         raise wrong  # a name checker (--optimizer) takes names only
+    value = canonical_choice(action, value)  # any case, as on the command line
     if action.choices is not None and value not in action.choices:
         raise wrong
     return value

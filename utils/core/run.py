@@ -152,8 +152,50 @@ class RunFolder:
             hint = f"; runs here: {', '.join(runs[:10])}" if runs else ""
             raise UserError(f"{flag} {path}: no {cls.BEST} in it: pass the run folder main.py wrote (its --save_path){hint}")
         if not path.exists():
-            raise UserError(f"{flag} {path}: not found; pass a run folder of main.py (e.g. runs/exp) or a model file")
+            raise model_not_found(path, flag)
         return path
+
+
+def nearby_runs(path: str | Path, limit: int = 10) -> list[Path]:
+    """The run folders near a path that is not one: those in its parent folder, else in runs/ (main.py's
+    default), newest first. A run folder holds best.pt, or is a --kfold run.
+
+    Args:
+        path: the path given for a run or model (runs/x, runs/exp/best.pt ...).
+        limit: at most this many.
+    """
+    path = Path(path)
+    for where in (path.parent, Path("runs")):
+        if not where.is_dir():
+            continue
+        runs = [p for p in where.iterdir() if p.is_dir() and ((p / RunFolder.BEST).is_file() or RunFolder(p).is_kfold)]
+        if runs:
+            return sorted(runs, key=lambda p: (-p.stat().st_mtime, str(p)))[:limit]
+    return []
+
+
+def check_model_paths(paths: Sequence[str | Path], flag: str) -> None:
+    """The run folders or model files a script was given exist (checked before the models load).
+
+    Raises:
+        UserError: the first that does not, naming the flag and the runs nearby (model_not_found).
+    """
+    for path in paths:
+        if not Path(path).exists():
+            raise model_not_found(path, flag)
+
+
+def model_not_found(path: str | Path, flag: str) -> UserError:
+    """The one line for a run or model path that does not exist: the flag, and the runs that do.
+
+    Args:
+        path: what was given.
+        flag: the flag it was given to (--save_path, --weight ...).
+    """
+    runs = nearby_runs(path)
+    where = (f"runs in {runs[0].parent}, newest first: {', '.join(map(str, runs))}" if runs
+             else "no run beside it or in runs/ (main.py --save_path makes one)")
+    return UserError(f"{flag} {path}: not found; pass a run folder of main.py (e.g. runs/exp) or a model file; {where}")
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from PIL import Image
 from utils.core.device import import_torch, select_device
 from utils.core.files import check_writable
 from utils.core.log import UserError
-from utils.core.run import RunFolder
+from utils.core.run import RunFolder, model_not_found
 from utils.core.schema import ModelMeta
 from utils.data.transforms_np import image_transform, run_with_tta
 from utils.deploy.formats import MODEL_TYPES, ModelFormat, format_of, get_format, is_hub_folder
@@ -68,7 +68,7 @@ def resolve_weights(path: str | Path, model_type: str = "torch") -> Path:
     if path.is_dir() and not is_hub_folder(path):  # a --kfold run: its best fold's (RunFolder.model_folder)
         return RunFolder.checkpoint(path) if fmt.flag == "torch" else find_export(RunFolder.model_folder(path), fmt)
     if not path.exists():
-        raise UserError(f"model not found: {path}")
+        raise model_not_found(path, "model")
     found = format_of(path)
     if found is not None and found is not fmt and not (fmt.flag == "torchscript" and found.flag == "torch"):
         raise UserError(f"{path} looks like a {found.flag} model ({path.suffix or 'a Hub folder'}) but --model_type is "
@@ -89,7 +89,7 @@ def model_type_of(path: str | Path) -> str:
     found = format_of(path)
     if found is None:
         if not path.exists():
-            raise UserError(f"model not found: {path}")
+            raise model_not_found(path, "model")
         raise UserError(f"{path}: '{path.suffix or 'no suffix'}' names no model format; pass --model_type "
                         f"({', '.join(MODEL_TYPES)})")
     return found.flag

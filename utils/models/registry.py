@@ -8,7 +8,6 @@ a missing file is one clear error instead of a long retrying download.
 """
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import socket
@@ -22,6 +21,7 @@ from torch import nn
 
 import model as _custom_models  # noqa: F401  (registers model/ architectures into timm)
 from utils.core.log import UserError
+from utils.core.names import MODEL_SOURCES, unknown_model_message
 
 LOGGER = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _torchvision_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-SOURCE_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")  # timm's model sources: a Hub repo, a local folder
+SOURCE_PREFIXES = MODEL_SOURCES  # timm's model sources: a Hub repo, a local folder
 
 
 def _tagged(name: str) -> str:
@@ -118,11 +118,15 @@ def resolve_name(name: str) -> tuple[str, str]:
         return "timm", _tagged(name) if "." in name else name
     if name in _torchvision_names():
         return "torchvision", name
-    candidates = list(dict.fromkeys(list(ZOO) + timm.list_models() + _torchvision_names()))  # each name once
-    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise UserError(f"unknown --model_name '{name}'{hint} (python main.py --list_models shows the zoo; any timm model name "
-                    "works too, with a pretrained tag such as resnet18.a1_in1k, or hf-hub:REPO / local-dir:FOLDER)")
+    raise UserError(unknown_model_message(name, all_model_names()))
+
+
+def all_model_names() -> list[str]:
+    """Every name resolve_name takes without a tag or source: the zoo's, timm's (model/ included, and
+    the deprecated names timm still maps), torchvision's; each once. utils/core/model_names.txt holds
+    them for the check before PyTorch loads (utils.core.names.unknown_model_name)."""
+    timm_names = timm.list_models() + sorted(timm.models.get_deprecated_models())
+    return list(dict.fromkeys(list(ZOO) + timm_names + _torchvision_names()))
 
 
 def model_table() -> list[tuple[str, str, str]]:

@@ -92,7 +92,7 @@ def shown(value: Any) -> str:
         value: a default of flag_defaults().
 
     Returns:
-        The text between the help's brackets.
+        The text after "(default: " in the help.
     """
     if value == "":
         return "''"

@@ -1,14 +1,17 @@
 """main.py's training recipes as flags (augmentation, mixing, TTA, EMA/SWA, R-Drop, accumulation,
-freezing, distillation) and the checks of every main.py option's value, refused at start with one
-line each. Light: argparse and utils.core only, so `main.py --help` answers before PyTorch loads.
+freezing, distillation), and the checks of every
+main.py option's value, refused at start with one line each: the values, then the paths and the
+model name (check_inputs), all before PyTorch loads and the data is scanned. Light: argparse and
+utils.core only, so `main.py --help` and a mistake answer at once.
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from utils.core.config import finite_float
 from utils.core.log import UserError
-from utils.core.names import AUGMENT_CHOICES, KD_METHODS, MIXUP_CHOICES
+from utils.core.names import AUGMENT_CHOICES, KD_METHODS, MIXUP_CHOICES, unknown_model_name
 from utils.core.options import Options
 from utils.core.schema import MAX_IMAGE_SIZE, RESIZE_MODES
 
@@ -16,7 +19,7 @@ from utils.core.schema import MAX_IMAGE_SIZE, RESIZE_MODES
 def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     """The training recipes: augmentation, mixing, TTA, EMA/SWA, R-Drop, accumulation, freezing, distillation."""
     p = parser.add_argument
-    p("--Augment", default="none", choices=list(AUGMENT_CHOICES), help="torchvision augmentation policy (the config's custom_augment replaces it)")
+    p("--augment", "--Augment", dest="Augment", default="none", choices=list(AUGMENT_CHOICES), help="torchvision augmentation policy (the config's custom_augment replaces it)")
     p("--resize_mode", default="crop", choices=list(RESIZE_MODES), help="crop: short side + crop; letterbox: pad to square; squash: ignore aspect")
     p("--mixup", default="none", choices=list(MIXUP_CHOICES), help="mix pairs of images in a batch, after the other augmentations")
     p("--test_tta", action="store_true", help="validate with TenCrop test-time augmentation")
@@ -35,6 +38,26 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     p("--kd_method", default="SoftTarget", choices=list(KD_METHODS), help="distillation loss")
     p("--kd_ratio", type=finite_float, default=0.7, help="weight of the distillation loss")
     p("--kd_temperature", type=finite_float, default=4.0, help="SoftTarget temperature")
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """The training split, --weight, the teacher and --model_name, checked before PyTorch loads (a
+    resumed run's own are checked when it is read).
+
+    Raises:
+        UserError: a path that does not exist, naming its flag; an unknown model name.
+    """
+    if args.resume:
+        return
+    paths = [("train_path", "the training images (split a dataset with processing.py, or pass --data ROOT)"),
+             ("weight", "a state_dict or checkpoint file"), ("teacher_path", "the teacher's run folder or best.pt")]
+    for flag, what in paths:
+        value = getattr(args, flag)
+        if value and not Path(value).exists():
+            raise UserError(f"--{flag} {value}: not found; pass {what}")
+    problem = unknown_model_name(args.model_name)
+    if problem is not None:
+        raise UserError(problem)
 
 
 def check_values(args: argparse.Namespace) -> None:

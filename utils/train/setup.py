@@ -28,6 +28,7 @@ from utils.data.imageset import ImageSet, report_skipped
 from utils.data.loaders import compute_mean_std
 from utils.data.sources import scan_split
 from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from utils.models.registry import resolve_name
 
 LOGGER = logging.getLogger(__name__)
 
@@ -101,6 +102,8 @@ def load_data(args: Options, resumed: Checkpoint | None = None) -> TrainData:
         UserError: missing or unusable splits, fewer than two classes, other classes than the resumed
             run's, several labels per image for a multiclass run.
     """
+    if resumed is None:  # a model name the light check could not decide (another timm): refused before the scan
+        resolve_name(args.model_name)
     train_set = scan_split(args.train_path, label_path=args.label_path, what="train set", list_sep=args.list_sep)
     class_names = train_set.class_names
     if resumed is not None and list(resumed.meta.class_names) != class_names:
