@@ -270,8 +270,10 @@ def test_model_not_found_names_the_flag_and_the_runs_nearby(script: str, extra: 
                     f"file; runs in {tmp_path / 'runs'}, newest first: {', '.join(map(str, newest_first))}")
 
 
-def test_a_missing_weight_file_names_weight(tmp_path: Path) -> None:
+def test_a_missing_weight_file_names_weight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     newest_first = _runs(tmp_path)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # the message also lists ./runs: none here (the repository may have some)
     line = _only_line(run_inprocess("predict.py", "--source", "img", "--weight", tmp_path / "runs" / "best.onnx"))
     assert line.startswith(f"error: --weight {tmp_path / 'runs' / 'best.onnx'}: not found; ")
     assert line.endswith(f"newest first: {', '.join(map(str, newest_first))}")

@@ -33,6 +33,8 @@ FOREIGN_FLAGS = {
     "--strict",  # mkdocs build
     "--all", "--batch", "--meta", "--build",  # classify (C++), cmake --build
     "--compare", "--timm_train", "--modes", "--bktree", "--save",  # benchmarks/*.py
+    "--data-dir",  # timm's train.py
+    "--lrr", "--epohcs",  # mistyped on purpose, to show the one-line error
 }
 FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")
 

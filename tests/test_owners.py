@@ -338,7 +338,8 @@ def test_checkpoint_of_a_run_folder_or_a_file(tmp_path: Path) -> None:
     assert RunFolder.checkpoint(run / "best.pt") == run / "best.pt"
 
 
-def test_checkpoint_refusals_name_the_flag(tmp_path: Path) -> None:
+def test_checkpoint_refusals_name_the_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the message lists the runs in ./runs: none here
     with pytest.raises(UserError) as err:
         RunFolder.checkpoint(tmp_path / "nothing", "--teacher_path")
     assert one_line_error(err) == (f"--teacher_path {tmp_path / 'nothing'}: not found; pass a run folder of main.py "
