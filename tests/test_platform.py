@@ -121,3 +121,76 @@ def test_probe_is_one_request_with_a_short_timeout(monkeypatch: pytest.MonkeyPat
     assert online.PROBE_TIMEOUT <= 5  # fails fast: timm's own download retries for about 45 s
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert online.weights_server_online() is False and len(calls) == 1
+
+
+# ------------------------------------------------------------------------------- --device mps
+def _fake_mps(monkeypatch: pytest.MonkeyPatch, available: bool, built: bool = True) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: available)
+    monkeypatch.setattr(torch.backends.mps, "is_built", lambda: built)
+
+
+def test_device_mps_where_apple_gpu_is_available(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import torch
+
+    from utils.core.device import MPS_FALLBACK, amp_settings, select_device
+
+    _fake_mps(monkeypatch, available=True)
+    monkeypatch.setenv(MPS_FALLBACK, "1")
+    with caplog.at_level("WARNING", logger="utils.core.device"):
+        assert select_device("mps") == torch.device("mps") and select_device(" MPS ") == torch.device("mps")
+    assert not caplog.records  # the fallback is on: nothing to say
+    monkeypatch.setenv(MPS_FALLBACK, "0")  # the user turned it off
+    with caplog.at_level("WARNING", logger="utils.core.device"):
+        select_device("mps")
+    assert len(caplog.records) == 1 and f"{MPS_FALLBACK}=1" in caplog.records[0].getMessage()
+    assert amp_settings(torch.device("mps"), True)[0] == torch.float16  # float16 autocast + GradScaler, as on CUDA
+    assert amp_settings(torch.device("mps"), False) == (None, "off")
+    monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: device_type != "mps")
+    dtype, note = amp_settings(torch.device("mps"), True)
+    assert dtype is None and "no autocast on MPS" in note
+
+
+@pytest.mark.parametrize("built, needle", [(True, "Apple silicon"), (False, "no MPS support")])
+def test_device_mps_refused_with_the_reason(monkeypatch: pytest.MonkeyPatch, built: bool, needle: str) -> None:
+    from utils.core.device import select_device
+    from utils.core.log import UserError
+
+    _fake_mps(monkeypatch, available=False, built=built)
+    with pytest.raises(UserError, match=needle) as err:
+        select_device("mps")
+    assert "--device cpu" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_device_mps_is_one_line_where_there_is_none(tiny_data: Path, tmp_path: Path) -> None:
+    import torch
+
+    from conftest import assert_user_error, run_inprocess, train_args
+
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has Apple's GPU: --device mps is valid here")
+    proc = run_inprocess("main.py", *train_args(tiny_data, tmp_path / "run", "--device", "mps"))
+    assert_user_error(proc, "--device mps", "--device cpu")
+    assert not (tmp_path / "run").exists()  # refused before a run folder
+
+
+def test_mps_fallback_is_set_on_macos_before_torch_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from utils.core import device
+
+    monkeypatch.delenv(device.MPS_FALLBACK, raising=False)
+    monkeypatch.setattr(sys, "platform", "linux")
+    device._mps_fallback_before_torch()
+    assert device.MPS_FALLBACK not in os.environ  # nothing changes off macOS
+    monkeypatch.setattr(sys, "platform", "darwin")
+    device._mps_fallback_before_torch()
+    assert os.environ[device.MPS_FALLBACK] == "1"
+    monkeypatch.setenv(device.MPS_FALLBACK, "0")
+    device._mps_fallback_before_torch()
+    assert os.environ[device.MPS_FALLBACK] == "0"  # the user's choice is kept
+    # PyTorch reads the variable when it loads: each script with --device sets it (imports utils.core.device) before torch
+    code = ("import importlib, sys\nfor s in sys.argv[1:]:\n    importlib.import_module(s)\n"
+            "    assert 'utils.core.device' in sys.modules and 'torch' not in sys.modules, s\n")
+    proc = subprocess.run([sys.executable, "-c", code, "main", "metrice", "predict", "export", "serve"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
