@@ -194,3 +194,76 @@ def test_mps_fallback_is_set_on_macos_before_torch_loads(monkeypatch: pytest.Mon
     proc = subprocess.run([sys.executable, "-c", code, "main", "metrice", "predict", "export", "serve"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------------------- installs
+def _pins(path: Path) -> dict[str, str]:
+    """name -> the version spec of each requirement line (comments and -r/-c lines left out)."""
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-"):
+            name = line.replace(">", "=").replace("<", "=").split("=", 1)[0].strip()
+            out[name.lower().replace("_", "-")] = line[len(name):].strip()
+    return out
+
+
+def test_torch_is_a_range_and_make_installs_the_tested_pin() -> None:
+    import huggingface_hub
+    import torch
+    import torchvision
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    training, pinned = _pins(REPO / "requirements.txt"), _pins(REPO / "requirements" / "constraints.txt")
+    extras = _pins(REPO / "requirements" / "extras.txt")
+    assert set(pinned) == {"torch", "torchvision"} and all(spec.startswith("==") for spec in pinned.values())
+    for name, module in (("torch", torch), ("torchvision", torchvision)):
+        tested = Version(module.__version__.split("+")[0])
+        assert str(tested) == pinned[name][2:]  # the pin is what the tests run on
+        assert tested in SpecifierSet(training[name]) and "<" in training[name] and ">=" in training[name]
+    assert Version("2.4.1") not in SpecifierSet(training["torch"])  # torch.onnx.export(dynamo=) needs 2.5
+    assert Version("0.33.5") not in SpecifierSet(training["huggingface-hub"])  # the `hf` command the README names
+    assert Version(huggingface_hub.__version__) in SpecifierSet(training["huggingface-hub"])
+    assert set(extras) == {"grad-cam", "albumentations", "tensorboard"} and not set(extras) & set(training)
+    assert "-r extras.txt" in (REPO / "requirements" / "dev.txt").read_text(encoding="utf-8")  # the tests have them
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    assert "CONSTRAINTS := requirements/constraints.txt" in makefile and "-c $(CONSTRAINTS)" in makefile
+
+
+def test_without_tensorboard_a_run_says_so_once_and_goes_on(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    from utils.core.run import Run
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ImportError
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    run = Run(tmp_path / "exp")
+    with caplog.at_level("WARNING", logger="utils.core.run"):
+        assert run.tensorboard() is None and run.tensorboard() is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "tensorboard is not installed" in lines[0] and "pip install" in lines[0]
+    run.close()
+    assert not list(run.path.glob("events.out.tfevents.*"))
+
+
+def test_without_grad_cam_the_cam_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from utils.core.log import UserError
+    from utils.explain.cam import import_grad_cam
+
+    monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)
+    with pytest.raises(UserError, match=r"pip install 'grad-cam>=1\.5'") as err:
+        import_grad_cam()
+    assert "\n" not in str(err.value)
+
+
+def test_without_albumentations_only_its_names_need_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchvision.transforms import v2
+
+    from utils.core.log import UserError
+    from utils.data.augment import build_custom_augment
+
+    monkeypatch.setitem(sys.modules, "albumentations", None)
+    flip, cut = build_custom_augment([{"name": "RandomHorizontalFlip", "params": {"p": 1.0}}, "CutOut"])
+    assert isinstance(flip, v2.RandomHorizontalFlip) and flip.p == 1.0 and type(cut).__name__ == "CutOut"
+    with pytest.raises(UserError, match=r"custom_augment\[1\]: 'RandomGridShuffle'.*pip install 'albumentations>=1\.4\.21'"):
+        build_custom_augment(["CutOut", "RandomGridShuffle"])

@@ -159,7 +159,8 @@ def select_device(spec: str = "", torch_runtime: bool = True, model_type: str = 
     spec = spec.replace("cuda:", "")
     if not torch_runtime:
         if spec not in ("", "cpu") and not spec.isdigit():
-            raise UserError(f"--device '{given}' is not valid: use '', 'cpu', or a GPU index such as 0")
+            mps = f" (mps runs PyTorch models, not --model_type {model_type})" if spec == "mps" else ""
+            raise UserError(f"--device '{given}' is not valid{mps}: use '', 'cpu', or a GPU index such as 0")
         return Device("cuda", int(spec)) if spec.isdigit() else Device("cpu")
     torch = import_torch(f"--model_type {model_type}")
     if spec == "":
