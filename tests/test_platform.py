@@ -4,6 +4,7 @@ and the README's quick-start tour."""
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import socket
 import subprocess
@@ -267,3 +268,64 @@ def test_without_albumentations_only_its_names_need_it(monkeypatch: pytest.Monke
     assert isinstance(flip, v2.RandomHorizontalFlip) and flip.p == 1.0 and type(cut).__name__ == "CutOut"
     with pytest.raises(UserError, match=r"custom_augment\[1\]: 'RandomGridShuffle'.*pip install 'albumentations>=1\.4\.21'"):
         build_custom_augment(["CutOut", "RandomGridShuffle"])
+
+
+# ------------------------------------------------------------------------- quick-start tour
+TOUR_MARK = "<!-- quick-start tour -->"
+
+
+def tour_commands(readme: Path) -> list[list[str]]:
+    """The README's quick-start tour: the fenced block after TOUR_MARK, one command a line, comments dropped."""
+    import shlex
+
+    block = readme.read_text(encoding="utf-8").split(TOUR_MARK, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+
+
+def test_readme_tour_is_the_five_steps_in_both_languages() -> None:
+    import importlib
+
+    commands = tour_commands(REPO / "README.md")
+    assert commands == tour_commands(REPO / "README.zh-CN.md")
+    assert [c[1] for c in commands] == ["processing.py", "main.py", "metrice.py", "predict.py", "export.py"]
+    for python, script, *args in commands:
+        assert python == "python"
+        importlib.import_module(script[:-3]).parse_args(args)  # every flag exists and every value parses
+
+
+def test_readme_tour_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tour's commands, verbatim, on a small stand-in for make demo's sample/digits (3 classes of
+    10 images instead of 10 of ~180: the same commands, seconds instead of minutes)."""
+    import csv
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from conftest import assert_ok, load_ckpt, make_class_folders, run_inprocess
+
+    make_class_folders(tmp_path / "sample" / "digits", {"1": 10, "7": 10, "9": 10}, size=32)
+    monkeypatch.chdir(tmp_path)
+    procs = {}
+    for _, script, *args in tour_commands(REPO / "README.md"):
+        procs[script] = proc = run_inprocess(script, *args)
+        assert_ok(proc)
+    split = {s: sorted(p.name for p in (tmp_path / "sample" / s / "7").iterdir()) for s in ("train", "val", "test")}
+    assert [len(split[s]) for s in ("train", "val", "test")] == [6, 2, 2]  # 6:2:2 of each class's 10
+    run = tmp_path / "runs" / "tour"
+    best = load_ckpt(run / "best.pt")
+    assert best["class_names"] == ["1", "7", "9"] and best["image_size"] == 32
+    assert len((run / "train.log").read_text().splitlines()) == 1 + 3  # header + --epoch 3
+    metrics = json.loads((run / "test" / "results.json").read_text())["metrics"]["runs/tour"]
+    correct = len((run / "test" / "correct.csv").read_text().splitlines()) - 1
+    assert metrics["images"] == 6 and metrics["acc"] == pytest.approx(correct / 6)  # the accuracy is its correct.csv
+    with open(run / "predict" / "exp" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(Path(r["path"]).name for r in rows) == split["test"]  # one row per image of sample/test/7
+    # the exported file decides as predict.py did (temperature scaling keeps the argmax)
+    scripted = torch.jit.load(str(run / "export" / "best.torchscript"))
+    mean, std = torch.tensor(best["mean"]).view(3, 1, 1), torch.tensor(best["std"]).view(3, 1, 1)
+    for row in rows:
+        with Image.open(tmp_path / row["path"]) as img:  # 32 px already: resizing and cropping change nothing
+            x = (torch.from_numpy(np.asarray(img.convert("RGB"))).permute(2, 0, 1).float() / 255 - mean) / std
+        assert best["class_names"][int(scripted(x[None]).argmax())] == row["class"], row
