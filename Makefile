@@ -1,7 +1,9 @@
 # Quick start: `make demo` trains on the bundled digits sample; `make test` runs the test suite.
 # Both create the virtual environment .venv on first use; `make demo` installs the training
-# requirements (requirements.txt), `make test` everything the tests use (requirements/dev.txt).
+# requirements (requirements.txt), `make test` everything the tests use (requirements/dev.txt), both
+# with the exact torch and torchvision of requirements/constraints.txt (requirements.txt gives a range).
 # `make docs` builds the documentation site into site/ (mkdocs).
+# `make shell` opens a shell with .venv activated (after `make demo` or `make install`).
 # `make cpp` builds the C++ classifier deploy/cpp/build/classify against the torch wheel's libtorch.
 PYTHON ?= python3
 VENV := .venv
@@ -19,7 +21,7 @@ SYSTEM_DEPS := chromium:chromium chromedriver:chromium-driver redis-server:redis
 	/usr/include/stb/stb_image.h:libstb-dev /usr/include/nlohmann/json.hpp:nlohmann-json3-dev \
 	/usr/share/fonts/truetype/wqy/wqy-microhei.ttc:fonts-wqy-microhei
 
-.PHONY: demo test test-zoo test-trackers bench install install-dev clean cpp system-deps docs docs-serve
+.PHONY: demo test test-zoo test-trackers bench install install-dev clean cpp system-deps docs docs-serve shell
 
 # PyTorch's CPU-only wheels (without NVIDIA's CUDA libraries and triton: about 4 GB less) when this
 # machine has no NVIDIA GPU and their index answers; otherwise the default wheels of the same pinned
@@ -28,16 +30,17 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_INDEX = $(shell [ -n "$(TORCH_CPU_INDEX)" ] && ! command -v nvidia-smi >/dev/null 2>&1 && \
 	$(PYTHON) -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=5)" >/dev/null 2>&1 && \
 	echo "--extra-index-url $(TORCH_CPU_INDEX)")
-PIP := $(PY) -m pip install --quiet --disable-pip-version-check $(TORCH_INDEX)
+CONSTRAINTS := requirements/constraints.txt
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check $(TORCH_INDEX) -c $(CONSTRAINTS)
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): requirements.txt | $(VENV)/bin/python
+$(STAMP): requirements.txt $(CONSTRAINTS) | $(VENV)/bin/python
 	$(PIP) -r requirements.txt
 	touch $(STAMP)
 
-$(DEV_STAMP): requirements.txt requirements/deploy.txt requirements/docs.txt requirements/dev.txt | $(VENV)/bin/python
+$(DEV_STAMP): requirements.txt requirements/deploy.txt requirements/docs.txt requirements/extras.txt requirements/dev.txt $(CONSTRAINTS) | $(VENV)/bin/python
 	$(PIP) -r requirements/dev.txt
 	touch $(STAMP) $(DOCS_STAMP) $(DEV_STAMP)
 
@@ -45,11 +48,17 @@ $(DOCS_STAMP): requirements/docs.txt | $(VENV)/bin/python
 	$(PIP) -r requirements/docs.txt
 	touch $(DOCS_STAMP)
 
-$(TRACKERS_STAMP): requirements/trackers.txt | $(VENV)/bin/python
+$(TRACKERS_STAMP): requirements/trackers.txt $(CONSTRAINTS) | $(VENV)/bin/python
 	$(PIP) -r requirements/trackers.txt
 	touch $(TRACKERS_STAMP)
 
 install: $(STAMP)
+
+# An interactive shell with .venv activated, so `python main.py ...` finds the installed packages
+# (the same as `source .venv/bin/activate`); `exit` leaves it.
+shell: $(STAMP)
+	@echo "virtual environment $(VENV) active: exit to leave"
+	@VIRTUAL_ENV="$(CURDIR)/$(VENV)" PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $${SHELL:-/bin/sh} -i
 
 install-dev: $(DEV_STAMP)
 

@@ -46,7 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
       f"{', '.join(f.flag for f in FORMATS.values() if f.int8)} (static quantization, calibrated on training images)")
     p("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset")
     p("--workspace", type=finite_float, default=4.0, help="TensorRT builder workspace (GiB)")
-    p("--device", default="", help="'' (GPU if any), cpu, or a GPU index such as 0")
+    p("--device", default="", help="'' (GPU if any), cpu, a GPU index such as 0, or mps (Apple silicon)")
     p("--verbose", action="store_true", help="the exporters' own logs and warnings, full tracebacks on failure")
     p("--val_path", default="", help="images for the parity check (default: the run's val, else test, else train split)")
     p("--train_path", default="", help="calibration images for --int8 (default: the run's train split)")

@@ -58,7 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--pretrained", action="store_true", help="start from ImageNet weights (timm/torchvision caches)")
     p("--weight", default="", help="start from this state_dict or checkpoint (mismatched tensors are skipped)")
     p("--config", default=str(DEFAULT_CONFIG), help="YAML file: flag defaults and lr_scheduler, random_seed ...")
-    p("--device", default="", help="'' (GPU if any), cpu, or a GPU index such as 0")
+    p("--device", default="", help="'' (GPU if any), cpu, a GPU index such as 0, or mps (Apple silicon)")
     p("--seed", type=int, default=None, help="seed of python, numpy and torch (default: the config's random_seed)")
     p("--tracker", default="none", choices=list(TRACKERS), help="also log to Weights & Biases or MLflow (offline unless WANDB_MODE or MLFLOW_TRACKING_URI say otherwise)")
     p("--tracker_project", default="pytorch-classifier", help="the tracker's project (wandb) or experiment (mlflow)")

@@ -85,7 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--batch_size", type=int, default=None, help="images per batch (default: the run's; fps: 1 and the run's)")
     p("--workers", type=int, default=default_workers(),
       help="data loader processes, 0 = main process (default: none on 1-2 CPUs, else CPUs - 2, at most 4)")
-    p("--device", default="", help="'' (GPU if any, the default), cpu, or a GPU index such as 0")
+    p("--device", default="", help="'' (GPU if any, the default), cpu, a GPU index such as 0, or mps (Apple silicon)")
     p("--model_type", default=None, choices=list(MODEL_TYPES),
       help="which model file of the run to evaluate (default torch: best.pt; with --weight: the file's suffix)")
     p("--half", action="store_true", help="float16 inference (CUDA only)")

@@ -62,7 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
       "file (export/best_int8.onnx ...); the format comes from the suffix")
     p("--model_type", default=None, choices=list(MODEL_TYPES),
       help="format of the model (default: torch; with --weight: the file's suffix)")
-    p("--device", default="", help="'' (GPU if any), cpu, or a GPU index such as 0")
+    p("--device", default="", help="'' (GPU if any), cpu, a GPU index such as 0, or mps (Apple silicon)")
     p("--half", action="store_true", help="float16 inference (CUDA only)")
     p("--batch_size", type=int, default=64, help="images per batch")
     p("--workers", type=int, default=default_workers(), help="image-loading processes (0 = main process; none on 1-2 CPUs)")

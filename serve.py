@@ -56,7 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     role_flag(parser, "save_path", "run folder (its best.pt or export/) or model file; "
               "not for the API tier of --queue (its workers load the model)")
     role_flag(parser, "model_type", "format of the model in --save_path", choices=list(MODEL_TYPES))
-    role_flag(parser, "device", "'' (GPU if any), cpu, or a GPU index such as 0")
+    role_flag(parser, "device", "'' (GPU if any), cpu, a GPU index such as 0, or mps (Apple silicon)")
     p("--half", action="store_true", help="float16 inference (CUDA; torch and torchscript)")
     p("--threads", type=int, default=None, help="compute threads of the model (torch, onnxruntime, OpenVINO) (default: a server, CPU cores - 1; a --worker, "
       "PyTorch's default; $OMP_NUM_THREADS wins over both)")

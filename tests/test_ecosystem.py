@@ -543,8 +543,8 @@ def test_every_import_is_declared_in_a_requirements_file() -> None:
     training = _requirements(REPO / "requirements.txt")
     assert "pytest" not in training and "onnx" not in training and "openvino" not in training  # a lean training install
     assert {"huggingface-hub", "safetensors"} <= set(training)
-    assert training["albumentations"].endswith(">=1.4.21")  # A.set_random_seed
-    assert training["torch"] == "torch==2.14.1" and training["torchvision"] == "torchvision==0.29.1"
+    assert not {"grad-cam", "albumentations", "tensorboard"} & set(training)  # optional: requirements/extras.txt
+    assert declared["albumentations"].endswith(">=1.4.21")  # A.set_random_seed
     files = sorted(REPO.glob("*.py")) + sorted((REPO / "utils").rglob("*.py")) + sorted((REPO / "model").glob("*.py"))
     imported = set()
     for file in files:

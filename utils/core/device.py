@@ -1,7 +1,7 @@
 """The device and CPU policy of every script: device choice, loader workers, compute threads,
 automatic batch size, mixed precision.
 
-    device = select_device(args.device)            # '' = first GPU, else CPU
+    device = select_device(args.device)            # '' = first GPU, else CPU; 'mps' = Apple's GPU
     workers = default_workers()                     # the --workers default of every script
     share_cpu(device, workers)                      # compute threads = the cores the workers leave
 
@@ -28,6 +28,19 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger(__name__)
 
 _THREADS: list[int] = []  # compute threads chosen by set_threads (share_cpu, serve.py), the last one in use
+MPS_FALLBACK = "PYTORCH_ENABLE_MPS_FALLBACK"
+
+
+def _mps_fallback_before_torch() -> None:
+    """On macOS, let an op that Apple's GPU (MPS) lacks run on the CPU, with PyTorch's one warning
+    line, instead of stopping the run with NotImplementedError. PyTorch reads the variable once,
+    when it loads, so it is set here: every script that takes --device imports this module before
+    torch (tests/test_structure.py). A value the user set is kept."""
+    if sys.platform == "darwin":
+        os.environ.setdefault(MPS_FALLBACK, "1")
+
+
+_mps_fallback_before_torch()
 
 
 # ------------------------------------------------------------------------------- torch or not
@@ -131,7 +144,7 @@ def select_device(spec: str = "", torch_runtime: bool = True, model_type: str = 
     """Pick the device from a pytorch-classifier --device value.
 
     Args:
-        spec: "" (first GPU if any, else CPU), "cpu", "0", "cuda:1" ...
+        spec: "" (first GPU if any, else CPU), "cpu", "0", "cuda:1" ..., "mps" (Apple silicon's GPU).
         torch_runtime: whether the model runs through PyTorch (utils.deploy.formats: ModelFormat.torch_runtime);
             the others (onnx, openvino) get a torch-free Device ("" is the CPU there, a GPU index is
             handed to the runtime, which says if it cannot use it).
@@ -146,18 +159,21 @@ def select_device(spec: str = "", torch_runtime: bool = True, model_type: str = 
     spec = spec.replace("cuda:", "")
     if not torch_runtime:
         if spec not in ("", "cpu") and not spec.isdigit():
-            raise UserError(f"--device '{given}' is not valid: use '', 'cpu', or a GPU index such as 0")
+            mps = f" (mps runs PyTorch models, not --model_type {model_type})" if spec == "mps" else ""
+            raise UserError(f"--device '{given}' is not valid{mps}: use '', 'cpu', or a GPU index such as 0")
         return Device("cuda", int(spec)) if spec.isdigit() else Device("cpu")
     torch = import_torch(f"--model_type {model_type}")
     if spec == "":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     if spec == "cpu":
         return torch.device("cpu")
+    if spec == "mps":
+        return _mps_device(torch)
     if "," in spec:
         raise UserError(f"--device {spec}: one process uses one device; several GPUs train through torchrun "
                         f"(torchrun --standalone --nproc_per_node N main.py ...)")
     if not spec.isdigit():
-        raise UserError(f"--device '{spec}' is not valid: use '', 'cpu', or a GPU index such as 0")
+        raise UserError(f"--device '{spec}' is not valid: use '', 'cpu', a GPU index such as 0, or mps (Apple silicon)")
     if not torch.cuda.is_available():
         raise UserError(f"--device {given}: no CUDA GPU is available here (use --device cpu, or '' for the GPU when there is one)")
     if int(spec) >= torch.cuda.device_count():
@@ -165,10 +181,25 @@ def select_device(spec: str = "", torch_runtime: bool = True, model_type: str = 
     return torch.device(f"cuda:{spec}")
 
 
+def _mps_device(torch: Any) -> torch.device:
+    """torch.device("mps") where Apple's GPU is usable, else one line saying why not."""
+    mps = getattr(torch.backends, "mps", None)
+    if mps is None or not mps.is_available():
+        why = ("this PyTorch build has no MPS support" if mps is None or not mps.is_built() else
+               "MPS needs a Mac with Apple silicon (M1 or later) and macOS 12.3+")
+        raise UserError(f"--device mps: Apple's GPU (MPS) is not available here ({why}); use --device cpu, or '' "
+                        "for the first CUDA GPU when there is one")
+    if os.environ.get(MPS_FALLBACK, "0").strip() in ("", "0"):
+        LOGGER.warning("--device mps: %s is not 1 when PyTorch loaded, so an op that MPS lacks stops the run; "
+                       "start with %s=1 to run such ops on the CPU", MPS_FALLBACK, MPS_FALLBACK)
+    return torch.device("mps")
+
+
 def amp_settings(device: torch.device, enabled: bool) -> tuple[torch.dtype | None, str]:
     """The autocast dtype for --amp and a note for the console.
 
-    CUDA: float16 with a gradient scaler. CPU: bfloat16 autocast (no scaler needed).
+    CUDA and MPS: float16 with a gradient scaler (torch.amp.GradScaler(device.type)). CPU: bfloat16
+    autocast (no scaler needed).
     """
     import torch
 
@@ -176,6 +207,10 @@ def amp_settings(device: torch.device, enabled: bool) -> tuple[torch.dtype | Non
         return None, "off"
     if device.type == "cuda":
         return torch.float16, "float16 autocast + GradScaler (CUDA)"
+    if device.type == "mps":
+        if not torch.amp.is_autocast_available("mps"):
+            return None, f"off: this PyTorch {torch.__version__} has no autocast on MPS (float32)"
+        return torch.float16, "float16 autocast + GradScaler (MPS)"
     return torch.bfloat16, "bfloat16 autocast on CPU (fast only on CPUs with native bf16; drop --amp if it is slower)"
 
 

@@ -17,6 +17,7 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -29,6 +30,8 @@ from utils.core.files import append_whole, atomic_write, atomic_write_text, remo
 from utils.core.schema import Checkpoint
 
 from utils.core.log import UserError
+
+LOGGER = logging.getLogger(__name__)
 
 
 class RunFolder:
@@ -254,6 +257,7 @@ class Run(RunFolder):
             self.path.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(self.path)  # a checkpoint write cut short by a kill
         self._tb = None
+        self._tb_missing = False  # tensorboard is optional: once found missing, not tried again
 
     def write_yaml(self, name: str, data: dict[str, Any]) -> None:
         if self.main:
@@ -306,10 +310,16 @@ class Run(RunFolder):
             atomic_write(self.path / name, lambda tmp: fig.save(tmp, format="PNG", compress_level=1))
 
     def tensorboard(self) -> Any:
-        """A TensorBoard SummaryWriter into the run folder (None on other ranks)."""
-        if self.main and self._tb is None:
-            from torch.utils.tensorboard import SummaryWriter
-
+        """A TensorBoard SummaryWriter into the run folder (None on other ranks, and where the optional
+        tensorboard package is missing: said once, and the run goes on with train.log and the PNGs)."""
+        if self.main and self._tb is None and not self._tb_missing:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self._tb_missing = True
+                LOGGER.warning("TensorBoard logs are off: tensorboard is not installed (pip install 'tensorboard>=2.14'); "
+                               "train.log and the curve PNGs are written as usual")
+                return None
             self._tb = SummaryWriter(log_dir=str(self.path))
         return self._tb
 

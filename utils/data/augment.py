@@ -126,9 +126,11 @@ def build_custom_augment(entries: Sequence[Any]) -> list[Any]:
             continue
         try:
             import albumentations as albu
-        except ImportError:  # pragma: no cover - albumentations is in requirements
-            albu = None
-        cls = getattr(albu, name, None) if albu else None
+        except ImportError:  # optional (requirements/extras.txt): needed only for the names torchvision lacks
+            raise UserError(f"config custom_augment[{i}]: '{name}' is neither CutOut nor a torchvision.transforms.v2 "
+                            "class, and albumentations, where it may be, is not installed: pip install "
+                            "'albumentations>=1.4.21' (or pip install -r requirements/extras.txt)") from None
+        cls = getattr(albu, name, None)
         if inspect.isclass(cls) and hasattr(cls, "set_random_seed"):
             transforms.append(Albumentation(_construct(cls, params, "albumentations", name)))
             continue

@@ -222,7 +222,8 @@ def import_grad_cam() -> Any:
     try:
         import pytorch_grad_cam
     except ImportError as err:
-        raise UserError(f"Grad-CAM needs the grad-cam package ({err}): pip install 'grad-cam>=1.5'") from None
+        raise UserError(f"Grad-CAM needs the optional grad-cam package ({err}): pip install 'grad-cam>=1.5' "
+                        "(or pip install -r requirements/extras.txt)") from None
     return pytorch_grad_cam
 
 

@@ -9,8 +9,6 @@ a missing file is one clear error instead of a long retrying download.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from torch import nn
 import model as _custom_models  # noqa: F401  (registers model/ architectures into timm)
 from utils.core.log import UserError
 from utils.core.names import MODEL_SOURCES, unknown_model_message
+from utils.models.online import TORCHVISION_WEIGHTS, weights_server_online
 
 LOGGER = logging.getLogger(__name__)
 
@@ -150,20 +149,6 @@ def model_zoo_text() -> str:
 
 
 # -------------------------------------------------------------------------- pretrained weights
-def _reachable(host: str, timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to host:443 opens quickly (offline machines answer at once)."""
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _offline_env() -> bool:
-    """HF_HUB_OFFLINE=1 means: use the caches, never the network (for torchvision weights too)."""
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
 def _timm_weight_file(impl: str) -> tuple[str | None, str]:
     """Find timm's ImageNet weights for `impl` in the local caches.
 
@@ -262,7 +247,7 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, pretrained: boo
         kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans}
         if pretrained:
             path, where = _timm_weight_file(impl)
-            if path is None and (_offline_env() or not _reachable("huggingface.co")):
+            if path is None and not weights_server_online():  # HF_HUB_OFFLINE, HF_ENDPOINT and proxies honoured
                 raise _missing_weights(name, where)
             if path is not None:
                 kwargs["pretrained_cfg_overlay"] = {"file": path}
@@ -272,7 +257,7 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, pretrained: boo
         model = torchvision.models.get_model(impl, weights=None)
         if pretrained:
             weights, path, where = _torchvision_weight_file(impl)
-            if path is None and (_offline_env() or not _reachable("download.pytorch.org")):
+            if path is None and not weights_server_online(TORCHVISION_WEIGHTS):  # HF_HUB_OFFLINE applies here too
                 raise _missing_weights(name, where)
             state = torch.load(path, map_location="cpu", weights_only=True) if path else weights.get_state_dict(progress=True)
             model.load_state_dict(state)

@@ -137,7 +137,7 @@ class Trainer:
         self.schedule = LRSchedule(self.optimizer, args.lr, args.epoch, args.warmup, args.warmup_ratios, args.warmup_minlr,
                                    args.lr_scheduler, args.lr_scheduler_params,
                                    steps_per_epoch=-(-len(self.train_loader) // args.accumulate))
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
         self.train_model = self._wrap_distributed()
         if args.compile:  # only the training step: checkpoints, EMA and validation keep the model itself
             self.train_model = compile_model(self.train_model, args.compile, self.device)
