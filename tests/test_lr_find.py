@@ -107,11 +107,18 @@ def test_main_lr_find_writes_the_curve_and_suggestion_and_no_weights(tiny_data: 
 
 
 def test_one_lr_per_optimizer_update_with_accumulate_amp_and_freeze(tiny_data: Path, tmp_path: Path) -> None:
-    """--accumulate 2: each update sees two batches and one lr; the lr each update ran with is the csv's."""
+    """--accumulate 2: each update sees two batches and one lr; the lr each update ran with is the csv's;
+    --freeze: only the head (fc.weight, fc.bias) gets gradients, as in the first epochs of training."""
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     used: list[float] = []
-    handle = register_optimizer_step_post_hook(lambda opt, *_: used.append(opt.param_groups[0]["lr"]))
+    trained: list[int] = []
+
+    def hook(opt: torch.optim.Optimizer, *_: object) -> None:
+        used.append(opt.param_groups[0]["lr"])
+        trained.append(sum(p.grad is not None for g in opt.param_groups for p in g["params"]))
+
+    handle = register_optimizer_step_post_hook(hook)
     try:
         proc = run_inprocess("main.py", *train_args(tiny_data, tmp_path / "acc", "--lr_find", "--lr_find_steps", "7",
                                                      "--accumulate", "2", "--amp", "--freeze", "1", "--batch_size", "6"))
@@ -120,6 +127,7 @@ def test_one_lr_per_optimizer_update_with_accumulate_amp_and_freeze(tiny_data: P
     assert_ok(proc)
     rows = read_rows(tmp_path / "acc" / "lr_find.csv")
     assert len(rows) == 7 and used == pytest.approx([r["lr"] for r in rows])  # 24 images / 6 = 4 batches: 2 updates a pass
+    assert trained == [2] * 7
 
 
 def test_multilabel_lr_find_uses_the_tasks_loss(tmp_path: Path) -> None:
