@@ -5,6 +5,7 @@
     python main.py --save_path runs/exp --resume                           # continue an interrupted run
     python main.py --kfold 5 --save_path runs/cv                           # 5-fold cross-validation (utils.train.kfold)
     python main.py --list_models                                           # the model zoo
+    python main.py --lr_find --optimizer SGD                               # learning-rate range test (utils.train.lr_find)
 
 Everything the run writes goes into its own folder (--save_path, incremented if it exists:
 runs/exp -> runs/exp2): args.yaml, label.txt, train.log, best.pt, last.pt, plots, TensorBoard.
@@ -40,7 +41,7 @@ from utils.core.options import Options
 from utils.core.run import RunFolder
 from utils.core.schema import Checkpoint
 from utils.core.task import ALL_LOSSES, ALL_METRICS, MULTICLASS, MULTILABEL, TASK_TYPES
-from utils.train.flags import add_recipe_flags, check_inputs, check_values
+from utils.train.flags import add_lr_find_flags, add_recipe_flags, check_inputs, check_values
 
 # PyTorch and the library behind it are imported in main(): `--help` and a mistyped flag answer at once.
 
@@ -118,6 +119,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--reject_tpr", type=finite_float, default=0.95, help="share of the val images the unknown-image thresholds keep "
       "known (predict.py --reject)")
     add_recipe_flags(parser)
+    p("--lr_find", action="store_true", help="learning-rate range test instead of training: lr_find.png/csv, the lr "
+      "suggested and the command to train with it; no weights saved")
+    add_lr_find_flags(parser)
     return group_flags(parser, "main")
 
 
@@ -225,6 +229,10 @@ def train(args: Options, resumed: Checkpoint | None) -> dict[str, Any]:
         from utils.train.kfold import train_kfold
 
         return train_kfold(args, data, device, resume=bool(args.resume))
+    if args.lr_find:  # a range test in a run folder of its own; nothing is trained to keep
+        from utils.train.lr_find import lr_find
+
+        return lr_find(args, data, device)
     with claimed_run(args.save_path, fresh=resumed is None) as run:
         trainer = Trainer(args, data, run, device, resumed)
     settle_heap()  # the libraries, data and model: out of the collector's walks from here on

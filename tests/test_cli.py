@@ -58,7 +58,7 @@ def test_help_groups_every_flag_and_shows_choices_and_defaults_one_way(script: s
 def test_main_help_sections_are_the_docs_table_sections() -> None:
     parser = _parser("main")
     titles = [g.title for g in parser._action_groups][2:]
-    assert titles == ["data", "model", "training", "recipes", "run and machine"]
+    assert titles == ["data", "model", "training", "learning-rate finder", "recipes", "run and machine"]
     data = next(g for g in parser._action_groups if g.title == "data")
     assert [a.dest for a in data._group_actions][:5] == ["data", "train_path", "val_path", "test_path", "label_path"]
     augment = next(a for a in parser._actions if a.dest == "Augment")

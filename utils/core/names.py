@@ -53,6 +53,7 @@ FLAG_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
         "training": ("epoch", "batch_size", "loss", "optimizer", "lr", "layer_decay", "weight_decay", "momentum",
                      "label_smoothing", "class_balance", "class_balance_beta", "warmup", "warmup_ratios", "warmup_minlr",
                      "metrice", "patience", "kfold", "reject_tpr"),
+        "learning-rate finder": ("lr_find", "lr_find_steps", "lr_find_start", "lr_find_end"),
         "recipes": ("Augment", "mixup", "test_tta", "ema", "ema_decay", "rdrop", "rdrop_alpha", "accumulate", "freeze",
                     "clip_grad", "swa", "swa_start", "kd", "teacher_path", "kd_method", "kd_ratio", "kd_temperature"),
         "run and machine": ("config", "save_path", "resume", "device", "seed", "deterministic", "amp", "channels_last",

@@ -57,6 +57,8 @@ class RunFolder:
     FOLD_PREFIX = "fold"
     LABEL_ISSUES_DIR = "label_issues"  # metrice.py --task label_issues
     RESULTS = "results.json"  # in each metrice.py output folder: every metric it printed, machine-readable
+    LR_FIND_CSV = "lr_find.csv"   # main.py --lr_find: step,lr,loss,smoothed of each optimizer update
+    LR_FIND_PLOT = "lr_find.png"  # main.py --lr_find: the loss against the lr, the suggestion marked
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)

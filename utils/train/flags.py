@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from utils.core.config import finite_float
+from utils.core.distributed import launched_by_torchrun
 from utils.core.log import UserError
 from utils.core.names import AUGMENT_CHOICES, KD_METHODS, MIXUP_CHOICES, unknown_model_name
 from utils.core.options import Options
@@ -60,6 +61,14 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise UserError(problem)
 
 
+def add_lr_find_flags(parser: argparse.ArgumentParser) -> None:
+    """The range of main.py --lr_find (utils.train.lr_find)."""
+    p = parser.add_argument
+    p("--lr_find_steps", type=int, default=100, help="--lr_find: optimizer updates of the range test")
+    p("--lr_find_start", type=finite_float, default=1e-7, help="--lr_find: the lr of the first update")
+    p("--lr_find_end", type=finite_float, default=10.0, help="--lr_find: the lr of the last update (rising exponentially)")
+
+
 def check_values(args: argparse.Namespace) -> None:
     """Refuse the option values that cannot work, one line each (after the config and command line)."""
     if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
@@ -93,6 +102,11 @@ def check_values(args: argparse.Namespace) -> None:
         raise UserError(f"--ema_decay must be in (0, 1), got {args.ema_decay}")
     if not 0 < args.class_balance_beta < 1:
         raise UserError(f"--class_balance_beta must be in (0, 1), got {args.class_balance_beta}")
+    if args.lr_find_steps < 5:
+        raise UserError(f"--lr_find_steps must be 5 or more (a curve to read), got {args.lr_find_steps}")
+    if not 0 < args.lr_find_start < args.lr_find_end:
+        raise UserError(f"--lr_find_start and --lr_find_end must satisfy 0 < start < end, got {args.lr_find_start:g} "
+                        f"and {args.lr_find_end:g}")
     check_combinations(args)
 
 
@@ -104,3 +118,17 @@ def check_combinations(args: argparse.Namespace | Options) -> None:
         raise UserError("--swa and --ema both average the weights: choose one")
     if args.teacher_path and not args.kd:
         raise UserError("--teacher_path is only used with --kd: add --kd, or drop --teacher_path")
+    if getattr(args, "lr_find", False):
+        check_lr_find(args)
+
+
+def check_lr_find(args: argparse.Namespace | Options) -> None:
+    """What --lr_find cannot be combined with: a range test trains a fresh model once, in one process."""
+    if args.resume:
+        raise UserError("--lr_find tests learning rates on a fresh model and saves none: it cannot --resume a run; "
+                        "drop --resume")
+    if args.kfold:
+        raise UserError("--lr_find runs on the whole training set, not per fold: drop --kfold (its lr suits each fold)")
+    if launched_by_torchrun():
+        raise UserError("--lr_find runs in one process: start it with python main.py, not torchrun (pass --batch_size "
+                        "N*B to test the batch N processes of B images make)")
