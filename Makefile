@@ -34,7 +34,7 @@ $(STAMP): requirements.txt | $(VENV)/bin/python
 	$(PIP) -r requirements.txt
 	touch $(STAMP)
 
-$(DEV_STAMP): requirements.txt requirements/deploy.txt requirements/dev.txt | $(VENV)/bin/python
+$(DEV_STAMP): requirements.txt requirements/deploy.txt requirements/tune.txt requirements/dev.txt | $(VENV)/bin/python
 	$(PIP) -r requirements/dev.txt
 	touch $(STAMP) $(DEV_STAMP)
 

@@ -483,7 +483,7 @@ def test_progress_bars_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> No
     assert not direct, f"progress bars outside utils.core.log.progress: {direct}"
 
 
-SCRIPTS = ("main", "metrice", "predict", "audit", "processing", "export", "serve")
+SCRIPTS = ("main", "metrice", "predict", "audit", "processing", "export", "serve", "tune")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -568,7 +568,7 @@ def _flags(path: Path) -> set[str]:
     return set(re.findall(r"(?<![\w-])--[A-Za-z][\w-]*", path.read_text(encoding="utf-8")))
 
 
-@pytest.mark.parametrize("script", ["main", "audit", "processing", "metrice", "predict", "export", "serve"])
+@pytest.mark.parametrize("script", ["main", "audit", "processing", "metrice", "predict", "export", "serve", "tune"])
 def test_readme_documents_every_flag_of_every_script(script: str) -> None:
     import importlib
 
