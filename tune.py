@@ -105,7 +105,7 @@ def main(args: Options) -> dict[str, Any]:
     from utils.core.files import check_writable
     from utils.train.saver import LOWER_IS_BETTER
     from utils.tune.objective import Objective
-    from utils.tune.study import make_pruner, make_sampler, open_study, run_trials, storage_url
+    from utils.tune.study import counts, make_pruner, make_sampler, open_study, run_trials, storage_url
 
     base, out = args.base, Path(args.save_path)
     out.mkdir(parents=True, exist_ok=True)  # shared by every process of the study, and by its resumes
@@ -117,9 +117,9 @@ def main(args: Options) -> dict[str, Any]:
     study = open_study(url, name, direction, None, pruner, {"metric": metric, "space": args.space_params.to_plain()})
     # seeded: a resumed study (or a second process starting later) does not repeat the first samples
     study.sampler = make_sampler(args.tune_sampler, None if base.seed is None else base.seed + len(study.trials))
-    print(f"study '{name}' in {url}: {sum(t.state.is_finished() for t in study.trials)} trials so far, "
-          f"{direction} the val {metric if base.metrice else 'metric'}, until {args.trials} are finished (complete or pruned)", flush=True)
-    objective = Objective(base, args.space_params, out, train_script.train, args.trials, metric)
+    print(f"study '{name}' in {url}: {counts(study)[0]} of {args.trials} trials finished so far, "
+          f"{direction} the val {metric if base.metrice else 'metric'} (finished: complete or pruned)", flush=True)
+    objective = Objective(base, args.space_params, out, train_script.train, args.trials, base.metrice or "metric")
     try:
         run_trials(study, objective, args.trials, args.timeout)
     except KeyboardInterrupt:

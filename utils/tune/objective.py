@@ -76,45 +76,51 @@ class Objective:
             trial.set_user_attr("surplus", True)
             trial.set_user_attr("error", f"not needed: {self.trials} trials were finished or running when it started")
             raise NotNeeded(trial.user_attrs["error"])
+        start = time.perf_counter()
+        try:
+            return self.run_trial(trial)
+        except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:  # optuna records the trial failed and hands the interrupt on to tune.py
+            trial.set_user_attr("error", "interrupted (Ctrl-C)")
+            raise
+        except Exception as err:  # the study goes on: the reason is recorded and said in one line
+            line = one_line(err)
+            trial.set_user_attr("error", line)
+            print(f"trial {trial.number} FAILED after {time.perf_counter() - start:.1f} s: {line}", flush=True)
+            raise TrialFailed(line) from None
+        finally:
+            free_memory()
+
+    def run_trial(self, trial: Any) -> float:
+        """Sample, train, report each epoch; the run's best value, or optuna.TrialPruned."""
+        optuna = import_optuna()
         params = self.space.sample(trial)
         folder = trial_folder(self.out, trial.number)
         trial.set_user_attr("run", str(folder))
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
         print(f"trial {trial.number}: {shown} -> {folder}", flush=True)
-        epochs: list[int] = []
-        pruned: list[int] = []
+        epochs: list[tuple[int, float]] = []
+        pruned: list[bool] = []
 
         def on_epoch(epoch: int, value: float) -> bool:
-            epochs.append(epoch)
+            epochs.append((epoch, value))
+            trial.set_user_attr("epochs", len(epochs))
             trial.report(value, epoch)
-            if trial.should_prune():
-                pruned.append(epoch)
-                return True
-            return False
+            pruned.append(trial.should_prune())
+            return pruned[-1]
 
         start = time.perf_counter()
-        try:
-            if folder.exists():
-                raise UserError(f"{folder} exists already (another study writing into {self.out}?): give each study its "
-                                "own --save_path")
-            result = self.train(trial_options(self.base, params, folder), None, on_epoch)
-        except KeyboardInterrupt:
-            trial.set_user_attr("error", "interrupted (Ctrl-C)")
-            raise
-        except Exception as err:
-            line = one_line(err)
-            trial.set_user_attr("error", line)
-            trial.set_user_attr("epochs", len(epochs))
-            print(f"trial {trial.number} FAILED after {time.perf_counter() - start:.1f} s: {line}", flush=True)
-            raise TrialFailed(line) from None
-        finally:
-            free_memory()
-        trial.set_user_attr("epochs", len(epochs))
+        if folder.exists():
+            raise UserError(f"{folder} exists already (another study writing into {self.out}?): give each study its "
+                            "own --save_path")
+        result = self.train(trial_options(self.base, params, folder), None, on_epoch)
         seconds = time.perf_counter() - start
-        if pruned:
-            print(f"trial {trial.number} PRUNED after epoch {pruned[0]} ({seconds:.1f} s): {self.metric} "
-                  f"{trial.intermediate_values[pruned[0]]:.4f}", flush=True)
-            raise optuna.TrialPruned(f"pruned after epoch {pruned[0]}")
+        if pruned and pruned[-1]:  # the trainer stopped after this epoch
+            epoch, value = epochs[-1]
+            print(f"trial {trial.number} PRUNED after epoch {epoch} ({seconds:.1f} s): val {self.metric} {value:.4f}",
+                  flush=True)
+            raise optuna.TrialPruned(f"pruned after epoch {epoch}")
         value = float(result["best_value"])
         trial.set_user_attr("metric", result["best_metric"])
         print(f"trial {trial.number} COMPLETE ({seconds:.1f} s): best {result['best_metric']} {value:.4f} at epoch "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,9 @@ def write_plots(study: Any, out: Path, complete: int) -> list[str]:
             written.append(f"{name} left out: {why}")
             continue
         try:
-            _save(plot(study), out / name)
+            with warnings.catch_warnings():  # matplotlib's notes on one-valued axes
+                warnings.simplefilter("ignore", UserWarning)
+                _save(plot(study), out / name)
             written.append(str(out / name))
         except Exception as err:  # a plot is a convenience: the study and its tables stand without it
             LOGGER.warning("%s not drawn: %s: %s", name, type(err).__name__, err)
