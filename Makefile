@@ -40,7 +40,7 @@ $(STAMP): requirements.txt $(CONSTRAINTS) | $(VENV)/bin/python
 	$(PIP) -r requirements.txt
 	touch $(STAMP)
 
-$(DEV_STAMP): requirements.txt requirements/deploy.txt requirements/docs.txt requirements/extras.txt requirements/dev.txt $(CONSTRAINTS) | $(VENV)/bin/python
+$(DEV_STAMP): requirements.txt requirements/deploy.txt requirements/docs.txt requirements/extras.txt requirements/tune.txt requirements/dev.txt $(CONSTRAINTS) | $(VENV)/bin/python
 	$(PIP) -r requirements/dev.txt
 	touch $(STAMP) $(DOCS_STAMP) $(DEV_STAMP)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from utils.core.config import (
     CONFIG_ONLY_KEYS,
@@ -207,8 +207,9 @@ def main(args: Options) -> dict[str, Any]:
     return result
 
 
-def train(args: Options, resumed: Checkpoint | None) -> dict[str, Any]:
-    """One training run (in each process under torchrun)."""
+def train(args: Options, resumed: Checkpoint | None,
+          on_epoch: Callable[[int, float], bool | None] | None = None) -> dict[str, Any]:
+    """One training run (in each process under torchrun); on_epoch: utils.train.trainer.Trainer's (tune.py)."""
     from utils.core import distributed
     from utils.core.device import select_device, share_cpu
     from utils.core.run import claimed_run
@@ -234,7 +235,7 @@ def train(args: Options, resumed: Checkpoint | None) -> dict[str, Any]:
 
         return lr_find(args, data, device)
     with claimed_run(args.save_path, fresh=resumed is None) as run:
-        trainer = Trainer(args, data, run, device, resumed)
+        trainer = Trainer(args, data, run, device, resumed, on_epoch)
     settle_heap()  # the libraries, data and model: out of the collector's walks from here on
     try:
         result = trainer.fit()

@@ -483,7 +483,7 @@ def test_progress_bars_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> No
     assert not direct, f"progress bars outside utils.core.log.progress: {direct}"
 
 
-SCRIPTS = ("main", "metrice", "predict", "audit", "processing", "export", "serve")
+SCRIPTS = ("main", "metrice", "predict", "audit", "processing", "export", "serve", "tune")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

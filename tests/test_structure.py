@@ -314,7 +314,7 @@ def test_metrice_and_predict_define_the_ensemble_flags_alike() -> None:
 
 # ------------------------------------------------------------------------------ code shape
 # utils/'s packages, from the bottom up: a package imports only the packages before it.
-LAYERS = ("core", "draw", "data", "models", "deploy", "infer", "evaluate", "explain", "train", "serve")
+LAYERS = ("core", "draw", "data", "models", "deploy", "infer", "evaluate", "explain", "train", "tune", "serve")
 
 
 def _product_files() -> list[Path]:
@@ -357,7 +357,7 @@ def test_no_function_over_80_lines_and_thin_scripts() -> None:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
                 long.append(f"{file.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not long, long
-    for script in ("main.py", "metrice.py", "predict.py", "audit.py", "processing.py", "export.py"):
+    for script in ("main.py", "metrice.py", "predict.py", "audit.py", "processing.py", "export.py", "tune.py"):
         lines = len((REPO / script).read_text(encoding="utf-8").splitlines())
         assert lines < 300, f"{script} has {lines} lines"
 
@@ -421,7 +421,8 @@ def test_scripts_import_without_torch_and_threads_carry_over() -> None:
     """Every script's --help is fast because importing it loads no torch; the threads serve.py
     chooses before a model is loaded are the ones torch runs with once it is."""
     code = (f"import os, sys\nsys.path.insert(0, {str(REPO)!r})\n"
-            "import main, metrice, predict, export, audit, processing, serve\n"
+            "import main, metrice, predict, export, audit, processing, serve, tune\n"
+            "assert 'optuna' not in sys.modules, 'tune.py imported optuna'\n"
             "assert 'torch' not in sys.modules, 'a script imported torch'\n"
             "from utils.core.device import compute_threads, import_torch, set_threads\n"
             "set_threads(os.cpu_count() + 1)\nassert compute_threads() == os.cpu_count() + 1\n"

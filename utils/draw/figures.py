@@ -54,6 +54,17 @@ def draw_curves(ax: Any, rows: Sequence[dict[str, str]], keys: Sequence[tuple[st
     ax.legend()
 
 
+def offscreen_pyplot() -> Any:
+    """pyplot on the Agg backend (PNG files, never a window), for a library that draws only through
+    pyplot (tune.py's Optuna plots); the toolkit's own figures use `subplots`. Its figures must be closed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    return pyplot
+
+
 def plot_curves(rows: Sequence[dict[str, str]], metrics: tuple[str, str] = ("acc", "mean_acc")) -> dict[str, Any]:
     """Loss, accuracy (or the multi-label model's map and f1) and learning-rate curves from train.log rows.
 

@@ -22,7 +22,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -110,11 +110,16 @@ class Trainer:
         run: the run folder.
         device: where to train.
         resumed: the last.pt to continue from, or None.
+        on_epoch: called after each epoch with (epoch, value): the epoch number (1-based) and its value of
+            --metrice on the split that picks best.pt; a true answer ends training after that epoch as
+            --patience does (tune.py prunes a trial so). One process only: under torchrun the processes
+            would not agree to stop.
     """
 
     def __init__(self, args: argparse.Namespace, data: TrainData, run: Run, device: torch.device,
-                 resumed: Checkpoint | None = None) -> None:
+                 resumed: Checkpoint | None = None, on_epoch: Callable[[int, float], bool | None] | None = None) -> None:
         self.args, self.data, self.run, self.device = args, data, run, device
+        self.on_epoch = on_epoch
         print(f"augmentation: {data.augment_note}" + (f"; then --mixup {args.mixup}" if args.mixup != "none" else ""), flush=True)
         self.model = self._build_model(pretrained=resumed is None)
         self.amp_dtype, amp_note = amp_settings(device, args.amp)
@@ -302,11 +307,15 @@ class Trainer:
         with StopFlag("saving last.pt at the end of this step") as stop:
             try:
                 for epoch in range(self.state.epoch, args.epoch):
-                    self.run_epoch(epoch, stop)
+                    record = self.run_epoch(epoch, stop)
                     if any_true(stop())[0]:  # a signal may reach the processes a step apart: all stop together
                         print(f"stopped after epoch {epoch + 1}: saved {self.run / 'last.pt'}; "
                               f"continue with: {self.resume_command()}", flush=True)
                         raise KeyboardInterrupt
+                    if self.on_epoch is not None and self.on_epoch(epoch + 1, (record.val or record.train)[args.metrice]):
+                        print(f"stopped after epoch {epoch + 1}: its caller asked to stop here (tune.py: the trial is "
+                              "pruned)", flush=True)
+                        break
                     if self.saver.patience_exhausted:
                         print(f"early stop: no improvement of val {args.metrice} for {args.patience} epochs "
                               f"(best {self.saver.best_value:.4f} at epoch {self.saver.best_epoch})", flush=True)
