@@ -23,6 +23,7 @@ import main as train_script
 from utils.core.config import CONFIG_ONLY_KEYS, finite_float, parse_with_config
 from utils.core.log import UserError, script_main
 from utils.core.options import Options
+from utils.train.flags import check_inputs
 
 TUNE_FLAGS = ("--trials", "--space", "--storage", "--study_name", "--pruner", "--tune_sampler", "--timeout",
               "--prune_startup", "--prune_warmup")
@@ -89,9 +90,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     for flag in ("resume", "kfold"):
         if base.get(flag):
             raise UserError(f"tune.py runs each trial as a new plain run: drop --{flag}")
-    if not Path(base.train_path).exists():
-        raise UserError(f"--train_path {base.train_path} not found: pass the training images (a folder of class folders "
-                        "or a list file)")
+    check_inputs(base)  # the training images, --weight, --teacher_path and --model_name, as main.py checks them
     space = SearchSpace.load(args.space, train_script.get_args_parser(), base)
     own = {a.dest: getattr(args, a.dest) for a in get_args_parser()._actions if "--" + a.dest in TUNE_FLAGS}
     return Options(own | {"save_path": args.save_path, "base": base, "space_params": space, "list_models": False,

@@ -100,6 +100,8 @@ def test_bad_base_options_are_refused_before_any_trial(tiny_data: Path, tmp_path
     assert_user_error(missing, "--train_path", "not found")
     assert_user_error(run_inprocess("tune.py", *tune_args(tiny_data, tmp_path / "out", space, "--kfold", 3)), "drop --kfold")
     assert_user_error(run_inprocess("tune.py", *tune_args(tiny_data, tmp_path / "out", space, "--trials", 0)), "--trials")
+    model = run_inprocess("tune.py", *tune_args(tiny_data, tmp_path / "out", space, "--model_name", "resnet_nope"))
+    assert_user_error(model, "resnet_nope")  # as main.py refuses it, not five failed trials
     assert not (tmp_path / "out").exists()
 
 
