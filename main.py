@@ -184,15 +184,16 @@ def main(args: Options) -> dict[str, Any]:
 
         print(model_zoo_text())
         return {}
-    check_inputs(args)  # paths and the model name: one line now, before PyTorch loads and the data is scanned
     from utils.core import distributed
+
+    distributed.refuse_device_list(args.device)  # a flag's mistake before the paths are looked at
+    check_inputs(args)  # paths and the model name: one line now, before PyTorch loads and the data is scanned
 
     save_path = Path(args.save_path)  # a new run goes beside an existing --save_path; --resume writes into it
     check_writable(save_path.parent if save_path.exists() and not args.resume else save_path, "--save_path")
     resumed = None
     if args.resume:
         args, resumed = resume_options(args)
-    distributed.refuse_device_list(args.device)
     try:
         result = train(args, resumed)
     except distributed.LostProcess:

@@ -532,10 +532,10 @@ def test_serve_defaults_have_one_owner() -> None:
         parsed |= {k: v for k, v in serve.parse_args(argv).to_dict().items() if k in owner and v is not None}
     assert parsed == owner and all(type(parsed[k]) is type(v) for k, v in owner.items())
 
-    usage, options = serve.get_args_parser().format_help().split("options:")
-    text = " ".join(options.split())  # unwrapped
+    usage, options = serve.get_args_parser().format_help().split("\n\n", 1)
+    entries = {e.split()[0]: " ".join(e.split()) for e in re.split(r"\n  (?=-)", options) if e.startswith("-")}
     for name, value in owner.items():
-        shown = re.search(rf"--{name} \S+ [^[]*\[([^\]]*)\]", text)
+        shown = re.search(r"\(default: ([^)]*)\)", entries.get(f"--{name}", ""))  # every group, unwrapped
         assert shown, name
         written = shown.group(1).split(" = ")[0]  # "33554432 = 32 MiB"
         assert ("" if written == "''" else type(value)(written)) == value, (name, shown.group(1))

@@ -267,6 +267,33 @@ def check_shared(study: optuna.Study, out: Path, trials: int) -> None:
     assert all(math.isfinite(t.value) for t in done)
 
 
+def test_a_new_sqlite_file_that_another_process_is_creating_is_opened_again(monkeypatch: pytest.MonkeyPatch,
+                                                                             tmp_path: Path) -> None:
+    """Processes started together on a new study.db race to create its tables (sqlite3.IntegrityError
+    on alembic_version in one of them): the loser opens it again instead of stopping."""
+    from utils.tune import study
+
+    class IntegrityError(Exception):  # sqlalchemy.exc.IntegrityError, as the loser of the race gets it
+        pass
+
+    calls = []
+
+    def rdb_storage(url: str, **kwargs: Any) -> str:
+        calls.append(url)
+        if len(calls) == 1:
+            raise IntegrityError("UNIQUE constraint failed: alembic_version.version_num")
+        return "storage"
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", rdb_storage)
+    monkeypatch.setattr(study.time, "sleep", lambda s: None)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert study.make_storage(url) == "storage" and calls == [url, url]
+    calls.clear()
+    monkeypatch.setattr(optuna.storages, "RDBStorage", lambda url, **k: (_ for _ in ()).throw(IntegrityError("always")))
+    with pytest.raises(study.UserError, match="cannot open it"):  # not forever
+        study.make_storage(url)
+
+
 def test_two_processes_on_one_sqlite_study_finish_exactly_n_trials(tiny_data: Path, tmp_path: Path) -> None:
     study, out = two_processes(tiny_data, tmp_path, [])
     check_shared(study, out, 3)

@@ -25,6 +25,7 @@ LOGGER = logging.getLogger(__name__)
 
 PRUNERS = ("median", "hyperband", "none")
 SAMPLERS = ("tpe", "random", "qmc", "gp")
+SCHEMA_ATTEMPTS = 5  # tries to open a new SQLite study file that other processes are creating too
 MAX_FAILED_IN_A_ROW = 5  # then the cause is the set-up, not the sampled values: stop and say so
 INSTALL = "pip install -r requirements/tune.txt"
 
@@ -57,12 +58,19 @@ def make_storage(url: str) -> Any:
             return optuna.storages.JournalStorage(JournalRedisBackend(url))
         except ImportError:
             raise UserError(f"--storage {url}: a Redis journal needs the redis package: pip install redis") from None
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # processes wait for the file's lock
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=60, grace_period=180)
-    except Exception as err:  # sqlalchemy: a malformed URL, a missing driver, a server that does not answer
-        raise UserError(f"--storage {url}: cannot open it ({type(err).__name__}: {str(err).splitlines()[0]}); "
-                        "give an RDB URL optuna takes (sqlite:///FILE, postgresql://...) or redis://HOST:PORT/DB") from None
+    sqlite = url.startswith("sqlite")
+    kwargs = {"connect_args": {"timeout": 60}} if sqlite else {}  # processes wait for the file's lock
+    for attempt in range(SCHEMA_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=60, grace_period=180)
+        except Exception as err:  # sqlalchemy: a malformed URL, a missing driver, a server that does not answer
+            # processes started together on a new SQLite file race to create its tables; the loser retries
+            if sqlite and type(err).__name__ in ("IntegrityError", "OperationalError") and attempt + 1 < SCHEMA_ATTEMPTS:
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise UserError(f"--storage {url}: cannot open it ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                            "give an RDB URL optuna takes (sqlite:///FILE, postgresql://...) or redis://HOST:PORT/DB") from None
+    raise AssertionError("unreachable")
 
 
 def make_sampler(name: str, seed: int | None) -> Any:
