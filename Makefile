@@ -3,7 +3,7 @@
 # requirements (requirements.txt), `make test` everything the tests use (requirements/dev.txt), both
 # with the exact torch and torchvision of requirements/constraints.txt (requirements.txt gives a range).
 # `make docs` builds the documentation site into site/ (mkdocs).
-# `make shell` opens a shell with .venv activated (after `make demo` or `make install`).
+# `make shell` opens a shell with .venv activated (installing requirements.txt first if needed).
 # `make cpp` builds the C++ classifier deploy/cpp/build/classify against the torch wheel's libtorch.
 PYTHON ?= python3
 VENV := .venv
@@ -33,8 +33,10 @@ TORCH_INDEX = $(shell [ -n "$(TORCH_CPU_INDEX)" ] && ! command -v nvidia-smi >/d
 CONSTRAINTS := requirements/constraints.txt
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check $(TORCH_INDEX) -c $(CONSTRAINTS)
 
+# A venv that could not be made (Debian/Ubuntu without python3-venv: "ensurepip is not available") is
+# removed, so the next `make` makes it again instead of finding a python without pip.
 $(VENV)/bin/python:
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "could not create $(VENV): on Debian/Ubuntu install python3-venv (sudo apt-get install python3-venv), then run make again" >&2; exit 1; }
 
 $(STAMP): requirements.txt $(CONSTRAINTS) | $(VENV)/bin/python
 	$(PIP) -r requirements.txt

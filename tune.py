@@ -87,7 +87,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     if args.timeout < 0:
         raise UserError(f"--timeout must be 0 (none) or a number of seconds, got {args.timeout:g}")
     base = train_script.parse_args(main_argv(argv))
-    for flag in ("resume", "kfold"):
+    for flag in ("resume", "kfold", "lr_find"):
         if base.get(flag):
             raise UserError(f"tune.py runs each trial as a new plain run: drop --{flag}")
     check_inputs(base)  # the training images, --weight, --teacher_path and --model_name, as main.py checks them

@@ -156,7 +156,10 @@ def test_data_root_sets_the_split_paths_and_given_ones_win(tiny_data: Path, tmp_
     config = tmp_path / "c.yaml"
     config.write_text(f"test_path: {tmp_path / 't'}\n")
     args = main.parse_args(["--data", root, "--config", str(config)])
-    assert (args.test_path, args.val_path) == (str(tmp_path / "t"), f"{root}/val")  # the config's path wins too
+    assert (args.test_path, args.val_path) == (f"{root}/test", f"{root}/val")  # typed, --data beats the config's paths
+    config.write_text(f"test_path: {tmp_path / 't'}\ndata: {root}\n")
+    args = main.parse_args(["--config", str(config)])
+    assert (args.test_path, args.val_path) == (str(tmp_path / "t"), f"{root}/val")  # both in the config: its path wins
     run = tmp_path / "run"
     run.mkdir()
     args = metrice.parse_args(["--save_path", str(run), "--data", root, "--test_path", "elsewhere"])

@@ -219,8 +219,8 @@ def test_the_site_builds_strict(tmp_path: Path) -> None:
     assert "WARNING" not in proc.stderr, proc.stderr
     for language in ("", "zh/"):
         for page in ENGLISH:
-            assert (site / language / page.stem / "index.html").is_file() or page.stem == "index", (language, page)
-        main_page = (site / language / "training" / "index.html").read_text(encoding="utf-8")
+            assert (site / language / f"{page.stem}.html").is_file(), (language, page)  # use_directory_urls: false
+        main_page = (site / language / "training.html").read_text(encoding="utf-8")
         assert all(f"<code>{flag}</code>" in main_page for flag in _parser_flags("main") - {"-h", "--help"})
         assert "<!-- flags:" not in main_page
-    assert "全部参数" in (site / "zh" / "training" / "index.html").read_text(encoding="utf-8")
+    assert "全部参数" in (site / "zh" / "training.html").read_text(encoding="utf-8")

@@ -72,6 +72,21 @@ def test_space_is_parsed_and_sampled_with_types_and_log_scale(tiny_data: Path, t
     assert {s["warmup"] for s in samples} == {True, False}
 
 
+def test_a_space_names_a_flag_by_any_of_its_names(tiny_data: Path, tmp_path: Path) -> None:
+    """`--help` shows --augment and --epochs first (--Augment, --epoch: pytorch-classifier's names): a space
+    takes either, as a config file does, and samples the option itself."""
+    import main
+    from utils.tune.space import SearchSpace
+
+    base = main.parse_args(train_args(tiny_data, tmp_path / "run"))
+    text = "augment: {choices: [randaugment, AugMix]}\nepochs: {low: 2, high: 3}\nmetric: {choices: [f1]}\n"
+    space = SearchSpace.load(write_space(tmp_path / "s.yaml", text), main.get_args_parser(), base)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    samples = [space.sample(study.ask()) for _ in range(20)]
+    assert {s["Augment"] for s in samples} == {"RandAugment", "AugMix"} and {s["epoch"] for s in samples} == {2, 3}
+    assert {s["metrice"] for s in samples} == {"f1"} and all(set(s) == {"Augment", "epoch", "metrice"} for s in samples)
+
+
 @pytest.mark.parametrize("text, needle", [
     ("lrr: {low: 0.1, high: 0.2}", "'lrr' is not a main.py flag (did you mean 'lr'?)"),
     ("lr: {low: 0.1, high: 0.01}", "'lr': low 0.1 is above high 0.01"),
@@ -85,6 +100,8 @@ def test_space_is_parsed_and_sampled_with_types_and_log_scale(tiny_data: Path, t
     ("swa: {choices: [true]}", "'swa' value True is refused with the other options: --swa and --ema"),
     ("save_path: {choices: [a, b]}", "'save_path' cannot be searched"),
     ("lr: 0.01", "'lr' must be a mapping"),
+    ("augment: {choices: [none]}\nAugment: {choices: [AugMix]}", "'Augment' and another name of the same flag (--Augment)"),
+    ("lr_find: {choices: [true]}", "'lr_find' cannot be searched"),
 ])
 def test_bad_spaces_are_refused_in_one_line_before_any_trial(tiny_data: Path, tmp_path: Path, text: str,
                                                             needle: str) -> None:
@@ -99,6 +116,7 @@ def test_bad_base_options_are_refused_before_any_trial(tiny_data: Path, tmp_path
     missing = run_inprocess("tune.py", *tune_args(tiny_data, tmp_path / "out", space, "--train_path", tmp_path / "nope"))
     assert_user_error(missing, "--train_path", "not found")
     assert_user_error(run_inprocess("tune.py", *tune_args(tiny_data, tmp_path / "out", space, "--kfold", 3)), "drop --kfold")
+    assert_user_error(run_inprocess("tune.py", *tune_args(tiny_data, tmp_path / "out", space, "--lr_find")), "drop --lr_find")
     assert_user_error(run_inprocess("tune.py", *tune_args(tiny_data, tmp_path / "out", space, "--trials", 0)), "--trials")
     model = run_inprocess("tune.py", *tune_args(tiny_data, tmp_path / "out", space, "--model_name", "resnet_nope"))
     assert_user_error(model, "resnet_nope")  # as main.py refuses it, not five failed trials

@@ -227,7 +227,9 @@ def parse_with_config(
     Returns:
         The resolved namespace: flags, then config-only keys. `args.explicit` is the set of flag
         destinations the user typed on the command line. A parser with --data (DATA_ROOT_PATHS):
-        the split paths that neither the command line nor the config gives are under it.
+        the split paths the command line does not give are under it (a --data in the config file
+        leaves the config's own paths alone; a typed --data replaces them: `--config RUN/args.yaml
+        --data OTHER` trains a run's options on other data).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     config_only = dict(CONFIG_ONLY_KEYS if config_only is None else config_only)
@@ -245,7 +247,7 @@ def parse_with_config(
     args.explicit = explicit_dests(parser, argv)
     if getattr(args, "data", None):
         for dest, path in data_root_paths(args.data).items():
-            if dest not in args.explicit and dest not in cfg:
+            if dest not in args.explicit and (dest not in cfg or "data" in args.explicit):  # typed --data beats the config
                 setattr(args, dest, path)
     return args
 

@@ -25,7 +25,7 @@ from utils.train.flags import check_values
 
 SPEC_KEYS = ("low", "high", "log", "step", "choices")
 # main.py flags a trial cannot take: tune.py owns the run folders, and a trial is one plain run
-NOT_SEARCHED = ("config", "save_path", "resume", "list_models", "kfold", "version", "help")
+NOT_SEARCHED = ("config", "save_path", "resume", "list_models", "kfold", "lr_find", "version", "help")
 
 
 class Param:
@@ -143,16 +143,20 @@ class SearchSpace:
         actions = {a.dest: a for a in parser._actions if a.dest not in NOT_SEARCHED}
         if not data:
             raise UserError(f"space {path} names no flag to search: add entries such as lr: {{low: 1.0e-4, high: 1.0e-2, log: true}}")
+        aliases = {s[2:]: a.dest for a in parser._actions for s in a.option_strings if s.startswith("--")}
         params = []
-        for name, spec in data.items():
+        for key, spec in data.items():
+            name = aliases.get(str(key), key)  # a flag by any of its names: augment or Augment, epochs or epoch
             if name in NOT_SEARCHED:
                 raise UserError(f"space {path}: '{name}' cannot be searched (tune.py sets it for each trial or refuses it)")
             if name not in actions:
                 import difflib
 
-                hint = difflib.get_close_matches(str(name), list(actions), n=1)
+                hint = difflib.get_close_matches(str(name), sorted(set(actions) | set(aliases)), n=1)
                 raise UserError(f"space {path}: '{name}' is not a main.py flag" + (f" (did you mean '{hint[0]}'?)" if hint else "")
-                                + "; keys are flag names without the dashes, e.g. lr, optimizer, Augment")
+                                + "; keys are flag names without the dashes, e.g. lr, optimizer, augment")
+            if any(p.name == name for p in params):
+                raise UserError(f"space {path}: '{key}' and another name of the same flag (--{name}) are both given; keep one")
             params.append(parse_param(name, spec, actions[name], str(path)))
         space = cls(params, str(path))
         space.check_against(base)
