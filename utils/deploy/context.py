@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+import numpy as np
+
 from utils.core.files import atomic_write_text
 from utils.core.names import DEFAULT_OPSET
 from utils.core.schema import FORMAT, VERSION, Checkpoint, ModelMeta, PreprocessSpec
@@ -182,6 +184,24 @@ def load_batch(samples: Sequence[tuple[str, Any]], spec: PreprocessSpec) -> torc
     for path, reason in batch["failed"]:
         LOGGER.warning("skipped %s: %s", path, reason)
     return batch["images"]
+
+
+def calibration_batches(ctx: ExportContext, batch: int) -> Iterator[np.ndarray]:
+    """The int8 calibration images (ctx.calibration: drawn from the run's training split) as
+    normalised float32 batches of exactly `batch` images (the last filled by repeating its images:
+    a fixed-batch model takes only full batches), the input every exported model takes. Shared by
+    the formats that quantize (ONNX, TFLite)."""
+    from utils.data.transforms import Normalize
+
+    samples, spec = list(ctx.calibration[0]), ctx.meta.preprocess
+    normalize = Normalize(spec.mean, spec.std)
+    for start in range(0, len(samples), batch):
+        images = load_batch(samples[start:start + batch], spec)
+        if len(images) == 0:
+            continue
+        if len(images) < batch:
+            images = images.repeat(-(-batch // len(images)), 1, 1, 1)[:batch]
+        yield normalize(images).numpy()
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
