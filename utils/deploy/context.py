@@ -17,6 +17,9 @@ import contextlib
 import io
 import json
 import logging
+import os
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,3 +223,28 @@ def quiet(verbose: bool) -> Iterator[None]:
         warnings.simplefilter("ignore")
         with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime's quantization tools print progress
             yield
+
+
+@contextlib.contextmanager
+def quiet_native(verbose: bool) -> Iterator[None]:
+    """`quiet`, and the converters' own output to the process's stdout and stderr (pnnx, LiteRT and
+    coremltools print from C++ and through progress bars) kept in a temporary file, unless --verbose.
+    The file's tail is logged at debug level."""
+    if verbose:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as log, quiet(False), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            log.seek(0)
+            LOGGER.debug("converter output: %s", log.read()[-2000:].decode("utf-8", "replace"))

@@ -13,19 +13,17 @@ package is validated by its spec and the parity check is reported as not checked
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import platform
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from utils.core.log import UserError
 from utils.core.schema import ModelMeta
-from utils.deploy.context import INPUT_NAME, ExportContext, quiet
+from utils.deploy.context import INPUT_NAME, ExportContext, quiet_native
 from utils.deploy.runtime import EXPORT_INFO_KEY, export_meta, import_runtime, read_export_info
 
 if TYPE_CHECKING:
@@ -60,7 +58,7 @@ def export(ctx: ExportContext) -> list[tuple[Path, str]]:
 
     meta = ctx.meta
     c, s = meta.image_channel, meta.image_size
-    with quiet(ctx.options.verbose), torch.no_grad():
+    with quiet_native(ctx.options.verbose), torch.no_grad():
         traced = torch.jit.trace(_with_preprocessing(ctx.model_cpu, meta).eval(), torch.rand(1, c, s, s))
     layout = ct.colorlayout.GRAYSCALE if c == 1 else ct.colorlayout.RGB
     files = []
@@ -71,7 +69,7 @@ def export(ctx: ExportContext) -> list[tuple[Path, str]]:
                          "shape": [1, c, s, s], "value": "pixels scaled by 1/255 by Core ML; the model subtracts mean and "
                          "divides by std"}
         info["output"] = {"name": PROBS_OUTPUT, "label": LABEL_OUTPUT, "value": "class probabilities (temperature applied)"}
-        with _silenced(ctx.options.verbose):
+        with quiet_native(ctx.options.verbose):
             package = ct.convert(traced, inputs=[ct.ImageType(name=INPUT_NAME, shape=(1, c, s, s), scale=1 / 255,
                                                               bias=[0.0] * c, color_layout=layout)],
                                  classifier_config=ct.ClassifierConfig(list(meta.class_names)), convert_to="mlprogram",
@@ -86,22 +84,6 @@ def export(ctx: ExportContext) -> list[tuple[Path, str]]:
         ctx.write_info(file, info)
         files.append((file, precision))
     return files
-
-
-@contextlib.contextmanager
-def _silenced(verbose: bool) -> Iterator[None]:
-    """coremltools' progress bars and pass logs (stderr, logging) off unless --verbose."""
-    if verbose:
-        yield
-        return
-    logger = logging.getLogger("coremltools")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with quiet(False), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        logger.setLevel(level)
 
 
 def _with_preprocessing(model: nn.Module, meta: ModelMeta) -> nn.Module:

@@ -21,7 +21,7 @@ import numpy as np
 
 from utils.core.device import Device, compute_threads
 from utils.core.log import UserError
-from utils.deploy.context import ExportContext, quiet
+from utils.deploy.context import ExportContext, quiet_native
 from utils.deploy.runtime import NumpyBackend, import_runtime, read_export_info
 
 LOGGER = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def export(ctx: ExportContext) -> list[tuple[Path, str]]:
     example = torch.zeros(1, c, s, s)
     names = {f"pnnx{k}": str(work / f"model{suffix}") for k, suffix in
              (("param", ".pnnx.param"), ("bin", ".pnnx.bin"), ("py", "_pnnx.py"), ("onnx", ".pnnx.onnx"))}
-    with quiet(ctx.options.verbose):
+    with quiet_native(ctx.options.verbose):
         pnnx.export(ctx.model_cpu, str(work / "model.pt"), (example,), ncnnparam=str(file), ncnnbin=str(weights),
                     ncnnpy=str(work / "model_ncnn.py"), fp16=False, device="cpu", **names)
     if not (file.is_file() and weights.is_file()):

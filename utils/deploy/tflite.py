@@ -20,7 +20,7 @@ import numpy as np
 
 from utils.core.device import Device, compute_threads
 from utils.core.log import UserError
-from utils.deploy.context import ExportContext, calibration_batches, quiet
+from utils.deploy.context import ExportContext, calibration_batches, quiet_native
 from utils.deploy.runtime import NumpyBackend, import_runtime, read_export_info
 
 LOGGER = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def export(ctx: ExportContext) -> list[tuple[Path, str]]:
 
     litert_torch.config.show_progress = ctx.options.verbose
     file = ctx.file(".tflite", "fp32")
-    with quiet(ctx.options.verbose):
+    with quiet_native(ctx.options.verbose):
         converted = litert_torch.convert(ctx.model_cpu, (ctx.example(False, _cpu()),))
         converted.export(str(file))
     files = [(_finish(ctx, file, "fp32", {}), "fp32")]
@@ -87,7 +87,7 @@ def _quantize(source: Path, target: Path, recipe: Any, calibration: Any, verbose
     """Apply an ai-edge-quantizer recipe to the float32 file (calibrated when batches are given)."""
     from ai_edge_quantizer import quantizer
 
-    with quiet(verbose):
+    with quiet_native(verbose):
         quant = quantizer.Quantizer(str(source))
         quant.load_quantization_recipe(recipe)
         ranges = quant.calibrate({SIGNATURE: list(calibration)}) if calibration is not None else None
