@@ -92,7 +92,7 @@ def test_each_file_agrees_with_pytorch(mobile: dict[str, Any]) -> None:
         elif precision == "fp16":
             assert np.abs(got - want).max() <= 1e-2, name
         else:  # int8: the agreement is reported, a fraction of the 9 images, and warned about under 99%
-            assert parity["top1_agreement"] in [k / 9 for k in range(10)] and parity["max_abs_diff"] > 1e-6, parity
+            assert parity["top1_agreement"] in [k / 9 for k in range(10)] and 1e-6 < parity["max_abs_diff"] < 0.2, parity
             assert parity["ok"] is (parity["top1_agreement"] >= 0.95)
             warned = "best_int8.tflite: int8 agrees with PyTorch on" in mobile["proc"].stderr
             assert warned is (parity["top1_agreement"] < 0.99), describe(mobile["proc"])
