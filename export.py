@@ -1,11 +1,14 @@
 """Export a trained run for deployment: TorchScript, ONNX (float32 / float16 / int8), OpenVINO, TensorRT,
-or a safetensors folder in timm's Hugging Face Hub layout (the formats of utils.deploy.formats).
+a safetensors folder in timm's Hugging Face Hub layout, or for phones and edge boards NCNN, TFLite
+(LiteRT) and Core ML (the formats of utils.deploy.formats).
 
     python export.py --save_path runs/exp --export onnx                  # runs/exp/export/best.onnx (+ .json)
     python export.py --save_path runs/exp --export torchscript onnx openvino --simplify
     python export.py --save_path runs/exp --export onnx --int8           # also best_int8.onnx, calibrated on train images
     python export.py --save_path runs/exp --export tensorrt --half --device 0   # on the GPU that will run it
     python export.py --save_path runs/exp --export safetensors --push_to_hub user/flowers   # runs/exp/export/best_hub/
+    python export.py --save_path runs/exp --export ncnn tflite coreml --int8   # phones: .ncnn.param/.bin, .tflite
+                                                                          # (+ _fp16, _int8), .mlpackage (+ _fp16)
 
 Image size, channels, classes and preprocessing come from the run's best.pt. Every exported file
 is compared with PyTorch on up to 64 images of the run's val split; a file past the tolerance is
@@ -29,8 +32,8 @@ from utils.deploy.formats import EXPORT_FLAGS, FORMATS, format_of
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description="Export a trained run (its best.pt) to TorchScript, ONNX, OpenVINO, TensorRT or a "
-                            "Hub folder.")
+    parser = ArgumentParser(description="Export a trained run (its best.pt) to TorchScript, ONNX, OpenVINO, TensorRT, a "
+                            "Hub folder, NCNN, TFLite or Core ML.")
     p = parser.add_argument
     p("--save_path", default="runs/exp", help="run folder of main.py (its best.pt is exported), or a checkpoint file")
     p("--export", nargs="+", default=["onnx"], choices=list(EXPORT_FLAGS), metavar="FORMAT",

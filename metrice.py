@@ -4,7 +4,7 @@
     python metrice.py --save_path runs/exp --task val --visual --tsne    # + correct/incorrect CSVs, gallery, t-SNE
     python metrice.py --save_path runs/exp --task fps                    # images/second at batch 1 and the run's batch
     python metrice.py --save_path runs/exp runs/exp2 --ensemble vote     # an ensemble, side by side with its members
-    python metrice.py --weight runs/exp/export/best_int8.onnx            # any model file (onnx/openvino: no torch needed)
+    python metrice.py --weight runs/exp/export/best_int8.onnx            # any model file (onnx/openvino/ncnn/tflite: no torch needed)
     python metrice.py --save_path runs/exp --task features --classical svm,knn   # classifiers on the CNN's features
     python metrice.py --save_path runs/cv --task label_issues            # mislabeled images (a main.py --kfold run: all)
     python metrice.py --save_path runs/exp --task calibrate              # refit best.pt's temperature on the val split
@@ -18,7 +18,9 @@ rewrites best.pt's temperature (utils.evaluate.calibrate_task). --task val and t
 calibration before (temperature 1) and after (the stored temperature), and write results.json.
 The library behind it: utils.evaluate.split (predict and score a split, speed), utils.evaluate.reports (what
 is written), utils.infer.ensemble (the models). torch is imported only for the formats that need it
-and for --tsne: onnx and openvino models are evaluated without PyTorch.
+and for --tsne: onnx, openvino, ncnn and tflite models are evaluated without PyTorch. An exported
+model whose run's best.pt is found is compared with it where PyTorch is installed (top-1 agreement,
+accuracy change: utils.evaluate.versus_torch).
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from utils.evaluate.html_report import write_html_report
 from utils.evaluate.label_report import label_issues_run, label_issues_task
 from utils.evaluate.ood_report import report_ood
 from utils.evaluate.split import predict_split, score_calibration, score_split
+from utils.evaluate.versus_torch import compare_with_checkpoint
 from utils.evaluate.tasks import (MODEL_TASK_HINT, check_features_args, list_sep, output_folder, reports, run_features,
                                   run_speed, split_path, update_results)
 from utils.infer.backends import (
@@ -188,6 +191,7 @@ def main(args: Options) -> dict[str, Any]:
     results = score_split(ensemble, split, class_names)
     name = next(iter(results))
     report.print_overall(results)
+    versus = compare_with_checkpoint(ensemble, split, args.model_type, batch_size, args.workers, args.test_tta, args.device)
     meta, task = ensemble.meta, ensemble.meta.task_type
     if task.multilabel:  # no confusion matrix: per-class AP and F1 at the stored thresholds
         per_class = report.write_multilabel_reports(out, split, task.thresholds(meta.num_classes, meta.thresholds), class_names,
@@ -198,7 +202,8 @@ def main(args: Options) -> dict[str, Any]:
     calibration, curves = score_calibration(ensemble, split)  # before (temperature 1) and after (the stored one)
     report.print_calibration(calibration)
     report.write_calibration(out, curves, calibration, f"{name}, {args.task}")
-    update_results(out.path, metrics=results, per_class=per_class, calibration=calibration)
+    update_results(out.path, metrics=results, per_class=per_class, calibration=calibration,
+                   **({"versus_pytorch": versus} if versus else {}))
     visual = None
     if (args.visual or args.tsne) and task.multilabel:
         LOGGER.warning("--visual and --tsne show one class per image: not for a multilabel model (predictions.csv has "

@@ -2,15 +2,17 @@
 
     python benchmarks/backend_fps.py                       # resnet18 at 64 px, batch 1 and 64
     python benchmarks/backend_fps.py --model_name resnet50 --image_size 224 --batch_sizes 1 32
+    python benchmarks/backend_fps.py --image_size 224 --batch_sizes 1 8 --mobile   # + NCNN and TFLite (fp32/fp16/int8)
 
 It writes a small dataset of coloured images, trains the model for one epoch with main.py (the
 speed does not depend on the weights; the run gives export.py real calibration and parity
 images), exports it with export.py (TorchScript, ONNX, int8 ONNX, OpenVINO), then times each
-backend the way metrice.py --task fps does: `predict_probs(backend, batch)` on a random uint8
+backend (with --mobile also NCNN and TFLite float32, float16 and int8: requirements/mobile.txt) the
+way metrice.py --task fps does: `predict_probs(backend, batch)` on a random uint8
 batch already in memory (normalisation included, decoding and resizing excluded), after a
 warm-up. The cases are timed in turns, several rounds (so a busy spell of other processes on
 the machine slows every case alike), and the median seconds per batch is reported. Prints a
-PrettyTable and writes fps.csv. The run and its exports are reused when --out already has them.
+PrettyTable (with each model file's size) and writes fps.csv. The run and its exports are reused when --out already has them.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ from utils.infer.speed import cpu_name, time_batches, warm_up
 
 BACKENDS = [("torch", "torch", None), ("torchscript", "torchscript", None), ("onnx", "onnx", None),
             ("onnx-int8", "onnx", "best_int8.onnx"), ("openvino", "openvino", None)]
+MOBILE = [("ncnn", "ncnn", None), ("tflite", "tflite", None), ("tflite-fp16", "tflite", "best_fp16.tflite"),
+          ("tflite-int8", "tflite", "best_int8.tflite")]
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 200, 20)]
 
 
@@ -48,6 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min_seconds", type=float, default=3.0, help="time each case at least this long in all")
     parser.add_argument("--rounds", type=int, default=5, help="turns over all cases")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch compute threads")
+    parser.add_argument("--mobile", action="store_true", help="also NCNN and TFLite (export.py --export ncnn tflite --int8)")
     return parser
 
 
@@ -71,6 +76,17 @@ def write_dataset(root: Path, size: int) -> None:
                 Image.fromarray(img.astype(np.uint8)).save(folder / f"{k}.png")
 
 
+def file_size_mb(backend: Any) -> float:
+    """A backend's model on disk: its file and the companions of its format (.bin), best.pt's size for torch."""
+    from utils.deploy.formats import get_format
+
+    file = Path(getattr(backend, "file", "") or getattr(backend, "path", "") or "")
+    if not file.is_file():
+        return float("nan")
+    parts = [p for p in get_format(backend.model_type).files_of(file)[:-1] if p.is_file()]
+    return sum(p.stat().st_size for p in parts) / 1e6
+
+
 def main(args: argparse.Namespace) -> None:
     out = Path(args.out)
     data, run = out / "data", out / "run"
@@ -81,10 +97,14 @@ def main(args: argparse.Namespace) -> None:
            "--test_path", data / "none", "--save_path", run)
     if not all((run / "export" / f).is_file() for f in ("best.torchscript", "best.onnx", "best_int8.onnx", "best.xml")):
         sh("export.py", "--save_path", run, "--export", "torchscript", "onnx", "openvino", "--int8", "--device", "cpu")
+    backends = BACKENDS + (MOBILE if args.mobile else [])
+    if args.mobile and not all((run / "export" / f).is_file() for f in ("best.ncnn.param", "best.tflite", "best_int8.tflite")):
+        sh("export.py", "--save_path", run, "--export", "ncnn", "tflite", "--int8", "--device", "cpu")
     torch.set_num_threads(args.threads)  # onnxruntime and OpenVINO take the same number (utils.infer.backends)
-    cases = []
-    for label, model_type, file in BACKENDS:
+    cases, sizes = [], {}
+    for label, model_type, file in backends:
         backend = load_backend(run / "export" / file if file else run, model_type, "cpu")
+        sizes[label] = file_size_mb(backend)
         spec = backend.meta.preprocess
         for bs in args.batch_sizes:
             x = torch.randint(0, 256, (bs, spec.channels, spec.crop, spec.crop), dtype=torch.uint8)
@@ -99,13 +119,13 @@ def main(args: argparse.Namespace) -> None:
     rows = []
     for label, bs, fn, times in cases:
         median = statistics.median(times)
-        rows.append({"backend": label, "batch_size": bs, "images_per_s": bs / median, "ms_per_batch": median * 1000,
+        rows.append({"backend": label, "size_mb": sizes[label], "batch_size": bs, "images_per_s": bs / median, "ms_per_batch": median * 1000,
                      "iterations": len(times)})
     cpu = cpu_name()
-    table = PrettyTable(["backend", *[f"batch {b} images/s" for b in args.batch_sizes]])
+    table = PrettyTable(["backend", "MB", *[f"batch {b} images/s" for b in args.batch_sizes]])
     table.title = f"{args.model_name} at {args.image_size} px on {cpu}, {os.cpu_count()} CPUs (torch threads {args.threads})"
-    for label, *_ in BACKENDS:
-        table.add_row([label, *[f"{r['images_per_s']:.1f}" for r in rows if r["backend"] == label]])
+    for label, *_ in backends:
+        table.add_row([label, f"{sizes[label]:.1f}", *[f"{r['images_per_s']:.1f}" for r in rows if r["backend"] == label]])
     table.align = "r"
     print(table)
     with (out / "fps.csv").open("w", newline="", encoding="utf-8") as fh:

@@ -363,7 +363,7 @@ def test_backend_errors_say_what_to_do(runs: dict[str, Path], exported: dict[str
     from utils.deploy.formats import MODEL_TYPES
     from utils.infer.backends import load_backend
 
-    assert MODEL_TYPES == ("torch", "torchscript", "onnx", "openvino", "tensorrt", "safetensors")
+    assert MODEL_TYPES == ("torch", "torchscript", "onnx", "openvino", "tensorrt", "safetensors", "ncnn", "tflite", "coreml")
     assert_ok(exported["resnet"])
     with pytest.raises(UserError, match=r"export.py --save_path .* --export tensorrt"):
         load_backend(runs["resnet"], "tensorrt")

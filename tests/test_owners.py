@@ -446,8 +446,9 @@ def test_run_saves_checkpoints_and_opens_tensorboard(tmp_path: Path) -> None:
 def test_every_format_row_has_its_module() -> None:
     import importlib
 
-    assert MODEL_TYPES == tuple(FORMATS) == ("torch", "torchscript", "onnx", "openvino", "tensorrt", "safetensors")
-    assert EXPORT_FLAGS == ("torchscript", "onnx", "openvino", "tensorrt", "safetensors")
+    assert MODEL_TYPES == tuple(FORMATS) == ("torch", "torchscript", "onnx", "openvino", "tensorrt", "safetensors", "ncnn",
+                                             "tflite", "coreml")
+    assert EXPORT_FLAGS == ("torchscript", "onnx", "openvino", "tensorrt", "safetensors", "ncnn", "tflite", "coreml")
     for flag, fmt in FORMATS.items():
         assert fmt.flag == flag and get_format(flag) is fmt
         module = importlib.import_module(fmt.module)
@@ -468,19 +469,26 @@ def test_format_file_names() -> None:
         onnx.file_name("best", "fp8")
     assert {f: FORMATS[f].precisions() for f in FORMATS} == {
         "torch": ["fp32", "fp16"], "torchscript": ["fp32", "fp16"], "onnx": ["fp32", "fp16", "int8"],
-        "openvino": ["fp32", "fp16"], "tensorrt": ["fp32", "fp16"], "safetensors": ["fp32"]}
+        "openvino": ["fp32", "fp16"], "tensorrt": ["fp32", "fp16"], "safetensors": ["fp32"], "ncnn": ["fp32"],
+        "tflite": ["fp32", "fp16", "int8"], "coreml": ["fp32", "fp16"]}
     assert onnx.run_files() == ["best.onnx", "best_fp16.onnx", "best_int8.onnx"]
     assert xml.run_files("m") == ["m.xml", "m_fp16.xml"] and hub.run_files() == ["best_hub"]
     folder = Path("runs/exp/export")
     assert xml.files_of(folder / "best.xml") == [folder / "best.xml", folder / "best.bin", folder / "best.xml.json"]
     assert onnx.files_of(folder / "best_int8.onnx") == [folder / "best_int8.onnx", folder / "best_int8.onnx.json"]
     assert hub.files_of(folder / "best_hub") == [folder / "best_hub", folder / "best_hub.json"]
+    ncnn = FORMATS["ncnn"]
+    assert ncnn.file_name("best") == "best.ncnn.param"
+    assert ncnn.files_of(folder / "best.ncnn.param") == [folder / "best.ncnn.param", folder / "best.ncnn.bin",
+                                                         folder / "best.ncnn.param.json"]
+    assert FORMATS["coreml"].run_files() == ["best.mlpackage", "best_fp16.mlpackage"]
     assert info_path("a/best.onnx") == Path("a/best.onnx.json")
 
 
 def test_format_of_by_suffix_and_hub_folder(tmp_path: Path) -> None:
     cases = {"m.pt": "torch", "m.pth": "torch", "m.torchscript": "torchscript", "M.ONNX": "onnx", "m.xml": "openvino",
-             "m.engine": "tensorrt", "m.plan": "tensorrt", "m.trt": "tensorrt"}
+             "m.engine": "tensorrt", "m.plan": "tensorrt", "m.trt": "tensorrt", "m.ncnn.param": "ncnn", "m.tflite": "tflite",
+             "m.mlpackage": "coreml"}
     assert {name: format_of(name).flag for name in cases} == cases
     assert format_of(Path("m.bin")) is None and format_of("model") is None and format_of("m.json") is None
     hub = tmp_path / "best_hub"
@@ -506,9 +514,9 @@ def test_format_of_by_suffix_and_hub_folder(tmp_path: Path) -> None:
 
 def test_get_format_refuses_unknown_names() -> None:
     with pytest.raises(UserError) as err:
-        get_format("tflite")
-    assert one_line_error(err) == ("unknown model format 'tflite'; choose one of torch, torchscript, onnx, openvino, "
-                                   "tensorrt, safetensors")
+        get_format("mnn")
+    assert one_line_error(err) == ("unknown model format 'mnn'; choose one of torch, torchscript, onnx, openvino, "
+                                   "tensorrt, safetensors, ncnn, tflite, coreml")
 
 
 def test_half_only_for_formats_that_run_half_and_refusals(tmp_path: Path) -> None:

@@ -17,10 +17,15 @@ import contextlib
 import io
 import json
 import logging
+import os
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import numpy as np
 
 from utils.core.files import atomic_write_text
 from utils.core.names import DEFAULT_OPSET
@@ -184,6 +189,24 @@ def load_batch(samples: Sequence[tuple[str, Any]], spec: PreprocessSpec) -> torc
     return batch["images"]
 
 
+def calibration_batches(ctx: ExportContext, batch: int) -> Iterator[np.ndarray]:
+    """The int8 calibration images (ctx.calibration: drawn from the run's training split) as
+    normalised float32 batches of exactly `batch` images (the last filled by repeating its images:
+    a fixed-batch model takes only full batches), the input every exported model takes. Shared by
+    the formats that quantize (ONNX, TFLite)."""
+    from utils.data.transforms import Normalize
+
+    samples, spec = list(ctx.calibration[0]), ctx.meta.preprocess
+    normalize = Normalize(spec.mean, spec.std)
+    for start in range(0, len(samples), batch):
+        images = load_batch(samples[start:start + batch], spec)
+        if len(images) == 0:
+            continue
+        if len(images) < batch:
+            images = images.repeat(-(-batch // len(images)), 1, 1, 1)[:batch]
+        yield normalize(images).numpy()
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (a temporary file beside it, then rename)."""
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
@@ -200,3 +223,28 @@ def quiet(verbose: bool) -> Iterator[None]:
         warnings.simplefilter("ignore")
         with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime's quantization tools print progress
             yield
+
+
+@contextlib.contextmanager
+def quiet_native(verbose: bool) -> Iterator[None]:
+    """`quiet`, and the converters' own output to the process's stdout and stderr (pnnx, LiteRT and
+    coremltools print from C++ and through progress bars) kept in a temporary file, unless --verbose.
+    The file's tail is logged at debug level."""
+    if verbose:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as log, quiet(False), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            log.seek(0)
+            LOGGER.debug("converter output: %s", log.read()[-2000:].decode("utf-8", "replace"))

@@ -41,7 +41,8 @@ from utils.deploy.context import ExportContext, ExportOptions, load_batch, write
 from utils.deploy.deploy_form import deploy_model, probs_of
 from utils.deploy.formats import FORMATS, ModelFormat, get_format, info_path
 from utils.deploy.onnx import MAX_OPSET
-from utils.deploy.parity import PARITY_TOLERANCE, check_parity, describe_tolerance  # noqa: F401  (tests tighten it)
+from utils.deploy.parity import (INT8_WARN_AGREEMENT, PARITY_TOLERANCE, check_parity,  # noqa: F401  (tests tighten it)
+                                 describe_tolerance)
 from utils.models.weights import model_from_checkpoint
 
 LOGGER = logging.getLogger(__name__)
@@ -160,7 +161,8 @@ def check_request(opts: ExportOptions, ckpt: Checkpoint) -> torch.device:
 
 def output_names(fmt: ModelFormat, stem: str, opts: ExportOptions) -> list[str]:
     """The names of the files export.py writes for `fmt` with these options."""
-    names = [fmt.file_name(stem, opts.precision if fmt.fp16 else "fp32")]
+    precisions = ["fp32", "fp16"] if fmt.fp16_beside else [opts.precision if fmt.fp16 else "fp32"]
+    names = [fmt.file_name(stem, p) for p in precisions]
     if opts.int8 and fmt.int8:
         names.append(fmt.file_name(stem, "int8"))
     return names
@@ -350,6 +352,10 @@ def _check_and_record(file: Path, fmt: ModelFormat, precision: str, images: torc
         print(f"{final}: parity vs PyTorch on {parity['images']} images: max |dp| {_fmt(parity['max_abs_diff'])}, "
               f"top-1 agreement {_pct(parity['top1_agreement'])} (allowed: {describe_tolerance(parity['tolerance'])}): {verdict}",
               flush=True)
+        if precision == "int8" and parity["top1_agreement"] is not None and parity["top1_agreement"] < INT8_WARN_AGREEMENT:
+            LOGGER.warning("%s: int8 agrees with PyTorch on %s of the images (under %s): measure its accuracy on the test "
+                           "split before shipping it (python metrice.py --weight %s --task test)", final.name,
+                           _pct(parity["top1_agreement"]), _pct(INT8_WARN_AGREEMENT), final)
     return info | {"path": str(final), "size_mb": _size_mb(file, fmt), "verdict": verdict}
 
 

@@ -47,6 +47,8 @@ class ModelFormat:
         companions: files that travel with it (OpenVINO's .bin).
         exportable: export.py writes it (a checkpoint is what main.py writes).
         folder: it is a folder, not a file.
+        fp16_beside: every export also writes a float16 file beside the float32 one, on any device
+            (float16 weights for phones: TFLite, Core ML); --half is not needed for it.
     """
 
     flag: str
@@ -66,6 +68,7 @@ class ModelFormat:
     companions: tuple[str, ...] = ()
     exportable: bool = True
     folder: bool = False
+    fp16_beside: bool = False
 
     def file_name(self, stem: str, precision: str = "fp32") -> str:
         """What export.py calls its file: best.onnx, best_fp16.onnx, best_int8.onnx, best_hub."""
@@ -103,6 +106,12 @@ class ModelFormat:
         check = getattr(self._module(), "refusal", None)
         return check(meta) if check is not None else None
 
+    def unavailable(self) -> str | None:
+        """Why this format's runtime cannot run on this machine (None when it can): the module's
+        optional `unavailable()` (Core ML predicts on macOS only). The parity check reports it as not checked."""
+        check = getattr(self._module(), "unavailable", None)
+        return check() if check is not None else None
+
     def load(self, file: str | Path, device: Any, half: bool = False) -> Any:
         """The format's runtime for `file` on `device` (a torch.device for a torch runtime, else a
         utils.core.device.Device)."""
@@ -130,6 +139,14 @@ FORMATS: dict[str, ModelFormat] = {f.flag: f for f in (  # in export order: ONNX
                 parity_on_export_device=True),
     ModelFormat("safetensors", "Hub folder (timm)", "_hub", "utils.deploy.hub", (), export_packages=("safetensors",),
                 torch_runtime=True, fp16=False, folder=True),
+    # phones and edge boards: built from the PyTorch model directly (pnnx, litert-torch, coremltools)
+    ModelFormat("ncnn", "NCNN (pnnx)", ".ncnn.param", "utils.deploy.ncnn", (".param",), gpu=False,
+                export_packages=("pnnx", "ncnn"), runtime_packages=("ncnn",), fp16=False, companions=(".bin",)),
+    ModelFormat("tflite", "TFLite (LiteRT)", ".tflite", "utils.deploy.tflite", (".tflite",), gpu=False,
+                export_packages=("litert_torch", "ai_edge_quantizer", "ai_edge_litert"), runtime_packages=("ai-edge-litert",),
+                int8=True, fp16_beside=True),
+    ModelFormat("coreml", "Core ML (macOS, iOS)", ".mlpackage", "utils.deploy.coreml", (".mlpackage",), gpu=False,
+                export_packages=("coremltools",), runtime_packages=("coremltools",), folder=True, fp16_beside=True),
 )}
 MODEL_TYPES = tuple(FORMATS)  # every --model_type
 EXPORT_FLAGS = tuple(f.flag for f in FORMATS.values() if f.exportable)  # every --export
@@ -158,8 +175,16 @@ def is_hub_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file()
 
 
+def is_model_folder(path: Path) -> bool:
+    """Whether `path` is a folder that is one model (a Hub folder, a Core ML .mlpackage), not a run folder."""
+    path = Path(path)
+    return is_hub_folder(path) or (path.is_dir() and any(path.suffix.lower() in f.read_suffixes for f in FORMATS.values()
+                                                         if f.folder))
+
+
 def format_of(path: str | Path) -> ModelFormat | None:
-    """The format of a model path by its suffix (a Hub folder by its files); None when nothing tells."""
+    """The format of a model path by its suffix (a Hub folder by its files, a Core ML package by its
+    suffix); None when nothing tells."""
     path = Path(path)
     if is_hub_folder(path):
         return FORMATS["safetensors"]

@@ -20,7 +20,7 @@ import numpy as np
 
 from utils.core.device import compute_threads
 from utils.core.log import UserError
-from utils.deploy.context import INPUT_NAME, OUTPUT_NAME, ExportContext, load_batch, quiet
+from utils.deploy.context import INPUT_NAME, OUTPUT_NAME, ExportContext, calibration_batches, quiet
 from utils.deploy.runtime import EXPORT_INFO_KEY, NumpyBackend, import_runtime, read_export_info
 
 if TYPE_CHECKING:
@@ -111,23 +111,14 @@ def onnx_file_for(ctx: ExportContext, half: bool) -> Path:
 
 # ------------------------------------------------------------------------------ int8
 class _CalibrationReader:
-    """Feeds onnxruntime's calibration: normalised float batches of training images."""
+    """Feeds onnxruntime's calibration: normalised float batches of training images (context.calibration_batches)."""
 
     def __init__(self, ctx: ExportContext, batch: int) -> None:
-        from utils.data.transforms import Normalize
-
-        self.samples, self.spec, self.batch = list(ctx.calibration[0]), ctx.meta.preprocess, batch
-        self.normalize = Normalize(self.spec.mean, self.spec.std)
+        self.ctx, self.batch = ctx, batch
         self._it: Iterator[dict[str, np.ndarray]] | None = None
 
     def _batches(self) -> Iterator[dict[str, np.ndarray]]:
-        for start in range(0, len(self.samples), self.batch):
-            images = load_batch(self.samples[start:start + self.batch], self.spec)
-            if len(images) == 0:
-                continue
-            if len(images) < self.batch:  # a fixed-batch model takes only full batches: repeat images to fill it
-                images = images.repeat(-(-self.batch // len(images)), 1, 1, 1)[: self.batch]
-            yield {INPUT_NAME: self.normalize(images).numpy()}
+        return ({INPUT_NAME: x} for x in calibration_batches(self.ctx, self.batch))
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self._it is None:

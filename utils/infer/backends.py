@@ -35,7 +35,7 @@ from utils.core.log import UserError
 from utils.core.run import RunFolder, model_not_found
 from utils.core.schema import ModelMeta
 from utils.data.transforms_np import image_transform, run_with_tta
-from utils.deploy.formats import MODEL_TYPES, ModelFormat, format_of, get_format, is_hub_folder
+from utils.deploy.formats import MODEL_TYPES, ModelFormat, format_of, get_format, is_model_folder
 from utils.deploy.runtime import runtime_device
 
 LOGGER = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def resolve_weights(path: str | Path, model_type: str = "torch") -> Path:
     a file -> itself (after checking that it fits model_type)."""
     path = Path(path)
     fmt = get_format(model_type)
-    if path.is_dir() and not is_hub_folder(path):  # a --kfold run: its best fold's (RunFolder.model_folder)
+    if path.is_dir() and not is_model_folder(path):  # a --kfold run: its best fold's (RunFolder.model_folder)
         return RunFolder.checkpoint(path) if fmt.flag == "torch" else find_export(RunFolder.model_folder(path), fmt)
     if not path.exists():
         raise model_not_found(path, "model")
@@ -84,7 +84,7 @@ def model_type_of(path: str | Path) -> str:
         UserError: a file whose suffix names no format.
     """
     path = Path(path)
-    if path.is_dir() and not is_hub_folder(path):
+    if path.is_dir() and not is_model_folder(path):
         return "torch"
     found = format_of(path)
     if found is None:
@@ -112,7 +112,7 @@ def models_from_flags(save_path: Sequence[str] | None, weight: Sequence[str] | N
     if not weight:
         return list(save_path or ["runs/exp"]), model_type or "torch"
     for file in weight:
-        if Path(file).is_dir() and not is_hub_folder(Path(file)):
+        if Path(file).is_dir() and not is_model_folder(Path(file)):
             raise UserError(f"--weight {file} is a folder: pass a model file (best.pt, export/best.onnx ...), "
                             "or the run folder with --save_path")
     return list(weight), model_type or model_type_of(weight[0])
@@ -149,7 +149,7 @@ def results_home(path: str | Path) -> Path:
     """The folder a model's results go into (predict/, test/, features/ ...): a run folder itself; the
     folder of a model file, or of a Hub folder (never inside it: the folder is what a Hub upload sends)."""
     path = Path(path)
-    return path if path.is_dir() and not is_hub_folder(path) else path.parent
+    return path if path.is_dir() and not is_model_folder(path) else path.parent
 
 
 def results_folder(paths: Sequence[str | Path], name: str, flag: str) -> Path:
