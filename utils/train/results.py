@@ -37,7 +37,7 @@ LOGGER = logging.getLogger(__name__)
 
 RESULTS_PLOT = "results.png"
 SPEED_BATCH = 32           # images per timed forward pass at most (the run's batch size when smaller)
-SPEED_SECONDS = 0.5        # the measurement: at least this long, and at least SPEED_CALLS calls ...
+SPEED_SECONDS = 0.2        # the measurement: at least this long, and at least SPEED_CALLS calls ...
 SPEED_CALLS = 5
 SPEED_MAX_SECONDS = 3.0    # ... and at most this long
 
@@ -81,7 +81,7 @@ def forward_speed(model: nn.Module, spec: PreprocessSpec, batch_size: int, devic
             model(x)
 
     try:
-        warm_up(step, device, seconds=0.1, min_calls=2, max_calls=10)
+        warm_up(step, device, seconds=0.05, min_calls=2, max_calls=10)
         times = time_batches(step, device, min_iters=SPEED_CALLS, min_seconds=SPEED_SECONDS,
                              max_seconds=SPEED_MAX_SECONDS, warmup=False)
     finally:
