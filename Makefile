@@ -12,6 +12,7 @@ STAMP := $(VENV)/.installed-train
 DEV_STAMP := $(VENV)/.installed-dev
 TRACKERS_STAMP := $(VENV)/.installed-trackers
 DOCS_STAMP := $(VENV)/.installed-docs
+MOBILE_STAMP := $(VENV)/.installed-mobile
 
 CPP_BUILD := deploy/cpp/build
 # What the tests start or build, from Debian, as "a command or a header:its package": serve.py's
@@ -21,7 +22,7 @@ SYSTEM_DEPS := chromium:chromium chromedriver:chromium-driver redis-server:redis
 	/usr/include/stb/stb_image.h:libstb-dev /usr/include/nlohmann/json.hpp:nlohmann-json3-dev \
 	/usr/share/fonts/truetype/wqy/wqy-microhei.ttc:fonts-wqy-microhei
 
-.PHONY: demo test test-zoo test-trackers bench install install-dev clean cpp system-deps docs docs-serve shell
+.PHONY: demo test test-zoo test-trackers bench install install-dev clean cpp system-deps docs docs-serve shell mobile-deps
 
 # PyTorch's CPU-only wheels (without NVIDIA's CUDA libraries and triton: about 4 GB less) when this
 # machine has no NVIDIA GPU and their index answers; otherwise the default wheels of the same pinned
@@ -89,7 +90,14 @@ system-deps:
 
 # Once every system dependency is there, a test that needs one may not skip (REQUIRE_SYSTEM_DEPS=1,
 # tests/system_deps.py): a broken install or skip condition fails, as in CI, instead of passing as skips.
-test: $(DEV_STAMP) system-deps
+# export.py's phone formats (NCNN, TFLite, Core ML: requirements/mobile.txt, then mobile-tflite.txt
+# without dependencies, whose pins conflict with the rest), about 1 GB: installed for `make test` when
+# the package registry has them; if that fails, tests/test_mobile_export.py skips and names the commands.
+mobile-deps: $(DEV_STAMP)
+	@[ -f $(MOBILE_STAMP) ] || { $(PIP) -r requirements/mobile.txt && $(PIP) --no-deps -r requirements/mobile-tflite.txt && \
+	  touch $(MOBILE_STAMP); } || echo "the mobile exporters did not install: the tests of export.py's ncnn, tflite and coreml skip"
+
+test: $(DEV_STAMP) system-deps mobile-deps
 	@$(MISSING_DEPS); if [ -z "$$missing" ]; then export REQUIRE_SYSTEM_DEPS=$${REQUIRE_SYSTEM_DEPS:-1}; \
 	else echo "missing:$$missing: the tests that need them skip"; fi; $(PY) -m pytest -q
 

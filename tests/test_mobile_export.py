@@ -4,7 +4,7 @@ and Core ML (coremltools), each checked against PyTorch by value; predict.py and
 model with its run's best.pt; a model Core ML cannot hold refused in one line.
 
 The shared 2-epoch resnet10t run of conftest (32 px) is exported once for the module. The
-exporters are requirements/mobile.txt and mobile-tflite.txt: without them the module skips,
+exporters are requirements/mobile.txt and mobile-tflite.txt (`make test` installs them): without them the module skips,
 naming the install commands.
 """
 from __future__ import annotations
