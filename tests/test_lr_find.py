@@ -156,3 +156,20 @@ def test_lr_find_refuses_what_makes_no_sense(flags: list[str], needle: str, tiny
 def test_lr_find_refuses_torchrun(monkeypatch: pytest.MonkeyPatch, tiny_data: Path, tmp_path: Path) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert_user_error(run_inprocess("main.py", *train_args(tiny_data, tmp_path / "r", "--lr_find")), "torchrun")
+
+
+def test_steepest_lr_is_the_fastest_fall_per_decade_before_the_minimum() -> None:
+    """Known answers: the slope is taken against log(lr), so lrs that are not evenly spaced on the log
+    axis change which point is steepest (against the index, 1e-4 would be); none before 3 points."""
+    from utils.train.lr_find import steepest_lr
+
+    lrs, smoothed = [1e-4, 1e-3, 1.1e-3, 1e-1, 1.0], [2.0, 1.5, 1.45, 1.0, 3.0]
+    assert steepest_lr(lrs, smoothed, skip_start=0) == 1.1e-3
+    assert steepest_lr(lrs, smoothed, skip_start=3) == 1.1e-3  # the skip never leaves fewer than 2 points
+    assert steepest_lr([1e-3, 1e-2, 1e-1], [1.0, 0.5, 2.0], skip_start=0) == 1e-3
+    assert steepest_lr([1e-3, 1e-2], [1.0, 0.5]) is None
+    # the default skip of the first 5 updates, on 6: the last two points are searched (not the steep start)
+    six = [10.0 ** k for k in range(-6, 0)]
+    assert steepest_lr(six, [3.0, 1.0, 0.9, 0.8, 0.65, 0.6]) == six[4]
+    # the minimum is the first point: the window would be empty, so the whole curve is searched
+    assert steepest_lr([1e-3, 1e-2, 1e-1, 1.0], [0.5, 0.9, 0.6, 2.0], skip_start=0) == 1e-2  # the gentlest rise

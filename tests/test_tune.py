@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -323,3 +324,59 @@ def test_two_processes_on_a_redis_journal_finish_exactly_n_trials(tiny_data: Pat
         study, out = two_processes(tiny_data, tmp_path, ["--storage", server.url, "--study_name", "shared-redis"])
         check_shared(study, out, 3)
         assert not (out / "study.db").exists()  # the study lives in Redis
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("image_size: {low: 32, high: 64.5}", "'high' must be an integer"),
+    ("lr: {low: 0.001, high: fast}", "'high' must be a number"),
+    ("image_size: {low: 32, high: 64, step: 0.5}", "'step' must be an integer"),
+    ("image_size: {low: 32, high: 64, step: 0}", "'step' must be positive, not 0"),
+    ("lr: {low: 0.001, high: 0.1, log: yes please}", "'log' must be true or false"),
+    ("lr: {low: 0.001, high: 0.1, log: true, step: 0.01}", "a log scale takes no step"),
+    ("lr: {low: 0.5, high: 5, log: true, step: 1}", "a log scale takes no step"),
+])
+def test_range_specs_are_checked_for_their_flags_type(tiny_data: Path, tmp_path: Path, text: str, needle: str) -> None:
+    import main
+    from utils.core.log import UserError
+    from utils.tune.space import SearchSpace
+
+    base = main.parse_args(train_args(tiny_data, tmp_path / "run"))
+    with pytest.raises(UserError, match=re.escape(needle)):
+        SearchSpace.load(write_space(tmp_path / "s.yaml", text + "\n"), main.get_args_parser(), base)
+
+
+def test_ranges_keep_their_flags_type(tiny_data: Path, tmp_path: Path) -> None:
+    """Whole numbers for a float flag are floats; an integer log range may keep step 1; low == high
+    is the one value."""
+    import main
+    from utils.tune.space import SearchSpace
+
+    base = main.parse_args(train_args(tiny_data, tmp_path / "run"))
+    text = ("label_smoothing: {low: 0, high: 1}\nimage_size: {low: 16, high: 64, log: true, step: 1}\n"
+            "weight_decay: {low: 0.001, high: 0.001}\n")
+    space = SearchSpace.load(write_space(tmp_path / "s.yaml", text), main.get_args_parser(), base)
+    smoothing, size, decay = space.params
+    assert (smoothing.kind, smoothing.low, smoothing.high) == ("float", 0.0, 1.0)
+    assert type(smoothing.low) is float and type(smoothing.high) is float
+    assert (size.kind, size.low, size.high, size.log, size.step) == ("int", 16, 64, True, 1)
+    assert type(size.low) is int and type(size.high) is int
+    samples = [space.sample(optuna.create_study().ask()) for _ in range(5)]
+    assert all(s["weight_decay"] == 0.001 and type(s["label_smoothing"]) is float for s in samples)
+
+
+def test_trial_options_put_the_samples_on_the_base_and_check_them_as_main_py_does(tiny_data: Path,
+                                                                                   tmp_path: Path) -> None:
+    import main
+    from utils.core.log import UserError
+    from utils.tune.space import trial_options
+
+    base = main.parse_args(["--train_path", str(tiny_data / "train"), "--model_name", "resnet10t", "--lr", "0.002"])
+    options = trial_options(base, {"label_smoothing": 0.05, "seed": 7, "Augment": "AugMix"}, tmp_path / "trial_0003")
+    assert (options.label_smoothing, options.Augment, options.save_path) == (0.05, "AugMix", str(tmp_path / "trial_0003"))
+    assert (options.seed, options.random_seed, options.lr, options.model_name) == (7, 7, 0.002, base.model_name)
+    assert {"label_smoothing", "seed", "Augment", "save_path", "lr"} <= options.explicit  # typed by the user or sampled
+    assert base.label_smoothing != 0.05 and base.save_path == "runs/exp" and "save_path" not in base.explicit  # as it was
+    unseeded = trial_options(base, {"lr": 0.01}, tmp_path / "t")
+    assert (unseeded.random_seed, unseeded.lr) == (base.random_seed, 0.01) and "seed" not in unseeded.explicit
+    with pytest.raises(UserError, match="--swa and --ema"):
+        trial_options(base, {"swa": True, "ema": True}, tmp_path / "t")
