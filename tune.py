@@ -104,9 +104,10 @@ def main(args: Options) -> dict[str, Any]:
     from utils.core.files import check_writable
     from utils.train.saver import LOWER_IS_BETTER
     from utils.tune.objective import Objective
-    from utils.tune.study import counts, make_pruner, make_sampler, open_study, run_trials, storage_url
+    from utils.tune.study import check_study_folder, counts, make_pruner, make_sampler, open_study, run_trials, storage_url
 
     base, out = args.base, Path(args.save_path)
+    check_study_folder(out)  # its table, best.yaml and plots are written over only in a study's own folder
     out.mkdir(parents=True, exist_ok=True)  # shared by every process of the study, and by its resumes
     check_writable(out, "--save_path")
     metric = base.metrice or "default"  # the task's first metric (acc, map): resolved by each trial

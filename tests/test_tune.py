@@ -122,6 +122,11 @@ def test_bad_base_options_are_refused_before_any_trial(tiny_data: Path, tmp_path
     model = run_inprocess("tune.py", *tune_args(tiny_data, tmp_path / "out", space, "--model_name", "resnet_nope"))
     assert_user_error(model, "resnet_nope")  # as main.py refuses it, not five failed trials
     assert not (tmp_path / "out").exists()
+    mine = tmp_path / "mine"  # a folder of the user's: tune.py's best.yaml would be written over theirs
+    mine.mkdir()
+    (mine / "best.yaml").write_text("lr: 0.1\n")
+    assert_user_error(run_inprocess("tune.py", *tune_args(tiny_data, mine, space)), "not a tune.py study")
+    assert (mine / "best.yaml").read_text() == "lr: 0.1\n" and sorted(p.name for p in mine.iterdir()) == ["best.yaml"]
 
 
 # ------------------------------------------------------------------- end to end, best.yaml

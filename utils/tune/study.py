@@ -41,6 +41,21 @@ def import_optuna() -> Any:
     return optuna
 
 
+def check_study_folder(out: Path) -> None:
+    """--save_path is new, empty, or a tune.py study's own folder (study.db, trials.csv, trial_NNNN):
+    the table, best.yaml and the plots are written over only there, never over a user's files.
+
+    Raises:
+        UserError: a folder holding files that no study wrote.
+    """
+    if not out.is_dir() or all(p.name.startswith(".") for p in out.iterdir()):  # another process's write probe
+        return
+    if (out / "study.db").exists() or (out / "trials.csv").exists() or any(out.glob("trial_[0-9]*")):
+        return
+    raise UserError(f"--save_path {out} holds files that are not a tune.py study's (no study.db, trials.csv or "
+                    "trial_NNNN): give a new folder, or the folder of the study to resume")
+
+
 def storage_url(out: Path, storage: str) -> str:
     """--storage, or the default: a SQLite file in the output folder."""
     return storage or f"sqlite:///{(out / 'study.db').resolve()}"
