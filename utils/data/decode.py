@@ -6,9 +6,12 @@ prediction, serving and deployment.
 
 Every PIL mode is converted correctly (16-bit, float, palette, alpha composited on white, CMYK),
 and an image over the decompression-bomb limit is refused. Imports only Pillow and numpy.
+An image inside a container (a tar shard's member, a dataset's row) is named "CONTAINER#MEMBER" and
+read through utils.data.containers, so every loader above takes it like a file.
 """
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,22 @@ Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
 # ----------------------------------------------------------------------------------- images
+def image_source(path: str | Path | IO[bytes]) -> str | Path | IO[bytes]:
+    """What Pillow opens for `path`: the file itself, or the bytes of a container's member
+    ("shards/train-000000.tar#000012.jpg", "hf:data/digits#12"; utils.data.containers).
+
+    Raises:
+        OSError: a member that cannot be read (a truncated shard ...), naming its container.
+    """
+    if isinstance(path, (str, Path)) and "#" in str(path):
+        from utils.data.containers import member_bytes  # noqa: PLC0415 - only names with a '#' need it
+
+        data = member_bytes(str(path))
+        if data is not None:
+            return io.BytesIO(data)
+    return path
+
+
 def load_image(path: str | Path, channels: int = 3) -> Image.Image:
     """Open an image file as 8-bit RGB (channels=3) or L (channels=1), orientation applied.
 
@@ -43,7 +62,7 @@ def load_image(path: str | Path, channels: int = 3) -> Image.Image:
     """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
+        with Image.open(image_source(path)) as img:
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # turned in place: no copy of the pixels
     return to_mode(img, channels)
@@ -109,6 +128,7 @@ def read_header(source: str | Path | IO[bytes]) -> Header:
     Raises:
         HeaderError: what is wrong with it.
     """
+    source = image_source(source)
     stream = not isinstance(source, (str, Path))
     try:
         size = source.seek(0, 2) if stream else Path(source).stat().st_size
