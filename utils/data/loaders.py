@@ -10,7 +10,7 @@ epoch's order over the processes of a torchrun job and can skip to a position (-
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -78,15 +78,20 @@ class ImageDataset(Dataset):
                 return None, target, path, f"{type(err).__name__}: {err}"
         if self.seed is None:
             return transform(img), target, path, None
-        # seed the default CPU generator for this image and restore it after: torch.manual_seed and
-        # fork_rng cost ~1.8 ms per image here (they also touch every accelerator), this ~10 us
-        generator = torch.default_generator
-        saved = generator.get_state()
-        generator.manual_seed(sample_seed(self.seed, epoch, index))
-        try:
-            return transform(img), target, path, None
-        finally:
-            generator.set_state(saved)
+        return seeded_transform(transform, img, sample_seed(self.seed, epoch, index)), target, path, None
+
+
+def seeded_transform(transform: Any, img: Any, seed: int) -> Any:
+    """`transform(img)` with the default CPU generator seeded for this image and restored after (a random
+    augmentation then depends on the image, not on the worker or the order): torch.manual_seed and fork_rng
+    cost ~1.8 ms per image here (they also touch every accelerator), this ~10 us."""
+    generator = torch.default_generator
+    saved = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        return transform(img)
+    finally:
+        generator.set_state(saved)
 
 
 def collate(batch: Sequence[tuple[Any, int, str, str | None]]) -> dict[str, Any]:
@@ -217,10 +222,19 @@ def compute_mean_std(
     # a generator of its own: the pass must not draw from the global RNG, so a run whose mean/std
     # come from the scan cache initialises its model exactly like one that computed them
     loader = DataLoader(dataset, batch_size=64, num_workers=workers, collate_fn=collate, generator=torch.Generator())
+    return mean_std_of(loader, channels)
+
+
+def mean_std_of(batches: Iterable[dict[str, Any]], channels: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std, in [0, 1], of the uint8 images of some batches (collate's dicts).
+
+    Raises:
+        UserError: no image in them.
+    """
     total = torch.zeros(channels, dtype=torch.float64)
     total_sq = torch.zeros(channels, dtype=torch.float64)
     count = 0
-    for batch in loader:
+    for batch in batches:
         x = batch["images"].to(torch.float64) / 255.0
         if not len(x):
             continue
