@@ -96,6 +96,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--class_balance_beta", type=finite_float, default=0.999, help="beta of --class_balance effective")
     p("--sampler", default="shuffle", choices=list(SAMPLERS),
       help="training order: shuffle, or balanced (images drawn by inverse class frequency, with replacement)")
+    p("--shard_buffer", type=int, default=1000, metavar="N",
+      help="a --train_path streamed from URLs: images in each loader worker's shuffle buffer (0: the shards' order)")
     p("--task_type", default="auto", choices=["auto", *TASK_TYPES],
       help="multiclass (one class per image, softmax) or multilabel (any number, a sigmoid per class); auto: "
            "multilabel when a training list gives several labels per image")

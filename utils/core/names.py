@@ -48,7 +48,8 @@ DEFAULT_OPSET = 17  # run by onnxruntime >= 1.13, TensorRT >= 8.6 and OpenVINO; 
 FLAG_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
     "main": {
         "data": ("data", "train_path", "val_path", "test_path", "label_path", "list_sep", "task_type", "image_size",
-                 "image_channel", "resize_mode", "imagenet_meanstd", "workers", "cache_images", "sampler"),
+                 "image_channel", "resize_mode", "imagenet_meanstd", "workers", "cache_images", "sampler",
+                 "shard_buffer"),
         "model": ("model_name", "list_models", "pretrained", "weight"),
         "training": ("epoch", "batch_size", "loss", "optimizer", "lr", "layer_decay", "weight_decay", "momentum",
                      "label_smoothing", "class_balance", "class_balance_beta", "warmup", "warmup_ratios", "warmup_minlr",

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 from utils.data.folders import scan_folder
 from utils.data.imageset import ImageSet
 from utils.data.lists import scan_list
+from utils.data.stream import local_split
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def scan_split(root: str | Path, class_names: Sequence[str] | None = None, label
     """The images of one split, from the first of SOURCES that matches `root`.
 
     Args:
-        root: the split as given (a folder of class folders, a CSV or text list).
+        root: the split as given (a folder of class folders, a CSV or text list, a URL of tar shards).
         class_names: the model's classes (val/test); None to take them from the split (train).
         label_path: class names of numbered class folders or of a list's numeric labels.
         check_headers: open each image's header to skip non-images early.
@@ -69,6 +70,6 @@ def scan_split(root: str | Path, class_names: Sequence[str] | None = None, label
     Returns:
         The ImageSet.
     """
-    root = Path(root)
+    root = Path(local_split(root))  # a URL split: copied once into the cache, then read as local shards
     source = next(s for s in SOURCES if s.matches(root))
     return source.scan(root, class_names, label_path, check_headers, what, use_cache, list_sep)

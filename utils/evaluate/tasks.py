@@ -24,6 +24,7 @@ from utils.core.options import Options
 from utils.core.run import Run, RunFolder, increment_path
 from utils.data.imageset import report_skipped
 from utils.data.sources import scan_split
+from utils.data.stream import is_stream_url, local_split
 from utils.evaluate.split import measure_speed
 from utils.infer.backends import kfold_members, results_home
 from utils.infer.ensemble import Ensemble
@@ -73,6 +74,8 @@ def split_path(args: Options, run_args: dict[str, Any]) -> Path:
     value = given if given is not None else run_args.get(key)
     if not value:
         raise UserError(f"--task {args.task}: the run has no {key}; pass --{key} DIR")
+    if is_stream_url(value):  # copied once into the cache, read as local shards
+        return Path(local_split(value))
     path = Path(value)
     if not path.exists():
         origin = f"--{key}" if given is not None else f"the run's {key}"

@@ -1,8 +1,8 @@
 """main.py's training recipes as flags (augmentation, mixing, TTA, EMA/SWA, R-Drop, accumulation,
 freezing, distillation), and the checks of every
 main.py option's value, refused at start with one line each: the values, then the paths and the
-model name (check_inputs), all before PyTorch loads and the data is scanned. Light: argparse and
-utils.core only, so `main.py --help` and a mistake answer at once.
+model name (check_inputs), all before PyTorch loads and the data is scanned. Light: argparse,
+utils.core and utils.data.stream's torch-free URL test only, so `main.py --help` and a mistake answer at once.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from utils.core.log import UserError
 from utils.core.names import AUGMENT_CHOICES, KD_METHODS, MIXUP_CHOICES, unknown_model_name
 from utils.core.options import Options
 from utils.core.schema import MAX_IMAGE_SIZE, RESIZE_MODES
+from utils.data.stream import is_stream_url
 
 
 def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +55,7 @@ def check_inputs(args: argparse.Namespace) -> None:
              ("weight", "a state_dict or checkpoint file"), ("teacher_path", "the teacher's run folder or best.pt")]
     for flag, what in paths:
         value = getattr(args, flag)
-        if value and not Path(value).exists():
+        if value and not Path(value).exists() and not (flag == "train_path" and is_stream_url(value)):
             raise UserError(f"--{flag} {value}: not found; pass {what}")
     problem = unknown_model_name(args.model_name)
     if problem is not None:
@@ -82,6 +83,8 @@ def check_values(args: argparse.Namespace) -> None:
         raise UserError(f"--batch_size must be positive (or -1 for automatic), got {args.batch_size}")
     if args.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {args.workers}")
+    if args.shard_buffer < 0:
+        raise UserError(f"--shard_buffer must be 0 or more images, got {args.shard_buffer}")
     if args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
     if not 0 < args.reject_tpr <= 1:

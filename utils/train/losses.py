@@ -141,8 +141,8 @@ assert set(LOSSES) == set(ALL_LOSSES) and all(issubclass(LOSSES[name], base) for
     "each loss is registered here and listed in the family of its task type (utils.core.task)"
 
 
-def class_balance_weights(targets: Sequence[Any], num_classes: int, mode: str = "sqrt", beta: float = 0.999,
-                          task: TaskType = MULTICLASS) -> torch.Tensor:
+def class_balance_weights(targets: Sequence[Any] | None, num_classes: int, mode: str = "sqrt", beta: float = 0.999,
+                          task: TaskType = MULTICLASS, counts: tuple[Sequence[int], int] | None = None) -> torch.Tensor:
     """Per-class loss weights against class imbalance (--class_balance).
 
     Multi-class: sqrt -- pytorch-classifier's rule, the square root of scikit-learn's 'balanced'
@@ -154,15 +154,20 @@ def class_balance_weights(targets: Sequence[Any], num_classes: int, mode: str = 
     Multi-label (`task` multilabel: targets are tuples of class indices): BCE's positive weights from
     each class's negatives / positives, by the same rule (sqrt, the ratio itself, or effective numbers).
 
+    `counts` (the images of each class and of the split) stands for `targets` where the images are not at hand
+    (a streamed split's index, utils.data.stream); the weights are the same.
+
     Returns:
         (C,) float weights.
     """
     if mode not in ("sqrt", "inverse", "effective"):
         raise UserError(f"unknown --class_balance '{mode}'; choose one of sqrt, inverse, effective")
     multilabel = task.multilabel
-    counts = task.class_counts(targets, num_classes).astype(np.float64)
+    if counts is not None:
+        counts, n = np.asarray(counts[0], dtype=np.float64), int(counts[1])
+    else:
+        counts, n = task.class_counts(targets, num_classes).astype(np.float64), len(targets)
     present = counts > 0
-    n = len(targets)
     if mode == "effective":
         raw = np.where(present, (1 - beta) / (1 - np.power(beta, np.maximum(counts, 1))), 0.0)
         if multilabel:  # positives' effective number against the negatives'

@@ -27,6 +27,8 @@ from utils.data.augment import train_augment
 from utils.data.imageset import ImageSet, report_skipped
 from utils.data.loaders import compute_mean_std
 from utils.data.sources import scan_split
+from utils.data.stream import StreamIndex, is_stream_url, local_split, read_stream_index
+from utils.data.stream_loader import MEAN_STD_IMAGES, stream_mean_std
 from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from utils.models.registry import resolve_name
 
@@ -42,6 +44,7 @@ class TrainData:
         spec: the test-time preprocessing (size, channels, the train set's or ImageNet's mean/std).
         task: the task type the run trains.
         augment: the training augmentations (torchvision/albumentations transforms) and their description.
+        stream: the index of a training split streamed from URLs (utils.data.stream), else None.
     """
 
     train_set: ImageSet
@@ -50,6 +53,12 @@ class TrainData:
     task: TaskType
     augment: list[Any] = field(default_factory=list)
     augment_note: str = "none"
+    stream: StreamIndex | None = None  # a training split streamed from URLs: train_set holds its classes, no samples
+
+    @property
+    def train_size(self) -> int:
+        """Images in the training split (a stream's: its index's count)."""
+        return self.stream.total if self.stream is not None else len(self.train_set.samples)
 
     @property
     def class_names(self) -> list[str]:
@@ -104,7 +113,9 @@ def load_data(args: Options, resumed: Checkpoint | None = None) -> TrainData:
     """
     if resumed is None:  # a model name the light check could not decide (another timm): refused before the scan
         resolve_name(args.model_name)
-    train_set = scan_split(args.train_path, label_path=args.label_path, what="train set", list_sep=args.list_sep)
+    stream = read_stream_index(str(args.train_path)) if is_stream_url(args.train_path) else None
+    train_set = (streamed_set(args, stream) if stream is not None else
+                 scan_split(args.train_path, label_path=args.label_path, what="train set", list_sep=args.list_sep))
     class_names = train_set.class_names
     if resumed is not None and list(resumed.meta.class_names) != class_names:
         raise UserError(f"--resume: the classes in {args.train_path} differ from those the run was trained on")
@@ -112,10 +123,12 @@ def load_data(args: Options, resumed: Checkpoint | None = None) -> TrainData:
     if len(class_names) < 2:
         raise UserError(f"train set {args.train_path} has one class ({class_names[0]}): a classifier needs at least two")
     task = task_of(args, train_set, resumed)
+    if stream is not None and stream.task_type != task.name and not task.multilabel:
+        raise UserError(f"{args.train_path}: its index says {stream.task_type}; train it with --task_type {stream.task_type}")
     train_set = train_set.as_task(task)
     val_set = None
-    if args.val_path and Path(args.val_path).exists():
-        val_set = scan_split(args.val_path, class_names=class_names, what="val set", list_sep=args.list_sep).as_task(task)
+    if args.val_path and (is_stream_url(args.val_path) or Path(args.val_path).exists()):
+        val_set = scan_split(local_split(args.val_path), class_names=class_names, what="val set", list_sep=args.list_sep).as_task(task)
         report_skipped(val_set.skipped, f"val set {args.val_path}")
     elif not args.get("kfold"):  # --kfold validates each fold on its held-out images instead (and says so)
         LOGGER.warning("no validation set at '%s': best.pt is chosen on the training metrics", args.val_path)
@@ -126,12 +139,34 @@ def load_data(args: Options, resumed: Checkpoint | None = None) -> TrainData:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
         if args.image_channel == 1:
             mean, std = [sum(mean) / 3], [sum(std) / 3]
+    elif stream is not None:
+        mean, std = stream_mean_std(stream, args.image_size, args.image_channel)
+        LOGGER.info("mean/std of the first %d images of the stream", min(MEAN_STD_IMAGES, stream.total))
     else:
         mean, std = train_mean_std(train_set, args.image_size, args.image_channel, args.random_seed)
         LOGGER.info("train set mean %s, std %s", [round(m, 4) for m in mean], [round(s, 4) for s in std])
     spec = PreprocessSpec.create(args.image_size, args.image_channel, mean, std, args.resize_mode)
     augment, note = train_augment(args.Augment, args.custom_augment)
-    return TrainData(train_set, val_set, spec, task, augment, note)
+    return TrainData(train_set, val_set, spec, task, augment, note, stream)
+
+
+def streamed_set(args: Options, stream: StreamIndex) -> ImageSet:
+    """The ImageSet of a streamed training split: its classes and task type from the index, no samples (they
+    are streamed, utils.data.stream_loader); what needs every sample by name is refused in one line.
+
+    Raises:
+        UserError: --kfold, --sampler balanced, --cache_images ram, --lr_find with a streamed training split.
+    """
+    refused = {"kfold": args.get("kfold"), "sampler balanced": args.get("sampler") == "balanced",
+               "cache_images ram": args.get("cache_images") == "ram", "lr_find": args.get("lr_find")}
+    for flag, given in refused.items():
+        if given:
+            raise UserError(f"--{flag} needs the training images by name, and {args.train_path} is streamed: copy the "
+                            "shards to a local folder and pass it as --train_path (local shards are read by name)")
+    task = TASK_TYPES.get(stream.task_type)
+    if task is None:
+        raise UserError(f"{args.train_path}: its index gives task_type '{stream.task_type}'; expected one of {', '.join(TASK_TYPES)}")
+    return ImageSet(Path(stream.urls[0]), [], list(stream.class_names), task=task)
 
 
 def resolve_options(args: Options, data: TrainData, device: torch.device) -> Options:
@@ -173,7 +208,7 @@ def auto_batch_size(args: Options, data: TrainData, device: torch.device) -> int
 
         chosen = autobatch(model, args.image_size, args.image_channel, device, step=probe_step)
         del model
-    chosen = broadcast_object(min(chosen, len(data.train_set.samples)))
+    chosen = broadcast_object(min(chosen, data.train_size))
     LOGGER.info("--batch_size -1: %s -> batch size %d", "80% of GPU memory" if device.type == "cuda" else "no GPU", chosen)
     return chosen
 

@@ -41,6 +41,8 @@ from utils.data.augment import BatchMix
 from utils.data.image_cache import ImageCache, cache_budget
 from utils.data.imageset import ImageSet, report_skipped
 from utils.data.loaders import EpochSampler, ImageDataset, build_loader
+from utils.data.stream import is_stream_url
+from utils.data.stream_loader import StreamDataset, StreamLoader
 from utils.data.sources import scan_split
 from utils.data.transforms import Normalize, image_transform, train_transform
 from utils.evaluate.metrics import EpochSums, MultiLabelSums, best_f1_thresholds, multilabel_scores, new_sums
@@ -126,9 +128,7 @@ class Trainer:
         if args.amp:
             LOGGER.info("--amp: %s", amp_note)
         self._refuse_batch_of_one()
-        weight = (class_balance_weights(data.train_set.targets, data.num_classes, args.class_balance, args.class_balance_beta,
-                                        data.task)
-                  if args.class_balance not in ("none", None, False) else None)
+        weight = self._class_weights() if args.class_balance not in ("none", None, False) else None
         self.criterion = build_loss(args.loss, args.label_smoothing, weight, data.task).to(device)
         self.optimizer = build_optimizer(self.model, args.optimizer, args.lr, args.weight_decay, args.momentum,
                                          getattr(args, "layer_decay", None))
@@ -194,6 +194,15 @@ class Trainer:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model
 
+    def _class_weights(self) -> torch.Tensor:
+        """--class_balance's weights: from the training targets, or a stream's index (its class counts)."""
+        args, data = self.args, self.data
+        if data.stream is not None:
+            return class_balance_weights(None, data.num_classes, args.class_balance, args.class_balance_beta, data.task,
+                                         counts=(data.stream.class_counts, data.stream.total))
+        return class_balance_weights(data.train_set.targets, data.num_classes, args.class_balance, args.class_balance_beta,
+                                     data.task)
+
     def _refuse_batch_of_one(self) -> None:
         """Batch norm cannot train on one image per batch: say so before the first step."""
         args = self.args
@@ -244,9 +253,24 @@ class Trainer:
         state.add("swa", self.swa)
         state.add("distill", ModuleState(self.distiller.method) if self.distiller else None)
         state.add("best", self.saver)
+        if isinstance(self.train_sampler, StreamLoader):  # the reader layout a mid-epoch resume needs again
+            state.add("stream", self.train_sampler, required=False)
         return state
 
-    def _build_loaders(self) -> tuple[EpochSampler, Any, Any]:
+    def _build_stream_loader(self, transform: Any) -> StreamLoader:
+        """A streamed training split's loader, which is its own sampler (utils.data.stream_loader)."""
+        args, data = self.args, self.data
+        dataset = StreamDataset(data.stream, transform, args.image_channel, args.random_seed, args.batch_size, self.rank,
+                                self.world, args.workers, args.get("shard_buffer", 1000), data.num_classes, data.task)
+        if dataset.steps() == 0:
+            raise UserError(f"{args.train_path}: {data.stream.total} images over {self.world} processes x "
+                            f"{max(1, args.workers)} loader workers make no whole batch of {args.batch_size} for one of "
+                            "them; lower --batch_size or --workers")
+        print(f"streaming {len(data.stream.urls)} shards of {args.train_path}: {dataset.steps()} steps per epoch, "
+              f"shuffle buffer {dataset.buffer}", flush=True)
+        return StreamLoader(dataset, args.workers, self.device.type == "cuda")
+
+    def _build_loaders(self) -> tuple[EpochSampler | StreamLoader, Any, Any]:
         args, data = self.args, self.data
         pin = self.device.type == "cuda"
         n = len(data.train_set.samples)
@@ -260,6 +284,8 @@ class Trainer:
         train_loader = build_loader(ImageDataset(data.train_set.samples, transform, args.image_channel, seed=args.random_seed,
                                                  num_classes=data.num_classes, cache=caches[0], task=data.task),
                                     args.batch_size, sampler, args.workers, pin, drop_last=drop_last)
+        if data.stream is not None:
+            sampler = train_loader = self._build_stream_loader(transform)
         val_loader = None
         if data.val_set is not None:
             val_loader = build_loader(ImageDataset(data.val_set.samples, image_transform(data.spec, args.test_tta), args.image_channel,
@@ -302,7 +328,7 @@ class Trainer:
             {"best_epoch", "best_metric", "best_value"}.
         """
         args = self.args
-        print(f"training {args.model_name} on {self.device} ({len(self.data.train_set.samples)} train images, "
+        print(f"training {args.model_name} on {self.device} ({self.data.train_size} train images, "
               f"{self.data.num_classes} classes, batch {args.batch_size}, {args.epoch} epochs)", flush=True)
         with StopFlag("saving last.pt at the end of this step") as stop:
             try:
@@ -527,6 +553,10 @@ class Trainer:
         if self.data.task.multilabel:
             return
         args, data = self.args, self.data
+        if data.stream is not None:
+            print("unknown images (--reject): not fitted, the training split is streamed (its feature statistics need "
+                  "the images by name); predict.py --reject needs a run trained on local images", flush=True)
+            return
         self.load_best()
         held_out = data.val_set if data.val_set is not None else data.train_set
         if data.val_set is None:
@@ -545,7 +575,7 @@ class Trainer:
     def test_best(self) -> dict[str, float] | None:
         """best.pt's loss, acc and mean_acc on the test split (None when there is no test folder)."""
         args = self.args
-        if not args.test_path or not Path(args.test_path).exists():
+        if not args.test_path or not (is_stream_url(args.test_path) or Path(args.test_path).exists()):
             return None
         test_set = scan_split(args.test_path, class_names=self.data.class_names, what="test set",
                               list_sep=args.list_sep).as_task(self.data.task)
