@@ -27,6 +27,7 @@ from typing import Any, Iterator, Sequence
 
 from utils.core.files import atomic_write, atomic_write_text
 from utils.core.log import UserError
+from utils.data.containers import member_name
 
 # webdataset's gopen schemes (its `hf:` is left to the Hugging Face datasets source: `--train_path hf:PATH`)
 STREAM_SCHEMES = ("pipe", "file", "http", "https", "sftp", "ftps", "scp", "gs", "htgs", "ais")
@@ -222,7 +223,7 @@ def _sample(url: str, key: str, members: dict[str, bytes]) -> tuple[str, bytes, 
     ext = next((e for e in IMAGE_EXTS if e in members), None)
     if ext is None or "cls" not in members:
         raise StreamError(f"{url}#{key}: a sample needs an image and a .cls member; it has {', '.join(sorted(members))}")
-    return f"{url}#{key}.{ext}", members[ext], _target(members["cls"].decode())
+    return member_name(url, f"{key}.{ext}"), members[ext], _target(members["cls"].decode())
 
 
 def shard_samples(url: str, expected: int | None = None) -> Iterator[tuple[str, bytes, Any]]:
