@@ -19,9 +19,9 @@ import json
 import random
 import re
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from utils.core.files import atomic_write, atomic_write_text
 from utils.core.log import UserError

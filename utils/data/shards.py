@@ -27,9 +27,10 @@ import logging
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from utils.core.files import atomic_write_text
 from utils.core.log import UserError
@@ -84,7 +85,7 @@ def names_shards(spec: str | Path) -> bool:
     if is_remote(text):
         return False
     if any(c in text for c in "*?[{"):
-        return text.endswith(".tar") or text.endswith(".tar}")
+        return text.endswith((".tar", ".tar}"))
     path = Path(text)
     if path.is_file():
         return path.suffix == ".tar"
@@ -288,6 +289,20 @@ def read_member(container: str, member: str) -> bytes:
         raise OSError(f"shard {container}: member {member} is cut short at byte {offset + len(data)} (the shard changed "
                       "or was truncated after it was scanned)")
     return data
+
+
+def shard_images(spec: str | Path) -> list[str]:
+    """Every image member of a set of local shards, named 'SHARD#KEY.EXT' (labels not needed:
+    predict.py --source).
+
+    Raises:
+        UserError: no shard; ShardError: a truncated or corrupt shard.
+    """
+    names = []
+    for shard in expand_shards(spec):
+        names += [member_name(str(shard), name) for name in shard_index(shard).members
+                  if "." + name.rpartition(".")[2].lower() in IMG_EXTENSIONS]
+    return names
 
 
 # ------------------------------------------------------------------------------------ scan

@@ -62,6 +62,12 @@ SOURCES: tuple[SplitSource, ...] = (
 )
 
 
+def split_exists(value: str | Path) -> bool:
+    """Whether a --train_path/--val_path/--test_path value names something here: an existing path,
+    or a glob or brace pattern of local tar shards (checked when scanned)."""
+    return Path(value).exists() or names_shards(value)
+
+
 def scan_split(root: str | Path, class_names: Sequence[str] | None = None, label_path: str | Path | None = None,
                check_headers: bool = True, what: str = "dataset", use_cache: bool = True,
                list_sep: str | None = None) -> ImageSet:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -26,7 +25,7 @@ from utils.core.task import TASK_TYPES, TaskType
 from utils.data.augment import train_augment
 from utils.data.imageset import ImageSet, report_skipped
 from utils.data.loaders import compute_mean_std
-from utils.data.sources import scan_split
+from utils.data.sources import scan_split, split_exists
 from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from utils.models.registry import resolve_name
 
@@ -114,7 +113,7 @@ def load_data(args: Options, resumed: Checkpoint | None = None) -> TrainData:
     task = task_of(args, train_set, resumed)
     train_set = train_set.as_task(task)
     val_set = None
-    if args.val_path and Path(args.val_path).exists():
+    if args.val_path and split_exists(args.val_path):
         val_set = scan_split(args.val_path, class_names=class_names, what="val set", list_sep=args.list_sep).as_task(task)
         report_skipped(val_set.skipped, f"val set {args.val_path}")
     elif not args.get("kfold"):  # --kfold validates each fold on its held-out images instead (and says so)
