@@ -169,8 +169,8 @@ def walk_shard(path: Path) -> ShardIndex:
             block = f.read(BLOCK)
             if len(block) < BLOCK:
                 last = f" after member {next(reversed(members))}" if members else ""
-                raise ShardError(f"shard {path} is truncated: it ends at byte {total}{last} without the tar's "
-                                 f"end-of-archive blocks; {fix}")
+                how = "in the middle of a tar header" if block else "without the tar's end-of-archive blocks"
+                raise ShardError(f"shard {path} is truncated: it ends at byte {total}{last}, {how}; {fix}")
             if block == bytes(BLOCK):
                 break
             stored = _octal(block[148:156])
