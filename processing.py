@@ -30,6 +30,7 @@ from utils.data.duplicates import HASH_DISTANCE
 from utils.data.folders import class_folders, resolve_class_names, scan_class_folders
 from utils.data.imageset import report_skipped
 from utils.data.lists import write_list
+from utils.data.shard_writer import DEFAULT_SHARD_SIZE, parse_shard_size, split_shards
 from utils.data.split import SPLITS, copy_groups, split_dataset
 
 LOGGER = logging.getLogger("processing")
@@ -51,6 +52,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--force", action="store_true", help="replace the train/, val/, test/ and label.txt an earlier run of processing.py wrote")
     p("--write_lists", action="store_true",
       help="write train.csv, val.csv, test.csv (path,label rows pointing into --data_path) instead of copying images")
+    p("--write_shards", action="store_true",
+      help="write each split as WebDataset tar shards (<split>/<split>-000000.tar ... and shards.json) instead of "
+           "class folders")
+    p("--shard_size", default=DEFAULT_SHARD_SIZE, help="--write_shards: start a new shard after this many images "
+                                                       "(10000), bytes (500MB, 1GB) or either (10000,1GB)")
     p("--sample", choices=SAMPLES, default=None, help="first write a bundled sample dataset into --data_path")
     p("--allow_duplicates_across_splits", action="store_true",
       help="split image by image: exact and near copies of an image may land in different splits")
@@ -70,6 +76,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     if not 0 <= args.hash_distance <= 32 or args.workers < 0:
         raise UserError(f"--hash_distance must be from 0 to 32 bits and --workers at least 0, got {args.hash_distance} "
                         f"and {args.workers}")
+    if args.write_shards and (args.write_lists or args.link):
+        raise UserError(f"--write_shards writes the images into shards: leave out --{'write_lists' if args.write_lists else 'link'}")
+    parse_shard_size(args.shard_size)
     return Options.of(args)
 
 
@@ -237,7 +246,10 @@ def main(args: Options) -> dict[str, Any]:
     groups = kept_together(images, args)
     remove_outputs(stale, output)  # an earlier split is replaced only once the new one is decided
     split = split_dataset(images, args.val_size, args.test_size, args.seed, groups)
-    if args.write_lists:
+    shards = split_shards(split, source, class_names, folder_index, args.seed, args.shard_size) if args.write_shards else []
+    if args.write_shards:
+        planned = [output / name for plan in shards for name in plan.files()]
+    elif args.write_lists:
         planned = [output / f"{s}.csv" for s in SPLITS if any(split[s][f] for f in folders)]
     else:
         planned = [output / s / folder / path.relative_to(source / folder) for s in SPLITS for folder in folders
@@ -250,7 +262,7 @@ def main(args: Options) -> dict[str, Any]:
     totals = {s: 0 for s in SPLITS}
     for folder in sorted(folders, key=lambda f: folder_index[f]):
         counts = [len(split[s][folder]) for s in SPLITS]
-        if not args.write_lists:
+        if not (args.write_lists or args.write_shards):
             for s in SPLITS:
                 for path in split[s][folder]:
                     place(path, output / s / folder / path.relative_to(source / folder), args.link)
@@ -263,11 +275,13 @@ def main(args: Options) -> dict[str, Any]:
             rows = [(path, [class_names[folder_index[f]]]) for f in folders for path in split[s][f]]
             if rows:
                 write_list(output / f"{s}.csv", rows, output)
+    for plan in shards:
+        plan.write(output)
     label_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(label_path, "".join(f"{n}\n" for n in class_names))
     print(table)
     made = [str(p) for p in planned] if args.write_lists else [str(output / s) for s in SPLITS if totals[s]]
-    verb = "listed" if args.write_lists else "linked" if args.link else "copied"
+    verb = "listed" if args.write_lists else "sharded" if args.write_shards else "linked" if args.link else "copied"
     print(f"{verb} {sum(totals.values())} images {'in' if args.write_lists else 'into'} {', '.join(made)}; "
           f"classes in {label_path}; {len(skipped)} file(s) skipped", flush=True)
     return {"counts": totals, "skipped": skipped}

@@ -789,11 +789,13 @@ def write_list(path: Path, samples: list[tuple[str, object]], names: list[str], 
     return path
 
 
-def test_sources_choose_list_files_then_folders(tiny_data: Path) -> None:
-    assert [s.name for s in SOURCES] == ["list file", "folder of class folders"]
+def test_sources_choose_shards_then_list_files_then_folders(tiny_data: Path) -> None:
+    assert [s.name for s in SOURCES] == ["tar shards", "list file", "folder of class folders"]
     image = next((tiny_data / "train" / "blue").iterdir())
-    assert SOURCES[0].matches(image) and not SOURCES[0].matches(tiny_data / "train")
-    assert SOURCES[1].matches(tiny_data / "train") and SOURCES[1].matches(tiny_data / "absent")
+    assert not SOURCES[0].matches(image) and not SOURCES[0].matches(tiny_data / "train")
+    assert SOURCES[0].matches(Path("d/train-{000000..000003}.tar")) and SOURCES[0].matches(Path("d/*.tar"))
+    assert SOURCES[1].matches(image) and not SOURCES[1].matches(tiny_data / "train")
+    assert SOURCES[2].matches(tiny_data / "train") and SOURCES[2].matches(tiny_data / "absent")
 
 
 def test_a_list_file_and_a_folder_give_the_same_samples(tiny_data: Path, tmp_path: Path) -> None:

@@ -88,7 +88,8 @@ FLAG_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
         "queue": ("queue", "queue_name", "worker", "heartbeat_s", "max_deliveries"),
     },
     "processing": {
-        "data": ("data_path", "sample", "output_path", "label_path", "write_lists", "link", "force"),
+        "data": ("data_path", "sample", "output_path", "label_path", "write_lists", "write_shards", "shard_size", "link",
+                 "force"),
         "split": ("val_size", "test_size", "seed", "allow_duplicates_across_splits", "hash_distance", "workers"),
     },
     "audit": {

@@ -57,6 +57,13 @@ def split_member(name: str) -> tuple[ContainerKind, str, str] | None:
     return kind, container, member
 
 
+def sample_exists(name: str) -> bool:
+    """Whether a sample's name names something here: a file, or a member of an existing container
+    (the member itself is checked when it is read)."""
+    found = split_member(name)
+    return os.path.isfile(name) if found is None else os.path.exists(found[1])
+
+
 def member_bytes(name: str) -> bytes | None:
     """The bytes of a container's member; None when `name` names a plain file.
 

@@ -128,9 +128,9 @@ def read_header(source: str | Path | IO[bytes]) -> Header:
     Raises:
         HeaderError: what is wrong with it.
     """
-    source = image_source(source)
-    stream = not isinstance(source, (str, Path))
     try:
+        source = image_source(source)  # a container's member that cannot be read: unreadable, like a file
+        stream = not isinstance(source, (str, Path))
         size = source.seek(0, 2) if stream else Path(source).stat().st_size
         if stream:
             source.seek(0)

@@ -1,7 +1,9 @@
-"""The datasets a split can be given as, behind one call: a folder of class folders or a list file.
+"""The datasets a split can be given as, behind one call: a folder of class folders, a list file, or
+WebDataset tar shards.
 
     train = scan_split("dataset/train")                               # a folder: <root>/<class>/<images>
     val = scan_split("lists/val.csv", class_names=train.class_names)  # a CSV or text list of path,label rows
+    test = scan_split("shards/test/test-{000000..000003}.tar", class_names=train.class_names)  # local shards
 
 A new dataset format is one scanner that returns an ImageSet (utils.data.imageset) and one entry in
 SOURCES; every script that reads a split (main.py, metrice.py, export.py's parity and calibration
@@ -16,7 +18,8 @@ from typing import Callable, Sequence
 from utils.data.folders import scan_folder
 from utils.data.imageset import ImageSet
 from utils.data.lists import scan_list
-from utils.data.stream import local_split
+from utils.data.shards import names_shards, scan_shards
+from utils.data.stream import is_stream_url, local_split
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,8 @@ class SplitSource:
 
     Attributes:
         name: how it is called in messages.
-        matches: whether a --train_path / --val_path / --test_path value is of this kind.
+        matches: whether a --train_path / --val_path / --test_path value is of this kind (a Path; a
+            pattern's text is kept: Path("a/*.tar"), Path("a/b-{0..3}.tar")).
         scan: (path, class_names, label_path, check_headers, what, use_cache, list_sep) -> ImageSet.
     """
 
@@ -46,11 +50,24 @@ def _scan_folder(path: Path, class_names: Sequence[str] | None, label_path: str 
                        use_cache=use_cache)
 
 
-# First match wins; the folder is last: a path that is nothing else is read (or refused) as a folder.
+def _scan_shards(path: Path, class_names: Sequence[str] | None, label_path: str | Path | None, check_headers: bool,
+                 what: str, use_cache: bool, list_sep: str | None) -> ImageSet:
+    return scan_shards(path, class_names=class_names, label_path=label_path, what=what, use_cache=use_cache)
+
+
+# First match wins; shards before lists (a .tar is a file too); the folder is last: a path that is nothing else is read (or refused) as a folder.
 SOURCES: tuple[SplitSource, ...] = (
+    SplitSource("tar shards", names_shards, _scan_shards),
     SplitSource("list file", Path.is_file, _scan_list),
     SplitSource("folder of class folders", lambda path: True, _scan_folder),
 )
+
+
+def split_exists(value: str | Path) -> bool:
+    """Whether a --train_path/--val_path/--test_path value names something here: an existing path,
+    a glob or brace pattern of local tar shards (checked when scanned), or a URL of shards (streamed or
+    copied: utils.data.stream)."""
+    return is_stream_url(value) or Path(value).exists() or names_shards(value)
 
 
 def scan_split(root: str | Path, class_names: Sequence[str] | None = None, label_path: str | Path | None = None,
@@ -59,7 +76,8 @@ def scan_split(root: str | Path, class_names: Sequence[str] | None = None, label
     """The images of one split, from the first of SOURCES that matches `root`.
 
     Args:
-        root: the split as given (a folder of class folders, a CSV or text list, a URL of tar shards).
+        root: the split as given (a folder of class folders, a CSV or text list, a folder of .tar shards,
+            a .tar, a glob or a brace pattern of them, a URL of tar shards: copied once into the cache).
         class_names: the model's classes (val/test); None to take them from the split (train).
         label_path: class names of numbered class folders or of a list's numeric labels.
         check_headers: open each image's header to skip non-images early.

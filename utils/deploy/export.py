@@ -35,7 +35,7 @@ from utils.core.files import check_writable, remove_stale_temps, temp_prefix
 from utils.core.log import UserError
 from utils.core.run import RunFolder
 from utils.core.schema import FORMAT, Checkpoint
-from utils.data.sources import scan_split
+from utils.data.sources import scan_split, split_exists
 from utils.data.transforms import Normalize
 from utils.deploy.context import ExportContext, ExportOptions, load_batch, write_json
 from utils.deploy.deploy_form import deploy_model, probs_of
@@ -70,7 +70,7 @@ def load_split_images(ckpt: Checkpoint, override: str, keys: Sequence[str], limi
         (samples, description such as '64 val images from dataset/val'); no samples when no folder exists.
     """
     for split, folder in _split_candidates(ckpt, override, keys):
-        if not Path(folder).exists():
+        if not split_exists(folder):
             if split == "given":
                 raise UserError(f"image folder not found: {folder}")
             continue

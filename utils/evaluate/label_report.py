@@ -45,10 +45,11 @@ from utils.core.files import atomic_write_text
 from utils.core.log import UserError
 from utils.core.run import Run, RunFolder
 from utils.core.task import MULTICLASS
+from utils.data.containers import sample_exists
 from utils.data.decode import load_image
 from utils.data.imageset import report_skipped
 from utils.data.lists import write_list
-from utils.data.sources import scan_split
+from utils.data.sources import scan_split, split_exists
 from utils.draw.figures import plot_gallery
 from utils.evaluate.label_issues import LabelIssues, find_label_issues
 from utils.evaluate.oof import OofTable, read_oof, write_oof
@@ -109,7 +110,7 @@ def kfold_images(run: str | Path) -> CheckedImages:
     table = read_oof(path)
     if not table.paths:
         raise UserError(f"{path} holds no image: nothing to check")
-    missing = [p for p in table.paths if not Path(p).is_file()]
+    missing = [p for p in table.paths if not sample_exists(p)]
     if len(missing) == len(table.paths):  # relative paths, read from another folder than main.py ran in
         raise UserError(f"{path}: none of its images is found from here (the first: {missing[0]}); its paths are as "
                         "main.py was given them: run metrice.py from the folder main.py ran in")
@@ -130,7 +131,7 @@ def checked_splits(flags: dict[str, str | None], run_args: dict[str, Any]) -> di
         value = given if given is not None else run_args.get(f"{split}_path")
         if not value:
             continue
-        if not Path(value).exists():
+        if not split_exists(value):
             if given is not None:
                 raise UserError(f"--{split}_path {value} does not exist")
             LOGGER.warning("the run's %s split %s is gone: not checked", split, value)

@@ -23,7 +23,7 @@ from utils.core.names import CLASSICAL
 from utils.core.options import Options
 from utils.core.run import Run, RunFolder, increment_path
 from utils.data.imageset import report_skipped
-from utils.data.sources import scan_split
+from utils.data.sources import scan_split, split_exists
 from utils.data.stream import is_stream_url, local_split
 from utils.evaluate.split import measure_speed
 from utils.infer.backends import kfold_members, results_home
@@ -77,7 +77,7 @@ def split_path(args: Options, run_args: dict[str, Any]) -> Path:
     if is_stream_url(value):  # copied once into the cache, read as local shards
         return Path(local_split(value))
     path = Path(value)
-    if not path.exists():
+    if not split_exists(value):
         origin = f"--{key}" if given is not None else f"the run's {key}"
         raise UserError(f"--task {args.task}: the {args.task} folder {path} ({origin}) does not exist; "
                         f"pass --{key} DIR (or a list file)")

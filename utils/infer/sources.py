@@ -1,4 +1,5 @@
-"""What predict.py's --source names: one image, a folder (recursive), a glob pattern, or a list file.
+"""What predict.py's --source names: one image, a folder (recursive), a glob pattern, a list file, or
+local tar shards (a folder of .tar files, a .tar, a glob or brace pattern of them: their image members).
 
     source = find_images("img/")          # files in natural order, what was skipped and why, the root
     relative_name(path, source.root)      # where an output for `path` goes (the source tree mirrored)
@@ -14,6 +15,7 @@ from utils.core.log import UserError
 from utils.data.decode import IMG_EXTENSIONS
 from utils.data.folders import drop_repeated_files, list_files
 from utils.data.imageset import natural_key
+from utils.data.shards import expand_shards, names_shards, shard_images
 
 GLOB_CHARS = ("*", "?", "[")
 
@@ -33,8 +35,9 @@ class Source:
 
 
 def find_images(source: str | Path) -> Source:
-    """The image files of one file, a folder (recursive, natural order), a glob pattern, or a list
-    file (a CSV or text list of images, as main.py takes: its labels are ignored here).
+    """The image files of one file, a folder (recursive, natural order), a glob pattern, a list
+    file (a CSV or text list of images, as main.py takes: its labels are ignored here), or local
+    tar shards (their image members, 'SHARD#KEY.EXT').
 
     Hidden files and non-image files are listed as skipped; unreadable images are found later,
     when they are decoded.
@@ -44,6 +47,8 @@ def find_images(source: str | Path) -> Source:
     """
     text = str(source)
     path = Path(text)
+    if names_shards(text):  # the image members of local tar shards, 'SHARD#KEY.EXT' (utils.data.shards)
+        return Source([Path(name) for name in shard_images(text)], [], expand_shards(text)[0].parent)
     if path.is_dir():
         files, skipped = list_files(path)
         files, repeated = drop_repeated_files(files)

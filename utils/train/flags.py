@@ -2,7 +2,7 @@
 freezing, distillation), and the checks of every
 main.py option's value, refused at start with one line each: the values, then the paths and the
 model name (check_inputs), all before PyTorch loads and the data is scanned. Light: argparse,
-utils.core and utils.data.stream's torch-free URL test only, so `main.py --help` and a mistake answer at once.
+utils.core and the torch-free split test of utils.data.sources only, so `main.py --help` and a mistake answer at once.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from utils.core.log import UserError
 from utils.core.names import AUGMENT_CHOICES, KD_METHODS, MIXUP_CHOICES, unknown_model_name
 from utils.core.options import Options
 from utils.core.schema import MAX_IMAGE_SIZE, RESIZE_MODES
-from utils.data.stream import is_stream_url
+from utils.data.sources import split_exists
 
 
 def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +55,7 @@ def check_inputs(args: argparse.Namespace) -> None:
              ("weight", "a state_dict or checkpoint file"), ("teacher_path", "the teacher's run folder or best.pt")]
     for flag, what in paths:
         value = getattr(args, flag)
-        if value and not Path(value).exists() and not (flag == "train_path" and is_stream_url(value)):
+        if value and not (split_exists(value) if flag == "train_path" else Path(value).exists()):
             raise UserError(f"--{flag} {value}: not found; pass {what}")
     problem = unknown_model_name(args.model_name)
     if problem is not None:

@@ -26,8 +26,8 @@ from utils.core.task import TASK_TYPES, TaskType
 from utils.data.augment import train_augment
 from utils.data.imageset import ImageSet, report_skipped
 from utils.data.loaders import compute_mean_std
-from utils.data.sources import scan_split
-from utils.data.stream import StreamIndex, is_stream_url, local_split, read_stream_index
+from utils.data.sources import scan_split, split_exists
+from utils.data.stream import StreamIndex, is_stream_url, read_stream_index
 from utils.data.stream_loader import MEAN_STD_IMAGES, stream_mean_std
 from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from utils.models.registry import resolve_name
@@ -127,8 +127,8 @@ def load_data(args: Options, resumed: Checkpoint | None = None) -> TrainData:
         raise UserError(f"{args.train_path}: its index says {stream.task_type}; train it with --task_type {stream.task_type}")
     train_set = train_set.as_task(task)
     val_set = None
-    if args.val_path and (is_stream_url(args.val_path) or Path(args.val_path).exists()):
-        val_set = scan_split(local_split(args.val_path), class_names=class_names, what="val set", list_sep=args.list_sep).as_task(task)
+    if args.val_path and split_exists(args.val_path):
+        val_set = scan_split(args.val_path, class_names=class_names, what="val set", list_sep=args.list_sep).as_task(task)
         report_skipped(val_set.skipped, f"val set {args.val_path}")
     elif not args.get("kfold"):  # --kfold validates each fold on its held-out images instead (and says so)
         LOGGER.warning("no validation set at '%s': best.pt is chosen on the training metrics", args.val_path)
