@@ -49,15 +49,15 @@ runpy.run_path(sys.argv.pop(1), run_name="__main__")
 """
 
 
-def write_shards(split: Path, out: Path) -> list[str]:
+def write_shards(split: Path, out: Path, name: str = "train") -> list[str]:
     """The class folders of `split` as tar shards of PER_SHARD samples in the agreed format; the keys."""
     files = sorted((c, p) for c, name in enumerate(TINY_CLASSES) for p in sorted((split / name).iterdir()))
     order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()  # the writer's seeded order
     out.mkdir(parents=True)
     shards, keys = [], []
     for s in range(0, len(order), PER_SHARD):
-        name = f"train-{s // PER_SHARD:06d}.tar"
-        with tarfile.open(out / name, "w") as tar:
+        shard = f"{name}-{s // PER_SHARD:06d}.tar"
+        with tarfile.open(out / shard, "w") as tar:
             for serial in range(s, min(s + PER_SHARD, len(order))):
                 label, path = files[order[serial]]
                 key = f"{serial:08d}"
@@ -68,9 +68,9 @@ def write_shards(split: Path, out: Path) -> list[str]:
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
                 keys.append(f"{key}.png")
-        shards.append({"name": name, "samples": min(PER_SHARD, len(order) - s), "bytes": (out / name).stat().st_size})
+        shards.append({"name": shard, "samples": min(PER_SHARD, len(order) - s), "bytes": (out / shard).stat().st_size})
     counts = [sum(1 for c, _ in files if c == k) for k in range(len(TINY_CLASSES))]
-    (out / "shards.json").write_text(json.dumps({"format": "webdataset", "version": 1, "split": "train",
+    (out / "shards.json").write_text(json.dumps({"format": "webdataset", "version": 1, "split": name,
                                                  "class_names": TINY_CLASSES, "task_type": "multiclass",
                                                  "class_counts": counts, "samples": len(files), "shards": shards}))
     return keys
@@ -80,8 +80,10 @@ def write_shards(split: Path, out: Path) -> list[str]:
 def shards(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("stream")
     keys = write_shards(tiny_data / "train", root / "train")
+    write_shards(tiny_data / "val", root / "val", "val")
     pattern = f"train-{{000000..{SHARDS - 1:06d}}}.tar"
-    return {"root": root, "keys": keys, "pipe": f"pipe:cat {root}/train/{pattern}", "file": f"file://{root}/train/{pattern}"}
+    return {"root": root, "keys": keys, "pipe": f"pipe:cat {root}/train/{pattern}", "file": f"file://{root}/train/{pattern}",
+            "val": f"file://{root}/val/val-{{000000..000001}}.tar"}
 
 
 def key_of(name: str) -> str:
@@ -189,7 +191,8 @@ def decoded(record: Path) -> dict[int, dict[int, list[str]]]:
 def test_two_processes_and_a_resumed_run_read_each_sample_once_per_epoch(shards: dict[str, Any], tiny_data: Path) -> None:
     """torchrun, 2 processes over pipe:cat: each epoch the two read disjoint halves of all 24 samples, 3 steps
     each. One process over file://, stopped by SIGTERM after step 8 (epoch 2, step 2) and resumed: epoch 2's
-    samples over both runs are all 24 once, the resumed one decoding only the 16 it had not trained on."""
+    samples over both runs are all 24 once, the resumed one decoding only the 16 it had not trained on; its
+    val split, a file:// URL, is copied once into the cache and read there as local shards."""
     root = shards["root"]
 
     def args(name: str, url: str) -> list[str]:
@@ -198,7 +201,8 @@ def test_two_processes_and_a_resumed_run_read_each_sample_once_per_epoch(shards:
 
     with ThreadPoolExecutor(2) as pool:
         ddp = pool.submit(stream_run, root / "ddp", *args("ddp", shards["pipe"]), nproc=2)
-        stopped = pool.submit(stream_run, root / "stopped", *args("stopped", shards["file"]), env={"STOP_AFTER_STEP": "8"})
+        stopped = pool.submit(stream_run, root / "stopped", *args("stopped", shards["file"]), "--val_path", shards["val"],
+                              env={"STOP_AFTER_STEP": "8"})
         ddp, stopped = ddp.result(), stopped.result()
     assert_ok(ddp)
     assert "weights identical on all 2 processes" in ddp.stdout and "3 steps per epoch" in ddp.stdout, describe(ddp)
@@ -211,6 +215,9 @@ def test_two_processes_and_a_resumed_run_read_each_sample_once_per_epoch(shards:
     resumed = stream_run(root / "resumed", "--save_path", root / "runs" / "stopped", "--resume")
     assert_ok(resumed)
     assert "resuming" in resumed.stdout and "step 2" in resumed.stdout, describe(resumed)
+    # the URL val split: copied into the cache once, read there as local shards (all 9 images), re-used on resume
+    assert "2 shards copied into" in stopped.stdout and "copied into" not in resumed.stdout, describe(resumed)
+    assert "calibration on the val split (9 images)" in resumed.stdout, describe(resumed)
     before, after = decoded(root / "stopped")[0], decoded(root / "resumed")[0]
     assert sorted(before[0]) == sorted(shards["keys"])
     assert len(before[1]) == 2 * BATCH and len(after[1]) == len(shards["keys"]) - 2 * BATCH
