@@ -243,5 +243,5 @@ def test_missing_index_and_cut_shard_are_one_line(shards: dict[str, Any], tiny_d
     shard = cut / "train-000002.tar"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     proc = run_inprocess("main.py", *train_args(tiny_data, tmp_path / "b", "--train_path", f"file://{cut}/{pattern}",
-                                                "--shard_buffer", 0))
+                                                "--shard_buffer", 0, "--imagenet_meanstd"))  # no mean/std pass: the loader meets it
     assert_user_error(proc, f"file://{cut}/train-000002.tar", "cut short")
