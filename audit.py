@@ -24,6 +24,7 @@ from utils.core.config import ArgumentParser, finite_float, group_flags
 from utils.core.log import UserError, script_main, settle_heap
 from utils.core.options import Options
 from utils.data.duplicates import HASH_DISTANCE
+from utils.data.stream import local_split
 
 LOGGER = logging.getLogger("audit")
 SPLITS = ("train", "val", "test")
@@ -73,8 +74,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
 def split_sources(args: Options) -> list[tuple[str, Path]]:
     """(split name, path) of each split to audit: the split paths given, the train/val/test folders
     of a split root, or the --data_path folder itself (split 'all')."""
-    if not args.data_path:
-        return [(s, Path(getattr(args, f"{s}_path"))) for s in SPLITS if getattr(args, f"{s}_path")]
+    if not args.data_path:  # a URL of shards: copied once into the cache, audited there
+        return [(s, Path(local_split(getattr(args, f"{s}_path")))) for s in SPLITS if getattr(args, f"{s}_path")]
     root = Path(args.data_path)
     if not root.exists():
         raise UserError(f"--data_path {root} not found: pass a folder of class folders or of train/, val/, test/")
