@@ -226,8 +226,9 @@ def test_two_processes_and_a_resumed_run_read_each_sample_once_per_epoch(shards:
 
 
 def test_missing_index_and_cut_shard_are_one_line(shards: dict[str, Any], tiny_data: Path, tmp_path: Path) -> None:
-    """No shards.json beside the shards: one line naming where it was looked for and how to write one. A shard
-    cut in the middle: one line naming the shard's URL, at the step that reads it."""
+    """No shards.json beside the shards: one line naming where it was looked for and how to write one; --kfold
+    and --sampler balanced on a stream: one line each. A shard cut in the middle: one line naming the shard's
+    URL, at the step that reads it."""
     bare = tmp_path / "bare"
     bare.mkdir()
     for f in (shards["root"] / "train").glob("*.tar"):
@@ -235,6 +236,9 @@ def test_missing_index_and_cut_shard_are_one_line(shards: dict[str, Any], tiny_d
     pattern = f"train-{{000000..{SHARDS - 1:06d}}}.tar"
     proc = run_inprocess("main.py", *train_args(tiny_data, tmp_path / "a", "--train_path", f"pipe:cat {bare}/{pattern}"))
     assert_user_error(proc, f"{bare}/shards.json", "--write_shards")
+    for refused in (["--kfold", 2], ["--sampler", "balanced"]):  # they need the images by name
+        proc = run_inprocess("main.py", *train_args(tiny_data, tmp_path / "c", "--train_path", shards["file"], *refused))
+        assert_user_error(proc, refused[0], "is streamed")
 
     cut = tmp_path / "cut"
     cut.mkdir()
@@ -245,3 +249,18 @@ def test_missing_index_and_cut_shard_are_one_line(shards: dict[str, Any], tiny_d
     proc = run_inprocess("main.py", *train_args(tiny_data, tmp_path / "b", "--train_path", f"file://{cut}/{pattern}",
                                                 "--shard_buffer", 0, "--imagenet_meanstd"))  # no mean/std pass: the loader meets it
     assert_user_error(proc, f"file://{cut}/train-000002.tar", "cut short")
+
+
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_class_balance_of_a_stream_index_is_that_of_its_targets(multilabel: bool) -> None:
+    """--class_balance from an index's class counts and sample count: the weights the targets themselves give."""
+    from utils.core.task import MULTICLASS, MULTILABEL
+    from utils.train.losses import class_balance_weights
+
+    task = MULTILABEL if multilabel else MULTICLASS
+    targets = [(0, 2), (1,), (0,), (0, 1, 2), (2,)] if multilabel else [0, 0, 0, 1, 2, 2]
+    counts = task.class_counts(targets, 3).tolist()
+    for mode in ("sqrt", "inverse", "effective"):
+        expected = class_balance_weights(targets, 3, mode, 0.9, task)
+        got = class_balance_weights(None, 3, mode, 0.9, task, counts=(counts, len(targets)))
+        assert torch.allclose(got, expected), (mode, got, expected)
