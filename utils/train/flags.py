@@ -7,7 +7,6 @@ utils.core only, so `main.py --help` and a mistake answer at once.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from utils.core.config import finite_float
 from utils.core.distributed import launched_by_torchrun
@@ -50,11 +49,13 @@ def check_inputs(args: argparse.Namespace) -> None:
     """
     if args.resume:
         return
+    from utils.data.sources import split_exists  # noqa: PLC0415 - the scanners load only once the flags are read
+
     paths = [("train_path", "the training images (split a dataset with processing.py, or pass --data ROOT)"),
              ("weight", "a state_dict or checkpoint file"), ("teacher_path", "the teacher's run folder or best.pt")]
     for flag, what in paths:
         value = getattr(args, flag)
-        if value and not Path(value).exists():
+        if value and not split_exists(value):
             raise UserError(f"--{flag} {value}: not found; pass {what}")
     problem = unknown_model_name(args.model_name)
     if problem is not None:

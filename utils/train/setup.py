@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -26,7 +25,7 @@ from utils.core.task import TASK_TYPES, TaskType
 from utils.data.augment import train_augment
 from utils.data.imageset import ImageSet, report_skipped
 from utils.data.loaders import compute_mean_std
-from utils.data.sources import scan_split
+from utils.data.sources import scan_split, source_options, split_exists
 from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from utils.models.registry import resolve_name
 
@@ -104,7 +103,8 @@ def load_data(args: Options, resumed: Checkpoint | None = None) -> TrainData:
     """
     if resumed is None:  # a model name the light check could not decide (another timm): refused before the scan
         resolve_name(args.model_name)
-    train_set = scan_split(args.train_path, label_path=args.label_path, what="train set", list_sep=args.list_sep)
+    reading = source_options(args)
+    train_set = scan_split(args.train_path, label_path=args.label_path, what="train set", reading=reading)
     class_names = train_set.class_names
     if resumed is not None and list(resumed.meta.class_names) != class_names:
         raise UserError(f"--resume: the classes in {args.train_path} differ from those the run was trained on")
@@ -114,8 +114,8 @@ def load_data(args: Options, resumed: Checkpoint | None = None) -> TrainData:
     task = task_of(args, train_set, resumed)
     train_set = train_set.as_task(task)
     val_set = None
-    if args.val_path and Path(args.val_path).exists():
-        val_set = scan_split(args.val_path, class_names=class_names, what="val set", list_sep=args.list_sep).as_task(task)
+    if args.val_path and split_exists(args.val_path):
+        val_set = scan_split(args.val_path, class_names=class_names, what="val set", reading=reading).as_task(task)
         report_skipped(val_set.skipped, f"val set {args.val_path}")
     elif not args.get("kfold"):  # --kfold validates each fold on its held-out images instead (and says so)
         LOGGER.warning("no validation set at '%s': best.pt is chosen on the training metrics", args.val_path)

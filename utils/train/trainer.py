@@ -41,7 +41,7 @@ from utils.data.augment import BatchMix
 from utils.data.image_cache import ImageCache, cache_budget
 from utils.data.imageset import ImageSet, report_skipped
 from utils.data.loaders import EpochSampler, ImageDataset, build_loader
-from utils.data.sources import scan_split
+from utils.data.sources import scan_split, source_options, split_exists
 from utils.data.transforms import Normalize, image_transform, train_transform
 from utils.evaluate.metrics import EpochSums, MultiLabelSums, best_f1_thresholds, multilabel_scores, new_sums
 from utils.infer.calibration import calibration_scores, fit_temperature, fit_text
@@ -545,10 +545,10 @@ class Trainer:
     def test_best(self) -> dict[str, float] | None:
         """best.pt's loss, acc and mean_acc on the test split (None when there is no test folder)."""
         args = self.args
-        if not args.test_path or not Path(args.test_path).exists():
+        if not args.test_path or not split_exists(args.test_path):
             return None
         test_set = scan_split(args.test_path, class_names=self.data.class_names, what="test set",
-                              list_sep=args.list_sep).as_task(self.data.task)
+                              reading=source_options(args)).as_task(self.data.task)
         report_skipped(test_set.skipped, f"test set {args.test_path}")
         return self.score_best(test_set, "test")
 
