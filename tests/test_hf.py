@@ -8,11 +8,15 @@ from typing import Any
 
 import pytest
 
-from conftest import TINY_CLASSES, assert_ok, assert_user_error, run_inprocess, train_args
+import torch
+import yaml
+
+from conftest import TINY_CLASSES, assert_ok, assert_user_error, built_trainer, run_inprocess, train_args
 from utils.core.log import UserError
+from utils.core.options import Options
 from utils.core.task import MULTILABEL
 from utils.data.decode import image_source
-from utils.data.sources import SourceOptions, scan_split
+from utils.data.sources import SourceOptions, scan_split, source_options
 
 datasets = pytest.importorskip("datasets", reason="hf: splits need the datasets package (requirements/extras.txt)")
 pa = pytest.importorskip("pyarrow")
@@ -101,3 +105,66 @@ def test_hf_refusals_are_one_line(hf_data: Path) -> None:
         assert all(n in str(err.value) for n in needles), err.value
     with pytest.raises(UserError, match="no image column 'image' .*img, colour.*--image_column"):
         scan_split(f"hf:{hf_data}/hub/train")
+
+
+def test_main_and_metrice_read_hf_splits_as_the_folders(tiny_data: Path, hf_data: Path, trained_run: Any, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """main.py on the Hub's Parquet files (columns named by the flags, kept in args.yaml) trains on the
+    folders' images and labels with their mean/std; metrice.py scores an hf: test split exactly as the
+    folder test split."""
+    hub = f"hf:{hf_data}/hub"
+    run = tmp_path / "run"
+    trainer = built_trainer(monkeypatch, *train_args(None, run, "--train_path", f"{hub}/train", "--val_path", f"{hub}/val",
+                                                     "--test_path", f"{hub}/test", "--image_column", "img",
+                                                     "--label_column", "colour"))
+    data = trainer.data
+    assert sorted(hf_rows(data.train_set)) == sorted(folder_rows(tiny_data, "train"))
+    assert sorted(hf_rows(data.val_set)) == sorted(folder_rows(tiny_data, "val"))
+    theirs = torch.load(trained_run.path / "best.pt", map_location="cpu", weights_only=True)  # trained on the folders
+    assert data.class_names == theirs["class_names"] == TINY_CLASSES
+    assert list(data.spec.mean) == pytest.approx(theirs["mean"], abs=1e-6)
+    assert list(data.spec.std) == pytest.approx(theirs["std"], abs=1e-6)
+    recorded = yaml.safe_load((run / "args.yaml").read_text())
+    assert (recorded["image_column"], recorded["label_column"]) == ("img", "colour")
+    # metrice.py and the others take the run's columns when their flags are not given
+    reading = source_options(Options({"image_column": None, "label_column": "colour2", "list_sep": None}), recorded)
+    assert reading == SourceOptions(list_sep=None, image_column="img", label_column="colour2")
+
+    def scored(*split: Any) -> dict[str, Any]:
+        out = run_inprocess("metrice.py", "--save_path", trained_run.path, "--task", "test", "--device", "cpu",
+                            "--workers", 0, *split)
+        assert_ok(out)
+        folder = Path(next(ln for ln in out.stdout.splitlines() if ln.startswith("results: ")).split(": ", 1)[1])
+        return json.loads((folder / "results.json").read_text())["metrics"]
+
+    assert scored("--test_path", f"hf:{hf_data}/saved/test") == scored("--test_path", tiny_data / "test")
+
+
+def test_audit_reads_hf_splits(tiny_data: Path, hf_data: Path, tmp_path: Path) -> None:
+    """The same images as Parquet train and val (one through a Hub folder, one through a glob) leak as
+    the same images in two folders do; read in a worker process (--workers 1)."""
+    import csv
+    import shutil
+
+    shutil.copytree(tiny_data / "train", tmp_path / "copy")
+    runs = {"folders": ["--train_path", tiny_data / "train", "--val_path", tmp_path / "copy"],
+            "hf": ["--train_path", f"hf:{hf_data}/hub/train", "--val_path", f"hf:{hf_data}/hub/data/train-*.parquet",
+                   "--image_column", "img", "--label_column", "colour"]}
+    found = {}
+    for name, flags in runs.items():
+        proc = run_inprocess("audit.py", *flags, "--save_path", tmp_path / name, "--workers", 1)
+        assert_ok(proc)
+        assert "48 images" in proc.stdout and "24 group(s) of copies" in proc.stdout, proc.stdout
+        rows = csv.DictReader((tmp_path / name / "findings.csv").open())
+        found[name] = sorted((r["kind"], r["split_a"], r["split_b"], r["label_a"], r["label_b"], r["distance"]) for r in rows)
+    assert found["hf"] == found["folders"] and sum(r[0] == "leak" for r in found["hf"]) == 24
+
+
+def test_hf_mistakes_through_the_command_line(hf_data: Path, tmp_path: Path) -> None:
+    hub = f"hf:{hf_data}/hub"
+    common = train_args(None, tmp_path / "run", "--val_path", f"{hub}/val")
+    assert_user_error(run_inprocess("main.py", *common, "--train_path", f"{hub}/train", "--label_column", "colour"),
+                      "no image column 'image'", "img, colour", "--image_column")
+    assert_user_error(run_inprocess("main.py", *common, "--train_path", f"{hub}/train", "--image_column", "img"),
+                      "no label column 'label'", "img, colour", "--label_column")
+    assert_user_error(run_inprocess("main.py", *common, "--train_path", f"hf:{tmp_path}/absent"), "--train_path", "not found")
