@@ -137,7 +137,8 @@ def test_main_and_metrice_read_hf_splits_as_the_folders(tiny_data: Path, hf_data
         folder = Path(next(ln for ln in out.stdout.splitlines() if ln.startswith("results: ")).split(": ", 1)[1])
         return json.loads((folder / "results.json").read_text())["metrics"]
 
-    assert scored("--test_path", f"hf:{hf_data}/saved/test") == scored("--test_path", tiny_data / "test")
+    assert scored("--test_path", f"{hub}/test", "--image_column", "img", "--label_column", "colour") == scored(
+        "--test_path", tiny_data / "test")
 
 
 def test_audit_reads_hf_splits(tiny_data: Path, hf_data: Path, tmp_path: Path) -> None:

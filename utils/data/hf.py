@@ -47,7 +47,7 @@ LOGGER = logging.getLogger(__name__)
 
 PREFIX = "hf:"
 DEFAULT_IMAGE_COLUMN = "image"
-INSTALL = "pip install 'datasets>=3.0' 'pyarrow>=15' (or pip install -r requirements/extras.txt)"
+INSTALL = "pip install 'datasets>=4.0' 'pyarrow>=15' (or pip install -r requirements/extras.txt)"
 MAX_CACHED_BYTES = 64 << 20  # Parquet row groups kept per process
 # The Hub's file names of a split: train-00000-of-00003.parquet
 HUB_SPLIT_FILE = re.compile(r"^(?P<split>[A-Za-z][\w.]*?)-\d{5}-of-\d{5}\.parquet$")
