@@ -38,6 +38,7 @@ from typing import Any, Iterator, Sequence
 
 from utils.core.log import UserError
 from utils.core.task import MULTICLASS, MULTILABEL
+from utils.data.containers import member_name
 from utils.data.decode import HeaderError, read_header
 from utils.data.imageset import ImageSet, natural_key, read_label_file
 from utils.data.lists import label_index
@@ -378,7 +379,7 @@ def scan_hf(root: str | Path, class_names: Sequence[str] | None = None, label_pa
     samples: list[tuple[str, Any]] = []
     skipped: list[tuple[str, str]] = []
     for row, texts in enumerate(labels):
-        name = f"{PREFIX}{spec}#{prefix}{row}"
+        name = member_name(f"{PREFIX}{spec}", f"{prefix}{row}")
         indices = [label_index(t, names, by_name) for t in texts]
         reason = bad.get(row) or ("no label" if not texts else None)
         if reason is None and None in indices:
