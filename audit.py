@@ -43,6 +43,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--label_path", default=None, help="class names of numbered class folders or of a list's numeric labels "
                                          "(default: label.txt in --data_path when there is one)")
     p("--list_sep", default=None, help="separator of text lists (default: any whitespace)")
+    p("--image_column", default=None, help="an hf:PATH split's image column (default image, else its one Image column)")
+    p("--label_column", default=None, help="an hf:PATH split's label column (default label)")
     p("--save_path", default="runs/audit", help="the report folder (incremented when it exists: audit2 ...)")
     p("--workers", type=int, default=os.cpu_count() or 1, help="processes that decode and hash images (0 = this one)")
     p("--hash_distance", type=int, default=HASH_DISTANCE,
@@ -90,7 +92,7 @@ def split_sources(args: Options) -> list[tuple[str, Path]]:
 def scan(args: Options) -> tuple[list[tuple[str, str, str]], str]:
     """Every image to audit as (path, split, label) and a title of what was audited."""
     from utils.data.imageset import report_skipped
-    from utils.data.sources import scan_split
+    from utils.data.sources import scan_split, source_options
 
     items: list[tuple[str, str, str]] = []
     sources = split_sources(args)
@@ -99,7 +101,7 @@ def scan(args: Options) -> tuple[list[tuple[str, str, str]], str]:
         if label_path is None and args.data_path and (Path(args.data_path) / "label.txt").is_file():
             label_path = Path(args.data_path) / "label.txt"
         image_set = scan_split(path, label_path=label_path, check_headers=False, what=f"{split} split",
-                               use_cache=False, list_sep=args.list_sep)
+                               use_cache=False, reading=source_options(args))
         report_skipped(image_set.skipped, f"{split} split {path}")
         names = image_set.class_names
         items += [(p, split, "|".join(names[i] for i in image_set.task.labels(t))) for p, t in image_set.samples]

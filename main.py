@@ -70,6 +70,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--test_path", default="dataset/test", help="test images, evaluated with best.pt when training ends")
     p("--label_path", default="dataset/label.txt", help="class names of numbered class folders or of a list's numeric labels")
     p("--list_sep", default=None, help="separator of text lists given as --train_path etc. (default: any whitespace)")
+    p("--image_column", default="image", help="an hf:PATH split's image column (default image, else its one Image column)")
+    p("--label_column", default="label", help="an hf:PATH split's label column (ClassLabel, ints, strings, or lists of them)")
     p("--image_size", type=int, default=224, help="model input size in pixels")
     p("--image_channel", type=int, default=3, choices=[1, 3], help="1 = grayscale, 3 = RGB")
     p("--workers", type=int, default=default_workers(), help="data loader processes (0 = main process)")

@@ -37,7 +37,7 @@ from utils.core.options import Options
 from utils.core.run import Run, RunFolder, check_model_paths
 from utils.core.schema import MAX_IMAGE_SIZE
 from utils.data.imageset import read_label_file, report_skipped
-from utils.data.sources import scan_split
+from utils.data.sources import scan_split, source_options
 from utils.deploy.formats import MODEL_TYPES
 from utils.evaluate.calibrate_task import calibrate_task, check_calibrate_args
 from utils.evaluate.html_report import write_html_report
@@ -45,7 +45,7 @@ from utils.evaluate.label_report import label_issues_run, label_issues_task
 from utils.evaluate.ood_report import report_ood
 from utils.evaluate.split import predict_split, score_calibration, score_split
 from utils.evaluate.versus_torch import compare_with_checkpoint
-from utils.evaluate.tasks import (MODEL_TASK_HINT, check_features_args, list_sep, output_folder, reports, run_features,
+from utils.evaluate.tasks import (MODEL_TASK_HINT, check_features_args, output_folder, reports, run_features,
                                   run_speed, split_path, update_results)
 from utils.infer.backends import (
     kfold_members,
@@ -84,6 +84,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--test_path", default=None, help="test split (default: the run's)")
     p("--label_path", default=None, help="class names to show, one per line (default: the run's class names)")
     p("--list_sep", default=None, help="separator of a text list given as a split (default: the run's, else any whitespace)")
+    p("--image_column", default=None, help="an hf:PATH split's image column (default: the run's, else image)")
+    p("--label_column", default=None, help="an hf:PATH split's label column (default: the run's, else label)")
     p("--image_size", type=int, default=None, help="input size in pixels (default: the run's)")
     p("--batch_size", type=int, default=None, help="images per batch (default: the run's; fps: 1 and the run's)")
     p("--workers", type=int, default=default_workers(),
@@ -173,7 +175,7 @@ def main(args: Options) -> dict[str, Any]:
     run_args = dict(first.run_args)
     folder = split_path(args, run_args)
     image_set = scan_split(folder, class_names=ensemble.class_names, what=f"{args.task} set",
-                           list_sep=list_sep(args, run_args)).as_task(ensemble.meta.task_type, MODEL_TASK_HINT)
+                           reading=source_options(args, run_args)).as_task(ensemble.meta.task_type, MODEL_TASK_HINT)
     report_skipped(image_set.skipped, f"{args.task} set {folder}")
     batch_size = args.batch_size or max(1, int(run_args.get("batch_size") or 32))
 

@@ -33,7 +33,7 @@ from utils.core.options import Options
 from utils.core.run import Run, RunFolder, increment_path
 from utils.core.task import ALL_LOSSES, ALL_METRICS, MULTICLASS, MULTILABEL, TASK_TYPES, TaskType, task_type
 from utils.data.imageset import ImageSet
-from utils.data.sources import SOURCES, scan_split
+from utils.data.sources import SOURCES, SourceOptions, scan_split
 from utils.deploy.formats import (EXPORT_FLAGS, FORMATS, MODEL_TYPES, PRECISIONS, ModelFormat, format_of, formats_table,
                                   get_format, info_path, is_hub_folder)
 from utils.infer.rows import (PredictionRow, PredictionWriter, csv_fields, label_text, output_name,
@@ -789,13 +789,15 @@ def write_list(path: Path, samples: list[tuple[str, object]], names: list[str], 
     return path
 
 
-def test_sources_choose_shards_then_list_files_then_folders(tiny_data: Path) -> None:
-    assert [s.name for s in SOURCES] == ["tar shards", "list file", "folder of class folders"]
+def test_sources_choose_shards_then_list_files_then_hf_then_folders(tiny_data: Path) -> None:
+    assert [s.name for s in SOURCES] == ["tar shards", "list file", "Hugging Face dataset or Parquet files",
+                                         "folder of class folders"]
     image = next((tiny_data / "train" / "blue").iterdir())
     assert not SOURCES[0].matches(image) and not SOURCES[0].matches(tiny_data / "train")
     assert SOURCES[0].matches(Path("d/train-{000000..000003}.tar")) and SOURCES[0].matches(Path("d/*.tar"))
     assert SOURCES[1].matches(image) and not SOURCES[1].matches(tiny_data / "train")
-    assert SOURCES[2].matches(tiny_data / "train") and SOURCES[2].matches(tiny_data / "absent")
+    assert SOURCES[2].matches(Path("hf:data/train")) and not SOURCES[2].matches(tiny_data / "train")
+    assert SOURCES[3].matches(tiny_data / "train") and SOURCES[3].matches(tiny_data / "absent")
 
 
 def test_a_list_file_and_a_folder_give_the_same_samples(tiny_data: Path, tmp_path: Path) -> None:
@@ -807,7 +809,7 @@ def test_a_list_file_and_a_folder_give_the_same_samples(tiny_data: Path, tmp_pat
     assert sorted(listed.samples) == sorted(folder.samples) and listed.samples == folder.samples
     semicolon = tmp_path / "train_semicolon.txt"
     write_list(semicolon, folder.samples, folder.class_names, sep=";")
-    assert scan_split(semicolon, list_sep=";").samples == folder.samples  # list_sep reaches the list reader
+    assert scan_split(semicolon, reading=SourceOptions(list_sep=";")).samples == folder.samples  # list_sep reaches the list reader
     # val: the model's classes given (its own order), so indices follow them
     order = ["red", "blue", "green"]
     val = scan_split(tiny_data / "val", class_names=order)

@@ -47,9 +47,9 @@ DEFAULT_OPSET = 17  # run by onnxruntime >= 1.13, TensorRT >= 8.6 and OpenVINO; 
 # sections. A new flag goes into one of its script's groups (tests/test_cli.py checks that none is left out).
 FLAG_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
     "main": {
-        "data": ("data", "train_path", "val_path", "test_path", "label_path", "list_sep", "task_type", "image_size",
-                 "image_channel", "resize_mode", "imagenet_meanstd", "workers", "cache_images", "sampler",
-                 "shard_buffer"),
+        "data": ("data", "train_path", "val_path", "test_path", "label_path", "list_sep", "image_column", "label_column",
+                 "task_type", "image_size", "image_channel", "resize_mode", "imagenet_meanstd", "workers", "cache_images",
+                 "sampler", "shard_buffer"),
         "model": ("model_name", "list_models", "pretrained", "weight"),
         "training": ("epoch", "batch_size", "loss", "optimizer", "lr", "layer_decay", "weight_decay", "momentum",
                      "label_smoothing", "class_balance", "class_balance_beta", "warmup", "warmup_ratios", "warmup_minlr",
@@ -63,7 +63,7 @@ FLAG_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
     "metrice": {
         "model": ("save_path", "weight", "model_type", "ensemble", "ensemble_weights"),
         "task": ("task", "visual", "tsne", "classical", "ood_path", "write_fixed_list"),
-        "data": ("data", "train_path", "val_path", "test_path", "label_path", "list_sep", "image_size", "test_tta"),
+        "data": ("data", "train_path", "val_path", "test_path", "label_path", "list_sep", "image_column", "label_column", "image_size", "test_tta"),
         "machine": ("device", "half", "batch_size", "workers"),
     },
     "predict": {
@@ -93,7 +93,7 @@ FLAG_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
         "split": ("val_size", "test_size", "seed", "allow_duplicates_across_splits", "hash_distance", "workers"),
     },
     "audit": {
-        "data": ("data_path", "train_path", "val_path", "test_path", "label_path", "list_sep"),
+        "data": ("data_path", "train_path", "val_path", "test_path", "label_path", "list_sep", "image_column", "label_column"),
         "checks": ("hash_distance", "min_size", "max_aspect", "workers"),
         "output": ("save_path", "max_shown"),
     },

@@ -35,7 +35,7 @@ from utils.core.files import check_writable, remove_stale_temps, temp_prefix
 from utils.core.log import UserError
 from utils.core.run import RunFolder
 from utils.core.schema import FORMAT, Checkpoint
-from utils.data.sources import scan_split, split_exists
+from utils.data.sources import scan_split, source_options, split_exists
 from utils.data.transforms import Normalize
 from utils.deploy.context import ExportContext, ExportOptions, load_batch, write_json
 from utils.deploy.deploy_form import deploy_model, probs_of
@@ -75,7 +75,7 @@ def load_split_images(ckpt: Checkpoint, override: str, keys: Sequence[str], limi
                 raise UserError(f"image folder not found: {folder}")
             continue
         image_set = scan_split(folder, class_names=ckpt.meta.class_names, what=f"{split} set",
-                               list_sep=ckpt.args.get("list_sep"))
+                               reading=source_options(None, ckpt.args))
         samples = image_set.samples
         if len(samples) > limit:
             pick = np.linspace(0, len(samples) - 1, limit).round().astype(int)

@@ -29,11 +29,11 @@ from utils.core.options import Options
 from utils.core.run import Run, RunFolder
 from utils.core.schema import ModelMeta
 from utils.data.imageset import report_skipped
-from utils.data.sources import scan_split
+from utils.data.sources import scan_split, source_options
 from utils.data.transforms_np import run_with_tta
 from utils.deploy.formats import FORMATS
 from utils.evaluate.split import stored_temperature
-from utils.evaluate.tasks import MODEL_TASK_HINT, list_sep, output_folder, reports, split_path, update_results
+from utils.evaluate.tasks import MODEL_TASK_HINT, output_folder, reports, split_path, update_results
 from utils.infer.backends import kfold_members, load_backend, model_device
 from utils.infer.calibration import (CALIBRATION_BINS, calibration_scores, fit_temperature, fit_text, logits_of,
                                      reliability, temperature_text)
@@ -154,7 +154,7 @@ def refit_ood(member: MemberRefit) -> ModelMeta:
     run_args = dict(member.backend.checkpoint.args)
     folder = split_path(member.args.replace(task="train"), run_args)
     train = scan_split(folder, class_names=meta.class_names, what="train set",
-                       list_sep=list_sep(member.args, run_args)).as_task(meta.task_type, MODEL_TASK_HINT)
+                       reading=source_options(member.args, run_args)).as_task(meta.task_type, MODEL_TASK_HINT)
     report_skipped(train.skipped, f"train set {folder}")
     tpr = meta.ood.tpr if meta.ood is not None else float(run_args.get("reject_tpr") or 0.95)
     backend = member.backend
@@ -192,7 +192,7 @@ def member_refit(path: str, args: Options, device: Any) -> MemberRefit:
                         "DIR (labelled images the model was not trained on)")
     folder = split_path(args.replace(task="val"), run_args)
     image_set = scan_split(folder, class_names=meta.class_names, what="val set",
-                           list_sep=list_sep(args, run_args)).as_task(meta.task_type, MODEL_TASK_HINT)
+                           reading=source_options(args, run_args)).as_task(meta.task_type, MODEL_TASK_HINT)
     report_skipped(image_set.skipped, f"val set {folder}")
     out = Run(output_folder(str(checkpoint.parent), "calibrate"))
     out.write_yaml(RunFolder.ARGS, args_to_dict(args) | {"split": str(folder), "images": len(image_set.samples),

@@ -49,7 +49,7 @@ from utils.data.containers import sample_exists
 from utils.data.decode import load_image
 from utils.data.imageset import report_skipped
 from utils.data.lists import write_list
-from utils.data.sources import scan_split, split_exists
+from utils.data.sources import SourceOptions, scan_split, source_options, split_exists
 from utils.draw.figures import plot_gallery
 from utils.evaluate.label_issues import LabelIssues, find_label_issues
 from utils.evaluate.oof import OofTable, read_oof, write_oof
@@ -143,7 +143,7 @@ def checked_splits(flags: dict[str, str | None], run_args: dict[str, Any]) -> di
     return splits
 
 
-def predicted_images(ensemble: Any, class_names: list[str], splits: dict[str, Path], list_sep: str | None,
+def predicted_images(ensemble: Any, class_names: list[str], splits: dict[str, Path], reading: SourceOptions,
                      batch_size: int, workers: int, tta: bool, device: Any) -> CheckedImages:
     """The val and test splits predicted by the run's model(s), as metrice.py --task val/test does.
 
@@ -155,7 +155,7 @@ def predicted_images(ensemble: Any, class_names: list[str], splits: dict[str, Pa
                         "(metrice.py --task test writes each image's labels in predictions.csv)")
     tables, names = [], []
     for split, folder in splits.items():
-        image_set = scan_split(folder, class_names=ensemble.class_names, what=f"{split} set", list_sep=list_sep)
+        image_set = scan_split(folder, class_names=ensemble.class_names, what=f"{split} set", reading=reading)
         image_set = image_set.as_task(MULTICLASS, "check it with a multiclass list (one label per image)")
         report_skipped(image_set.skipped, f"{split} set {folder}")
         predicted = predict_split(ensemble, image_set.samples, batch_size, workers, tta, device, False, split)
@@ -185,8 +185,7 @@ def label_issues_task(args: Any, load_models: Callable[[Any], tuple[Any, list[st
     run_args = ensemble.members[0].run_args
     splits = checked_splits({s: args.get(f"{s}_path") for s in ("val", "test")}, run_args)
     batch_size = args.batch_size or max(1, int(run_args.get("batch_size") or 32))
-    list_sep = args.list_sep if args.list_sep is not None else run_args.get("list_sep")
-    images = predicted_images(ensemble, class_names, splits, list_sep, batch_size, args.workers, args.test_tta, device)
+    images = predicted_images(ensemble, class_names, splits, source_options(args, run_args), batch_size, args.workers, args.test_tta, device)
     return report_label_issues(folder, images, args.write_fixed_list, info)
 
 

@@ -1,5 +1,5 @@
-"""metrice.py's tasks beyond scoring one split, and what every task shares: the split's folder and
-list separator (the flag, else the run's own), the results folder, the report module once its
+"""metrice.py's tasks beyond scoring one split, and what every task shares: the split's folder (the
+flag, else the run's own), the results folder, the report module once its
 packages are known to be there, --task fps and --task features.
 
     folder = split_path(args, run_args)          # --test_path, else the run's test_path (checked)
@@ -23,7 +23,7 @@ from utils.core.names import CLASSICAL
 from utils.core.options import Options
 from utils.core.run import Run, RunFolder, increment_path
 from utils.data.imageset import report_skipped
-from utils.data.sources import scan_split, split_exists
+from utils.data.sources import scan_split, source_options, split_exists
 from utils.data.stream import is_stream_url, local_split
 from utils.evaluate.split import measure_speed
 from utils.infer.backends import kfold_members, results_home
@@ -84,11 +84,6 @@ def split_path(args: Options, run_args: dict[str, Any]) -> Path:
     return path
 
 
-def list_sep(args: Options, run_args: dict[str, Any]) -> str | None:
-    """The separator of a text list given as a split: --list_sep, else the run's own."""
-    return args.list_sep if args.list_sep is not None else run_args.get("list_sep")
-
-
 def output_folder(first: str, task: str) -> Path:
     """<run>/<task> (incremented: test, test2 ...) beside the first model."""
     return increment_path(results_home(first) / task)
@@ -124,7 +119,7 @@ def run_features(args: Options, ensemble: Ensemble, class_names: list[str], devi
             continue  # a run without a val split: train and test are enough
         folders[split] = split_path(args.replace(task=split), run_args)
         image_set = scan_split(folders[split], class_names=ensemble.class_names, what=f"{split} set",
-                               list_sep=list_sep(args, run_args)).as_task(ensemble.meta.task_type, MODEL_TASK_HINT)
+                               reading=source_options(args, run_args)).as_task(ensemble.meta.task_type, MODEL_TASK_HINT)
         report_skipped(image_set.skipped, f"{split} set {folders[split]}")
         samples[split] = image_set.samples
     for flag in ("visual", "tsne"):

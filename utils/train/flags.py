@@ -15,7 +15,6 @@ from utils.core.log import UserError
 from utils.core.names import AUGMENT_CHOICES, KD_METHODS, MIXUP_CHOICES, unknown_model_name
 from utils.core.options import Options
 from utils.core.schema import MAX_IMAGE_SIZE, RESIZE_MODES
-from utils.data.sources import split_exists
 
 
 def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +50,8 @@ def check_inputs(args: argparse.Namespace) -> None:
     """
     if args.resume:
         return
+    from utils.data.sources import split_exists  # noqa: PLC0415 - the scanners load only once the flags are read
+
     paths = [("train_path", "the training images (split a dataset with processing.py, or pass --data ROOT)"),
              ("weight", "a state_dict or checkpoint file"), ("teacher_path", "the teacher's run folder or best.pt")]
     for flag, what in paths:

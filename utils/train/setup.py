@@ -26,7 +26,7 @@ from utils.core.task import TASK_TYPES, TaskType
 from utils.data.augment import train_augment
 from utils.data.imageset import ImageSet, report_skipped
 from utils.data.loaders import compute_mean_std
-from utils.data.sources import scan_split, split_exists
+from utils.data.sources import scan_split, source_options, split_exists
 from utils.data.stream import StreamIndex, is_stream_url, read_stream_index
 from utils.data.stream_loader import MEAN_STD_IMAGES, stream_mean_std
 from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -113,9 +113,10 @@ def load_data(args: Options, resumed: Checkpoint | None = None) -> TrainData:
     """
     if resumed is None:  # a model name the light check could not decide (another timm): refused before the scan
         resolve_name(args.model_name)
+    reading = source_options(args)
     stream = read_stream_index(str(args.train_path)) if is_stream_url(args.train_path) else None
     train_set = (streamed_set(args, stream) if stream is not None else
-                 scan_split(args.train_path, label_path=args.label_path, what="train set", list_sep=args.list_sep))
+                 scan_split(args.train_path, label_path=args.label_path, what="train set", reading=reading))
     class_names = train_set.class_names
     if resumed is not None and list(resumed.meta.class_names) != class_names:
         raise UserError(f"--resume: the classes in {args.train_path} differ from those the run was trained on")
@@ -128,7 +129,7 @@ def load_data(args: Options, resumed: Checkpoint | None = None) -> TrainData:
     train_set = train_set.as_task(task)
     val_set = None
     if args.val_path and split_exists(args.val_path):
-        val_set = scan_split(args.val_path, class_names=class_names, what="val set", list_sep=args.list_sep).as_task(task)
+        val_set = scan_split(args.val_path, class_names=class_names, what="val set", reading=reading).as_task(task)
         report_skipped(val_set.skipped, f"val set {args.val_path}")
     elif not args.get("kfold"):  # --kfold validates each fold on its held-out images instead (and says so)
         LOGGER.warning("no validation set at '%s': best.pt is chosen on the training metrics", args.val_path)

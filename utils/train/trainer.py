@@ -41,8 +41,8 @@ from utils.data.augment import BatchMix
 from utils.data.image_cache import ImageCache, cache_budget
 from utils.data.imageset import ImageSet, report_skipped
 from utils.data.loaders import EpochSampler, ImageDataset, build_loader
+from utils.data.sources import scan_split, source_options, split_exists
 from utils.data.stream_loader import StreamDataset, StreamLoader
-from utils.data.sources import scan_split, split_exists
 from utils.data.transforms import Normalize, image_transform, train_transform
 from utils.evaluate.metrics import EpochSums, MultiLabelSums, best_f1_thresholds, multilabel_scores, new_sums
 from utils.infer.calibration import calibration_scores, fit_temperature, fit_text
@@ -577,7 +577,7 @@ class Trainer:
         if not args.test_path or not split_exists(args.test_path):
             return None
         test_set = scan_split(args.test_path, class_names=self.data.class_names, what="test set",
-                              list_sep=args.list_sep).as_task(self.data.task)
+                              reading=source_options(args)).as_task(self.data.task)
         report_skipped(test_set.skipped, f"test set {args.test_path}")
         return self.score_best(test_set, "test")
 
