@@ -20,7 +20,7 @@ server's batch (--max_batch with batching on, 1 off) and compute threads, in a p
 own, timed before the deployment starts and after it stops (both shown: their drift is the
 machine's). It writes serve_load.csv into --out and ends with the figure of issue 28:
 
-    embedded, batching on, concurrency 32: 171.3 images/s = 0.62 of the bare forward (277.4 images/s, batch 16, 1 thread)
+    embedded, batching on, concurrency 32: 70.9 images/s = 0.64 of the bare forward (111.0 images/s, batch 16, 1 thread)
 
 The load generator shares the machine with the servers, and every figure is for this machine as
 a whole. The processes that run the model share all cores but one (left to the HTTP tier and
