@@ -8,15 +8,24 @@ For each deployment (embedded: one serve.py process; redis-1 / redis-2: a redis-
 tier and 1 or 2 `serve.py --worker` processes) and each batching setting (on: --max_batch
 --max_wait_ms as given; off: --max_batch 1), it starts the processes on 127.0.0.1 (free ports),
 sends --warmup untimed requests, then, for each --concurrency, --requests timed POST /predict
-requests of one image each from that many concurrent clients (one asyncio httpx client in this
-process, images cycled from a small in-memory set). It prints one row per cell: requests/s
-(requests / wall time of the cell), p50/p95/p99 latency in ms, the mean batch size the model ran
-(from /metrics) and the errors (any non-200), and writes serve_load.csv into --out.
+requests of one image each from that many concurrent clients (asyncio in this process, images
+cycled from a small in-memory set; --client raw: keep-alive HTTP/1.1 on plain sockets, each
+request's bytes built once, so that the generator takes little of the CPU it shares with the
+server; --client httpx: an httpx.AsyncClient, about ten times the CPU per request). It prints one
+row per cell: requests/s and images/s (per wall time of the cell), p50/p95/p99 latency in ms, the
+mean batch size the model ran (from /metrics), the errors (any non-200), the CPU time per request
+of the load generator and of the deployment's processes, and the ratio of the images/s to the
+bare batched forward of the same model: predict_probs on uint8 batches in memory, at the
+server's batch (--max_batch with batching on, 1 off) and compute threads, in a process of its
+own, timed before the deployment starts and after it stops (both shown: their drift is the
+machine's). It writes serve_load.csv into --out and ends with the figure of issue 28:
 
-The load generator shares the machine with the servers: on a small VM it takes a good part of a
-core, and every figure is for this machine as a whole. The processes that run the model share
-all cores but one (left to the HTTP tier and the load generator): --threads (cores - 1) / model
-processes, at least 1 (--threads overrides). Nothing leaves loopback.
+    embedded, batching on, concurrency 32: 70.9 images/s = 0.64 of the bare forward (111.0 images/s, batch 16, 1 thread)
+
+The load generator shares the machine with the servers, and every figure is for this machine as
+a whole. The processes that run the model share all cores but one (left to the HTTP tier and
+the load generator): --threads (cores - 1) / model processes, at least 1 (--threads overrides).
+Nothing leaves loopback.
 """
 from __future__ import annotations
 
@@ -36,12 +45,16 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import resource
+
 import httpx
 import numpy as np
 from PIL import Image
 from prettytable import PrettyTable
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # the bare forward's process imports utils
+    sys.path.insert(0, str(ROOT))
 HOST = "127.0.0.1"
 DEPLOYMENTS = ("embedded", "redis-1", "redis-2")
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 200, 20)]
@@ -63,6 +76,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--max_wait_ms", type=float, default=2.0, help="--max_wait_ms with batching on")
     p("--threads", type=int, default=0, help="torch threads per model process; 0 = cores / model processes")
     p("--image_px", type=int, default=96, help="side of the uploaded images")
+    p("--client", default="raw", choices=["raw", "httpx"], help="load generator: raw sockets (cheap) or httpx")
+    p("--bare_seconds", type=float, default=2.0, help="timed seconds of each bare forward measurement")
+    p("--bare", nargs=2, type=int, metavar=("THREADS", "BATCH"), help=argparse.SUPPRESS)  # the bare forward's process
     return parser
 
 
@@ -86,6 +102,17 @@ class Procs:
                                 env=dict(os.environ) | {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"} | (env or {}))
         self.procs.append((proc, log))
         return proc
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds the running processes have taken so far (Linux /proc)."""
+        total = 0.0
+        for proc, _ in self.procs:
+            try:
+                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def close(self) -> None:
         for proc, _ in self.procs:
@@ -116,13 +143,13 @@ def wait_ready(url: str, procs: Procs, timeout: float = 120) -> None:
 
 
 @contextmanager
-def deployment(kind: str, batching: str, run: Path, args: argparse.Namespace, folder: Path) -> Iterator[str]:
-    """Start one deployment; yields its base URL."""
+def deployment(kind: str, batching: str, run: Path, args: argparse.Namespace, folder: Path) -> Iterator[tuple[str, Procs]]:
+    """Start one deployment; yields its base URL and its processes."""
     folder.mkdir(parents=True, exist_ok=True)
     procs = Procs(folder)
     batch = ["--max_batch", args.max_batch, "--max_wait_ms", args.max_wait_ms] if batching == "on" else ["--max_batch", 1]
+    threads = model_threads(kind, args)
     workers = 0 if kind == "embedded" else int(kind.split("-")[1])
-    threads = args.threads or max(1, ((os.cpu_count() or 1) - 1) // max(1, workers))
     port = free_port()
     url = f"http://{HOST}:{port}"
     try:
@@ -144,9 +171,44 @@ def deployment(kind: str, batching: str, run: Path, args: argparse.Namespace, fo
             deadline = time.monotonic() + 120
             while httpx.get(url + "/info", timeout=5).json().get("workers", 0) < workers and time.monotonic() < deadline:
                 time.sleep(0.3)
-        yield url
+        yield url, procs
     finally:
         procs.close()
+
+
+def model_threads(kind: str, args: argparse.Namespace) -> int:
+    """The compute threads of each model process of a deployment."""
+    workers = 0 if kind == "embedded" else int(kind.split("-")[1])
+    return args.threads or max(1, ((os.cpu_count() or 1) - 1) // max(1, workers))
+
+
+# ------------------------------------------------------------------------------ the bare forward
+def bare_forward(run: Path, threads: int, batch: int, seconds: float) -> float:
+    """images/s of the model's forward pass and softmax on uint8 batches in memory (predict_probs,
+    as the server runs it), `batch` images at a time on `threads` threads: the median call.
+    Called in a process of its own (--bare), so that the load generator never imports torch."""
+    import torch
+
+    from utils.core.device import set_threads
+    from utils.infer.backends import load_backend, predict_probs
+    from utils.infer.speed import time_batches
+
+    set_threads(threads)
+    backend = load_backend(run, "torch", torch.device("cpu"))
+    spec = backend.meta.preprocess
+    x = np.random.default_rng(0).integers(0, 256, (batch, spec.channels, spec.crop, spec.crop), dtype=np.uint8)
+    times = time_batches(lambda: predict_probs(backend, x), min_seconds=seconds, max_seconds=4 * seconds)
+    return batch / float(np.median(times))
+
+
+def measure_bare(run: Path, threads: int, batch: int, args: argparse.Namespace) -> float:
+    """bare_forward in a subprocess (the threads set as serve.py sets them)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--save_path", str(run), "--bare", str(threads), str(batch),
+           "--bare_seconds", str(args.bare_seconds)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ) | {"HF_HUB_OFFLINE": "1"})
+    if proc.returncode != 0:
+        raise SystemExit(f"the bare forward failed: {proc.stderr[-2000:]}")
+    return float(proc.stdout.split()[-1])
 
 
 # ------------------------------------------------------------------------------ load
@@ -179,6 +241,50 @@ async def load(url: str, images: list[bytes], requests: int, concurrency: int) -
         t0 = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(concurrency)))
         return time.perf_counter() - t0, latencies, errors
+
+
+def request_bytes(url: str, png: bytes, name: str) -> bytes:
+    """One whole POST /predict of one image, as the raw client sends it (HTTP/1.1, keep-alive)."""
+    boundary = "serve-load-boundary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+            f"Content-Type: image/png\r\n\r\n").encode() + png + f"\r\n--{boundary}--\r\n".encode()
+    head = (f"POST /predict HTTP/1.1\r\nHost: {url.split('//', 1)[1]}\r\nContent-Type: multipart/form-data; "
+            f"boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+async def raw_load(url: str, images: list[bytes], requests: int, concurrency: int) -> tuple[float, list[float], int]:
+    """As load(), with one socket per client and each answer's status line and Content-Length parsed
+    (the JSON is not): the same requests for a small part of httpx's CPU."""
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    payloads = [request_bytes(url, png, f"{i}.png") for i, png in enumerate(images)]
+    latencies: list[float] = []
+    errors = 0
+    counter = iter(range(requests))
+
+    async def one_client() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            for i in counter:
+                t0 = time.perf_counter()
+                writer.write(payloads[i % len(payloads)])
+                head = (await reader.readuntil(b"\r\n\r\n")).lower()
+                length = re.search(rb"\r\ncontent-length: *(\d+)", head)
+                if length is None:
+                    raise SystemExit(f"an answer without Content-Length: {head[:200]!r}")
+                await reader.readexactly(int(length.group(1)))
+                latencies.append(time.perf_counter() - t0)
+                errors += not head.startswith(b"http/1.1 200 ")
+                if b"\r\nconnection: close" in head:
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(host, int(port))
+        finally:
+            writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one_client() for _ in range(concurrency)))
+    return time.perf_counter() - t0, latencies, errors
 
 
 def batch_stats(url: str) -> tuple[float, float]:
@@ -216,7 +322,25 @@ def train_run(args: argparse.Namespace, out: Path) -> Path:
     return run
 
 
+def run_cell(url: str, procs: Procs, images: list[bytes], conc: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One cell: --requests from `conc` clients, with the CPU the generator and the servers took."""
+    generate = raw_load if args.client == "raw" else load
+    before, cpu0, own0 = batch_stats(url), procs.cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF)
+    seconds, lat, errors = asyncio.run(generate(url, images, args.requests, conc))
+    after, cpu1, own1 = batch_stats(url), procs.cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF)
+    own = (own1.ru_utime - own0.ru_utime) + (own1.ru_stime - own0.ru_stime)
+    batches = after[1] - before[1]
+    return {"concurrency": conc, "requests": args.requests, "req_per_s": args.requests / seconds,
+            "img_per_s": (after[0] - before[0]) / seconds, "p50_ms": 1000 * percentile(lat, 50),
+            "p95_ms": 1000 * percentile(lat, 95), "p99_ms": 1000 * percentile(lat, 99),
+            "mean_batch": (after[0] - before[0]) / batches if batches else float("nan"), "errors": errors,
+            "client_cpu_ms": 1000 * own / args.requests, "server_cpu_ms": 1000 * (cpu1 - cpu0) / args.requests}
+
+
 def main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    if args.bare:
+        print(f"{bare_forward(Path(args.save_path), args.bare[0], args.bare[1], args.bare_seconds):.3f}")
+        return []
     if not 1 <= args.requests <= 2000:
         raise SystemExit("--requests must be 1..2000 (a bounded load test)")
     if any(d.startswith("redis") for d in args.deployments) and not shutil.which("redis-server"):
@@ -229,32 +353,37 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
         for kind in args.deployments:
             for batching in args.batching:
-                with deployment(kind, batching, run, args, out / f"{kind}-{batching}") as url:
+                threads, batch = model_threads(kind, args), args.max_batch if batching == "on" else 1
+                bare_before = measure_bare(run, threads, batch, args)
+                cells = []
+                with deployment(kind, batching, run, args, out / f"{kind}-{batching}") as (url, procs):
                     asyncio.run(load(url, images, args.warmup, 4))
                     for conc in args.concurrency:
-                        before = batch_stats(url)
-                        seconds, lat, errors = asyncio.run(load(url, images, args.requests, conc))
-                        after = batch_stats(url)
-                        batches = after[1] - before[1]
-                        row = {"deployment": kind, "batching": batching, "concurrency": conc, "requests": args.requests,
-                               "req_per_s": args.requests / seconds, "p50_ms": 1000 * percentile(lat, 50),
-                               "p95_ms": 1000 * percentile(lat, 95), "p99_ms": 1000 * percentile(lat, 99),
-                               "mean_batch": (after[0] - before[0]) / batches if batches else float("nan"), "errors": errors}
-                        rows.append(row)
-                        print(f"{kind:9s} batching {batching:3s} c={conc:<3d} {row['req_per_s']:7.1f} req/s  "
-                              f"p50 {row['p50_ms']:6.1f}  p95 {row['p95_ms']:6.1f}  p99 {row['p99_ms']:6.1f} ms  "
-                              f"batch {row['mean_batch']:.2f}  errors {errors}", flush=True)
+                        cells.append({"deployment": kind, "batching": batching} | run_cell(url, procs, images, conc, args))
+                bare_after = measure_bare(run, threads, batch, args)
+                for row in cells:
+                    row |= {"threads": threads, "bare_batch": batch, "bare_before": bare_before, "bare_after": bare_after,
+                            "ratio": row["img_per_s"] / ((bare_before + bare_after) / 2)}
+                    print(f"{kind:9s} batching {batching:3s} c={row['concurrency']:<3d} {row['req_per_s']:7.1f} req/s "
+                          f"{row['img_per_s']:7.1f} img/s  p50 {row['p50_ms']:6.1f}  p95 {row['p95_ms']:6.1f}  "
+                          f"p99 {row['p99_ms']:6.1f} ms  batch {row['mean_batch']:.2f}  errors {row['errors']}  "
+                          f"cpu/request: client {row['client_cpu_ms']:.2f} ms, servers {row['server_cpu_ms']:.2f} ms  "
+                          f"bare {bare_before:.1f}/{bare_after:.1f} img/s  ratio {row['ratio']:.2f}", flush=True)
+                rows += cells
         report(rows, out, args, run)
         return rows
 
 
 def report(rows: list[dict[str, Any]], out: Path, args: argparse.Namespace, run: Path) -> None:
-    table = PrettyTable(["deployment", "batching", "concurrency", "req/s", "p50 ms", "p95 ms", "p99 ms", "mean batch", "errors"])
-    table.title = (f"serve.py on {run} ({os.cpu_count()} CPUs), {args.requests} requests of one {args.image_px}px PNG per cell, "
-                   f"batching on = --max_batch {args.max_batch} --max_wait_ms {args.max_wait_ms:g}")
+    table = PrettyTable(["deployment", "batching", "concurrency", "req/s", "img/s", "p50 ms", "p95 ms", "p99 ms",
+                         "mean batch", "errors", "client CPU ms/req", "server CPU ms/req", "bare img/s", "ratio"])
+    table.title = (f"serve.py on {run} ({os.cpu_count()} CPUs), {args.requests} requests of one {args.image_px}px PNG per cell "
+                   f"({args.client} client), batching on = --max_batch {args.max_batch} --max_wait_ms {args.max_wait_ms:g}")
     for r in rows:
-        table.add_row([r["deployment"], r["batching"], r["concurrency"], f"{r['req_per_s']:.1f}", f"{r['p50_ms']:.1f}",
-                       f"{r['p95_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['mean_batch']:.2f}", r["errors"]])
+        table.add_row([r["deployment"], r["batching"], r["concurrency"], f"{r['req_per_s']:.1f}", f"{r['img_per_s']:.1f}",
+                       f"{r['p50_ms']:.1f}", f"{r['p95_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['mean_batch']:.2f}",
+                       r["errors"], f"{r['client_cpu_ms']:.2f}", f"{r['server_cpu_ms']:.2f}",
+                       f"{r['bare_before']:.1f}/{r['bare_after']:.1f}", f"{r['ratio']:.2f}"])
     print(table, flush=True)
     with (out / "serve_load.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -262,12 +391,18 @@ def report(rows: list[dict[str, Any]], out: Path, args: argparse.Namespace, run:
         writer.writerows(rows)
     if args.out:
         print(f"written: {out / 'serve_load.csv'}")
-    stats = {(r["deployment"], r["concurrency"]): r for r in rows if r["batching"] == "on"}
-    for (kind, conc), on in stats.items():
-        off = next((r for r in rows if r["deployment"] == kind and r["concurrency"] == conc and r["batching"] == "off"), None)
-        if off and conc == 8:
-            print(f"{kind}, concurrency 8: batching on {on['req_per_s']:.1f} vs off {off['req_per_s']:.1f} req/s "
+    for on in rows:
+        off = next((r for r in rows if r["deployment"] == on["deployment"] and r["concurrency"] == 8
+                    and r["batching"] == "off"), None)
+        if on["batching"] == "on" and on["concurrency"] == 8 and off:
+            print(f"{on['deployment']}, concurrency 8: batching on {on['req_per_s']:.1f} vs off {off['req_per_s']:.1f} req/s "
                   f"({on['req_per_s'] / off['req_per_s']:.2f}x)")
+    for r in rows:
+        if r["batching"] == "on" and r["concurrency"] == 32:
+            bare = (r["bare_before"] + r["bare_after"]) / 2
+            print(f"{r['deployment']}, batching on, concurrency 32: {r['img_per_s']:.1f} images/s = {r['ratio']:.2f} of the "
+                  f"bare forward ({bare:.1f} images/s, batch {r['bare_batch']}, {r['threads']} thread"
+                  f"{'s' if r['threads'] > 1 else ''})")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ FOREIGN_FLAGS = {
     "--strict",  # mkdocs build
     "--all", "--batch", "--meta", "--build",  # classify (C++), cmake --build
     "--compare", "--timm_train", "--modes", "--bktree", "--save", "--batch_sizes", "--mobile",  # benchmarks/*.py
+    "--deployments", "--batching", "--concurrency", "--requests", "--client",  # benchmarks/serve_load.py
+    "--idle", "--gil",  # py-spy record
     "--no-deps",  # pip install
     "--data-dir",  # timm's train.py
     "--lrr", "--epohcs",  # mistyped on purpose, to show the one-line error

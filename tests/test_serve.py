@@ -333,6 +333,30 @@ def test_info_metrics_and_docs(server: Served) -> None:
     assert server.client.get("/docs-static/swagger-ui-bundle.js").status_code == 200
 
 
+def test_small_requests_are_decoded_on_the_event_loop_with_the_same_answers(server: Served) -> None:
+    """A request of up to 256x256 pixels in all is decoded on the event loop, a larger one in the
+    thread pool (/metrics counts both), and an image gets the same answer either way."""
+    from utils.serve.service import INLINE_DECODE_PIXELS
+
+    def decoded() -> tuple[float, float]:
+        return tuple(server.metric(f'serve_decoded_images_total{{where="{w}"}}') for w in ("event_loop", "thread"))
+
+    side = 200  # one image under the bound, two over it
+    assert side * side <= INLINE_DECODE_PIXELS < 2 * side * side
+    a = ("a.png", png_bytes(noise_image((side, side), seed=1)))
+    b = ("b.png", png_bytes(noise_image((side, side), seed=2)))
+    before = decoded()
+    alone = server.post([a])
+    assert alone.status_code == 200, alone.text
+    assert decoded() == (before[0] + 1, before[1])
+    pair = server.post([a, b])
+    assert pair.status_code == 200, pair.text
+    assert decoded() == (before[0] + 1, before[1] + 2)
+    strip = ("batch_ms", "batch_size")
+    first = {k: v for k, v in alone.json()["results"][0].items() if k not in strip}
+    assert first == {k: v for k, v in pair.json()["results"][0].items() if k not in strip}
+
+
 # ------------------------------------------------------------------------------ in-process
 def test_onnx_backend_serves_the_same_predictions(serve_run: Path, images: Path, tmp_path: Path,
                                                   expected: dict[str, dict[str, str]]) -> None:

@@ -372,7 +372,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _add_status_routes(app: FastAPI, service: Service, settings: Settings, metrics: Metrics, budget: DecodeBudget) -> None:
-    def auth(request: Request) -> None:
+    async def auth(request: Request) -> None:  # async: FastAPI would run a def in its thread pool
         check_key(request, settings.api_key)
 
     @app.get("/", include_in_schema=False)
@@ -400,11 +400,14 @@ def _add_status_routes(app: FastAPI, service: Service, settings: Settings, metri
         stats = await service.stats()  # a ServeError (503) when its counts cannot be read
         stats["gauges"] = {**stats.get("gauges", {}), "serve_decode_bytes": budget.used,
                            "serve_decode_bytes_peak": budget.peak, "serve_decode_waiting": budget.waiting()}
-        return PlainTextResponse(metrics.render(stats), media_type="text/plain; version=0.0.4")
+        decoded = ["# HELP serve_decoded_images_total Images decoded, on the event loop (small requests) or in threads.",
+                   "# TYPE serve_decoded_images_total counter"]
+        decoded += [f'serve_decoded_images_total{{where="{where}"}} {budget.decoded[where]}' for where in ("event_loop", "thread")]
+        return PlainTextResponse(metrics.render(stats) + "\n".join(decoded) + "\n", media_type="text/plain; version=0.0.4")
 
 
 def _add_predict_route(app: FastAPI, service: Service, settings: Settings, metrics: Metrics, budget: DecodeBudget) -> None:
-    def auth(request: Request) -> None:
+    async def auth(request: Request) -> None:  # async: FastAPI would run a def in its thread pool
         check_key(request, settings.api_key)
 
     @app.post("/predict", dependencies=[Depends(auth)], openapi_extra=PREDICT_BODY,

@@ -51,6 +51,12 @@ if TYPE_CHECKING:  # torch only for CAM overlays: an exported model is served wi
 LOGGER = logging.getLogger(__name__)
 RETRY_AFTER_S = 2  # the Retry-After of a request that waited --timeout for its turn to decode
 MIB = 1024 * 1024
+# A request this small (all its images together) is decoded on the event loop rather than in the
+# thread pool: about 1.4 ms for a 256 x 256 PNG here, less than what two trips through the pool
+# cost the process in the GIL handoffs they take from the model's thread (benchmarks/serve_load.py
+# at 32 clients of one 96 px image each). Larger requests keep the loop free for others.
+INLINE_DECODE_PIXELS = 256 * 256
+INLINE_DECODE_BYTES = 256 * 1024
 # Bytes a pixel takes at the peak of decoding an image of this mode and converting it to the
 # model's 8-bit RGB or L (utils.data.decode.load_image), the larger of the two; measured with
 # Pillow 12 by benchmarks/serve_memory.py --modes. Modes not listed count as the largest.
@@ -206,6 +212,7 @@ class DecodeBudget:
         self.limit = max_decode_mb * MIB
         self.used = 0
         self.peak = 0  # the most bytes taken at once so far
+        self.decoded: Counter[str] = Counter()  # images decoded, by where: "event_loop" or "thread"
         self._waiters: deque[tuple[int, asyncio.Future]] = deque()
 
     def waiting(self) -> int:
@@ -264,6 +271,8 @@ async def decode_uploads(uploads: Sequence[Upload], pre: Preprocessor, budget: D
                          timeout: float) -> list[np.ndarray]:
     """The model inputs of a request's uploads: headers first (a bad image is refused before anything
     is decoded), then one image after another, each once the memory it takes fits in the budget.
+    A small request (INLINE_DECODE_BYTES, INLINE_DECODE_PIXELS) is read and decoded right here on
+    the event loop, a larger one in the thread pool.
 
     Args:
         uploads: the request's images.
@@ -279,34 +288,49 @@ async def decode_uploads(uploads: Sequence[Upload], pre: Preprocessor, budget: D
             Retry-After when `timeout` passes while an image waits for its turn; 504 when it passes
             while this request's images are decoded.
     """
-    from starlette.concurrency import run_in_threadpool  # (the HTTP tier's threads, as for any blocking call)
-
     inputs: list[np.ndarray] = []
-    waiting: tuple[Upload, int] | None = None
+    waiting: list[tuple[Upload, int]] = []  # the image waiting for its turn, if any
     try:
         async with asyncio.timeout(timeout):
-            costs = await run_in_threadpool(lambda: [pre.cost(u) for u in uploads])
-            for upload, (size, head) in zip(uploads, costs):
-                if budget.limit and size > budget.limit:
-                    raise ServeError(413, f"{upload.name}: decoding this {head} image takes about {size / MIB:.0f} MiB, "
-                                          f"over the {budget.limit // MIB} MiB decoded at once (--max_decode_mb): send "
-                                          "it smaller, or as 8-bit RGB")
-            for upload, (size, _) in zip(uploads, costs):
-                waiting = (upload, size)
-                await budget.acquire(size)
-                waiting = None
-                work = asyncio.ensure_future(run_in_threadpool(pre, upload))
-                work.add_done_callback(partial(_decoded, budget, size))
-                inputs.append(await asyncio.shield(work))  # a request that gives up leaves the thread its bytes
+            await _decode_all(uploads, pre, budget, inputs, waiting)
     except TimeoutError:
-        if waiting is not None:
-            raise ServeError(503, f"{waiting[0].name} waited {timeout:g}s (--timeout) for its turn to be decoded: "
+        if waiting:
+            raise ServeError(503, f"{waiting[0][0].name} waited {timeout:g}s (--timeout) for its turn to be decoded: "
                                   f"{budget.used / MIB:.0f} MiB of other images are being decoded (--max_decode_mb "
                                   f"{budget.limit // MIB}); retry after {RETRY_AFTER_S} s",
                              headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         raise ServeError(504, f"decoding {len(uploads)} image(s) took over {timeout:g}s (--timeout; {len(inputs)} done): "
                               "send fewer or smaller images per request") from None
     return inputs
+
+
+async def _decode_all(uploads: Sequence[Upload], pre: Preprocessor, budget: DecodeBudget, inputs: list[np.ndarray],
+                      waiting: list[tuple[Upload, int]]) -> None:
+    """decode_uploads' work: appends to `inputs`; `waiting` holds the image waiting for its turn."""
+    from starlette.concurrency import run_in_threadpool  # (the HTTP tier's threads, as for any blocking call)
+
+    small = sum(len(u.data) for u in uploads) <= INLINE_DECODE_BYTES
+    costs = [pre.cost(u) for u in uploads] if small else await run_in_threadpool(lambda: [pre.cost(u) for u in uploads])
+    for upload, (size, head) in zip(uploads, costs):
+        if budget.limit and size > budget.limit:
+            raise ServeError(413, f"{upload.name}: decoding this {head} image takes about {size / MIB:.0f} MiB, "
+                                  f"over the {budget.limit // MIB} MiB decoded at once (--max_decode_mb): send "
+                                  "it smaller, or as 8-bit RGB")
+    inline = small and sum(head.width * head.height for _, head in costs) <= INLINE_DECODE_PIXELS
+    for upload, (size, _) in zip(uploads, costs):
+        waiting.append((upload, size))
+        await budget.acquire(size)
+        waiting.clear()
+        budget.decoded["event_loop" if inline else "thread"] += 1
+        if inline:
+            try:
+                inputs.append(pre(upload))
+            finally:
+                budget.release(size)
+            continue
+        work = asyncio.ensure_future(run_in_threadpool(pre, upload))
+        work.add_done_callback(partial(_decoded, budget, size))
+        inputs.append(await asyncio.shield(work))  # a request that gives up leaves the thread its bytes
 
 
 # ------------------------------------------------------------------------------ the model side
