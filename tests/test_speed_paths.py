@@ -3,7 +3,6 @@ budget, and the scripts' fast exit (the heap settled where the work starts)."""
 from __future__ import annotations
 
 import copy
-import shutil
 from pathlib import Path
 
 import pytest
@@ -207,70 +206,3 @@ def test_training_and_prediction_settle_the_heap_where_the_work_starts(tiny_data
     monkeypatch.setattr(utils.infer.loader.PredictDataset, "load_batch", lambda self, i: events.append("batch") or load_batch(self, i))
     assert_ok(run_inprocess("predict.py", "--source", tiny_data / "test", "--save_path", trained_run.path, "--device", "cpu"))
     assert events[:2] == ["freeze", "batch"] and events.count("freeze") == 1
-
-
-def test_prediction_loader_decodes_one_batch_ahead_in_file_order(tiny_data: Path, tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """--workers 0: each batch is decoded on a thread while the model runs on the one before, never
-    more than one batch ahead, and the batches are those of a plain loop over the files: every file
-    in order, the same pixels, the same failures."""
-    import threading
-    import time
-
-    import numpy as np
-
-    from utils.core.schema import PreprocessSpec
-    from utils.infer.ensemble import InputPlan
-    from utils.infer.loader import PredictDataset, prediction_loader
-
-    files = sorted((tiny_data / "test").rglob("*.png"))
-    (tmp_path / "bad.png").write_bytes(b"not a png")
-    files.insert(4, tmp_path / "bad.png")
-    plan = InputPlan([PreprocessSpec.create(16, 3, [0.5] * 3, [0.5] * 3)])
-    starts = range(0, len(files), 3)
-    expected = [PredictDataset(files, plan).load_batch(range(s, min(s + 3, len(files)))) for s in starts]
-    started: list[tuple[int, bool]] = []
-    load_batch = PredictDataset.load_batch
-    monkeypatch.setattr(PredictDataset, "load_batch", lambda self, chunk: started.append(
-        (chunk.start, threading.current_thread() is threading.main_thread())) or load_batch(self, chunk))
-    got = []
-    for k, batch in enumerate(prediction_loader(files, plan, 3, 0)):
-        time.sleep(0.05)  # a slow model: time for the thread to run ahead, were it allowed to
-        assert len(started) <= k + 2  # batch k in hand: at most batch k + 1 begun
-        got.append(batch)
-    assert started == [(s, False) for s in starts]  # each batch once, in order, off the main thread
-    assert [b["indices"] for b in got] == [b["indices"] for b in expected]
-    assert [b["failed"] for b in got] == [b["failed"] for b in expected] and got[1]["failed"][0][0] == 4
-    for g, e in zip(got, expected):
-        assert all(np.array_equal(a, b) for a, b in zip(g["inputs"], e["inputs"]))
-
-
-def test_predictions_csv_holds_every_image_in_order_with_the_models_probabilities(
-        tiny_data: Path, trained_run: TrainedRun, tmp_path: Path) -> None:
-    """predict.py over several batches (decoded ahead of the model): predictions.csv has one row per
-    image in the order of --source, each with the probabilities the model gives that batch, to the
-    digit."""
-    import csv
-
-    from utils.data.decode import load_image
-    from utils.infer.ensemble import load_ensemble
-    from utils.infer.sources import find_images
-
-    source = shutil.copytree(tiny_data / "test", tmp_path / "images")
-    proc = run_inprocess("predict.py", "--source", source, "--save_path", trained_run.path, "--device", "cpu",
-                         "--workers", 0, "--batch_size", 4)
-    assert_ok(proc)
-    folder = Path(next(ln for ln in proc.stdout.splitlines() if ln.startswith("predict folder: ")).split(": ", 1)[1])
-    with (folder / "predictions.csv").open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    files = find_images(str(source)).files
-    assert [r["path"] for r in rows] == [str(f) for f in files] and len(files) == 9
-    ensemble = load_ensemble([trained_run.path])
-    plan = ensemble.plan()
-    for start in range(0, len(files), 4):
-        chunk = files[start:start + 4]
-        probs, _ = ensemble.predict(plan.batch([load_image(f, 3) for f in chunk]), plan)
-        for row, p in zip(rows[start:start + 4], probs):
-            order = sorted(range(len(p)), key=lambda c: -p[c])
-            assert [row[f"top{j + 1}_prob"] for j in range(3)] == [f"{p[c]:.6f}" for c in order]
-            assert [row[f"top{j + 1}_class"] for j in range(3)] == [ensemble.class_names[c] for c in order]

@@ -10,11 +10,9 @@ an exception. numpy and Pillow only: no torch import.
 """
 from __future__ import annotations
 
-import itertools
 import math
 import multiprocessing
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -96,21 +94,10 @@ class PredictionLoader:
         for start in range(0, len(self.dataset), self.batch_size):
             yield range(start, min(start + self.batch_size, len(self.dataset)))
 
-    def _decoded_ahead(self) -> Iterator[dict[str, Any]]:
-        """workers=0: the batches decoded on one thread of this process, one batch ahead of the
-        consumer, so decoding the next batch overlaps the model's pass on this one (both release the
-        GIL in their C code); at most two batches are held."""
-        chunks = self._chunks()
-        with ThreadPoolExecutor(1, thread_name_prefix="predict-decode") as pool:
-            ahead = [pool.submit(self.dataset.load_batch, chunk) for chunk in itertools.islice(chunks, 1)]
-            while ahead:
-                batch = ahead.pop().result()
-                ahead += [pool.submit(self.dataset.load_batch, chunk) for chunk in itertools.islice(chunks, 1)]
-                yield batch
-
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.workers == 0:
-            yield from self._decoded_ahead()
+            for chunk in self._chunks():
+                yield self.dataset.load_batch(chunk)
             return
         chunks = self._chunks()
         with multiprocessing.get_context().Pool(self.workers) as pool:
