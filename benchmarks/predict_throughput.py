@@ -8,7 +8,10 @@
   predict.py predict.py on the same images from disk, as a user runs it (its default --workers);
              images/second from its own summary line, which times from the first batch to the
              last row written (start-up and model loading excluded).
-  ratio      predict.py / bare.
+  loader     predict.py's loader alone (utils.infer.loader: reading, decoding, preprocessing; no
+             model), in this process, as predict.py's default --workers 0 runs it on 1-2 CPUs.
+  ratio      predict.py / bare (the issue's figure); `serial bound`: what predict.py would reach
+             if it only added the loader's time to the bare forward's, as a ratio to bare.
 
 The model is an untrained one of the requested architecture written as a best.pt of this toolkit
 (speed does not depend on the weights); the images are scikit-learn's digits (all 1,797 of them)
@@ -73,6 +76,19 @@ def bare_forward(run: Path, files: list[Path], batch_size: int) -> float:
     return len(images) / (time.perf_counter() - t0)
 
 
+def loader_only(run: Path, files: list[Path], batch_size: int) -> float:
+    """images/s of predict.py's loader alone: files read, decoded and preprocessed, no model."""
+    from utils.infer.backends import load_backend
+    from utils.infer.ensemble import InputPlan
+    from utils.infer.loader import prediction_loader
+
+    plan = InputPlan([load_backend(run, "torch", "cpu").meta.preprocess])
+    t0 = time.perf_counter()
+    for _ in prediction_loader(files, plan, batch_size, 0):
+        pass
+    return len(files) / (time.perf_counter() - t0)
+
+
 def predict_py(run: Path, source: Path, batch_size: int) -> float:
     proc = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--source", str(source), "--save_path", str(run),
                            "--batch_size", str(batch_size), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)
@@ -92,16 +108,20 @@ def main(args: argparse.Namespace) -> dict[str, float]:
     classes = sorted({p.parent.name for p in files})
     run = make_run(Path(args.cache_dir).resolve() / f"predict_{args.model_name}_{args.image_size}", args.model_name,
                    args.image_size, classes)
-    bare, end_to_end = [], []
+    bare, loader, end_to_end = [], [], []
     for r in range(args.rounds):
         bare.append(bare_forward(run, files, args.batch_size))
+        loader.append(loader_only(run, files, args.batch_size))
         end_to_end.append(predict_py(run, source, args.batch_size))
-        print(f"round {r + 1}: bare {bare[-1]:.1f}, predict.py {end_to_end[-1]:.1f} images/s", flush=True)
-    result = {"bare": statistics.median(bare), "predict": statistics.median(end_to_end)}
+        print(f"round {r + 1}: bare {bare[-1]:.1f}, loader {loader[-1]:.1f}, predict.py {end_to_end[-1]:.1f} images/s, "
+              f"ratio {end_to_end[-1] / bare[-1]:.2f}", flush=True)
+    result = {"bare": statistics.median(bare), "loader": statistics.median(loader), "predict": statistics.median(end_to_end)}
     result["ratio"] = result["predict"] / result["bare"]
-    table = PrettyTable(["images", "bare forward img/s", "predict.py img/s", "ratio"])
+    result["serial_bound"] = 1 / (1 + result["bare"] / result["loader"])  # bare time + loader time, per image
+    table = PrettyTable(["images", "bare forward img/s", "loader img/s", "predict.py img/s", "ratio", "serial bound"])
     table.title = f"{args.model_name} at {args.image_size} px, batch {args.batch_size}, {torch.get_num_threads()} threads"
-    table.add_row([len(files), f"{result['bare']:.1f}", f"{result['predict']:.1f}", f"{result['ratio']:.2f}"])
+    table.add_row([len(files), f"{result['bare']:.1f}", f"{result['loader']:.1f}", f"{result['predict']:.1f}",
+                   f"{result['ratio']:.2f}", f"{result['serial_bound']:.2f}"])
     print(table)
     return result
 
