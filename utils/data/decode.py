@@ -60,18 +60,44 @@ def load_image(path: str | Path, channels: int = 3) -> Image.Image:
     Raises:
         OSError, ValueError, Image.DecompressionBombError, UnidentifiedImageError for bad files.
     """
+    return to_mode(open_image(path), channels)
+
+
+# Where Pillow's getexif finds an orientation (ImageOps.exif_transpose reads it there): the info
+# keys of an EXIF block (JPEG, WebP, PNG eXIf), a PNG's text chunk of EXIF, XMP; and a TIFF's tags.
+ORIENTATION_KEYS = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+
+
+def open_image(path: str | Path | IO[bytes]) -> Image.Image:
+    """Open and decode an image file in its own mode, EXIF orientation applied (load_image without
+    the mode conversion: what a caller needing several channel counts decodes once).
+
+    Raises:
+        OSError, ValueError, Image.DecompressionBombError, UnidentifiedImageError for bad files.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(image_source(path)) as img:
             img.load()
-            ImageOps.exif_transpose(img, in_place=True)  # turned in place: no copy of the pixels
-    return to_mode(img, channels)
+            # An image with nowhere to hold an orientation (most PNGs) skips the EXIF parse.
+            if hasattr(img, "tag_v2") or any(key in img.info for key in ORIENTATION_KEYS):
+                ImageOps.exif_transpose(img, in_place=True)  # turned in place: no copy of the pixels
+    return img
 
 
-def to_mode(img: Image.Image, channels: int) -> Image.Image:
-    """Convert any PIL mode (16-bit, float, palette, alpha, CMYK...) to 8-bit RGB or L."""
+def to_mode(img: Image.Image, channels: int, keep_gray: bool = False) -> Image.Image:
+    """Convert any PIL mode (16-bit, float, palette, alpha, CMYK...) to 8-bit RGB or L.
+
+    Args:
+        img: a decoded image.
+        channels: 3 (RGB) or 1 (L).
+        keep_gray: an 8-bit gray (L) image stays L for channels=3 too: for a transform that repeats
+            its channel (utils.data.transforms_np), the bytes of convert("RGB") at a third of the work.
+    """
     target = "RGB" if channels == 3 else "L"
     mode = img.mode
+    if keep_gray and mode == "L":
+        return img
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         if mode.startswith("I;16"):

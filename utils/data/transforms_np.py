@@ -44,21 +44,28 @@ def resized_size(width: int, height: int, mode: str, size: int) -> tuple[int, in
     raise UserError(f"unknown resize mode '{mode}'; choose one of {', '.join(RESIZE_MODES)}")
 
 
-def to_array(img: Image.Image) -> np.ndarray:
-    """An RGB or L PIL image -> uint8 (C, H, W), contiguous."""
-    arr = np.asarray(img, dtype=np.uint8)
-    arr = arr[:, :, None] if arr.ndim == 2 else arr
+def to_array(img: Image.Image, channels: int | None = None) -> np.ndarray:
+    """An RGB or L PIL image -> uint8 (C, H, W), contiguous; an L image with channels=3 gets its
+    channel repeated three times (the bytes of img.convert("RGB"))."""
+    width, height = img.size
+    # tobytes + frombuffer: a third cheaper than np.asarray's array interface on small images
+    if img.mode == "L":
+        arr = np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(1, height, width)
+        return np.concatenate((arr, arr, arr)) if channels == 3 else arr.copy()  # writable, like the rest
+    arr = np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(height, width, -1)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def resize(img: Image.Image, mode: str, size: int, interpolation: str = "bilinear") -> np.ndarray:
-    """The resize step of a resize mode: PIL image -> uint8 (C, H, W) (letterbox: padded to a square)."""
+def resize(img: Image.Image, mode: str, size: int, interpolation: str = "bilinear", channels: int | None = None) -> np.ndarray:
+    """The resize step of a resize mode: PIL image -> uint8 (C, H, W) (letterbox: padded to a square).
+    An L image with channels=3 is resized as L, then its channel repeated: the same bytes as
+    resizing its RGB conversion (Pillow resamples each channel alike), a third of the work."""
     if interpolation not in PIL_RESAMPLE:
         raise UserError(f"unknown interpolation '{interpolation}'; choose one of {', '.join(INTERPOLATIONS)}")
     new = resized_size(img.width, img.height, mode, size)
     if new != img.size:
         img = img.resize(new, PIL_RESAMPLE[interpolation])
-    arr = to_array(img)
+    arr = to_array(img, channels)
     if mode != "letterbox":
         return arr
     canvas = np.full((arr.shape[0], size, size), schema.LETTERBOX_FILL, dtype=np.uint8)
@@ -94,7 +101,8 @@ def ten_crop(arr: np.ndarray, size: int) -> np.ndarray:
 
 
 class ImageTransform:
-    """PIL image (already in the model's mode, see utils.data.decode.load_image) -> uint8 (C, H, W), or
+    """PIL image (already in the model's mode, see utils.data.decode.load_image; or L for a 3-channel
+    model, repeated) -> uint8 (C, H, W), or
     (10, C, H, W) with TenCrop test-time augmentation. Picklable (loader processes use it).
 
     Args:
@@ -110,8 +118,10 @@ class ImageTransform:
     def __call__(self, img: Image.Image) -> np.ndarray:
         spec = self.spec
         if self.tta:
-            return ten_crop(resize(img, spec.resize_mode, scaled_resize(spec.crop), spec.interpolation), spec.crop)
-        return np.ascontiguousarray(center_crop(resize(img, spec.resize_mode, spec.resize, spec.interpolation), spec.crop))
+            return ten_crop(resize(img, spec.resize_mode, scaled_resize(spec.crop), spec.interpolation, spec.channels),
+                            spec.crop)
+        return np.ascontiguousarray(center_crop(resize(img, spec.resize_mode, spec.resize, spec.interpolation, spec.channels),
+                                                spec.crop))
 
     def __repr__(self) -> str:
         return f"ImageTransform({self.spec}, tta={self.tta})"

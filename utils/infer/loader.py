@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from utils.data.decode import check_image_header, load_image
+from utils.data.decode import check_image_header, open_image, to_mode
 from utils.infer.ensemble import InputPlan
 
 
@@ -39,6 +39,7 @@ class PredictDataset:
         self.plan = plan
         self.view = view
         self.view_channels = view_channels
+        self.channels = sorted(set(plan.channels) | ({view_channels} if view is not None else set()))
 
     def __len__(self) -> int:
         return len(self.files)
@@ -46,8 +47,9 @@ class PredictDataset:
     def __getitem__(self, index: int) -> tuple[Any, Any, int, str | None]:
         path = self.files[index]
         try:
-            channels = set(self.plan.channels) | ({self.view_channels} if self.view is not None else set())
-            images = {c: load_image(path, c) for c in sorted(channels)}
+            # decoded once for every channel count; a gray image stays L (the transforms repeat it)
+            decoded = open_image(path)
+            images = {c: to_mode(decoded, c, keep_gray=True) for c in self.channels}
             inputs = self.plan.inputs(images)
             view = self.view(images[self.view_channels]) if self.view is not None else None
         except Exception as err:  # noqa: BLE001 - any decoder failure means 'skip and report'
