@@ -111,6 +111,71 @@ def test_exif_orientation_applied(tmp_path: Path) -> None:
     assert out.getpixel((5, 1))[0] > 200 and out.getpixel((5, 18))[0] < 50  # left band is now on top
 
 
+def odd_mode_files(folder: Path) -> list[Path]:
+    """Non-square images of every mode the decoder converts, with and without an orientation."""
+    rng = np.random.default_rng(5)
+    rgb = Image.fromarray(rng.integers(0, 256, (13, 22, 3), dtype=np.uint8), "RGB")
+    gray = Image.fromarray(rng.integers(0, 256, (13, 22), dtype=np.uint8), "L")
+    rgba, la = rgb.copy(), gray.convert("LA")
+    rgba.putalpha(gray)
+    la.putalpha(gray.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    xmp = '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description tiff:Orientation="8"/></x:xmpmeta>'
+    images = {"l.png": (gray, {}), "rgb.png": (rgb, {}), "rgba.png": (rgba, {}), "la.png": (la, {}),
+              "p.png": (rgb.convert("P"), {}), "pt.png": (rgb.convert("P"), {"transparency": 2}),
+              "one.png": (gray.convert("1"), {}), "i16.png": (Image.fromarray(rng.integers(0, 65536, (13, 22), dtype=np.uint16)), {}),
+              "cmyk.jpg": (rgb.convert("CMYK"), {}), "rgb.jpg": (rgb, {}), "l.bmp": (gray, {}),
+              "exif_l.png": (gray, {"exif": exif.tobytes()}), "exif_rgb.png": (rgb, {"exif": exif.tobytes()}),
+              "exif.jpg": (rgb, {"exif": exif.tobytes()}), "exif_l.tif": (gray, {"tiffinfo": {0x0112: 6}}),
+              "xmp_l.png": (gray, {"pnginfo": xmp_chunk(xmp)})}
+    for name, (img, options) in images.items():
+        img.save(folder / name, **options)
+    return sorted(folder / name for name in images)
+
+
+def xmp_chunk(xmp: str) -> object:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", xmp)
+    return info
+
+
+def test_prediction_loader_bytes_equal_the_plain_decode_and_rgb_path(tmp_path: Path) -> None:
+    """The loader's shortcuts (EXIF parse skipped where no orientation can be, one decode for every
+    channel count, gray images resized as L then repeated, tobytes instead of np.asarray) give the
+    bytes of the plain path: open, exif_transpose always, to_mode, the array of the converted image."""
+    from PIL import ImageOps
+
+    from utils.core.schema import PreprocessSpec
+    from utils.data.decode import to_mode
+    from utils.data.transforms_np import image_transform
+    from utils.infer.ensemble import InputPlan
+    from utils.infer.loader import prediction_loader
+
+    files = odd_mode_files(tmp_path)
+    specs = [PreprocessSpec.create(16, 3, [0.5] * 3, [0.2] * 3), PreprocessSpec.create(12, 1, [0.5], [0.2], "squash", "bicubic"),
+             PreprocessSpec.create(10, 3, [0.5] * 3, [0.2] * 3, "letterbox", "nearest")]
+    plan, view = InputPlan(specs, tta=False), image_transform(PreprocessSpec.create(8, 3, [0.5] * 3, [0.2] * 3, "squash"))
+    (batch,) = prediction_loader(files, plan, batch_size=len(files), workers=0, view=view)
+    assert batch["failed"] == [] and batch["indices"] == list(range(len(files)))
+    for k, path in enumerate(files):
+        with Image.open(path) as img:
+            img.load()
+            plain = ImageOps.exif_transpose(img)
+        for g, spec in enumerate(specs):
+            converted = to_mode(plain, spec.channels)  # RGB for a 3-channel model, whatever the file
+            assert np.array_equal(batch["inputs"][g][k], image_transform(spec)(converted)), (path.name, g)
+            if spec.resize_mode == "squash":  # no crop or padding: the resized image, through np.asarray
+                resized = np.asarray(converted.resize((spec.crop, spec.crop), Image.BICUBIC))
+                assert np.array_equal(batch["inputs"][g][k], resized[None]), path.name
+        assert np.array_equal(batch["views"][k], view(to_mode(plain, 3))), path.name
+    with Image.open(tmp_path / "xmp_l.png") as img:
+        assert img.size == (22, 13)
+    assert load_image(tmp_path / "xmp_l.png").size == (13, 22)  # the XMP orientation is applied too
+
+
 def test_truncated_jpeg_passes_the_header_check_but_fails_to_load(tmp_path: Path) -> None:
     path = make_truncated_jpeg(tmp_path / "cut.jpg")
     assert check_image_header(path) is None  # the header is fine, so scanning keeps it ...
