@@ -8,7 +8,7 @@ train.log is a CSV with one row per epoch (epoch,lr,loss,acc,mean_acc,test_loss,
 test_mean_acc[,kd_loss]); the curves are redrawn from it, so they always show the whole run,
 resumed or not. Drawing them takes a second or two (matplotlib), so it stays off the training
 path: after the first epoch, they are redrawn only when the time since the last drawing is at
-least 50 times what that drawing took (at most 2% of the run), and when the run ends or stops
+least 100 times what that drawing took (at most 1% of the run), and when the run ends or stops
 (unless no epoch was written since the last drawing). TensorBoard and train.log are written every
 epoch. Everything goes through the run folder's `Run`, so only the main process writes.
 """
@@ -42,7 +42,7 @@ def log_fields(task: TaskType = MULTICLASS) -> list[str]:
     return ["epoch", "lr", "loss", first, second, "test_loss", f"test_{first}", f"test_{second}"]
 
 
-CURVE_SHARE = 0.02  # at most this share of the run's time goes to redrawing loss.png, acc.png, lr.png
+CURVE_SHARE = 0.01  # at most this share of the run's time goes to redrawing loss.png, acc.png, lr.png
 
 
 def read_train_log(path: str | Path) -> list[dict[str, str]]:
