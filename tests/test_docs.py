@@ -32,7 +32,7 @@ FOREIGN_FLAGS = {
     "--logdir", "--bind",  # tensorboard
     "--strict",  # mkdocs build
     "--all", "--batch", "--meta", "--build",  # classify (C++), cmake --build
-    "--compare", "--timm_train", "--modes", "--bktree", "--save", "--batch_sizes", "--mobile",  # benchmarks/*.py
+    "--compare", "--timm_train", "--modes", "--bktree", "--save", "--batch_sizes", "--mobile", "--sizes", "--limit_epochs", "--skip",  # benchmarks/*.py
     "--no-deps",  # pip install
     "--data-dir",  # timm's train.py
     "--lrr", "--epohcs",  # mistyped on purpose, to show the one-line error

@@ -138,6 +138,16 @@ class CheckpointWriter:
         if first is not None:
             raise first
 
+    def release(self) -> None:
+        """Give back the snapshot buffers and the thread once the writes are done (the end of training);
+        a later save starts afresh. Raises nothing: a failed write is raised by `wait`."""
+        if any(not future.done() for future in self._pending.values()):
+            return
+        self._buffers.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
     def _raise_failed(self) -> None:
         """Raise the failure of a write that already finished (said at the next save, not only at the end)."""
         for path, future in list(self._pending.items()):

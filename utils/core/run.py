@@ -350,7 +350,9 @@ class Run(RunFolder):
         return self._tb
 
     def close(self) -> None:
-        """Close TensorBoard (background checkpoint writes are waited for by wait_saves)."""
+        """Close TensorBoard, and give back the checkpoint writer's buffers once its writes are done
+        (they are waited for, and their failures raised, by wait_saves)."""
+        self._writer.release()
         if self._tb is not None:
             self._tb.close()
             self._tb = None
