@@ -48,7 +48,7 @@ from utils.train.flags import add_lr_find_flags, add_recipe_flags, check_inputs,
 LOGGER = logging.getLogger("main")
 
 # Options a resumed run may change; every other option is the run's own (as pytorch-classifier did).
-RESUME_OVERRIDES = ("epoch", "device", "workers", "cache_images", "patience", "compile", "deterministic")
+RESUME_OVERRIDES = ("epoch", "device", "workers", "cache_images", "patience", "compile", "deterministic", "save_period")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -82,6 +82,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--epochs", "--epoch", dest="epoch", metavar="N", type=int, default=100, help="epochs to train")
     p("--save_path", default="runs/exp", help="run folder (incremented if it exists, unless --resume)")
     p("--resume", action="store_true", help="continue the run in --save_path from its last.pt")
+    p("--save_period", type=int, default=1, metavar="N", help="write last.pt every N epochs (and where training ends "
+      "or stops); a crash then resumes up to N epochs back")
     p("--kfold", type=int, default=0, metavar="K",
       help="cross-validation: train K models on K stratified folds of the training set into one run folder (fold1 ... "
            "foldK) and write every training image's out-of-fold probabilities (oof.csv); multiclass; 0 = off")

@@ -4,6 +4,7 @@
     python benchmarks/train_throughput.py --compare /path/to/other/checkout   # its main.py side by side
     python benchmarks/train_throughput.py --sizes 64 --epochs 8 --model_name resnet34
     python benchmarks/train_throughput.py --epochs 10 --timm_train ../pytorch-image-models/train.py  # timm beside it
+    python benchmarks/train_throughput.py --data photos --sizes 64 --timm_train ../pytorch-image-models/train.py
     python benchmarks/train_throughput.py --device 0 --sizes 224 --model_name resnet50 --batch_size 128 \
         --epochs 8 --main_args "--amp --channels_last"                # a GPU: resnet50 at 224 px with AMP
     make bench
@@ -33,9 +34,14 @@ size, batch, epochs, --workers and device, and main.py's optimizer (AdamW, lr 1e
 checkpoints too; its images/second count the images it trains on (it drops the last partial batch).
 
 It also prints where main.py's epoch time goes (its "time per epoch:" line: train, val,
-checkpoints, logs and plots) and the wall time of its 2-epoch run. The data is scikit-learn's
-digits (1,797 8x8 images; 1,079 train / 359 val / 359 test) split by processing.py into
---cache_dir; main.py gets no test split. Everything runs on --device (the CPU by default, with
+checkpoints, logs and plots, and the share of the fixed costs: checkpoints, logs and plots) and
+the wall time of its 2-epoch run; with --timm_train, one line per size of main.py against timm's
+train.py and the limit. The data (--data) is scikit-learn's digits (1,797 8x8 images; 1,079 train
+/ 359 val / 359 test), or photos: 720 photos-like JPEGs of 256-500 px a side in 4 classes
+(gradients, soft shapes, blur and noise, generated from seed 0 by ensure_photos; 432 train / 144
+val / 144 test), where decoding and resizing weigh as with real photos and the epochs are short,
+so per-epoch fixed costs show. Either is split by processing.py into --cache_dir; main.py gets no
+test split. Everything runs on --device (the CPU by default, with
 PyTorch's default thread count) with main.py's default --workers there. --main_args go to every
 main.py run; of them, --amp and --channels_last apply to the limit as well (autocast float16 with a
 gradient scaler on CUDA, bfloat16 on the CPU; NHWC weights and batches), --compile does not.
@@ -100,6 +106,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Images/second of the limit, the training step, the data pipeline and "
                                                  "main.py.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p = parser.add_argument
+    p("--data", default="digits", choices=["digits", "photos"], help="digits: scikit-learn's 8x8 digits (1,079 train "
+      "images); photos: 432 train images of 256-500 px, photos-like, generated (see ensure_photos)")
     p("--sizes", type=int, nargs="+", default=[32, 64], help="image sizes (--image_size of main.py)")
     p("--model_name", default="resnet18", help="model (as main.py's --model_name)")
     p("--batch_size", type=int, default=64, help="images per step")
@@ -126,6 +134,64 @@ def ensure_digits(cache_dir: Path) -> Path:
     cmd = [sys.executable, str(ROOT / "processing.py"), "--sample", "digits", "--data_path", str(cache_dir / "digits"),
            "--output_path", str(split), "--force"]
     print("writing the digits sample:", " ".join(cmd), flush=True)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0 or not (split / "train").is_dir():
+        sys.exit(f"error: processing.py failed (exit {done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return split
+
+
+PHOTO_CLASSES = ("blobs", "bars", "rings", "speckle")  # what tells the classes of the photos-like set apart
+PHOTOS_PER_CLASS = 180  # 720 images: processing.py's 60/20/20 split gives 432 train, 144 val, 144 test
+
+
+def photo_image(rng: Any, cls: int) -> Any:
+    """One photos-like JPEG-able image of class `cls`: 256-500 px a side, a smooth colour gradient, soft
+    shapes of the class's kind, blur and sensor noise (what a camera gives, not flat synthetic tiles)."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFilter
+
+    w, h = (int(v) for v in rng.integers(256, 501, size=2))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    c0, c1 = rng.uniform(30, 220, size=(2, 3))
+    t = (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1)) / (w + h)
+    pixels = c0 + (c1 - c0) * (t[..., None] - t.min()) / (np.ptp(t) + 1e-6)
+    image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(3, 9))):
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        r = int(rng.integers(12, max(13, min(w, h) // 4)))
+        colour = tuple(int(v) for v in rng.integers(0, 256, size=3))
+        if cls == 0:
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+        elif cls == 1:
+            draw.rectangle([x - r // 4, 0, x + r // 4, h], fill=colour)
+        elif cls == 2:
+            draw.ellipse([x - r, y - r, x + r, y + r], outline=colour, width=max(2, r // 5))
+        else:
+            for _ in range(40):
+                px, py = x + int(rng.integers(-r, r + 1)), y + int(rng.integers(-r, r + 1))
+                draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+    image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 2.0))))
+    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, rng.uniform(2, 8), size=(h, w, 3))
+    return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
+
+
+def ensure_photos(cache_dir: Path) -> Path:
+    """The photos-like set under cache_dir (PHOTOS_PER_CLASS JPEGs per class of PHOTO_CLASSES, generated
+    from seed 0, then split by processing.py); returns the split folder."""
+    import numpy as np
+
+    split = cache_dir / "photos_split"
+    if (split / "train").is_dir() and (split / "label.txt").is_file():
+        return split
+    raw = cache_dir / "photos"
+    rng = np.random.default_rng(0)
+    for cls, name in enumerate(PHOTO_CLASSES):
+        (raw / name).mkdir(parents=True, exist_ok=True)
+        for i in range(PHOTOS_PER_CLASS):
+            photo_image(rng, cls).save(raw / name / f"{name}_{i:04d}.jpg", quality=90)
+    cmd = [sys.executable, str(ROOT / "processing.py"), "--data_path", str(raw), "--output_path", str(split), "--force"]
+    print("splitting the photos-like set:", " ".join(cmd), flush=True)
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0 or not (split / "train").is_dir():
         sys.exit(f"error: processing.py failed (exit {done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
@@ -273,6 +339,26 @@ def main_throughput(checkout: Path, split: Path, size: int, n_train: int, args: 
     return {"main": n_train / per_epoch, "per_epoch": per_epoch, "wall2": short["wall"], "timing": long["timing"]}
 
 
+def fixed_share(timing: str) -> float | None:
+    """The share of main.py's epoch (its 'time per epoch' line) that its checkpoints, logs and plots took."""
+    parts = {name: float(sec) for name, sec in re.findall(r"([a-z ]+?) ([\d.]+)s \(", timing)}
+    total = sum(parts.values())
+    fixed = sum(v for k, v in parts.items() if k.strip() in ("checkpoints", "logs and plots"))
+    return fixed / total if total else None
+
+
+def print_against_timm(rows: list[dict[str, Any]]) -> None:
+    """One line per size with a timm train.py row: this checkout's main.py against timm and the limit, same run."""
+    for size in dict.fromkeys(r["size"] for r in rows):
+        ours = next((r for r in rows if r["size"] == size and Path(r["checkout"]) == ROOT and r.get("main")), None)
+        timm = next((r for r in rows if r["size"] == size and Path(r["checkout"]).is_file() and r.get("main")), None)
+        if ours is None or timm is None:
+            continue
+        print(f"{size} px: main.py {ours['main']:.1f} img/s, timm train.py {timm['main']:.1f} img/s, limit "
+              f"{ours['limit'] or 0:.1f} img/s: main.py / timm {ours['main'] / timm['main']:.2f}, main.py / limit "
+              f"{ours['ratio'] or 0:.2f}, timm / limit {timm['ratio'] or 0:.2f}", flush=True)
+
+
 # ------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Measure and print the table; returns its rows as dicts."""
@@ -286,7 +372,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     args.cache_dir = str(Path(args.cache_dir).resolve())
     if args.workers is None:  # what main.py picks on that device
         args.workers = default_workers() if args.device == "cpu" else gpu_workers()
-    split = ensure_digits(Path(args.cache_dir))
+    split = ensure_photos(Path(args.cache_dir)) if args.data == "photos" else ensure_digits(Path(args.cache_dir))
     train_set = scan_split(split / "train", label_path=split / "label.txt", what="train set")
     n_val = len(scan_split(split / "val", class_names=train_set.class_names).samples)
     n_train = len(train_set.samples)
@@ -330,7 +416,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     table = PrettyTable(["size", "checkout", "limit", "(a) step", "(b) data", "(c) main.py", "(c)/limit",
                          "2-epoch wall s", "limit drift", "other load"])
-    table.title = f"{args.model_name} training images/s, batch {args.batch_size}"
+    table.title = f"{args.model_name} training images/s, batch {args.batch_size}, {args.data}"
     for r in rows:
         name = Path(r["checkout"]).name if Path(r["checkout"]).is_dir() else "timm train.py"
         table.add_row([f"{r['size']} px", name, fmt(r["limit"]), fmt(r["step"]), fmt(r["data"]),
@@ -340,7 +426,11 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     print(table, flush=True)
     for r in rows:
         if r.get("timing"):
-            print(f"{r['size']} px {Path(r['checkout']).name}: main.py time per epoch: {r['timing']}", flush=True)
+            share = fixed_share(r["timing"])
+            print(f"{r['size']} px {Path(r['checkout']).name}: main.py time per epoch: {r['timing']}"
+                  + (f"; fixed costs (checkpoints, logs and plots) {share:.1%} of the epoch" if share is not None else ""),
+                  flush=True)
+    print_against_timm(rows)
     if any((r["other_load"] or 0) > 0.1 for r in rows):
         print("warning: other processes kept cores busy during the measurements ('other load'): rerun on an idle machine",
               flush=True)

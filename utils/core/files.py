@@ -87,7 +87,7 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None], size: int | None = None) -> None:
+def atomic_write(path: str | Path, write: Callable[[str], None], size: int | None = None, durable: bool = False) -> None:
     """Write `path` through `write(temporary path)` into a temporary file beside it, then rename
     it over `path`: readers see the old file or the new one, never half of one.
 
@@ -95,6 +95,9 @@ def atomic_write(path: str | Path, write: Callable[[str], None], size: int | Non
         path: the file to write.
         write: writes the content to the path it is given.
         size: how many bytes it will take, when known (named if the disk is full).
+        durable: fsync the file before the rename and the folder after it, so that after a power
+            cut or a kernel crash `path` is the old file or the whole new one (what a rename alone
+            promises only while the machine stays up).
 
     Raises:
         DiskFull: the disk had no room for it (the temporary is removed, `path` is as it was).
@@ -106,7 +109,11 @@ def atomic_write(path: str | Path, write: Callable[[str], None], size: int | Non
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
+        if durable:
+            _fsync(path.parent)
     except Exception as err:
         if not _no_space(err, path.parent):
             raise
@@ -116,6 +123,23 @@ def atomic_write(path: str | Path, write: Callable[[str], None], size: int | Non
             os.remove(tmp)
     if written >= 0:  # out of the except block: the writer's open file is closed, its space given back
         raise DiskFull(path, size or written, shutil.disk_usage(path.parent).free, known=bool(size))
+
+
+def _fsync(path: str | Path) -> None:
+    """Flush a file's (or a folder's) data to the disk (a folder where the system cannot: skipped)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if Path(path).is_dir():
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if not Path(path).is_dir() or err.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -57,7 +57,7 @@ FLAG_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
         "learning-rate finder": ("lr_find", "lr_find_steps", "lr_find_start", "lr_find_end"),
         "recipes": ("Augment", "mixup", "test_tta", "ema", "ema_decay", "rdrop", "rdrop_alpha", "accumulate", "freeze",
                     "clip_grad", "swa", "swa_start", "kd", "teacher_path", "kd_method", "kd_ratio", "kd_temperature"),
-        "run and machine": ("config", "save_path", "resume", "device", "seed", "deterministic", "amp", "channels_last",
+        "run and machine": ("config", "save_path", "resume", "save_period", "device", "seed", "deterministic", "amp", "channels_last",
                             "compile", "sync_bn", "tracker", "tracker_project"),
     },
     "metrice": {

@@ -20,11 +20,11 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import yaml
 
-from utils.core.checkpoint import atomic_save
+from utils.core.checkpoint import CheckpointWriter, atomic_save
 from utils.core.distributed import broadcast_object, is_main_process
 from utils.core.files import append_whole, atomic_write, atomic_write_text, remove_stale_temps
 from utils.core.schema import Checkpoint
@@ -258,6 +258,7 @@ class Run(RunFolder):
         if self.main:
             self.path.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(self.path)  # a checkpoint write cut short by a kill
+        self._writer = CheckpointWriter()  # background checkpoint writes (save(..., background=True))
         self._tb = None
         self._tb_missing = False  # tensorboard is optional: once found missing, not tried again
 
@@ -297,10 +298,33 @@ class Run(RunFolder):
         writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in fields})
         append_whole(path, out.getvalue().encode("utf-8"))
 
-    def save(self, name: str, ckpt: Checkpoint) -> None:
-        """Write a checkpoint atomically (on the main process only)."""
-        if self.main:
-            atomic_save(ckpt.to_dict(), self.path / name)
+    def save(self, name: str, ckpt: Checkpoint, background: bool = False, prepare: Callable[[Any], Any] | None = None) -> None:
+        """Write a checkpoint atomically (on the main process only).
+
+        Args:
+            background: snapshot it now and write it in the checkpoint writer's thread
+                (utils.core.checkpoint.CheckpointWriter) while the caller goes on; otherwise now, after
+                the background writes given before it (so a later save is never overwritten by an earlier one).
+            prepare: with `background`, what the writer's thread does to the snapshot before saving it.
+
+        Raises:
+            DiskFull, UserError: this write failed, or an earlier background one did.
+        """
+        if not self.main:
+            return
+        if background:
+            self._writer.save(ckpt.to_dict(), self.path / name, prepare)
+            return
+        self._writer.wait()
+        atomic_save(ckpt.to_dict(), self.path / name)
+
+    def wait_saves(self) -> None:
+        """Block until every background checkpoint write is on the disk (before reading one back, and at the end).
+
+        Raises:
+            DiskFull, UserError: one of them failed (its file is as it was before).
+        """
+        self._writer.wait()
 
     def savefig(self, fig: Any, name: str) -> None:
         """A matplotlib figure as a PNG (a Pillow image is saved as it is)."""
@@ -326,6 +350,9 @@ class Run(RunFolder):
         return self._tb
 
     def close(self) -> None:
+        """Close TensorBoard, and give back the checkpoint writer's buffers once its writes are done
+        (they are waited for, and their failures raised, by wait_saves)."""
+        self._writer.release()
         if self._tb is not None:
             self._tb.close()
             self._tb = None

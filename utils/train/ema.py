@@ -37,7 +37,7 @@ class EMA:
         self.ema.update(model, step=self.updates)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}, "updates": self.updates}
+        return {"model": {k: v.detach().cpu() for k, v in self.module.state_dict().items()}, "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_module_state(self.module, state["model"])
@@ -77,7 +77,7 @@ class SWA:
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: v.detach().cpu().clone() for k, v in self.averaged.state_dict().items()}
+        return {k: v.detach().cpu() for k, v in self.averaged.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_module_state(self.averaged, state)

@@ -7,9 +7,11 @@
 train.log is a CSV with one row per epoch (epoch,lr,loss,acc,mean_acc,test_loss,test_acc,
 test_mean_acc[,kd_loss]); the curves are redrawn from it, so they always show the whole run,
 resumed or not. Drawing them takes a second or two (matplotlib), so it stays off the training
-path: after the first epoch, they are redrawn only when the time since the last drawing is at
-least 50 times what that drawing took (at most 2% of the run), and when the run ends or stops
-(unless no epoch was written since the last drawing). TensorBoard and train.log are written every
+path: they are drawn only when the time since the last drawing (at first: since the log was
+made) is at least 100 times what that drawing took (at first: FIRST_DRAW_SECONDS), at most 1% of
+the run, and when the run ends or stops (unless no epoch was written since the last drawing). A
+run of short epochs gets its first curves after about a minute, or at its end; one of long epochs
+after its first epoch. TensorBoard and train.log are written every
 epoch. Everything goes through the run folder's `Run`, so only the main process writes.
 """
 from __future__ import annotations
@@ -42,7 +44,8 @@ def log_fields(task: TaskType = MULTICLASS) -> list[str]:
     return ["epoch", "lr", "loss", first, second, "test_loss", f"test_{first}", f"test_{second}"]
 
 
-CURVE_SHARE = 0.02  # at most this share of the run's time goes to redrawing loss.png, acc.png, lr.png
+CURVE_SHARE = 0.01  # at most this share of the run's time goes to redrawing loss.png, acc.png, lr.png
+FIRST_DRAW_SECONDS = 0.6  # what a drawing is taken to cost before one was timed (about that on a 2-core CPU)
 
 
 def read_train_log(path: str | Path) -> list[dict[str, str]]:
@@ -117,8 +120,8 @@ class EpochLog:
         self.fields = log_fields(task) + list(extra_fields)
         self.val_label = val_label
         self.tb = run.tensorboard()
-        self._drawn_at: float | None = None  # when the curves were last drawn (time.monotonic)
-        self._draw_seconds = 0.0              # how long that took
+        self._drawn_at: float | None = time.monotonic()  # when the curves were last drawn (at first: now)
+        self._draw_seconds = FIRST_DRAW_SECONDS          # how long that took (at first: a guess)
         self._rows = 0                        # train.log rows written by this process ...
         self._drawn_rows = 0                  # ... and how many of them the last drawing showed
 

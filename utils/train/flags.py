@@ -94,6 +94,8 @@ def check_values(args: argparse.Namespace) -> None:
         raise UserError(f"--warmup_ratios must be in [0, 1), got {args.warmup_ratios}")
     if args.kfold < 0 or args.kfold == 1:
         raise UserError(f"--kfold must be 2 or more (the number of folds; 0 = off), got {args.kfold}")
+    if args.save_period < 1:
+        raise UserError(f"--save_period must be 1 or more (last.pt every N epochs), got {args.save_period}")
     if args.patience < 0:
         raise UserError(f"--patience must be 0 (off) or positive, got {args.patience}")
     if args.accumulate < 1:

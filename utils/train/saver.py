@@ -2,12 +2,16 @@
 
     saver = CheckpointSaver(run, meta, options, metric="acc", patience=30)
     improved = saver.end_epoch(epoch + 1, val["acc"], model, {"train": train, "val": val})   # best.pt if better
-    saver.save_last(state)                                                                  # last.pt
+    saver.save_last(state, background=True)                                                 # last.pt
     if saver.patience_exhausted: ...
+    run.wait_saves()                                                                        # before best.pt is read back
 
 The saver owns the direction of the metric (loss: lower is better; acc, mean_acc: higher), the
 best value and its epoch, and the count of epochs since; it is itself a TrainState part, so a
-resumed run continues the same count.
+resumed run continues the same count. With `background` (main.py's epochs), best.pt and last.pt are
+snapshotted on the caller's thread and written by the run's checkpoint writer
+(utils.core.checkpoint.CheckpointWriter) while the next epoch trains; best.pt's float16 copy is
+made in the writer's thread too.
 """
 from __future__ import annotations
 
@@ -23,6 +27,11 @@ from utils.train.state import TrainState
 LOWER_IS_BETTER = ("loss",)
 
 
+def halve_model(data: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint dict with its model's floating tensors in float16 (best.pt's size), the rest as it is."""
+    return {**data, "model": {k: v.half() if v.is_floating_point() else v for k, v in data["model"].items()}}
+
+
 class CheckpointSaver:
     """Chooses and writes the checkpoints of a run.
 
@@ -33,11 +42,13 @@ class CheckpointSaver:
         metric: the validation metric that picks best.pt (loss, acc or mean_acc).
         patience: epochs without improvement before training stops (0 = never).
         weights: what best.pt holds: raw, or ema (the exponential moving average).
+        background: end_epoch writes best.pt in the background (Run.save(..., background=True)).
     """
 
     def __init__(self, run: Run, meta: ModelMeta, options: dict[str, Any], metric: str, patience: int,
-                 weights: str = "raw") -> None:
+                 weights: str = "raw", background: bool = False) -> None:
         self.run = run
+        self.background = background
         self.meta = meta
         self.options = options
         self.metric = metric
@@ -53,9 +64,9 @@ class CheckpointSaver:
             return True
         return value < self.best_value if self.metric in LOWER_IS_BETTER else value > self.best_value
 
-    def _checkpoint(self, kind: str, model: nn.Module, epoch: int, metrics: dict[str, Any], value: float | None,
+    def _checkpoint(self, kind: str, model: dict[str, Any], epoch: int, metrics: dict[str, Any], value: float | None,
                     weights: str, **extra: Any) -> Checkpoint:
-        return Checkpoint(kind=kind, meta=self.meta, model=half_state_dict(model), epoch=epoch, args=self.options,
+        return Checkpoint(kind=kind, meta=self.meta, model=model, epoch=epoch, args=self.options,
                           metrics=metrics, best={"metric": self.metric, "value": value, "epoch": epoch}, weights=weights,
                           extra=extra)
 
@@ -75,19 +86,29 @@ class CheckpointSaver:
             self.since += 1
             return False
         self.best_value, self.best_epoch, self.since = value, epoch, 0
-        self.run.save(RunFolder.BEST, self._checkpoint("best", model, epoch, metrics, value, self.weights))
+        if self.background:  # the float32 weights are snapshotted; the writer's thread halves them
+            ckpt = self._checkpoint("best", {k: v.detach() for k, v in model.state_dict().items()}, epoch, metrics, value,
+                                    self.weights)
+            self.run.save(RunFolder.BEST, ckpt, background=True, prepare=halve_model)
+        else:
+            self.run.save(RunFolder.BEST, self._checkpoint("best", half_state_dict(model), epoch, metrics, value, self.weights))
         return True
 
     @property
     def patience_exhausted(self) -> bool:
         return bool(self.patience) and self.since >= self.patience
 
-    def save_last(self, state: TrainState) -> None:
+    def save_last(self, state: TrainState, background: bool = False) -> None:
         """last.pt: the whole training state. Its model is the state's own float32 weights (the
-        same tensors, so torch.save writes them once)."""
+        same tensors, so torch.save writes them once).
+
+        Args:
+            background: snapshot it now and write it in the run's checkpoint writer's thread.
+        """
         train_state = state.state_dict()
         self.run.save(RunFolder.LAST, Checkpoint(kind="last", meta=self.meta, model=train_state["model"], epoch=state.epoch,
-                                            args=self.options, best=self.state_dict(), train_state=train_state))
+                                                 args=self.options, best=self.state_dict(), train_state=train_state),
+                      background=background)
 
     def offer_swa(self, model: nn.Module, epoch: int, metrics: dict[str, Any], value: float | None, swa_epochs: int) -> bool:
         """swa.pt from the averaged weights; it also becomes best.pt when it beats the best epoch.
@@ -95,7 +116,7 @@ class CheckpointSaver:
         Returns:
             Whether it became best.pt.
         """
-        ckpt = self._checkpoint("swa", model, epoch, metrics, value, "swa", swa_epochs=swa_epochs)
+        ckpt = self._checkpoint("swa", half_state_dict(model), epoch, metrics, value, "swa", swa_epochs=swa_epochs)
         self.run.save(RunFolder.SWA, ckpt)
         if value is None or not self.is_better(value):
             return False

@@ -33,13 +33,15 @@ class Stateful(Protocol):
 
 class ModuleState:
     """A module (the model, distillation layers) as a TrainState part: its state_dict as CPU
-    copies in their own precision (last.pt holds the exact weights; best.pt keeps float16 ones)."""
+    tensors in their own precision (last.pt holds the exact weights; best.pt keeps float16 ones).
+    On the CPU they are the module's own tensors, not copies: whoever keeps them while training
+    goes on copies them (the background checkpoint writer snapshots them into buffers it reuses)."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         load_module_state(self.module, state)

@@ -153,13 +153,16 @@ class Trainer:
         self.meta = ModelMeta(args.model_name, tuple(data.class_names), data.spec, task=data.task.name)
         self.options = args_to_dict(args) | {"save_path": str(run.path)}
         self.saver = CheckpointSaver(run, self.meta, self.options, args.metrice, args.patience,
-                                     weights="ema" if self.ema else "raw")
+                                     weights="ema" if self.ema else "raw", background=True)
+        self.save_period = int(args.get("save_period") or 1)  # last.pt every N epochs (runs before the flag: 1)
         self.state = self._build_state()
         self.start_step = self.start_samples = 0
+        self.saved_epoch = -1  # the epoch whose end last.pt holds (-1: not written by this process yet)
         self.timing = EpochTimes()  # seconds per epoch: train, val, checkpoints, logs and plots (kept in last.pt)
         self.state.add("timing", self.timing, required=False)  # absent from runs written before results.json
         if resumed is not None:
             self.state.load_state_dict(resumed.train_state)
+            self.saved_epoch = -1 if self.state.step else self.state.epoch  # what last.pt holds already
             # where the epoch stopped, over all processes (files without `samples` come from one process)
             self.start_samples = self.state.samples or self.state.step * args.batch_size
             self.start_step = self.start_samples // (args.batch_size * self.world)
@@ -334,6 +337,7 @@ class Trainer:
                 for epoch in range(self.state.epoch, args.epoch):
                     record = self.run_epoch(epoch, stop)
                     if any_true(stop())[0]:  # a signal may reach the processes a step apart: all stop together
+                        self.save_last(background=False)
                         print(f"stopped after epoch {epoch + 1}: saved {self.run / 'last.pt'}; "
                               f"continue with: {self.resume_command()}", flush=True)
                         raise KeyboardInterrupt
@@ -345,11 +349,16 @@ class Trainer:
                         print(f"early stop: no improvement of val {args.metrice} for {args.patience} epochs "
                               f"(best {self.saver.best_value:.4f} at epoch {self.saver.best_epoch})", flush=True)
                         break
+                self.save_last(background=False)  # the last epoch trained, when --save_period skipped it
+                self.run.wait_saves()  # best.pt and last.pt on the disk before anything reads them back
             except DiskFull as err:
+                with contextlib.suppress(Exception):
+                    self.run.wait_saves()
                 with contextlib.suppress(DiskFull):
                     self.log.close()  # the curves too, if there is room left for them
                 raise self.full_disk(err) from None
             except BaseException:
+                self.finish_saves()
                 self.log.close()  # the curves are drawn however the loop ends
                 raise
             self.log.close()
@@ -422,9 +431,32 @@ class Trainer:
         spent = {"train": t_train - t0, "val": t_val - t_train, "checkpoints": t_best - t_val, "logs and plots": t_log - t_best}
         self.timing.epochs.append(spent)  # before last.pt, which keeps it for a resumed run's results.json
         state.epoch, state.step, state.samples, state.sums, state.extra = epoch + 1, 0, 0, None, None
-        self.saver.save_last(state)
+        if (epoch + 1) % self.save_period == 0 or epoch + 1 == args.epoch:  # a snapshot; written while the next trains
+            self.save_last(background=True)
         spent["checkpoints"] += time.perf_counter() - t_log
         return record
+
+    def save_last(self, background: bool) -> None:
+        """last.pt at the state's position, unless it already holds it (--save_period saves every N epochs;
+        a run that stops saves where it stopped).
+
+        Args:
+            background: snapshot now and write in the run's checkpoint writer (else written before returning).
+        """
+        if self.saved_epoch == self.state.epoch and not self.state.step:
+            if not background:
+                self.run.wait_saves()
+            return
+        self.saver.save_last(self.state, background=background)
+        self.saved_epoch = self.state.epoch
+
+    def finish_saves(self) -> None:
+        """On the way out of a failed or interrupted run: wait for the background checkpoint writes, so
+        none is cut short by the process's end; a write that failed too is logged, not raised over the first error."""
+        try:
+            self.run.wait_saves()
+        except Exception as err:  # noqa: BLE001 - the error that ended the run is the one to raise
+            LOGGER.error("%s", err)
 
     @property
     def resume_path(self) -> Path:
