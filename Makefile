@@ -99,8 +99,8 @@ mobile-deps: $(DEV_STAMP)
 
 # The suite in two pytest-xdist worker processes (--dist loadfile: a test file's tests run in one
 # worker, so a module-scoped fixture, often a trained run, is built once), so that one worker's
-# single-threaded imports, subprocesses and waits overlap the other's; the 2-core CI machine goes
-# from about 12 to about N minutes. In one process, as before: make test PYTEST_ARGS=
+# single-threaded imports, subprocesses and waits overlap the other's on CI's 2 cores
+# (docs/development.md#how-tests-run). In one process, as before: make test PYTEST_ARGS=
 PYTEST_ARGS ?= -n 2 --dist loadfile
 test: $(DEV_STAMP) system-deps mobile-deps
 	@$(MISSING_DEPS); if [ -z "$$missing" ]; then export REQUIRE_SYSTEM_DEPS=$${REQUIRE_SYSTEM_DEPS:-1}; \

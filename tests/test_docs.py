@@ -34,6 +34,7 @@ FOREIGN_FLAGS = {
     "--all", "--batch", "--meta", "--build",  # classify (C++), cmake --build
     "--compare", "--timm_train", "--modes", "--bktree", "--save", "--batch_sizes", "--mobile",  # benchmarks/*.py
     "--no-deps",  # pip install
+    "--dist",  # pytest-xdist (make test)
     "--data-dir",  # timm's train.py
     "--lrr", "--epohcs",  # mistyped on purpose, to show the one-line error
 }
