@@ -97,9 +97,14 @@ mobile-deps: $(DEV_STAMP)
 	@[ -f $(MOBILE_STAMP) ] || { $(PIP) -r requirements/mobile.txt && $(PIP) --no-deps -r requirements/mobile-tflite.txt && \
 	  touch $(MOBILE_STAMP); } || echo "the mobile exporters did not install: the tests of export.py's ncnn, tflite and coreml skip"
 
+# The suite in two pytest-xdist worker processes (--dist loadfile: a test file's tests run in one
+# worker, so a module-scoped fixture, often a trained run, is built once), so that one worker's
+# single-threaded imports, subprocesses and waits overlap the other's on CI's 2 cores
+# (docs/development.md#how-tests-run). In one process, as before: make test PYTEST_ARGS=
+PYTEST_ARGS ?= -n 2 --dist loadfile
 test: $(DEV_STAMP) system-deps mobile-deps
 	@$(MISSING_DEPS); if [ -z "$$missing" ]; then export REQUIRE_SYSTEM_DEPS=$${REQUIRE_SYSTEM_DEPS:-1}; \
-	else echo "missing:$$missing: the tests that need them skip"; fi; $(PY) -m pytest -q
+	else echo "missing:$$missing: the tests that need them skip"; fi; $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The tracker tests with wandb and MLflow installed (offline; `make test` skips them without the packages).
 test-trackers: $(DEV_STAMP) $(TRACKERS_STAMP)

@@ -36,6 +36,7 @@ FOREIGN_FLAGS = {
     "--deployments", "--batching", "--concurrency", "--requests", "--client",  # benchmarks/serve_load.py
     "--idle", "--gil",  # py-spy record
     "--no-deps",  # pip install
+    "--dist",  # pytest-xdist (make test)
     "--data-dir",  # timm's train.py
     "--lrr", "--epohcs",  # mistyped on purpose, to show the one-line error
 }

@@ -122,15 +122,12 @@ def test_version_1_run_resumes_predicts_and_exports(tmp_path: Path) -> None:
     assert last["version"] == VERSION and last["train_state"]["epoch"] == 2
 
     source = tmp_path / "data" / "val"
-    predicted = run_script("predict.py", "--source", source, "--save_path", V1_RUN, "--device", "cpu", "--workers", 0,
+    as_written = tmp_path / "v1"  # the committed run untouched by the resume; predict.py writes into a copy, never
+    shutil.copytree(V1_RUN, as_written)  # into the repository, which another test (or xdist worker) may be reading
+    predicted = run_script("predict.py", "--source", source, "--save_path", as_written, "--device", "cpu", "--workers", 0,
                            cwd=tmp_path)
     assert_ok(predicted)
-    folder = V1_RUN / "predict"
-    try:
-        out = next(folder.glob("exp*/predictions.csv"))
-        rows = list(csv.DictReader(out.open()))
-    finally:
-        shutil.rmtree(folder)  # never leave output in the repository's fixture
+    rows = list(csv.DictReader(next((as_written / "predict").glob("exp*/predictions.csv")).open()))
     best = load_checkpoint(V1_RUN / "best.pt")
     model = model_from_checkpoint(best)
     from utils.data.decode import load_image
