@@ -226,7 +226,7 @@ def test_torch_is_a_range_and_make_installs_the_tested_pin() -> None:
     assert Version("2.4.1") not in SpecifierSet(training["torch"])  # torch.onnx.export(dynamo=) needs 2.5
     assert Version("0.33.5") not in SpecifierSet(training["huggingface-hub"])  # the `hf` command the README names
     assert Version(huggingface_hub.__version__) in SpecifierSet(training["huggingface-hub"])
-    assert set(extras) == {"grad-cam", "albumentations", "tensorboard"} and not set(extras) & set(training)
+    assert set(extras) == {"grad-cam", "albumentations", "tensorboard", "datasets", "pyarrow"} and not set(extras) & set(training)
     assert "-r extras.txt" in (REPO / "requirements" / "dev.txt").read_text(encoding="utf-8")  # the tests have them
     makefile = (REPO / "Makefile").read_text(encoding="utf-8")
     assert "CONSTRAINTS := requirements/constraints.txt" in makefile and "-c $(CONSTRAINTS)" in makefile
