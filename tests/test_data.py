@@ -105,10 +105,10 @@ def test_exif_orientation_applied(tmp_path: Path) -> None:
     img.paste((255, 255, 255), (0, 0, 5, 10))  # white band on the left
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation 6: the viewer rotates 90 degrees clockwise
-    path = saved(img, "JPEG", tmp_path, "e.jpg", exif=exif.tobytes(), quality=100)
-    out = load_image(path)
-    assert out.size == (10, 20)
-    assert out.getpixel((5, 1))[0] > 200 and out.getpixel((5, 18))[0] < 50  # left band is now on top
+    for name, fmt, options in (("e.jpg", "JPEG", {"quality": 100}), ("e.tif", "TIFF", {})):  # a TIFF's tag too
+        out = load_image(saved(img, fmt, tmp_path, name, exif=exif.tobytes(), **options))
+        assert out.size == (10, 20), name
+        assert out.getpixel((5, 1))[0] > 200 and out.getpixel((5, 18))[0] < 50  # left band is now on top
 
 
 def odd_mode_files(folder: Path) -> list[Path]:
