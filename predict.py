@@ -55,7 +55,8 @@ SAVE_OPTIONS = {".png": {"compress_level": 1}, ".jpg": {"quality": 90}, ".jpeg":
 def get_args_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="Predict images with a trained run; explain them with Grad-CAM.")
     p = parser.add_argument
-    p("--source", required=True, help="an image, a folder of images (recursive), or a quoted glob such as 'img/*.jpg'")
+    p("--source", required=True, help="an image, a folder of images (recursive), a quoted glob such as 'img/*.jpg', a list "
+      "file or local tar shards (not URLs or hf: datasets)")
     p("--save_path", nargs="+", default=None,
       help="run folder (its best.pt) or model file; several = an ensemble of models of the same classes (default: runs/exp)")
     p("--weight", nargs="+", default=None, help="model file(s) instead of --save_path: a checkpoint or any exported "

@@ -55,8 +55,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--write_shards", action="store_true",
       help="write each split as WebDataset tar shards (<split>/<split>-000000.tar ... and shards.json) instead of "
            "class folders")
-    p("--shard_size", default=DEFAULT_SHARD_SIZE, help="--write_shards: start a new shard after this many images "
-                                                       "(10000), bytes (500MB, 1GB) or either (10000,1GB)")
+    p("--shard_size", default=None, help="--write_shards: start a new shard after this many images (10000), bytes "
+                                         f"(500MB, 1GB) or either (10000,1GB) (default: {DEFAULT_SHARD_SIZE})")
     p("--sample", choices=SAMPLES, default=None, help="first write a bundled sample dataset into --data_path")
     p("--allow_duplicates_across_splits", action="store_true",
       help="split image by image: exact and near copies of an image may land in different splits")
@@ -78,6 +78,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
                         f"and {args.workers}")
     if args.write_shards and (args.write_lists or args.link):
         raise UserError(f"--write_shards writes the images into shards: leave out --{'write_lists' if args.write_lists else 'link'}")
+    if args.shard_size is not None and not args.write_shards:
+        raise UserError("--shard_size sizes the shards of --write_shards: add --write_shards, or leave --shard_size out")
+    args.shard_size = args.shard_size or DEFAULT_SHARD_SIZE
     parse_shard_size(args.shard_size)
     return Options.of(args)
 

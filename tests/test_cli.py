@@ -84,6 +84,13 @@ def test_bad_values_are_one_line_naming_the_flag_value_and_choices() -> None:
         ("--lr", "fast"): "error: --lr: 'fast' is not a number (--help lists every flag)",
         ("--epochs",): "error: --epochs: expected one argument (--help lists every flag)",
         ("stray",): "error: unexpected argument stray: a value follows its flag (--help lists every flag)",
+        # an unquoted {a..b} or glob: the shell gave the flag its first path and left the others over
+        ("--train_path", *(f"s/train-{i:06d}.tar" for i in range(4))):
+            "error: unexpected arguments s/train-000001.tar ... s/train-000003.tar (3 paths): the shell expanded a "
+            "pattern into several paths: quote it, e.g. --train_path 'shards/train/train-{000000..000009}.tar'",
+        ("--val_path", "v/a.jpg", "v/b.jpg", "v/c.jpg"):
+            "error: unexpected arguments v/b.jpg v/c.jpg: the shell expanded a pattern into several paths: quote it, "
+            "e.g. --train_path 'shards/train/train-{000000..000009}.tar'",
         ("--lrr", "1", "--epohcs", "2", "--zzz"): "error: unknown flags --lrr (--lr?), --epohcs (--epochs?), --zzz "
                                                   "(--help lists them all)",
     }

@@ -105,6 +105,28 @@ def test_hf_refusals_are_one_line(hf_data: Path) -> None:
         assert all(n in str(err.value) for n in needles), err.value
     with pytest.raises(UserError, match="no image column 'image' .*img, colour.*--image_column"):
         scan_split(f"hf:{hf_data}/hub/train")
+    # a column that exists but holds no images: what it holds, and the columns that could
+    with pytest.raises(UserError, match="column 'label' holds int64, not images; image columns: image "):
+        scan_split(f"hf:{hf_data}/ints.parquet", reading=SourceOptions(image_column="label"))
+    # the suggested split of a DatasetDict / Hub folder: train for the train set, else the first
+    for path in (f"hf:{hf_data}/saved", f"hf:{hf_data}/hub"):
+        with pytest.raises(UserError, match=r"e\.g\. hf:.*/train\)?$"):
+            scan_split(path, what="train set")
+        with pytest.raises(UserError, match=r"e\.g\. hf:.*/test\)?$"):
+            scan_split(path, what="val set")
+
+
+def test_hf_val_class_the_model_lacks_stops_in_one_line(hf_data: Path, tmp_path: Path) -> None:
+    """Integer labels with one past the model's classes stop the scan, as folders and shards do,
+    instead of skipping that row with a line of its own."""
+    table = pq.read_table(hf_data / "ints.parquet")
+    labels = table.column("label").to_pylist()
+    labels[4] = len(TINY_CLASSES)  # a class the model lacks
+    pq.write_table(table.set_column(1, "label", pa.array(labels)), tmp_path / "extra.parquet")
+    with pytest.raises(UserError) as err:
+        scan_split(f"hf:{tmp_path}/extra.parquet", class_names=TINY_CLASSES, what="val set")
+    assert str(err.value).startswith(f"val set hf:{tmp_path}/extra.parquet has class '3' (row 4) that the model does "
+                                     f"not know (its classes: {', '.join(TINY_CLASSES)})"), err.value
 
 
 def test_main_and_metrice_read_hf_splits_as_the_folders(tiny_data: Path, hf_data: Path, trained_run: Any, tmp_path: Path,

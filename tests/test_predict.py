@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from conftest import assert_user_error, run_inprocess
 from utils.core.checkpoint import load_checkpoint
 from utils.core.log import UserError
 from utils.data.decode import load_image
@@ -201,6 +202,15 @@ def test_user_error_is_one_line(cli_runs: dict[str, Any]) -> None:
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "no such file or folder" in errors[0]
+
+
+def test_urls_and_hf_sources_are_refused_naming_what_predict_reads(tmp_path: Path) -> None:
+    """--source of a URL or an hf: dataset is not 'no such file': one line saying what predict.py reads
+    (checked before any model is loaded, so an empty run folder will do)."""
+    for source in ("https://example.com/cat.jpg", "hf:data/digits/test"):
+        assert_user_error(run_inprocess("predict.py", "--source", source, "--save_path", tmp_path, "--device", "cpu"),
+                          f"--source {source}: predict.py reads image files, folders, globs, list files and local tar "
+                          "shards, not URLs or hf: datasets", "metrice.py scores a labelled hf: split")
 
 
 # ----------------------------------------------------------------- in-process, same run

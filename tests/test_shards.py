@@ -87,6 +87,9 @@ def test_shard_size_in_bytes_and_its_refusals(tmp_path: Path) -> None:
     items = [ShardItem(image, [0], "c/a.png")] * 7
     plan = plan_shards("val", items, ["c"], 0, parse_shard_size("7000B"))
     assert [len(s) for s in plan.shards] == [2, 2, 2, 1]  # a shard is complete once it holds 7000 bytes
+    # --shard_size without --write_shards would be ignored: refused in one line instead
+    assert_user_error(run_inprocess("processing.py", "--data_path", tmp_path, "--output_path", tmp_path / "out",
+                                    "--shard_size", "10"), "--shard_size sizes the shards of --write_shards")
 
 
 def test_folder_glob_and_brace_name_the_same_shards(sharded: dict[str, Path]) -> None:

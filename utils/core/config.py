@@ -119,6 +119,15 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {one_line_error(self, message)}\n")
 
 
+def _expanded_pattern(words: Sequence[str]) -> bool:
+    """Whether stray words look like the paths an unquoted glob or {a..b} pattern became: shards
+    (.tar), or several paths of one folder with one suffix."""
+    if all(w.endswith(".tar") for w in words):
+        return True
+    kinds = {(str(Path(w).parent), Path(w).suffix) for w in words}
+    return len(words) > 1 and len(kinds) == 1 and next(iter(kinds))[1] != ""
+
+
 def one_line_error(parser: argparse.ArgumentParser, message: str) -> str:
     """argparse's error message as one line that names the flag and how to go on.
 
@@ -134,6 +143,10 @@ def one_line_error(parser: argparse.ArgumentParser, message: str) -> str:
         known = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
         words = message.split(":", 1)[1].split()
         flags = [w.split("=", 1)[0] for w in words if w.startswith("-")]
+        if not flags and _expanded_pattern(words):
+            shown = " ".join(words) if len(words) <= 2 else f"{words[0]} ... {words[-1]} ({len(words)} paths)"
+            return (f"unexpected arguments {shown}: the shell expanded a pattern into several paths: quote it, "
+                    "e.g. --train_path 'shards/train/train-{000000..000009}.tar'")
         if not flags:
             return f"unexpected argument{'s' if len(words) > 1 else ''} {' '.join(words)}: a value follows its flag" + every
         close = [difflib.get_close_matches(flag, known, n=1, cutoff=0.6) for flag in flags]

@@ -64,6 +64,7 @@ def _package(name: str) -> Any:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # read before datasets is imported: never the Hub
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    logging.getLogger("datasets").setLevel(logging.WARNING)  # its import logs "JAX version ... available" at INFO
     try:
         return importlib.import_module(name)
     except ImportError as err:
@@ -79,6 +80,15 @@ def _hub_splits(files: Sequence[Path]) -> dict[str, list[Path]]:
             return {}
         splits.setdefault(found["split"], []).append(f)
     return splits
+
+
+def _example_split(splits: Sequence[str], what: str) -> str:
+    """The split to suggest: for a train split the one named train (or training), else the first."""
+    if "train" in what:
+        for name in ("train", "training"):
+            if name in splits:
+                return name
+    return splits[0] if splits else "train"
 
 
 def parquet_files(spec: str) -> list[Path]:
@@ -113,19 +123,19 @@ class HfTable:
         files: the files read (their sizes and times make the signature).
     """
 
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, what: str = "dataset") -> None:
         self.spec = spec
         path = Path(spec)
         if (path / "dataset_dict.json").is_file():
             splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
             raise UserError(f"hf:{spec} is a DatasetDict with the splits {', '.join(splits)}: pass one of them, "
-                            f"e.g. hf:{(path / (splits[0] if splits else 'train')).as_posix()}")
+                            f"e.g. hf:{(path / _example_split(splits, what)).as_posix()}")
         self.groups: OrderedDict[tuple[int, int, str], Any] = OrderedDict()
         self.cached_bytes = 0
         if (path / "state.json").is_file():
             self._open_saved(path)
         else:
-            self._open_parquet(spec)
+            self._open_parquet(spec, what)
         self.columns = list(self.features)
 
     def _open_saved(self, path: Path) -> None:
@@ -138,7 +148,7 @@ class HfTable:
         self.arrow = dataset.with_format("arrow")  # rows and columns as pyarrow, the indices mapping applied
         self.files = [Path(f["filename"]) for f in dataset.cache_files] + [path / "state.json"]
 
-    def _open_parquet(self, spec: str) -> None:
+    def _open_parquet(self, spec: str, what: str) -> None:
         pq = _package("pyarrow.parquet")
         datasets = _package("datasets")
         self.files = parquet_files(spec)
@@ -150,7 +160,7 @@ class HfTable:
         splits = _hub_splits(self.files)
         if len(splits) > 1 and Path(spec).is_dir():
             raise UserError(f"hf:{spec} holds the Parquet files of several splits ({', '.join(sorted(splits))}): pass one, "
-                            f"e.g. hf:{Path(spec).as_posix()}/{sorted(splits)[0]}")
+                            f"e.g. hf:{Path(spec).as_posix()}/{_example_split(sorted(splits), what)}")
         try:
             self.parquet = [pq.ParquetFile(f) for f in self.files]
         except (OSError, ValueError) as err:
@@ -214,11 +224,12 @@ class HfTable:
 _OPEN: dict[tuple[int, str], HfTable] = {}
 
 
-def open_table(spec: str) -> HfTable:
-    """The split `hf:spec` opened once per process (a loader's workers each open their own)."""
+def open_table(spec: str, what: str = "dataset") -> HfTable:
+    """The split `hf:spec` opened once per process (a loader's workers each open their own); `what`
+    names the split in messages."""
     key = (os.getpid(), spec)
     if key not in _OPEN:
-        _OPEN[key] = HfTable(spec)
+        _OPEN[key] = HfTable(spec, what)
     return _OPEN[key]
 
 
@@ -268,6 +279,30 @@ def image_column(table: HfTable, wanted: str) -> str:
         return images[0]
     raise UserError(f"hf:{table.spec} has no image column '{wanted}' (its columns: {', '.join(table.columns)}); "
                     "pass --image_column NAME")
+
+
+def _holds_images(feature: Any) -> bool:
+    """Whether a column's feature can hold encoded images: an Image, bytes or paths, or a {bytes, path} struct."""
+    if isinstance(feature, _package("datasets").Image):
+        return True
+    if isinstance(feature, dict):
+        return "bytes" in feature or "path" in feature
+    return getattr(feature, "dtype", None) in ("binary", "large_binary", "string", "large_string")
+
+
+def _check_image_column(table: HfTable, column: str, what: str) -> None:
+    """Refuse an image column that holds something else (numbers, labels, lists) in one line.
+
+    Raises:
+        UserError: naming what the column holds and the columns that could hold images.
+    """
+    feature = table.features[column]
+    if _holds_images(feature):
+        return
+    held = getattr(feature, "dtype", None) or type(feature).__name__
+    images = [c for c, f in table.features.items() if _holds_images(f)]
+    raise UserError(f"{what} hf:{table.spec}: column '{column}' holds {held}, not images; image columns: "
+                    f"{', '.join(images) or 'none'} (pass --image_column NAME)")
 
 
 def label_feature(table: HfTable, column: str) -> tuple[list[str] | None, bool]:
@@ -339,6 +374,13 @@ def bad_images(table: HfTable, column: str, cache: ScanCache | None) -> dict[int
     return bad
 
 
+def _unknown_label(label: str, names: Sequence[str], model: bool, what: str, root: str | Path, row: int) -> None:
+    """Stop on a label outside the classes, as folders and shards do: one line, not one per row."""
+    owner = "that the model does not know (its classes" if model else "outside the classes (they are"
+    raise UserError(f"{what} {root} has class '{label}' (row {row}) {owner}: "
+                    f"{', '.join(list(names)[:20])}{' ...' if len(names) > 20 else ''})")
+
+
 def scan_hf(root: str | Path, class_names: Sequence[str] | None = None, label_path: str | Path | None = None,
             check_headers: bool = True, what: str = "dataset", use_cache: bool = True,
             image_column_name: str = DEFAULT_IMAGE_COLUMN, label_column: str = "label") -> ImageSet:
@@ -361,8 +403,9 @@ def scan_hf(root: str | Path, class_names: Sequence[str] | None = None, label_pa
     if not exists(root):
         raise UserError(f"{what} {root}: {spec} not found (pass hf:PATH of a dataset saved with save_to_disk, "
                         "a .parquet file, a folder or a glob of them)")
-    table = open_table(spec)
+    table = open_table(spec, what)
     column = image_column(table, image_column_name)
+    _check_image_column(table, column, what)
     if column != image_column_name:
         LOGGER.info("%s %s: no column '%s'; the images are its one Image column, '%s'", what, root, image_column_name, column)
     labels, feature_names, multi = row_labels(table, label_column)
@@ -383,7 +426,7 @@ def scan_hf(root: str | Path, class_names: Sequence[str] | None = None, label_pa
         indices = [label_index(t, names, by_name) for t in texts]
         reason = bad.get(row) or ("no label" if not texts else None)
         if reason is None and None in indices:
-            reason = f"unknown label '{texts[indices.index(None)]}' (classes: {', '.join(names[:20])})"
+            _unknown_label(texts[indices.index(None)], names, class_names is not None, what, root, row)
         if reason:
             skipped.append((name, f"row {row}: {reason}"))
         else:

@@ -20,6 +20,7 @@ from utils.data.shards import expand_shards, names_shards, shard_images
 GLOB_CHARS = ("*", "?", "[")
 
 
+NOT_READ = ("http://", "https://", "s3://", "gs://", "pipe:", "hf:")  # URLs and datasets --source does not take
 LIST_SUFFIXES = (".csv", ".txt", ".lst", ".list", ".tsv")  # --source given as a list of images (utils.data.lists)
 
 
@@ -43,10 +44,13 @@ def find_images(source: str | Path) -> Source:
     when they are decoded.
 
     Raises:
-        UserError: nothing exists at `source`, or a glob matches nothing.
+        UserError: nothing exists at `source`, a glob matches nothing, or a URL or hf: dataset.
     """
     text = str(source)
     path = Path(text)
+    if text.startswith(NOT_READ) and not path.exists():
+        raise UserError(f"--source {text}: predict.py reads image files, folders, globs, list files and local tar shards, "
+                        "not URLs or hf: datasets (download the images first; metrice.py scores a labelled hf: split)")
     if names_shards(text):  # the image members of local tar shards, 'SHARD#KEY.EXT' (utils.data.shards)
         return Source([Path(name) for name in shard_images(text)], [], expand_shards(text)[0].parent)
     if path.is_dir():
