@@ -163,8 +163,45 @@ def test_resume_mid_epoch_gives_the_rest_of_the_epoch_through_two_workers(shards
     assert all(torch.equal(a["images"], b["images"]) for a, b in zip(rest, full[2:]))
     other = StreamLoader(StreamDataset(index, transform, 3, seed=1, batch_size=BATCH, workers=1, buffer=4), workers=1)
     other.load_state_dict(whole.state_dict())
-    with pytest.raises(Exception, match="resume it with 1 processes and --workers 2"):
+    with pytest.raises(Exception, match="resume it with 1 process and --workers 2"):
         other.set_epoch(3, skip=2 * BATCH)
+    # a run at --workers 0 (the process reads itself): the refusal names --workers 0, not its one reader slot
+    inline = StreamLoader(StreamDataset(index, transform, 3, seed=1, batch_size=BATCH, workers=0, buffer=4), workers=0)
+    other.load_state_dict(inline.state_dict())
+    with pytest.raises(Exception, match=r"not 1 process, --workers 1: resume it with 1 process and --workers 0$"):
+        other.set_epoch(3, skip=2 * BATCH)
+
+
+def test_a_cut_val_copy_names_its_url_and_is_not_kept(shards: dict[str, Any], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A URL val split whose second shard reads short (its size is not shards.json's "bytes"): one line naming
+    the shard's URL, not the cache; once the source reads whole again, the next call copies it and it works."""
+    from utils.core.log import UserError
+    from utils.data.stream import cache_split, index_url
+    from utils.data.shards import scan_shards
+
+    source = tmp_path / "val"
+    source.mkdir()
+    for f in (shards["root"] / "val").iterdir():
+        (source / f.name).write_bytes(f.read_bytes())
+    shard = source / "val-000001.tar"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:len(whole) // 2])
+    spec = f"file://{source}/val-{{000000..000001}}.tar"
+    with pytest.raises(UserError, match=f"shard file://{source}/val-000001.tar is {len(whole) // 2} bytes where its index "
+                                        f"says {len(whole)}") as err:
+        cache_split(spec, tmp_path / "cache")
+    assert str(tmp_path / "cache") not in str(err.value) and "\n" not in str(err.value)
+    shard.write_bytes(whole)
+    folder = cache_split(spec, tmp_path / "cache")
+    assert (folder / "val-000001.tar").read_bytes() == whole
+    assert len(scan_shards(folder, use_cache=False).samples) == 9
+    # an index that cannot be read: why in plain words (a pipe's exit status, a path to check), not webdataset's repr
+    for url, words in ((f"pipe:cat {tmp_path}/none/val-0.tar", "its command exited with status 1"),
+                       (f"file://{tmp_path}/none/val-0.tar", f"no such file {tmp_path}/none/shards.json: check the path")):
+        with pytest.raises(UserError, match="cannot read its index") as err:
+            cache_split(url, tmp_path / "cache")
+        assert index_url(url) in str(err.value) and words in str(err.value) and "shell" not in str(err.value), err.value
 
 
 def stream_run(record: Path, *args: Any, env: dict[str, str] | None = None, nproc: int = 0) -> subprocess.CompletedProcess:

@@ -58,7 +58,7 @@ class StreamDataset(IterableDataset):
                  task: TaskType = MULTICLASS) -> None:
         self.index, self.transform, self.channels, self.seed = index, transform, channels, seed
         self.batch_size, self.rank, self.world_size, self.slots_per_rank = batch_size, rank, world_size, max(1, workers)
-        self.buffer, self.num_classes, self.task = buffer, num_classes, task
+        self.buffer, self.num_classes, self.task, self.workers = buffer, num_classes, task, workers
         self.epoch = 0
         self.skip_steps = 0
 
@@ -105,6 +105,10 @@ class StreamDataset(IterableDataset):
             yield {"stream_error": str(err)}
 
 
+def _processes(n: int) -> str:
+    return "1 process" if n == 1 else f"{n} processes"
+
+
 class StreamLoader:
     """The training loader of a stream, and its sampler: `set_epoch(epoch, skip)`, `len`, iteration; its
     `state_dict` (kept in last.pt) is the reader layout a mid-epoch resume needs again.
@@ -122,7 +126,7 @@ class StreamLoader:
     def layout(self) -> dict[str, int]:
         """What decides who reads what: processes, reader slots per process, batch size, buffer."""
         d = self.dataset
-        return {"processes": d.world_size, "workers": d.slots_per_rank, "batch_size": d.batch_size, "shard_buffer": d.buffer}
+        return {"processes": d.world_size, "workers": d.workers, "batch_size": d.batch_size, "shard_buffer": d.buffer}
 
     def state_dict(self) -> dict[str, int]:
         return self.layout()
@@ -140,9 +144,10 @@ class StreamLoader:
         if skip and self.stopped is not None and self.stopped != self.layout():
             was, now = self.stopped, self.layout()
             raise UserError(f"--resume mid-epoch of a streamed split is exact only with the reader layout it stopped with "
-                            f"({was['processes']} processes x {was['workers']} workers, --batch_size {was['batch_size']}, "
-                            f"--shard_buffer {was['shard_buffer']}), not {now['processes']} x {now['workers']}: resume it "
-                            f"with {was['processes']} processes and --workers {was['workers']}")
+                            f"({_processes(was['processes'])}, --workers {was['workers']}, --batch_size {was['batch_size']}, "
+                            f"--shard_buffer {was['shard_buffer']}), not {_processes(now['processes'])}, --workers "
+                            f"{now['workers']}: resume it "
+                            f"with {_processes(was['processes'])} and --workers {was['workers']}")
         d.epoch, d.skip_steps = epoch, skip // (d.batch_size * d.world_size)
 
     def __len__(self) -> int:
