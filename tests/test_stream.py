@@ -114,10 +114,11 @@ def epoch_batches(spec: str, world: int, workers: int, epoch: int, monkeypatch: 
 @pytest.mark.parametrize("url", ["pipe", "file"])
 def test_reader_slots_give_each_sample_at_most_once_and_every_process_the_same_steps(
         shards: dict[str, Any], url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """1 process x 1 reader, 2 x 2, and 3 x 2 (6 slots, 4 shards: each slot keeps every 6th sample of all):
+    """1 process x 1 reader, 2 x 2, 3 x 2 (6 slots, 4 shards: each slot keeps every 6th sample of all) and 3 x 1
+    (whole shards give 12/6/6, which would leave 12 out: the split is cut into runs of 8, two shards shared):
     every key of the index at most once per epoch, the few left out fewer than a batch per slot, as many
     batches in every process, and the order of epoch 1 other than epoch 0's."""
-    for world, workers in [(1, 0), (2, 2), (3, 2)]:
+    for world, workers in [(1, 0), (2, 2), (3, 2), (3, 0)]:
         orders = []
         for epoch in (0, 1):
             ranks = epoch_batches(shards[url], world, workers, epoch, monkeypatch)
@@ -130,6 +131,23 @@ def test_reader_slots_give_each_sample_at_most_once_and_every_process_the_same_s
         assert orders[0] != orders[1], (world, workers)
     whole = epoch_batches(shards[url], 1, 0, 0, monkeypatch)[0]
     assert sorted(k for b in whole for k in b) == sorted(shards["keys"])  # one reader, 24 = 6 batches: all of them
+
+
+def test_an_epoch_plan_leaves_out_fewer_than_a_batch_per_slot() -> None:
+    """The review's case, 1079 images in shards of 300/300/300/179 over 2 processes (whole shards: 600/479, both
+    take the smaller, 14% out), and others: the images trained on are the plans' batches, each slot's within
+    its own count, and fewer than slots x batch sit out, in every epoch."""
+    from utils.data.stream import epoch_plan
+
+    for counts, world, workers, batch in [((300, 300, 300, 179), 2, 1, 32), ((300, 300, 300, 179), 2, 2, 16),
+                                          ((500, 20, 20, 20, 20), 2, 1, 8), ((7,) * 9, 3, 2, 2)]:
+        slots = world * workers
+        for epoch in range(3):
+            plans, batches = epoch_plan(counts, 0, epoch, world, workers, batch)
+            assert sum(p.count for p in plans) == sum(counts) and len({sum(b) for b in batches}) == 1
+            assert all(batches[r][w] * batch <= plans[r * workers + w].count for r in range(world) for w in range(workers))
+            out = sum(counts) - sum(map(sum, batches)) * batch
+            assert 0 <= out < slots * batch, (counts, world, workers, batch, epoch, out)
 
 
 def test_mean_std_of_a_stream_is_that_of_its_images(shards: dict[str, Any], tiny_data: Path) -> None:
@@ -243,6 +261,7 @@ def test_two_processes_and_a_resumed_run_read_each_sample_once_per_epoch(shards:
         ddp, stopped = ddp.result(), stopped.result()
     assert_ok(ddp)
     assert "weights identical on all 2 processes" in ddp.stdout and "3 steps per epoch" in ddp.stdout, describe(ddp)
+    assert "24 of 24 training images per epoch (the rest, fewer than a batch per reader, sit out)" in ddp.stdout
     reads = decoded(root / "ddp")
     for epoch in (0, 1):
         first, second = reads[0][epoch], reads[1][epoch]

@@ -175,12 +175,15 @@ def _size(value: Any) -> int | None:
 class SlotPlan:
     """What one reader slot (a process's loader worker) streams in an epoch: `shards` (indices into the
     index's URLs) in this order, keeping the samples whose running number i has i % modulus == remainder
-    (modulus 1: all of them; more when there are fewer shards than slots). `count`: the samples it keeps."""
+    (modulus 1: all of them; more when there are fewer shards than slots). `spans`, when given, one
+    (start, stop) per shard: only the shard's samples start..stop-1 (a shard shared by two slots). `count`:
+    the samples it keeps."""
 
     shards: tuple[int, ...]
     modulus: int
     remainder: int
     count: int
+    spans: tuple[tuple[int, int], ...] = ()
 
 
 def plan_epoch(counts: Sequence[int], seed: int, epoch: int, slots: int) -> list[SlotPlan]:
@@ -204,6 +207,53 @@ def plan_epoch(counts: Sequence[int], seed: int, epoch: int, slots: int) -> list
         given[slot].append(shard)
         load[slot] += counts[shard]
     return [SlotPlan(tuple(given[s]), 1, 0, load[s]) for s in range(slots)]
+
+
+def plan_ranges(counts: Sequence[int], seed: int, epoch: int, slots: int) -> list[SlotPlan]:
+    """Each slot's samples for an epoch as one run of the split: the shards in plan_epoch's seeded order laid end
+    to end and cut into `slots` runs of equal length (within one sample). A shard cut between two slots is
+    read by both, each keeping its own part, so at most slots - 1 shards are read twice.
+
+    Returns:
+        One SlotPlan per slot, with spans.
+    """
+    order = list(range(len(counts)))
+    random.Random(f"shards:{seed}:{epoch}").shuffle(order)
+    total = sum(counts)
+    plans = []
+    for slot in range(slots):
+        begin, end = slot * total // slots, (slot + 1) * total // slots
+        shards, spans, at = [], [], 0
+        for shard in order:
+            start, stop = max(begin, at) - at, min(end, at + counts[shard]) - at
+            if start < stop:
+                shards.append(shard)
+                spans.append((start, stop))
+            at += counts[shard]
+        plans.append(SlotPlan(tuple(shards), 1, 0, end - begin, tuple(spans)))
+    return plans
+
+
+def epoch_plan(counts: Sequence[int], seed: int, epoch: int, world_size: int, workers: int,
+               batch_size: int) -> tuple[list[SlotPlan], list[list[int]]]:
+    """The slot plans and [rank][worker] batches of an epoch: whole shards (plan_epoch) when the images they
+    leave out are fewer than a batch per slot, else the split cut into equal runs (plan_ranges), which leaves
+    out fewer than a batch per slot always (a whole-shard plan of 300/300/300/179 images over 2 slots gives
+    600/479, and both processes take 479 // batch steps).
+
+    Args:
+        counts: the samples of each shard.
+        seed, epoch: the run's seed and the epoch (the order of the shards).
+        world_size, workers: processes, and reader slots of each.
+        batch_size: images per batch.
+    """
+    slots = world_size * workers
+    plans = plan_epoch(counts, seed, epoch, slots)
+    batches = epoch_batches(plans, world_size, workers, batch_size)
+    if sum(counts) - sum(map(sum, batches)) * batch_size >= slots * batch_size:
+        plans = plan_ranges(counts, seed, epoch, slots)
+        batches = epoch_batches(plans, world_size, workers, batch_size)
+    return plans, batches
 
 
 def round_robin(batches: Sequence[int], steps: int) -> list[int]:
@@ -298,11 +348,16 @@ def slot_samples(urls: Sequence[str], counts: Sequence[int], plan: SlotPlan) -> 
     """A slot's samples of an epoch as (number of the sample in the split's index order, name, bytes, target)."""
     offsets = [sum(counts[:i]) for i in range(len(counts))]
     running = 0
-    for shard in plan.shards:
-        for position, (name, data, target) in enumerate(shard_samples(urls[shard], counts[shard])):
-            if running % plan.modulus == plan.remainder:
+    for i, shard in enumerate(plan.shards):
+        start, stop = plan.spans[i] if plan.spans else (0, counts[shard])
+        samples = shard_samples(urls[shard], counts[shard] if stop == counts[shard] else None)
+        for position, (name, data, target) in enumerate(samples):
+            if position >= stop:  # the rest of the shard is another slot's
+                samples.close()
+                break
+            if position >= start and running % plan.modulus == plan.remainder:
                 yield offsets[shard] + position, name, data, target
-            running += 1
+            running += position >= start
 
 
 def buffer_shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:

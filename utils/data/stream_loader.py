@@ -27,7 +27,7 @@ from utils.core.schema import PreprocessSpec
 from utils.core.task import MULTICLASS, TaskType
 from utils.data.decode import load_image
 from utils.data.loaders import collate, mean_std_of, sample_seed, seeded_transform
-from utils.data.stream import (SlotPlan, StreamError, StreamIndex, buffer_shuffled, epoch_batches, plan_epoch, round_robin,
+from utils.data.stream import (SlotPlan, StreamError, StreamIndex, buffer_shuffled, epoch_plan, round_robin,
                                slot_samples)
 from utils.data.transforms import eval_transform
 
@@ -64,8 +64,7 @@ class StreamDataset(IterableDataset):
 
     def plans(self) -> tuple[list[SlotPlan], list[list[int]]]:
         """This epoch's slot plans and [rank][worker] batches (the same in every process)."""
-        plans = plan_epoch(self.index.counts, self.seed, self.epoch, self.world_size * self.slots_per_rank)
-        return plans, epoch_batches(plans, self.world_size, self.slots_per_rank, self.batch_size)
+        return epoch_plan(self.index.counts, self.seed, self.epoch, self.world_size, self.slots_per_rank, self.batch_size)
 
     def steps(self) -> int:
         """Batches each process takes in a whole epoch."""
