@@ -320,3 +320,16 @@ def test_class_balance_of_a_stream_index_is_that_of_its_targets(multilabel: bool
         expected = class_balance_weights(targets, 3, mode, 0.9, task)
         got = class_balance_weights(None, 3, mode, 0.9, task, counts=(counts, len(targets)))
         assert torch.allclose(got, expected), (mode, got, expected)
+
+
+def test_export_int8_refuses_to_copy_a_streamed_training_split(shards: dict[str, Any], trained_run: Any,
+                                                               tmp_path: Path) -> None:
+    """export.py --int8 with --train_path a URL of training shards: one line saying to pass local images,
+    before anything is copied into the stream cache (which would hold the whole training split)."""
+    from utils.data.stream import stream_cache_dir
+
+    before = set(stream_cache_dir().glob("*")) if stream_cache_dir().is_dir() else set()
+    proc = run_inprocess("export.py", "--save_path", trained_run.path, "--export", "onnx", "--int8", "--device", "cpu",
+                         "--train_path", shards["file"], "--output_path", tmp_path / "out")
+    assert_user_error(proc, shards["file"], "calibration images", "--train_path with local training images")
+    assert (set(stream_cache_dir().glob("*")) if stream_cache_dir().is_dir() else set()) == before
