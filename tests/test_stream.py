@@ -214,6 +214,10 @@ def test_a_cut_val_copy_names_its_url_and_is_not_kept(shards: dict[str, Any], tm
     folder = cache_split(spec, tmp_path / "cache")
     assert (folder / "val-000001.tar").read_bytes() == whole
     assert len(scan_shards(folder, use_cache=False).samples) == 9
+    from utils.data.sources import scan_split  # a message about the copy names the URL first, then the cache folder
+    with pytest.raises(UserError) as err:
+        scan_split(spec, class_names=["x", "y"], what="val set")
+    assert str(err.value).startswith(f"val set {spec}, copied into ") and "has class 'blue'" in str(err.value), err.value
     # an index that cannot be read: why in plain words (a pipe's exit status, a path to check), not webdataset's repr
     for url, words in ((f"pipe:cat {tmp_path}/none/val-0.tar", "its command exited with status 1"),
                        (f"file://{tmp_path}/none/val-0.tar", f"no such file {tmp_path}/none/shards.json: check the path")):
@@ -322,10 +326,20 @@ def test_class_balance_of_a_stream_index_is_that_of_its_targets(multilabel: bool
         assert torch.allclose(got, expected), (mode, got, expected)
 
 
-def test_export_int8_refuses_to_copy_a_streamed_training_split(shards: dict[str, Any], trained_run: Any,
-                                                               tmp_path: Path) -> None:
-    """export.py --int8 with --train_path a URL of training shards: one line saying to pass local images,
-    before anything is copied into the stream cache (which would hold the whole training split)."""
+def test_metrice_names_a_url_split_and_export_int8_refuses_a_streamed_training_split(
+        shards: dict[str, Any], trained_run: Any, tmp_path: Path) -> None:
+    """metrice.py --task val on a URL: its messages and args.yaml name the URL (and the cache folder it was copied
+    into), its 9 images evaluated. export.py --int8 with --train_path a URL of training shards: one line saying to
+    pass local images, before anything is copied into the stream cache (which would hold the whole training split)."""
+    import yaml
+
+    proc = run_inprocess("metrice.py", "--save_path", trained_run.path, "--task", "val", "--val_path", shards["val"],
+                         "--device", "cpu")
+    assert_ok(proc)
+    assert f"on val set {shards['val']} (copied into " in proc.stdout and "(9 images" in proc.stdout, describe(proc)
+    written = max((trained_run.path).glob("val*/args.yaml"), key=lambda f: f.stat().st_mtime)
+    assert yaml.safe_load(written.read_text())["split"].startswith(f"{shards['val']} (copied into ")
+
     from utils.data.stream import stream_cache_dir
 
     before = set(stream_cache_dir().glob("*")) if stream_cache_dir().is_dir() else set()
