@@ -104,6 +104,11 @@ class StreamDataset(IterableDataset):
             yield {"stream_error": str(err)}
 
 
+def _slots(layout: dict[str, int]) -> dict[str, int]:
+    """A layout as its reader slots: --workers 0 and 1 both give each process one reader (the same stream)."""
+    return layout | {"workers": max(1, int(layout["workers"]))}
+
+
 def _processes(n: int) -> str:
     return "1 process" if n == 1 else f"{n} processes"
 
@@ -140,7 +145,7 @@ class StreamLoader:
             UserError: a resume mid-epoch with another reader layout than the one that stopped (not exact).
         """
         d = self.dataset
-        if skip and self.stopped is not None and self.stopped != self.layout():
+        if skip and self.stopped is not None and _slots(self.stopped) != _slots(self.layout()):
             was, now = self.stopped, self.layout()
             raise UserError(f"--resume mid-epoch of a streamed split is exact only with the reader layout it stopped with "
                             f"({_processes(was['processes'])}, --workers {was['workers']}, --batch_size {was['batch_size']}, "
