@@ -45,7 +45,7 @@ from utils.evaluate.label_report import label_issues_run, label_issues_task
 from utils.evaluate.ood_report import report_ood
 from utils.evaluate.split import predict_split, score_calibration, score_split
 from utils.evaluate.versus_torch import compare_with_checkpoint
-from utils.evaluate.tasks import (MODEL_TASK_HINT, check_features_args, output_folder, reports, run_features,
+from utils.evaluate.tasks import (MODEL_TASK_HINT, check_features_args, output_folder, reports, run_features, split_shown,
                                   run_speed, split_path, update_results)
 from utils.infer.backends import (
     kfold_members,
@@ -176,14 +176,15 @@ def main(args: Options) -> dict[str, Any]:
     folder = split_path(args, run_args)
     image_set = scan_split(folder, class_names=ensemble.class_names, what=f"{args.task} set",
                            reading=source_options(args, run_args)).as_task(ensemble.meta.task_type, MODEL_TASK_HINT)
-    report_skipped(image_set.skipped, f"{args.task} set {folder}")
+    shown = split_shown(args, run_args, folder)  # a URL split: the URL, and the cache folder it was copied into
+    report_skipped(image_set.skipped, f"{args.task} set {shown}")
     batch_size = args.batch_size or max(1, int(run_args.get("batch_size") or 32))
 
     out = Run(output_folder(args.save_path[0], args.task))
-    out.write_yaml(RunFolder.ARGS, args_to_dict(args) | {"split": str(folder), "images": len(image_set.samples),
+    out.write_yaml(RunFolder.ARGS, args_to_dict(args) | {"split": shown, "images": len(image_set.samples),
                                                       "class_names": class_names, "members": [m.name for m in ensemble.members],
                                                       "ensemble_weights": ensemble.weights})
-    print(f"evaluating {', '.join(m.name for m in ensemble.members)} ({args.model_type}) on {args.task} set {folder} "
+    print(f"evaluating {', '.join(m.name for m in ensemble.members)} ({args.model_type}) on {args.task} set {shown} "
           f"({len(image_set.samples)} images, {len(class_names)} classes), device {device}"
           + (", TenCrop TTA" if args.test_tta else ""), flush=True)
     if ensemble.describe():
@@ -217,7 +218,7 @@ def main(args: Options) -> dict[str, Any]:
         report.write_tsne(out, split, class_names, first.name)
     ood = None if scorer is None else report_ood(out, ensemble, scorer, split, args.ood_path, batch_size, args.workers,
                                                  args.test_tta, device)
-    write_html_report(out, ensemble, split, class_names, run_args, args_to_dict(args) | {"split": str(folder)})  # report.html
+    write_html_report(out, ensemble, split, class_names, run_args, args_to_dict(args) | {"split": shown})  # report.html
     print(f"results: {out.path}", flush=True)
     return {"output": out.path, "metrics": results, "per_class": per_class, "visual": visual, "calibration": calibration,
             "ood": ood}

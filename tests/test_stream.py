@@ -114,10 +114,11 @@ def epoch_batches(spec: str, world: int, workers: int, epoch: int, monkeypatch: 
 @pytest.mark.parametrize("url", ["pipe", "file"])
 def test_reader_slots_give_each_sample_at_most_once_and_every_process_the_same_steps(
         shards: dict[str, Any], url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """1 process x 1 reader, 2 x 2, and 3 x 2 (6 slots, 4 shards: each slot keeps every 6th sample of all):
+    """1 process x 1 reader, 2 x 2, 3 x 2 (6 slots, 4 shards: each slot keeps every 6th sample of all) and 3 x 1
+    (whole shards give 12/6/6, which would leave 12 out: the split is cut into runs of 8, two shards shared):
     every key of the index at most once per epoch, the few left out fewer than a batch per slot, as many
     batches in every process, and the order of epoch 1 other than epoch 0's."""
-    for world, workers in [(1, 0), (2, 2), (3, 2)]:
+    for world, workers in [(1, 0), (2, 2), (3, 2), (3, 0)]:
         orders = []
         for epoch in (0, 1):
             ranks = epoch_batches(shards[url], world, workers, epoch, monkeypatch)
@@ -130,6 +131,23 @@ def test_reader_slots_give_each_sample_at_most_once_and_every_process_the_same_s
         assert orders[0] != orders[1], (world, workers)
     whole = epoch_batches(shards[url], 1, 0, 0, monkeypatch)[0]
     assert sorted(k for b in whole for k in b) == sorted(shards["keys"])  # one reader, 24 = 6 batches: all of them
+
+
+def test_an_epoch_plan_leaves_out_fewer_than_a_batch_per_slot() -> None:
+    """The review's case, 1079 images in shards of 300/300/300/179 over 2 processes (whole shards: 600/479, both
+    take the smaller, 14% out), and others: the images trained on are the plans' batches, each slot's within
+    its own count, and fewer than slots x batch sit out, in every epoch."""
+    from utils.data.stream import epoch_plan
+
+    for counts, world, workers, batch in [((300, 300, 300, 179), 2, 1, 32), ((300, 300, 300, 179), 2, 2, 16),
+                                          ((500, 20, 20, 20, 20), 2, 1, 8), ((7,) * 9, 3, 2, 2)]:
+        slots = world * workers
+        for epoch in range(3):
+            plans, batches = epoch_plan(counts, 0, epoch, world, workers, batch)
+            assert sum(p.count for p in plans) == sum(counts) and len({sum(b) for b in batches}) == 1
+            assert all(batches[r][w] * batch <= plans[r * workers + w].count for r in range(world) for w in range(workers))
+            out = sum(counts) - sum(map(sum, batches)) * batch
+            assert 0 <= out < slots * batch, (counts, world, workers, batch, epoch, out)
 
 
 def test_mean_std_of_a_stream_is_that_of_its_images(shards: dict[str, Any], tiny_data: Path) -> None:
@@ -163,8 +181,52 @@ def test_resume_mid_epoch_gives_the_rest_of_the_epoch_through_two_workers(shards
     assert all(torch.equal(a["images"], b["images"]) for a, b in zip(rest, full[2:]))
     other = StreamLoader(StreamDataset(index, transform, 3, seed=1, batch_size=BATCH, workers=1, buffer=4), workers=1)
     other.load_state_dict(whole.state_dict())
-    with pytest.raises(Exception, match="resume it with 1 processes and --workers 2"):
+    with pytest.raises(Exception, match="resume it with 1 process and --workers 2"):
         other.set_epoch(3, skip=2 * BATCH)
+    # a run at --workers 0 (the process reads itself): --workers 1 reads the same one stream and resumes it; the
+    # refusal of --workers 2 names --workers 0, not its one reader slot
+    inline = StreamLoader(StreamDataset(index, transform, 3, seed=1, batch_size=BATCH, workers=0, buffer=4), workers=0)
+    other.load_state_dict(inline.state_dict())
+    other.set_epoch(3, skip=2 * BATCH)
+    whole.load_state_dict(inline.state_dict())
+    with pytest.raises(Exception, match=r"not 1 process, --workers 2: resume it with 1 process and --workers 0$"):
+        whole.set_epoch(3, skip=2 * BATCH)
+
+
+def test_a_cut_val_copy_names_its_url_and_is_not_kept(shards: dict[str, Any], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A URL val split whose second shard reads short (its size is not shards.json's "bytes"): one line naming
+    the shard's URL, not the cache; once the source reads whole again, the next call copies it and it works."""
+    from utils.core.log import UserError
+    from utils.data.stream import cache_split, index_url
+    from utils.data.shards import scan_shards
+
+    source = tmp_path / "val"
+    source.mkdir()
+    for f in (shards["root"] / "val").iterdir():
+        (source / f.name).write_bytes(f.read_bytes())
+    shard = source / "val-000001.tar"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:len(whole) // 2])
+    spec = f"file://{source}/val-{{000000..000001}}.tar"
+    with pytest.raises(UserError, match=f"shard file://{source}/val-000001.tar is {len(whole) // 2} bytes where its index "
+                                        f"says {len(whole)}") as err:
+        cache_split(spec, tmp_path / "cache")
+    assert str(tmp_path / "cache") not in str(err.value) and "\n" not in str(err.value)
+    shard.write_bytes(whole)
+    folder = cache_split(spec, tmp_path / "cache")
+    assert (folder / "val-000001.tar").read_bytes() == whole
+    assert len(scan_shards(folder, use_cache=False).samples) == 9
+    from utils.data.sources import scan_split  # a message about the copy names the URL first, then the cache folder
+    with pytest.raises(UserError) as err:
+        scan_split(spec, class_names=["x", "y"], what="val set")
+    assert str(err.value).startswith(f"val set {spec}, copied into ") and "has class 'blue'" in str(err.value), err.value
+    # an index that cannot be read: why in plain words (a pipe's exit status, a path to check), not webdataset's repr
+    for url, words in ((f"pipe:cat {tmp_path}/none/val-0.tar", "its command exited with status 1"),
+                       (f"file://{tmp_path}/none/val-0.tar", f"no such file {tmp_path}/none/shards.json: check the path")):
+        with pytest.raises(UserError, match="cannot read its index") as err:
+            cache_split(url, tmp_path / "cache")
+        assert index_url(url) in str(err.value) and words in str(err.value) and "shell" not in str(err.value), err.value
 
 
 def stream_run(record: Path, *args: Any, env: dict[str, str] | None = None, nproc: int = 0) -> subprocess.CompletedProcess:
@@ -206,6 +268,7 @@ def test_two_processes_and_a_resumed_run_read_each_sample_once_per_epoch(shards:
         ddp, stopped = ddp.result(), stopped.result()
     assert_ok(ddp)
     assert "weights identical on all 2 processes" in ddp.stdout and "3 steps per epoch" in ddp.stdout, describe(ddp)
+    assert "24 of 24 training images per epoch (the rest, fewer than a batch per reader, sit out)" in ddp.stdout
     reads = decoded(root / "ddp")
     for epoch in (0, 1):
         first, second = reads[0][epoch], reads[1][epoch]
@@ -264,3 +327,26 @@ def test_class_balance_of_a_stream_index_is_that_of_its_targets(multilabel: bool
         expected = class_balance_weights(targets, 3, mode, 0.9, task)
         got = class_balance_weights(None, 3, mode, 0.9, task, counts=(counts, len(targets)))
         assert torch.allclose(got, expected), (mode, got, expected)
+
+
+def test_metrice_names_a_url_split_and_export_int8_refuses_a_streamed_training_split(
+        shards: dict[str, Any], trained_run: Any, tmp_path: Path) -> None:
+    """metrice.py --task val on a URL: its messages and args.yaml name the URL (and the cache folder it was copied
+    into), its 9 images evaluated. export.py --int8 with --train_path a URL of training shards: one line saying to
+    pass local images, before anything is copied into the stream cache (which would hold the whole training split)."""
+    import yaml
+
+    proc = run_inprocess("metrice.py", "--save_path", trained_run.path, "--task", "val", "--val_path", shards["val"],
+                         "--device", "cpu")
+    assert_ok(proc)
+    assert f"on val set {shards['val']} (copied into " in proc.stdout and "(9 images" in proc.stdout, describe(proc)
+    written = max((trained_run.path).glob("val*/args.yaml"), key=lambda f: f.stat().st_mtime)
+    assert yaml.safe_load(written.read_text())["split"].startswith(f"{shards['val']} (copied into ")
+
+    from utils.data.stream import stream_cache_dir
+
+    before = set(stream_cache_dir().glob("*")) if stream_cache_dir().is_dir() else set()
+    proc = run_inprocess("export.py", "--save_path", trained_run.path, "--export", "onnx", "--int8", "--device", "cpu",
+                         "--train_path", shards["file"], "--output_path", tmp_path / "out")
+    assert_user_error(proc, shards["file"], "calibration images", "--train_path with local training images")
+    assert (set(stream_cache_dir().glob("*")) if stream_cache_dir().is_dir() else set()) == before

@@ -128,6 +128,8 @@ def scan_split(root: str | Path, class_names: Sequence[str] | None = None, label
     Returns:
         The ImageSet.
     """
-    root = Path(local_split(root))  # a URL split: copied once into the cache, then read as local shards
+    if is_stream_url(root):  # a URL split: copied once into the cache, then read as local shards; messages name the URL
+        what = f"{what} {root}, copied into"
+    root = Path(local_split(root))
     source = next(s for s in SOURCES if s.matches(root))
     return source.scan(root, class_names, label_path, check_headers, what, use_cache, reading or SourceOptions())

@@ -34,7 +34,8 @@ STREAM_SCHEMES = ("pipe", "file", "http", "https", "sftp", "ftps", "scp", "gs", 
 INDEX_NAME = "shards.json"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "gif", "ppm", "pgm")
 _TAR_NAME = re.compile(r"[^/\s'\"]+\.tar")
-HOW_TO_INDEX = "write the shards with processing.py --write_shards, which puts shards.json beside them"
+HOW_TO_INDEX = ("processing.py --write_shards writes one; for shards another tool wrote, write its fields "
+                "(docs/data.md, 'Shards streamed from a URL')")
 
 
 class StreamError(OSError):
@@ -90,7 +91,21 @@ def read_url(url: str) -> bytes:
         finally:
             stream.close()
     except Exception as err:  # noqa: BLE001 - every opener has its own errors (a pipe's exit status, HTTP, a missing file)
-        raise StreamError(f"{url}: cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        raise StreamError(f"{url}: cannot be read ({_reason(err)})") from None
+
+
+_EXIT = re.compile(r"\bexit (-?\d+)")
+
+
+def _reason(err: BaseException) -> str:
+    """Why a URL could not be read, in plain words (not webdataset's repr of the pipe's arguments)."""
+    if isinstance(err, FileNotFoundError):
+        return f"no such file {err.filename}: check the path" if err.filename else "no such file: check the path"
+    text = str(err)
+    status = _EXIT.search(text)
+    if status:
+        return f"its command exited with status {status.group(1)}: check the URL and that the command can read it"
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 @dataclass(frozen=True)
@@ -103,6 +118,7 @@ class StreamIndex:
         counts: the samples of each shard (the index's).
         class_names, task_type, class_counts: the index's.
         digest: sha256 of the index file (a cached copy is re-used while it is unchanged).
+        sizes: each shard's bytes as the index gives them (None where it does not).
     """
 
     spec: str
@@ -112,6 +128,7 @@ class StreamIndex:
     task_type: str
     class_counts: tuple[int, ...]
     digest: str
+    sizes: tuple[int | None, ...] = ()
 
     @property
     def total(self) -> int:
@@ -129,12 +146,16 @@ def read_stream_index(spec: str) -> StreamIndex:
     where = index_url(urls[0])
     try:
         raw = read_url(where)
+    except StreamError as err:
+        raise UserError(f"{spec}: cannot read its index {where}: {str(err).partition(': cannot be read (')[2][:-1]}; "
+                        f"a stream needs shards.json beside its shards for an epoch's length: {HOW_TO_INDEX}") from None
+    try:
         index = json.loads(raw)
         listed = {s["name"]: int(s["samples"]) for s in index["shards"]}
+        sizes = {s["name"]: s.get("bytes") for s in index["shards"]}
         class_names = tuple(str(c) for c in index["class_names"])
-    except (StreamError, ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{spec}: no shard index at {where} ({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
-                        f"a stream needs one for an epoch's length: {HOW_TO_INDEX}") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{spec}: {where} is not a shard index ({type(err).__name__}: {err}); {HOW_TO_INDEX}") from None
     missing = [u for u in urls if shard_name(u) not in listed]
     if missing:
         raise UserError(f"{spec}: {missing[0]} is not in its index {where} ({len(missing)} of {len(urls)} shards are not); "
@@ -142,7 +163,11 @@ def read_stream_index(spec: str) -> StreamIndex:
     counts = tuple(listed[shard_name(u)] for u in urls)
     class_counts = tuple(int(c) for c in index.get("class_counts") or [0] * len(class_names))
     return StreamIndex(spec, tuple(urls), counts, class_names, str(index.get("task_type", "multiclass")), class_counts,
-                       hashlib.sha256(raw).hexdigest())
+                       hashlib.sha256(raw).hexdigest(), tuple(_size(sizes[shard_name(u)]) for u in urls))
+
+
+def _size(value: Any) -> int | None:
+    return int(value) if isinstance(value, (int, float)) and value >= 0 else None
 
 
 # ------------------------------------------------------------------------------------ epochs
@@ -150,12 +175,15 @@ def read_stream_index(spec: str) -> StreamIndex:
 class SlotPlan:
     """What one reader slot (a process's loader worker) streams in an epoch: `shards` (indices into the
     index's URLs) in this order, keeping the samples whose running number i has i % modulus == remainder
-    (modulus 1: all of them; more when there are fewer shards than slots). `count`: the samples it keeps."""
+    (modulus 1: all of them; more when there are fewer shards than slots). `spans`, when given, one
+    (start, stop) per shard: only the shard's samples start..stop-1 (a shard shared by two slots). `count`:
+    the samples it keeps."""
 
     shards: tuple[int, ...]
     modulus: int
     remainder: int
     count: int
+    spans: tuple[tuple[int, int], ...] = ()
 
 
 def plan_epoch(counts: Sequence[int], seed: int, epoch: int, slots: int) -> list[SlotPlan]:
@@ -179,6 +207,53 @@ def plan_epoch(counts: Sequence[int], seed: int, epoch: int, slots: int) -> list
         given[slot].append(shard)
         load[slot] += counts[shard]
     return [SlotPlan(tuple(given[s]), 1, 0, load[s]) for s in range(slots)]
+
+
+def plan_ranges(counts: Sequence[int], seed: int, epoch: int, slots: int) -> list[SlotPlan]:
+    """Each slot's samples for an epoch as one run of the split: the shards in plan_epoch's seeded order laid end
+    to end and cut into `slots` runs of equal length (within one sample). A shard cut between two slots is
+    read by both, each keeping its own part, so at most slots - 1 shards are read twice.
+
+    Returns:
+        One SlotPlan per slot, with spans.
+    """
+    order = list(range(len(counts)))
+    random.Random(f"shards:{seed}:{epoch}").shuffle(order)
+    total = sum(counts)
+    plans = []
+    for slot in range(slots):
+        begin, end = slot * total // slots, (slot + 1) * total // slots
+        shards, spans, at = [], [], 0
+        for shard in order:
+            start, stop = max(begin, at) - at, min(end, at + counts[shard]) - at
+            if start < stop:
+                shards.append(shard)
+                spans.append((start, stop))
+            at += counts[shard]
+        plans.append(SlotPlan(tuple(shards), 1, 0, end - begin, tuple(spans)))
+    return plans
+
+
+def epoch_plan(counts: Sequence[int], seed: int, epoch: int, world_size: int, workers: int,
+               batch_size: int) -> tuple[list[SlotPlan], list[list[int]]]:
+    """The slot plans and [rank][worker] batches of an epoch: whole shards (plan_epoch) when the images they
+    leave out are fewer than a batch per slot, else the split cut into equal runs (plan_ranges), which leaves
+    out fewer than a batch per slot always (a whole-shard plan of 300/300/300/179 images over 2 slots gives
+    600/479, and both processes take 479 // batch steps).
+
+    Args:
+        counts: the samples of each shard.
+        seed, epoch: the run's seed and the epoch (the order of the shards).
+        world_size, workers: processes, and reader slots of each.
+        batch_size: images per batch.
+    """
+    slots = world_size * workers
+    plans = plan_epoch(counts, seed, epoch, slots)
+    batches = epoch_batches(plans, world_size, workers, batch_size)
+    if sum(counts) - sum(map(sum, batches)) * batch_size >= slots * batch_size:
+        plans = plan_ranges(counts, seed, epoch, slots)
+        batches = epoch_batches(plans, world_size, workers, batch_size)
+    return plans, batches
 
 
 def round_robin(batches: Sequence[int], steps: int) -> list[int]:
@@ -258,8 +333,7 @@ def shard_samples(url: str, expected: int | None = None) -> Iterator[tuple[str, 
     except StreamError:
         raise
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise StreamError(f"shard {url} cannot be streamed after {done} samples ({reason}): it is cut short or "
+        raise StreamError(f"shard {url} cannot be streamed after {done} samples ({_reason(err)}): it is cut short or "
                           "unreachable; write it again (processing.py --write_shards) or check the URL") from None
     finally:
         if stream is not None and not complete:  # left early (the epoch's batches were full) or failed
@@ -274,11 +348,16 @@ def slot_samples(urls: Sequence[str], counts: Sequence[int], plan: SlotPlan) -> 
     """A slot's samples of an epoch as (number of the sample in the split's index order, name, bytes, target)."""
     offsets = [sum(counts[:i]) for i in range(len(counts))]
     running = 0
-    for shard in plan.shards:
-        for position, (name, data, target) in enumerate(shard_samples(urls[shard], counts[shard])):
-            if running % plan.modulus == plan.remainder:
+    for i, shard in enumerate(plan.shards):
+        start, stop = plan.spans[i] if plan.spans else (0, counts[shard])
+        samples = shard_samples(urls[shard], counts[shard] if stop == counts[shard] else None)
+        for position, (name, data, target) in enumerate(samples):
+            if position >= stop:  # the rest of the shard is another slot's
+                samples.close()
+                break
+            if position >= start and running % plan.modulus == plan.remainder:
                 yield offsets[shard] + position, name, data, target
-            running += 1
+            running += position >= start
 
 
 def buffer_shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -303,10 +382,12 @@ def buffer_shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iter
 def cache_split(spec: str, base: Path) -> Path:
     """A URL val/test split copied once into `base`/<hash of the URL pattern>/ (its shards and shards.json),
     re-used while its index is unchanged; a split read every epoch is small, and read locally by name it
-    needs no stream. Returns the local folder.
+    needs no stream. Each shard is copied to a temporary name, its size checked against the index's
+    "bytes", then renamed; the stamp that marks the copy complete is written only after all of them, so a
+    copy cut short is never re-used. Returns the local folder.
 
     Raises:
-        UserError: no index, or a shard that cannot be read (naming it).
+        UserError: no index, or a shard that cannot be read or is not the size its index says (naming its URL).
     """
     index = read_stream_index(spec)
     folder = base / hashlib.sha256(spec.encode()).hexdigest()[:16]
@@ -314,25 +395,32 @@ def cache_split(spec: str, base: Path) -> Path:
     if stamp.is_file() and json.loads(stamp.read_text()).get("index") == index.digest:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    for url in [*index.urls, index_url(index.urls[0])]:
+    stamp.unlink(missing_ok=True)
+    where = index_url(index.urls[0])
+    sizes = index.sizes or (None,) * len(index.urls)
+    for url, size, target in [*zip(index.urls, sizes, (folder / shard_name(u) for u in index.urls)),
+                              (where, None, folder / INDEX_NAME)]:
         try:
-            atomic_write(folder / shard_name(url) if url != index_url(index.urls[0]) else folder / INDEX_NAME,
-                         lambda tmp, url=url: _copy_url(url, tmp))
+            atomic_write(target, lambda tmp, url=url, size=size: _copy_url(url, tmp, size))
         except StreamError as err:
-            raise UserError(f"{err}; it could not be copied into {folder}") from None
+            raise UserError(f"{err}; the val/test copy was not kept, run again once the URL reads whole") from None
     atomic_write_text(stamp, json.dumps({"spec": spec, "index": index.digest}))
     print(f"{spec}: {len(index.urls)} shards copied into {folder} (re-used while its shards.json is unchanged)", flush=True)
     return folder
 
 
-def _copy_url(url: str, path: str) -> None:
+def _copy_url(url: str, path: str, size: int | None = None) -> None:
     try:
         stream = open_url(url)
         with open(path, "wb") as out:
             shutil.copyfileobj(stream, out, 1 << 20)
         stream.close()
     except Exception as err:  # noqa: BLE001 - as read_url
-        raise StreamError(f"{url}: cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        raise StreamError(f"{url}: cannot be read ({_reason(err)})") from None
+    got = os.path.getsize(path)
+    if size is not None and got != size:
+        raise StreamError(f"shard {url} is {got} bytes where its index says {size}: it is cut short or was changed "
+                          "after shards.json")
 
 
 def stream_cache_dir() -> Path:

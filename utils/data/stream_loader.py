@@ -27,7 +27,7 @@ from utils.core.schema import PreprocessSpec
 from utils.core.task import MULTICLASS, TaskType
 from utils.data.decode import load_image
 from utils.data.loaders import collate, mean_std_of, sample_seed, seeded_transform
-from utils.data.stream import (SlotPlan, StreamError, StreamIndex, buffer_shuffled, epoch_batches, plan_epoch, round_robin,
+from utils.data.stream import (SlotPlan, StreamError, StreamIndex, buffer_shuffled, epoch_plan, round_robin,
                                slot_samples)
 from utils.data.transforms import eval_transform
 
@@ -58,14 +58,13 @@ class StreamDataset(IterableDataset):
                  task: TaskType = MULTICLASS) -> None:
         self.index, self.transform, self.channels, self.seed = index, transform, channels, seed
         self.batch_size, self.rank, self.world_size, self.slots_per_rank = batch_size, rank, world_size, max(1, workers)
-        self.buffer, self.num_classes, self.task = buffer, num_classes, task
+        self.buffer, self.num_classes, self.task, self.workers = buffer, num_classes, task, workers
         self.epoch = 0
         self.skip_steps = 0
 
     def plans(self) -> tuple[list[SlotPlan], list[list[int]]]:
         """This epoch's slot plans and [rank][worker] batches (the same in every process)."""
-        plans = plan_epoch(self.index.counts, self.seed, self.epoch, self.world_size * self.slots_per_rank)
-        return plans, epoch_batches(plans, self.world_size, self.slots_per_rank, self.batch_size)
+        return epoch_plan(self.index.counts, self.seed, self.epoch, self.world_size, self.slots_per_rank, self.batch_size)
 
     def steps(self) -> int:
         """Batches each process takes in a whole epoch."""
@@ -105,6 +104,15 @@ class StreamDataset(IterableDataset):
             yield {"stream_error": str(err)}
 
 
+def _slots(layout: dict[str, int]) -> dict[str, int]:
+    """A layout as its reader slots: --workers 0 and 1 both give each process one reader (the same stream)."""
+    return layout | {"workers": max(1, int(layout["workers"]))}
+
+
+def _processes(n: int) -> str:
+    return "1 process" if n == 1 else f"{n} processes"
+
+
 class StreamLoader:
     """The training loader of a stream, and its sampler: `set_epoch(epoch, skip)`, `len`, iteration; its
     `state_dict` (kept in last.pt) is the reader layout a mid-epoch resume needs again.
@@ -122,7 +130,7 @@ class StreamLoader:
     def layout(self) -> dict[str, int]:
         """What decides who reads what: processes, reader slots per process, batch size, buffer."""
         d = self.dataset
-        return {"processes": d.world_size, "workers": d.slots_per_rank, "batch_size": d.batch_size, "shard_buffer": d.buffer}
+        return {"processes": d.world_size, "workers": d.workers, "batch_size": d.batch_size, "shard_buffer": d.buffer}
 
     def state_dict(self) -> dict[str, int]:
         return self.layout()
@@ -137,12 +145,13 @@ class StreamLoader:
             UserError: a resume mid-epoch with another reader layout than the one that stopped (not exact).
         """
         d = self.dataset
-        if skip and self.stopped is not None and self.stopped != self.layout():
+        if skip and self.stopped is not None and _slots(self.stopped) != _slots(self.layout()):
             was, now = self.stopped, self.layout()
             raise UserError(f"--resume mid-epoch of a streamed split is exact only with the reader layout it stopped with "
-                            f"({was['processes']} processes x {was['workers']} workers, --batch_size {was['batch_size']}, "
-                            f"--shard_buffer {was['shard_buffer']}), not {now['processes']} x {now['workers']}: resume it "
-                            f"with {was['processes']} processes and --workers {was['workers']}")
+                            f"({_processes(was['processes'])}, --workers {was['workers']}, --batch_size {was['batch_size']}, "
+                            f"--shard_buffer {was['shard_buffer']}), not {_processes(now['processes'])}, --workers "
+                            f"{now['workers']}: resume it "
+                            f"with {_processes(was['processes'])} and --workers {was['workers']}")
         d.epoch, d.skip_steps = epoch, skip // (d.batch_size * d.world_size)
 
     def __len__(self) -> int:

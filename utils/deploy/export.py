@@ -36,6 +36,7 @@ from utils.core.log import UserError
 from utils.core.run import RunFolder
 from utils.core.schema import FORMAT, Checkpoint
 from utils.data.sources import scan_split, source_options, split_exists
+from utils.data.stream import is_stream_url
 from utils.data.transforms import Normalize
 from utils.deploy.context import ExportContext, ExportOptions, load_batch, write_json
 from utils.deploy.deploy_form import deploy_model, probs_of
@@ -68,8 +69,18 @@ def load_split_images(ckpt: Checkpoint, override: str, keys: Sequence[str], limi
 
     Returns:
         (samples, description such as '64 val images from dataset/val'); no samples when no folder exists.
+
+    Raises:
+        UserError: the calibration images (keys: train_path only) would come from a streamed training URL,
+            which is not copied whole for a few images; the parity check passes over one instead.
     """
     for split, folder in _split_candidates(ckpt, override, keys):
+        if is_stream_url(folder) and (split == "train" or keys == ("train_path",)):
+            if len(keys) > 1:
+                continue
+            raise UserError(f"{folder}: the training split is streamed from a URL, which export does not copy whole for "
+                            f"{limit} calibration images: pass --train_path with local training images (a folder, or "
+                            "a shard or two copied here: a .tar file or a folder of them)")
         if not split_exists(folder):
             if split == "given":
                 raise UserError(f"image folder not found: {folder}")

@@ -84,6 +84,14 @@ def split_path(args: Options, run_args: dict[str, Any]) -> Path:
     return path
 
 
+def split_shown(args: Options, run_args: dict[str, Any], folder: Path) -> str:
+    """The --task split as messages and args.yaml name it: a URL as given, with the cache folder it was copied
+    into (`URL (copied into FOLDER)`); anything else, its path."""
+    key = f"{args.task}_path"
+    value = getattr(args, key) if getattr(args, key) is not None else run_args.get(key)
+    return f"{value} (copied into {folder})" if value and is_stream_url(value) else str(folder)
+
+
 def output_folder(first: str, task: str) -> Path:
     """<run>/<task> (incremented: test, test2 ...) beside the first model."""
     return increment_path(results_home(first) / task)

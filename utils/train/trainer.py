@@ -269,7 +269,8 @@ class Trainer:
                             f"{max(1, args.workers)} loader workers make no whole batch of {args.batch_size} for one of "
                             "them; lower --batch_size or --workers")
         print(f"streaming {len(data.stream.urls)} shards of {args.train_path}: {dataset.steps()} steps per epoch, "
-              f"shuffle buffer {dataset.buffer}", flush=True)
+              f"shuffle buffer {dataset.buffer}; {dataset.steps() * args.batch_size * self.world} of {data.stream.total} "
+              "training images per epoch (the rest, fewer than a batch per reader, sit out)", flush=True)
         return StreamLoader(dataset, args.workers, self.device.type == "cuda")
 
     def _build_loaders(self) -> tuple[EpochSampler | StreamLoader, Any, Any]:
