@@ -129,8 +129,8 @@ def test_kill_after_last_pt_keeps_the_epochs_row(tmp_path: Path, tiny_data: Path
     run = tmp_path / "run"
     original = CheckpointSaver.save_last
 
-    def killed_after_save(self: CheckpointSaver, state: Any) -> None:
-        original(self, state)  # last.pt is in place ...
+    def killed_after_save(self: CheckpointSaver, state: Any, **kwargs: Any) -> None:
+        original(self, state, **kwargs)  # last.pt is in place (or being written: the way out waits for it) ...
         if state.epoch == 1:
             raise KeyboardInterrupt  # ... and the process dies before anything else happens
 

@@ -448,6 +448,8 @@ class Trainer:
             if not background:
                 self.run.wait_saves()
             return
+        if background and not (self.run / "last.pt").exists():
+            background = False  # nothing on the disk to resume from yet: the first last.pt is written before going on
         self.saver.save_last(self.state, background=background)
         self.saved_epoch = self.state.epoch
 
