@@ -79,8 +79,9 @@ def test_shard_size_in_bytes_and_its_refusals(tmp_path: Path) -> None:
     from utils.data.shard_writer import ShardItem, parse_shard_size, plan_shards
 
     assert parse_shard_size("10000,1GB") == (10000, 10**9) and parse_shard_size("500MB") == (None, 5 * 10**8)
+    assert parse_shard_size("10000, 1.5gib") == (10000, int(1.5 * 2**30))  # spaces and any case of the unit
     for bad in ("0", "1.5", "10 parsecs", ""):
-        with pytest.raises(UserError, match="--shard_size"):
+        with pytest.raises(UserError, match=r"--shard_size .*or both \(10000,1GB\)$|a whole number"):
             parse_shard_size(bad)
     image = tmp_path / "a.png"
     image.write_bytes(b"x" * 1000)  # 512 + 1024 in the tar, plus 512 + 512 for .cls and .json each: 3584
