@@ -350,3 +350,15 @@ def test_metrice_names_a_url_split_and_export_int8_refuses_a_streamed_training_s
                          "--train_path", shards["file"], "--output_path", tmp_path / "out")
     assert_user_error(proc, shards["file"], "calibration images", "--train_path with local training images")
     assert (set(stream_cache_dir().glob("*")) if stream_cache_dir().is_dir() else set()) == before
+
+
+def test_the_epoch_plan_keeps_whole_shards_when_they_balance_and_follows_seed_and_epoch() -> None:
+    """8 shards of 7 over 2 processes x 2 workers, batch 3: whole shards leave 2 images per slot out (fewer
+    than a batch), so each shard is read whole by one slot; the order comes from (seed, epoch)."""
+    from utils.data.stream import epoch_plan, plan_epoch
+
+    cases = ((0, 0), (0, 1), (5, 0))
+    plans = {case: epoch_plan([7] * 8, *case, 2, 2, 3)[0] for case in cases}
+    for (seed, epoch), plan in plans.items():
+        assert plan == plan_epoch([7] * 8, seed, epoch, 4) and not any(p.spans for p in plan)
+    assert len({tuple(p.shards for p in plan) for plan in plans.values()}) == len(cases)
