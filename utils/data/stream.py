@@ -392,8 +392,11 @@ def cache_split(spec: str, base: Path) -> Path:
     index = read_stream_index(spec)
     folder = base / hashlib.sha256(spec.encode()).hexdigest()[:16]
     stamp = folder / "source.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("index") == index.digest:
-        return folder
+    try:
+        if json.loads(stamp.read_text()).get("index") == index.digest:
+            return folder
+    except (OSError, ValueError, AttributeError):  # no stamp, or not one this copy wrote: copy again
+        pass
     folder.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
     where = index_url(index.urls[0])
