@@ -12,6 +12,7 @@ read through utils.data.containers, so every loader above takes it like a file.
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from utils.data.png import simple_png
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm")
 
@@ -68,6 +71,18 @@ def load_image(path: str | Path, channels: int = 3) -> Image.Image:
 ORIENTATION_KEYS = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
 
 
+SMALL_PNG = 1 << 22  # .png files up to this size are read whole and tried by utils.data.png.simple_png
+
+
+def small_file(path: str | Path, limit: int) -> bytes | None:
+    """A file's bytes when it holds at most `limit` of them, else None. Opened as Pillow opens
+    files, so a missing or unreadable one raises the same error."""
+    with open(path, "rb", buffering=0) as file:
+        if os.fstat(file.fileno()).st_size > limit:
+            return None
+        return file.read()
+
+
 def open_image(path: str | Path | IO[bytes]) -> Image.Image:
     """Open and decode an image file in its own mode, EXIF orientation applied (load_image without
     the mode conversion: what a caller needing several channel counts decodes once).
@@ -75,9 +90,21 @@ def open_image(path: str | Path | IO[bytes]) -> Image.Image:
     Raises:
         OSError, ValueError, Image.DecompressionBombError, UnidentifiedImageError for bad files.
     """
+    source = image_source(path)
+    if isinstance(source, io.BytesIO):  # the common PNG skips Image.open's chunk parsing (utils.data.png: the same pixels)
+        with source.getbuffer() as view:
+            img = simple_png(view) if len(view) <= SMALL_PNG else None
+        if img is not None:
+            return img
+    elif isinstance(source, (str, Path)) and str(source)[-4:].lower() == ".png":
+        data = small_file(source, SMALL_PNG)
+        if data is not None:
+            img = simple_png(data)
+            if img is not None:
+                return img  # else Pillow opens the file itself (its messages name the file)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(image_source(path)) as img:
+        with Image.open(source) as img:
             img.load()
             # An image with nowhere to hold an orientation (most PNGs) skips the EXIF parse.
             if hasattr(img, "tag_v2") or any(key in img.info for key in ORIENTATION_KEYS):
