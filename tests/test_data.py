@@ -171,6 +171,20 @@ def test_prediction_loader_bytes_equal_the_plain_decode_and_rgb_path(tmp_path: P
                 resized = np.asarray(converted.resize((spec.crop, spec.crop), Image.BICUBIC))
                 assert np.array_equal(batch["inputs"][g][k], resized[None]), path.name
         assert np.array_equal(batch["views"][k], view(to_mode(plain, 3))), path.name
+    tta = InputPlan(specs[:2], tta=True)  # TenCrop: (10, C, H, W) slots, a gray image broadcast into each crop
+    (crops,) = prediction_loader(files, tta, batch_size=len(files), workers=0)
+    for k, path in enumerate(files):
+        with Image.open(path) as img:
+            img.load()
+            plain = ImageOps.exif_transpose(img)
+        for g, spec in enumerate(specs[:2]):
+            expected = image_transform(spec, tta=True)(to_mode(plain, spec.channels))
+            assert expected.shape == (10, spec.channels, spec.crop, spec.crop)
+            assert np.array_equal(crops["inputs"][g][k], expected), (path.name, g)
+    gray = Image.open(tmp_path / "l.png").convert("L")
+    for spec in (specs[0], specs[2]):  # an L image given to a 3-channel transform: the bytes of its RGB conversion
+        for crop10 in (False, True):
+            assert np.array_equal(image_transform(spec, crop10)(gray), image_transform(spec, crop10)(gray.convert("RGB")))
     with Image.open(tmp_path / "xmp_l.png") as img:
         assert img.size == (22, 13)
     assert load_image(tmp_path / "xmp_l.png").size == (13, 22)  # the XMP orientation is applied too

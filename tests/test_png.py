@@ -175,3 +175,16 @@ def test_an_image_over_the_pixel_limit_is_refused_as_before(tmp_path: Path, monk
         load_image(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 30)
     assert simple_png(path.read_bytes()).getpixel((39, 29)) == 9
+
+
+def test_small_file_reads_a_file_whole_or_leaves_a_large_one(tmp_path: Path) -> None:
+    from utils.data.decode import small_file
+
+    path = tmp_path / "x.png"
+    data = png(random_image(np.random.default_rng(5), "RGB", smooth=False))
+    path.write_bytes(data)
+    assert small_file(path, len(data)) == data  # one read
+    assert small_file(path, len(data), first=16) == data  # several reads
+    assert small_file(path, len(data) - 1, first=16) is None  # over the limit: left to Pillow
+    with pytest.raises(FileNotFoundError, match="nothing.png"):
+        small_file(tmp_path / "nothing.png", 100)

@@ -74,13 +74,23 @@ ORIENTATION_KEYS = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
 SMALL_PNG = 1 << 22  # .png files up to this size are read whole and tried by utils.data.png.simple_png
 
 
-def small_file(path: str | Path, limit: int) -> bytes | None:
-    """A file's bytes when it holds at most `limit` of them, else None. Opened as Pillow opens
-    files, so a missing or unreadable one raises the same error."""
-    with open(path, "rb", buffering=0) as file:
-        if os.fstat(file.fileno()).st_size > limit:
+def small_file(path: str | Path, limit: int, first: int = 1 << 16) -> bytes | None:
+    """A file's bytes when it holds at most `limit` of them, else None: one read of `first` bytes
+    takes a small file whole. A missing or unreadable file raises OSError naming it, as Pillow's
+    open does."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.read(fd, first)
+        if len(data) < first:
+            return data
+        if os.fstat(fd).st_size > limit:
             return None
-        return file.read()
+        parts = [data]
+        while chunk := os.read(fd, limit):
+            parts.append(chunk)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 def open_image(path: str | Path | IO[bytes]) -> Image.Image:

@@ -44,34 +44,50 @@ def resized_size(width: int, height: int, mode: str, size: int) -> tuple[int, in
     raise UserError(f"unknown resize mode '{mode}'; choose one of {', '.join(RESIZE_MODES)}")
 
 
+def pixels(img: Image.Image) -> np.ndarray:
+    """An RGB or L PIL image -> a read-only uint8 (C, H, W) view of its bytes (C = 1 for L)."""
+    width, height = img.size
+    # tobytes + frombuffer: a third cheaper than np.asarray's array interface on small images
+    arr = np.frombuffer(img.tobytes(), dtype=np.uint8)
+    return arr.reshape(1, height, width) if img.mode == "L" else arr.reshape(height, width, -1).transpose(2, 0, 1)
+
+
+def filled(arr: np.ndarray, channels: int | None = None, axis: int = 0) -> np.ndarray:
+    """A pixels() array (or a view of one) -> contiguous and writable, a gray image's channel (at
+    `axis`) repeated three times for channels=3 (the bytes of convert("RGB"))."""
+    if channels == 3 and arr.shape[axis] == 1:
+        return np.repeat(arr, 3, axis=axis)
+    return np.array(arr, order="C")
+
+
 def to_array(img: Image.Image, channels: int | None = None) -> np.ndarray:
     """An RGB or L PIL image -> uint8 (C, H, W), contiguous; an L image with channels=3 gets its
     channel repeated three times (the bytes of img.convert("RGB"))."""
-    width, height = img.size
-    # tobytes + frombuffer: a third cheaper than np.asarray's array interface on small images
-    if img.mode == "L":
-        arr = np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(1, height, width)
-        return np.concatenate((arr, arr, arr)) if channels == 3 else arr.copy()  # writable, like the rest
-    arr = np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(height, width, -1)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    return filled(pixels(img), channels)
 
 
-def resize(img: Image.Image, mode: str, size: int, interpolation: str = "bilinear", channels: int | None = None) -> np.ndarray:
-    """The resize step of a resize mode: PIL image -> uint8 (C, H, W) (letterbox: padded to a square).
-    An L image with channels=3 is resized as L, then its channel repeated: the same bytes as
-    resizing its RGB conversion (Pillow resamples each channel alike), a third of the work."""
+def resized(img: Image.Image, mode: str, size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """The resize step of a resize mode: PIL image (RGB or L) -> uint8 (C, H, W), C = 1 for L,
+    possibly a read-only view (letterbox: padded to a square). An L image meant for 3 channels is
+    resized as L and its channel repeated afterwards: the same bytes as resizing its RGB conversion
+    (Pillow resamples each channel alike), a third of the work."""
     if interpolation not in PIL_RESAMPLE:
         raise UserError(f"unknown interpolation '{interpolation}'; choose one of {', '.join(INTERPOLATIONS)}")
     new = resized_size(img.width, img.height, mode, size)
     if new != img.size:
         img = img.resize(new, PIL_RESAMPLE[interpolation])
-    arr = to_array(img, channels)
+    arr = pixels(img)
     if mode != "letterbox":
         return arr
     canvas = np.full((arr.shape[0], size, size), schema.LETTERBOX_FILL, dtype=np.uint8)
     top, left = (size - new[1]) // 2, (size - new[0]) // 2
     canvas[:, top:top + new[1], left:left + new[0]] = arr
     return canvas
+
+
+def resize(img: Image.Image, mode: str, size: int, interpolation: str = "bilinear", channels: int | None = None) -> np.ndarray:
+    """resized(), contiguous, with an L image's channel repeated for channels=3."""
+    return filled(resized(img, mode, size, interpolation), channels)
 
 
 def center_crop(arr: np.ndarray, size: int) -> np.ndarray:
@@ -115,13 +131,26 @@ class ImageTransform:
         self.spec = spec
         self.tta = tta
 
-    def __call__(self, img: Image.Image) -> np.ndarray:
+    def view(self, img: Image.Image) -> np.ndarray:
+        """The transformed image before contiguity and channel repeat: uint8 (C, H, W), or
+        (10, C, H, W) with TenCrop; C = 1 for an L image (broadcast to the spec's channels)."""
         spec = self.spec
         if self.tta:
-            return ten_crop(resize(img, spec.resize_mode, scaled_resize(spec.crop), spec.interpolation, spec.channels),
-                            spec.crop)
-        return np.ascontiguousarray(center_crop(resize(img, spec.resize_mode, spec.resize, spec.interpolation, spec.channels),
-                                                spec.crop))
+            return ten_crop(resized(img, spec.resize_mode, scaled_resize(spec.crop), spec.interpolation), spec.crop)
+        return center_crop(resized(img, spec.resize_mode, spec.resize, spec.interpolation), spec.crop)
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        return filled(self.view(img), self.spec.channels, axis=1 if self.tta else 0)
+
+    def fill(self, img: Image.Image, out: np.ndarray) -> None:
+        """Write the transformed image into `out` (a batch's slot of the output's shape): one copy,
+        a gray image's channel broadcast (what a loader building a batch in place calls)."""
+        out[...] = self.view(img)
+
+    def output_shape(self) -> tuple[int, ...]:
+        """The shape __call__ returns: (C, H, W), or (10, C, H, W) with TenCrop."""
+        spec = self.spec
+        return ((10,) if self.tta else ()) + (spec.channels, spec.crop, spec.crop)
 
     def __repr__(self) -> str:
         return f"ImageTransform({self.spec}, tta={self.tta})"

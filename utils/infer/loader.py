@@ -24,7 +24,7 @@ from utils.infer.ensemble import InputPlan
 
 # ------------------------------------------------------------------------------- dataset
 class PredictDataset:
-    """Image files -> (inputs per geometry, view, index, failure reason).
+    """Image files -> batches of uint8 inputs (one per geometry), views and failures (load_batch).
 
     Args:
         files: image paths.
@@ -44,34 +44,34 @@ class PredictDataset:
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[Any, Any, int, str | None]:
-        path = self.files[index]
-        try:
-            # decoded once for every channel count; a gray image stays L (the transforms repeat it)
-            decoded = open_image(path)
-            images = {c: to_mode(decoded, c, keep_gray=True) for c in self.channels}
-            inputs = self.plan.inputs(images)
-            view = self.view(images[self.view_channels]) if self.view is not None else None
-        except Exception as err:  # noqa: BLE001 - any decoder failure means 'skip and report'
-            reason = check_image_header(Path(path)) or f"cannot decode ({type(err).__name__}: {err})"
-            return None, None, index, reason
-        return inputs, view, index, None
-
     def load_batch(self, indices: Sequence[int]) -> dict[str, Any]:
-        """The collated batch of these files (what a loader process returns)."""
-        return collate_predict([self[i] for i in indices])
-
-
-def collate_predict(batch: Sequence[tuple[Any, Any, int, str | None]]) -> dict[str, Any]:
-    """Stack the decoded images (one batch per geometry); keep failures as (index, reason)."""
-    good = [b for b in batch if b[0] is not None]
-    groups = len(good[0][0]) if good else 0
-    return {
-        "inputs": [np.stack([b[0][g] for b in good]) for g in range(groups)],
-        "views": np.stack([b[1] for b in good]) if good and good[0][1] is not None else None,
-        "indices": [b[2] for b in good],
-        "failed": [(b[2], b[3]) for b in batch if b[0] is None],
-    }
+        """The batch of these files (what a loader process returns): {"inputs": one uint8 array per
+        geometry, "views", "indices" of the images decoded, "failed": [(index, reason)]}. Each image is
+        written straight into its batch slot (utils.data.transforms_np.ImageTransform.fill)."""
+        n = len(indices)
+        inputs = [np.empty((n, *t.output_shape()), dtype=np.uint8) for t in self.plan.transforms]
+        views = np.empty((n, *self.view.output_shape()), dtype=np.uint8) if self.view is not None else None
+        kept: list[int] = []
+        failed: list[tuple[int, str]] = []
+        for index in indices:
+            slot = len(kept)
+            path = self.files[index]
+            try:
+                # decoded once for every channel count; a gray image stays L (the slot's channels take it)
+                decoded = open_image(path)
+                images = {c: to_mode(decoded, c, keep_gray=True) for c in self.channels}
+                for transform, channels, out in zip(self.plan.transforms, self.plan.channels, inputs):
+                    transform.fill(images[channels], out[slot])
+                if views is not None:
+                    self.view.fill(images[self.view_channels], views[slot])
+            except Exception as err:  # noqa: BLE001 - any decoder failure means 'skip and report'
+                failed.append((index, check_image_header(Path(path)) or f"cannot decode ({type(err).__name__}: {err})"))
+                continue
+            kept.append(index)
+        if len(kept) < n:  # views of the images kept (the slots after them are unused)
+            inputs = [batch[:len(kept)] for batch in inputs]
+            views = views[:len(kept)] if views is not None else None
+        return {"inputs": inputs if kept else [], "views": views if kept else None, "indices": kept, "failed": failed}
 
 
 class PredictionLoader:
