@@ -267,21 +267,23 @@ def read_csv_strictly(path: Path) -> list[list[str]]:
     return rows
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
-def test_a_predict_stopped_mid_run_leaves_whole_rows_and_says_what_is_left(sig: str, trained_run: TrainedRun,
+@pytest.mark.parametrize("sig, workers", [("SIGTERM", 0), ("SIGKILL", 0), ("SIGTERM", 2), ("SIGINT", 2)])
+def test_a_predict_stopped_mid_run_leaves_whole_rows_and_says_what_is_left(sig: str, workers: int, trained_run: TrainedRun,
                                                                           tmp_path: Path) -> None:
     """A real signal to a real predict.py once its first rows are on disk: SIGTERM stops after the
     batch (exit 143) with the folder marked incomplete and the files left listed; even SIGKILL leaves
-    whole rows and the marker."""
+    whole rows and the marker. With loader processes too: SIGTERM to predict.py, and Ctrl-C (SIGINT to
+    the whole process group, loaders included) stop it the same way, loaders and all (they used to
+    take the main process's handler, and predict.py waited for them forever)."""
     files = tiny_images(tmp_path / "images", 600)
     model = tmp_path / "model" / "best.pt"
     model.parent.mkdir()
     shutil.copy2(trained_run.path / "best.pt", model)
     folder = model.parent / "predict" / "exp"
     cmd = [sys.executable, str(REPO / "predict.py"), "--source", str(tmp_path / "images"), "--weight", str(model),
-           "--device", "cpu", "--batch_size", "2", "--workers", "0"]
+           "--device", "cpu", "--batch_size", "2", "--workers", str(workers)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ) | SUBPROCESS_ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
@@ -289,12 +291,18 @@ def test_a_predict_stopped_mid_run_leaves_whole_rows_and_says_what_is_left(sig: 
             if csv_file.is_file() and csv_file.read_text().count("\n") >= 2:  # the header and a first batch
                 break
             time.sleep(0.01)
-        proc.send_signal(getattr(signal, sig))
-        out, err = proc.communicate(timeout=120)
+        if sig == "SIGINT":
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        else:
+            proc.send_signal(getattr(signal, sig))
+        out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
+    if workers:
+        time.sleep(0.5)
+        assert subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True).stdout == b"", "loaders left running"
     done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     rows = read_csv_strictly(folder / "predictions.csv")[1:]
     predicted = [Path(r[0]).name for r in rows]
@@ -304,9 +312,9 @@ def test_a_predict_stopped_mid_run_leaves_whole_rows_and_says_what_is_left(sig: 
     if sig == "SIGKILL":
         assert proc.returncode == -signal.SIGKILL and "predict.py started writing this folder" in marker
         return
-    assert proc.returncode == 128 + signal.SIGTERM, describe(done)
+    assert proc.returncode == 128 + getattr(signal, sig), describe(done)
     assert "Traceback" not in err, describe(done)
-    line = next(ln for ln in err.splitlines() if ln.startswith("stopped by SIGTERM"))
+    line = next(ln for ln in err.splitlines() if ln.startswith(f"stopped by {sig}"))
     assert f"after {len(rows)} of {len(files)} files" in line and f"their {len(rows)} rows" in line, line
     assert marker.strip() == line  # the folder says it too
     left = [Path(r[0]) for r in read_csv_strictly(folder / "remaining.csv")[1:]]

@@ -40,9 +40,10 @@ class Stopped(Exception):
 
 class StopFlag:
     """Turns SIGINT/SIGTERM into a flag the work polls at a boundary it can stop at (a training
-    step, a batch of predictions). A second Ctrl-C stops at once. Processes forked meanwhile (image
-    loaders) inherit the handler, so a signal to the whole process group leaves them to the main
-    process, which stops them itself.
+    step, a batch of predictions). A second Ctrl-C stops at once. Processes forked meanwhile inherit
+    the handler, so a signal to the whole process group leaves them to the main process, which stops
+    them itself: training's loaders through their queues; predict.py's loader processes, which a pool
+    stops with SIGTERM, reset the handlers first (utils.infer.loader.loader_process_signals).
 
     Args:
         doing: what happens before it stops, for the line printed when the signal arrives.

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import signal
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -102,7 +104,9 @@ class PredictionLoader:
                 yield self.dataset.load_batch(chunk)
             return
         chunks = self._chunks()
-        with multiprocessing.get_context().Pool(self.workers) as pool:
+        with signals_blocked():  # a loader process starts with Ctrl-C and SIGTERM blocked; its initializer sets them up
+            pool = multiprocessing.get_context().Pool(self.workers, initializer=loader_process_signals)
+        with pool:
             pending: deque[Any] = deque()
             for chunk in chunks:
                 pending.append(pool.apply_async(self.dataset.load_batch, (chunk,)))
@@ -114,6 +118,30 @@ class PredictionLoader:
                 if chunk is not None:
                     pending.append(pool.apply_async(self.dataset.load_batch, (chunk,)))
                 yield batch
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def signals_blocked() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back in this thread meanwhile (delivered after), so a process forked
+    meanwhile cannot take one before loader_process_signals has run."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def loader_process_signals() -> None:
+    """A loader process leaves Ctrl-C to the main process (predict.py's StopFlag finishes the batch,
+    then stops the pool) and ends on SIGTERM, which is how a pool stops its processes. Inherited as
+    they were, the main process's handlers turned the pool's SIGTERM into a flag, and predict.py
+    waited for its loaders forever after a Ctrl-C or a SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def prediction_loader(files: Sequence[str | Path], plan: InputPlan, batch_size: int, workers: int,
