@@ -714,6 +714,10 @@ def test_prediction_writer_header_rows_and_counts(tmp_path: Path) -> None:
     assert multi.counts == {"x": 1, "y": 1} and multi.uncertain == {"x": 0, "y": 0}  # each label given counts
     with (tmp_path / "predictions.csv").open(newline="") as fh:
         assert csv.DictReader(fh).fieldnames == csv_fields(3, MULTILABEL)
+    before = (tmp_path / "predictions.csv").read_bytes()
+    with pytest.raises(ValueError, match="columns of predictions.csv"):  # a multiclass row under multilabel columns
+        multi.write(rows[:1])
+    assert (tmp_path / "predictions.csv").read_bytes() == before  # nothing shifted into the wrong columns
 
 
 def test_rows_name_unknown_images_in_every_output(tmp_path: Path) -> None:

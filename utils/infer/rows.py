@@ -24,12 +24,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from utils.core.files import append_whole, atomic_write_text
-from utils.core.task import MULTICLASS, TaskType
+from utils.core.task import MULTICLASS, MULTILABEL, TaskType
 
 TOPK = 5
 UNKNOWN = "unknown"  # the class an image of no trained class is given (--reject)
-TOP_CLASS = tuple(f"top{j}_class" for j in range(1, TOPK + 1))  # the columns of the j-th most probable class
-TOP_PROB = tuple(f"top{j}_prob" for j in range(1, TOPK + 1))
 
 
 # ---------------------------------------------------------------------------------- rows
@@ -77,23 +75,23 @@ class PredictionRow:
             return [UNKNOWN]
         return [c for c, _ in self.labels] if self.labels is not None else [self.class_name]
 
-    def csv_row(self) -> dict[str, Any]:
-        """The row of predictions.csv (columns: csv_fields), probabilities with 6 decimals."""
-        row: dict[str, Any] = {"path": self.path}
+    def csv_values(self) -> list[Any]:
+        """The values of its predictions.csv row, in the order of csv_fields, probabilities with 6 decimals."""
+        values: list[Any] = [self.path]
         if self.labels is not None:
-            row["labels"] = "|".join(c for c, _ in self.labels)
-            row["label_probs"] = "|".join(f"{p:.6f}" for _, p in self.labels)
-        row["class"] = self.shown_class
-        row["prob"] = f"{self.prob:.6f}"
-        for j, (name, p) in enumerate(self.top):
-            row[TOP_CLASS[j]] = name
-            row[TOP_PROB[j]] = f"{p:.6f}"
-        row["entropy"] = f"{self.entropy:.6f}"
-        row["uncertain"] = int(self.uncertain)
+            values += ["|".join(c for c, _ in self.labels), "|".join(f"{p:.6f}" for _, p in self.labels)]
+        values += [self.shown_class, f"{self.prob:.6f}"]
+        for name, p in self.top:
+            values += [name, f"{p:.6f}"]
+        values += [f"{self.entropy:.6f}", int(self.uncertain)]
         if self.unknown is not None:
-            row["unknown"] = int(self.unknown)
-            row["ood_score"] = f"{self.ood_score:.6f}"
-        return row
+            values += [int(self.unknown), f"{self.ood_score:.6f}"]
+        return values
+
+    def csv_row(self) -> dict[str, Any]:
+        """Its row of predictions.csv by column (csv_fields)."""
+        fields = csv_fields(len(self.top), MULTILABEL if self.labels is not None else MULTICLASS, self.unknown is not None)
+        return dict(zip(fields, self.csv_values(), strict=True))
 
     def to_json(self) -> dict[str, Any]:
         """The JSON of one image (serve.py's answer); with --reject also `unknown` and `ood_score`, and
@@ -112,7 +110,7 @@ class PredictionRow:
 def csv_fields(num_classes: int, task: TaskType = MULTICLASS, reject: bool = False) -> list[str]:
     """The columns of predictions.csv for a model of num_classes classes (a multilabel model's rows
     also list every class it was given, with its probability; with --reject, `unknown` and `ood_score`)."""
-    tops = [column for j in range(min(TOPK, num_classes)) for column in (TOP_CLASS[j], TOP_PROB[j])]
+    tops = [f"top{i}_{what}" for i in range(1, min(TOPK, num_classes) + 1) for what in ("class", "prob")]
     labels = ["labels", "label_probs"] if task.multilabel else []
     return ["path", *labels, "class", "prob", *tops, "entropy", "uncertain", *(["unknown", "ood_score"] if reject else [])]
 
@@ -192,7 +190,7 @@ class PredictionWriter:
 
     def write(self, rows: Sequence[PredictionRow]) -> None:
         """Append a batch's rows (one write: whole rows, or none when the disk is full)."""
-        append_whole(self.predictions_path, _csv_lines([row.csv_row() for row in rows], self.fields).encode("utf-8"))
+        append_whole(self.predictions_path, _csv_lines([row.csv_values() for row in rows], len(self.fields)).encode("utf-8"))
         given = [row.given() for row in rows]
         self.counts.update(name for names in given for name in names)
         self.uncertain.update(name for row, names in zip(rows, given) if row.uncertain for name in names)
@@ -231,14 +229,12 @@ class PredictionWriter:
         atomic_write_text(marker, line + "\n")
         self.incomplete = line
 
-def _csv_lines(rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> str:
-    """CSV lines of rows whose keys are `fields`, in that order (csv_row's): csv.writer on the values,
-    a third of csv.DictWriter's time."""
+def _csv_lines(rows: Sequence[list[Any]], columns: int) -> str:
+    """CSV lines of rows of values (csv_values), each `columns` long."""
+    if any(len(values) != columns for values in rows):
+        raise ValueError(f"a prediction row does not have the {columns} columns of predictions.csv")
     out = io.StringIO(newline="")
-    fields = list(fields)
-    if any(list(row) != fields for row in rows):
-        raise ValueError(f"a prediction row's columns are not those of predictions.csv ({', '.join(fields)})")
-    csv.writer(out).writerows([row.values() for row in rows])
+    csv.writer(out).writerows(rows)
     return out.getvalue()
 
 
