@@ -111,6 +111,10 @@ def others(tmp: Image.Image) -> dict[str, bytes]:
         "transparency": png(gray, transparency=3), "exif": png(rgb, exif=exif.tobytes()), "text": png(rgb, pnginfo=text),
         "icc": png(rgb, icc_profile=b"not really a profile"), "interlaced": ihdr_with(plain, 12, 1),
         "two-bit": ihdr_with(png(gray), 8, 2), "bad header crc": bytes(bad_crc),
+        "compression method 1": ihdr_with(plain, 10, 1), "filter method 1": ihdr_with(plain, 11, 1),
+        "zero width": ihdr_with(ihdr_with(ihdr_with(ihdr_with(plain, 0, 0), 1, 0), 2, 0), 3, 0),
+        "bad signature": b"\x88" + plain[1:], "cut in its header": plain[:30],
+        "header of 12 bytes": b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 12) + plain[12:],
         "truncated": plain[: len(plain) // 2], "no end": plain[:-12],
         "corrupt data": assemble([parts[0], (b"IDAT", idat[:2] + bytes(len(idat) - 2)), (b"IEND", b"")]),
         "short data": assemble([parts[0], (b"IDAT", zlib.compress(zlib.decompress(idat)[:-5])), (b"IEND", b"")]),
@@ -136,8 +140,12 @@ def test_open_image_takes_the_simple_path_without_image_open(tmp_path: Path, mon
     def refuse(*args, **kwargs):
         raise AssertionError("Image.open called")
 
+    big = Image.fromarray(np.random.default_rng(6).integers(0, 256, (300, 300, 3), dtype=np.uint8))
+    (tmp_path / "big.png").write_bytes(png(big, compress_level=0))  # over one 64 KiB read
+
     monkeypatch.setattr(utils.data.decode.Image, "open", refuse)
     assert open_image(tmp_path / "a.PNG").tobytes() == img.tobytes()  # an upper-case suffix too
+    assert open_image(tmp_path / "big.png").tobytes() == big.tobytes()
     assert open_image(io.BytesIO(png(img))).tobytes() == img.tobytes()  # an upload, a shard's member
     with pytest.raises(AssertionError, match="Image.open called"):
         open_image(tmp_path / "rgba.png")  # not simple: Pillow's path
