@@ -60,12 +60,6 @@ def filled(arr: np.ndarray, channels: int | None = None, axis: int = 0) -> np.nd
     return np.array(arr, order="C")
 
 
-def to_array(img: Image.Image, channels: int | None = None) -> np.ndarray:
-    """An RGB or L PIL image -> uint8 (C, H, W), contiguous; an L image with channels=3 gets its
-    channel repeated three times (the bytes of img.convert("RGB"))."""
-    return filled(pixels(img), channels)
-
-
 def resized(img: Image.Image, mode: str, size: int, interpolation: str = "bilinear") -> np.ndarray:
     """The resize step of a resize mode: PIL image (RGB or L) -> uint8 (C, H, W), C = 1 for L,
     possibly a read-only view (letterbox: padded to a square). An L image meant for 3 channels is
@@ -83,11 +77,6 @@ def resized(img: Image.Image, mode: str, size: int, interpolation: str = "biline
     top, left = (size - new[1]) // 2, (size - new[0]) // 2
     canvas[:, top:top + new[1], left:left + new[0]] = arr
     return canvas
-
-
-def resize(img: Image.Image, mode: str, size: int, interpolation: str = "bilinear", channels: int | None = None) -> np.ndarray:
-    """resized(), contiguous, with an L image's channel repeated for channels=3."""
-    return filled(resized(img, mode, size, interpolation), channels)
 
 
 def center_crop(arr: np.ndarray, size: int) -> np.ndarray:

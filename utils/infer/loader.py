@@ -126,7 +126,11 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 @contextmanager
 def signals_blocked() -> Iterator[None]:
     """Ctrl-C and SIGTERM held back in this thread meanwhile (delivered after), so a process forked
-    meanwhile cannot take one before loader_process_signals has run."""
+    meanwhile cannot take one before loader_process_signals has run. Windows has no signal masks
+    (nor fork: its loader processes start fresh, without the main process's handlers)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
@@ -141,7 +145,8 @@ def loader_process_signals() -> None:
     waited for its loaders forever after a Ctrl-C or a SIGTERM."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def prediction_loader(files: Sequence[str | Path], plan: InputPlan, batch_size: int, workers: int,
