@@ -11,7 +11,8 @@
 Everything goes into a new folder runs/exp/predict/exp (then exp2 ...): predictions.csv (one row
 per image), skipped.csv (files that are not images or cannot be decoded, with the reason),
 images/ (with --save_images), cam/ (with --cam_visual) and feature_maps/ (with --feature_maps).
-Results are streamed to disk batch by batch, so a folder of any size runs in flat memory. torch is
+Results are streamed to disk batch by batch, so a folder of any size runs in flat memory; on a CPU
+two batches are predicted at once, each on half the cores (--streams: utils/infer/streams.py). torch is
 imported only for the formats that need it and for --cam_visual/--feature_maps/--classical: onnx
 and openvino models run on a machine without PyTorch (requirements/runtime.txt).
 """
@@ -36,20 +37,18 @@ from utils.core.names import CLASSICAL
 from utils.core.options import Options
 from utils.core.run import RunFolder, check_model_paths, increment_path
 from utils.core.schema import OOD_SCORES
-from utils.data.decode import load_image
 from utils.deploy.formats import MODEL_TYPES
-from utils.draw.labels import annotate
 from utils.explain.cam import CAM_TYPES
 from utils.infer.backends import kfold_members, model_device, models_from_flags, results_folder
 from utils.infer.ensemble import Ensemble, InputPlan, add_ensemble_flags, ensemble_method, load_ensemble
 from utils.infer.loader import prediction_loader
 from utils.infer.ood import Rejector, check_reject_flags, predict_maybe_rejecting
-from utils.infer.rows import BoundedWriter, PredictionWriter, label_text, output_name, prediction_rows
+from utils.infer.rows import (SAVE_OPTIONS, BoundedWriter, PredictionWriter, label_text, output_name, prediction_rows,
+                              save_annotated)
 from utils.infer.sources import Source, find_images, relative_name
+from utils.infer.streams import StreamedBatches, describe_streams, stream_count
 
 LOGGER = logging.getLogger("predict")
-# Fast PNG compression: at the default level, encoding the pictures is slower than predicting them.
-SAVE_OPTIONS = {".png": {"compress_level": 1}, ".jpg": {"quality": 90}, ".jpeg": {"quality": 90}}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -67,6 +66,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--half", action="store_true", help="float16 inference (CUDA only)")
     p("--batch_size", type=int, default=64, help="images per batch")
     p("--workers", type=int, default=default_workers(), help="image-loading processes (0 = main process; none on 1-2 CPUs)")
+    p("--streams", type=int, default=0, help="batches predicted at once, the CPU's threads shared among them (0 = auto: "
+      "2 on a CPU for a PyTorch model without --cam_visual, --feature_maps, --reject or --classical, else 1)")
     p("--test_tta", action="store_true", help="TenCrop test-time augmentation (the 10 crops' probabilities averaged)")
     p("--conf_threshold", type=finite_float, default=0.5, help="a top-1 probability below this marks the row uncertain")
     p("--reject", action="store_true", help="name images of no trained class unknown (columns unknown, ood_score)")
@@ -88,8 +89,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     args.save_path, args.model_type = models_from_flags(args.save_path, args.weight, args.model_type)
     if args.batch_size <= 0:
         raise UserError(f"--batch_size must be positive, got {args.batch_size}")
-    if args.workers < 0:
-        raise UserError(f"--workers must be 0 or more, got {args.workers}")
+    for flag in ("workers", "streams"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag} must be 0 or more, got {getattr(args, flag)}")
     if not 0.0 <= args.conf_threshold <= 1.0:
         raise UserError(f"--conf_threshold must be in [0, 1], got {args.conf_threshold}")
     args.ensemble = ensemble_method(args.ensemble, args.ensemble_weights, len(kfold_members(args.save_path)))
@@ -107,11 +109,6 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
             raise UserError(f"--{flag} only applies with --cam_visual")
     check_reject_flags(args.reject, args.ood_score, f"--classical {args.classical}" if args.classical else "")
     return Options.of(args)
-
-
-def save_annotated(path: str, text: str, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    annotate(load_image(path, 3), text).save(dest, **SAVE_OPTIONS.get(dest.suffix.lower(), {}))
 
 
 def save_panel(view: Any, cam: Any, lines: list[str], size: int, dest: Path) -> None:
@@ -194,9 +191,10 @@ def predict_files(args: Options, source: Source, ensemble: Ensemble, cam_setup: 
     writer.skip(source.skipped)
     folder_outputs = args.save_images or args.cam_visual or "feature_maps" in cam_setup  # files named after the source's
     t0, done, stop = time.perf_counter(), 0, StopFlag("finishing this batch, then stopping")
+    batches = StreamedBatches(loader, lambda b: predict_maybe_rejecting(ensemble, rejector, b["inputs"], plan), args.streams)
     try:
-        with stop:
-            for batch in progress(loader, desc="predict", unit="batch", leave=False):
+        with stop, batches:
+            for batch, result in progress(batches, total=len(loader), desc="predict", unit="batch", leave=False):
                 if stop():  # a batch is written whole or not begun: the files from here on are left
                     break
                 done += len(batch["indices"]) + len(batch["failed"])
@@ -206,7 +204,7 @@ def predict_files(args: Options, source: Source, ensemble: Ensemble, cam_setup: 
                 if not batch["indices"]:
                     continue
                 paths = [files[i] for i in batch["indices"]]
-                probs, ood = predict_maybe_rejecting(ensemble, rejector, batch["inputs"], plan)
+                probs, ood = result
                 rows = prediction_rows(paths, probs, class_names, task, args.conf_threshold, meta.thresholds, ood)
                 writer.write(rows)
                 rels = [relative_name(Path(p), source.root) for p in paths] if folder_outputs else []
@@ -232,13 +230,13 @@ def predict_folder(args: Options) -> Path:
         reasons = "; ".join(f"{p}: {r}" for p, r in source.skipped[:3])
         raise UserError(f"--source {args.source} holds no image files" + (f" ({reasons})" if reasons else ""))
     device = model_device(args.device, args.model_type)
-    share_cpu(device, args.workers)
+    args = args.replace(streams=stream_count(args, device.type, share_cpu(device, args.workers)))
     ensemble = load_ensemble(args.save_path, args.model_type, device, args.half, args.ensemble, args.ensemble_weights)
     if args.classical:
         from utils.evaluate.classical import classical_ensemble
         ensemble = classical_ensemble(ensemble, args.save_path[0], args.classical, args.test_tta)
     rejector = Rejector(ensemble, args.ood_score) if args.reject else None
-    for line in (ensemble.describe(), rejector.describe if rejector else ""):
+    for line in (ensemble.describe(), rejector.describe if rejector else "", describe_streams(args.streams)):
         if line:
             print(line, flush=True)
     cam_setup = prepare_cam(args, ensemble.members[0].backend, list(ensemble.class_names)) if args.cam_visual else {}

@@ -267,21 +267,23 @@ def read_csv_strictly(path: Path) -> list[list[str]]:
     return rows
 
 
-@pytest.mark.parametrize("sig, workers", [("SIGTERM", 0), ("SIGKILL", 0), ("SIGTERM", 2), ("SIGINT", 2)])
-def test_a_predict_stopped_mid_run_leaves_whole_rows_and_says_what_is_left(sig: str, workers: int, trained_run: TrainedRun,
-                                                                          tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig, workers, streams", [("SIGTERM", 0, 1), ("SIGKILL", 0, 1), ("SIGTERM", 2, 1), ("SIGINT", 2, 1),
+                                                   ("SIGINT", 0, 2), ("SIGTERM", 2, 2)])
+def test_a_predict_stopped_mid_run_leaves_whole_rows_and_says_what_is_left(sig: str, workers: int, streams: int,
+                                                                          trained_run: TrainedRun, tmp_path: Path) -> None:
     """A real signal to a real predict.py once its first rows are on disk: SIGTERM stops after the
     batch (exit 143) with the folder marked incomplete and the files left listed; even SIGKILL leaves
     whole rows and the marker. With loader processes too: SIGTERM to predict.py, and Ctrl-C (SIGINT to
     the whole process group, loaders included) stop it the same way, loaders and all (they used to
-    take the main process's handler, and predict.py waited for them forever)."""
+    take the main process's handler, and predict.py waited for them forever). With two streams (two
+    batches at once), the batches the streams are running when the signal comes are not written."""
     files = tiny_images(tmp_path / "images", 600)
     model = tmp_path / "model" / "best.pt"
     model.parent.mkdir()
     shutil.copy2(trained_run.path / "best.pt", model)
     folder = model.parent / "predict" / "exp"
     cmd = [sys.executable, str(REPO / "predict.py"), "--source", str(tmp_path / "images"), "--weight", str(model),
-           "--device", "cpu", "--batch_size", "2", "--workers", str(workers)]
+           "--device", "cpu", "--batch_size", "2", "--workers", str(workers), "--streams", str(streams)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ) | SUBPROCESS_ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

@@ -11,6 +11,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -237,7 +239,40 @@ def test_glob_and_ensemble(run_dir: Path, mixed_folder: Path, tmp_path: Path) ->
             assert sum(float(row[f"top{k}_prob"]) for k in (1, 2, 3)) == pytest.approx(1.0, abs=1e-4)
 
 
+def test_two_streams_write_what_one_stream_writes(run_dir: Path, mixed_folder: Path, capsys: pytest.CaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """--streams 2 (two batches at once, utils/infer/streams.py) gives the same files, byte for byte, as
+    one batch at a time: every row in file order with its own image's probabilities, the undecodable
+    files skipped in order (batches of one: some hold no image at all). The forward passes ran in both
+    streams' threads."""
+    import predict
+
+    threads: dict[str, set[str]] = {}
+    forward = predict.predict_maybe_rejecting
+
+    def watched(*args: Any) -> Any:
+        threads[mode].add(threading.current_thread().name)
+        time.sleep(0.01)  # long enough for the other stream to take a batch meanwhile
+        return forward(*args)
+
+    monkeypatch.setattr(predict, "predict_maybe_rejecting", watched)
+    argv = ["--source", mixed_folder, "--save_path", run_dir, "--device", "cpu", "--workers", 0, "--batch_size", 1]
+    mode = "one"
+    threads[mode] = set()
+    one = predict_main(*argv, "--streams", 1)
+    assert "streams of" not in capsys.readouterr().out and threads["one"] == {threading.current_thread().name}
+    mode = "two"
+    threads[mode] = set()
+    two = predict_main(*argv, "--streams", 2)
+    assert "2 streams of 1 compute thread each" in capsys.readouterr().out and threads["two"] == {"stream-0", "stream-1"}
+    for name in ("predictions.csv", "skipped.csv"):
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+    assert len(read_rows(two)) == len(VALID) and not (two / "incomplete.txt").exists()
+
+
 @pytest.mark.parametrize("argv, needle", [
+    (["--streams", "2", "--cam_visual"], "--streams 2: --cam_visual reads the model one batch at a time"),
+    (["--streams", "-1"], "--streams must be 0 or more"),
     (["--cam_visual", "--cam_class", "rde"], "did you mean red"),
     (["--cam_visual", "--cam_layer", "layer9"], "did you mean"),
     (["--cam_layer", "layer3"], "only applies with --cam_visual"),

@@ -71,7 +71,7 @@ FLAG_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
         "model": ("save_path", "weight", "model_type", "ensemble", "ensemble_weights", "classical"),
         "decisions": ("conf_threshold", "reject", "ood_score", "test_tta"),
         "output": ("save_images", "cam_visual", "cam_type", "cam_layer", "cam_class", "feature_maps"),
-        "machine": ("device", "half", "batch_size", "workers"),
+        "machine": ("device", "half", "batch_size", "workers", "streams"),
     },
     "export": {
         "model": ("save_path", "image_size", "image_channel"),

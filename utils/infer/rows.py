@@ -28,6 +28,8 @@ from utils.core.task import MULTICLASS, MULTILABEL, TaskType
 
 TOPK = 5
 UNKNOWN = "unknown"  # the class an image of no trained class is given (--reject)
+# Fast PNG compression for drawn copies: at the default level, encoding them is slower than predicting them.
+SAVE_OPTIONS = {".png": {"compress_level": 1}, ".jpg": {"quality": 90}, ".jpeg": {"quality": 90}}
 
 
 # ---------------------------------------------------------------------------------- rows
@@ -260,6 +262,15 @@ def label_text(row: PredictionRow) -> str:
 def output_name(rel: Path, keep_formats: Sequence[str] = (".jpg", ".jpeg", ".png")) -> Path:
     """Where a drawn copy of `rel` goes: same name when its format is kept, else name + '.png'."""
     return rel if rel.suffix.lower() in keep_formats else rel.with_name(rel.name + ".png")
+
+
+def save_annotated(path: str, text: str, dest: Path) -> None:
+    """A copy of the image at `path` with `text` drawn on it, saved at `dest` (predict.py --save_images)."""
+    from utils.data.decode import load_image
+    from utils.draw.labels import annotate
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    annotate(load_image(path, 3), text).save(dest, **SAVE_OPTIONS.get(dest.suffix.lower(), {}))
 
 
 class BoundedWriter:
