@@ -32,7 +32,8 @@ FOREIGN_FLAGS = {
     "--logdir", "--bind",  # tensorboard
     "--strict",  # mkdocs build
     "--all", "--batch", "--meta", "--build",  # classify (C++), cmake --build
-    "--compare", "--timm_train", "--modes", "--bktree", "--save", "--batch_sizes", "--mobile", "--sizes", "--limit_epochs", "--skip",  # benchmarks/*.py
+    "--compare", "--timm_train", "--modes", "--bktree", "--save", "--batch_sizes", "--mobile", "--sizes", "--limit_epochs", "--skip",
+    "--rounds",  # benchmarks/*.py
     "--deployments", "--batching", "--concurrency", "--requests", "--client",  # benchmarks/serve_load.py
     "--idle", "--gil",  # py-spy record
     "--no-deps",  # pip install
