@@ -110,6 +110,9 @@ def test_compute_threads_are_shared_out_and_restored() -> None:
         work = Recorder(0.001)
         list(StreamedBatches(batches(6), work, streams=3, threads=2))  # fewer threads than streams: one each
         assert work.torch_threads == {1} and torch.get_num_threads() == 4
+        work = Recorder(0.001)
+        list(StreamedBatches(batches(6), work, streams=2, threads=2))  # the threads given, not the ones there are
+        assert work.torch_threads == {1} and torch.get_num_threads() == 4
     finally:
         torch.set_num_threads(before)
 
@@ -117,9 +120,19 @@ def test_compute_threads_are_shared_out_and_restored() -> None:
 def test_one_stream_runs_in_the_callers_thread() -> None:
     work = Recorder(0.0)
     before = torch.get_num_threads()
-    out = [result for _, result in StreamedBatches(batches(3), work, streams=1, threads=8)]
+    with StreamedBatches(batches(3), work, streams=1, threads=8) as streamed:
+        out = [result for _, result in streamed]
     assert out == [0, 10, 20] and work.thread_names == {threading.current_thread().name}
     assert torch.get_num_threads() == before
+    streamed.close()  # closing twice (predict.py's `with` after the iteration's own close) is harmless
+
+
+def test_closing_twice_after_streams_is_harmless() -> None:
+    before = torch.get_num_threads()
+    with StreamedBatches(batches(4), Recorder(0.0), streams=2, threads=2) as streamed:
+        out, error = consume(streamed)
+    streamed.close()
+    assert len(out) == 4 and error is None and torch.get_num_threads() == before and stream_threads() == []
 
 
 @pytest.mark.parametrize("streams", [1, 2])
@@ -140,6 +153,18 @@ def test_an_error_in_work_comes_after_the_batches_before_it() -> None:
     out, error = consume(StreamedBatches(batches(20), work, streams=2, threads=2))
     assert isinstance(error, RuntimeError) and "batch 5" in str(error)
     assert [x for x, _ in out] == [0, 1, 2, 3, 4] and stream_threads() == []
+
+
+def test_after_an_error_the_other_streams_take_no_more_batches() -> None:
+    def work(batch: dict[str, Any]) -> int:
+        if batch["x"] == 1:
+            raise RuntimeError("batch 1 failed")
+        time.sleep(0.2)  # batch 0 ends after batch 1 failed
+        return batch["x"]
+
+    taken: list[int] = []
+    out, error = consume(StreamedBatches(batches(50, taken), work, streams=2, threads=2))
+    assert out == [(0, 0)] and isinstance(error, RuntimeError) and taken == [0, 1]
 
 
 def test_an_error_while_loading_comes_after_the_batches_before_it() -> None:
@@ -206,5 +231,6 @@ def test_streams_asked_for_where_they_cannot_run_is_one_line(values: dict[str, A
 def test_describe_streams() -> None:
     assert describe_streams(1, 8) == ""
     assert describe_streams(2, 2) == "2 streams of 1 compute thread each"
+    assert describe_streams(2, 4) == "2 streams of 2 compute threads each"
     assert describe_streams(2, 8) == "2 streams of 4 compute threads each"
     assert describe_streams(4, 2) == "4 streams of 1 compute thread each"
