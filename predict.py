@@ -67,7 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p("--batch_size", type=int, default=64, help="images per batch")
     p("--workers", type=int, default=default_workers(), help="image-loading processes (0 = main process; none on 1-2 CPUs)")
     p("--streams", type=int, default=0, help="batches predicted at once, the compute threads shared among them (0 = auto: "
-      "2 on a CPU with 2+ threads for a PyTorch model without --cam_visual, --feature_maps, --reject or --classical)")
+      "2 on a CPU with 2+ threads for a PyTorch model without --cam_visual, --feature_maps or --classical)")
     p("--test_tta", action="store_true", help="TenCrop test-time augmentation (the 10 crops' probabilities averaged)")
     p("--conf_threshold", type=finite_float, default=0.5, help="a top-1 probability below this marks the row uncertain")
     p("--reject", action="store_true", help="name images of no trained class unknown (columns unknown, ood_score)")

@@ -285,6 +285,21 @@ def test_predict_reject_marks_the_out_images_unknown(rejecting: dict[str, Any]) 
     assert len(list(drawn.rglob("*.png"))) == len(rows)
 
 
+def test_reject_with_two_streams_writes_what_one_stream_writes(rejecting: dict[str, Any], tmp_path: Path) -> None:
+    """predict.py --reject --streams 2 (two batches at once, each scoring its own images) gives the same
+    predictions.csv, byte for byte, as one stream."""
+    run, images = rejecting["run"], rejecting["images"]
+    folders = {}
+    for streams in (1, 2):
+        proc = run_script("predict.py", "--source", images, "--save_path", run, "--device", "cpu", "--workers", 0,
+                          "--reject", "--batch_size", 2, "--streams", streams)
+        assert_ok(proc)
+        assert ("2 streams of 1 compute thread each" in proc.stdout) == (streams == 2)
+        folders[streams] = Path(next(ln for ln in proc.stdout.splitlines() if ln.startswith("predict folder: ")).split(": ", 1)[1])
+    first = (folders[1] / "predictions.csv").read_bytes()
+    assert (folders[2] / "predictions.csv").read_bytes() == first and first.count(b",unknown,") >= 9  # the out images
+
+
 def test_onnx_export_gives_the_same_unknown_flags_as_pytorch(rejecting: dict[str, Any]) -> None:
     run, images, onnx = rejecting["run"], rejecting["images"], rejecting["onnx"]
     exported = json.loads(onnx.with_name("best.onnx.json").read_text())

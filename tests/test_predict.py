@@ -271,7 +271,7 @@ def test_two_streams_write_what_one_stream_writes(run_dir: Path, mixed_folder: P
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--streams", "2", "--cam_visual"], "--streams 2: --cam_visual reads the model one batch at a time"),
+    (["--streams", "2", "--cam_visual"], "--streams 2: --cam_visual runs one batch at a time"),
     (["--streams", "-1"], "--streams must be 0 or more"),
     (["--cam_visual", "--cam_class", "rde"], "did you mean red"),
     (["--cam_visual", "--cam_layer", "layer9"], "did you mean"),

@@ -206,7 +206,7 @@ def options(**values: Any) -> Options:
     ({"model_type": "onnx"}, "cpu", 4, 1),
     ({"cam_visual": True}, "cpu", 4, 1),
     ({"feature_maps": 8}, "cpu", 4, 1),
-    ({"reject": True}, "cpu", 4, 1),
+    ({"reject": True}, "cpu", 4, 2),         # its features are taken per thread
     ({"classical": "svm"}, "cpu", 4, 1),
     ({"streams": 3}, "cpu", 1, 3),           # asked for: given, one thread each at least
     ({"streams": 1}, "cuda", 8, 1),
@@ -219,8 +219,8 @@ def test_stream_count(values: dict[str, Any], device: str, threads: int, expecte
 @pytest.mark.parametrize("values, device, needle", [
     ({"streams": 2}, "cuda", "--streams 2: streams share a CPU's cores, and the device is cuda"),
     ({"streams": 2, "model_type": "onnx"}, "cpu", "--streams 2: --model_type onnx runs its own threads"),
-    ({"streams": 4, "cam_visual": True}, "cpu", "--streams 4: --cam_visual reads the model one batch at a time"),
-    ({"streams": 2, "reject": True}, "cpu", "--reject reads the model one batch at a time"),
+    ({"streams": 4, "cam_visual": True}, "cpu", "--streams 4: --cam_visual runs one batch at a time"),
+    ({"streams": 2, "classical": "svm"}, "cpu", "--classical runs one batch at a time"),
 ])
 def test_streams_asked_for_where_they_cannot_run_is_one_line(values: dict[str, Any], device: str, needle: str) -> None:
     with pytest.raises(UserError, match="drop --streams") as err:
@@ -234,3 +234,45 @@ def test_describe_streams() -> None:
     assert describe_streams(2, 4) == "2 streams of 2 compute threads each"
     assert describe_streams(2, 8) == "2 streams of 4 compute threads each"
     assert describe_streams(4, 2) == "4 streams of 1 compute thread each"
+
+
+class MeetingModel(torch.nn.Module):
+    """A model without a timm head (its features come through a hook on the last nn.Linear) whose two
+    concurrent passes both cross that layer while both calls' hooks are in place: they meet before it
+    and again after it."""
+
+    def __init__(self, meet: threading.Barrier) -> None:
+        super().__init__()
+        self.meet = meet
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.fc = torch.nn.Linear(4, 2)
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.trunk(x)
+        self.meet.wait(timeout=10)
+        logits = self.fc(feats)
+        self.meet.wait(timeout=10)
+        return logits
+
+
+def test_penultimate_features_of_two_threads_at_once_are_each_their_own() -> None:
+    """--reject runs in two streams: utils.models.features.features_and_logits hooks the last linear
+    layer, and a hook sees every thread's pass; each call must keep its own thread's features."""
+    from utils.models.features import features_and_logits
+
+    torch.manual_seed(0)
+    model = MeetingModel(threading.Barrier(2)).eval()
+    inputs = [torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8) + 5]
+    got: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    pool = [threading.Thread(target=lambda i=i: got.__setitem__(i, features_and_logits(model, inputs[i]))) for i in (0, 1)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(30)
+    with torch.no_grad():
+        for i, x in enumerate(inputs):
+            feats, logits = got[i]
+            assert torch.equal(feats, model.trunk(x)) and torch.equal(logits, model.fc(model.trunk(x))), i

@@ -18,8 +18,8 @@ two single-threaded forward passes side by side did 2,465 images/s against 2,290
 pass on two threads (benchmarks/predict_throughput.py).
 
 Only for work that is safe to run twice at once: a PyTorch model's forward pass in eval mode with
-no gradients is; forward hooks (Grad-CAM, feature maps, a torchvision model's features for
---reject) are not, and those run one stream (stream_count decides).
+no gradients is, and so are --reject's scores; Grad-CAM's and the feature maps' hooks are not, and
+those run one stream (stream_count decides).
 """
 from __future__ import annotations
 
@@ -32,9 +32,11 @@ from utils.core.device import compute_threads
 AHEAD = 2
 
 
-#: predict.py flags that need one stream: they read the model's layers through forward hooks (Grad-CAM,
-#: feature maps, a torchvision model's features), and a hook sees every stream's forward pass
-ONE_STREAM = ("cam_visual", "feature_maps", "reject", "classical")
+#: predict.py flags that need one stream: Grad-CAM and the feature maps hook into the model's layers (a
+#: hook sees every stream's forward pass), and --classical's scikit-learn estimators may run threads of
+#: their own. (--reject's features are safe: utils.models.features.features_and_logits keeps its own
+#: thread's.)
+ONE_STREAM = ("cam_visual", "feature_maps", "classical")
 
 
 def stream_count(args: Any, device_type: str, threads: int) -> int:
@@ -54,7 +56,7 @@ def stream_count(args: Any, device_type: str, threads: int) -> int:
     hooked = next((f"--{flag}" for flag in ONE_STREAM if args.get(flag)), "")
     reason = (f"streams share a CPU's cores, and the device is {device_type}" if device_type != "cpu" else
               f"--model_type {args.model_type} runs its own threads" if args.model_type != "torch" else
-              f"{hooked} reads the model one batch at a time" if hooked else "")
+              f"{hooked} runs one batch at a time" if hooked else "")
     if args.streams == 0:
         return 2 if not reason and threads >= 2 else 1
     if args.streams > 1 and reason:

@@ -13,6 +13,7 @@ Grad-CAM finds its target layer in utils.explain.cam.
 from __future__ import annotations
 
 import inspect
+import threading
 from typing import Any
 
 import torch
@@ -64,7 +65,8 @@ def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The penultimate features and the logits of one forward pass (the out-of-distribution scores
     of utils.infer.ood need both): timm models run their trunk once and their head twice (with and
-    without pre_logits); other models are hooked at the input of their last nn.Linear.
+    without pre_logits); other models are hooked at the input of their last nn.Linear (safe to call
+    from several threads at once: each call keeps the input its own thread's pass gave).
 
     Args:
         model: the classifier (eval mode).
@@ -78,7 +80,13 @@ def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
         feats, logits = model.forward_head(trunk, pre_logits=True), model.forward_head(trunk)
         return feats.flatten(1).float().cpu(), logits.float().cpu()
     seen: list[torch.Tensor] = []
-    handle = last_linear(model).register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    caller = threading.get_ident()  # a hook sees every thread's forward pass (predict.py's streams): keep this one's
+
+    def keep(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if threading.get_ident() == caller:
+            seen.append(inputs[0])
+
+    handle = last_linear(model).register_forward_hook(keep)
     try:
         logits = model(x)
     finally:
