@@ -48,10 +48,11 @@ def consume(streamed: StreamedBatches, stop_at: int | None = None, timeout: floa
 
     def run() -> None:
         try:
-            for batch, result in streamed:
-                out.append((batch["x"], result))
-                if batch["x"] == stop_at:
-                    break
+            with streamed:  # as predict.py does: close() waits for the streams when the loop is left early
+                for batch, result in streamed:
+                    out.append((batch["x"], result))
+                    if batch["x"] == stop_at:
+                        break
         except BaseException as err:  # noqa: BLE001 - handed to the test
             error.append(err)
 
@@ -181,6 +182,35 @@ def test_leaving_early_stops_the_streams_a_few_batches_ahead_and_closes_the_sour
     assert [x for x, _ in out] == [0, 1, 2, 3] and error is None
     assert stream_threads() == [] and closed == [True]  # closed by the streams, not by the garbage collector
     assert len(taken) <= 4 + AHEAD * 2 + 2, len(taken)  # not the whole source: memory stays flat
+
+
+def test_an_iteration_run_to_its_end_closes_itself_and_one_left_early_stops_the_streams() -> None:
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        out = [x for _, x in StreamedBatches(batches(5), Recorder(0.0), streams=2, threads=4)]  # no with block
+        assert out == [0, 10, 20, 30, 40] and stream_threads() == [] and torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
+    release = threading.Event()
+
+    def work(batch: dict[str, Any]) -> int:
+        if batch["x"] > 0:
+            release.wait(30)  # the later batches run until the test lets them go
+        return batch["x"]
+
+    streamed = StreamedBatches(batches(1000), work, streams=2, threads=2)
+    iterator = iter(streamed)
+    assert next(iterator)[1] == 0
+    # Left early, the iteration returns without waiting for the running batches: a generator left by a
+    # break is closed by the garbage collector, which would drop a KeyboardInterrupt raised while waiting.
+    closing = threading.Thread(target=iterator.close)
+    closing.start()
+    closing.join(10)
+    assert not closing.is_alive() and any(t.is_alive() for t in stream_threads())
+    release.set()
+    streamed.close()  # the with block's end: waits for them and restores the threads
+    assert stream_threads() == [] and torch.get_num_threads() == before
 
 
 def test_streams_stay_a_bounded_number_of_batches_ahead_of_a_slow_consumer() -> None:

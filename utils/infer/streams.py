@@ -77,7 +77,9 @@ class StreamedBatches:
     A batch without images (every file failed to decode) is handed over with result None, unrun.
     An exception of loading or of `work` is raised here when its batch's turn comes (the batches
     before it are handed over first). Leaving the iteration early (break, an exception) stops the
-    streams after the batches they are running; close() waits for them.
+    streams after the batches they are running; close(), at the end of a with block, waits for
+    them, closes the source and restores the compute threads (an iteration run to its end does
+    that itself).
 
     Args:
         batches: an iterable of batch dicts with "indices" (a PredictionLoader); its iteration runs
@@ -123,7 +125,7 @@ class StreamedBatches:
                     while self._handed not in self._done and self._handed != self._end:
                         self._ready.wait()
                     if self._handed == self._end:
-                        return
+                        break
                     batch, result, error = self._done.pop(self._handed)
                     self._handed += 1
                     self._ready.notify_all()
@@ -131,7 +133,16 @@ class StreamedBatches:
                     raise error
                 yield batch, result
         finally:
-            self.close()
+            # Left early (a break, an error): the streams stop after their running batches, and close()
+            # (the with block's end) waits for them. Not waited for here: a generator left early is
+            # closed by the garbage collector, which drops what it raises (a second Ctrl-C meanwhile).
+            self._request_stop()
+        self.close()  # the end: every stream has returned
+
+    def _request_stop(self) -> None:
+        with self._ready:
+            self._stopping = True
+            self._ready.notify_all()
 
     def _start(self) -> None:
         import torch
@@ -187,9 +198,7 @@ class StreamedBatches:
     def close(self) -> None:
         """Stop taking batches, wait for the streams' running batches, close the source (a loader's
         processes stop), restore the compute threads."""
-        with self._ready:
-            self._stopping = True
-            self._ready.notify_all()
+        self._request_stop()
         for thread in self._pool:
             thread.join()
         self._pool = []
