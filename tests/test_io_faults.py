@@ -247,6 +247,43 @@ def test_a_read_only_output_folder_is_one_line_before_any_work(call: str, traine
     assert ("--save_path" in line) and ("pass" in line or "copy" in line), line  # the flag, and what to do
 
 
+# ------------------------------------------------------------ 12: a loader process killed mid-batch
+class DyingDataset:
+    """A PredictDataset stand-in whose loader process is killed (SIGKILL, as the out-of-memory killer
+    does) the first `times` times it loads the batch starting at `die_at` (marker files count them)."""
+
+    def __init__(self, count: int, die_at: int, times: int, markers: Path) -> None:
+        self.files = [f"f{i}.png" for i in range(count)]
+        self.die_at, self.times, self.markers = die_at, times, markers
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load_batch(self, indices: range) -> dict[str, Any]:
+        if indices[0] == self.die_at and len(list(self.markers.iterdir())) < self.times:
+            (self.markers / f"death{os.getpid()}").touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return {"inputs": [], "views": None, "indices": list(indices), "failed": []}
+
+
+@pytest.mark.parametrize("times", [1, 99])
+def test_a_loader_process_killed_mid_batch_is_replaced_and_its_batch_loaded_again(times: int, tmp_path: Path) -> None:
+    """multiprocessing.Pool waited forever for the batch of a killed loader process (and then for a queue
+    lock it held). Now the pool is restarted and the batches not back are asked again: every batch comes
+    back once, in order; a batch whose loader dies every time is one clear error after 3 deaths."""
+    from utils.infer.loader import RETRIES, PredictionLoader
+
+    dataset = DyingDataset(12, die_at=4, times=times, markers=tmp_path)
+    loader = PredictionLoader(dataset, batch_size=2, workers=2)  # type: ignore[arg-type]
+    if times == 1:
+        assert [b["indices"] for b in loader] == [[i, i + 1] for i in range(0, 12, 2)]
+        assert len(list(tmp_path.iterdir())) == 1
+        return
+    with pytest.raises(OSError, match=f"loader processes died {RETRIES + 1} times loading f4.png ... f5.png"):
+        list(loader)
+    assert len(list(tmp_path.iterdir())) == RETRIES + 1
+
+
 # ------------------------------------------------------------------------ 12: a stopped predict.py
 def tiny_images(folder: Path, count: int) -> list[Path]:
     """`count` 16x16 PNGs of noise."""
@@ -268,7 +305,8 @@ def read_csv_strictly(path: Path) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("sig, workers, streams", [("SIGTERM", 0, 1), ("SIGKILL", 0, 1), ("SIGTERM", 2, 1), ("SIGINT", 2, 1),
-                                                   ("SIGINT", 0, 2), ("SIGTERM", 2, 2)])
+                                                   ("SIGINT", 0, 2), ("SIGTERM", 2, 2), ("SIGTERM to the group", 2, 1),
+                                                   ("SIGTERM to the group", 2, 2)])
 def test_a_predict_stopped_mid_run_leaves_whole_rows_and_says_what_is_left(sig: str, workers: int, streams: int,
                                                                           trained_run: TrainedRun, tmp_path: Path) -> None:
     """A real signal to a real predict.py once its first rows are on disk: SIGTERM stops after the
@@ -295,6 +333,8 @@ def test_a_predict_stopped_mid_run_leaves_whole_rows_and_says_what_is_left(sig: 
             time.sleep(0.01)
         if sig == "SIGINT":
             os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        elif sig == "SIGTERM to the group":
+            os.killpg(proc.pid, signal.SIGTERM)  # what systemd's stop does to a service's processes
         else:
             proc.send_signal(getattr(signal, sig))
         out, err = proc.communicate(timeout=60)
@@ -314,9 +354,10 @@ def test_a_predict_stopped_mid_run_leaves_whole_rows_and_says_what_is_left(sig: 
     if sig == "SIGKILL":
         assert proc.returncode == -signal.SIGKILL and "predict.py started writing this folder" in marker
         return
-    assert proc.returncode == 128 + getattr(signal, sig), describe(done)
+    name = sig.split()[0]  # "SIGTERM to the group": SIGTERM
+    assert proc.returncode == 128 + getattr(signal, name), describe(done)
     assert "Traceback" not in err, describe(done)
-    line = next(ln for ln in err.splitlines() if ln.startswith(f"stopped by {sig}"))
+    line = next(ln for ln in err.splitlines() if ln.startswith(f"stopped by {name}"))
     assert f"after {len(rows)} of {len(files)} files" in line and f"their {len(rows)} rows" in line, line
     assert marker.strip() == line  # the folder says it too
     left = [Path(r[0]) for r in read_csv_strictly(folder / "remaining.csv")[1:]]

@@ -6,7 +6,8 @@
 
 With workers > 0 the batches are decoded in that many processes, at most two per worker ahead of
 the consumer (memory stays flat); a file that fails to decode comes back with its reason, never as
-an exception. numpy and Pillow only: no torch import.
+an exception, and a process that dies (a signal, the out-of-memory killer) is replaced and its
+batches asked again. numpy and Pillow only: no torch import.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import math
 import multiprocessing
 import signal
 from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -104,23 +107,86 @@ class PredictionLoader:
                 yield self.dataset.load_batch(chunk)
             return
         chunks = self._chunks()
-        with signals_blocked():  # a loader process starts with Ctrl-C and SIGTERM blocked; its initializer sets them up
-            pool = multiprocessing.get_context().Pool(self.workers, initializer=loader_process_signals)
-        with pool:
-            pending: deque[Any] = deque()
+        processes = LoaderProcesses(self.dataset.load_batch, self.workers)
+        try:
+            pending: deque[list[Any]] = deque()  # [chunk, its future, times asked again]
             for chunk in chunks:
-                pending.append(pool.apply_async(self.dataset.load_batch, (chunk,)))
+                pending.append([chunk, processes.submit(chunk), 0])
                 if len(pending) >= 2 * self.workers:
                     break
             while pending:
-                batch = pending.popleft().get()
+                batch = self._first_back(processes, pending)
                 chunk = next(chunks, None)
                 if chunk is not None:
-                    pending.append(pool.apply_async(self.dataset.load_batch, (chunk,)))
+                    pending.append([chunk, processes.submit(chunk), 0])
                 yield batch
+        finally:
+            processes.close()
+
+    def _first_back(self, processes: "LoaderProcesses", pending: deque[list[Any]]) -> dict[str, Any]:
+        """The first pending batch, once back. A loader process that dies (SIGTERM to the whole process
+        group, as systemd's stop sends it; the out-of-memory killer) breaks the pool: the batches not
+        back are then asked again of new processes, each up to RETRIES times.
+
+        Raises:
+            OSError: loader processes died RETRIES + 1 times over one batch.
+        """
+        while True:
+            try:
+                batch = pending[0][1].result()
+            except BrokenProcessPool:
+                processes.restart()
+                for entry in pending:
+                    if entry[1].done() and entry[1].exception() is None:
+                        continue  # back before the pool broke
+                    if entry[2] >= RETRIES:
+                        files = self.dataset.files
+                        raise OSError(f"loader processes died {RETRIES + 1} times loading {files[entry[0][0]]} ... "
+                                      f"{files[entry[0][-1]]} (out of memory? killed by another process?): try "
+                                      "--workers 0 or a smaller --batch_size") from None
+                    entry[1], entry[2] = processes.submit(entry[0]), entry[2] + 1
+                continue
+            pending.popleft()
+            return batch
+
+
+class LoaderProcesses:
+    """The loader processes of a PredictionLoader (a concurrent.futures process pool): unlike
+    multiprocessing.Pool, which waited forever for the batch of a process killed mid-task (and then
+    for a queue lock that process held, in terminate), a pool whose process dies fails the batches
+    not back (BrokenProcessPool), and restart() starts a new one.
+
+    Args:
+        load: chunk -> batch (PredictDataset.load_batch), run in the processes.
+        workers: processes.
+    """
+
+    def __init__(self, load: Any, workers: int) -> None:
+        self.load = load
+        self.workers = workers
+        self.executor = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(), initializer=loader_process_signals)
+
+    def submit(self, chunk: range) -> Future:
+        # Processes start at a submit (all at the first, with fork), with Ctrl-C and SIGTERM blocked
+        # in the thread that forks them; their initializer sets them up.
+        with signals_blocked():
+            return self.executor.submit(self.load, chunk)
+
+    def restart(self) -> None:
+        """A new pool after one of its processes died (the broken one is let go)."""
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.executor = self._start()
+
+    def close(self) -> None:
+        """Batches not begun are dropped; those being loaded are finished first (a few ms)."""
+        self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+RETRIES = 2  # times a batch is asked again of new loader processes after one died
 
 
 @contextmanager
@@ -140,7 +206,8 @@ def signals_blocked() -> Iterator[None]:
 
 def loader_process_signals() -> None:
     """A loader process leaves Ctrl-C to the main process (predict.py's StopFlag finishes the batch,
-    then stops the pool) and ends on SIGTERM, which is how a pool stops its processes. Inherited as
+    then stops the pool) and ends on SIGTERM, which is how a broken pool stops its processes (and
+    what systemd sends every process of a service: the pool is then restarted). Inherited as
     they were, the main process's handlers turned the pool's SIGTERM into a flag, and predict.py
     waited for its loaders forever after a Ctrl-C or a SIGTERM."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
