@@ -270,7 +270,8 @@ class DyingDataset:
 def test_a_loader_process_killed_mid_batch_is_replaced_and_its_batch_loaded_again(times: int, tmp_path: Path) -> None:
     """multiprocessing.Pool waited forever for the batch of a killed loader process (and then for a queue
     lock it held). Now the pool is restarted and the batches not back are asked again: every batch comes
-    back once, in order; a batch whose loader dies every time is one clear error after 3 deaths."""
+    back once, in order; a batch whose loader dies every time is one clear line (UserError) after 3 deaths."""
+    from utils.core.log import UserError
     from utils.infer.loader import RETRIES, PredictionLoader
 
     dataset = DyingDataset(12, die_at=4, times=times, markers=tmp_path)
@@ -279,7 +280,7 @@ def test_a_loader_process_killed_mid_batch_is_replaced_and_its_batch_loaded_agai
         assert [b["indices"] for b in loader] == [[i, i + 1] for i in range(0, 12, 2)]
         assert len(list(tmp_path.iterdir())) == 1
         return
-    with pytest.raises(OSError, match=f"loader processes died {RETRIES + 1} times loading f4.png ... f5.png"):
+    with pytest.raises(UserError, match=f"loader processes died {RETRIES + 1} times loading f4.png ... f5.png"):
         list(loader)
     assert len(list(tmp_path.iterdir())) == RETRIES + 1
 

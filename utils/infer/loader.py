@@ -23,6 +23,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from utils.core.log import UserError
 from utils.data.decode import check_image_header, open_image, to_mode
 from utils.infer.ensemble import InputPlan
 
@@ -129,7 +130,7 @@ class PredictionLoader:
         back are then asked again of new processes, each up to RETRIES times.
 
         Raises:
-            OSError: loader processes died RETRIES + 1 times over one batch.
+            UserError: loader processes died RETRIES + 1 times over one batch (one line, exit 2).
         """
         while True:
             try:
@@ -141,7 +142,7 @@ class PredictionLoader:
                         continue  # back before the pool broke
                     if entry[2] >= RETRIES:
                         files = self.dataset.files
-                        raise OSError(f"loader processes died {RETRIES + 1} times loading {files[entry[0][0]]} ... "
+                        raise UserError(f"loader processes died {RETRIES + 1} times loading {files[entry[0][0]]} ... "
                                       f"{files[entry[0][-1]]} (out of memory? killed by another process?): try "
                                       "--workers 0 or a smaller --batch_size") from None
                     entry[1], entry[2] = processes.submit(entry[0]), entry[2] + 1
