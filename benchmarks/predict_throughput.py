@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -67,13 +68,20 @@ def make_run(folder: Path, model_name: str, size: int, class_names: list[str]) -
     return folder
 
 
-def bare_forward(run: Path, files: list[Path], batch_size: int) -> float:
-    """images/s of the model on uint8 batches in memory (decoding and resizing done beforehand)."""
+def bare_inputs(run: Path, files: list[Path]) -> tuple[Any, Any]:
+    """The run's PyTorch backend and the files as one preprocessed uint8 array in memory."""
     from utils.data.decode import load_image
-    from utils.infer.backends import load_backend, predict_probs, preprocess_images
+    from utils.infer.backends import load_backend, preprocess_images
 
     backend = load_backend(run, "torch", "cpu")
-    images = preprocess_images(backend.meta, [load_image(f, 3) for f in files])
+    return backend, preprocess_images(backend.meta, [load_image(f, 3) for f in files])
+
+
+def bare_forward(run: Path, files: list[Path], batch_size: int) -> float:
+    """images/s of the model on uint8 batches in memory (decoding and resizing done beforehand)."""
+    from utils.infer.backends import predict_probs
+
+    backend, images = bare_inputs(run, files)
     predict_probs(backend, images[:batch_size])  # warm-up
     t0 = time.perf_counter()
     for start in range(0, len(images), batch_size):
@@ -88,11 +96,9 @@ def bare_streams(run: Path, files: list[Path], batch_size: int, streams: int = 2
 
     import torch
 
-    from utils.data.decode import load_image
-    from utils.infer.backends import load_backend, predict_probs, preprocess_images
+    from utils.infer.backends import predict_probs
 
-    backend = load_backend(run, "torch", "cpu")
-    images = preprocess_images(backend.meta, [load_image(f, 3) for f in files])
+    backend, images = bare_inputs(run, files)
     starts = list(range(0, len(images), batch_size))
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // streams))  # the threads started below take this count

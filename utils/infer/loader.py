@@ -143,8 +143,8 @@ class PredictionLoader:
                     if entry[2] >= RETRIES:
                         files = self.dataset.files
                         raise UserError(f"loader processes died {RETRIES + 1} times loading {files[entry[0][0]]} ... "
-                                      f"{files[entry[0][-1]]} (out of memory? killed by another process?): try "
-                                      "--workers 0 or a smaller --batch_size") from None
+                                        f"{files[entry[0][-1]]} (out of memory? killed by another process?): try "
+                                        "--workers 0 or a smaller --batch_size") from None
                     entry[1], entry[2] = processes.submit(entry[0]), entry[2] + 1
                 continue
             pending.popleft()
